@@ -1,0 +1,13 @@
+"""LCKV models for transformers. ``import models`` registers model_type ``opt-llama`` with the Auto classes."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_opt_llama import OptLlamaConfig
+from .modeling_opt_llama import OptLlamaForCausalLM, OptLlamaModel
+
+# exist_ok: importing twice (or reloading) is fine.
+AutoConfig.register(OptLlamaConfig.model_type, OptLlamaConfig, exist_ok=True)
+AutoModel.register(OptLlamaConfig, OptLlamaModel, exist_ok=True)
+AutoModelForCausalLM.register(OptLlamaConfig, OptLlamaForCausalLM, exist_ok=True)
+
+__all__ = ["OptLlamaConfig", "OptLlamaForCausalLM", "OptLlamaModel"]
