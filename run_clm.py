@@ -1,0 +1,455 @@
+"""Train and evaluate causal language models (LCKV ``opt-llama`` or plain ``llama``) with the HF Trainer.
+
+Examples:
+    python run_clm.py --use_embedded_corpus --config_name configs/llama_tiny_opt.json \\
+        --output_dir outputs/tiny --do_train --do_eval --max_steps 200
+    python run_clm.py --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \\
+        --tokenizer_name TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T --config_name configs/llama_tiny_opt.json \\
+        --block_size 1024 --output_dir outputs/wt103 --do_train --do_eval
+
+Run ``python run_clm.py --help`` for every flag. Bad input exits with a one-line error naming the flag.
+"""
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import datasets
+import huggingface_hub
+import transformers
+from transformers import (
+    CONFIG_MAPPING,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    PretrainedConfig,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import models  # noqa: F401  (registers model_type "opt-llama")
+
+logger = logging.getLogger("run_clm")
+
+OFFLINE_HINT = (
+    "offline? use local files (--train_file/--validation_file, --tokenizer_name DIR or --config_name FILE) "
+    "or the embedded corpus (--use_embedded_corpus)"
+)
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the CLI prints it as one line and exits with status 2."""
+
+
+@dataclass
+class ModelArguments:
+    """Which model and tokenizer to train, from scratch or from a checkpoint."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Checkpoint (hub id or local dir) to start from; leave out to train from scratch."}
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Config json file or dir (e.g. configs/llama_tiny_opt.json) for training from scratch."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated config fields to override, 'k=v,k2=v2' (e.g. 'num_hidden_layers=4,train_kv=true'); "
+            "values are parsed as JSON when possible, else kept as strings. An unknown field is an error."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer (hub id or local dir). Default: the embedded corpus tokenizer with "
+        "--use_embedded_corpus, else --model_name_or_path."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub models and datasets are cached."})
+    eval_sequential: bool = field(
+        default=False,
+        metadata={"help": "Evaluate token by token (sets config.sequential_forward=True for evaluation): the exact LCKV "
+        "semantics the paper reports, slower than the default parallel iterations. Env LCKV_EVAL_SEQUENTIAL=1 too."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train from scratch even if output_dir has checkpoints (default: resume from the last one)."},
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to train and evaluate on, and how to cut it into blocks."""
+
+    use_embedded_corpus: bool = field(
+        default=False,
+        metadata={"help": "Use the embedded Shakespeare corpus (prepared once by the corpus package, no hub needed) "
+        "and its locally trained tokenizer."},
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset for datasets.load_dataset, e.g. 'wikitext'."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset config, e.g. 'wikitext-103-raw-v1'."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Local training data: .txt, .json or .jsonl."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Local validation data: .txt, .json or .jsonl (same kind as --train_file)."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in json/jsonl/hub data."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of train held out for evaluation when the data has no validation split."}
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per training example after grouping; default min(1024, max_position_embeddings). "
+        "Must not exceed the model's max_position_embeddings."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation blocks."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenizing and grouping (datasets .map num_proc)."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute tokenized data instead of using the cache."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the data (datasets IterableDataset) for corpora that don't fit; needs --max_steps."},
+    )
+    keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files."})
+
+
+def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
+    """Parse the command line (or a json file as the only argument)."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+# ----------------------------------------------------------------------------- hub access
+
+
+def is_local(name: str | None) -> bool:
+    """Whether ``name`` is a path on this machine rather than a hub id."""
+    return bool(name) and os.path.exists(name)
+
+
+def ensure_hub_or_offline(what: str) -> None:
+    """Before touching the hub for ``what``: if it can't be reached, switch to offline mode so loads fail fast."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy")):
+        return
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        logger.warning("%s: %s is unreachable; using cached files only", what, host)
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+
+
+def hub_error(flag: str, name: str, err: Exception) -> UsageError:
+    """A one-line error for a hub resource that could not be loaded."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UsageError(f"{flag} {name}: cannot load it ({reason}); {OFFLINE_HINT}")
+
+
+# ----------------------------------------------------------------------------- config, tokenizer, model
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``"k=v,k2=v2"`` -> dict; values parsed as JSON (numbers, true/false, null, lists) or kept as strings."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise UsageError(f"--config_overrides: '{item}' is not of the form key=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        value = {"True": "true", "False": "false", "None": "null"}.get(value, value)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def load_config(margs: ModelArguments) -> PretrainedConfig:
+    """Build the model config from --config_name or --model_name_or_path, with --config_overrides applied."""
+    source = margs.config_name or margs.model_name_or_path
+    if source is None:
+        raise UsageError("--config_name: give a config (e.g. configs/llama_tiny_opt.json) or --model_name_or_path")
+    flag = "--config_name" if margs.config_name else "--model_name_or_path"
+    if not is_local(source):
+        if source.endswith(".json"):
+            raise UsageError(f"{flag}: {source} does not exist")
+        ensure_hub_or_offline(flag)
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(source, cache_dir=margs.cache_dir)
+    except OSError as err:
+        raise hub_error(flag, source, err) from None
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UsageError(f"{flag} {source}: unknown model_type {model_type!r}; is `import models` registering it?")
+    config_class = CONFIG_MAPPING[model_type]
+    if margs.config_overrides:
+        overrides = parse_overrides(margs.config_overrides)
+        known = set(config_class().to_dict()) | set(config_dict)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UsageError(f"--config_overrides: unknown config field(s) {unknown} for model_type {model_type!r}")
+        config_dict.update(overrides)
+        logger.info("config overrides: %s", overrides)
+    try:
+        return config_class.from_dict(config_dict)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{flag}: invalid config: {str(err).strip().splitlines()[0]}") from None
+
+
+def load_tokenizer(margs: ModelArguments, dargs: DataTrainingArguments, corpus_tokenizer: Path | None):
+    """The tokenizer: --tokenizer_name, else the embedded corpus tokenizer, else --model_name_or_path."""
+    name = margs.tokenizer_name or (str(corpus_tokenizer) if corpus_tokenizer else None) or margs.model_name_or_path
+    if name is None:
+        raise UsageError("--tokenizer_name: required when training from --config_name without --use_embedded_corpus")
+    flag = "--tokenizer_name" if margs.tokenizer_name or not corpus_tokenizer else "--use_embedded_corpus"
+    if not is_local(name):
+        ensure_hub_or_offline(flag)
+    try:
+        return AutoTokenizer.from_pretrained(name, cache_dir=margs.cache_dir)
+    except OSError as err:
+        raise hub_error(flag, name, err) from None
+
+
+def build_model(margs: ModelArguments, config: PretrainedConfig, tokenizer) -> transformers.PreTrainedModel:
+    """Model from scratch (vocab and special ids from the tokenizer) or from --model_name_or_path."""
+    if margs.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, config=config, cache_dir=margs.cache_dir)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            setattr(config, name, getattr(tokenizer, name))
+    model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("new %s model from scratch: %.2fM parameters", config.model_type, n_params / 1e6)
+    return model
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpus_paths) -> datasets.DatasetDict:
+    """Raw text splits ("train", "validation") from the embedded corpus, the hub, or local files."""
+    if corpus_paths is not None:
+        data_files = {"train": str(corpus_paths.train), "validation": str(corpus_paths.validation)}
+        return datasets.load_dataset(
+            "text", data_files=data_files, keep_linebreaks=dargs.keep_linebreaks,
+            cache_dir=margs.cache_dir, streaming=dargs.streaming,
+        )
+    if dargs.dataset_name:
+        if not is_local(dargs.dataset_name):
+            ensure_hub_or_offline("--dataset_name")
+        try:
+            raw = datasets.load_dataset(
+                dargs.dataset_name, dargs.dataset_config_name, cache_dir=margs.cache_dir, streaming=dargs.streaming
+            )
+        except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+            raise hub_error("--dataset_name", dargs.dataset_name, err) from None
+    else:
+        data_files = {}
+        for flag, split, path in (("--train_file", "train", dargs.train_file), ("--validation_file", "validation", dargs.validation_file)):
+            if path is None:
+                continue
+            if not os.path.isfile(path):
+                raise UsageError(f"{flag}: {path} does not exist")
+            data_files[split] = path
+        if not data_files:
+            raise UsageError("--train_file: give data: --use_embedded_corpus, --dataset_name, or --train_file/--validation_file")
+        exts = {Path(p).suffix.lower().lstrip(".") for p in data_files.values()}
+        if len(exts) != 1 or not exts <= {"txt", "json", "jsonl"}:
+            raise UsageError(f"--train_file/--validation_file: extensions {sorted(exts)}; allowed is one of txt, json, jsonl")
+        ext = exts.pop()
+        kwargs = {"keep_linebreaks": dargs.keep_linebreaks} if ext == "txt" else {}
+        builder = "text" if ext == "txt" else "json"
+        raw = datasets.load_dataset(
+            builder, data_files=data_files, cache_dir=margs.cache_dir, streaming=dargs.streaming, **kwargs
+        )
+    if "validation" not in raw and "train" in raw and not dargs.streaming:
+        split = raw["train"].train_test_split(test_size=dargs.validation_split_percentage / 100, shuffle=False)
+        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+    return raw
+
+
+def tokenize_and_group(raw, tokenizer, dargs: DataTrainingArguments, block_size: int, training_args: TrainingArguments):
+    """Tokenize every text, concatenate, and cut into ``block_size`` blocks with labels (the tail is dropped)."""
+    first_split = next(iter(raw.values()))
+    columns = list(first_split.features or {}) if dargs.streaming else first_split.column_names
+    text_column = dargs.text_column if dargs.text_column in columns else columns[0]
+
+    def tokenize(batch):
+        return tokenizer(batch[text_column])
+
+    def group(batch):
+        concatenated = {k: list(chain(*batch[k])) for k in batch}
+        total = len(concatenated["input_ids"]) // block_size * block_size
+        out = {k: [v[i : i + block_size] for i in range(0, total, block_size)] for k, v in concatenated.items()}
+        out["labels"] = [ids.copy() for ids in out["input_ids"]]
+        return out
+
+    map_kwargs = {} if dargs.streaming else {
+        "num_proc": dargs.preprocessing_num_workers, "load_from_cache_file": not dargs.overwrite_cache,
+    }
+    with training_args.main_process_first(desc="tokenizing and grouping"):
+        desc = {} if dargs.streaming else {"desc": "tokenizing"}
+        tokenized = raw.map(tokenize, batched=True, remove_columns=columns, **map_kwargs, **desc)
+        desc = {} if dargs.streaming else {"desc": f"grouping into blocks of {block_size}"}
+        return tokenized.map(group, batched=True, **map_kwargs, **desc)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class LCKVTrainer(Trainer):
+    """Trainer that also logs the model's extra KV loss (``outputs.kv_loss``, present when ``config.train_kv``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._kv_loss_sum, self._kv_loss_count = 0.0, 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        kv_loss = outputs.get("kv_loss") if isinstance(outputs, dict) else getattr(outputs, "kv_loss", None)
+        if kv_loss is not None and model.training:
+            self._kv_loss_sum += float(kv_loss.detach())
+            self._kv_loss_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._kv_loss_count and "loss" in logs:
+            logs["kv_loss"] = round(self._kv_loss_sum / self._kv_loss_count, 6)
+            self._kv_loss_sum, self._kv_loss_count = 0.0, 0
+        super().log(logs, start_time)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf on overflow."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run training and/or evaluation; returns ``{"trainer", "train", "eval"}`` (metrics dicts or None)."""
+    margs, dargs, targs = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
+    transformers.utils.logging.set_verbosity_warning()
+    margs.eval_sequential = margs.eval_sequential or os.environ.get("LCKV_EVAL_SEQUENTIAL", "0") == "1"
+    if dargs.streaming and targs.do_train and targs.max_steps <= 0:
+        raise UsageError("--streaming: needs --max_steps (a stream has no length)")
+    if not (targs.do_train or targs.do_eval):
+        raise UsageError("--do_train/--do_eval: nothing to do; pass at least one")
+
+    # Model config first: cheap, and most bad input shows up here.
+    config = load_config(margs)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    block_size = dargs.block_size or min(1024, max_positions or 1024)
+    if max_positions is not None and block_size > max_positions:
+        raise UsageError(f"--block_size: {block_size} exceeds the model's max_position_embeddings ({max_positions})")
+
+    corpus_paths = None
+    if dargs.use_embedded_corpus:
+        if dargs.dataset_name or dargs.train_file or dargs.validation_file:
+            raise UsageError("--use_embedded_corpus: don't combine it with --dataset_name or --train_file/--validation_file")
+        from corpus import prepare_corpus
+
+        with targs.main_process_first(desc="preparing the embedded corpus"):
+            corpus_paths = prepare_corpus(verbose=True)
+    tokenizer = load_tokenizer(margs, dargs, corpus_paths.tokenizer if corpus_paths else None)
+
+    # Resume: an explicit checkpoint, else the last one in output_dir.
+    last_checkpoint = None
+    if targs.do_train and os.path.isdir(targs.output_dir) and not margs.overwrite_output_dir:
+        last_checkpoint = get_last_checkpoint(targs.output_dir)
+        if last_checkpoint and targs.resume_from_checkpoint is None:
+            logger.info("resuming from %s (pass --overwrite_output_dir to start over)", last_checkpoint)
+    resume = targs.resume_from_checkpoint or last_checkpoint
+    if resume is not None and not os.path.isdir(resume):
+        raise UsageError(f"--resume_from_checkpoint: {resume} does not exist")
+
+    transformers.set_seed(targs.seed)
+    model = build_model(margs, config, tokenizer)
+
+    raw = load_raw_datasets(margs, dargs, corpus_paths)
+    lm = tokenize_and_group(raw, tokenizer, dargs, block_size, targs)
+    train_ds = eval_ds = None
+    if targs.do_train:
+        if "train" not in lm:
+            raise UsageError("--do_train: the data has no train split")
+        train_ds = lm["train"]
+        if dargs.max_train_samples is not None:
+            train_ds = train_ds.take(dargs.max_train_samples) if dargs.streaming else train_ds.select(
+                range(min(dargs.max_train_samples, len(train_ds))))
+    if targs.do_eval:
+        if "validation" not in lm:
+            raise UsageError("--do_eval: the data has no validation split; pass --validation_file")
+        eval_ds = lm["validation"]
+        if dargs.max_eval_samples is not None:
+            eval_ds = eval_ds.take(dargs.max_eval_samples) if dargs.streaming else eval_ds.select(
+                range(min(dargs.max_eval_samples, len(eval_ds))))
+
+    trainer = LCKVTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    result: dict[str, Any] = {"trainer": trainer, "train": None, "eval": None}
+
+    if targs.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        metrics = dict(train_result.metrics)
+        if not dargs.streaming:
+            metrics["train_samples"] = len(train_ds)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        result["train"] = metrics
+
+    if targs.do_eval:
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        if margs.eval_sequential:
+            if "sequential_forward" in unwrapped.config.to_dict():
+                unwrapped.config.sequential_forward = True
+            else:
+                logger.warning("--eval_sequential: model_type %s has no iterative computation, its parallel "
+                               "evaluation is exact already", unwrapped.config.model_type)
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = perplexity(metrics["eval_loss"])
+        metrics["eval_sequential"] = margs.eval_sequential
+        if not dargs.streaming:
+            metrics["eval_samples"] = len(eval_ds)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        result["eval"] = metrics
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as err:
+        print(f"run_clm.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
