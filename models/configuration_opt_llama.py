@@ -51,7 +51,9 @@ def kv_sources_from_layer_types(layer_types: str, target_layer: int) -> list[int
     if CONDENSED in types and not marked:
         raise ValueError("layer_types: condensed layers (type 1) need one target layer (type 2)")
     if marked and marked[0] != target:
-        raise ValueError(f"target_layer: {target_layer} (layer {target}) is not the layer marked 2 in layer_types (layer {marked[0]})")
+        raise ValueError(
+            f"target_layer: {target_layer} (layer {target}) is not the layer marked 2 in layer_types; allowed values are {marked[0]} or {marked[0] - num_layers}"
+        )
     return [target if t == CONDENSED else i for i, t in enumerate(types)]
 
 

@@ -1,0 +1,37 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import models  # noqa: E402,F401  (registers opt-llama)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def tiny_config(name: str = "test_tiny_opt.json", **overrides):
+    """A config from configs/ with fields overridden, built through AutoConfig like a user would."""
+    from transformers import AutoConfig
+
+    fields = json.loads((CONFIGS / name).read_text())
+    fields.update(overrides)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def tiny_model(config, attn_implementation: str = "sdpa", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,308 @@
+"""The equivalence oracles of DESIGN.md section 3 (fp32, random weights, tight tolerances)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
+
+from .conftest import tiny_config, tiny_model
+
+ATOL = 2e-5
+BACKENDS = ["eager", "sdpa"]
+# LCKV (paper layout), more warmup layers, and a general source list with two targets.
+LAYOUTS = {
+    "lckv": dict(layer_types="0_1_1_1_2_0"),
+    "warmup": dict(layer_types="0_0_1_2_0_0", target_layer=3),
+    "two_targets": dict(kv_sources=[0, 2, 2, 5, 5, 5]),
+}
+
+
+def sequential_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Ground truth: decode one token at a time through the cache. ``(B, T)`` -> ``(B, T, vocab)``."""
+    cache = DynamicCache(config=model.config)
+    logits = []
+    for t in range(input_ids.shape[1]):
+        mask = attention_mask[:, : t + 1] if attention_mask is not None else None
+        with torch.no_grad():
+            out = model(input_ids[:, t : t + 1], attention_mask=mask, cache=cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+def random_ids(batch: int, length: int, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_standard_layers_equal_llama(backend):
+    """Oracle 1: every layer standard => logits equal transformers' Llama with the same weights."""
+    config = tiny_config(layer_types="0_0_0_0_0_0")
+    ours = tiny_model(config, backend)
+    llama = LlamaForCausalLM(tiny_config("llama_tiny.json", **_llama_shape(config))).eval()
+    llama.config._attn_implementation = backend
+    missing, unexpected = llama.load_state_dict(ours.state_dict(), strict=True)
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        expected = llama(ids, attention_mask=mask).logits
+        actual = ours(ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual[0], expected[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(actual[1, 3:], expected[1, 3:], atol=ATOL, rtol=0)
+
+
+def _llama_shape(config) -> dict:
+    keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters"]
+    return {k: getattr(config, k) for k in keys}
+
+
+def test_llama_state_dict_loads_and_condensed_layers_have_no_kv():
+    """Parameter names follow Llama: a Llama state dict loads; condensed layers just lack k_proj/v_proj."""
+    config = tiny_config()
+    ours = tiny_model(config)
+    llama = LlamaForCausalLM(tiny_config("llama_tiny.json", **_llama_shape(config)))
+    result = ours.load_state_dict(llama.state_dict(), strict=False)
+    assert result.missing_keys == []
+    condensed = [i for i, src in enumerate(config.layer_kv_sources) if src != i]
+    expected_unused = {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in condensed for p in "kv"}
+    assert set(result.unexpected_keys) == expected_unused
+    kv_params = 2 * config.hidden_size * config.num_key_value_heads * config.head_dim
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_llama = sum(p.numel() for p in llama.parameters())
+    assert n_llama - n_ours == len(condensed) * kv_params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parallel_equals_sequential(layout, backend):
+    """Oracle 2: enough iterations (num_encoders + 1 >= T) => parallel logits equal token-by-token decoding."""
+    length = 9
+    model = tiny_model(tiny_config(num_encoders=length - 1, num_trained_encoders=1, **LAYOUTS[layout]), backend)
+    ids = random_ids(2, length)
+    with torch.no_grad():
+        parallel = model(ids).logits
+    torch.testing.assert_close(parallel, sequential_logits(model, ids), atol=ATOL, rtol=0)
+    # ... and too few iterations do differ after the exact prefix: the oracle can fail.
+    model.config.num_encoders = 2
+    with torch.no_grad():
+        short = model(ids).logits
+    torch.testing.assert_close(short[:, :3], parallel[:, :3], atol=ATOL, rtol=0)
+    assert (short[:, 3:] - parallel[:, 3:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequential_forward_option_and_left_padding(backend):
+    """config.sequential_forward gives the exact semantics; padded rows equal the same prompt unpadded."""
+    model = tiny_model(tiny_config(num_encoders=1), backend)
+    ids = random_ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    model.config.sequential_forward = True
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        alone = model(ids[:1, 3:]).logits
+    torch.testing.assert_close(padded, sequential_logits(model, ids, mask), atol=ATOL, rtol=0)
+    torch.testing.assert_close(padded[0, 3:], alone[0], atol=ATOL, rtol=0)
+    assert torch.isfinite(padded).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_cache_forward_equals_prefill_then_decode(layout):
+    """Sharing is model logic: a full no-cache forward equals chunked prefill + decoding with the cache."""
+    length = 10
+    model = tiny_model(tiny_config(num_encoders=length - 1, **LAYOUTS[layout]))
+    ids = random_ids(2, length)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        first = model(ids[:, :4], cache=cache, use_cache=True).logits
+        second = model(ids[:, 4:7], cache=cache, use_cache=True).logits
+        rest = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(7, length)]
+    torch.testing.assert_close(torch.cat([first, second, *rest], dim=1), full, atol=ATOL, rtol=0)
+
+
+GENERATE_MODES = {
+    "greedy": dict(do_sample=False),
+    "sample": dict(do_sample=True, top_k=20, temperature=0.8, num_return_sequences=2),
+    "beam": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+}
+
+
+# Without a cache, generate recomputes the whole sequence each step. The cached path prefills the prompt
+# by iterations and decodes exactly, so the two agree whenever the no-cache forward is exact too: when the
+# iterations cover the sequence, or with the token-by-token `sequential_forward` at any length.
+EXACT_NO_CACHE = {"iterations_cover": dict(num_encoders=13), "sequential_forward": dict(num_encoders=1, sequential_forward=True)}
+
+
+@pytest.mark.parametrize("exact", EXACT_NO_CACHE)
+@pytest.mark.parametrize("mode", GENERATE_MODES)
+def test_generate_with_and_without_cache(mode, exact):
+    """Oracle 3: generate with the cache gives the same tokens as recomputing without it."""
+    model = tiny_model(tiny_config(**EXACT_NO_CACHE[exact]))
+    ids = random_ids(2, 6)
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, use_cache=use_cache, pad_token_id=0, **GENERATE_MODES[mode]))
+    assert outs[0].shape[1] == 14
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_greedy_decoding_equals_sequential_recomputation():
+    """Oracle 3, against the ground truth: each greedy token is the argmax of the sequential computation."""
+    model = tiny_model(tiny_config(num_encoders=20))
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for t in range(5, out.shape[1]):
+        assert sequential_logits(model, out[:, :t])[0, -1].argmax().item() == out[0, t].item()
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_left_padded_batch_equals_each_prompt_alone(mode):
+    model = tiny_model(tiny_config(num_encoders=12))
+    prompts = [random_ids(1, 7)[0], random_ids(1, 4)[0]]
+    kwargs = dict(max_new_tokens=6, pad_token_id=0, **{k: v for k, v in GENERATE_MODES[mode].items() if k != "num_return_sequences"})
+    batch = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, 7 - len(prompt) :] = prompt
+        mask[row, 7 - len(prompt) :] = 1
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=mask, **kwargs)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs)
+            assert torch.equal(together[row, 7:], alone[0, len(prompt) :])
+
+
+def test_save_and_auto_from_pretrained_round_trip(tmp_path):
+    """Oracle 4: save / from_pretrained round trip gives identical logits; Auto classes resolve opt-llama."""
+    model = tiny_model(tiny_config())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(loaded).__name__ == "OptLlamaForCausalLM"
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_long_prompt_prefill_then_decode_matches_sequential_prefix(capsys):
+    """Oracle 5: iterative prefill of a long prompt is exact for the first num_encoders + 1 positions."""
+    num_encoders, prompt_len, new_tokens = 3, 40, 8
+    model = tiny_model(tiny_config(num_encoders=num_encoders))
+    ids = random_ids(1, prompt_len + new_tokens)
+    truth = sequential_logits(model, ids)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        prefill = model(ids[:, :prompt_len], cache=cache, use_cache=True).logits
+        decode = torch.cat([model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(prompt_len, ids.shape[1])], dim=1)
+    exact = num_encoders + 1
+    torch.testing.assert_close(prefill[:, :exact], truth[:, :exact], atol=ATOL, rtol=0)
+    gap_prefill = (prefill[:, exact:] - truth[:, exact:prompt_len]).abs().max().item()
+    gap_decode = (decode - truth[:, prompt_len:]).abs().max().item()
+    agree = (decode.argmax(-1) == truth[:, prompt_len:].argmax(-1)).float().mean().item()
+    with capsys.disabled():
+        print(f"\n[oracle 5] exact for {exact} positions; max |logit gap| prefill after that {gap_prefill:.3g}, decode {gap_decode:.3g}, greedy agreement {agree:.0%}")
+    assert gap_prefill > 0  # iterations really are truncated here
+    assert torch.isfinite(decode).all()
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.keys is not None for t in (layer.keys, layer.values))
+
+
+def test_cache_holds_only_kv_layers():
+    """The cache after generating holds n_kv_layers / num_hidden_layers of a same-shape Llama's bytes."""
+    config = tiny_config()
+    model = tiny_model(config)
+    llama = LlamaForCausalLM(tiny_config("llama_tiny.json", **_llama_shape(config))).eval()
+    ids = random_ids(2, 6)
+    caches = []
+    for m in (model, llama):
+        with torch.no_grad():
+            out = m.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+        caches.append(_cache_bytes(out.cache))
+    assert caches[0] * config.num_hidden_layers == caches[1] * config.num_kv_layers
+    per_token = 2 * config.num_kv_layers * config.num_key_value_heads * config.head_dim * 4
+    assert caches[0] == 2 * (6 + 5 - 1) * per_token  # the last sampled token is never fed back
+
+
+def test_gradient_reaches_target_kv_through_condensed_layers():
+    """Oracle 7: the target's k_proj/v_proj get gradient through the condensed layers only with >= 2 trained iterations."""
+    ids = random_ids(2, 8)
+    grads = {}
+    for trained in (0, 1):
+        model = tiny_model(tiny_config(num_encoders=4, num_trained_encoders=trained)).train()
+        target = model.config.layer_kv_sources[1]
+        attn = model.model.layers[target].self_attn
+        with torch.no_grad():
+            attn.o_proj.weight.zero_()  # the target's own attention no longer reaches the loss
+        model(ids, labels=ids).loss.backward()
+        grads[trained] = (attn.k_proj.weight.grad.abs().sum().item(), attn.v_proj.weight.grad.abs().sum().item())
+    assert grads[0] == (0.0, 0.0)
+    assert min(grads[1]) > 0
+
+
+def test_untrained_iterations_build_no_graph():
+    model = tiny_model(tiny_config(num_encoders=6, num_trained_encoders=2)).train()
+    flags = []
+    model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: flags.append(o.requires_grad))
+    ids = random_ids(1, 5)
+    model(ids, labels=ids).loss.backward()
+    assert flags == [False] * 4 + [True] * 3
+
+
+def test_train_kv_adds_kv_loss():
+    ids = random_ids(2, 8)
+    losses = {}
+    for train_kv in (False, True):
+        model = tiny_model(tiny_config(train_kv=train_kv, num_encoders=3)).train()
+        out = model(ids, labels=ids)
+        losses[train_kv] = out
+    assert losses[False].kv_loss is None
+    kv_loss = losses[True].kv_loss
+    assert kv_loss is not None and kv_loss.item() > 0
+    torch.testing.assert_close(losses[True].loss, losses[False].loss + kv_loss)
+
+
+def test_gradient_checkpointing_matches():
+    ids = random_ids(2, 8)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(tiny_config(num_encoders=3)).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.item(), model.model.layers[4].self_attn.k_proj.weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_without_keys_outputs_zero_not_nan(backend):
+    """Token 0 sees no key under the strict mask: its condensed-layer attention output is exactly zero."""
+    model = tiny_model(tiny_config(), backend)
+    outputs = []
+    model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, i, o: outputs.append(i[0]))
+    ids = random_ids(2, 5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(logits).all()
+    assert outputs[-1][0, 0].abs().max() == 0 and outputs[-1][1, 2].abs().max() == 0
+    assert outputs[-1][0, 1].abs().max() > 0
+
+
+def test_logits_to_keep_and_position_limit():
+    model = tiny_model(tiny_config())
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="^sequence length: 129 tokens exceed max_position_embeddings=128"):
+        model(random_ids(1, 129))
