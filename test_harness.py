@@ -1,0 +1,139 @@
+"""Evaluate an LCKV (or any causal LM) checkpoint with LM-Evaluation-Harness.
+
+The model is loaded here (``import models`` registers opt-llama) and handed to lm-eval as an object, so
+``--sequential`` can switch it to the exact token-by-token semantics first. Offline, the default task list
+falls back from the paper's commonsense suite to the local tasks in ``tasks/`` (held-out perplexity and
+next-line choice on the embedded corpus).
+
+    python test_harness.py --model outputs/tiny --tasks lckv_heldout_ppl --limit 20 --output_path out/eval.json
+"""
+
+import argparse
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+import torch
+from huggingface_hub import constants as hub_constants
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import models  # noqa: F401  (registers opt-llama with the Auto classes)
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+COMMONSENSE_TASKS = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa"]
+LOCAL_TASKS = ["lckv_heldout_ppl", "lckv_next_line"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (from_pretrained) or a config .json (random weights)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's own, else the corpus tokenizer)")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: commonsense suite, or local tasks offline)")
+    p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per task (default: each task's own)")
+    p.add_argument("--batch_size", default="1", help="lm-eval batch size: an integer or 'auto'")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1); for quick checks")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: bfloat16 on cuda, float32 otherwise)")
+    p.add_argument("--sequential", action="store_true", help="exact token-by-token forward (config.sequential_forward=True), as the paper evaluates")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (config .json) and lm-eval")
+    p.add_argument("--output_path", default=None, help="write lm-eval's results JSON to this file")
+    return p.parse_args(argv)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+def load_model(path: str, dtype: torch.dtype, device: str, sequential: bool, seed: int) -> PreTrainedModel:
+    """A checkpoint directory, or a config ``.json`` instantiated with seeded random weights, in eval mode."""
+    if path.endswith(".json"):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if sequential:
+        if not hasattr(model.config, "sequential_forward"):
+            raise ValueError(f"--sequential: model_type {model.config.model_type!r} has no sequential_forward; allowed: opt-llama")
+        model.config.sequential_forward = True
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str | None, model_path: str) -> PreTrainedTokenizerBase:
+    """``name``, else the checkpoint's tokenizer, else the embedded corpus tokenizer."""
+    if name is None and not model_path.endswith(".json") and (Path(model_path) / "tokenizer_config.json").exists():
+        name = model_path
+    if name is None:
+        from corpus import prepare_corpus
+
+        name = str(prepare_corpus().tokenizer)
+    return AutoTokenizer.from_pretrained(name)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub endpoint does not answer within ``timeout`` seconds."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub_constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except OSError:
+        return False
+    return True
+
+
+def default_tasks() -> list[str]:
+    if hub_reachable():
+        return COMMONSENSE_TASKS
+    print(f"hub unreachable: running the local tasks {', '.join(LOCAL_TASKS)} instead of {', '.join(COMMONSENSE_TASKS)}")
+    return LOCAL_TASKS
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run lm-eval on the loaded model; returns ``simple_evaluate``'s results dict."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    sys.path.insert(0, str(TASKS_DIR.parent))  # the task data builders import the corpus package
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = load_model(args.model, dtype, args.device, args.sequential, args.seed)
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"--tokenizer: {len(tokenizer)} tokens exceed the model's vocab_size={model.config.vocab_size}")
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    tasks = args.tasks.split(",") if args.tasks else default_tasks()
+    return simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        random_seed=args.seed,
+        numpy_random_seed=args.seed,
+        torch_random_seed=args.seed,
+        fewshot_random_seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    args = parse_args(argv)
+    results = evaluate(args)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    if args.output_path:
+        out = Path(args.output_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        print(f"results written to {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
