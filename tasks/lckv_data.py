@@ -77,7 +77,7 @@ def build_task_data(cache_dir: str | Path | None = None) -> dict[str, Path]:
     if all(f.exists() for f in files.values()):
         return files
     out_dir.mkdir(exist_ok=True)
-    for (name, path), docs in zip(files.items(), (perplexity_docs(blocks), next_line_docs(blocks)), strict=True):
+    for path, docs in zip(files.values(), (perplexity_docs(blocks), next_line_docs(blocks)), strict=True):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
         tmp.rename(path)  # atomic: a reader sees the whole file or none
