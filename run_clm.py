@@ -157,10 +157,14 @@ def ensure_hub_or_offline(what: str) -> None:
         datasets.config.HF_HUB_OFFLINE = True
 
 
+def one_line(err: Exception) -> str:
+    """An exception's message squeezed onto one line."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def hub_error(flag: str, name: str, err: Exception) -> UsageError:
     """A one-line error for a hub resource that could not be loaded."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UsageError(f"{flag} {name}: cannot load it ({reason}); {OFFLINE_HINT}")
+    return UsageError(f"{flag} {name}: cannot load it ({one_line(err)}); {OFFLINE_HINT}")
 
 
 # ----------------------------------------------------------------------------- config, tokenizer, model
@@ -209,8 +213,8 @@ def load_config(margs: ModelArguments) -> PretrainedConfig:
         logger.info("config overrides: %s", overrides)
     try:
         return config_class.from_dict(config_dict)
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"{flag}: invalid config: {str(err).strip().splitlines()[0]}") from None
+    except Exception as err:  # config validation raises ValueError, TypeError or strict-dataclass errors
+        raise UsageError(f"{flag}: invalid config: {one_line(err)}") from None
 
 
 def load_tokenizer(margs: ModelArguments, dargs: DataTrainingArguments, corpus_tokenizer: Path | None):
@@ -247,6 +251,27 @@ def build_model(margs: ModelArguments, config: PretrainedConfig, tokenizer) -> t
 # ----------------------------------------------------------------------------- data
 
 
+def local_data_files(dargs: DataTrainingArguments) -> dict[str, str]:
+    """Check --train_file/--validation_file: they exist and are all txt or all json/jsonl."""
+    if dargs.use_embedded_corpus and (dargs.dataset_name or dargs.train_file or dargs.validation_file):
+        raise UsageError("--use_embedded_corpus: don't combine it with --dataset_name or --train_file/--validation_file")
+    flags = (("--train_file", "train", dargs.train_file), ("--validation_file", "validation", dargs.validation_file))
+    data_files = {}
+    for flag, split, path in flags:
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag}: {path} does not exist")
+        data_files[split] = path
+    if not data_files and not (dargs.use_embedded_corpus or dargs.dataset_name):
+        raise UsageError("--train_file: no data; give --use_embedded_corpus, --dataset_name or --train_file/--validation_file")
+    exts = {Path(p).suffix.lower().lstrip(".") for p in data_files.values()}
+    exts = {"json" if e == "jsonl" else e for e in exts}
+    if len(exts) > 1 or not exts <= {"txt", "json"}:
+        raise UsageError(f"--train_file/--validation_file: extensions {sorted(exts)}; allowed is one of txt, json, jsonl")
+    return data_files
+
+
 def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpus_paths) -> datasets.DatasetDict:
     """Raw text splits ("train", "validation") from the embedded corpus, the hub, or local files."""
     if corpus_paths is not None:
@@ -265,19 +290,8 @@ def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpu
         except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
             raise hub_error("--dataset_name", dargs.dataset_name, err) from None
     else:
-        data_files = {}
-        for flag, split, path in (("--train_file", "train", dargs.train_file), ("--validation_file", "validation", dargs.validation_file)):
-            if path is None:
-                continue
-            if not os.path.isfile(path):
-                raise UsageError(f"{flag}: {path} does not exist")
-            data_files[split] = path
-        if not data_files:
-            raise UsageError("--train_file: give data: --use_embedded_corpus, --dataset_name, or --train_file/--validation_file")
-        exts = {Path(p).suffix.lower().lstrip(".") for p in data_files.values()}
-        if len(exts) != 1 or not exts <= {"txt", "json", "jsonl"}:
-            raise UsageError(f"--train_file/--validation_file: extensions {sorted(exts)}; allowed is one of txt, json, jsonl")
-        ext = exts.pop()
+        data_files = local_data_files(dargs)
+        ext = Path(data_files["train" if "train" in data_files else "validation"]).suffix.lower().lstrip(".")
         kwargs = {"keep_linebreaks": dargs.keep_linebreaks} if ext == "txt" else {}
         builder = "text" if ext == "txt" else "json"
         raw = datasets.load_dataset(
@@ -366,10 +380,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if max_positions is not None and block_size > max_positions:
         raise UsageError(f"--block_size: {block_size} exceeds the model's max_position_embeddings ({max_positions})")
 
+    local_data_files(dargs)
     corpus_paths = None
     if dargs.use_embedded_corpus:
-        if dargs.dataset_name or dargs.train_file or dargs.validation_file:
-            raise UsageError("--use_embedded_corpus: don't combine it with --dataset_name or --train_file/--validation_file")
         from corpus import prepare_corpus
 
         with targs.main_process_first(desc="preparing the embedded corpus"):
