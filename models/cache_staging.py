@@ -3,25 +3,45 @@
 During the iterative computation the source layer's KVs of the current tokens change each iteration,
 so they are staged (visible to the readers) and only committed with ``Cache.update`` after the last
 iteration. The layer's index stays the model's; the cache classes are transformers' own.
+
+With an offloaded cache (``cache_implementation="offloaded"`` / ``"offloaded_static"``) transformers
+prefetches, in ``Cache.update`` of layer ``i``, the next KV-holding layer and sends layer ``i`` back to
+the CPU. Condensed layers never call ``update`` and read the target, which runs after them, so a read
+first makes sure the layer is resident (a no-op when the schedule already prefetched it); the target's
+own ``update`` sends it back afterwards.
 """
 
 import torch
-from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 
-def staged_kv(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached KVs of ``layer`` followed by ``keys``/``values`` of the current tokens, cache left unchanged.
+def ensure_resident(cache: Cache, layer_idx: int) -> None:
+    """Make an offloaded layer's KVs usable on its device: prefetch on the side stream, then wait for it."""
+    if not getattr(cache, "offloading", False) or not cache.layers[layer_idx].is_initialized:
+        return
+    layer = cache.layers[layer_idx]
+    with cache.prefetch_stream:
+        layer.prefetch()
+    torch.cuda.default_stream(layer.device).wait_stream(cache.prefetch_stream)
+
+
+def staged_kv(
+    cache: Cache | None, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached KVs of layer ``layer_idx`` followed by ``keys``/``values`` of the current tokens, cache unchanged.
 
     Args:
-        layer: a transformers cache layer (or ``None`` for no cache).
+        cache: the model's cache, or None (then the current KVs are all there is).
         keys, values: ``(batch, kv_heads, q_len, head_dim)`` for the current tokens.
 
     Returns:
         ``(batch, kv_heads, kv_len, head_dim)`` key and value tensors, laid out as ``layer.update`` would
         return them, so the same attention mask applies.
     """
-    if layer is None:
+    if cache is None or layer_idx >= len(cache.layers):  # a cache without config grows its layers lazily
         return keys, values
+    ensure_resident(cache, layer_idx)
+    layer = cache.layers[layer_idx]
     if hasattr(layer, "stage"):
         return layer.stage(keys, values)
     if isinstance(layer, StaticLayer):

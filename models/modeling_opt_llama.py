@@ -110,8 +110,7 @@ class OptLlamaAttention(nn.Module):
             if cache is not None and commit:
                 source_keys, source_values = cache.update(key_states, value_states, self.layer_idx)
             else:
-                layer_cache = cache.layers[self.layer_idx] if cache is not None else None
-                source_keys, source_values = staged_kv(layer_cache, key_states, value_states)
+                source_keys, source_values = staged_kv(cache, self.layer_idx, key_states, value_states)
         else:
             query_states, _ = kernels.apply_rotary_pos_emb(query_states, None, cos, sin)
 
@@ -208,11 +207,17 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
         query_length = inputs_embeds.shape[1]
+        streaming = hasattr(cache, "positions_for")
+        if streaming:
+            # Sink + window cache (models/cache_streaming.py): it evicts to make room for the new tokens and gives them
+            # their cache slots as positions, which it keeps below the limit, so the stream may run on without one.
+            position_ids, attention_mask = cache.positions_for(query_length, attention_mask, inputs_embeds.device)
+        past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(query_length, device=inputs_embeds.device) + past_length).unsqueeze(0)
-        self._check_positions(past_length + query_length)
+        if not streaming:
+            self._check_positions(past_length + query_length)
 
         if self.config.sequential_forward and query_length > 1 and not torch.is_grad_enabled():
             return self._forward_sequential(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
@@ -274,7 +279,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         batch_size, query_length = block_input.shape[:2]
         zeros = block_input.new_zeros(batch_size, config.num_key_value_heads, query_length, config.head_dim)
         for source in self.plan.carried_sources:
-            kv_store[source] = staged_kv(cache.layers[source] if cache is not None else None, zeros, zeros)
+            kv_store[source] = staged_kv(cache, source, zeros, zeros)
 
         previous_kvs, new_kvs = {}, {}
         for iteration in range(num_iterations):
