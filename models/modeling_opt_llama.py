@@ -8,7 +8,6 @@ Every layer ``i`` attends to the KVs of layer ``kv_sources[i]``. Layers reading 
 (see ``layer_plan``); decoding is the same computation with ``T == 1``, which is exact.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +16,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, eager_attention_forward
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 
@@ -114,9 +113,7 @@ class OptLlamaAttention(nn.Module):
         else:
             query_states, _ = kernels.apply_rotary_pos_emb(query_states, None, cos, sin)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention_interface = kernels.attention_interface(self.config._attn_implementation)
         attn_output, _ = attention_interface(
             self,
             query_states,
@@ -353,12 +350,16 @@ class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if outputs.kv_loss is not None:
-                loss = loss + outputs.kv_loss
+        logits = loss = None
+        if labels is not None and self.training and kernels.fused_linear_cross_entropy is not None:
+            # The loss straight from the hidden states: the (B, T', vocab) logits are never materialised.
+            loss = kernels.fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, **kwargs)
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if loss is not None and outputs.kv_loss is not None:
+            loss = loss + outputs.kv_loss
         return OptLlamaCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, kv_loss=outputs.kv_loss
         )

@@ -1,0 +1,94 @@
+"""Offloaded vs GPU-resident KV cache: peak memory, resident KV bytes and decode ms/step, LCKV vs Llama.
+
+    python -m bench.bench_offload --output_dir bench/results
+
+Random bf16 weights at TinyLlama shape (configs/tinyllama.json and tinyllama_opt.json), greedy decoding
+of a fixed number of tokens after a long prompt, through ``generate(cache_implementation=...)``.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import models  # noqa: F401  (registers opt-llama)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"], help="model configs to compare")
+    parser.add_argument("--prompt_len", type=int, default=8192, help="prompt tokens per sequence")
+    parser.add_argument("--gen_len", type=int, default=256, help="new tokens per sequence")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run")
+    parser.add_argument("--modes", nargs="+", default=["dynamic", "offloaded"], help="cache_implementation values to compare")
+    parser.add_argument("--output_dir", default="bench/results", help="where offload.json is written")
+    return parser.parse_args(argv)
+
+
+def cuda_kv_bytes(cache) -> int:
+    """Bytes of cached keys/values that sit on the GPU right now."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers if getattr(layer, "keys", None) is not None
+               for t in (layer.keys, layer.values) if t.is_cuda)
+
+
+def timed_generate(model, ids, new_tokens: int, mode: str):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         cache_implementation=mode, return_dict_in_generate=True)
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def run_one(model, config, batch: int, args, mode: str) -> dict:
+    ids = torch.randint(3, config.vocab_size, (batch, args.prompt_len), device="cuda")
+    try:
+        _, prefill_s = timed_generate(model, ids, 1, mode)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        out, total_s = timed_generate(model, ids, args.gen_len, mode)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"batch": batch, "mode": mode, "oom": True}
+    result = {
+        "batch": batch, "mode": mode, "oom": False,
+        "prefill_s": prefill_s,
+        "decode_ms_per_step": 1000 * (total_s - prefill_s) / (args.gen_len - 1),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "gpu_resident_kv_mib": cuda_kv_bytes(out.cache) / 2**20,
+    }
+    del out
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    results = {"device": torch.cuda.get_device_name(), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": {}}
+    jobs = [(c, b, m) for c in args.configs for b in args.batch_sizes for m in args.modes]
+    bar = tqdm(jobs, desc="offload bench")
+    model, loaded = None, None
+    for config_path, batch, mode in bar:
+        if loaded != config_path:
+            config = AutoConfig.from_pretrained(config_path, max_position_embeddings=args.prompt_len + args.gen_len)
+            del model
+            torch.cuda.empty_cache()
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+            loaded = config_path
+        bar.set_postfix(config=Path(config_path).stem, batch=batch, mode=mode)
+        with torch.no_grad():
+            run = run_one(model, config, batch, args, mode)
+        results["runs"].setdefault(Path(config_path).stem, []).append(run)
+        tqdm.write(json.dumps({"config": Path(config_path).stem, **run}))
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "offload.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

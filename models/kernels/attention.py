@@ -1,0 +1,95 @@
+"""Attention on fast kernels, the strict (diagonal-dropped) mask of condensed layers included.
+
+The strict mask ``kv < q`` over the current tokens with no padding and no cached keys is a causal mask
+shifted by one: query ``t`` sees keys ``0..t-1``. So it runs as an ordinary causal attention of queries
+``1..T-1`` on keys ``0..T-2``; query 0 sees no key and outputs zero. Causal attention is what flash
+kernels do best (flash-attn, or torch SDPA's flash / memory-efficient backends), so no dense mask is built.
+The mask builder hands ``STRICT_CAUSAL`` instead of a mask tensor for exactly that case.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+# (module, query (B, Hq, T, D), key (B, Hkv, T, D), value (B, Hkv, T, D), dropout, scaling) -> (B, T, Hq, D)
+CausalAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, float, float | None], torch.Tensor]
+
+
+class StrictCausalMask:
+    """Marker mask: ``kv < q`` over the current tokens, no padding, no cached keys (query and key lengths equal)."""
+
+    def __repr__(self) -> str:
+        return "STRICT_CAUSAL"
+
+
+STRICT_CAUSAL = StrictCausalMask()
+
+
+def sdpa_causal_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal attention through torch SDPA (``is_causal``: flash / efficient backends, GQA without copies)."""
+    return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+
+
+def strict_causal_attention(
+    causal: CausalAttention,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention under ``kv < q`` as a causal attention of ``query[1:]`` on ``key[:-1]``, ``value[:-1]``.
+
+    Args:
+        query: ``(B, Hq, T, D)`` with ``T > 1``; key, value: ``(B, Hkv, T, D)``.
+
+    Returns:
+        ``(B, T, Hq, D)``; row 0 (no visible key) is exactly zero.
+    """
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"STRICT_CAUSAL: {key.shape[2]} keys for {query.shape[2]} queries; allowed only equal lengths")
+    shifted = causal(module, query[:, :, 1:], key[:, :, :-1], value[:, :, :-1], dropout, scaling)
+    return F.pad(shifted, (0, 0, 0, 0, 1, 0))
+
+
+def fast_attention(
+    base: Callable,
+    causal: CausalAttention,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | StrictCausalMask | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature; ``causal`` runs the mask-free cases, ``base`` the rest.
+
+    ``STRICT_CAUSAL`` runs the shifted causal attention; no mask with equal query and key lengths
+    (transformers' "pure causal" case) runs ``causal``; a mask tensor (padding, cached keys) runs ``base``,
+    the configured attention implementation.
+    """
+    if attention_mask is STRICT_CAUSAL:
+        return strict_causal_attention(causal, module, query, key, value, dropout, scaling), None
+    if attention_mask is None and query.shape[2] == key.shape[2]:
+        return causal(module, query, key, value, dropout, scaling), None
+    return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def configured_attention(implementation: str) -> Callable:
+    """transformers' attention function for ``config._attn_implementation`` (eager when unregistered)."""
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
