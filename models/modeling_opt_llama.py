@@ -20,6 +20,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from . import kernels
 from .cache_staging import staged_kv
@@ -220,7 +221,9 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             return self._forward_sequential(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
         return self._forward_parallel(inputs_embeds, attention_mask, position_ids, cache, past_length, **kwargs)
 
-    def _check_positions(self, total_length: int) -> None:
+    def _check_positions(self, total_length: int | torch.Tensor) -> None:
+        if is_torchdynamo_compiling():  # a static cache's length is a tensor; checked eagerly (prefill), not per step
+            return
         limit = self.config.max_position_embeddings
         if total_length > limit:
             raise ValueError(
@@ -231,13 +234,15 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
     def _forward_parallel(self, inputs_embeds, attention_mask, position_ids, cache, past_length, **kwargs):
         plan = self.plan
         batch_size, query_length = inputs_embeds.shape[:2]
-        masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, plan.is_iterative)
-        visible = None
-        if plan.is_iterative:
-            visible = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
+        if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
+            masks = attention_mask
+        else:
+            masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length)
+        visible = masks.get("visible")
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
-        def run_layer(layer_idx: int, hidden: torch.Tensor, kv_store: dict[int, KV], commit: bool):
+        # No annotations: evaluating `dict[int, KV]` at each call breaks torch.compile's graph (decode step).
+        def run_layer(layer_idx, hidden, kv_store, commit):
             source = self.kv_sources[layer_idx]
             source_kv = kv_store[source] if source != layer_idx else (None, None)
             mask = masks["strict" if reads_from_above(self.kv_sources, layer_idx) else "causal"]
@@ -316,8 +321,26 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         )
 
 
+def lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length) -> dict[str, torch.Tensor | None]:
+    """The causal and strict masks of every layer and, when some layer reads from above, ``visible`` ``(B, T, 1)``."""
+    batch_size, query_length = inputs_embeds.shape[:2]
+    need_strict = layer_plan(config.layer_kv_sources).is_iterative
+    masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, need_strict)
+    if need_strict:
+        masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
+    return masks
+
+
 class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    @staticmethod
+    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids, **kwargs) -> dict:
+        """``generate`` with a static cache builds the masks outside the compiled step, sized to the cache (no
+        recompilation per step); ``attention_mask`` is the 2D padding mask ``(B, P + T)`` or None."""
+        query_length = inputs_embeds.shape[1]
+        past_length = attention_mask.shape[-1] - query_length if attention_mask is not None else cache.get_seq_length()
+        return lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length)
 
     def __init__(self, config: OptLlamaConfig):
         super().__init__(config)

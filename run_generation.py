@@ -1,0 +1,250 @@
+"""Generate text from an LCKV (``opt-llama``) or plain Llama checkpoint, streaming tokens to the terminal.
+
+Examples:
+    python run_generation.py --model_name_or_path outputs/tiny --prompt "ROMEO:" --max_new_tokens 100
+    echo "KING:" | python run_generation.py --model_name_or_path outputs/tiny --do_sample --top_p 0.9
+    python run_generation.py --config configs/test_tiny_opt.json --tokenizer .cache/corpus/<dir>/tokenizer \\
+        --prompt "Hello" --compare_cache --sequential_forward
+
+``--compare_cache`` generates with and without the KV cache and reports the time and tokens/s of each, so you see
+what the cache buys. The no-cache forward of an LCKV model runs ``num_encoders + 1`` parallel iterations, exact only
+for that many tokens; ``--sequential_forward`` computes token by token (the exact semantics, DESIGN.md section 3), and
+then both modes give the same text at any length. Sequences past ``max_position_embeddings`` are an error here: use
+run_streaming.py to go beyond. Bad input exits with a one-line error.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextStreamer
+
+import models  # noqa: F401  (registers model_type "opt-llama")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as one line, exit status 2."""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that pick the model, tokenizer, dtype and device (shared with run_streaming.py)."""
+    parser.add_argument("--model_name_or_path", help="checkpoint directory (or hub id) of an opt-llama or llama model")
+    parser.add_argument("--config", help="JSON config: a model with random weights instead of a checkpoint")
+    parser.add_argument("--tokenizer", help="tokenizer directory (or hub id); default: the checkpoint's")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    parser.add_argument("--attn_implementation", default="sdpa", help="attention backend: sdpa, eager, flex_attention, ...")
+    parser.add_argument("--seed", type=int, default=42, help="random seed for weights (with --config) and sampling")
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that give the prompt: an argument, a file, or stdin when neither is given."""
+    parser.add_argument("--prompt", help="prompt text")
+    parser.add_argument("--prompt_file", help="read the prompt from this file (default: stdin if --prompt is absent)")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """Decoding flags (shared with run_streaming.py)."""
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="number of tokens to generate (default 64)")
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy / beam search")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do_sample)")
+    parser.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens; 0 = all (with --do_sample)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling probability mass (with --do_sample)")
+    parser.add_argument("--num_beams", type=int, default=1, help="beam search width (1 = no beam search)")
+    parser.add_argument("--num_return_sequences", type=int, default=1, help="sequences to return per prompt")
+    parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens tokens (for timing)")
+    parser.add_argument("--quiet", action="store_true", help="do not stream tokens; print only the final text and timings")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from ``--prompt``, ``--prompt_file`` or stdin; an empty one is a UsageError."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("--prompt / --prompt_file: give one of them, not both")
+    if args.prompt is not None:
+        prompt = args.prompt
+    elif args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"--prompt_file: {path} does not exist")
+        prompt = path.read_text(encoding="utf-8")
+    elif sys.stdin.isatty():
+        raise UsageError("prompt: give --prompt TEXT, --prompt_file FILE, or pipe the prompt on stdin")
+    else:
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("prompt: empty; give some text")
+    return prompt
+
+
+def load_config(args: argparse.Namespace):
+    """The model config from ``--config`` (a JSON file) or the checkpoint."""
+    if (args.model_name_or_path is None) == (args.config is None):
+        raise UsageError("--model_name_or_path / --config: give exactly one of them")
+    if args.config is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config: {path} does not exist")
+        fields = json.loads(path.read_text())
+        if "model_type" not in fields:
+            raise UsageError(f"--config: {path} has no model_type; allowed are opt-llama and llama configs")
+        try:
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except ValueError as error:
+            raise UsageError(f"--config: {error}") from None
+    try:
+        return AutoConfig.from_pretrained(args.model_name_or_path)
+    except OSError:
+        raise UsageError(
+            f"--model_name_or_path: cannot load {args.model_name_or_path} (no checkpoint directory there; offline, the hub is unreachable)"
+        ) from None
+
+
+def load_tokenizer(args: argparse.Namespace):
+    """The tokenizer from ``--tokenizer`` or the checkpoint; sets a pad token when there is none."""
+    source = args.tokenizer or args.model_name_or_path
+    if source is None:
+        raise UsageError("--tokenizer: needed with --config (e.g. the embedded corpus tokenizer, see python -m corpus)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        raise UsageError(f"--tokenizer: cannot load a tokenizer from {source}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
+    """The model in eval mode on ``args.device``: the checkpoint, or random weights for ``--config``.
+
+    With random weights the vocabulary is sized to the tokenizer.
+    """
+    kwargs = dict(dtype=DTYPES[args.dtype], attn_implementation=args.attn_implementation)
+    if args.config is not None:
+        config.vocab_size = max(config.vocab_size, len(tokenizer))
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, **kwargs)
+    return model.to(args.device).eval()
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """Fill in ``args.device``: cuda when available, else cpu."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def generate_once(model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace, **extra) -> tuple[torch.Tensor, float]:
+    """Generate from ``input_ids`` ``(1, T)``; return the new tokens ``(num_return_sequences, N)`` and the seconds taken.
+
+    ``extra`` goes to ``generate`` as is (``use_cache``, ``cache``, ``prefill_chunk_size``, ...).
+    """
+    streamer = None
+    if args.num_beams == 1 and args.num_return_sequences == 1 and not args.quiet:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(args.seed)
+    generation = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+        **extra,
+    )
+    if args.do_sample:
+        generation.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.ignore_eos:
+        generation.update(min_new_tokens=args.max_new_tokens)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **generation)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return output[:, input_ids.shape[1] :], time.perf_counter() - start
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """One-line errors for decoding flags out of range."""
+    for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name}: {getattr(args, name)}; allowed values are integers >= 1")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UsageError("--temperature / --top_p / --top_k: allowed are temperature > 0, 0 < top_p <= 1, top_k >= 0")
+    if args.num_return_sequences > args.num_beams and not args.do_sample:
+        raise UsageError("--num_return_sequences: greedy search returns 1 sequence; allowed is <= --num_beams, or --do_sample")
+
+
+def check_position_limit(args: argparse.Namespace, prompt_length: int, limit: int) -> None:
+    """Without streaming, prompt + new tokens past ``max_position_embeddings`` is a one-line error."""
+    if prompt_length + args.max_new_tokens > limit:
+        raise UsageError(
+            f"sequence length: prompt {prompt_length} + max_new_tokens {args.max_new_tokens} tokens exceed "
+            f"max_position_embeddings={limit}; shorten them or stream with run_streaming.py"
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_prompt_args(parser)
+    add_generation_args(parser)
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--no_cache", action="store_true", help="generate without the KV cache (recompute every step)")
+    cache.add_argument("--compare_cache", action="store_true", help="generate with and without the cache; report both speeds and whether the text matches")
+    parser.add_argument("--sequential_forward", action="store_true", help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Generate as the flags say; return ``{mode: {"text": [...], "new_tokens": n, "seconds": s, "tokens_per_s": r}}``."""
+    resolve_device(args)
+    prompt = read_prompt(args)
+    config = load_config(args)
+    tokenizer = load_tokenizer(args)
+    model = load_model(args, config, tokenizer)
+    if args.sequential_forward:
+        if not hasattr(model.config, "sequential_forward"):
+            raise UsageError(f"--sequential_forward: only for opt-llama models, not {model.config.model_type}")
+        model.config.sequential_forward = True
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+    check_generation_args(args)
+    check_position_limit(args, input_ids.shape[1], model.config.max_position_embeddings)
+
+    modes = {"cache": True, "no_cache": False} if args.compare_cache else {"no_cache" if args.no_cache else "cache": not args.no_cache}
+    results = {}
+    for mode, use_cache in modes.items():
+        print(f"--- {mode} ---\n{prompt}", end="", flush=True)
+        new_tokens, seconds = generate_once(model, tokenizer, input_ids, args, use_cache=use_cache)
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if args.quiet or len(texts) > 1:
+            print("\n".join(texts) if len(texts) == 1 else "".join(f"\n[{i}] {t}" for i, t in enumerate(texts)))
+        count = new_tokens.numel()
+        results[mode] = dict(text=texts, new_tokens=count, seconds=seconds, tokens_per_s=count / seconds)
+        print(f"\n[{mode}] {count} new tokens in {seconds:.3f} s: {count / seconds:.1f} tokens/s", file=sys.stderr)
+    if args.compare_cache:
+        same = results["cache"]["text"] == results["no_cache"]["text"]
+        speedup = results["cache"]["tokens_per_s"] / results["no_cache"]["tokens_per_s"]
+        print(f"[compare] cache is {speedup:.2f}x faster; same text: {'yes' if same else 'no'}", file=sys.stderr)
+        if not same and model.config.model_type == "opt-llama" and not args.sequential_forward:
+            print("[compare] LCKV: the no-cache forward is exact only for num_encoders + 1 tokens; use --sequential_forward", file=sys.stderr)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Stream far past ``max_position_embeddings`` with attention sinks + a recent window (StreamingLLM) on the LCKV cache.
+
+Examples:
+    python run_streaming.py --model_name_or_path outputs/tiny --mode generate --prompt "ROMEO:" \\
+        --max_new_tokens 5000 --window_size 252 --num_sink_tokens 4 --do_sample --top_p 0.9
+    python run_streaming.py --model_name_or_path outputs/tiny --mode perplexity --use_embedded_corpus \\
+        --num_tokens 20480 --window_size 252 --output_json outputs/streaming_ppl.json
+
+The cache (``models/cache_streaming.py``) keeps ``num_sink_tokens + window_size`` tokens per KV layer and gives every
+token the position of its cache slot, so memory stays constant and RoPE stays in the trained range. Perplexity is
+computed token by token, as StreamingLLM's long-text evaluation, with the running value on the progress bar. A plain
+Llama checkpoint runs as an opt-llama with every layer standard (the same network). Bad input exits with one line.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from models import OptLlamaConfig
+from models.cache_streaming import SinkWindowCache
+from run_generation import (
+    UsageError,
+    add_generation_args,
+    add_model_args,
+    add_prompt_args,
+    check_generation_args,
+    generate_once,
+    load_config,
+    load_model,
+    load_tokenizer,
+    read_prompt,
+    resolve_device,
+)
+
+
+def as_opt_llama(config):
+    """An opt-llama config for ``config``: itself, or for a Llama every layer standard (same weights, same network)."""
+    if config.model_type == "opt-llama":
+        return config
+    if config.model_type != "llama":
+        raise UsageError(f"model_type: {config.model_type}; allowed are opt-llama and llama")
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "layer_types")}
+    return OptLlamaConfig(**fields, lckv_layer_types="_".join(["0"] * config.num_hidden_layers))
+
+
+def make_cache(config, args: argparse.Namespace) -> SinkWindowCache:
+    """The sink + window cache from the flags (window default: the position limit less the sinks)."""
+    window = config.max_position_embeddings - args.num_sink_tokens if args.window_size is None else args.window_size
+    try:
+        return SinkWindowCache(config, window_size=window, num_sink_tokens=args.num_sink_tokens)
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
+
+
+def cache_tokens(cache: SinkWindowCache) -> int:
+    """Most tokens any KV layer of ``cache`` holds now."""
+    return max(layer.get_seq_length() for layer in cache.kv_layers)
+
+
+def cache_bytes(cache: SinkWindowCache) -> int:
+    """Bytes of keys and values held by ``cache``."""
+    return sum(t.numel() * t.element_size() for layer in cache.kv_layers if layer.keys is not None for t in (layer.keys, layer.values))
+
+
+def streaming_nll(model, input_ids: torch.Tensor, cache: SinkWindowCache, desc: str = "streaming ppl", disable: bool = False) -> tuple[torch.Tensor, int]:
+    """Feed ``input_ids`` ``(B, N)`` one token per step; return the next-token NLL ``(B, N - 1)`` and the peak cache tokens.
+
+    The progress bar shows the running perplexity (over the batch and the tokens so far).
+    """
+    batch, length = input_ids.shape
+    nll = torch.empty(batch, length - 1, device=input_ids.device)
+    peak_tokens = 0
+    refresh = max(1, (length - 1) // 100)
+    with torch.no_grad(), tqdm(range(length - 1), desc=desc, disable=disable, file=sys.stderr) as bar:
+        for t in bar:
+            logits = model(input_ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+            nll[:, t] = torch.nn.functional.cross_entropy(logits, input_ids[:, t + 1], reduction="none")
+            peak_tokens = max(peak_tokens, cache_tokens(cache))
+            if (t + 1) % refresh == 0:
+                bar.set_postfix(ppl=f"{math.exp(nll[:, : t + 1].mean().item()):.2f}", refresh=False)
+    return nll, peak_tokens
+
+
+def ppl_by_position(nll: torch.Tensor, bucket: int) -> list[dict]:
+    """Perplexity of ``nll`` ``(B, N)`` in position buckets of ``bucket`` tokens: ``[{"start", "end", "ppl"}]``."""
+    return [
+        {"start": start, "end": min(start + bucket, nll.shape[1]), "ppl": math.exp(nll[:, start : start + bucket].mean().item())}
+        for start in range(0, nll.shape[1], bucket)
+    ]
+
+
+def read_text(args: argparse.Namespace) -> str:
+    """The evaluation text: ``--text_file`` or the embedded corpus's test split."""
+    if (args.text_file is None) == (not args.use_embedded_corpus):
+        raise UsageError("--text_file / --use_embedded_corpus: give exactly one of them for --mode perplexity")
+    if args.use_embedded_corpus:
+        from corpus import prepare_corpus
+
+        return prepare_corpus().test.read_text(encoding="utf-8")
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise UsageError(f"--text_file: {path} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def run_perplexity(model, tokenizer, cache: SinkWindowCache, args: argparse.Namespace) -> dict:
+    """Streaming perplexity of the first ``num_tokens`` tokens of the text; the result is also written as JSON."""
+    limit = model.config.max_position_embeddings
+    num_tokens = args.num_tokens or 20 * limit
+    if num_tokens < 2:
+        raise UsageError(f"--num_tokens: {num_tokens}; allowed values are integers >= 2")
+    input_ids = tokenizer(read_text(args), return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
+    if input_ids.shape[1] < 2:
+        raise UsageError("text: fewer than 2 tokens; give a longer text")
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    nll, peak_tokens = streaming_nll(model, input_ids, cache, disable=args.quiet)
+    seconds = time.perf_counter() - start
+    result = dict(
+        model=args.model_name_or_path or args.config,
+        model_type=model.config.model_type,
+        num_kv_layers=len(cache.kv_layers),
+        max_position_embeddings=limit,
+        window_size=cache.window_size,
+        num_sink_tokens=cache.num_sink_tokens,
+        num_tokens=input_ids.shape[1],
+        ppl=math.exp(nll.mean().item()),
+        tokens_per_s=nll.numel() / seconds,
+        seconds=seconds,
+        max_cache_tokens=peak_tokens,
+        cache_bytes=cache_bytes(cache),
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if model.device.type == "cuda" else None,
+        ppl_by_position=ppl_by_position(nll, limit),
+    )
+    print(json.dumps({k: v for k, v in result.items() if k != "ppl_by_position"}))
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_generate(model, tokenizer, cache: SinkWindowCache, args: argparse.Namespace) -> dict:
+    """Generate ``max_new_tokens`` tokens (any number) with the streaming cache; long prompts are prefilled in chunks."""
+    check_generation_args(args)
+    prompt = read_prompt(args)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+    transformers.logging.set_verbosity_error()  # silences generate's "exceeded the maximum length": streaming may
+    print(prompt, end="", flush=True)
+    new_tokens, seconds = generate_once(model, tokenizer, input_ids, args, cache=cache, prefill_chunk_size=cache.window_size)
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    if args.quiet or len(texts) > 1:
+        print("\n".join(texts))
+    count = new_tokens.numel()
+    print(f"\n[streaming] {count} new tokens in {seconds:.3f} s: {count / seconds:.1f} tokens/s; cache holds {cache_tokens(cache)} tokens per KV layer", file=sys.stderr)
+    return dict(text=texts, new_tokens=count, seconds=seconds, tokens_per_s=count / seconds, max_cache_tokens=cache_tokens(cache))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--mode", choices=("generate", "perplexity"), default="generate", help="generate text, or evaluate long-text perplexity")
+    parser.add_argument("--window_size", type=int, default=None, help="recent tokens kept per KV layer (default: max_position_embeddings - num_sink_tokens)")
+    parser.add_argument("--num_sink_tokens", type=int, default=4, help="first tokens kept for good as attention sinks (default 4)")
+    add_prompt_args(parser)
+    add_generation_args(parser)
+    parser.add_argument("--text_file", help="perplexity: text file to evaluate")
+    parser.add_argument("--use_embedded_corpus", action="store_true", help="perplexity: evaluate the embedded corpus's test split")
+    parser.add_argument("--num_tokens", type=int, default=None, help="perplexity: tokens to evaluate (default 20 x max_position_embeddings)")
+    parser.add_argument("--output_json", help="perplexity: write the result (with perplexity by position) to this JSON file")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the chosen mode; return its result dict."""
+    resolve_device(args)
+    config = as_opt_llama(load_config(args))
+    cache = make_cache(config, args)  # checks the window before loading any weights
+    tokenizer = load_tokenizer(args)
+    model = load_model(args, config, tokenizer)
+    return (run_perplexity if args.mode == "perplexity" else run_generate)(model, tokenizer, cache, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
