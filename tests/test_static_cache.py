@@ -1,0 +1,71 @@
+"""generate(cache_implementation="static") gives the dynamic cache's tokens; the decode step compiles without breaks."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from transformers import StaticCache
+
+from .conftest import tiny_config, tiny_model
+
+PROMPT, NEW = 7, 10
+
+
+@pytest.fixture(params=["test_tiny_opt.json", "llama_tiny.json"], ids=["opt-llama", "llama"])
+def model(request):
+    overrides = {} if request.param == "test_tiny_opt.json" else {"hidden_size": 64, "intermediate_size": 128,
+                                                                   "num_hidden_layers": 3, "vocab_size": 256}
+    return tiny_model(tiny_config(request.param, **overrides))
+
+
+def left_padded_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, PROMPT)`` prompts and their padding mask: row 0 is left-padded by 2, row 2 by 5 tokens."""
+    ids = torch.randint(3, vocab_size, (3, PROMPT))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_static_matches_dynamic_greedy(model, num_beams):
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(static, dynamic)
+
+
+def test_static_sampling_runs(model):
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    out = model.generate(ids, attention_mask=mask, cache_implementation="static", do_sample=True, top_k=20,
+                         max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
+    assert out.shape == (3, PROMPT + NEW)
+
+
+def test_decode_step_compiles_fullgraph_without_recompiling(model):
+    """The decode forward as generate calls it (masks precomputed, static cache) traces as one graph, once."""
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + 4)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(model.forward, fullgraph=True, backend=counter, dynamic=False)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position_ids = mask.cumsum(-1)[:, -1:] - 1
+            inputs = model.prepare_inputs_for_generation(ids[:, -1:], cache=cache, attention_mask=mask, position_ids=position_ids)
+            step(**inputs)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_static_matches_dynamic_on_gpu(model):
+    model = model.cuda()
+    ids, mask = (t.cuda() for t in left_padded_batch(model.config.vocab_size))
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    torch._dynamo.reset()
+    compiled = model.generate(ids, cache_implementation="static", **kwargs)  # auto-compiles the decode step on CUDA
+    assert torch.equal(compiled, dynamic)
