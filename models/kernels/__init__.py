@@ -36,7 +36,7 @@ from .flags import (
 )
 from .plain import PlainRMSNorm, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
 
-INSTALL_HINT = "pip install -r requirements-gpu.txt"
+INSTALL_HINT = "see requirements-gpu.txt"
 
 
 # (implementation, what the warning calls it): what runs when a flag cannot take effect.
@@ -66,7 +66,8 @@ def _fused(
         return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     except ImportError as error:
         fallback, description = no_package or no_cuda
-        warn_fallback(flag, f"{error.name} is not installed ({INSTALL_HINT})", description)
+        package = (error.name or str(error)).split(".")[0]
+        warn_fallback(flag, f"{package} is not installed ({INSTALL_HINT})", description)
         return fallback
 
 

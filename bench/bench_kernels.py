@@ -1,0 +1,178 @@
+"""Training tokens/s and peak memory with the LCKV_* kernel flags: all off, each alone, all on.
+
+    python -m bench.bench_kernels --output_dir bench/results
+
+Random bf16 weights at TinyLlama shape, AdamW steps on random tokens at a fixed batch and block size.
+A Llama config (configs/tinyllama.json) runs as opt-llama with every layer standard, which computes the
+same function as LlamaForCausalLM (tested) and lets the flags apply. Writes ``kernels.json`` and
+``kernels.png`` under ``--output_dir``.
+"""
+
+import argparse
+import gc
+import json
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from models import OptLlamaConfig, kernels
+from models.kernels import FLAGS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["configs/tinyllama_opt.json", "configs/tinyllama.json"],
+                        help="model configs (opt-llama or llama json)")
+    parser.add_argument("--batch_size", type=int, default=4, help="sequences per step")
+    parser.add_argument("--block_size", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Triton compilation, allocator)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per flag set")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights dtype")
+    parser.add_argument("--device", default="cuda", help="torch device")
+    parser.add_argument("--output_dir", default="bench/results", help="where kernels.json and kernels.png go")
+    return parser.parse_args(argv)
+
+
+def load_config(path: str) -> OptLlamaConfig:
+    """An opt-llama config; a Llama json becomes opt-llama with every layer standard (``0_0_..._0``)."""
+    fields = json.loads(Path(path).read_text())
+    if fields.pop("model_type") == "llama":
+        fields["layer_types"] = "_".join(["0"] * fields["num_hidden_layers"])
+    return OptLlamaConfig(**fields)
+
+
+def flag_sets() -> list[tuple[str, dict[str, str]]]:
+    """(name, environment) pairs: all off, each flag alone, all on."""
+    off = dict.fromkeys(FLAGS, "0")
+    return [("off", off), *((flag, {**off, flag: "1"}) for flag in FLAGS), ("all", dict.fromkeys(FLAGS, "1"))]
+
+
+def selected_kernels() -> dict[str, str | None]:
+    """Which implementation each flag actually got (fallbacks included)."""
+    def name(obj) -> str | None:
+        return None if obj is None else obj.__name__
+
+    return {
+        "rms_norm": name(kernels.RMSNorm),
+        "swiglu": name(kernels.SwiGLUMLP),
+        "rotary": name(kernels.apply_rotary_pos_emb),
+        "cross_entropy": name(kernels.fused_linear_cross_entropy),
+        "attention": name(kernels.causal_attention),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(config: OptLlamaConfig, environ: dict[str, str], args, device: torch.device) -> dict:
+    """Build the model under ``environ``'s flags and time ``args.steps`` training steps after ``args.warmup``."""
+    kernels.configure(environ)
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    tokens = torch.randint(3, config.vocab_size, (args.batch_size, args.block_size), device=device)
+
+    def step() -> float:
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    result = {"kernels": selected_kernels()}
+    try:
+        for _ in range(args.warmup):
+            step()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        losses = [step() for _ in range(args.steps)]
+        sync(device)
+        elapsed = time.perf_counter() - start
+        result.update(
+            tokens_per_s=args.steps * tokens.numel() / elapsed,
+            step_s=elapsed / args.steps,
+            first_loss=losses[0],
+            peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        )
+    except torch.OutOfMemoryError:
+        result["oom"] = True
+    return result
+
+
+def free_memory(device: torch.device) -> None:
+    """Return the finished run's memory so the next run's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """One bar group per config: tokens/s relative to all flags off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in results))
+    names = list(dict.fromkeys(r["flags"] for r in results))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(configs)
+    for i, config in enumerate(configs):
+        rows = {r["flags"]: r for r in results if r["config"] == config}
+        base = rows["off"].get("tokens_per_s")
+        speedups = [rows[n].get("tokens_per_s", 0) / base if base else 0 for n in names]
+        ax.bar([j + i * width for j in range(len(names))], speedups, width, label=config)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.removeprefix("LCKV_") for n in names])
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set_ylabel("training tokens/s vs all off")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    results = []
+    runs = [(path, name, environ) for path in args.configs for name, environ in flag_sets()]
+    for path, name, environ in tqdm(runs, desc="kernel flags"):
+        result = run(load_config(path), environ, args, device)
+        free_memory(device)
+        results.append({"config": Path(path).stem, "flags": name, **result})
+        tqdm.write(json.dumps(results[-1]))
+    kernels.configure()
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "liger_kernel": package_version("liger-kernel"),
+        "flash_attn": package_version("flash-attn"),
+        **{k: getattr(args, k) for k in ("batch_size", "block_size", "warmup", "steps", "dtype")},
+    }
+    (output_dir / "kernels.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2))
+    plot(results, output_dir / "kernels.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

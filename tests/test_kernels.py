@@ -1,0 +1,273 @@
+"""Env-flag kernels: flag parsing, fallbacks, the strict mask as a shifted causal attention, fused vs plain (GPU)."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from models import kernels
+from models.kernels import FLAGS, STRICT_CAUSAL
+from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
+from models.kernels.flags import FLASH_ATTN, FUSED_CROSSENTROPY
+from models.kernels.plain import PlainRMSNorm, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
+from models.masks import build_masks
+
+from .conftest import tiny_config
+
+ALL_ON = dict.fromkeys(FLAGS, "1")
+ALL_OFF = dict.fromkeys(FLAGS, "0")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernels():
+    """Every test selects kernels from its own flags; afterwards the process's own flags apply again."""
+    yield
+    kernels.configure()
+
+
+@pytest.fixture
+def no_fast_packages(monkeypatch):
+    """Make liger-kernel and flash-attn unimportable, as on a CPU install, even where they are installed."""
+    for name in ("liger_kernel", "flash_attn"):
+        monkeypatch.setitem(sys.modules, name, None)
+    for module in ("rms_norm", "rotary", "swiglu", "cross_entropy", "flash_attention"):
+        monkeypatch.delitem(sys.modules, f"models.kernels.{module}", raising=False)
+
+
+def fallback_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "models.kernels.flags"]
+
+
+def train_step(config, environ, seed=0, dtype=torch.float32, device="cpu", batch=None):
+    """Select kernels from ``environ``, build the model, one forward + backward in train mode.
+
+    Returns the loss, the logits (None under the fused loss) and the parameter gradients by name.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kernels.configure(environ)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device).train()
+    if batch is None:
+        batch = torch.randint(3, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
+    batch = batch.to(device)
+    out = model(input_ids=batch, labels=batch)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return out.loss.detach(), None if out.logits is None else out.logits.detach(), grads
+
+
+# ---- flags -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_flag_values(flag):
+    assert kernels.flag_enabled(flag, {flag: "1"})
+    assert not kernels.flag_enabled(flag, {flag: "0"})
+    assert not kernels.flag_enabled(flag, {})
+
+
+@pytest.mark.parametrize("value", ["2", "true", "on", "", " 1"])
+def test_bad_flag_value_is_one_line_error(value):
+    with pytest.raises(ValueError, match=rf"^{FUSED_CROSSENTROPY}=.*allowed values are 1 \(on\) and 0 or unset") as err:
+        kernels.configure({FUSED_CROSSENTROPY: value})
+    assert "\n" not in str(err.value)
+
+
+def test_flags_off_select_plain_kernels(caplog):
+    kernels.configure(ALL_OFF)
+    assert kernels.RMSNorm is PlainRMSNorm and kernels.SwiGLUMLP is PlainSwiGLUMLP
+    assert kernels.apply_rotary_pos_emb is plain_apply_rotary_pos_emb
+    assert kernels.fused_linear_cross_entropy is None and kernels.causal_attention is None
+    assert fallback_lines(caplog) == []
+
+
+def test_without_cuda_every_flag_warns_once_and_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kernels.configure(ALL_ON)
+    lines = fallback_lines(caplog)
+    assert sorted(line.split("=")[0] for line in lines) == sorted(FLAGS)
+    assert all("=1 falls back: CUDA is not available; using " in line and "\n" not in line for line in lines)
+    assert kernels.RMSNorm is PlainRMSNorm and kernels.causal_attention is None
+
+
+def test_without_packages_flags_warn_and_attention_uses_sdpa(monkeypatch, caplog, no_fast_packages):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kernels.configure(ALL_ON)
+    lines = fallback_lines(caplog)
+    assert len(lines) == len(FLAGS)
+    assert sum("liger_kernel is not installed" in line for line in lines) == len(FLAGS) - 1
+    assert any(line.startswith(f"{FLASH_ATTN}=1") and "flash_attn is not installed" in line for line in lines)
+    assert kernels.RMSNorm is PlainRMSNorm and kernels.fused_linear_cross_entropy is None
+    assert kernels.causal_attention is sdpa_causal_attention
+
+
+def test_fallback_is_bit_identical_to_flags_off(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tiny_config()
+    loss_off, logits_off, grads_off = train_step(config, ALL_OFF)
+    loss_on, logits_on, grads_on = train_step(config, ALL_ON)
+    assert torch.equal(loss_on, loss_off) and torch.equal(logits_on, logits_off)
+    assert all(torch.equal(grads_on[name], grads_off[name]) for name in grads_off)
+
+
+# ---- strict mask as a shifted causal attention (CPU, fp32) ---------------------------------------------------
+
+
+def dense_strict_attention(module, query, key, value):
+    """The model's flags-off path: SDPA with a dense ``kv < q`` mask, rows without keys zeroed afterwards."""
+    from models.kernels.attention import configured_attention
+
+    length = query.shape[2]
+    mask = torch.ones(length, length, dtype=torch.bool).tril(-1)[None, None]
+    out, _ = configured_attention("sdpa")(module, query, key, value, mask, dropout=0.0, scaling=module.scaling)
+    return out * (torch.arange(length) > 0).to(out.dtype)[None, :, None, None]
+
+
+def strict_attention_inputs(length: int, device: str = "cpu", dtype=torch.float32):
+    """A condensed layer of the tiny config (GQA, strict mask) and random queries / keys / values."""
+    from models.modeling_opt_llama import OptLlamaAttention
+
+    config = tiny_config()
+    module = OptLlamaAttention(config, layer_idx=1)
+    assert module.is_strict
+    heads = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
+    return module, [torch.randn(2, h, length, config.head_dim, device=device, dtype=dtype) for h in heads]
+
+
+def test_strict_shift_equals_dense_strict_mask_forward_and_grads():
+    module, inputs = strict_attention_inputs(17)
+    inputs = [x.requires_grad_() for x in inputs]
+    grad_out = torch.randn(2, 17, *inputs[0].shape[1:2], inputs[0].shape[-1])
+    results = []
+    for attend in (
+        lambda q, k, v: dense_strict_attention(module, q, k, v),
+        lambda q, k, v: strict_causal_attention(sdpa_causal_attention, module, q, k, v, 0.0, module.scaling),
+    ):
+        out = attend(*inputs)
+        results.append((out, torch.autograd.grad(out, inputs, grad_out)))
+    (dense, dense_grads), (shift, shift_grads) = results
+    assert torch.equal(shift[:, 0], torch.zeros_like(shift[:, 0]))
+    torch.testing.assert_close(shift, dense, rtol=1e-5, atol=1e-6)
+    for got, want in zip(shift_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_strict_marker_only_for_unpadded_prefill(monkeypatch, no_fast_packages):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kernels.configure({FLASH_ATTN: "1"})
+    config = tiny_config()
+    config._attn_implementation = "sdpa"
+    embeds, positions = torch.zeros(2, 6, config.hidden_size), torch.arange(6)[None]
+    ones = torch.ones(2, 6, dtype=torch.long)
+    assert build_masks(config, embeds, None, None, positions, True)["strict"] is STRICT_CAUSAL
+    assert build_masks(config, embeds, ones, None, positions, True)["strict"] is STRICT_CAUSAL
+    padded = build_masks(config, embeds, ones.index_fill(1, torch.tensor([0]), 0), None, positions, True)["strict"]
+    assert isinstance(padded, torch.Tensor)
+
+
+def test_model_on_shifted_strict_path_equals_dense_path(monkeypatch, no_fast_packages):
+    """LCKV_FLASH_ATTN's SDPA path (used on GPUs without flash-attn), forced on CPU: same loss and grads."""
+    config = tiny_config()
+    loss_dense, logits_dense, grads_dense = train_step(config, ALL_OFF)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    original = kernels.attention.strict_causal_attention
+    monkeypatch.setattr(kernels.attention, "strict_causal_attention", lambda *a: calls.append(1) or original(*a))
+    loss_fast, logits_fast, grads_fast = train_step(config, {FLASH_ATTN: "1"})
+    assert calls, "the strict layers did not take the shifted path"
+    torch.testing.assert_close(logits_fast, logits_dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_fast, loss_dense, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_dense.items():
+        torch.testing.assert_close(grads_fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- benchmark smoke test (CPU, tiny) --------------------------------------------------------------------
+
+
+def test_bench_kernels_runs_on_cpu(tmp_path, monkeypatch):
+    from bench.bench_kernels import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    main(["--configs", "configs/test_tiny_opt.json", "--device", "cpu", "--dtype", "float32", "--batch_size", "1",
+          "--block_size", "16", "--warmup", "0", "--steps", "1", "--output_dir", str(tmp_path)])
+    results = json.loads((tmp_path / "kernels.json").read_text())["results"]
+    assert [r["flags"] for r in results] == ["off", *FLAGS, "all"]
+    assert all(r["tokens_per_s"] > 0 and r["kernels"]["rms_norm"] == "PlainRMSNorm" for r in results)
+
+
+# ---- GPU: fused kernels vs the plain path, bf16 ------------------------------------------------------------
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+
+
+def flat_grads(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.float().flatten() for _, g in sorted(grads.items())])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("config_name", ["test_tiny_opt.json", "llama_tiny_opt.json"])
+@pytest.mark.parametrize("flag", [*FLAGS, "all"])
+def test_gpu_fused_kernel_matches_plain(config_name, flag, caplog):
+    """bf16 fused vs bf16 plain, both against fp32 plain: the fused path may not be much further from fp32."""
+    config = tiny_config(config_name, max_position_embeddings=512)
+    batch = torch.randint(3, config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
+    on = ALL_ON if flag == "all" else {flag: "1"}
+    reference = train_step(config, ALL_OFF, device="cuda", batch=batch)
+    plain = train_step(config, ALL_OFF, dtype=torch.bfloat16, device="cuda", batch=batch)
+    fused = train_step(config, on, dtype=torch.bfloat16, device="cuda", batch=batch)
+    assert not [line for line in fallback_lines(caplog) if "liger" in line], "liger-kernel must be installed on GPU"
+    for index, what in ((0, "loss"), (1, "logits")):
+        if fused[index] is not None:
+            budget = 2 * relative_error(plain[index], reference[index]) + 5e-3
+            assert relative_error(fused[index], reference[index]) <= budget, what
+    budget = 2 * relative_error(flat_grads(plain[2]), flat_grads(reference[2])) + 5e-3
+    assert relative_error(flat_grads(fused[2]), flat_grads(reference[2])) <= budget, "grads"
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_strict_mask_on_fast_path():
+    """flash-attn (or SDPA when it is missing) in bf16 vs the dense strict mask in fp32."""
+    kernels.configure({FLASH_ATTN: "1"})
+    config = tiny_config()
+    config._attn_implementation = "sdpa"
+    embeds = torch.zeros(2, 64, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    positions = torch.arange(64, device="cuda")[None]
+    assert build_masks(config, embeds, None, None, positions, True)["strict"] is STRICT_CAUSAL
+    module, inputs = strict_attention_inputs(64, "cuda", torch.bfloat16)
+    shift = strict_causal_attention(kernels.causal_attention, module, *inputs, 0.0, module.scaling)
+    dense = dense_strict_attention(module, *[x.float().cpu() for x in inputs])
+    assert relative_error(shift.cpu(), dense) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("config_name", ["test_tiny_opt.json", "llama_tiny_opt.json"])
+def test_gpu_training_steps_all_on_vs_off(config_name):
+    """Three AdamW steps from the same weights on the same batch: the losses agree within bf16 tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(config_name, max_position_embeddings=512)
+    batch = torch.randint(3, config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    losses = {}
+    for name, environ in (("off", ALL_OFF), ("on", ALL_ON)):
+        kernels.configure(environ)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(3):
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["on"][-1] < losses["on"][0]
+    torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=2e-2, atol=0)
