@@ -152,7 +152,7 @@ def run_generate(model, tokenizer, cache: SinkWindowCache, args: argparse.Namesp
     check_generation_args(args)
     prompt = read_prompt(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-    transformers.logging.set_verbosity_error()  # silences generate's "exceeded the maximum length": streaming may
+    transformers.logging.set_verbosity_error()  # generate warns past max_position_embeddings; streaming goes there
     print(prompt, end="", flush=True)
     new_tokens, seconds = generate_once(model, tokenizer, input_ids, args, cache=cache, prefill_chunk_size=cache.window_size)
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -1,0 +1,160 @@
+"""The sink + window streaming cache (models/cache_streaming.py) and run_streaming.py."""
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DummyLayer
+
+import run_streaming
+from models.cache_streaming import SinkWindowCache
+
+from .conftest import CONFIGS, tiny_config, tiny_model
+
+LAYOUTS = {
+    "lckv": dict(layer_types="0_1_1_1_2_0"),
+    "two_targets": dict(kv_sources=[0, 2, 2, 5, 5, 5]),
+    "llama": dict(layer_types="0_0_0_0_0_0"),  # every layer standard: a Llama
+}
+LIMIT = 32  # max_position_embeddings of the long-stream tests, kept small for CPU
+
+
+def random_ids(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, length))
+
+
+def decode(model, ids: torch.Tensor, cache, prefill: int) -> torch.Tensor:
+    """Prefill ``prefill`` tokens, then feed the rest one by one; logits ``(B, T, vocab)``."""
+    with torch.no_grad():
+        logits = [model(ids[:, :prefill], cache=cache, use_cache=True).logits]
+        logits += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(prefill, ids.shape[1])]
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_window_larger_than_text_equals_ordinary_cached_decoding(layout):
+    model = tiny_model(tiny_config(**LAYOUTS[layout]))
+    ids = random_ids(2, 30)
+    streamed = decode(model, ids, SinkWindowCache(model.config, window_size=60, num_sink_tokens=4), prefill=7)
+    ordinary = decode(model, ids, DynamicCache(config=model.config), prefill=7)
+    assert torch.equal(streamed, ordinary)
+    with torch.no_grad():
+        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(
+            model.generate(ids, cache=SinkWindowCache(model.config, window_size=60), **kwargs), model.generate(ids, **kwargs)
+        )
+
+
+@pytest.mark.parametrize("num_sink_tokens", [0, 2])
+def test_evicted_keys_are_rerotated_to_their_slots(num_sink_tokens):
+    """One standard layer: its KVs depend only on token and position, so after evictions the streamed logits must
+    equal a fresh forward over the kept tokens (sinks + window) at positions 0, 1, ... ."""
+    model = tiny_model(tiny_config(num_hidden_layers=1, layer_types="0", target_layer=0))
+    window = 5
+    ids = random_ids(1, 24)
+    cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=num_sink_tokens)
+    streamed = decode(model, ids, cache, prefill=3)
+    assert cache.kv_layers[0].shifted  # evictions happened
+    for t in range(num_sink_tokens + window, ids.shape[1]):
+        kept = torch.cat([ids[:, :num_sink_tokens], ids[:, t - window + 1 : t + 1]], dim=1)
+        with torch.no_grad():
+            fresh = model(kept).logits[:, -1]
+        torch.testing.assert_close(streamed[:, t], fresh, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["lckv", "llama"])
+def test_cache_stays_within_sinks_plus_window_past_5x_the_limit(layout):
+    model = tiny_model(tiny_config(max_position_embeddings=LIMIT, **LAYOUTS[layout]))
+    sinks, window = 4, 12
+    cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=sinks)
+    assert [isinstance(layer, DummyLayer) for layer in cache.layers] == [m == "reuse" for m in model.config.kv_sharing_modes]
+    ids = random_ids(2, 5 * LIMIT)
+    with torch.no_grad():
+        model(ids[:, :window], cache=cache, use_cache=True)
+        for t in range(window, ids.shape[1]):
+            logits = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits
+            assert torch.isfinite(logits).all()
+            assert max(layer.keys.shape[-2] for layer in cache.kv_layers) <= sinks + window
+            assert all(layer.values.shape[-2] == layer.keys.shape[-2] for layer in cache.kv_layers)
+    assert cache.get_seq_length() == sinks + window
+    # generate (sampling, beams) with a chunked long prompt, well past the limit
+    for kwargs in (dict(do_sample=True, top_k=20), dict(num_beams=2)):
+        cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=sinks)
+        with torch.no_grad():
+            out = model.generate(ids[:, :40], cache=cache, prefill_chunk_size=window, max_new_tokens=2 * LIMIT, min_new_tokens=2 * LIMIT, pad_token_id=0, **kwargs)
+        assert out.shape[1] == 40 + 2 * LIMIT
+        assert cache.get_seq_length() == sinks + window
+
+
+def test_without_streaming_past_the_limit_is_an_error():
+    model = tiny_model(tiny_config(max_position_embeddings=LIMIT))
+    with torch.no_grad(), pytest.raises(ValueError, match="max_position_embeddings=32"):
+        model(random_ids(1, LIMIT + 1))
+    with torch.no_grad(), pytest.raises(ValueError, match="max_position_embeddings=32"):
+        model.generate(random_ids(1, LIMIT - 2), max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(window_size=0), "window_size"), (dict(window_size=4, num_sink_tokens=-1), "num_sink_tokens"), (dict(window_size=LIMIT), "window_size")],
+)
+def test_bad_cache_arguments(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SinkWindowCache(tiny_config(max_position_embeddings=LIMIT), **kwargs)
+
+
+def test_too_many_new_tokens_for_a_full_cache_and_padding_are_errors():
+    model = tiny_model(tiny_config())
+    cache = SinkWindowCache(model.config, window_size=4, num_sink_tokens=2)
+    with torch.no_grad():
+        model(random_ids(1, 6), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="prefill_chunk_size=4"):
+            model(random_ids(1, 5), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="unpadded"):
+            model(random_ids(1, 1), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1, 1]]), cache=cache, use_cache=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tokenizer trained on the fly, a text, and a tiny config with a small position limit."""
+    from corpus.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("streaming")
+    text = root / "text.txt"
+    text.write_text("ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n" * 40)
+    train_tokenizer(text, root / "tok", vocab_size=300)
+    fields = json.loads((CONFIGS / "test_tiny_opt.json").read_text())
+    (root / "config.json").write_text(json.dumps({**fields, "max_position_embeddings": LIMIT}))
+    return root
+
+
+def cli(files, *args: str) -> list[str]:
+    return ["--config", str(files / "config.json"), "--tokenizer", str(files / "tok"), "--quiet", *args]
+
+
+def test_run_streaming_perplexity_and_generation_past_5x_the_limit(tiny_files, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    run_streaming.main(cli(tiny_files, "--mode", "perplexity", "--text_file", str(tiny_files / "text.txt"), "--num_tokens", str(5 * LIMIT), "--window_size", "12", "--output_json", str(out)))
+    result = json.loads(out.read_text())
+    assert result["num_tokens"] == 5 * LIMIT and result["max_cache_tokens"] == 4 + 12
+    assert 1 < result["ppl"] < float("inf")
+    assert [b["start"] for b in result["ppl_by_position"]] == list(range(0, 5 * LIMIT - 1, LIMIT))
+    result = run_streaming.run(run_streaming.parse_args(cli(tiny_files, "--prompt", "ROMEO: But soft, " * 6, "--max_new_tokens", str(3 * LIMIT), "--ignore_eos", "--window_size", "8")))
+    assert result["new_tokens"] == 3 * LIMIT and result["max_cache_tokens"] == 4 + 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--window_size", "0", "--prompt", "x"], "error: --window_size: 0; allowed values are integers >= 1"),
+        (["--num_sink_tokens", "-1", "--prompt", "x"], "error: --num_sink_tokens: -1; allowed values are integers >= 0"),
+        (["--prompt", "  "], "error: prompt: empty; give some text"),
+        (["--mode", "perplexity", "--text_file", "missing.txt"], "error: --text_file: missing.txt does not exist"),
+    ],
+)
+def test_run_streaming_bad_input_is_a_one_line_error(tiny_files, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_streaming.main(cli(tiny_files, *args))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == message
