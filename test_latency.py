@@ -1,0 +1,339 @@
+"""Latency, throughput and memory of LCKV (opt-llama) against a standard Llama of the same shape.
+
+Each model gets random weights, random prompts of ``--prompt_len`` tokens and samples ``--gen_len`` new
+tokens; the batch doubles until out of memory (or ``--max_batch``), then bisects. Per model: max batch,
+throughput at every batch tried, prefill time, per-step latency against the weights + KV bytes / HBM
+bandwidth roofline, peak memory and the bytes of the KV cache tensors; then each model's ratio to the
+baseline (the first Llama config). ``--plan`` needs no GPU: KV bytes per token and the KV-bound max batch
+per sequence length, from the config shapes alone.
+
+    python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json --compile --output_dir bench/x
+    python test_latency.py --plan --gpu_memory 80GB
+"""
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
+from transformers.cache_utils import StaticLayer
+from transformers.generation.streamers import BaseStreamer
+
+import models  # noqa: F401  (registers opt-llama)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"],
+                   help="model config .json files; the first Llama (no LCKV fields) is the baseline of the ratios")
+    p.add_argument("--prompt_len", type=int, default=2048, help="prompt tokens per sequence")
+    p.add_argument("--gen_len", type=int, default=2048, help="new tokens per sequence (sampled); sizes the cache")
+    p.add_argument("--steps", type=int, default=None,
+                   help="decode only this many of the gen_len tokens (cache still sized for prompt_len + gen_len, so the "
+                   "max batch is that of the full setting; throughput then covers the first steps); default gen_len")
+    p.add_argument("--max_batch", type=int, default=1024, help="largest batch the search tries")
+    p.add_argument("--resolution", type=float, default=0.125,
+                   help="bisection stops when the gap between a fitting and a failing batch is at most this fraction")
+    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache: transformers' dynamic or static")
+    p.add_argument("--compile", action="store_true", help="static cache + torch.compile'd decode step (CUDA graphs); "
+                   "the first run per batch is timed separately as compile time")
+    p.add_argument("--prefill_chunk", type=int, default=0,
+                   help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)")
+    p.add_argument("--attn_implementation", default="sdpa", help="attention backend of both models")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--hbm_bandwidth", default="3.35TB", help="memory bandwidth per second for the roofline (H100 SXM: 3.35TB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
+    p.add_argument("--output_dir", default="bench/latency", help="where latency.json and throughput.png go")
+    p.add_argument("--plan", action="store_true", help="no GPU: print KV bytes/token and the KV-bound max batch per length")
+    p.add_argument("--gpu_memory", default="80GB", help="--plan: GPU memory, e.g. 80GB, 141GB, 24GiB")
+    p.add_argument("--plan_lengths", default="512,1024,2048,4096,8192,16384", help="--plan: comma-separated sequence lengths")
+    args = p.parse_args(argv)
+    if args.compile:
+        args.cache = "static"
+    if args.prefill_chunk and args.cache != "static":
+        p.error("--prefill_chunk: needs --cache static (or --compile)")
+    args.steps = args.steps or args.gen_len
+    return args
+
+
+def parse_bytes(text: str) -> float:
+    """``"80GB"`` -> 8e10, ``"24GiB"`` -> 24 * 2**30."""
+    text = text.strip().upper()
+    for unit in sorted(UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * UNITS[unit]
+    return float(text)
+
+
+def load_config(path: str, total_len: int) -> PretrainedConfig:
+    """The config with room for ``total_len`` positions."""
+    config = AutoConfig.from_pretrained(path)
+    config.max_position_embeddings = max(config.max_position_embeddings, total_len)
+    return config
+
+
+def num_kv_layers(config: PretrainedConfig) -> int:
+    return getattr(config, "num_kv_layers", config.num_hidden_layers)
+
+
+def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """KV layers x 2 (keys, values) x KV heads x head dim x dtype bytes."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return num_kv_layers(config) * 2 * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def weight_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """Parameter bytes, counted on the meta device (no memory, no GPU)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def plan(config: PretrainedConfig, dtype: torch.dtype, gpu_memory: float, lengths: list[int]) -> dict:
+    """KV bytes per token and, per sequence length, the batch whose KV fills the memory left by the weights."""
+    per_token, weights = kv_bytes_per_token(config, dtype), weight_bytes(config, dtype)
+    max_batch = {n: int((gpu_memory - weights) // (per_token * n)) for n in lengths}
+    return {"kv_layers": num_kv_layers(config), "kv_bytes_per_token": per_token, "weight_bytes": weights, "max_batch": max_batch}
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """Bytes of the cache's key/value tensors and the number of token slots per sequence they hold."""
+    layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    total = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    return total, layers[0].keys.shape[-2]
+
+
+class StepTimer(BaseStreamer):
+    """Streamer that records a (synchronized) timestamp per generated token and drives a progress bar."""
+
+    def __init__(self, device: torch.device, bar: tqdm):
+        self.device, self.bar, self.times = device, bar, []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        if len(self.times) > 1:  # the first put is the prompt
+            self.bar.update(1)
+
+    def end(self) -> None:
+        pass
+
+
+def prefill_in_chunks(model, input_ids: torch.Tensor, cache: StaticCache, chunk: int) -> None:
+    """Prefill ``input_ids`` ``(B, P)`` ``chunk`` sequences at a time into rows of the preallocated ``cache``.
+
+    Only one chunk's activations live at a time, so the batch is bounded by the KV cache, not by prefill.
+    """
+    batch, length = input_ids.shape
+    for start in range(0, batch, chunk):
+        part = DynamicCache(config=model.config)
+        model(input_ids[start : start + chunk], cache=part, use_cache=True, logits_to_keep=1)
+        for layer, src in zip(cache.layers, part.layers, strict=True):
+            if isinstance(layer, StaticLayer):
+                if not layer.is_initialized:
+                    layer.lazy_initialization(src.keys[:1].expand(batch, -1, -1, -1), src.values[:1].expand(batch, -1, -1, -1))
+                layer.keys[start : start + chunk, :, :length].copy_(src.keys)
+                layer.values[start : start + chunk, :, :length].copy_(src.values)
+        del part
+    for layer in cache.layers:
+        if isinstance(layer, StaticLayer):
+            layer.cumulative_length.fill_(length)
+
+
+@dataclass
+class RunResult:
+    batch: int
+    prefill_s: float
+    step_ms: float
+    throughput: float  # generated tokens / s over the whole generate (prefill included)
+    decode_throughput: float  # generated tokens / s of the decode steps alone
+    peak_memory_bytes: int | None
+    kv_bytes: int
+    kv_bytes_per_token: float
+    compile_s: float | None = None
+
+
+def generate_once(model, args, batch: int, steps: int, bar: tqdm) -> tuple[StepTimer, object, float]:
+    """One sampled generation of ``steps`` tokens for ``batch`` random prompts; returns timer, cache, start time."""
+    device = model.device
+    input_ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
+    total = args.prompt_len + args.gen_len
+    cache = StaticCache(config=model.config, max_cache_len=total) if args.cache == "static" else DynamicCache(config=model.config)
+    timer = StepTimer(device, bar)
+    with torch.no_grad():
+        start = time.perf_counter()
+        if args.prefill_chunk:
+            prefill_in_chunks(model, input_ids[:, :-1], cache, args.prefill_chunk)
+        model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), cache=cache, streamer=timer, do_sample=True, top_k=0,
+            max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0, disable_compile=not args.compile,
+        )
+    return timer, cache, start
+
+
+def run(model, args, batch: int, desc: str) -> RunResult:
+    """Measure one batch size (raises torch.OutOfMemoryError when it does not fit)."""
+    cuda = model.device.type == "cuda"
+    compile_s = None
+    if args.compile:  # the first run at this batch compiles and captures the decode step
+        with tqdm(total=3, desc=f"{desc} compile b={batch}", leave=False) as bar:
+            timer, _, start = generate_once(model, args, batch, 3, bar)
+        compile_s = timer.times[-1] - start
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(model.device)
+    with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar:
+        timer, cache, start = generate_once(model, args, batch, args.steps, bar)
+    times = timer.times
+    kv, slots = cache_bytes(cache)
+    decode_s = times[-1] - times[1]
+    return RunResult(
+        batch=batch,
+        prefill_s=times[1] - start,
+        step_ms=1e3 * decode_s / max(1, len(times) - 2),
+        throughput=batch * args.steps / (times[-1] - start),
+        decode_throughput=batch * (len(times) - 2) / decode_s if decode_s > 0 else float("nan"),
+        peak_memory_bytes=torch.cuda.max_memory_allocated(model.device) if cuda else None,
+        kv_bytes=kv,
+        kv_bytes_per_token=kv / (batch * slots),
+        compile_s=compile_s,
+    )
+
+
+def try_run(model, args, batch: int, desc: str) -> RunResult | None:
+    """``run``, or None when the batch does not fit in memory (the memory is released)."""
+    try:
+        return run(model, args, batch, desc)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def batch_search(model, args, desc: str) -> list[RunResult | dict]:
+    """Double the batch until it fails or reaches ``--max_batch``, then bisect to ``--resolution``."""
+    tried: dict[int, RunResult | None] = {}
+    good, bad, batch = 0, None, 1
+    while bad is None and good < args.max_batch:
+        tried[batch] = try_run(model, args, batch, desc)
+        good, bad = (batch, None) if tried[batch] else (good, batch)
+        batch = min(2 * batch, args.max_batch)
+    while bad is not None and bad - good > max(1, int(good * args.resolution)):
+        batch = (good + bad) // 2
+        tried[batch] = try_run(model, args, batch, desc)
+        good, bad = (batch, bad) if tried[batch] else (good, batch)
+    return [asdict(r) if r else {"batch": b, "oom": True} for b, r in sorted(tried.items())]
+
+
+def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict:
+    config = load_config(path, args.prompt_len + args.gen_len)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
+    model = model.to(args.device).eval()
+    runs = batch_search(model, args, Path(path).stem)
+    fitting = [r for r in runs if not r.get("oom")]
+    best = max(fitting, key=lambda r: r["batch"]) if fitting else None
+    weights = weight_bytes(config, dtype)
+    # One decode step at batch 1 reads every weight once plus the KV of the average context.
+    avg_context = args.prompt_len + args.steps / 2
+    roofline_ms = 1e3 * (weights + kv_bytes_per_token(config, dtype) * avg_context) / bandwidth
+    batch1 = next((r for r in fitting if r["batch"] == 1), None)
+    del model
+    return {
+        "config": path,
+        "model_type": config.model_type,
+        "kv_layers": num_kv_layers(config),
+        "weight_bytes": weights,
+        "kv_bytes_per_token_formula": kv_bytes_per_token(config, dtype),
+        "max_batch": best["batch"] if best else 0,
+        "max_batch_throughput": best["throughput"] if best else 0.0,
+        "max_batch_decode_throughput": best["decode_throughput"] if best else 0.0,
+        "batch1_step_ms": batch1["step_ms"] if batch1 else None,
+        "batch1_roofline_ms": roofline_ms,
+        "batch1_step_vs_roofline": batch1["step_ms"] / roofline_ms if batch1 else None,
+        "hit_max_batch_cap": bool(best) and best["batch"] >= args.max_batch,
+        "runs": runs,
+    }
+
+
+def ratios(results: dict[str, dict]) -> dict[str, dict]:
+    """Each non-baseline model's max batch, throughputs and KV bytes/token over the baseline's (first Llama)."""
+    baseline = next((name for name, r in results.items() if r["model_type"] == "llama"), next(iter(results)))
+    base = results[baseline]
+    keys = ["max_batch", "max_batch_throughput", "max_batch_decode_throughput", "kv_bytes_per_token_formula"]
+    return {
+        f"{name}/{baseline}": {k: r[k] / base[k] if base[k] else None for k in keys}
+        for name, r in results.items() if name != baseline
+    }
+
+
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        fitting = [run for run in r["runs"] if not run.get("oom")]
+        ax.plot([run["batch"] for run in fitting], [run["throughput"] for run in fitting], marker="o", label=name)
+    ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens / s", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def resolve_dtype(args) -> torch.dtype:
+    """auto: bfloat16 on cuda and for --plan (a GPU's plan), float32 on cpu."""
+    if args.dtype == "auto":
+        return torch.bfloat16 if args.plan or str(args.device).startswith("cuda") else torch.float32
+    return DTYPES[args.dtype]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    dtype = resolve_dtype(args)
+    if args.plan:
+        lengths = [int(n) for n in args.plan_lengths.split(",")]
+        memory = parse_bytes(args.gpu_memory)
+        out = {Path(c).stem: plan(load_config(c, max(lengths)), dtype, memory, lengths) for c in args.configs}
+        for name, p in out.items():
+            batches = ", ".join(f"{n}: {b}" for n, b in p["max_batch"].items())
+            print(f"{name}: {p['kv_layers']} KV layers, {p['kv_bytes_per_token']} KV bytes/token; max batch per length {batches}")
+        return out
+
+    bandwidth = parse_bytes(args.hbm_bandwidth)
+    if args.compile:
+        torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
+    setting = {k: getattr(args, k) for k in ("prompt_len", "gen_len", "steps", "cache", "compile", "prefill_chunk", "max_batch")}
+    setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
+    results = {Path(c).stem: measure_model(c, args, dtype, bandwidth) for c in tqdm(args.configs, desc="models")}
+    out = {"setting": setting, "models": results, "ratios": ratios(results)}
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latency.json").write_text(json.dumps(out, indent=2))
+    plot(results, out_dir / "throughput.png", f"prompt {args.prompt_len} + {args.steps} new, {setting['device']}")
+    for name, r in results.items():
+        print(f"{name}: max batch {r['max_batch']}, {r['max_batch_throughput']:.1f} tok/s "
+              f"(decode {r['max_batch_decode_throughput']:.1f}), batch-1 step {r['batch1_step_ms'] or float('nan'):.3f} ms "
+              f"vs roofline {r['batch1_roofline_ms']:.3f} ms")
+    print(json.dumps(out["ratios"], indent=2))
+    print(f"written: {out_dir / 'latency.json'}, {out_dir / 'throughput.png'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

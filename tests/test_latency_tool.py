@@ -1,0 +1,75 @@
+"""test_latency.py: a CPU run on tiny configs, --plan against measured cache bytes, chunked prefill."""
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+from .conftest import CONFIGS, tiny_config, tiny_model
+
+sys.path.insert(0, str(CONFIGS.parent))
+import test_latency  # noqa: E402
+
+LCKV_FIELDS = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv")
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> list[str]:
+    """A tiny Llama and the tiny opt-llama of the same shape."""
+    fields = json.loads((CONFIGS / "test_tiny_opt.json").read_text())
+    llama = {k: v for k, v in fields.items() if k not in LCKV_FIELDS} | {"model_type": "llama"}
+    path = tmp_path_factory.mktemp("latency") / "tiny_llama.json"
+    path.write_text(json.dumps(llama))
+    return [str(path), str(CONFIGS / "test_tiny_opt.json")]
+
+
+def test_cpu_run_writes_both_models_and_ratios(configs, tmp_path):
+    argv = ["--configs", *configs, "--prompt_len", "8", "--gen_len", "4", "--max_batch", "2", "--device", "cpu",
+            "--output_dir", str(tmp_path)]
+    test_latency.main(argv)
+    out = json.loads((tmp_path / "latency.json").read_text())
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+    assert set(out["models"]) == {"tiny_llama", "test_tiny_opt"}
+    for r in out["models"].values():
+        assert r["max_batch"] == 2 and r["max_batch_throughput"] > 0 and [x["batch"] for x in r["runs"]] == [1, 2]
+        assert all(x["kv_bytes_per_token"] == r["kv_bytes_per_token_formula"] for x in r["runs"])
+    ratio = out["ratios"]["test_tiny_opt/tiny_llama"]
+    assert ratio["kv_bytes_per_token_formula"] == pytest.approx(3 / 6)  # 3 KV layers of 6
+
+
+def test_plan_equals_measured_cache_bytes(configs):
+    planned = test_latency.main(["--plan", "--configs", *configs, "--dtype", "float32", "--plan_lengths", "16"])
+    for name, config in [("tiny_llama", tiny_config("llama_tiny.json", **{"hidden_size": 64, "intermediate_size": 128,
+                                                                          "num_hidden_layers": 6, "num_attention_heads": 4,
+                                                                          "num_key_value_heads": 2, "vocab_size": 256})),
+                         ("test_tiny_opt", tiny_config())]:
+        model = tiny_model(config)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(torch.randint(3, 256, (3, 5)), cache=cache, use_cache=True)
+        total, slots = test_latency.cache_bytes(cache)
+        assert slots == 5 and total == planned[name]["kv_bytes_per_token"] * 3 * 5
+
+
+def test_batch_search_bisects_to_first_oom(monkeypatch):
+    """Doubling then bisection finds the largest batch below a fake memory limit of 23."""
+    monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: {"batch": batch} if batch <= 23 else None)
+    monkeypatch.setattr(test_latency, "asdict", dict)
+    args = test_latency.parse_args(["--max_batch", "1000", "--resolution", "0"])
+    runs = test_latency.batch_search(None, args, "fake")
+    assert max(r["batch"] for r in runs if not r.get("oom")) == 23
+    ooms = [r["batch"] for r in runs if r.get("oom")]
+    assert 32 in ooms and min(ooms) == 24 and {1, 2, 4, 8, 16} <= {r["batch"] for r in runs}
+
+
+def test_chunked_prefill_into_static_cache_matches_generate():
+    model = tiny_model(tiny_config())
+    ids = torch.randint(3, 256, (5, 9))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    expected = model.generate(ids, **kwargs)
+    cache = StaticCache(config=model.config, max_cache_len=15)
+    with torch.no_grad():
+        test_latency.prefill_in_chunks(model, ids[:, :-1], cache, chunk=2)
+    assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
