@@ -7,10 +7,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DummyLayer
 
+import run_generation
 import run_streaming
 from models.cache_streaming import SinkWindowCache
 
-from .conftest import CONFIGS, tiny_config, tiny_model
+from .conftest import tiny_config, tiny_model
+from .test_generation import make_tiny_files
 
 LAYOUTS = {
     "lckv": dict(layer_types="0_1_1_1_2_0"),
@@ -117,20 +119,11 @@ def test_too_many_new_tokens_for_a_full_cache_and_padding_are_errors():
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
-    """A tokenizer trained on the fly, a text, and a tiny config with a small position limit."""
-    from corpus.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("streaming")
-    text = root / "text.txt"
-    text.write_text("ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n" * 40)
-    train_tokenizer(text, root / "tok", vocab_size=300)
-    fields = json.loads((CONFIGS / "test_tiny_opt.json").read_text())
-    (root / "config.json").write_text(json.dumps({**fields, "max_position_embeddings": LIMIT}))
-    return root
+    return make_tiny_files(tmp_path_factory.mktemp("streaming"), max_position_embeddings=LIMIT)
 
 
 def cli(files, *args: str) -> list[str]:
-    return ["--config", str(files / "config.json"), "--tokenizer", str(files / "tok"), "--quiet", *args]
+    return ["--config", str(files / "opt.json"), "--tokenizer", str(files / "tok"), "--quiet", *args]
 
 
 def test_run_streaming_perplexity_and_generation_past_5x_the_limit(tiny_files, tmp_path, capsys):
@@ -158,3 +151,23 @@ def test_run_streaming_bad_input_is_a_one_line_error(tiny_files, capsys, args, m
         run_streaming.main(cli(tiny_files, *args))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == message
+
+
+def test_run_streaming_loads_a_llama_checkpoint(tiny_files, tmp_path):
+    """A Llama checkpoint streams as an all-standard opt-llama with its own weights: with a window longer than the
+    text, the streamed perplexity is the Llama's own."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    config = run_generation.load_config(run_generation.parse_args(["--config", str(tiny_files / "llama.json")]))
+    config.vocab_size = 300
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(config).eval()
+    llama.save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_files / "tok")
+    tokenizer.save_pretrained(tmp_path)
+    out = tmp_path / "ppl.json"
+    run_streaming.main(["--model_name_or_path", str(tmp_path), "--mode", "perplexity", "--text_file", str(tiny_files / "text.txt"), "--num_tokens", "20", "--window_size", "24", "--output_json", str(out), "--quiet"])
+    ids = tokenizer((tiny_files / "text.txt").read_text(), return_tensors="pt").input_ids[:, :20]
+    with torch.no_grad():
+        expected = torch.exp(llama(ids, labels=ids).loss).item()
+    assert json.loads(out.read_text())["ppl"] == pytest.approx(expected, rel=1e-5)
