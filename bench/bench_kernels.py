@@ -125,7 +125,7 @@ def package_version(name: str) -> str | None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """One bar group per config: tokens/s relative to all flags off."""
+    """Per flag set, one bar per config: tokens/s relative to all flags off, and peak memory."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,17 +133,20 @@ def plot(results: list[dict], path: Path) -> None:
 
     configs = list(dict.fromkeys(r["config"] for r in results))
     names = list(dict.fromkeys(r["flags"] for r in results))
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, (speed_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(configs)
     for i, config in enumerate(configs):
         rows = {r["flags"]: r for r in results if r["config"] == config}
         base = rows["off"].get("tokens_per_s")
-        speedups = [rows[n].get("tokens_per_s", 0) / base if base else 0 for n in names]
-        ax.bar([j + i * width for j in range(len(names))], speedups, width, label=config)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.removeprefix("LCKV_") for n in names])
-    ax.axhline(1.0, color="gray", lw=0.5)
-    ax.set_ylabel("training tokens/s vs all off")
-    ax.legend()
+        positions = [j + i * width for j in range(len(names))]
+        speed_ax.bar(positions, [rows[n].get("tokens_per_s", 0) / base if base else 0 for n in names], width, label=config)
+        memory_ax.bar(positions, [rows[n].get("peak_memory_gib") or 0 for n in names], width, label=config)
+    labels = [n.removeprefix("LCKV_").removeprefix("FUSED_").lower() for n in names]
+    for ax, ylabel in ((speed_ax, "training tokens/s vs all off"), (memory_ax, "peak memory (GiB)")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], labels, rotation=30)
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    speed_ax.axhline(1.0, color="gray", lw=0.5)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -244,7 +244,7 @@ def test_gpu_strict_mask_on_fast_path():
     module, inputs = strict_attention_inputs(64, "cuda", torch.bfloat16)
     shift = strict_causal_attention(kernels.causal_attention, module, *inputs, 0.0, module.scaling)
     dense = dense_strict_attention(module, *[x.float().cpu() for x in inputs])
-    assert relative_error(shift.cpu(), dense) < 1e-2
+    assert relative_error(shift.cpu(), dense) < 2e-2
 
 
 @gpu
