@@ -271,3 +271,22 @@ def test_gpu_training_steps_all_on_vs_off(config_name):
             losses[name].append(loss.item())
     assert losses["on"][-1] < losses["on"][0]
     torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=2e-2, atol=0)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_items_in_batch", [None, 100])
+def test_gpu_fused_cross_entropy_matches_transformers_loss(num_items_in_batch):
+    """Same shift, ignore_index and num_items_in_batch semantics as transformers' ForCausalLMLoss (fp32)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from models.kernels.cross_entropy import fused_linear_cross_entropy
+
+    hidden = torch.randn(2, 64, 128, device="cuda", requires_grad=True)
+    weight = torch.randn(1000, 128, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 1000, (2, 64), device="cuda").index_fill(1, torch.arange(5, device="cuda"), -100)
+    fused = fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=num_items_in_batch)
+    plain = ForCausalLMLoss(hidden @ weight.T, labels, 1000, num_items_in_batch=num_items_in_batch)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(fused, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
