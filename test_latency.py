@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode only this many of the gen_len tokens (cache still sized for prompt_len + gen_len, so the "
                    "max batch is that of the full setting; throughput then covers the first steps); default gen_len")
     p.add_argument("--max_batch", type=int, default=1024, help="largest batch the search tries")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes to run instead of the search (OOM still caught)")
     p.add_argument("--resolution", type=float, default=0.125,
                    help="bisection stops when the gap between a fitting and a failing batch is at most this fraction")
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache: transformers' dynamic or static")
@@ -163,16 +164,17 @@ class RunResult:
     compile_s: float | None = None
 
 
-def generate_once(model, args, batch: int, steps: int, bar: tqdm) -> tuple[StepTimer, object, float]:
-    """One sampled generation of ``steps`` tokens for ``batch`` random prompts; returns timer, cache, start time."""
+def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: int) -> tuple[StepTimer, object, float]:
+    """One sampled generation of ``steps`` tokens for ``batch`` random prompts of ``prompt_len`` tokens, with the cache
+    sized for ``--prompt_len + --gen_len``; returns the timer, the cache and the start time."""
     device = model.device
-    input_ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
+    input_ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
     total = args.prompt_len + args.gen_len
     cache = StaticCache(config=model.config, max_cache_len=total) if args.cache == "static" else DynamicCache(config=model.config)
     timer = StepTimer(device, bar)
     with torch.no_grad():
         start = time.perf_counter()
-        if args.prefill_chunk:
+        if args.prefill_chunk and prompt_len > 1:
             prefill_in_chunks(model, input_ids[:, :-1], cache, args.prefill_chunk)
         model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), cache=cache, streamer=timer, do_sample=True, top_k=0,
@@ -185,14 +187,14 @@ def run(model, args, batch: int, desc: str) -> RunResult:
     """Measure one batch size (raises torch.OutOfMemoryError when it does not fit)."""
     cuda = model.device.type == "cuda"
     compile_s = None
-    if args.compile:  # the first run at this batch compiles and captures the decode step
+    if args.compile:  # compile and capture the decode step of this batch size; a 1-token prompt gives the same shapes
         with tqdm(total=3, desc=f"{desc} compile b={batch}", leave=False) as bar:
-            timer, _, start = generate_once(model, args, batch, 3, bar)
+            timer, _, start = generate_once(model, args, batch, 3, bar, prompt_len=1)
         compile_s = timer.times[-1] - start
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
     with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar:
-        timer, cache, start = generate_once(model, args, batch, args.steps, bar)
+        timer, cache, start = generate_once(model, args, batch, args.steps, bar, args.prompt_len)
     times = timer.times
     kv, slots = cache_bytes(cache)
     decode_s = times[-1] - times[1]
@@ -222,9 +224,12 @@ def try_run(model, args, batch: int, desc: str) -> RunResult | None:
 
 
 def batch_search(model, args, desc: str) -> list[RunResult | dict]:
-    """Double the batch until it fails or reaches ``--max_batch``, then bisect to ``--resolution``."""
+    """Double the batch until it fails or reaches ``--max_batch``, then bisect to ``--resolution`` (or ``--batches``)."""
     tried: dict[int, RunResult | None] = {}
     good, bad, batch = 0, None, 1
+    if args.batches:
+        tried = {b: try_run(model, args, b, desc) for b in map(int, args.batches.split(","))}
+        good = args.max_batch  # skips the search
     while bad is None and good < args.max_batch:
         tried[batch] = try_run(model, args, batch, desc)
         good, bad = (batch, None) if tried[batch] else (good, batch)
@@ -318,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = parse_bytes(args.hbm_bandwidth)
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
-    setting = {k: getattr(args, k) for k in ("prompt_len", "gen_len", "steps", "cache", "compile", "prefill_chunk", "max_batch")}
+    keys = ("prompt_len", "gen_len", "steps", "cache", "compile", "prefill_chunk", "max_batch", "batches")
+    setting = {k: getattr(args, k) for k in keys}
     setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
     results = {Path(c).stem: measure_model(c, args, dtype, bandwidth) for c in tqdm(args.configs, desc="models")}
     out = {"setting": setting, "models": results, "ratios": ratios(results)}
