@@ -165,7 +165,9 @@ class OptLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["OptLlamaDecoderLayer"]
-    _supports_flash_attn = True
+    # transformers' flash-attention mask path drops the strict (diagonal) mask of condensed layers, so
+    # "flash_attention_2" is refused; LCKV_FLASH_ATTN runs flash kernels through models/kernels instead.
+    _supports_flash_attn = False
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_compile_fullgraph = True

@@ -23,4 +23,4 @@ def test_offloaded_generation_equals_resident(name, offload):
     with torch.no_grad():
         resident = model.generate(ids, cache_implementation=resident_impl, **kwargs)
         offloaded = model.generate(ids, cache_implementation=offload, **kwargs)
-    assert torch.equal(resident, offloaded)
+    assert torch.equal(resident, offloaded), f"first differing position {(resident != offloaded).nonzero()[0].tolist()}"

@@ -306,3 +306,9 @@ def test_logits_to_keep_and_position_limit():
     torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="^sequence length: 129 tokens exceed max_position_embeddings=128"):
         model(random_ids(1, 129))
+
+
+def test_transformers_flash_attention_2_is_refused():
+    """transformers' flash mask path would drop the strict mask; LCKV_FLASH_ATTN is the supported route."""
+    with pytest.raises(ValueError, match="does not support Flash Attention 2"):
+        AutoModelForCausalLM.from_config(tiny_config(), attn_implementation="flash_attention_2")
