@@ -11,7 +11,7 @@ import run_generation
 import run_streaming
 from models.cache_streaming import SinkWindowCache
 
-from .conftest import tiny_config, tiny_model
+from .conftest import CONFIGS, tiny_config, tiny_model
 from .test_generation import make_tiny_files
 
 LAYOUTS = {
@@ -19,7 +19,7 @@ LAYOUTS = {
     "two_targets": dict(kv_sources=[0, 2, 2, 5, 5, 5]),
     "llama": dict(layer_types="0_0_0_0_0_0"),  # every layer standard: a Llama
 }
-LIMIT = 32  # max_position_embeddings of the long-stream tests, kept small for CPU
+LIMIT = 16  # max_position_embeddings of the long-stream tests, kept small for CPU
 
 
 def random_ids(batch: int, length: int) -> torch.Tensor:
@@ -37,12 +37,12 @@ def decode(model, ids: torch.Tensor, cache, prefill: int) -> torch.Tensor:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_window_larger_than_text_equals_ordinary_cached_decoding(layout):
     model = tiny_model(tiny_config(**LAYOUTS[layout]))
-    ids = random_ids(2, 30)
+    ids = random_ids(2, 20)
     streamed = decode(model, ids, SinkWindowCache(model.config, window_size=60, num_sink_tokens=4), prefill=7)
     ordinary = decode(model, ids, DynamicCache(config=model.config), prefill=7)
     assert torch.equal(streamed, ordinary)
     with torch.no_grad():
-        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert torch.equal(
             model.generate(ids, cache=SinkWindowCache(model.config, window_size=60), **kwargs), model.generate(ids, **kwargs)
         )
@@ -68,7 +68,7 @@ def test_evicted_keys_are_rerotated_to_their_slots(num_sink_tokens):
 @pytest.mark.parametrize("layout", ["lckv", "llama"])
 def test_cache_stays_within_sinks_plus_window_past_5x_the_limit(layout):
     model = tiny_model(tiny_config(max_position_embeddings=LIMIT, **LAYOUTS[layout]))
-    sinks, window = 4, 12
+    sinks, window = 4, 8
     cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=sinks)
     assert [isinstance(layer, DummyLayer) for layer in cache.layers] == [m == "reuse" for m in model.config.kv_sharing_modes]
     ids = random_ids(2, 5 * LIMIT)
@@ -84,16 +84,16 @@ def test_cache_stays_within_sinks_plus_window_past_5x_the_limit(layout):
     for kwargs in (dict(do_sample=True, top_k=20), dict(num_beams=2)):
         cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=sinks)
         with torch.no_grad():
-            out = model.generate(ids[:, :40], cache=cache, prefill_chunk_size=window, max_new_tokens=2 * LIMIT, min_new_tokens=2 * LIMIT, pad_token_id=0, **kwargs)
-        assert out.shape[1] == 40 + 2 * LIMIT
+            out = model.generate(ids[:, :20], cache=cache, prefill_chunk_size=window, max_new_tokens=2 * LIMIT, min_new_tokens=2 * LIMIT, pad_token_id=0, **kwargs)
+        assert out.shape[1] == 20 + 2 * LIMIT
         assert cache.get_seq_length() == sinks + window
 
 
 def test_without_streaming_past_the_limit_is_an_error():
     model = tiny_model(tiny_config(max_position_embeddings=LIMIT))
-    with torch.no_grad(), pytest.raises(ValueError, match="max_position_embeddings=32"):
+    with torch.no_grad(), pytest.raises(ValueError, match="max_position_embeddings=16"):
         model(random_ids(1, LIMIT + 1))
-    with torch.no_grad(), pytest.raises(ValueError, match="max_position_embeddings=32"):
+    with torch.no_grad(), pytest.raises(ValueError, match="max_position_embeddings=16"):
         model.generate(random_ids(1, LIMIT - 2), max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
 
 
@@ -128,13 +128,13 @@ def cli(files, *args: str) -> list[str]:
 
 def test_run_streaming_perplexity_and_generation_past_5x_the_limit(tiny_files, tmp_path, capsys):
     out = tmp_path / "ppl.json"
-    run_streaming.main(cli(tiny_files, "--mode", "perplexity", "--text_file", str(tiny_files / "text.txt"), "--num_tokens", str(5 * LIMIT), "--window_size", "12", "--output_json", str(out)))
+    run_streaming.main(cli(tiny_files, "--mode", "perplexity", "--text_file", str(tiny_files / "text.txt"), "--num_tokens", str(5 * LIMIT), "--window_size", "8", "--output_json", str(out)))
     result = json.loads(out.read_text())
-    assert result["num_tokens"] == 5 * LIMIT and result["max_cache_tokens"] == 4 + 12
+    assert result["num_tokens"] == 5 * LIMIT and result["max_cache_tokens"] == 4 + 8
     assert 1 < result["ppl"] < float("inf")
     assert [b["start"] for b in result["ppl_by_position"]] == list(range(0, 5 * LIMIT - 1, LIMIT))
-    result = run_streaming.run(run_streaming.parse_args(cli(tiny_files, "--prompt", "ROMEO: But soft, " * 6, "--max_new_tokens", str(3 * LIMIT), "--ignore_eos", "--window_size", "8")))
-    assert result["new_tokens"] == 3 * LIMIT and result["max_cache_tokens"] == 4 + 8
+    result = run_streaming.run(run_streaming.parse_args(cli(tiny_files, "--prompt", "ROMEO: But soft, " * 6, "--max_new_tokens", str(3 * LIMIT), "--ignore_eos", "--window_size", "6")))
+    assert result["new_tokens"] == 3 * LIMIT and result["max_cache_tokens"] == 4 + 6
 
 
 @pytest.mark.parametrize(
@@ -166,8 +166,22 @@ def test_run_streaming_loads_a_llama_checkpoint(tiny_files, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_files / "tok")
     tokenizer.save_pretrained(tmp_path)
     out = tmp_path / "ppl.json"
-    run_streaming.main(["--model_name_or_path", str(tmp_path), "--mode", "perplexity", "--text_file", str(tiny_files / "text.txt"), "--num_tokens", "20", "--window_size", "24", "--output_json", str(out), "--quiet"])
-    ids = tokenizer((tiny_files / "text.txt").read_text(), return_tensors="pt").input_ids[:, :20]
+    run_streaming.main(["--model_name_or_path", str(tmp_path), "--mode", "perplexity", "--text_file", str(tiny_files / "text.txt"), "--num_tokens", str(LIMIT), "--window_size", "12", "--output_json", str(out), "--quiet"])
+    ids = tokenizer((tiny_files / "text.txt").read_text(), return_tensors="pt").input_ids[:, :LIMIT]
     with torch.no_grad():
         expected = torch.exp(llama(ids, labels=ids).loss).item()
     assert json.loads(out.read_text())["ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bench_streaming_runs_on_cpu(tmp_path):
+    """The benchmark end to end at toy size: trains both models briefly, streams, writes JSON and the plot."""
+    from bench.bench_streaming import main
+
+    main(["--config", str(CONFIGS / "test_tiny_opt.json"), "--max_position_embeddings", "16", "--train_steps", "2", "--batch_size", "2", "--windows", "4", "12", "--num_streams", "1", "--ppl_factor", "2", "--length_factor", "5", "--output_dir", str(tmp_path)])
+    result = json.loads((tmp_path / "streaming.json").read_text())
+    runs = {(run["model"], run["window_size"]): run for run in result["runs"]}
+    assert set(runs) == {("lckv", 4), ("lckv", 12), ("llama", 4), ("llama", 12)}
+    assert runs["lckv", 12]["num_tokens"] == 5 * 16 and runs["lckv", 4]["num_tokens"] == 2 * 16
+    assert all(run["max_cache_tokens"] == 4 + window for (_, window), run in runs.items())
+    assert runs["lckv", 12]["cache_bytes"] * 2 == runs["llama", 12]["cache_bytes"]  # 3 of 6 layers hold KVs
+    assert (tmp_path / "streaming.png").stat().st_size > 0
