@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Stream far past the position limit with attention sinks + a recent window: long-text perplexity on the embedded
+# corpus's test split (JSON under outputs/), then a long generation.
+#
+#   bash run_streaming.sh                                    # defaults below
+#   MODEL=outputs/llama_tiny-wikitext103 WINDOW=508 bash run_streaming.sh
+#
+# Extra args go to both run_streaming.py calls (python run_streaming.py --help lists them all).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL=${MODEL-outputs/llama_tiny_opt-wikitext103}
+WINDOW=${WINDOW-252}                  # recent tokens per KV layer
+SINKS=${SINKS-4}                      # attention-sink tokens
+NUM_TOKENS=${NUM_TOKENS-20480}        # perplexity: tokens to stream (20x a 1024 position limit)
+NEW_TOKENS=${NEW_TOKENS-4096}         # generation: tokens to generate
+PROMPT=${PROMPT-"ROMEO:"}
+OUTPUT_JSON=${OUTPUT_JSON-outputs/streaming_ppl_$(basename "$MODEL")_w${WINDOW}.json}
+
+common=(--model_name_or_path "$MODEL" --window_size "$WINDOW" --num_sink_tokens "$SINKS")
+python run_streaming.py "${common[@]}" --mode perplexity --use_embedded_corpus --num_tokens "$NUM_TOKENS" \
+  --output_json "$OUTPUT_JSON" "$@"
+python run_streaming.py "${common[@]}" --mode generate --prompt "$PROMPT" --max_new_tokens "$NEW_TOKENS" \
+  --do_sample --top_p 0.9 "$@"
