@@ -3,6 +3,7 @@
 #
 #   bash run_clm.sh                                  # defaults below, one GPU
 #   NUM_GPUS=4 CONFIG=configs/llama_tiny.json OUTPUT_DIR=outputs/llama bash run_clm.sh
+#   NUM_GPUS=2 ACCELERATE_CONFIG=configs/accelerate/fsdp.yaml bash run_clm.sh   # FSDP2 (default: ddp.yaml)
 #   bash run_clm.sh --max_steps 100 --eval_sequential  # extra args go to run_clm.py (and win: last flag counts)
 #
 # Every default is an env var. Offline (no hub)? Point it at local data and a local tokenizer:
@@ -28,6 +29,7 @@ SAVE_STEPS=${SAVE_STEPS-500}
 PRECISION=${PRECISION-bf16}            # bf16 | fp16 | fp32
 NUM_WORKERS=${NUM_WORKERS-8}           # tokenization processes
 NUM_GPUS=${NUM_GPUS-1}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG-configs/accelerate/ddp.yaml}  # for NUM_GPUS>1; see docs/multi_gpu.md
 REPORT_TO=${REPORT_TO-none}
 
 # Kernel flags (each falls back to pure PyTorch, with a one-line warning, where its kernel can't run).
@@ -48,7 +50,9 @@ args=(--config_name "$CONFIG" $DATA_ARGS --output_dir "$OUTPUT_DIR"
 [ "$PRECISION" != fp32 ] && args+=(--"$PRECISION")
 
 if [ "$NUM_GPUS" -gt 1 ]; then
-  exec accelerate launch --num_processes "$NUM_GPUS" run_clm.py "${args[@]}" "$@"
+  # Every parameter gets a gradient (tests/test_distributed.py): skip DDP's unused-parameter search.
+  exec accelerate launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_GPUS" \
+    --mixed_precision "${PRECISION/fp32/no}" run_clm.py "${args[@]}" --ddp_find_unused_parameters false "$@"
 else
   exec python run_clm.py "${args[@]}" "$@"
 fi
