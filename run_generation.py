@@ -206,17 +206,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     """Generate as the flags say; return ``{mode: {"text": [...], "new_tokens": n, "seconds": s, "tokens_per_s": r}}``."""
     resolve_device(args)
+    check_generation_args(args)
     prompt = read_prompt(args)
     config = load_config(args)
-    tokenizer = load_tokenizer(args)
-    model = load_model(args, config, tokenizer)
     if args.sequential_forward:
-        if not hasattr(model.config, "sequential_forward"):
-            raise UsageError(f"--sequential_forward: only for opt-llama models, not {model.config.model_type}")
-        model.config.sequential_forward = True
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-    check_generation_args(args)
-    check_position_limit(args, input_ids.shape[1], model.config.max_position_embeddings)
+        if config.model_type != "opt-llama":
+            raise UsageError(f"--sequential_forward: only for opt-llama models, not {config.model_type}")
+        config.sequential_forward = True
+    tokenizer = load_tokenizer(args)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
+    check_position_limit(args, input_ids.shape[1], config.max_position_embeddings)
+    model = load_model(args, config, tokenizer)
 
     modes = {"cache": True, "no_cache": False} if args.compare_cache else {"no_cache" if args.no_cache else "cache": not args.no_cache}
     results = {}

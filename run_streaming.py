@@ -96,6 +96,32 @@ def ppl_by_position(nll: torch.Tensor, bucket: int) -> list[dict]:
     ]
 
 
+def measure_stream(model, input_ids: torch.Tensor, cache: SinkWindowCache, bucket: int, desc: str = "streaming ppl", disable: bool = False) -> dict:
+    """Stream ``input_ids`` ``(B, N)`` through ``cache``: perplexity (overall and in buckets of positions), speed, memory."""
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    nll, peak_tokens = streaming_nll(model, input_ids, cache, desc=desc, disable=disable)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return dict(
+        window_size=cache.window_size,
+        num_sink_tokens=cache.num_sink_tokens,
+        num_streams=input_ids.shape[0],
+        num_tokens=input_ids.shape[1],
+        ppl=math.exp(nll.mean().item()),
+        tokens_per_s=nll.numel() / seconds,
+        seconds=seconds,
+        max_cache_tokens=peak_tokens,
+        cache_bytes=cache_bytes(cache),
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        ppl_by_position=ppl_by_position(nll, bucket),
+    )
+
+
 def read_text(args: argparse.Namespace) -> str:
     """The evaluation text: ``--text_file`` or the embedded corpus's test split."""
     if (args.text_file is None) == (not args.use_embedded_corpus):
@@ -110,35 +136,21 @@ def read_text(args: argparse.Namespace) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def run_perplexity(model, tokenizer, cache: SinkWindowCache, args: argparse.Namespace) -> dict:
-    """Streaming perplexity of the first ``num_tokens`` tokens of the text; the result is also written as JSON."""
+def run_perplexity(model, tokenizer, cache: SinkWindowCache, text: str, args: argparse.Namespace) -> dict:
+    """Streaming perplexity of the first ``num_tokens`` tokens of ``text``; the result is also written as JSON."""
     limit = model.config.max_position_embeddings
     num_tokens = args.num_tokens or 20 * limit
     if num_tokens < 2:
         raise UsageError(f"--num_tokens: {num_tokens}; allowed values are integers >= 2")
-    input_ids = tokenizer(read_text(args), return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
     if input_ids.shape[1] < 2:
         raise UsageError("text: fewer than 2 tokens; give a longer text")
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    nll, peak_tokens = streaming_nll(model, input_ids, cache, disable=args.quiet)
-    seconds = time.perf_counter() - start
     result = dict(
         model=args.model_name_or_path or args.config,
         model_type=model.config.model_type,
         num_kv_layers=len(cache.kv_layers),
         max_position_embeddings=limit,
-        window_size=cache.window_size,
-        num_sink_tokens=cache.num_sink_tokens,
-        num_tokens=input_ids.shape[1],
-        ppl=math.exp(nll.mean().item()),
-        tokens_per_s=nll.numel() / seconds,
-        seconds=seconds,
-        max_cache_tokens=peak_tokens,
-        cache_bytes=cache_bytes(cache),
-        peak_memory_bytes=torch.cuda.max_memory_allocated() if model.device.type == "cuda" else None,
-        ppl_by_position=ppl_by_position(nll, limit),
+        **measure_stream(model, input_ids, cache, bucket=limit, disable=args.quiet),
     )
     print(json.dumps({k: v for k, v in result.items() if k != "ppl_by_position"}))
     if args.output_json:
@@ -147,10 +159,8 @@ def run_perplexity(model, tokenizer, cache: SinkWindowCache, args: argparse.Name
     return result
 
 
-def run_generate(model, tokenizer, cache: SinkWindowCache, args: argparse.Namespace) -> dict:
+def run_generate(model, tokenizer, cache: SinkWindowCache, prompt: str, args: argparse.Namespace) -> dict:
     """Generate ``max_new_tokens`` tokens (any number) with the streaming cache; long prompts are prefilled in chunks."""
-    check_generation_args(args)
-    prompt = read_prompt(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     transformers.logging.set_verbosity_error()  # generate warns past max_position_embeddings; streaming goes there
     print(prompt, end="", flush=True)
@@ -181,11 +191,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     """Run the chosen mode; return its result dict."""
     resolve_device(args)
+    check_generation_args(args)
+    text = read_text(args) if args.mode == "perplexity" else read_prompt(args)
     config = as_opt_llama(load_config(args))
     cache = make_cache(config, args)  # checks the window before loading any weights
     tokenizer = load_tokenizer(args)
     model = load_model(args, config, tokenizer)
-    return (run_perplexity if args.mode == "perplexity" else run_generate)(model, tokenizer, cache, args)
+    return (run_perplexity if args.mode == "perplexity" else run_generate)(model, tokenizer, cache, text, args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,9 +14,7 @@ which is LlamaForCausalLM's function) on the corpus train split with blocks of t
 
 import argparse
 import json
-import math
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from corpus import prepare_corpus
 from models import OptLlamaConfig
 from models.cache_streaming import SinkWindowCache
-from run_streaming import as_opt_llama, cache_bytes, ppl_by_position, streaming_nll
+from run_streaming import as_opt_llama, measure_stream
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -102,32 +100,6 @@ def load_models(args: argparse.Namespace) -> dict[str, tuple]:
     return models
 
 
-def measure(model, input_ids: torch.Tensor, window: int, args: argparse.Namespace, desc: str) -> dict:
-    """Stream ``input_ids`` ``(B, N)`` through a sink + window cache; perplexity (overall, by position), speed, memory."""
-    limit = model.config.max_position_embeddings
-    cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=args.num_sink_tokens)
-    if args.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    nll, peak_tokens = streaming_nll(model, input_ids, cache, desc=desc)
-    if args.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return dict(
-        window_size=window,
-        num_tokens=input_ids.shape[1],
-        num_streams=input_ids.shape[0],
-        ppl=math.exp(nll.mean().item()),
-        tokens_per_s=nll.numel() / seconds,
-        seconds=seconds,
-        max_cache_tokens=peak_tokens,
-        cache_bytes=cache_bytes(cache),
-        peak_memory_bytes=torch.cuda.max_memory_allocated() if args.device.type == "cuda" else None,
-        ppl_by_position=ppl_by_position(nll, max(1, limit // 2)),
-    )
-
-
 def plot(runs: list[dict], limit: int, path: Path) -> None:
     """Perplexity against position, one line per model and window; the position limit dashed."""
     import matplotlib
@@ -172,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         ids = ids[: args.num_streams * longest].view(args.num_streams, longest).to(args.device)
         for window in windows:
             length = longest if window == windows[-1] else args.ppl_factor * limit
-            run = measure(model, ids[:, :length], window, args, desc=f"{name} window {window}")
+            cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=args.num_sink_tokens)
+            run = measure_stream(model, ids[:, :length], cache, bucket=max(1, limit // 2), desc=f"{name} window {window}")
             runs.append(dict(model=name, num_kv_layers=model.config.num_kv_layers, max_position_embeddings=limit, **run))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "ppl_by_position"}))
         training[name] = dict(steps=len(losses), first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
