@@ -333,6 +333,20 @@ def lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_
     return masks
 
 
+def token_weighted(kv_loss: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100):
+    """Weigh this batch's mean ``kv_loss`` like its token-summed LM loss.
+
+    With ``num_items_in_batch`` (the Trainer's token count over all devices and accumulation steps) the LM
+    loss is a sum over that global count, which the Trainer neither averages over accumulation steps nor
+    divides by the number of processes. Scaling by this batch's share of the tokens keeps ``kv_loss`` a
+    token-weighted mean over the whole global batch instead of counting it once per process and step.
+    """
+    if num_items_in_batch is None:
+        return kv_loss
+    local_items = (labels[..., 1:] != ignore_index).sum()
+    return kv_loss * local_items.to(kv_loss.device) / num_items_in_batch
+
+
 class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -384,7 +398,7 @@ class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if loss is not None and outputs.kv_loss is not None:
-            loss = loss + outputs.kv_loss
+            loss = loss + token_weighted(outputs.kv_loss, labels, kwargs.get("num_items_in_batch"))
         return OptLlamaCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, kv_loss=outputs.kv_loss
         )

@@ -66,15 +66,9 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return d, corpus.tokenizer
 
 
-# Known bug: the Trainer multiplies the loss by the number of processes (its CE is a sum over the global token count)
-# and skips dividing it by the accumulation steps, while the model adds kv_loss as a mean: kv_loss weighs
-# num_processes x gradient_accumulation_steps too much. Strict: this case fails CI once that is fixed.
-KV_LOSS_SCALED = pytest.mark.xfail(strict=True, raises=AssertionError, reason="train_kv: kv_loss scaled by world size")
-
-
 @pytest.mark.parametrize(
     "extra",
-    [[], pytest.param(["--gradient_checkpointing", "--config_overrides", "train_kv=true"], marks=KV_LOSS_SCALED)],
+    [[], ["--gradient_checkpointing", "--config_overrides", "train_kv=true"]],
     ids=["plain", "ckpt-kvloss"],
 )
 def test_ddp_two_processes_match_one_process(extra, data, tmp_path):
