@@ -42,6 +42,10 @@ class SinkWindowLayer(DynamicLayer):
         self.written_at = torch.zeros(0, dtype=torch.long)
         self.shifted = False  # whether some stored key sits below the slot it was rotated at
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.inv_freq = self.inv_freq.to(self.device)
+
     def make_room(self, num_new: int) -> None:
         """Evict the oldest window tokens so that ``num_new`` more fit; the sinks stay."""
         held = self.get_seq_length()
@@ -64,7 +68,7 @@ class SinkWindowLayer(DynamicLayer):
         if not self.shifted:
             return self.keys
         shift = torch.arange(len(self.written_at)) - self.written_at
-        angles = shift.to(self.device, torch.float32)[:, None] * self.inv_freq.to(self.device)[None, :]
+        angles = shift.to(self.device, torch.float32)[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)[None]  # (1, n, D)
         return plain_rotate(self.keys.float(), angles.cos(), angles.sin()).to(self.keys.dtype)
 
