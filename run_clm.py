@@ -306,7 +306,7 @@ def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpu
 def tokenize_and_group(raw, tokenizer, dargs: DataTrainingArguments, block_size: int, training_args: TrainingArguments):
     """Tokenize every text, concatenate, and cut into ``block_size`` blocks with labels (the tail is dropped)."""
     first_split = next(iter(raw.values()))
-    columns = list(first_split.features or {}) if dargs.streaming else first_split.column_names
+    columns = first_split.column_names or list(next(iter(first_split)))  # a stream may not know its columns
     text_column = dargs.text_column if dargs.text_column in columns else columns[0]
 
     def tokenize(batch):

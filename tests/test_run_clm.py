@@ -170,3 +170,11 @@ def test_cli_prints_one_line_error(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "run_clm.py: error: --config_overrides: unknown config field(s) ['bogus'] for model_type 'llama'"
+
+
+def test_streaming_trains_and_evaluates(tmp_path, small_data, corpus):
+    args = base_args("opt-llama", tmp_path / "out") + local_args(small_data, corpus)
+    args += ["--streaming", "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "8", "--save_strategy", "no"]
+    result = run_clm.main(args)
+    assert result["trainer"].state.global_step == 2
+    assert result["eval"]["perplexity"] > 1
