@@ -77,7 +77,7 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where hub models and datasets are cached."})
     eval_sequential: bool = field(
         default=False,
-        metadata={"help": "Evaluate token by token (sets config.sequential_forward=True for evaluation): the exact LCKV "
+        metadata={"help": "Run the final evaluation (--do_eval) token by token (sets config.sequential_forward=True): the exact LCKV "
         "semantics the paper reports, slower than the default parallel iterations. Env LCKV_EVAL_SEQUENTIAL=1 too."},
     )
     overwrite_output_dir: bool = field(
