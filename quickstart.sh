@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-STEPS=${STEPS-150}
+STEPS=${STEPS-400}
 BATCH=${BATCH-16}
 BLOCK=${BLOCK-128}
 LR=${LR-2e-3}

@@ -217,7 +217,7 @@ def load_config(margs: ModelArguments) -> PretrainedConfig:
         raise UsageError(f"{flag}: invalid config: {one_line(err)}") from None
 
 
-def load_tokenizer(margs: ModelArguments, dargs: DataTrainingArguments, corpus_tokenizer: Path | None):
+def load_tokenizer(margs: ModelArguments, corpus_tokenizer: Path | None):
     """The tokenizer: --tokenizer_name, else the embedded corpus tokenizer, else --model_name_or_path."""
     name = margs.tokenizer_name or (str(corpus_tokenizer) if corpus_tokenizer else None) or margs.model_name_or_path
     if name is None:
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         with targs.main_process_first(desc="preparing the embedded corpus"):
             corpus_paths = prepare_corpus(verbose=True)
-    tokenizer = load_tokenizer(margs, dargs, corpus_paths.tokenizer if corpus_paths else None)
+    tokenizer = load_tokenizer(margs, corpus_paths.tokenizer if corpus_paths else None)
 
     # Resume: an explicit checkpoint, else the last one in output_dir.
     last_checkpoint = None
