@@ -3,7 +3,8 @@
 # machine with 2 GPUs (single-GPU work runs on one GPU each, in parallel; the scaling run uses both).
 #
 #   bash bench/gpu_session.sh part1 OUT_DIR     # GPU tests, kernel/training bench, multi-GPU scaling
-#   bash bench/gpu_session.sh part2 OUT_DIR     # latency (stock, compiled, decode-heavy), streaming, offload
+#   bash bench/gpu_session.sh part2 OUT_DIR     # latency (stock, compiled, decode-heavy), kernel GPU tests
+#   bash bench/gpu_session.sh part3 OUT_DIR     # streaming perplexity and offloaded cache
 #
 # Needs the embedded corpus in .cache/corpus (python -m corpus) for the streaming part. Each step writes its
 # log and results under OUT_DIR/<step>/, and everything is packed into OUT_DIR/results.tgz at the end.
@@ -42,22 +43,26 @@ part1)
     ;;
 part2)
     {
-        step latency_stock 0 90 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
+        step latency_stock 0 170 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
             --cache dynamic --steps 32 --batches 1,256 --hbm_bandwidth "$hbm" --output_dir "$out/latency_stock"
         step latency_compiled 0 230 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
-            --compile --prefill_chunk 32 --steps 128 --batches 1,256 --hbm_bandwidth "$hbm" --output_dir "$out/latency_compiled"
-        step latency_decode_heavy 0 150 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
-            configs/tinyllama_opt_w4.json --compile --prefill_chunk 128 --prompt_len 128 --gen_len 2048 --steps 256 \
-            --batches 1024 --hbm_bandwidth "$hbm" --output_dir "$out/latency_decode_heavy"
+            --compile --prefill_chunk 32 --steps 64 --batches 1,128 --hbm_bandwidth "$hbm" --output_dir "$out/latency_compiled"
     } &
     {
-        step streaming 1 200 python -m bench.bench_streaming --train_steps 400 --output_dir "$out/streaming"
-        step offload 1 170 python -m bench.bench_offload --batch_sizes 16 --gen_len 64 --output_dir "$out/offload"
+        step latency_decode_heavy 1 220 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
+            --compile --prefill_chunk 128 --prompt_len 128 --gen_len 2048 --steps 128 --batches 1024 \
+            --hbm_bandwidth "$hbm" --output_dir "$out/latency_decode_heavy"
+        step gpu_kernel_tests 1 150 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py
     } &
     wait
     ;;
+part3)  # streaming and offloading (each about 3 minutes)
+    step streaming 0 200 python -m bench.bench_streaming --train_steps 400 --output_dir "$out/streaming" &
+    step offload 1 200 python -m bench.bench_offload --batch_sizes 16 --gen_len 64 --output_dir "$out/offload" &
+    wait
+    ;;
 *)
-    echo "part: $part; allowed values are part1, part2" >&2
+    echo "part: $part; allowed values are part1, part2, part3" >&2
     exit 2
     ;;
 esac
