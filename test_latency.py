@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache: transformers' dynamic or static")
     p.add_argument("--compile", action="store_true", help="static cache + torch.compile'd decode step (CUDA graphs); "
                    "the first run per batch is timed separately as compile time")
+    p.add_argument("--offload", action="store_true",
+                   help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)")
     p.add_argument("--attn_implementation", default="sdpa", help="attention backend of both models")
@@ -62,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.cache = "static"
     if args.prefill_chunk and args.cache != "static":
         p.error("--prefill_chunk: needs --cache static (or --compile)")
+    if args.offload and not args.plan and not args.device.startswith("cuda"):
+        p.error(f"--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not {args.device}")
+    if args.offload and args.compile:
+        p.error("--offload: not with --compile (a captured decode step cannot move the cache between devices)")
     args.steps = args.steps or args.gen_len
     return args
 
@@ -170,7 +176,10 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
     device = model.device
     input_ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
     total = args.prompt_len + args.gen_len
-    cache = StaticCache(config=model.config, max_cache_len=total) if args.cache == "static" else DynamicCache(config=model.config)
+    if args.cache == "static":
+        cache = StaticCache(config=model.config, max_cache_len=total, offloading=args.offload)
+    else:
+        cache = DynamicCache(config=model.config, offloading=args.offload)
     timer = StepTimer(device, bar)
     with torch.no_grad():
         start = time.perf_counter()
@@ -323,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = parse_bytes(args.hbm_bandwidth)
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
-    keys = ("prompt_len", "gen_len", "steps", "cache", "compile", "prefill_chunk", "max_batch", "batches")
+    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "max_batch", "batches")
     setting = {k: getattr(args, k) for k in keys}
     setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
     results = {Path(c).stem: measure_model(c, args, dtype, bandwidth) for c in tqdm(args.configs, desc="models")}

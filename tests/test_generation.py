@@ -83,6 +83,8 @@ def test_checkpoint_round_trip(tiny_files, tmp_path):
         (["--prompt", "x", "--max_new_tokens", "200"], "error: sequence length: prompt 1 + max_new_tokens 200 tokens exceed max_position_embeddings=128; shorten them or stream with run_streaming.py"),
         (["--prompt", "x", "--num_beams", "0"], "error: --num_beams: 0; allowed values are integers >= 1"),
         (["--prompt_file", "missing.txt"], "error: --prompt_file: missing.txt does not exist"),
+        (["--prompt", "x", "--offload", "--device", "cpu"], "error: --offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
+        (["--prompt", "x", "--offload", "--no_cache"], "error: --offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_files, capsys, args, message):

@@ -73,3 +73,17 @@ def test_chunked_prefill_into_static_cache_matches_generate():
     with torch.no_grad():
         test_latency.prefill_in_chunks(model, ids[:, :-1], cache, chunk=2)
     assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--offload", "--device", "cpu"], "--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
+        (["--offload", "--compile", "--device", "cuda"], "--offload: not with --compile"),
+    ],
+)
+def test_offload_bad_combinations_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        test_latency.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
