@@ -362,6 +362,17 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
+
+def split(lm, name: str, max_samples: int | None, streaming: bool, missing: str):
+    """The ``name`` split of the grouped data, cut to ``max_samples`` blocks; ``missing`` is the error without it."""
+    if name not in lm:
+        raise UsageError(missing)
+    data = lm[name]
+    if max_samples is None:
+        return data
+    return data.take(max_samples) if streaming else data.select(range(min(max_samples, len(data))))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run training and/or evaluation; returns ``{"trainer", "train", "eval"}`` (metrics dicts or None)."""
     margs, dargs, targs = parse_args(argv)
@@ -404,21 +415,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     raw = load_raw_datasets(margs, dargs, corpus_paths)
     lm = tokenize_and_group(raw, tokenizer, dargs, block_size, targs)
-    train_ds = eval_ds = None
-    if targs.do_train:
-        if "train" not in lm:
-            raise UsageError("--do_train: the data has no train split")
-        train_ds = lm["train"]
-        if dargs.max_train_samples is not None:
-            train_ds = train_ds.take(dargs.max_train_samples) if dargs.streaming else train_ds.select(
-                range(min(dargs.max_train_samples, len(train_ds))))
-    if targs.do_eval:
-        if "validation" not in lm:
-            raise UsageError("--do_eval: the data has no validation split; pass --validation_file")
-        eval_ds = lm["validation"]
-        if dargs.max_eval_samples is not None:
-            eval_ds = eval_ds.take(dargs.max_eval_samples) if dargs.streaming else eval_ds.select(
-                range(min(dargs.max_eval_samples, len(eval_ds))))
+    train_ds = split(lm, "train", dargs.max_train_samples, dargs.streaming, "--do_train: the data has no train split") if targs.do_train else None
+    eval_ds = split(lm, "validation", dargs.max_eval_samples, dargs.streaming,
+                    "--do_eval: the data has no validation split; pass --validation_file") if targs.do_eval else None
 
     trainer = LCKVTrainer(
         model=model,

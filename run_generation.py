@@ -251,12 +251,17 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def cli(run_fn, parse_fn, argv: list[str] | None) -> None:
+    """Run a script's ``run_fn(parse_fn(argv))``; a UsageError becomes one line on stderr and exit status 2."""
     try:
-        run(parse_args(argv))
+        run_fn(parse_fn(argv))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from run_generation import (
     add_model_args,
     add_prompt_args,
     check_generation_args,
+    cli,
     generate_once,
     load_config,
     load_model,
@@ -201,11 +202,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        run(parse_args(argv))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli(run, parse_args, argv)
 
 
 if __name__ == "__main__":
