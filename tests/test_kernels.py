@@ -184,6 +184,50 @@ def test_model_on_shifted_strict_path_equals_dense_path(monkeypatch, no_fast_pac
         torch.testing.assert_close(grads_fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_packed_decode_attention_equals_expanded_gqa(mask_kind):
+    """Decoding with grouped KV heads, read once: equal to transformers' eager attention on repeat_kv-expanded KV."""
+    from models.kernels.attention import configured_attention, packed_decode_attention
+
+    module, (query, key, value) = strict_attention_inputs(9)
+    query = query[:, :, :1]
+    visible = torch.rand(2, 1, 1, 9) > 0.3
+    visible[..., 0] = True
+    additive = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    mask = {"none": None, "bool": visible, "float": additive}[mask_kind]
+    reference_mask = None if mask is None else additive
+    expanded, _ = configured_attention("eager")(module, query, key, value, reference_mask, dropout=0.0, scaling=module.scaling)
+    packed = packed_decode_attention(query, key, value, mask, 0.0, module.scaling)
+    assert packed.shape == expanded.shape == (2, 1, query.shape[1], query.shape[-1])
+    torch.testing.assert_close(packed, expanded, rtol=1e-5, atol=1e-6)
+
+
+def test_model_decoding_on_packed_path_equals_plain(monkeypatch, no_fast_packages):
+    """LCKV_FLASH_ATTN's decode path, forced on CPU: cached greedy generation gives the same tokens and scores."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(num_encoders=3)
+    ids = torch.randint(3, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    calls = []
+    original = kernels.attention.packed_decode_attention
+    monkeypatch.setattr(kernels.attention, "packed_decode_attention", lambda *a: calls.append(1) or original(*a))
+    outputs = []
+    for environ in (ALL_OFF, {FLASH_ATTN: "1"}):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: environ is not ALL_OFF)
+        kernels.configure(environ)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+        calls.clear()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        outputs.append((out.sequences, torch.stack(out.scores), len(calls)))
+    (plain_ids, plain_scores, plain_calls), (packed_ids, packed_scores, packed_calls) = outputs
+    assert plain_calls == 0 and packed_calls == 5 * config.num_hidden_layers  # every layer of each decoding step
+    assert torch.equal(packed_ids, plain_ids)
+    torch.testing.assert_close(packed_scores, plain_scores, rtol=1e-5, atol=1e-5)
+
+
 # ---- benchmark smoke test (CPU, tiny) --------------------------------------------------------------------
 
 

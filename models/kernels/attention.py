@@ -5,6 +5,10 @@ shifted by one: query ``t`` sees keys ``0..t-1``. So it runs as an ordinary caus
 ``1..T-1`` on keys ``0..T-2``; query 0 sees no key and outputs zero. Causal attention is what flash
 kernels do best (flash-attn, or torch SDPA's flash / memory-efficient backends), so no dense mask is built.
 The mask builder hands ``STRICT_CAUSAL`` instead of a mask tensor for exactly that case.
+
+Decoding (one query token) with grouped KV heads packs the ``G`` query heads of each KV head into ``G``
+query rows of one SDPA head, so each layer reads its (shared) GQA keys and values once instead of
+expanding them ``G`` times (``repeat_kv``), and any mask still applies (it is the same for every row).
 """
 
 from collections.abc import Callable
@@ -65,6 +69,25 @@ def strict_causal_attention(
     return F.pad(shifted, (0, 0, 0, 0, 1, 0))
 
 
+def packed_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One query token, grouped KV heads: ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys -> ``(B, 1, Hq, D)``.
+
+    Query head ``h`` reads KV head ``h // G`` (as ``repeat_kv`` lays them out), so ``(B, Hq, D)`` viewed as
+    ``(B, Hkv, G, D)`` is an ordinary attention of ``G`` rows per KV head; the ``(B, 1, 1, S)`` mask broadcasts.
+    """
+    batch, num_heads, _, head_dim = query.shape
+    packed = query.reshape(batch, key.shape[1], num_heads // key.shape[1], head_dim)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(batch, num_heads, 1, head_dim).transpose(1, 2)
+
+
 def fast_attention(
     base: Callable,
     causal: CausalAttention,
@@ -80,13 +103,16 @@ def fast_attention(
     """transformers' attention-interface signature; ``causal`` runs the mask-free cases, ``base`` the rest.
 
     ``STRICT_CAUSAL`` runs the shifted causal attention; no mask with equal query and key lengths
-    (transformers' "pure causal" case) runs ``causal``; a mask tensor (padding, cached keys) runs ``base``,
-    the configured attention implementation.
+    (transformers' "pure causal" case) runs ``causal``; one query token with grouped KV heads (decoding)
+    runs the packed attention; any other mask (padding, cached keys) runs ``base``, the configured
+    attention implementation.
     """
     if attention_mask is STRICT_CAUSAL:
         return strict_causal_attention(causal, module, query, key, value, dropout, scaling), None
     if attention_mask is None and query.shape[2] == key.shape[2]:
         return causal(module, query, key, value, dropout, scaling), None
+    if query.shape[2] == 1 and key.shape[1] < query.shape[1] and (attention_mask is None or attention_mask.dim() == 4):
+        return packed_decode_attention(query, key, value, attention_mask, dropout, scaling), None
     return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
