@@ -213,7 +213,8 @@ def test_model_decoding_on_packed_path_equals_plain(monkeypatch, no_fast_package
     monkeypatch.setattr(kernels.attention, "packed_decode_attention", lambda *a: calls.append(1) or original(*a))
     outputs = []
     for environ in (ALL_OFF, {FLASH_ATTN: "1"}):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: environ is not ALL_OFF)
+        cuda = environ is not ALL_OFF  # the fast path needs CUDA; faked on, the flag selects it on the CPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         kernels.configure(environ)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
