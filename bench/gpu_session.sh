@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh part1 OUT_DIR     # GPU tests, kernel/training bench, multi-GPU scaling
 #   bash bench/gpu_session.sh part2 OUT_DIR     # latency (stock, compiled, decode-heavy), kernel GPU tests
 #   bash bench/gpu_session.sh part3 OUT_DIR     # streaming perplexity and offloaded cache
+#   bash bench/gpu_session.sh part4 OUT_DIR     # packed GQA decode (LCKV_FLASH_ATTN=1) and tinyllama_opt_w4 (not run yet)
 #
 # Needs the embedded corpus in .cache/corpus (python -m corpus) for the streaming part. Each step writes its
 # log and results under OUT_DIR/<step>/, and everything is packed into OUT_DIR/results.tgz at the end.
@@ -61,8 +62,21 @@ part3)  # streaming and offloading (each about 3 minutes)
     step offload 1 200 python -m bench.bench_offload --batch_sizes 16 --gen_len 64 --output_dir "$out/offload" &
     wait
     ;;
+part4)  # not run yet (next session): packed GQA decode under LCKV_FLASH_ATTN, and the extra-warmup config
+    {
+        LCKV_FLASH_ATTN=1 step latency_compiled_packed 0 230 python test_latency.py --configs configs/tinyllama.json \
+            configs/tinyllama_opt.json --compile --prefill_chunk 32 --steps 64 --batches 1,128 --hbm_bandwidth "$hbm" \
+            --output_dir "$out/latency_compiled_packed"
+    } &
+    {
+        step latency_decode_heavy_w4 1 230 python test_latency.py --configs configs/tinyllama.json \
+            configs/tinyllama_opt_w4.json --compile --prefill_chunk 128 --prompt_len 128 --gen_len 2048 --steps 128 \
+            --batches 1024 --hbm_bandwidth "$hbm" --output_dir "$out/latency_decode_heavy_w4"
+    } &
+    wait
+    ;;
 *)
-    echo "part: $part; allowed values are part1, part2, part3" >&2
+    echo "part: $part; allowed values are part1, part2, part3, part4" >&2
     exit 2
     ;;
 esac
