@@ -312,3 +312,34 @@ def test_transformers_flash_attention_2_is_refused():
     """transformers' flash mask path would drop the strict mask; LCKV_FLASH_ATTN is the supported route."""
     with pytest.raises(ValueError, match="does not support Flash Attention 2"):
         AutoModelForCausalLM.from_config(tiny_config(), attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_training_batch_equals_each_sequence_alone(side):
+    """Padding-aware fine-tuning: a padded batch's loss and gradients equal those of each sequence alone."""
+    model = tiny_model(tiny_config(num_encoders=3, num_trained_encoders=1)).train()
+    long, short = random_ids(1, 9)[0], random_ids(1, 5)[0]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    ids[0], mask[0] = long, 1
+    cols = slice(0, 5) if side == "right" else slice(4, 9)
+    ids[1, cols], mask[1, cols] = short, 1
+    # A token counts when it and the position predicting it are real: with left padding the first real token
+    # would otherwise be predicted from a pad.
+    predicted = (mask == 1) & (torch.nn.functional.pad(mask, (1, 0))[:, :-1] == 1)
+    predicted[:, 0] = mask[:, 0] == 1
+    labels = ids.masked_fill(~predicted, -100)
+
+    def loss_and_grad(*batch):
+        model.zero_grad()
+        loss = model(batch[0], attention_mask=batch[1], labels=batch[2]).loss
+        loss.backward()
+        return loss.detach(), model.model.layers[4].self_attn.k_proj.weight.grad.clone()
+
+    padded_loss, padded_grad = loss_and_grad(ids, mask, labels)
+    parts = [loss_and_grad(seq[None], torch.ones(1, len(seq), dtype=torch.long), seq[None]) for seq in (long, short)]
+    weights = (len(long) - 1, len(short) - 1)  # predicted tokens per sequence
+    expected_loss = sum(w * loss for w, (loss, _) in zip(weights, parts)) / sum(weights)
+    expected_grad = sum(w * grad for w, (_, grad) in zip(weights, parts)) / sum(weights)
+    torch.testing.assert_close(padded_loss, expected_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded_grad, expected_grad, atol=1e-6, rtol=1e-4)
