@@ -339,7 +339,7 @@ def test_padded_training_batch_equals_each_sequence_alone(side):
     padded_loss, padded_grad = loss_and_grad(ids, mask, labels)
     parts = [loss_and_grad(seq[None], torch.ones(1, len(seq), dtype=torch.long), seq[None]) for seq in (long, short)]
     weights = (len(long) - 1, len(short) - 1)  # predicted tokens per sequence
-    expected_loss = sum(w * loss for w, (loss, _) in zip(weights, parts)) / sum(weights)
-    expected_grad = sum(w * grad for w, (_, grad) in zip(weights, parts)) / sum(weights)
+    expected_loss = sum(w * loss for w, (loss, _) in zip(weights, parts, strict=True)) / sum(weights)
+    expected_grad = sum(w * grad for w, (_, grad) in zip(weights, parts, strict=True)) / sum(weights)
     torch.testing.assert_close(padded_loss, expected_loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(padded_grad, expected_grad, atol=1e-6, rtol=1e-4)
