@@ -299,7 +299,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             for layer_idx, (keys, values) in new_kvs.items():
                 cache.update(keys, values, layer_idx)
         kv_loss = None
-        if config.train_kv and previous_kvs:
+        if config.train_kv and training and previous_kvs:  # a training regulariser: evaluation loss stays the LM loss
             kv_loss = sum(
                 nn.functional.mse_loss(new_kvs[s][0], previous_kvs[s][0])
                 + nn.functional.mse_loss(new_kvs[s][1], previous_kvs[s][1])

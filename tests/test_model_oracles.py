@@ -264,6 +264,10 @@ def test_train_kv_adds_kv_loss():
     kv_loss = losses[True].kv_loss
     assert kv_loss is not None and kv_loss.item() > 0
     torch.testing.assert_close(losses[True].loss, losses[False].loss + kv_loss)
+    with torch.no_grad():  # evaluation: perplexity comes from the LM loss alone
+        evaluated = tiny_model(tiny_config(train_kv=True, num_encoders=3))(ids, labels=ids)
+    assert evaluated.kv_loss is None
+    torch.testing.assert_close(evaluated.loss, tiny_model(tiny_config(num_encoders=3))(ids, labels=ids).loss.detach())
 
 
 def test_gradient_checkpointing_matches():
