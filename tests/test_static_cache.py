@@ -44,6 +44,29 @@ def test_static_sampling_runs(model):
 
 def test_decode_step_compiles_fullgraph_without_recompiling(model):
     """The decode forward as generate calls it (masks precomputed, static cache) traces as one graph, once."""
+    assert_decode_step_compiles_once(model)
+
+
+def test_packed_decode_step_compiles_fullgraph(monkeypatch):
+    """LCKV_FLASH_ATTN's packed GQA decode attention (forced on the CPU) keeps the decode step one graph."""
+    import sys
+
+    from models import kernels
+    from models.kernels.flags import FLASH_ATTN
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # as on the GPU machine: SDPA route
+    with monkeypatch.context() as cuda:  # CUDA faked only while selecting kernels, not while compiling
+        cuda.setattr(torch.cuda, "is_available", lambda: True)
+        kernels.configure({FLASH_ATTN: "1"})
+    try:
+        # Decoding takes the packed path whenever the fast attention is on (tests/test_kernels.py counts the calls).
+        assert kernels.causal_attention is not None
+        assert_decode_step_compiles_once(tiny_model(tiny_config()))
+    finally:
+        kernels.configure()
+
+
+def assert_decode_step_compiles_once(model) -> None:
     ids, mask = left_padded_batch(model.config.vocab_size)
     cache = StaticCache(config=model.config, max_cache_len=PROMPT + 4)
     torch._dynamo.reset()
