@@ -239,7 +239,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
             masks = attention_mask
         else:
-            masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length)
+            masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, plan.is_iterative)
         visible = masks.get("visible")
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
@@ -323,10 +323,11 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         )
 
 
-def lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length) -> dict[str, torch.Tensor | None]:
-    """The causal and strict masks of every layer and, when some layer reads from above, ``visible`` ``(B, T, 1)``."""
+def lckv_masks(
+    config, inputs_embeds, attention_mask, cache, position_ids, past_length, need_strict: bool
+) -> dict[str, torch.Tensor | None]:
+    """The causal and (``need_strict``: some layer reads from above) strict masks and ``visible`` ``(B, T, 1)``."""
     batch_size, query_length = inputs_embeds.shape[:2]
-    need_strict = layer_plan(config.layer_kv_sources).is_iterative
     masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, need_strict)
     if need_strict:
         masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
@@ -350,13 +351,14 @@ def token_weighted(kv_loss: torch.Tensor, labels: torch.Tensor, num_items_in_bat
 class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    @staticmethod
-    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids, **kwargs) -> dict:
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids, **kwargs) -> dict:
         """``generate`` with a static cache builds the masks outside the compiled step, sized to the cache (no
         recompilation per step); ``attention_mask`` is the 2D padding mask ``(B, P + T)`` or None."""
         query_length = inputs_embeds.shape[1]
         past_length = attention_mask.shape[-1] - query_length if attention_mask is not None else cache.get_seq_length()
-        return lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length)
+        return lckv_masks(
+            config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.model.plan.is_iterative
+        )
 
     def __init__(self, config: OptLlamaConfig):
         super().__init__(config)
