@@ -126,6 +126,8 @@ def fsdp_worker(rank: int, rendezvous: str, out: str) -> None:
     if rank == 0:
         model.save_pretrained(out, state_dict=state)
         Path(out, "losses.json").write_text(json.dumps(losses))
+    # Tear gloo down together: a rank destroying its group while the other still saves aborts (SIGABRT) in CI.
+    dist.barrier()
     dist.destroy_process_group()
 
 
