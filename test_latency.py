@@ -12,6 +12,7 @@ per sequence length, from the config shapes alone.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import time
@@ -21,10 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
-from transformers.cache_utils import StaticLayer
 from transformers.generation.streamers import BaseStreamer
 
-import models  # noqa: F401  (registers opt-llama)
+from models import PACKED_SDPA  # import models registers opt-llama and the packed-GQA SDPA attention
+from models.chunked_prefill import prefill_in_chunks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
@@ -45,12 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bisection stops when the gap between a fitting and a failing batch is at most this fraction")
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache: transformers' dynamic or static")
     p.add_argument("--compile", action="store_true", help="static cache + torch.compile'd decode step (CUDA graphs); "
-                   "the first run per batch is timed separately as compile time")
+                   "the first run per batch is timed separately as compile time (generate compiles on CUDA only)")
     p.add_argument("--offload", action="store_true",
                    help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)")
-    p.add_argument("--attn_implementation", default="sdpa", help="attention backend of both models")
+    p.add_argument("--attn_implementation", default=PACKED_SDPA,
+                   help=f"attention backend of both models; {PACKED_SDPA} (default) is transformers' sdpa that also packs "
+                   "GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; sdpa, eager, ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--hbm_bandwidth", default="3.35TB", help="memory bandwidth per second for the roofline (H100 SXM: 3.35TB)")
@@ -136,27 +139,6 @@ class StepTimer(BaseStreamer):
         pass
 
 
-def prefill_in_chunks(model, input_ids: torch.Tensor, cache: StaticCache, chunk: int) -> None:
-    """Prefill ``input_ids`` ``(B, P)`` ``chunk`` sequences at a time into rows of the preallocated ``cache``.
-
-    Only one chunk's activations live at a time, so the batch is bounded by the KV cache, not by prefill.
-    """
-    batch, length = input_ids.shape
-    for start in range(0, batch, chunk):
-        part = DynamicCache(config=model.config)
-        model(input_ids[start : start + chunk], cache=part, use_cache=True, logits_to_keep=1)
-        for layer, src in zip(cache.layers, part.layers, strict=True):
-            if isinstance(layer, StaticLayer):
-                if not layer.is_initialized:
-                    layer.lazy_initialization(src.keys[:1].expand(batch, -1, -1, -1), src.values[:1].expand(batch, -1, -1, -1))
-                layer.keys[start : start + chunk, :, :length].copy_(src.keys)
-                layer.values[start : start + chunk, :, :length].copy_(src.values)
-        del part
-    for layer in cache.layers:
-        if isinstance(layer, StaticLayer):
-            layer.cumulative_length.fill_(length)
-
-
 @dataclass
 class RunResult:
     batch: int
@@ -168,6 +150,50 @@ class RunResult:
     kv_bytes: int
     kv_bytes_per_token: float
     compile_s: float | None = None
+    compiled_step_ms: float | None = None  # the compiled decode forward alone, without generate's Python loop
+
+
+class CompiledStepTimer:
+    """Times each call of the compiled decode forward that ``generate`` runs (``model._compiled_call``).
+
+    ``generate``'s per-step wall time also holds its Python loop (logits processors, sampling, stopping
+    criteria, the streamer); this isolates the CUDA-graph step to compare with the roofline. CUDA events on
+    a GPU (no extra synchronisation), wall time on a CPU. Use as a context manager around ``generate``; it
+    times nothing where ``generate`` compiled nothing (transformers compiles the decode step on CUDA only).
+    """
+
+    def __init__(self, model):
+        self.model, self.call, self.spans = model, getattr(model, "_compiled_call", None), []
+        self.cuda = model.device.type == "cuda"
+
+    def __enter__(self) -> "CompiledStepTimer":
+        if self.call is not None:
+            self.model._compiled_call = self  # transformers' get_compiled_call() hands back this attribute
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.call is not None:
+            self.model._compiled_call = self.call
+
+    def __call__(self, *args, **kwargs):
+        start = self._mark()
+        out = self.call(*args, **kwargs)
+        self.spans.append((start, self._mark()))
+        return out
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mean_ms(self) -> float | None:
+        """Mean milliseconds per call, the first (warm-up) call left out."""
+        if self.cuda:
+            torch.cuda.synchronize(self.model.device)
+        spans = [start.elapsed_time(end) if self.cuda else 1e3 * (end - start) for start, end in self.spans[1:]]
+        return sum(spans) / len(spans) if spans else None
 
 
 def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: int) -> tuple[StepTimer, object, float]:
@@ -202,7 +228,8 @@ def run(model, args, batch: int, desc: str) -> RunResult:
         compile_s = timer.times[-1] - start
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
-    with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar:
+    step_timer = CompiledStepTimer(model) if args.compile else contextlib.nullcontext()
+    with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar, step_timer:
         timer, cache, start = generate_once(model, args, batch, args.steps, bar, args.prompt_len)
     times = timer.times
     kv, slots = cache_bytes(cache)
@@ -217,6 +244,7 @@ def run(model, args, batch: int, desc: str) -> RunResult:
         kv_bytes=kv,
         kv_bytes_per_token=kv / (batch * slots),
         compile_s=compile_s,
+        compiled_step_ms=step_timer.mean_ms() if args.compile else None,
     )
 
 
@@ -276,6 +304,7 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
         "batch1_step_ms": batch1["step_ms"] if batch1 else None,
         "batch1_roofline_ms": roofline_ms,
         "batch1_step_vs_roofline": batch1["step_ms"] / roofline_ms if batch1 else None,
+        "batch1_compiled_step_ms": batch1["compiled_step_ms"] if batch1 else None,
         "hit_max_batch_cap": bool(best) and best["batch"] >= args.max_batch,
         "runs": runs,
     }
@@ -332,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = parse_bytes(args.hbm_bandwidth)
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
-    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "max_batch", "batches")
+    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "max_batch", "batches",
+            "attn_implementation")
     setting = {k: getattr(args, k) for k in keys}
     setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
     results = {Path(c).stem: measure_model(c, args, dtype, bandwidth) for c in tqdm(args.configs, desc="models")}

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import models  # noqa: F401  (registers opt-llama)
+from test_latency import StepTimer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run")
     parser.add_argument("--modes", nargs="+", default=["dynamic", "offloaded"], help="cache_implementation values to compare")
     parser.add_argument("--output_dir", default="bench/results", help="where offload.json is written")
+    parser.add_argument("--device", default="cuda", help="torch device (offloaded modes need cuda; cpu only smoke-tests)")
     return parser.parse_args(argv)
 
 
@@ -35,41 +37,56 @@ def cuda_kv_bytes(cache) -> int:
                for t in (layer.keys, layer.values) if t.is_cuda)
 
 
-def timed_generate(model, ids, new_tokens: int, mode: str):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                         cache_implementation=mode, return_dict_in_generate=True)
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str) -> tuple[object, float, float]:
+    """Greedy ``generate`` of ``new_tokens``; (output, prefill seconds, decode ms per step), both from one run.
+
+    Per-token timestamps (a synchronising streamer) split prefill from decoding inside the same call, rather than
+    subtracting a separate prefill-only run, whose own variance would leak into the per-step time.
+    """
+    sync()
+    with tqdm(total=new_tokens, desc=f"{mode} b={ids.shape[0]}", leave=False) as bar:
+        timer = StepTimer(ids.device, bar)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             cache_implementation=mode, return_dict_in_generate=True, streamer=timer)
+    times = timer.times  # [prompt, token 1 (after prefill), ..., token new_tokens]
+    return out, times[1] - start, 1e3 * (times[-1] - times[1]) / (len(times) - 2)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def run_one(model, config, batch: int, args, mode: str) -> dict:
-    ids = torch.randint(3, config.vocab_size, (batch, args.prompt_len), device="cuda")
+    ids = torch.randint(3, config.vocab_size, (batch, args.prompt_len), device=model.device)
+    cuda = model.device.type == "cuda"
     try:
-        timed_generate(model, ids, 8, mode)  # warm-up: kernels, allocator and mask paths of this shape
-        _, prefill_s = timed_generate(model, ids, 1, mode)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        out, total_s = timed_generate(model, ids, args.gen_len, mode)
+        timed_generate(model, ids, min(8, args.gen_len), mode)  # warm-up: kernels, allocator, mask paths of this shape
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        out, prefill_s, step_ms = timed_generate(model, ids, args.gen_len, mode)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"batch": batch, "mode": mode, "oom": True}
     result = {
         "batch": batch, "mode": mode, "oom": False,
         "prefill_s": prefill_s,
-        "decode_ms_per_step": 1000 * (total_s - prefill_s) / (args.gen_len - 1),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "decode_ms_per_step": step_ms,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "gpu_resident_kv_mib": cuda_kv_bytes(out.cache) / 2**20,
     }
     del out
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    results = {"device": torch.cuda.get_device_name(), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": {}}
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    results = {"device": device_name, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": {}}
     jobs = [(c, b, m) for c in args.configs for b in args.batch_sizes for m in args.modes]
     bar = tqdm(jobs, desc="offload bench")
     model, loaded = None, None
@@ -77,8 +94,10 @@ def main(argv=None) -> dict:
         if loaded != config_path:
             config = AutoConfig.from_pretrained(config_path, max_position_embeddings=args.prompt_len + args.gen_len)
             del model
-            torch.cuda.empty_cache()
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+            model = model.to(args.device).eval()
             loaded = config_path
         bar.set_postfix(config=Path(config_path).stem, batch=batch, mode=mode)
         with torch.no_grad():

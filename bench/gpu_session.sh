@@ -5,7 +5,9 @@
 #   bash bench/gpu_session.sh part1 OUT_DIR     # GPU tests, kernel/training bench, multi-GPU scaling
 #   bash bench/gpu_session.sh part2 OUT_DIR     # latency (stock, compiled, decode-heavy), kernel GPU tests
 #   bash bench/gpu_session.sh part3 OUT_DIR     # streaming perplexity and offloaded cache
-#   bash bench/gpu_session.sh part4 OUT_DIR     # packed GQA decode (LCKV_FLASH_ATTN=1) and tinyllama_opt_w4 (not run yet)
+#   bash bench/gpu_session.sh part4 OUT_DIR     # not run yet: packed-GQA compiled decode, batch search, w4 config
+#
+# part2 ran before test_latency defaulted to --attn_implementation sdpa_packed_gqa; its stock rows pin sdpa.
 #
 # Needs the embedded corpus in .cache/corpus (python -m corpus) for the streaming part. Each step writes its
 # log and results under OUT_DIR/<step>/, and everything is packed into OUT_DIR/results.tgz at the end.
@@ -45,7 +47,7 @@ part1)
 part2)
     {
         step latency_stock 0 170 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
-            --cache dynamic --steps 32 --batches 1,256 --hbm_bandwidth "$hbm" --output_dir "$out/latency_stock"
+            --attn_implementation sdpa --cache dynamic --steps 32 --batches 1,256 --hbm_bandwidth "$hbm" --output_dir "$out/latency_stock"
         step latency_compiled 0 230 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
             --compile --prefill_chunk 32 --steps 64 --batches 1,128 --hbm_bandwidth "$hbm" --output_dir "$out/latency_compiled"
     } &
@@ -62,16 +64,21 @@ part3)  # streaming and offloading (each about 3 minutes)
     step offload 1 200 python -m bench.bench_offload --batch_sizes 16 --gen_len 64 --output_dir "$out/offload" &
     wait
     ;;
-part4)  # not run yet (next session): packed GQA decode under LCKV_FLASH_ATTN, and the extra-warmup config
+part4)  # not run yet: compiled decode on the packed-GQA SDPA (default), searched max batch, the w4 config
     {
-        LCKV_FLASH_ATTN=1 step latency_compiled_packed 0 230 python test_latency.py --configs configs/tinyllama.json \
-            configs/tinyllama_opt.json --compile --prefill_chunk 32 --steps 64 --batches 1,128 --hbm_bandwidth "$hbm" \
-            --output_dir "$out/latency_compiled_packed"
+        # batch 1 (generate step and the compiled step alone vs roofline) and the KV-bound search, 2048 + 2048
+        LCKV_FLASH_ATTN=1 step latency_compiled_search 0 290 python test_latency.py --configs configs/tinyllama.json \
+            configs/tinyllama_opt.json --compile --prefill_chunk 64 --steps 32 --max_batch 8192 --resolution 0.25 \
+            --hbm_bandwidth "$hbm" --output_dir "$out/latency_compiled_search"
+        step latency_stock_search 0 250 python test_latency.py --configs configs/tinyllama.json --attn_implementation sdpa \
+            --cache dynamic --steps 32 --max_batch 2048 --resolution 0.25 --hbm_bandwidth "$hbm" \
+            --output_dir "$out/latency_stock_search"
     } &
     {
-        step latency_decode_heavy_w4 1 230 python test_latency.py --configs configs/tinyllama.json \
-            configs/tinyllama_opt_w4.json --compile --prefill_chunk 128 --prompt_len 128 --gen_len 2048 --steps 128 \
-            --batches 1024 --hbm_bandwidth "$hbm" --output_dir "$out/latency_decode_heavy_w4"
+        LCKV_FLASH_ATTN=1 step latency_decode_heavy_w4 1 250 python test_latency.py --configs configs/tinyllama.json \
+            configs/tinyllama_opt.json configs/tinyllama_opt_w4.json --compile --prefill_chunk 128 --prompt_len 128 \
+            --gen_len 2048 --steps 128 --batches 1,1024,4096 --hbm_bandwidth "$hbm" --output_dir "$out/latency_decode_heavy_w4"
+        step offload_batch1 1 250 python -m bench.bench_offload --batch_sizes 1 16 --gen_len 64 --output_dir "$out/offload_b1"
     } &
     wait
     ;;

@@ -3,11 +3,13 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_opt_llama import OptLlamaConfig
+from .kernels.attention import PACKED_SDPA, register_packed_sdpa
 from .modeling_opt_llama import OptLlamaForCausalLM, OptLlamaModel
 
 # exist_ok: importing twice (or reloading) is fine.
 AutoConfig.register(OptLlamaConfig.model_type, OptLlamaConfig, exist_ok=True)
 AutoModel.register(OptLlamaConfig, OptLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(OptLlamaConfig, OptLlamaForCausalLM, exist_ok=True)
+register_packed_sdpa()  # attn_implementation="sdpa_packed_gqa", for opt-llama and Llama alike
 
-__all__ = ["OptLlamaConfig", "OptLlamaForCausalLM", "OptLlamaModel"]
+__all__ = ["PACKED_SDPA", "OptLlamaConfig", "OptLlamaForCausalLM", "OptLlamaModel"]

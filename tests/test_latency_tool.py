@@ -1,11 +1,11 @@
-"""test_latency.py: a CPU run on tiny configs, --plan against measured cache bytes, chunked prefill."""
+"""test_latency.py: a CPU run on tiny configs, --plan against measured cache bytes, batch search, bad flags."""
 
 import json
 import sys
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 from .conftest import CONFIGS, tiny_config, tiny_model
 
@@ -64,17 +64,6 @@ def test_batch_search_bisects_to_first_oom(monkeypatch):
     assert 32 in ooms and min(ooms) == 24 and {1, 2, 4, 8, 16} <= {r["batch"] for r in runs}
 
 
-def test_chunked_prefill_into_static_cache_matches_generate():
-    model = tiny_model(tiny_config())
-    ids = torch.randint(3, 256, (5, 9))
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    expected = model.generate(ids, **kwargs)
-    cache = StaticCache(config=model.config, max_cache_len=15)
-    with torch.no_grad():
-        test_latency.prefill_in_chunks(model, ids[:, :-1], cache, chunk=2)
-    assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -87,3 +76,24 @@ def test_offload_bad_combinations_are_one_line_errors(argv, message, capsys):
         test_latency.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_compiled_step_timer_times_the_compiled_call_and_restores_it():
+    """The timer stands in for generate's compiled decode call while active, then puts the original back."""
+    import time
+    from types import SimpleNamespace
+
+    def compiled_call(**kwargs):
+        time.sleep(0.02)
+        return kwargs["step"]
+
+    model = SimpleNamespace(_compiled_call=compiled_call, device=torch.device("cpu"))
+    with test_latency.CompiledStepTimer(model) as timer:
+        assert [model._compiled_call(step=i) for i in range(3)] == [0, 1, 2]
+    assert model._compiled_call is compiled_call and len(timer.spans) == 3
+    assert 20 <= timer.mean_ms() < 200  # two timed calls (the first one is warm-up)
+
+    uncompiled = SimpleNamespace(device=torch.device("cpu"))  # generate compiled nothing (CPU)
+    with test_latency.CompiledStepTimer(uncompiled) as timer:
+        pass
+    assert not hasattr(uncompiled, "_compiled_call") and timer.mean_ms() is None

@@ -5,6 +5,9 @@ import torch
 from torch._dynamo.testing import CompileCounter
 from transformers import StaticCache
 
+from models import PACKED_SDPA
+from models.chunked_prefill import prefill_in_chunks
+
 from .conftest import tiny_config, tiny_model
 
 PROMPT, NEW = 7, 10
@@ -64,6 +67,42 @@ def test_packed_decode_step_compiles_fullgraph(monkeypatch):
         assert_decode_step_compiles_once(tiny_model(tiny_config()))
     finally:
         kernels.configure()
+
+
+def test_packed_sdpa_compiled_decode_reads_gqa_kv_unexpanded(model, monkeypatch):
+    """Inside a compiled decode step transformers' SDPA expands GQA KVs (repeat_kv); "sdpa_packed_gqa" does not,
+    for opt-llama and Llama alike, and it generates the same tokens."""
+    from transformers.integrations import sdpa_attention
+
+    original = sdpa_attention.repeat_kv
+
+    def repeat_kv_outside_compile(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("repeat_kv inside the compiled decode step")
+        return original(hidden_states, n_rep)
+
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", repeat_kv_outside_compile)
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, cache_implementation="static")
+    stock = tiny_model(model.config, attn_implementation="sdpa")
+    with pytest.raises(Exception, match="repeat_kv inside the compiled decode step"):
+        assert_decode_step_compiles_once(stock)
+    packed = tiny_model(model.config, attn_implementation=PACKED_SDPA)
+    assert_decode_step_compiles_once(packed)
+    assert torch.equal(packed.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+
+
+def test_chunked_prefill_into_static_cache_matches_generate(model):
+    """Prefilling 2 sequences at a time into one StaticCache, then generate: the tokens of a plain generate."""
+    ids = torch.randint(3, model.config.vocab_size, (5, PROMPT))
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    expected = model.generate(ids, **kwargs)
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
+    prefill_in_chunks(model, ids[:, :-1], cache, chunk=2)
+    assert cache.get_seq_length() == PROMPT - 1
+    assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
+    with pytest.raises(ValueError, match="chunk: 0; allowed values are integers >= 1"):
+        prefill_in_chunks(model, ids, cache, chunk=0)
 
 
 def assert_decode_step_compiles_once(model) -> None:

@@ -9,6 +9,10 @@ The mask builder hands ``STRICT_CAUSAL`` instead of a mask tensor for exactly th
 Decoding (one query token) with grouped KV heads packs the ``G`` query heads of each KV head into ``G``
 query rows of one SDPA head, so each layer reads its (shared) GQA keys and values once instead of
 expanding them ``G`` times (``repeat_kv``), and any mask still applies (it is the same for every row).
+transformers' own SDPA attention packs only outside ``torch.compile``; inside a compiled decode step
+(static cache, CUDA graph) it expands with ``repeat_kv``. ``PACKED_SDPA`` names an attention
+implementation, registered with transformers by ``import models`` and usable by any model (Llama
+included), that packs in both cases and is transformers' SDPA attention otherwise.
 """
 
 from collections.abc import Callable
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -88,6 +93,37 @@ def packed_decode_attention(
     return out.reshape(batch, num_heads, 1, head_dim).transpose(1, 2)
 
 
+def is_packable_decode(query: torch.Tensor, key: torch.Tensor, attention_mask: object) -> bool:
+    """One query token, fewer KV heads than query heads, and no mask or a ``(B, 1, 1, S)``-style 4D mask."""
+    mask_ok = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4)
+    return query.shape[2] == 1 and key.shape[1] < query.shape[1] and mask_ok
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with one-token GQA decoding packed also under ``torch.compile``."""
+    if is_packable_decode(query, key, attention_mask):
+        return packed_decode_attention(query, key, value, attention_mask, dropout, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+PACKED_SDPA = "sdpa_packed_gqa"
+
+
+def register_packed_sdpa() -> None:
+    """Make ``attn_implementation="sdpa_packed_gqa"`` available to every transformers model (SDPA's masks)."""
+    ALL_ATTENTION_FUNCTIONS.register(PACKED_SDPA, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+
+
 def fast_attention(
     base: Callable,
     causal: CausalAttention,
@@ -111,7 +147,7 @@ def fast_attention(
         return strict_causal_attention(causal, module, query, key, value, dropout, scaling), None
     if attention_mask is None and query.shape[2] == key.shape[2]:
         return causal(module, query, key, value, dropout, scaling), None
-    if query.shape[2] == 1 and key.shape[1] < query.shape[1] and (attention_mask is None or attention_mask.dim() == 4):
+    if is_packable_decode(query, key, attention_mask):
         return packed_decode_attention(query, key, value, attention_mask, dropout, scaling), None
     return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 

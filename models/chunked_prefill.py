@@ -1,0 +1,37 @@
+"""Prefill a large batch a few sequences at a time into one preallocated (static) cache.
+
+Prefill activations grow with batch x prompt length (and LCKV's iterative prefill keeps a cyclic block's worth
+of them); decoding needs only the KV cache. Prefilling chunks of sequences into rows of a ``StaticCache`` makes
+the KV cache, not the prefill, bound the batch that fits. Rows are independent, so the cache holds exactly what a
+whole-batch prefill would have written.
+"""
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
+
+
+@torch.no_grad()
+def prefill_in_chunks(model: PreTrainedModel, input_ids: torch.Tensor, cache: StaticCache, chunk: int) -> None:
+    """Prefill ``input_ids`` ``(B, P)`` (unpadded) ``chunk`` sequences at a time into rows of ``cache``.
+
+    Afterwards ``generate(full_input_ids, cache=cache, ...)`` sees ``P`` cached tokens per row and continues from
+    there; pass the prompt without its last token here so that ``generate`` computes the first new token's logits.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk: {chunk}; allowed values are integers >= 1")
+    batch, length = input_ids.shape
+    for start in range(0, batch, chunk):
+        part = DynamicCache(config=model.config)
+        model(input_ids[start : start + chunk], cache=part, use_cache=True, logits_to_keep=1)
+        for layer, source in zip(cache.layers, part.layers, strict=True):
+            if not isinstance(layer, StaticLayer):  # DummyLayer of a condensed layer: nothing stored
+                continue
+            if not layer.is_initialized:  # allocates (batch, heads, max_cache_len, head_dim) from the shapes
+                layer.lazy_initialization(source.keys[:1].expand(batch, -1, -1, -1), source.values[:1].expand(batch, -1, -1, -1))
+            layer.keys[start : start + chunk, :, :length].copy_(source.keys)
+            layer.values[start : start + chunk, :, :length].copy_(source.values)
+        del part
+    for layer in cache.layers:
+        if isinstance(layer, StaticLayer):
+            layer.cumulative_length.fill_(length)
