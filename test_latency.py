@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode only this many of the gen_len tokens (cache still sized for prompt_len + gen_len, so the "
                    "max batch is that of the full setting; throughput then covers the first steps); default gen_len")
     p.add_argument("--max_batch", type=int, default=1024, help="largest batch the search tries")
+    p.add_argument("--start_batch", type=int, default=1,
+                   help="the search doubles from this batch (e.g. near the --plan estimate; batch 1 is measured too)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes to run instead of the search (OOM still caught)")
     p.add_argument("--resolution", type=float, default=0.125,
                    help="bisection stops when the gap between a fitting and a failing batch is at most this fraction")
@@ -71,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not {args.device}")
     if args.offload and args.compile:
         p.error("--offload: not with --compile (a captured decode step cannot move the cache between devices)")
+    if not 1 <= args.start_batch <= args.max_batch:
+        p.error(f"--start_batch: {args.start_batch}; allowed values are 1 to --max_batch ({args.max_batch})")
     args.steps = args.steps or args.gen_len
     return args
 
@@ -261,12 +265,16 @@ def try_run(model, args, batch: int, desc: str) -> RunResult | None:
 
 
 def batch_search(model, args, desc: str) -> list[RunResult | dict]:
-    """Double the batch until it fails or reaches ``--max_batch``, then bisect to ``--resolution`` (or ``--batches``)."""
+    """Double the batch from ``--start_batch`` until it fails or reaches ``--max_batch``, then bisect to
+    ``--resolution``; batch 1 is always measured (per-step latency). ``--batches`` runs a fixed list instead."""
     tried: dict[int, RunResult | None] = {}
-    good, bad, batch = 0, None, 1
+    good, bad, batch = 0, None, args.start_batch
     if args.batches:
         tried = {b: try_run(model, args, b, desc) for b in map(int, args.batches.split(","))}
         good = args.max_batch  # skips the search
+    elif batch > 1:
+        tried[1] = try_run(model, args, 1, desc)
+        good, bad = (1, None) if tried[1] else (0, 1)
     while bad is None and good < args.max_batch:
         tried[batch] = try_run(model, args, batch, desc)
         good, bad = (batch, None) if tried[batch] else (good, batch)

@@ -64,20 +64,22 @@ part3)  # streaming and offloading (each about 3 minutes)
     step offload 1 200 python -m bench.bench_offload --batch_sizes 16 --gen_len 64 --output_dir "$out/offload" &
     wait
     ;;
-part4)  # not run yet: compiled decode on the packed-GQA SDPA (default), searched max batch, the w4 config
+part4)  # not run yet: compiled decode on the packed-GQA SDPA (default), near-KV-bound batches, the w4 config
+    # LCKV's prefill (9 block iterations, about 16k tokens/s measured at batch 128) makes a full search at prompt
+    # 2048 too long for one call, so the large batches come from --plan (80 GB): about 0.9x of the KV bound.
     {
-        # batch 1 (generate step and the compiled step alone vs roofline) and the KV-bound search, 2048 + 2048
-        LCKV_FLASH_ATTN=1 step latency_compiled_search 0 290 python test_latency.py --configs configs/tinyllama.json \
-            configs/tinyllama_opt.json --compile --prefill_chunk 64 --steps 32 --max_batch 8192 --resolution 0.25 \
-            --hbm_bandwidth "$hbm" --output_dir "$out/latency_compiled_search"
+        LCKV_FLASH_ATTN=1 step latency_compiled_packed 0 290 python test_latency.py --configs configs/tinyllama.json \
+            configs/tinyllama_opt.json --compile --prefill_chunk 64 --steps 32 --batches 1,128,512 \
+            --hbm_bandwidth "$hbm" --output_dir "$out/latency_compiled_packed"
         step latency_stock_search 0 250 python test_latency.py --configs configs/tinyllama.json --attn_implementation sdpa \
-            --cache dynamic --steps 32 --max_batch 2048 --resolution 0.25 --hbm_bandwidth "$hbm" \
+            --cache dynamic --steps 32 --start_batch 256 --max_batch 2048 --resolution 0.25 --hbm_bandwidth "$hbm" \
             --output_dir "$out/latency_stock_search"
     } &
     {
-        LCKV_FLASH_ATTN=1 step latency_decode_heavy_w4 1 250 python test_latency.py --configs configs/tinyllama.json \
-            configs/tinyllama_opt.json configs/tinyllama_opt_w4.json --compile --prefill_chunk 128 --prompt_len 128 \
-            --gen_len 2048 --steps 128 --batches 1,1024,4096 --hbm_bandwidth "$hbm" --output_dir "$out/latency_decode_heavy_w4"
+        LCKV_FLASH_ATTN=1 step latency_decode_heavy_w4 1 290 python test_latency.py --configs configs/tinyllama.json \
+            configs/tinyllama_opt.json configs/tinyllama_opt_w4.json --compile --prefill_chunk 256 --prompt_len 128 \
+            --gen_len 2048 --steps 64 --batches 1,1024,1400,3500,10000 --hbm_bandwidth "$hbm" \
+            --output_dir "$out/latency_decode_heavy_w4"
         step offload_batch1 1 250 python -m bench.bench_offload --batch_sizes 1 16 --gen_len 64 --output_dir "$out/offload_b1"
     } &
     wait

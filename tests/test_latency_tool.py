@@ -53,15 +53,22 @@ def test_plan_equals_measured_cache_bytes(configs):
         assert slots == 5 and total == planned[name]["kv_bytes_per_token"] * 3 * 5
 
 
-def test_batch_search_bisects_to_first_oom(monkeypatch):
-    """Doubling then bisection finds the largest batch below a fake memory limit of 23."""
+@pytest.mark.parametrize("start, doubled", [(1, {1, 2, 4, 8, 16}), (6, {1, 6, 12})])
+def test_batch_search_bisects_to_first_oom(monkeypatch, start, doubled):
+    """Doubling (from --start_batch; batch 1 always) then bisection finds the largest batch below a fake limit of 23."""
     monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: {"batch": batch} if batch <= 23 else None)
     monkeypatch.setattr(test_latency, "asdict", dict)
-    args = test_latency.parse_args(["--max_batch", "1000", "--resolution", "0"])
+    args = test_latency.parse_args(["--max_batch", "1000", "--resolution", "0", "--start_batch", str(start)])
     runs = test_latency.batch_search(None, args, "fake")
     assert max(r["batch"] for r in runs if not r.get("oom")) == 23
     ooms = [r["batch"] for r in runs if r.get("oom")]
-    assert 32 in ooms and min(ooms) == 24 and {1, 2, 4, 8, 16} <= {r["batch"] for r in runs}
+    assert min(ooms) == 24 and doubled <= {r["batch"] for r in runs}
+
+
+def test_batch_search_stops_when_batch_one_does_not_fit(monkeypatch):
+    monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: None)
+    args = test_latency.parse_args(["--start_batch", "64"])
+    assert test_latency.batch_search(None, args, "fake") == [{"batch": 1, "oom": True}]
 
 
 @pytest.mark.parametrize(
@@ -69,9 +76,10 @@ def test_batch_search_bisects_to_first_oom(monkeypatch):
     [
         (["--offload", "--device", "cpu"], "--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
         (["--offload", "--compile", "--device", "cuda"], "--offload: not with --compile"),
+        (["--start_batch", "2048", "--max_batch", "1024"], "--start_batch: 2048; allowed values are 1 to --max_batch (1024)"),
     ],
 )
-def test_offload_bad_combinations_are_one_line_errors(argv, message, capsys):
+def test_bad_flag_combinations_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         test_latency.parse_args(argv)
     assert exit_info.value.code == 2
