@@ -43,7 +43,8 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str) -> tupl
     Per-token timestamps (a synchronising streamer) split prefill from decoding inside the same call, rather than
     subtracting a separate prefill-only run, whose own variance would leak into the per-step time.
     """
-    sync()
+    if ids.is_cuda:
+        torch.cuda.synchronize(ids.device)
     with tqdm(total=new_tokens, desc=f"{mode} b={ids.shape[0]}", leave=False) as bar:
         timer = StepTimer(ids.device, bar)
         start = time.perf_counter()
@@ -51,11 +52,6 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str) -> tupl
                              cache_implementation=mode, return_dict_in_generate=True, streamer=timer)
     times = timer.times  # [prompt, token 1 (after prefill), ..., token new_tokens]
     return out, times[1] - start, 1e3 * (times[-1] - times[1]) / (len(times) - 2)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def run_one(model, config, batch: int, args, mode: str) -> dict:

@@ -94,8 +94,10 @@ def packed_decode_attention(
 
 
 def is_packable_decode(query: torch.Tensor, key: torch.Tensor, attention_mask: object) -> bool:
-    """One query token, fewer KV heads than query heads, and no mask or a ``(B, 1, 1, S)``-style 4D mask."""
-    mask_ok = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4)
+    """One query token, fewer KV heads than query heads, and no mask or one 4D mask ``(B, 1, 1, S)`` for all heads."""
+    mask_ok = attention_mask is None or (
+        isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+    )
     return query.shape[2] == 1 and key.shape[1] < query.shape[1] and mask_ok
 
 
