@@ -7,13 +7,28 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
 from .conftest import tiny_config, tiny_model
 
 ATOL = 2e-5
-BACKENDS = ["eager", "sdpa"]
+BACKENDS = ["eager", "sdpa", "flex_attention", "sdpa_packed_gqa"]
 # LCKV (paper layout), more warmup layers, and a general source list with two targets.
 LAYOUTS = {
     "lckv": dict(layer_types="0_1_1_1_2_0"),
     "warmup": dict(layer_types="0_0_1_2_0_0", target_layer=3),
     "two_targets": dict(kv_sources=[0, 2, 2, 5, 5, 5]),
 }
+
+
+@pytest.fixture(autouse=True)
+def _flex_attention_uncompiled(monkeypatch):
+    """flex_attention runs uncompiled here (torch's reference kernel and BlockMask builder): the oracles check the
+    model's masks, not inductor's CPU build of transformers' compiled ones, whose C++ for a padded one-token
+    decoding mask fails to compile in torch 2.13."""
+    from torch.nn.attention import flex_attention as torch_flex
+    from transformers import masking_utils
+    from transformers.integrations import flex_attention as transformers_flex
+
+    monkeypatch.setattr(transformers_flex.WrappedFlexAttention, "__call__", lambda self: torch_flex.flex_attention)
+    monkeypatch.setattr(
+        masking_utils, "create_block_mask", lambda *args, _compile=False, **kwargs: torch_flex.create_block_mask(*args, **kwargs)
+    )
 
 
 def sequential_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
