@@ -16,13 +16,19 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 
 def ensure_resident(cache: Cache, layer_idx: int) -> None:
-    """Make an offloaded layer's KVs usable on its device: prefetch on the side stream, then wait for it."""
+    """Make an offloaded layer's KVs usable on its device: prefetch on the side stream, then wait for it.
+
+    As in transformers' ``Cache.update``, the copy first waits for the default stream, where the layer's last
+    device-to-host offload was queued; its host buffer is only complete after that.
+    """
     if not getattr(cache, "offloading", False) or not cache.layers[layer_idx].is_initialized:
         return
     layer = cache.layers[layer_idx]
+    default_stream = torch.cuda.default_stream(layer.device)
+    cache.prefetch_stream.wait_stream(default_stream)
     with cache.prefetch_stream:
         layer.prefetch()
-    torch.cuda.default_stream(layer.device).wait_stream(cache.prefetch_stream)
+    default_stream.wait_stream(cache.prefetch_stream)
 
 
 def staged_kv(
