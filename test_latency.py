@@ -12,7 +12,6 @@ per sequence length, from the config shapes alone.
 """
 
 import argparse
-import contextlib
 import gc
 import json
 import time
@@ -193,8 +192,8 @@ class CompiledStepTimer:
         return event
 
     def mean_ms(self) -> float | None:
-        """Mean milliseconds per call, the first (warm-up) call left out."""
-        if self.cuda:
+        """Mean milliseconds per call, the first (warm-up) call left out; None when nothing was compiled."""
+        if self.cuda and self.spans:
             torch.cuda.synchronize(self.model.device)
         spans = [start.elapsed_time(end) if self.cuda else 1e3 * (end - start) for start, end in self.spans[1:]]
         return sum(spans) / len(spans) if spans else None
@@ -232,8 +231,7 @@ def run(model, args, batch: int, desc: str) -> RunResult:
         compile_s = timer.times[-1] - start
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
-    step_timer = CompiledStepTimer(model) if args.compile else contextlib.nullcontext()
-    with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar, step_timer:
+    with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar, CompiledStepTimer(model) as step_timer:
         timer, cache, start = generate_once(model, args, batch, args.steps, bar, args.prompt_len)
     times = timer.times
     kv, slots = cache_bytes(cache)
@@ -248,7 +246,7 @@ def run(model, args, batch: int, desc: str) -> RunResult:
         kv_bytes=kv,
         kv_bytes_per_token=kv / (batch * slots),
         compile_s=compile_s,
-        compiled_step_ms=step_timer.mean_ms() if args.compile else None,
+        compiled_step_ms=step_timer.mean_ms(),
     )
 
 
