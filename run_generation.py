@@ -182,14 +182,22 @@ def check_generation_args(args: argparse.Namespace) -> None:
         raise UsageError("--num_return_sequences: greedy search returns 1 sequence; allowed is <= --num_beams, or --do_sample")
 
 
-def check_offload(args: argparse.Namespace) -> None:
-    """``--offload`` moves a KV cache between GPU and CPU: it needs both a cache and a CUDA device."""
+def check_cache_flags(args: argparse.Namespace) -> None:
+    """``--static_cache`` needs a cache; ``--offload`` moves one between GPU and CPU: it needs a cache and CUDA."""
+    if args.static_cache and args.no_cache:
+        raise UsageError("--static_cache: preallocates the KV cache, so it cannot go with --no_cache")
     if not args.offload:
         return
     if args.no_cache or args.compare_cache:
         raise UsageError("--offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache")
     if not str(args.device).startswith("cuda"):
         raise UsageError(f"--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not {args.device}")
+
+
+def cache_implementation(args: argparse.Namespace) -> str | None:
+    """generate's ``cache_implementation`` for ``--static_cache`` / ``--offload`` (None: the dynamic cache)."""
+    names = {(True, False): "static", (False, True): "offloaded", (True, True): "offloaded_static"}
+    return names.get((args.static_cache, args.offload))
 
 
 def check_position_limit(args: argparse.Namespace, prompt_length: int, limit: int) -> None:
@@ -209,7 +217,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--no_cache", action="store_true", help="generate without the KV cache (recompute every step)")
     cache.add_argument("--compare_cache", action="store_true", help="generate with and without the cache; report both speeds and whether the text matches")
-    parser.add_argument("--offload", action="store_true", help="keep each KV layer on the CPU between uses (transformers' offloaded cache); CUDA only")
+    parser.add_argument("--static_cache", action="store_true",
+                        help="preallocated (static) KV cache; on CUDA, generate compiles the decode step (CUDA graphs)")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep each KV layer on the CPU between uses (transformers' offloaded cache, offloaded_static with "
+                        "--static_cache); CUDA only")
     parser.add_argument("--sequential_forward", action="store_true", help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree")
     return parser.parse_args(argv)
 
@@ -218,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     """Generate as the flags say; return ``{mode: {"text": [...], "new_tokens": n, "seconds": s, "tokens_per_s": r}}``."""
     resolve_device(args)
     check_generation_args(args)
-    check_offload(args)
+    check_cache_flags(args)
     prompt = read_prompt(args)
     config = load_config(args)
     if args.sequential_forward:
@@ -234,7 +246,8 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     for mode, use_cache in modes.items():
         print(f"--- {mode} ---\n{prompt}", end="", flush=True)
-        extra = {"cache_implementation": "offloaded"} if args.offload else {}
+        implementation = cache_implementation(args) if use_cache else None
+        extra = {"cache_implementation": implementation} if implementation else {}
         new_tokens, seconds = generate_once(model, tokenizer, input_ids, args, use_cache=use_cache, **extra)
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         if args.quiet or len(texts) > 1:

@@ -48,6 +48,23 @@ def test_with_and_without_cache_same_greedy_text(tiny_files, capsys, config, ext
     assert "same text: yes" in captured.err and "tokens/s" in captured.err
 
 
+@pytest.mark.parametrize("config", ["opt.json", "llama.json"])
+def test_static_cache_same_greedy_text_as_dynamic(tiny_files, config):
+    args = ("--prompt", "ROMEO: But soft", "--max_new_tokens", "16", "--ignore_eos", "--quiet")
+    static = run(tiny_files, *args, "--static_cache", "--compare_cache", config=config)
+    assert static["cache"]["text"] == run(tiny_files, *args, config=config)["cache"]["text"]
+    assert static["cache"]["new_tokens"] == static["no_cache"]["new_tokens"] == 16
+
+
+@pytest.mark.parametrize(
+    "static, offload, expected",
+    [(False, False, None), (True, False, "static"), (False, True, "offloaded"), (True, True, "offloaded_static")],
+)
+def test_cache_implementation_from_flags(static, offload, expected):
+    flags = ["--prompt", "x"] + ["--static_cache"] * static + ["--offload"] * offload
+    assert run_generation.cache_implementation(run_generation.parse_args(flags)) == expected
+
+
 def test_sampling_beams_and_prompt_sources(tiny_files, tmp_path, monkeypatch):
     sample = ["--prompt", "JULIET:", "--do_sample", "--top_k", "20", "--top_p", "0.9", "--temperature", "0.7", "--num_return_sequences", "2", "--max_new_tokens", "6", "--quiet"]
     sampled = run(tiny_files, *sample)["cache"]["text"]
@@ -85,6 +102,7 @@ def test_checkpoint_round_trip(tiny_files, tmp_path):
         (["--prompt_file", "missing.txt"], "error: --prompt_file: missing.txt does not exist"),
         (["--prompt", "x", "--offload", "--device", "cpu"], "error: --offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
         (["--prompt", "x", "--offload", "--no_cache"], "error: --offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache"),
+        (["--prompt", "x", "--static_cache", "--no_cache"], "error: --static_cache: preallocates the KV cache, so it cannot go with --no_cache"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_files, capsys, args, message):
