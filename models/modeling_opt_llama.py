@@ -83,14 +83,16 @@ class OptLlamaAttention(nn.Module):
         cache: Cache | None = None,
         commit: bool = True,
         visible: torch.Tensor | None = None,
+        kv_only: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, KV, KV | None]:
+    ) -> tuple[torch.Tensor | None, KV, KV | None]:
         """Attend from ``hidden_states`` ``(B, T, H)``.
 
         Args:
             source_keys, source_values: ``(B, Hkv, S, D)`` KVs of ``kv_source`` (None for own-KV layers).
             commit: write this layer's new KVs to ``cache`` now; otherwise stage them (iterative block).
             visible: ``(B, T, 1)``, 0 for queries that see no key under the strict mask.
+            kv_only: compute this layer's KVs and stop (no queries, no attention; the output is None).
 
         Returns:
             output ``(B, T, H)``; the ``(B, Hkv, S, D)`` KVs attended to; the layer's new ``(B, Hkv, T, D)``
@@ -99,7 +101,7 @@ class OptLlamaAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states = None if kv_only else self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         new_kv = None
         if self.has_own_kv:
@@ -113,6 +115,8 @@ class OptLlamaAttention(nn.Module):
                 source_keys, source_values = staged_kv(cache, self.layer_idx, key_states, value_states)
         else:
             query_states, _ = kernels.apply_rotary_pos_emb(query_states, None, cos, sin)
+        if kv_only:
+            return None, (source_keys, source_values), new_kv
 
         attention_interface = kernels.attention_interface(self.config._attn_implementation)
         attn_output, _ = attention_interface(
@@ -150,10 +154,15 @@ class OptLlamaDecoderLayer(GradientCheckpointingLayer):
         source_values: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, KV, KV | None]:
-        """``hidden_states`` ``(B, T, H)`` -> same shape, plus the attention's KVs (see ``OptLlamaAttention``)."""
+        """``hidden_states`` ``(B, T, H)`` -> same shape, plus the attention's KVs (see ``OptLlamaAttention``).
+
+        With ``kv_only`` the layer only computes its KVs and returns ``hidden_states`` unchanged.
+        """
         attn_output, attended_kv, new_kv = self.self_attn(
             self.input_layernorm(hidden_states), source_keys, source_values, **kwargs
         )
+        if attn_output is None:  # kv_only
+            return hidden_states, attended_kv, new_kv
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, attended_kv, new_kv
@@ -244,7 +253,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
         # No annotations: evaluating `dict[int, KV]` at each call breaks torch.compile's graph (decode step).
-        def run_layer(layer_idx, hidden, kv_store, commit):
+        def run_layer(layer_idx, hidden, kv_store, commit, kv_only=False):
             source = self.kv_sources[layer_idx]
             source_kv = kv_store[source] if source != layer_idx else (None, None)
             mask = masks["strict" if reads_from_above(self.kv_sources, layer_idx) else "causal"]
@@ -256,6 +265,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 cache=cache,
                 commit=commit,
                 visible=visible,
+                kv_only=kv_only,
                 **kwargs,
             )
             if new_kv is not None:
@@ -285,13 +295,18 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         for source in self.plan.carried_sources:
             kv_store[source] = staged_kv(cache, source, zeros, zeros)
 
+        # The block ends at its highest target; before the last iteration only that target's KVs go on to the
+        # next one, so it skips its queries, attention and MLP there.
+        last_layer = self.plan.block[-1]
         previous_kvs, new_kvs = {}, {}
         for iteration in range(num_iterations):
+            final = iteration == num_iterations - 1
             with torch.set_grad_enabled(training and iteration >= num_iterations - num_trained):
                 hidden = block_input
                 previous_kvs, new_kvs = new_kvs, {}
                 for layer_idx in self.plan.block:
-                    hidden, new_kv = run_layer(layer_idx, hidden, kv_store, commit=False)
+                    kv_only = not final and layer_idx == last_layer
+                    hidden, new_kv = run_layer(layer_idx, hidden, kv_store, commit=False, kv_only=kv_only)
                     if new_kv is not None:
                         new_kvs[layer_idx] = new_kv
 

@@ -232,6 +232,36 @@ def test_model_decoding_on_packed_path_equals_plain(monkeypatch, no_fast_package
 # ---- benchmark smoke test (CPU, tiny) --------------------------------------------------------------------
 
 
+def test_fused_rotary_wrapper_stands_in_for_missing_queries_or_keys(monkeypatch):
+    """liger rotates queries and keys together; the wrapper gives it a one-head stand-in for a missing one
+    (condensed layers have no keys, a KV-only step has no queries) and drops it. A reference RoPE plays liger."""
+    import types
+
+    shapes = []
+
+    def reference_liger_rope(q, k, cos, sin):
+        shapes.append((q.shape[1], k.shape[1]))
+        return plain_apply_rotary_pos_emb(q, k, cos, sin)
+
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    functional.liger_rope = reference_liger_rope
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
+    monkeypatch.delitem(sys.modules, "models.kernels.rotary", raising=False)
+    try:
+        from models.kernels.rotary import fused_apply_rotary_pos_emb
+
+        q, k, cos, sin = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+        for pair in [(q, k), (q, None), (None, k), (None, None)]:
+            got, expected = fused_apply_rotary_pos_emb(*pair, cos, sin), plain_apply_rotary_pos_emb(*pair, cos, sin)
+            for g, e in zip(got, expected, strict=True):
+                assert (g is None and e is None) or torch.equal(g, e)
+        assert shapes == [(4, 2), (4, 1), (1, 2)]
+    finally:
+        sys.modules.pop("models.kernels.rotary", None)  # imported against the stand-in liger: never reuse it
+
+
 def test_bench_kernels_runs_on_cpu(tmp_path, monkeypatch):
     from bench.bench_kernels import main
 

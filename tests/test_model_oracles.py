@@ -268,6 +268,23 @@ def test_untrained_iterations_build_no_graph():
     assert flags == [False] * 4 + [True] * 3
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["prefill", "training"])
+def test_target_computes_only_its_kvs_before_the_last_iteration(training):
+    """Before the last iteration only the block's top layer (the target) KVs feed the next one: its queries,
+    attention and MLP run once per forward, its k_proj once per iteration."""
+    model = tiny_model(tiny_config(num_encoders=6)).train(training)  # 0_1_1_1_2_0: target 4, 7 iterations
+    calls = {"q_proj": 0, "k_proj": 0, "mlp": 0}
+    target = model.model.layers[4]
+    for name, module in [("q_proj", target.self_attn.q_proj), ("k_proj", target.self_attn.k_proj), ("mlp", target.mlp)]:
+        module.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    ids = random_ids(2, 10)
+    with torch.set_grad_enabled(training):
+        out = model(ids, labels=ids)
+    if training:
+        out.loss.backward()
+    assert calls == {"q_proj": 1, "k_proj": 7, "mlp": 1}
+
+
 def test_train_kv_adds_kv_loss():
     ids = random_ids(2, 8)
     losses = {}

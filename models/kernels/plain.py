@@ -47,7 +47,8 @@ def plain_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def plain_apply_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RoPE on queries ``(B, Hq, T, D)`` and keys ``(B, Hkv, T, D)``; ``k`` may be None (condensed layers)."""
-    return plain_rotate(q, cos, sin), None if k is None else plain_rotate(k, cos, sin)
+    q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """RoPE on queries ``(B, Hq, T, D)`` and keys ``(B, Hkv, T, D)``; either may be None (condensed layers
+    have no keys; a layer computing only its KVs has no queries) and stays None."""
+    return tuple(None if x is None else plain_rotate(x, cos, sin) for x in (q, k))

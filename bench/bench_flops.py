@@ -1,0 +1,67 @@
+"""Floating-point work of LCKV against Llama of the same shape: one prefill and one training step.
+
+    python -m bench.bench_flops --output_dir bench/results/flops
+
+Counts with torch's ``FlopCounterMode`` on the meta device (no memory, no GPU, deterministic): matrix
+multiplies and attention, as dispatched by the models' real forward and backward. LCKV's cost is its
+iterations (DESIGN.md section 3): the cyclic block runs ``num_encoders + 1`` times (prefill: at most
+the prompt length), two of them with gradients in training. Writes ``flops.json`` with each model's
+TFLOPs and its ratio to the baseline (the first Llama config).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import models  # noqa: F401  (registers opt-llama)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+",
+                        default=["configs/tinyllama.json", "configs/tinyllama_opt.json", "configs/tinyllama_opt_w4.json"],
+                        help="model configs; the first Llama (model_type llama) is the baseline of the ratios")
+    parser.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence (batch 1; work scales with batch)")
+    parser.add_argument("--output_dir", default="bench/results/flops", help="where flops.json goes")
+    return parser.parse_args(argv)
+
+
+def count_flops(config_path: str, seq_len: int) -> dict:
+    """TFLOPs of a prefill (no grad, logits of the last token) and a training step (forward + backward)."""
+    config = AutoConfig.from_pretrained(config_path)
+    config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as prefill:
+        model.eval()(ids, logits_to_keep=1)
+    with FlopCounterMode(display=False) as train:
+        model.train()(input_ids=ids, labels=ids).loss.backward()
+    return {"model_type": config.model_type, "prefill_tflop": prefill.get_total_flops() / 1e12,
+            "train_step_tflop": train.get_total_flops() / 1e12}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = {Path(c).stem: count_flops(c, args.seq_len) for c in tqdm(args.configs, desc="counting FLOPs")}
+    baseline = next((name for name, r in results.items() if r["model_type"] == "llama"), next(iter(results)))
+    for r in results.values():
+        for key in ("prefill_tflop", "train_step_tflop"):
+            r[key.replace("tflop", "vs_baseline")] = r[key] / results[baseline][key]
+    out = {"seq_len": args.seq_len, "batch": 1, "baseline": baseline, "models": results}
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "flops.json").write_text(json.dumps(out, indent=2))
+    for name, r in results.items():
+        print(f"{name}: prefill {r['prefill_tflop']:.3f} TFLOP ({r['prefill_vs_baseline']:.2f}x), "
+              f"train step {r['train_step_tflop']:.3f} TFLOP ({r['train_step_vs_baseline']:.2f}x)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
