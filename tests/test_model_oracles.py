@@ -243,6 +243,29 @@ def test_cache_holds_only_kv_layers():
     assert caches[0] == 2 * (6 + 5 - 1) * per_token  # the last sampled token is never fed back
 
 
+# Every layer reads itself or a layer below: cross-layer (CLA) pairs, and YOCO-style (the top half reads one
+# middle layer). No layer reads from above, so there is no cyclic block and nothing to iterate.
+BELOW_LAYOUTS = {"cla": [0, 0, 2, 2, 4, 4], "yoco": [0, 1, 2, 2, 2, 2]}
+
+
+@pytest.mark.parametrize("layout", BELOW_LAYOUTS)
+def test_layouts_reading_from_below_are_exact_and_cache_only_their_sources(layout):
+    kv_sources = BELOW_LAYOUTS[layout]
+    config = tiny_config(kv_sources=kv_sources, num_encoders=1)
+    model = tiny_model(config)
+    assert not model.model.plan.is_iterative
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        parallel = model(ids).logits
+        cache = DynamicCache(config=config)
+        model(ids, cache=cache, use_cache=True)
+    torch.testing.assert_close(parallel, sequential_logits(model, ids), atol=ATOL, rtol=0)
+    holding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None]
+    assert holding == sorted(set(kv_sources))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
 def test_gradient_reaches_target_kv_through_condensed_layers():
     """Oracle 7: the target's k_proj/v_proj get gradient through the condensed layers only with >= 2 trained iterations."""
     ids = random_ids(2, 8)
