@@ -152,6 +152,7 @@ class OptLlamaDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         source_keys: torch.Tensor | None = None,
         source_values: torch.Tensor | None = None,
+        kv_only: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, KV, KV | None]:
         """``hidden_states`` ``(B, T, H)`` -> same shape, plus the attention's KVs (see ``OptLlamaAttention``).
@@ -159,9 +160,9 @@ class OptLlamaDecoderLayer(GradientCheckpointingLayer):
         With ``kv_only`` the layer only computes its KVs and returns ``hidden_states`` unchanged.
         """
         attn_output, attended_kv, new_kv = self.self_attn(
-            self.input_layernorm(hidden_states), source_keys, source_values, **kwargs
+            self.input_layernorm(hidden_states), source_keys, source_values, kv_only=kv_only, **kwargs
         )
-        if attn_output is None:  # kv_only
+        if kv_only:
             return hidden_states, attended_kv, new_kv
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
