@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hbm_bandwidth", default="3.35TB", help="memory bandwidth per second for the roofline (H100 SXM: 3.35TB)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
     p.add_argument("--output_dir", default="bench/latency", help="where latency.json and throughput.png go")
-    p.add_argument("--plan", action="store_true", help="no GPU: print KV bytes/token and the KV-bound max batch per length")
+    p.add_argument("--plan", action="store_true", help="no GPU: print KV bytes/token, the KV-bound max batch per length "
+                   "and the bandwidth-bound (--hbm_bandwidth) decode tokens/s at that batch")
     p.add_argument("--gpu_memory", default="80GB", help="--plan: GPU memory, e.g. 80GB, 141GB, 24GiB")
     p.add_argument("--plan_lengths", default="512,1024,2048,4096,8192,16384", help="--plan: comma-separated sequence lengths")
     args = p.parse_args(argv)
@@ -98,10 +99,21 @@ def num_kv_layers(config: PretrainedConfig) -> int:
     return getattr(config, "num_kv_layers", config.num_hidden_layers)
 
 
-def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
-    """KV layers x 2 (keys, values) x KV heads x head dim x dtype bytes."""
+def layer_kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """One layer's KV bytes per token: 2 (keys, values) x KV heads x head dim x dtype bytes."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return num_kv_layers(config) * 2 * config.num_key_value_heads * head_dim * dtype.itemsize
+    return 2 * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """KV cache bytes stored per token: KV layers x one layer's KV bytes."""
+    return num_kv_layers(config) * layer_kv_bytes_per_token(config, dtype)
+
+
+def kv_read_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """KV bytes a decode step reads per cached token: every layer attends to one layer's KVs (condensed layers to
+    the shared target's), so LCKV reads as much as a Llama of the same shape while storing less."""
+    return config.num_hidden_layers * layer_kv_bytes_per_token(config, dtype)
 
 
 def weight_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -111,11 +123,15 @@ def weight_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
-def plan(config: PretrainedConfig, dtype: torch.dtype, gpu_memory: float, lengths: list[int]) -> dict:
-    """KV bytes per token and, per sequence length, the batch whose KV fills the memory left by the weights."""
-    per_token, weights = kv_bytes_per_token(config, dtype), weight_bytes(config, dtype)
+def plan(config: PretrainedConfig, dtype: torch.dtype, gpu_memory: float, lengths: list[int], bandwidth: float) -> dict:
+    """Per sequence length: the batch whose KV fills the memory left by the weights, and the bandwidth-bound
+    decode tokens/s at that batch (each step reads every weight once and, per sequence, ``n`` tokens of KV in
+    every layer)."""
+    per_token, read, weights = kv_bytes_per_token(config, dtype), kv_read_bytes_per_token(config, dtype), weight_bytes(config, dtype)
     max_batch = {n: int((gpu_memory - weights) // (per_token * n)) for n in lengths}
-    return {"kv_layers": num_kv_layers(config), "kv_bytes_per_token": per_token, "weight_bytes": weights, "max_batch": max_batch}
+    roofline = {n: batch * bandwidth / (weights + batch * n * read) for n, batch in max_batch.items()}
+    return {"kv_layers": num_kv_layers(config), "kv_bytes_per_token": per_token, "kv_read_bytes_per_token": read,
+            "weight_bytes": weights, "max_batch": max_batch, "decode_roofline_tokens_per_s": roofline}
 
 
 def cache_bytes(cache) -> tuple[int, int]:
@@ -293,9 +309,9 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
     fitting = [r for r in runs if not r.get("oom")]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
     weights = weight_bytes(config, dtype)
-    # One decode step at batch 1 reads every weight once plus the KV of the average context.
+    # One decode step at batch 1 reads every weight once plus, in every layer, the KV of the average context.
     avg_context = args.prompt_len + args.steps / 2
-    roofline_ms = 1e3 * (weights + kv_bytes_per_token(config, dtype) * avg_context) / bandwidth
+    roofline_ms = 1e3 * (weights + kv_read_bytes_per_token(config, dtype) * avg_context) / bandwidth
     batch1 = next((r for r in fitting if r["batch"] == 1), None)
     del model
     return {
@@ -355,16 +371,18 @@ def resolve_dtype(args) -> torch.dtype:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dtype = resolve_dtype(args)
+    bandwidth = parse_bytes(args.hbm_bandwidth)
     if args.plan:
         lengths = [int(n) for n in args.plan_lengths.split(",")]
         memory = parse_bytes(args.gpu_memory)
-        out = {Path(c).stem: plan(load_config(c, max(lengths)), dtype, memory, lengths) for c in args.configs}
+        out = {Path(c).stem: plan(load_config(c, max(lengths)), dtype, memory, lengths, bandwidth) for c in args.configs}
         for name, p in out.items():
-            batches = ", ".join(f"{n}: {b}" for n, b in p["max_batch"].items())
-            print(f"{name}: {p['kv_layers']} KV layers, {p['kv_bytes_per_token']} KV bytes/token; max batch per length {batches}")
+            per_length = ", ".join(f"{n}: {b} ({p['decode_roofline_tokens_per_s'][n]:,.0f} tok/s)" for n, b in p["max_batch"].items())
+            print(f"{name}: {p['kv_layers']} KV layers, {p['kv_bytes_per_token']} KV bytes/token stored, "
+                  f"{p['kv_read_bytes_per_token']} read per cached token per decode step; max batch per length "
+                  f"(decode roofline at it) {per_length}")
         return out
 
-    bandwidth = parse_bytes(args.hbm_bandwidth)
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
     keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "max_batch", "batches",

@@ -53,6 +53,24 @@ def test_plan_equals_measured_cache_bytes(configs):
         assert slots == 5 and total == planned[name]["kv_bytes_per_token"] * 3 * 5
 
 
+def test_plan_decode_roofline_reads_every_layer(configs):
+    """LCKV stores fewer KV layers but every layer still reads one layer's KVs per step: the same read bytes as
+    Llama, so at each one's KV-bound batch the bandwidth-bound decode rates are close, LCKV's bigger batch only
+    amortising the weights."""
+    argv = ["--plan", "--configs", *configs, "--dtype", "float32", "--plan_lengths", "64", "--gpu_memory", "1GB",
+            "--hbm_bandwidth", "1TB"]
+    planned = test_latency.main(argv)
+    llama, lckv = planned["tiny_llama"], planned["test_tiny_opt"]
+    assert llama["kv_read_bytes_per_token"] == lckv["kv_read_bytes_per_token"] == llama["kv_bytes_per_token"]
+    assert lckv["kv_bytes_per_token"] * 2 == llama["kv_bytes_per_token"]  # 3 of 6 layers store KVs
+    for p in (llama, lckv):
+        batch = p["max_batch"][64]
+        expected = batch * 1e12 / (p["weight_bytes"] + batch * 64 * p["kv_read_bytes_per_token"])
+        assert p["decode_roofline_tokens_per_s"][64] == pytest.approx(expected)
+    ratio = lckv["decode_roofline_tokens_per_s"][64] / llama["decode_roofline_tokens_per_s"][64]
+    assert lckv["max_batch"][64] > 1.9 * llama["max_batch"][64] and 1 < ratio < 1.1
+
+
 @pytest.mark.parametrize("start, doubled", [(1, {1, 2, 4, 8, 16}), (6, {1, 6, 12})])
 def test_batch_search_bisects_to_first_oom(monkeypatch, start, doubled):
     """Doubling (from --start_batch; batch 1 always) then bisection finds the largest batch below a fake limit of 23."""
