@@ -332,9 +332,14 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
     }
 
 
+def baseline_name(results: dict[str, dict]) -> str:
+    """The first Llama (``model_type`` llama) among ``results``, else the first model: the baseline of ratios."""
+    return next((name for name, r in results.items() if r["model_type"] == "llama"), next(iter(results)))
+
+
 def ratios(results: dict[str, dict]) -> dict[str, dict]:
     """Each non-baseline model's max batch, throughputs and KV bytes/token over the baseline's (first Llama)."""
-    baseline = next((name for name, r in results.items() if r["model_type"] == "llama"), next(iter(results)))
+    baseline = baseline_name(results)
     base = results[baseline]
     keys = ["max_batch", "max_batch_throughput", "max_batch_decode_throughput", "kv_bytes_per_token_formula"]
     return {

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import models  # noqa: F401  (registers opt-llama)
+from test_latency import baseline_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +50,7 @@ def count_flops(config_path: str, seq_len: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = {Path(c).stem: count_flops(c, args.seq_len) for c in tqdm(args.configs, desc="counting FLOPs")}
-    baseline = next((name for name, r in results.items() if r["model_type"] == "llama"), next(iter(results)))
+    baseline = baseline_name(results)
     for r in results.values():
         for key in ("prefill_tflop", "train_step_tflop"):
             r[key.replace("tflop", "vs_baseline")] = r[key] / results[baseline][key]
