@@ -1,85 +1,74 @@
-"""Configuration of the Layer-Condensed KV Cache (LCKV) Llama, model_type ``opt-llama``.
+"""Configurations of the Layer-Condensed KV Cache (LCKV) Llama: model_types ``opt-llama`` and ``lckv-llama``.
 
-The published LCKV configs describe the layer layout with a string, ``layer_types="0_1_1_..._1_2_0"``
-(0 standard layer, 1 condensed layer, 2 the target layer whose KVs the condensed layers read). In
-transformers v5 ``layer_types`` is a reserved field (a list of attention kinds per layer, read by the
-cache and mask builders), so the LCKV string is kept as ``lckv_layer_types`` and ``layer_types`` keeps
-its transformers meaning. Everything in the model works from one per-layer list, ``kv_sources``:
-``kv_sources[i]`` is the layer whose keys/values layer ``i`` attends to.
+Both are one model (``OptLlamaForCausalLM``) described by one internal representation: the per-layer KV
+source list ``layer_kv_sources``, the layers with a sliding window (``sliding_window_layers``), whether
+every layer drops the diagonal (``force_nodiag``) and how the iterations treat the target
+(``iteration_style``). The two classes differ only in the format they read and write:
+
+* ``opt-llama`` reads the published ``layer_types="0_1_..._2_0"`` string with ``target_layer`` (the
+  original ``dev-lckv-publish`` release, whose checkpoints the paper's numbers come from). In transformers
+  v5 ``layer_types`` is a reserved field (attention kinds per layer, read by the cache and mask builders),
+  so the LCKV string is kept as ``lckv_layer_types``, and ``layer_types`` holds transformers' meaning.
+* ``lckv-llama`` reads and writes the later format of the original code (its ``main`` branch):
+  ``layer_types="0s_4_4_4_4_5s"`` (the layer each layer reads, ``s`` = sliding window), ``forward_passes``,
+  ``backward_passes``, ``use_sequential``, ``force_nodiag``, ``sliding_window``.
+
+Semantics defaults (see docs/design.md, "Checkpoint formats"): a config that arrives in the published
+format (a ``layer_types`` string in an ``opt-llama`` config) computes like the published code
+(``force_nodiag=True``, ``iteration_style="previous"``); any other ``opt-llama`` config, this project's
+saved checkpoints included, computes as this project always did (``False``, ``"current"``). Both fields
+are then saved explicitly.
 """
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-STANDARD, CONDENSED, TARGET = "0", "1", "2"
-ALLOWED_LAYER_TYPES = (STANDARD, CONDENSED, TARGET)
+from .layer_layouts import (
+    default_published_layout,
+    lckv_layout,
+    parse_lckv_layout,
+    parse_published_layout,
+    validate_kv_sources,
+    validate_window_layers,
+)
+from .layer_plan import layer_plan, strict_layers, window_cached_layers
+
+ITERATION_STYLES = ("current", "previous")
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
 
 
-def default_lckv_layer_types(num_hidden_layers: int) -> str:
-    """The paper's default layout: one standard layer at each end, the target just below the top one."""
-    if num_hidden_layers < 3:
-        return "_".join([STANDARD] * num_hidden_layers)
-    return "_".join([STANDARD] + [CONDENSED] * (num_hidden_layers - 3) + [TARGET, STANDARD])
+def check_positive(config: LlamaConfig, names: tuple[str, ...]) -> None:
+    """Every named field that is set is an integer >= 1."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}: {value!r}; allowed values are integers >= 1")
 
 
-def kv_sources_from_layer_types(layer_types: str, target_layer: int) -> list[int]:
-    """Map the published LCKV layout string to the per-layer KV source list.
-
-    Args:
-        layer_types: ``"0_1_..._2_0"``, one entry per layer (0 standard, 1 condensed, 2 target).
-        target_layer: index of the target layer; negative counts from the top as in Python.
-
-    Returns:
-        ``kv_sources`` with ``kv_sources[i] == i`` for standard and target layers and
-        ``kv_sources[i] == target`` for condensed layers.
-
-    Raises:
-        ValueError: naming the field and the allowed values, for an unknown type, two targets, a
-            target out of range or not marked ``2``, or condensed layers without a target.
-    """
-    types = layer_types.split("_")
-    num_layers = len(types)
-    unknown = sorted({t for t in types if t not in ALLOWED_LAYER_TYPES})
-    if unknown:
-        raise ValueError(f"layer_types: unknown layer type(s) {unknown}; allowed values are 0 (standard), 1 (condensed), 2 (target)")
-    if not -num_layers <= target_layer < num_layers:
-        raise ValueError(f"target_layer: {target_layer} is out of range; allowed values are -{num_layers}..{num_layers - 1}")
-    target = target_layer % num_layers
-    marked = [i for i, t in enumerate(types) if t == TARGET]
-    if len(marked) > 1:
-        raise ValueError(f"layer_types: {len(marked)} target layers (type 2) at {marked}; allowed is exactly one")
-    if CONDENSED in types and not marked:
-        raise ValueError("layer_types: condensed layers (type 1) need one target layer (type 2)")
-    if marked and marked[0] != target:
-        raise ValueError(
-            f"target_layer: {target_layer} (layer {target}) is not the layer marked 2 in layer_types; allowed values are {marked[0]} or {marked[0] - num_layers}"
-        )
-    return [target if t == CONDENSED else i for i, t in enumerate(types)]
-
-
-def validate_kv_sources(kv_sources: list[int], num_hidden_layers: int) -> None:
-    """Check a general per-layer source list: one entry per layer, each a layer that computes its own KVs."""
-    if len(kv_sources) != num_hidden_layers:
-        raise ValueError(f"kv_sources: {len(kv_sources)} entries for {num_hidden_layers} layers; allowed is one entry per layer")
-    for i, src in enumerate(kv_sources):
-        if not 0 <= src < num_hidden_layers:
-            raise ValueError(f"kv_sources: layer {i} reads layer {src}; allowed values are 0..{num_hidden_layers - 1}")
-        if kv_sources[src] != src:
-            raise ValueError(f"kv_sources: layer {i} reads layer {src}, which has no KVs of its own; allowed sources are layers with kv_sources[j] == j")
+def check_attention_shape(config: LlamaConfig) -> None:
+    """The head counts and sizes the attention divides and reshapes by."""
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if heads % kv_heads:
+        raise ValueError(f"num_key_value_heads: {kv_heads} does not divide num_attention_heads={heads}; allowed are divisors of {heads}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim: {head_dim} is odd; allowed are even sizes (rotary embeddings rotate pairs)")
+    if config.hidden_size % heads:
+        raise ValueError(f"hidden_size: {config.hidden_size} is not a multiple of num_attention_heads={heads}; allowed are multiples of {heads}")
 
 
 @strict
 class OptLlamaConfig(LlamaConfig):
-    r"""Llama configuration plus the LCKV fields.
+    r"""Llama configuration plus the LCKV fields (model_type ``opt-llama``).
 
     lckv_layer_types (`str`, *optional*):
-        The published LCKV layout, ``"0_1_..._1_2_0"``. A string passed as ``layer_types`` (the
-        published config format) is moved here. Defaults to one standard layer at each end and the
-        target just below the top.
+        The published LCKV layout, ``"0_1_..._1_2_0"``. A string passed as ``layer_types`` (the published
+        config format) is moved here. Defaults to one standard layer at each end and the target just below the top.
     target_layer (`int`, defaults to -2):
         Index of the target layer; negative counts from the top.
     kv_sources (`list[int]`, *optional*):
         General per-layer KV source list (CLA, YOCO, ...). Overrides ``lckv_layer_types`` when given.
+    sliding_window (`int`, *optional*), sliding_window_layers (`list[int]`, *optional*):
+        The layers whose attention sees only the last ``sliding_window`` positions (the query's own included).
     num_encoders (`int`, defaults to 8):
         ``m + b - 1`` in the paper: the parallel computation runs ``num_encoders + 1`` iterations.
     num_trained_encoders (`int`, defaults to 1):
@@ -87,8 +76,14 @@ class OptLlamaConfig(LlamaConfig):
     train_kv (`bool`, defaults to False):
         Add the MSE between the last two iterations' KVs to the training loss.
     sequential_forward (`bool`, defaults to False):
-        Compute every forward without gradients token by token (the exact semantics) instead of by
-        iterations; used by sequential evaluation.
+        Compute every forward without gradients token by token (the exact semantics) instead of by iterations.
+    force_nodiag (`bool`, *optional*):
+        Every layer attends only to earlier tokens (drops the diagonal). Otherwise only layers reading a
+        layer above them do. Default: True for a published-format config, else False.
+    iteration_style (`str`, *optional*):
+        Which KVs the target layer's own queries attend to in an iteration: ``"current"`` (the ones it has just
+        computed, as in ``lckv-llama``) or ``"previous"`` (the previous iteration's, as in the published code).
+        Default: ``"previous"`` for a published-format config, else ``"current"``.
     """
 
     model_type = "opt-llama"
@@ -97,21 +92,38 @@ class OptLlamaConfig(LlamaConfig):
     lckv_layer_types: str | None = None
     target_layer: int = -2
     kv_sources: list[int] | None = None
+    sliding_window: int | None = None
+    sliding_window_layers: list[int] | None = None
     num_encoders: int = 8
     num_trained_encoders: int = 1
     train_kv: bool = False
     sequential_forward: bool = False
+    force_nodiag: bool | None = None
+    iteration_style: str | None = None
 
     def __post_init__(self, **kwargs):
-        if isinstance(self.layer_types, str):
-            self.lckv_layer_types, self.layer_types = self.layer_types, None
-        if self.lckv_layer_types is None:
-            self.lckv_layer_types = default_lckv_layer_types(self.num_hidden_layers)
-        if self.layer_types is None:
-            self.layer_types = ["full_attention"] * self.num_hidden_layers
-        # Checked here too, so a bad field surfaces as a plain one-line ValueError, not wrapped by @strict.
+        check_positive(self, POSITIVE_FIELDS + ("num_key_value_heads", "head_dim"))
+        layout = self.layer_types if isinstance(self.layer_types, str) else None
+        self.adopt_layout(layout)
+        if self.sliding_window_layers is None:
+            self.sliding_window_layers = []
+        # Checked before transformers' own validators, so a bad field is a plain one-line ValueError.
         self.validate_lckv()
+        self.layer_types = self.cache_layer_types
         super().__post_init__(**kwargs)
+        check_attention_shape(self)
+
+    def adopt_layout(self, layout: str | None) -> None:
+        """Take a ``layer_types`` string in this format's syntax and settle the semantics defaults."""
+        if layout is not None:
+            self.lckv_layer_types = layout
+        if self.lckv_layer_types is None:
+            self.lckv_layer_types = default_published_layout(self.num_hidden_layers)
+        published = layout is not None
+        if self.force_nodiag is None:
+            self.force_nodiag = published
+        if self.iteration_style is None:
+            self.iteration_style = "previous" if published else "current"
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -119,28 +131,56 @@ class OptLlamaConfig(LlamaConfig):
 
     def validate_lckv(self) -> None:
         """Validate the LCKV fields; every error is a ValueError naming its field and the allowed values."""
-        num_types = len(self.lckv_layer_types.split("_"))
-        if num_types != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_types: {num_types} entries for num_hidden_layers={self.num_hidden_layers}; allowed is one entry (0, 1 or 2) per layer"
-            )
         if self.kv_sources is None:
-            kv_sources_from_layer_types(self.lckv_layer_types, self.target_layer)
-        else:
-            validate_kv_sources(self.kv_sources, self.num_hidden_layers)
+            num_types = len(self.lckv_layer_types.split("_"))
+            if num_types != self.num_hidden_layers:
+                raise ValueError(
+                    f"layer_types: {num_types} entries for num_hidden_layers={self.num_hidden_layers}; allowed is one entry per layer"
+                )
+        kv_sources = self.layer_kv_sources
+        validate_kv_sources(kv_sources, self.num_hidden_layers)
+        validate_window_layers(self.sliding_window_layers, self.num_hidden_layers)
+        if self.sliding_window_layers:
+            strict = strict_layers(kv_sources, self.force_nodiag)
+            smallest = 2 if any(strict[i] for i in self.sliding_window_layers) else 1
+            if not isinstance(self.sliding_window, int) or self.sliding_window < smallest:
+                raise ValueError(
+                    f"sliding_window: {self.sliding_window!r}; allowed are integers >= {smallest} when layers "
+                    f"{self.sliding_window_layers} use a sliding window{' (a strict layer then still sees one earlier token)' if smallest == 2 else ''}"
+                )
         if self.num_encoders < 0:
             raise ValueError(f"num_encoders: {self.num_encoders}; allowed values are integers >= 0")
         if not 0 <= self.num_trained_encoders <= self.num_encoders:
             raise ValueError(
                 f"num_trained_encoders: {self.num_trained_encoders}; allowed values are 0..num_encoders ({self.num_encoders})"
             )
+        if self.iteration_style not in ITERATION_STYLES:
+            raise ValueError(f"iteration_style: {self.iteration_style!r}; allowed values are {', '.join(map(repr, ITERATION_STYLES))}")
+        if self.iteration_style == "previous" and not self.force_nodiag:
+            # A target reading the previous iteration's KV of its own token would need more iterations than tokens.
+            raise ValueError("iteration_style: 'previous' needs force_nodiag=True (the published code's combination); allowed with force_nodiag=False is 'current'")
 
     @property
     def layer_kv_sources(self) -> list[int]:
         """The per-layer KV source list every part of the model works from."""
         if self.kv_sources is not None:
             return list(self.kv_sources)
-        return kv_sources_from_layer_types(self.lckv_layer_types, self.target_layer)
+        return parse_published_layout(self.lckv_layer_types, self.target_layer)
+
+    @property
+    def layer_strict(self) -> list[bool]:
+        """Per layer: attends only to earlier positions (drops the diagonal)."""
+        return strict_layers(self.layer_kv_sources, self.force_nodiag)
+
+    @property
+    def cache_layer_types(self) -> list[str]:
+        """transformers' per-layer attention kinds, as its cache builders read them.
+
+        A layer gets a window-bounded cache only where every reader of its KVs has the window and the layer is
+        outside the cyclic block (whose staged KVs need the full cache layout).
+        """
+        windowed = window_cached_layers(self.layer_kv_sources, self.sliding_window_layers, layer_plan(self.layer_kv_sources).block)
+        return ["sliding_attention" if w else "full_attention" for w in windowed]
 
     @property
     def kv_sharing_modes(self) -> list[str | None]:
@@ -153,4 +193,55 @@ class OptLlamaConfig(LlamaConfig):
         return sum(src == i for i, src in enumerate(self.layer_kv_sources))
 
 
-__all__ = ["OptLlamaConfig"]
+@strict
+class LckvLlamaConfig(OptLlamaConfig):
+    r"""The same model in the ``lckv-llama`` format of the original code's later releases.
+
+    layer_types (`str`): ``"0s_4_4_4_4_5s"``: entry ``i`` is the layer whose KVs layer ``i`` reads; ``s`` marks a
+        sliding-window layer. Default: every layer reads its own KVs.
+    forward_passes (`int`, defaults to 7), backward_passes (`int`, defaults to 2):
+        ``m`` and ``b`` of the paper; stored as ``num_encoders = m + b - 1`` and ``num_trained_encoders = b - 1``.
+    use_sequential (`bool`): stored as ``sequential_forward``.
+    sliding_window (`int`, defaults to 4096), force_nodiag (`bool`, defaults to False).
+    """
+
+    model_type = "lckv-llama"
+
+    forward_passes: int | None = None
+    backward_passes: int | None = None
+    use_sequential: bool | None = None
+    sliding_window: int | None = 4096
+
+    def adopt_layout(self, layout: str | None) -> None:
+        if layout is not None:
+            self.kv_sources, self.sliding_window_layers = parse_lckv_layout(layout)
+        elif self.kv_sources is None:
+            self.kv_sources = list(range(self.num_hidden_layers))
+        if self.backward_passes is not None or self.forward_passes is not None:
+            forward = 7 if self.forward_passes is None else self.forward_passes
+            backward = 2 if self.backward_passes is None else self.backward_passes
+            if backward < 1 or forward < 0:
+                raise ValueError(f"forward_passes/backward_passes: {forward}/{backward}; allowed are forward_passes >= 0 and backward_passes >= 1")
+            self.num_encoders, self.num_trained_encoders = forward + backward - 1, backward - 1
+        if self.use_sequential is not None:
+            self.sequential_forward = self.use_sequential
+        self.forward_passes = self.backward_passes = self.use_sequential = None  # num_encoders & co. are the truth
+        self.lckv_layer_types = None
+        if self.force_nodiag is None:
+            self.force_nodiag = False
+        if self.iteration_style is None:
+            self.iteration_style = "current"
+
+    def to_dict(self) -> dict:
+        """The ``lckv-llama`` format: the layout string, ``forward_passes``/``backward_passes``, ``use_sequential``."""
+        fields = super().to_dict()
+        for name in ("kv_sources", "sliding_window_layers", "lckv_layer_types", "target_layer", "num_encoders", "num_trained_encoders", "sequential_forward"):
+            fields.pop(name, None)
+        fields["layer_types"] = lckv_layout(self.layer_kv_sources, self.sliding_window_layers)
+        fields["forward_passes"] = self.num_encoders - self.num_trained_encoders
+        fields["backward_passes"] = self.num_trained_encoders + 1
+        fields["use_sequential"] = self.sequential_forward
+        return fields
+
+
+__all__ = ["LckvLlamaConfig", "OptLlamaConfig"]

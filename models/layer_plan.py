@@ -35,6 +35,36 @@ def reads_from_above(kv_sources: list[int], layer_idx: int) -> bool:
     return kv_sources[layer_idx] > layer_idx
 
 
+def strict_layers(kv_sources: list[int], force_nodiag: bool) -> list[bool]:
+    """Per layer: attends only to positions before the query (``kv < q``).
+
+    A reader of a layer above must (that layer's KV of the current token does not exist yet when it runs);
+    with ``force_nodiag`` every layer does, as in the published LCKV code.
+
+    >>> strict_layers([0, 2, 2, 3], force_nodiag=False)
+    [False, True, False, False]
+    """
+    return [force_nodiag or reads_from_above(kv_sources, i) for i in range(len(kv_sources))]
+
+
+def window_cached_layers(kv_sources: list[int], window_layers: list[int], block: range) -> list[bool]:
+    """Per layer: its cache may keep only the sliding window.
+
+    True for a layer with its own KVs, outside the cyclic block, whose every reader (itself included) has the window.
+
+    >>> window_cached_layers([0, 4, 4, 4, 4, 5], [0, 5], range(1, 5))
+    [True, False, False, False, False, True]
+    """
+    windows = set(window_layers)
+    readers: dict[int, list[int]] = {}
+    for i, src in enumerate(kv_sources):
+        readers.setdefault(src, []).append(i)
+    return [
+        kv_sources[j] == j and j not in block and all(r in windows for r in readers[j])
+        for j in range(len(kv_sources))
+    ]
+
+
 def layer_plan(kv_sources: list[int]) -> LayerPlan:
     """Split the stack into below / cyclic block / above.
 

@@ -1,23 +1,52 @@
 """Attention masks of the LCKV layers, built with transformers' mask interface.
 
-Layers reading their own KVs or those of a lower layer use the ordinary causal mask (``kv <= q``).
-Layers reading the KVs of a layer above use the strict mask (``kv < q``): the source's KV of the
-current token does not exist yet when the reader runs on it. A query that then sees no key at all
-(the first real token of a sequence) must output exactly zero; ``has_visible_key`` marks the others.
-With ``LCKV_FLASH_ATTN`` on, a strict mask without padding or cached keys is handed over as the marker
-``kernels.STRICT_CAUSAL``, which the attention runs as a shifted causal attention (no dense mask).
+Each layer's mask has a kind (``layer_mask_kinds``): causal (``kv <= q``) or strict (``kv < q``: a reader
+of a layer above, whose KV of the current token does not exist yet, or any layer under ``force_nodiag``),
+with or without a sliding window, sized by the cache layer it reads. A query that sees no key at all under
+the strict mask (the first real token of a sequence) must output exactly zero; ``has_visible_key`` marks
+the others. With ``LCKV_FLASH_ATTN`` on, a strict mask without window, padding or cached keys is handed
+over as the marker ``kernels.STRICT_CAUSAL``, which the attention runs as a shifted causal attention.
 """
 
 import torch
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from . import kernels
+
+STRICT, CAUSAL, WINDOW, WINDOW_CACHE = "strict", "causal", "_window", "_window_cache"
 
 
 def strictly_earlier(batch_idx: int, head_idx: int, q_idx: int, kv_idx: int) -> bool:
     """Mask function (transformers' signature, absolute positions): a key strictly before the query."""
     return kv_idx < q_idx
+
+
+def layer_mask_kinds(
+    kv_sources: list[int], strict: list[bool], window_layers: list[int], cache_layer_types: list[str]
+) -> tuple[list[str], dict[str, int]]:
+    """Each layer's mask kind, and for each kind the layer whose cache sizes it.
+
+    A kind is ``causal`` or ``strict``, plus ``_window`` for a sliding-window layer, plus ``_window_cache`` when the
+    layer it reads keeps only the window in its cache (transformers' ``sliding_attention`` cache layer).
+
+    >>> layer_mask_kinds([0, 4, 4, 4, 4, 5], [False, True, True, True, False, False], [0, 5],
+    ...                  ["sliding_attention", "full_attention", "full_attention", "full_attention", "full_attention", "sliding_attention"])
+    (['causal_window_window_cache', 'strict', 'strict', 'strict', 'causal', 'causal_window_window_cache'], {'causal_window_window_cache': 0, 'strict': 4, 'causal': 4})
+    """
+    windows = set(window_layers)
+    kinds, sizing = [], {}
+    for i, source in enumerate(kv_sources):
+        kind = (STRICT if strict[i] else CAUSAL) + (WINDOW if i in windows else "")
+        if cache_layer_types[source] == "sliding_attention":
+            kind += WINDOW_CACHE
+        kinds.append(kind)
+        sizing.setdefault(kind, source)
+    return kinds, sizing
+
+
+def is_strict_kind(kind: str) -> bool:
+    return kind.startswith(STRICT)
 
 
 def is_plain_prefill(attention_mask: torch.Tensor | None, cache: Cache | None, query_length: int) -> bool:
@@ -33,15 +62,20 @@ def build_masks(
     attention_mask: torch.Tensor | None,
     cache: Cache | None,
     position_ids: torch.Tensor,
-    need_strict: bool,
+    mask_sizing: dict[str, int],
 ) -> dict[str, object]:
-    """The causal and (when some layer reads from above) strict masks, in the attention backend's format."""
+    """One mask per kind in ``mask_sizing`` (kind -> the cache layer that sizes it), in the attention backend's format."""
     kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-    masks = {"causal": create_causal_mask(**kwargs)}
-    if need_strict and kernels.fast_strict_mask() and is_plain_prefill(attention_mask, cache, inputs_embeds.shape[1]):
-        masks["strict"] = kernels.STRICT_CAUSAL
-    elif need_strict:
-        masks["strict"] = create_causal_mask(**kwargs, and_mask_function=strictly_earlier)
+    plain_prefill = kernels.fast_strict_mask() and is_plain_prefill(attention_mask, cache, inputs_embeds.shape[1])
+    masks = {}
+    for kind, sizing_layer in mask_sizing.items():
+        strict, window = is_strict_kind(kind), WINDOW in kind
+        if strict and not window and plain_prefill:
+            masks[kind] = kernels.STRICT_CAUSAL
+            continue
+        create = create_sliding_window_causal_mask if window else create_causal_mask
+        layer_idx = sizing_layer if cache is not None and sizing_layer < len(cache.layers) else None
+        masks[kind] = create(**kwargs, and_mask_function=strictly_earlier if strict else None, layer_idx=layer_idx)
     return masks
 
 

@@ -8,7 +8,7 @@ Every layer ``i`` attends to the KVs of layer ``kv_sources[i]``. Layers reading 
 (see ``layer_plan``); decoding is the same computation with ``T == 1``, which is exact.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,14 +19,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from . import kernels
 from .cache_staging import staged_kv
-from .configuration_opt_llama import OptLlamaConfig
-from .layer_plan import iteration_schedule, layer_plan, reads_from_above
-from .masks import build_masks, has_visible_key
+from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
+from .layer_plan import iteration_schedule, layer_plan
+from .masks import build_masks, has_visible_key, is_strict_kind, layer_mask_kinds
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,17 +50,18 @@ class OptLlamaAttention(nn.Module):
     """Multi-head attention whose keys/values come from layer ``kv_source``.
 
     A layer with its own KVs (``kv_source == layer_idx``) has ``k_proj``/``v_proj``; a condensed layer has
-    none and attends to the KVs handed to it by the model.
+    none and attends to the KVs handed to it by the model. A strict layer (``config.layer_strict``) attends
+    only to positions before the query; a window layer only to the last ``config.sliding_window`` positions.
     """
 
     def __init__(self, config: OptLlamaConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        kv_sources = config.layer_kv_sources
-        self.kv_source = kv_sources[layer_idx]
+        self.kv_source = config.layer_kv_sources[layer_idx]
         self.has_own_kv = self.kv_source == layer_idx
-        self.is_strict = reads_from_above(kv_sources, layer_idx)
+        self.is_strict = config.layer_strict[layer_idx]
+        self.sliding_window = config.sliding_window if layer_idx in config.sliding_window_layers else None
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
@@ -76,8 +78,8 @@ class OptLlamaAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        source_keys: torch.Tensor | None,
-        source_values: torch.Tensor | None,
+        given_keys: torch.Tensor | None,
+        given_values: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
@@ -85,56 +87,68 @@ class OptLlamaAttention(nn.Module):
         visible: torch.Tensor | None = None,
         kv_only: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor | None, KV, KV | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, KV | None, KV | None]:
         """Attend from ``hidden_states`` ``(B, T, H)``.
 
         Args:
-            source_keys, source_values: ``(B, Hkv, S, D)`` KVs of ``kv_source`` (None for own-KV layers).
+            given_keys, given_values: ``(B, Hkv, S, D)`` KVs to attend to: the source's for a condensed layer, the
+                previous iteration's for a target under ``iteration_style="previous"``; None to attend to this
+                layer's own KVs (cached ones and the current tokens').
             commit: write this layer's new KVs to ``cache`` now; otherwise stage them (iterative block).
             visible: ``(B, T, 1)``, 0 for queries that see no key under the strict mask.
             kv_only: compute this layer's KVs and stop (no queries, no attention; the output is None).
 
         Returns:
-            output ``(B, T, H)``; the ``(B, Hkv, S, D)`` KVs attended to; the layer's new ``(B, Hkv, T, D)``
-            KVs of the current tokens (None for condensed layers).
+            output ``(B, T, H)``; attention weights ``(B, Hq, T, S)`` where the backend returns them; this layer's
+            ``(B, Hkv, S, D)`` KVs as its readers see them (cached + current, None for condensed layers); its new
+            ``(B, Hkv, T, D)`` KVs of the current tokens (None for condensed layers).
         """
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
         query_states = None if kv_only else self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        new_kv = None
+        new_kv = own_kv = None
         if self.has_own_kv:
             key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             query_states, key_states = kernels.apply_rotary_pos_emb(query_states, key_states, cos, sin)
             new_kv = (key_states, value_states)
-            if cache is not None and commit:
-                source_keys, source_values = cache.update(key_states, value_states, self.layer_idx)
-            else:
-                source_keys, source_values = staged_kv(cache, self.layer_idx, key_states, value_states)
+            if given_keys is None:
+                own_kv = given_keys, given_values = self._store(key_states, value_states, cache, commit)
         else:
             query_states, _ = kernels.apply_rotary_pos_emb(query_states, None, cos, sin)
-        if kv_only:
-            return None, (source_keys, source_values), new_kv
 
-        attention_interface = kernels.attention_interface(self.config._attn_implementation)
-        attn_output, _ = attention_interface(
-            self,
-            query_states,
-            source_keys,
-            source_values,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        if self.is_strict:
-            # Eager softmax over an all-masked row is uniform, not zero: zero it for every backend.
-            attn_output = attn_output * visible.to(attn_output.dtype)
-        attn_output = self.o_proj(attn_output)
-        return attn_output, (source_keys, source_values), new_kv
+        attn_output = attn_weights = None
+        if not kv_only:
+            attention_interface = kernels.attention_interface(self.config._attn_implementation)
+            attn_output, attn_weights = attention_interface(
+                self,
+                query_states,
+                given_keys,
+                given_values,
+                attention_mask,
+                dropout=0.0 if not self.training else self.attention_dropout,
+                scaling=self.scaling,
+                **kwargs,
+            )
+            attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+            if self.is_strict:
+                # Eager softmax over an all-masked row is uniform, not zero: zero it for every backend.
+                attn_output = attn_output * visible.to(attn_output.dtype)
+                if attn_weights is not None:
+                    attn_weights = attn_weights * visible[:, None].to(attn_weights.dtype)
+            attn_output = self.o_proj(attn_output)
+        if self.has_own_kv and own_kv is None:
+            # Stored only after the read: a static cache stages into the very slots the given KVs view.
+            own_kv = self._store(*new_kv, cache, commit)
+        return attn_output, attn_weights, own_kv, new_kv
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, cache: Cache | None, commit: bool) -> KV:
+        """Commit (``cache.update``) or stage this layer's new KVs; returns cached + new ``(B, Hkv, S, D)``."""
+        if cache is not None and commit:
+            return cache.update(keys, values, self.layer_idx)
+        return staged_kv(cache, self.layer_idx, keys, values)
 
 
 class OptLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -150,23 +164,31 @@ class OptLlamaDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        source_keys: torch.Tensor | None = None,
-        source_values: torch.Tensor | None = None,
+        given_keys: torch.Tensor | None = None,
+        given_values: torch.Tensor | None = None,
         kv_only: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, KV, KV | None]:
-        """``hidden_states`` ``(B, T, H)`` -> same shape, plus the attention's KVs (see ``OptLlamaAttention``).
+    ) -> tuple[torch.Tensor, torch.Tensor | None, KV | None, KV | None]:
+        """``hidden_states`` ``(B, T, H)`` -> same shape, plus the attention's weights and KVs (see ``OptLlamaAttention``).
 
         With ``kv_only`` the layer only computes its KVs and returns ``hidden_states`` unchanged.
         """
-        attn_output, attended_kv, new_kv = self.self_attn(
-            self.input_layernorm(hidden_states), source_keys, source_values, kv_only=kv_only, **kwargs
+        attn_output, attn_weights, own_kv, new_kv = self.self_attn(
+            self.input_layernorm(hidden_states), given_keys, given_values, kv_only=kv_only, **kwargs
         )
         if kv_only:
-            return hidden_states, attended_kv, new_kv
+            return hidden_states, None, own_kv, new_kv
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, attended_kv, new_kv
+        return hidden_states, attn_weights, own_kv, new_kv
+
+
+class LayerOutputTap(nn.Module):
+    """Identity the model calls once per layer output it reports, so transformers' output capturing records exactly
+    those: the iterations call the block's layers several times, and only the final call of each layer counts."""
+
+    def forward(self, hidden_states: torch.Tensor, attn_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return hidden_states, attn_weights
 
 
 class OptLlamaPreTrainedModel(PreTrainedModel):
@@ -182,6 +204,55 @@ class OptLlamaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # The model calls `layer_outputs` with the embeddings and each layer's final output (see LayerOutputTap).
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(LayerOutputTap, index=0, capture_initial_hidden_state=False),
+        "attentions": OutputRecorder(LayerOutputTap, index=1),
+    }
+
+
+@dataclass
+class StackPass:
+    """What one pass through the layer stack shares, and the KVs it carries from layer to layer.
+
+    ``kv_store[j]`` holds layer ``j``'s KVs as its readers see them (cached + current tokens). ``reported`` collects,
+    when the caller asked for hidden states or attentions, the embeddings and each layer's final output.
+    """
+
+    layers: nn.ModuleList
+    kv_sources: list[int]
+    mask_kinds: list[str]
+    masks: dict
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    cache: Cache | None
+    layer_kwargs: dict
+    kv_store: dict = field(default_factory=dict)
+    reported: list | None = None
+
+    def run(self, layer_idx: int, hidden: torch.Tensor, commit: bool, kv_only: bool = False, attend_carried: bool = False):
+        """Run layer ``layer_idx`` on ``hidden`` ``(B, T, H)``; returns the new hidden states and its new KVs (or None).
+
+        ``attend_carried``: the layer's queries read its KVs carried in ``kv_store`` (the previous iteration's)
+        instead of the ones it computes now.
+        """
+        source = self.kv_sources[layer_idx]
+        given = self.kv_store[source] if source != layer_idx or attend_carried else (None, None)
+        hidden, attn_weights, own_kv, new_kv = self.layers[layer_idx](
+            hidden,
+            *given,
+            position_embeddings=self.position_embeddings,
+            attention_mask=self.masks[self.mask_kinds[layer_idx]],
+            cache=self.cache,
+            commit=commit,
+            visible=self.masks.get("visible"),
+            kv_only=kv_only,
+            **self.layer_kwargs,
+        )
+        if own_kv is not None:
+            self.kv_store[layer_idx] = own_kv
+        if self.reported is not None and not kv_only:
+            self.reported.append((hidden, attn_weights))
+        return hidden, new_kv
 
 
 class OptLlamaModel(OptLlamaPreTrainedModel):
@@ -193,13 +264,18 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         self.layers = nn.ModuleList([OptLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = kernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.layer_outputs = LayerOutputTap()
         self.kv_sources = config.layer_kv_sources
         self.plan = layer_plan(self.kv_sources)
+        self.mask_kinds, self.mask_sizing = layer_mask_kinds(
+            self.kv_sources, config.layer_strict, config.sliding_window_layers, config.cache_layer_types
+        )
         self.gradient_checkpointing = False
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -210,10 +286,16 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> OptLlamaModelOutput:
-        """``input_ids`` ``(B, T)`` (or ``inputs_embeds`` ``(B, T, H)``) -> ``last_hidden_state`` ``(B, T, H)``."""
+        """``input_ids`` ``(B, T)`` (or ``inputs_embeds`` ``(B, T, H)``) -> ``last_hidden_state`` ``(B, T, H)``.
+
+        ``output_hidden_states`` gives ``num_hidden_layers + 1`` tensors (the embeddings, then each layer's final
+        output, the last one normed); ``output_attentions`` the ``(B, Hq, T, S)`` weights (eager attention only).
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
+        reporting = self._reporting(kwargs)
         if inputs_embeds is None:
+            check_input_ids(input_ids, self.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -230,8 +312,26 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             self._check_positions(past_length + query_length)
 
         if self.config.sequential_forward and query_length > 1 and not torch.is_grad_enabled():
-            return self._forward_sequential(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
-        return self._forward_parallel(inputs_embeds, attention_mask, position_ids, cache, past_length, **kwargs)
+            output, reported = self._forward_sequential(inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs)
+        else:
+            output, reported = self._forward_parallel(inputs_embeds, attention_mask, position_ids, cache, past_length, reporting, **kwargs)
+        for hidden, attn_weights in reported or ():
+            self.layer_outputs(hidden, attn_weights)
+        return output
+
+    def _reporting(self, kwargs: dict) -> bool:
+        """Whether the caller asked for hidden states or attentions; refuses attentions no backend here returns."""
+        wants = {name: kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False)) for name in ("hidden_states", "attentions")}
+        if wants["attentions"]:
+            implementation = self.config._attn_implementation
+            if implementation != "eager" or kernels.fast_strict_mask():
+                raise ValueError(
+                    f"output_attentions: attn_implementation={implementation!r}{' with LCKV_FLASH_ATTN' if implementation == 'eager' else ''} "
+                    "returns no attention weights; allowed is attn_implementation='eager' without LCKV_FLASH_ATTN"
+                )
+            if self.config.sequential_forward:
+                raise ValueError("output_attentions: not available with sequential_forward=True (each token attends to a different number of keys)")
+        return bool(wants["hidden_states"] or wants["attentions"])
 
     def _check_positions(self, total_length: int | torch.Tensor) -> None:
         if is_torchdynamo_compiling():  # a static cache's length is a tensor; checked eagerly (prefill), not per step
@@ -243,49 +343,39 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 "use a shorter input or the streaming cache (run_streaming.py)"
             )
 
-    def _forward_parallel(self, inputs_embeds, attention_mask, position_ids, cache, past_length, **kwargs):
+    def _forward_parallel(self, inputs_embeds, attention_mask, position_ids, cache, past_length, reporting, **kwargs):
         plan = self.plan
-        batch_size, query_length = inputs_embeds.shape[:2]
         if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
             masks = attention_mask
         else:
-            masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, plan.is_iterative)
-        visible = masks.get("visible")
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-
-        # No annotations: evaluating `dict[int, KV]` at each call breaks torch.compile's graph (decode step).
-        def run_layer(layer_idx, hidden, kv_store, commit, kv_only=False):
-            source = self.kv_sources[layer_idx]
-            source_kv = kv_store[source] if source != layer_idx else (None, None)
-            mask = masks["strict" if reads_from_above(self.kv_sources, layer_idx) else "causal"]
-            hidden, attended_kv, new_kv = self.layers[layer_idx](
-                hidden,
-                *source_kv,
-                position_embeddings=position_embeddings,
-                attention_mask=mask,
-                cache=cache,
-                commit=commit,
-                visible=visible,
-                kv_only=kv_only,
-                **kwargs,
-            )
-            if new_kv is not None:
-                kv_store[layer_idx] = attended_kv
-            return hidden, new_kv
-
-        kv_store: dict[int, KV] = {}
+            masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing)
+        stack = StackPass(
+            layers=self.layers,
+            kv_sources=self.kv_sources,
+            mask_kinds=self.mask_kinds,
+            masks=masks,
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
+            cache=cache,
+            layer_kwargs=kwargs,
+            reported=[(inputs_embeds, None)] if reporting else None,
+        )
         hidden = inputs_embeds
         for layer_idx in plan.below:
-            hidden, _ = run_layer(layer_idx, hidden, kv_store, commit=True)
+            hidden, _ = stack.run(layer_idx, hidden, commit=True)
         kv_loss = None
         if plan.is_iterative:
-            hidden, kv_loss = self._run_block(hidden, kv_store, run_layer, cache)
+            hidden, kv_loss = self._run_block(hidden, stack)
         for layer_idx in plan.above:
-            hidden, _ = run_layer(layer_idx, hidden, kv_store, commit=True)
-        return OptLlamaModelOutput(last_hidden_state=self.norm(hidden), cache=cache, kv_loss=kv_loss)
+            hidden, _ = stack.run(layer_idx, hidden, commit=True)
+        # capture_outputs reports the normed last state in place of the last layer's output, as for Llama.
+        return OptLlamaModelOutput(last_hidden_state=self.norm(hidden), cache=cache, kv_loss=kv_loss), stack.reported
 
-    def _run_block(self, block_input, kv_store, run_layer, cache):
-        """Iterate the cyclic block; the carried sources start from zero KVs (DESIGN.md section 3)."""
+    def _run_block(self, block_input: torch.Tensor, stack: StackPass):
+        """Iterate the cyclic block; the carried sources start from zero KVs (docs/design.md, "Iterations").
+
+        Under ``iteration_style="previous"`` (the published code) the carried sources' own queries also read the
+        previous iteration's KVs; under ``"current"`` they read the KVs they compute in this iteration.
+        """
         config = self.config
         training = torch.is_grad_enabled()
         num_iterations, num_trained = iteration_schedule(
@@ -293,59 +383,80 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         )
         batch_size, query_length = block_input.shape[:2]
         zeros = block_input.new_zeros(batch_size, config.num_key_value_heads, query_length, config.head_dim)
-        for source in self.plan.carried_sources:
-            kv_store[source] = staged_kv(cache, source, zeros, zeros)
+        carried = self.plan.carried_sources
+        for source in carried:
+            stack.kv_store[source] = staged_kv(stack.cache, source, zeros, zeros)
+        attend_carried = config.iteration_style == "previous"
 
         # The block ends at its highest target; before the last iteration only that target's KVs go on to the
-        # next one, so it skips its queries, attention and MLP there.
+        # next one, so it skips its queries, attention and MLP there. Only the last iteration reports outputs.
         last_layer = self.plan.block[-1]
+        reported, stack.reported = stack.reported, None
         previous_kvs, new_kvs = {}, {}
         for iteration in range(num_iterations):
             final = iteration == num_iterations - 1
+            if final:
+                stack.reported = reported
             with torch.set_grad_enabled(training and iteration >= num_iterations - num_trained):
                 hidden = block_input
                 previous_kvs, new_kvs = new_kvs, {}
                 for layer_idx in self.plan.block:
                     kv_only = not final and layer_idx == last_layer
-                    hidden, new_kv = run_layer(layer_idx, hidden, kv_store, commit=False, kv_only=kv_only)
+                    hidden, new_kv = stack.run(
+                        layer_idx, hidden, commit=False, kv_only=kv_only, attend_carried=attend_carried and layer_idx in carried
+                    )
                     if new_kv is not None:
                         new_kvs[layer_idx] = new_kv
 
-        if cache is not None:
+        if stack.cache is not None:
             for layer_idx, (keys, values) in new_kvs.items():
-                cache.update(keys, values, layer_idx)
+                stack.cache.update(keys, values, layer_idx)
         kv_loss = None
         if config.train_kv and training and previous_kvs:  # a training regulariser: evaluation loss stays the LM loss
             kv_loss = sum(
                 nn.functional.mse_loss(new_kvs[s][0], previous_kvs[s][0])
                 + nn.functional.mse_loss(new_kvs[s][1], previous_kvs[s][1])
-                for s in self.plan.carried_sources
-            ) / len(self.plan.carried_sources)
+                for s in carried
+            ) / len(carried)
         return hidden, kv_loss
 
-    def _forward_sequential(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
+    def _forward_sequential(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs):
         """Exact token-by-token computation (the ground truth), one decoding step per token."""
         step_cache = cache if cache is not None else DynamicCache(config=self.config)
         past_length = step_cache.get_seq_length()
-        hidden_states = []
+        hidden_states, steps_reported = [], []
         for t in range(inputs_embeds.shape[1]):
             step_mask = attention_mask[:, : past_length + t + 1] if attention_mask is not None else None
-            out = self._forward_parallel(
-                inputs_embeds[:, t : t + 1], step_mask, position_ids[:, t : t + 1], step_cache, past_length + t, **kwargs
+            out, reported = self._forward_parallel(
+                inputs_embeds[:, t : t + 1], step_mask, position_ids[:, t : t + 1], step_cache, past_length + t, reporting, **kwargs
             )
             hidden_states.append(out.last_hidden_state)
-        return OptLlamaModelOutput(
-            last_hidden_state=torch.cat(hidden_states, dim=1), cache=step_cache if use_cache else cache
-        )
+            steps_reported.append(reported)
+        reported = None
+        if reporting:  # per reported layer, its outputs of every step side by side (no attentions: refused above)
+            reported = [(torch.cat([step[i][0] for step in steps_reported], dim=1), None) for i in range(len(steps_reported[0]))]
+        output = OptLlamaModelOutput(last_hidden_state=torch.cat(hidden_states, dim=1), cache=step_cache if use_cache else cache)
+        return output, reported
 
 
-def lckv_masks(
-    config, inputs_embeds, attention_mask, cache, position_ids, past_length, need_strict: bool
-) -> dict[str, torch.Tensor | None]:
-    """The causal and (``need_strict``: some layer reads from above) strict masks and ``visible`` ``(B, T, 1)``."""
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """A one-line ValueError for empty ``input_ids`` or ids outside ``[0, vocab_size)`` (checked outside compilation)."""
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids: shape {tuple(input_ids.shape)}; allowed are 2D (batch >= 1, length >= 1) tensors of token ids")
+    if is_torchdynamo_compiling():
+        return
+    low, high = input_ids.min().item(), input_ids.max().item()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids: token id {bad} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}")
+
+
+def lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length, mask_sizing: dict[str, int]) -> dict:
+    """The masks of every kind the layers use (see ``masks.layer_mask_kinds``) and, when some layer is strict,
+    ``visible`` ``(B, T, 1)``."""
     batch_size, query_length = inputs_embeds.shape[:2]
-    masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, need_strict)
-    if need_strict:
+    masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, mask_sizing)
+    if any(is_strict_kind(kind) for kind in mask_sizing):
         masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
     return masks
 
@@ -372,9 +483,7 @@ class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
         recompilation per step); ``attention_mask`` is the 2D padding mask ``(B, P + T)`` or None."""
         query_length = inputs_embeds.shape[1]
         past_length = attention_mask.shape[-1] - query_length if attention_mask is not None else cache.get_seq_length()
-        return lckv_masks(
-            config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.model.plan.is_iterative
-        )
+        return lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.model.mask_sizing)
 
     def __init__(self, config: OptLlamaConfig):
         super().__init__(config)
@@ -384,6 +493,7 @@ class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -418,8 +528,24 @@ class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
         if loss is not None and outputs.kv_loss is not None:
             loss = loss + token_weighted(outputs.kv_loss, labels, kwargs.get("num_items_in_batch"))
         return OptLlamaCausalLMOutput(
-            loss=loss, logits=logits, cache=outputs.cache, kv_loss=outputs.kv_loss
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            kv_loss=outputs.kv_loss,
         )
 
 
-__all__ = ["OptLlamaForCausalLM", "OptLlamaModel", "OptLlamaPreTrainedModel"]
+class LckvLlamaForCausalLM(OptLlamaForCausalLM):
+    """The same model, registered for configs in the ``lckv-llama`` format (transformers' Auto classes key models by
+    config class); it saves in that format."""
+
+    config_class = LckvLlamaConfig
+
+
+class LckvLlamaModel(OptLlamaModel):
+    config_class = LckvLlamaConfig
+
+
+__all__ = ["LckvLlamaForCausalLM", "LckvLlamaModel", "OptLlamaForCausalLM", "OptLlamaModel", "OptLlamaPreTrainedModel"]

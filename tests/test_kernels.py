@@ -162,9 +162,9 @@ def test_strict_marker_only_for_unpadded_prefill(monkeypatch, no_fast_packages):
     config._attn_implementation = "sdpa"
     embeds, positions = torch.zeros(2, 6, config.hidden_size), torch.arange(6)[None]
     ones = torch.ones(2, 6, dtype=torch.long)
-    assert build_masks(config, embeds, None, None, positions, True)["strict"] is STRICT_CAUSAL
-    assert build_masks(config, embeds, ones, None, positions, True)["strict"] is STRICT_CAUSAL
-    padded = build_masks(config, embeds, ones.index_fill(1, torch.tensor([0]), 0), None, positions, True)["strict"]
+    assert build_masks(config, embeds, None, None, positions, {"strict": 4})["strict"] is STRICT_CAUSAL
+    assert build_masks(config, embeds, ones, None, positions, {"strict": 4})["strict"] is STRICT_CAUSAL
+    padded = build_masks(config, embeds, ones.index_fill(1, torch.tensor([0]), 0), None, positions, {"strict": 4})["strict"]
     assert isinstance(padded, torch.Tensor)
 
 
@@ -315,7 +315,7 @@ def test_gpu_strict_mask_on_fast_path():
     config._attn_implementation = "sdpa"
     embeds = torch.zeros(2, 64, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     positions = torch.arange(64, device="cuda")[None]
-    assert build_masks(config, embeds, None, None, positions, True)["strict"] is STRICT_CAUSAL
+    assert build_masks(config, embeds, None, None, positions, {"strict": 4})["strict"] is STRICT_CAUSAL
     module, inputs = strict_attention_inputs(64, "cuda", torch.bfloat16)
     shift = strict_causal_attention(kernels.causal_attention, module, *inputs, 0.0, module.scaling)
     dense = dense_strict_attention(module, *[x.float().cpu() for x in inputs])

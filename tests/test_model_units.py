@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from models.configuration_opt_llama import (
-    OptLlamaConfig,
-    default_lckv_layer_types,
-    kv_sources_from_layer_types,
+from models.configuration_opt_llama import OptLlamaConfig
+from models.layer_layouts import (
+    default_published_layout,
+    parse_published_layout,
     validate_kv_sources,
 )
 from models.layer_plan import iteration_schedule, layer_plan, reads_from_above
@@ -26,8 +26,8 @@ from .conftest import CONFIGS, tiny_config
         ("1_1_2", -1, [2, 2, 2]),
     ],
 )
-def test_kv_sources_from_layer_types(layer_types, target, expected):
-    assert kv_sources_from_layer_types(layer_types, target) == expected
+def test_parse_published_layout(layer_types, target, expected):
+    assert parse_published_layout(layer_types, target) == expected
 
 
 @pytest.mark.parametrize(
@@ -42,17 +42,17 @@ def test_kv_sources_from_layer_types(layer_types, target, expected):
 )
 def test_kv_sources_errors_name_the_field(layer_types, target, field):
     with pytest.raises(ValueError, match="allowed|need") as err:
-        kv_sources_from_layer_types(layer_types, target)
+        parse_published_layout(layer_types, target)
     assert str(err.value).startswith(field)
     assert "\n" not in str(err.value)
 
 
 def test_default_layout_and_general_sources():
-    assert default_lckv_layer_types(5) == "0_1_1_2_0"
+    assert default_published_layout(5) == "0_1_1_2_0"
     validate_kv_sources([0, 0, 2, 2], 4)  # CLA: pairs share the lower layer's KVs
-    with pytest.raises(ValueError, match="^kv_sources: layer 1 reads layer 2, which has no KVs"):
+    with pytest.raises(ValueError, match="^kv_sources: layer 1 reads layer 2, which reads layer 1; allowed sources"):
         validate_kv_sources([0, 2, 1, 3], 4)
-    with pytest.raises(ValueError, match="^kv_sources: 3 entries for 4 layers"):
+    with pytest.raises(ValueError, match="^kv_sources: 3 entries for num_hidden_layers=4"):
         validate_kv_sources([0, 1, 2], 4)
 
 

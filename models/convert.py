@@ -1,0 +1,94 @@
+"""Convert an LCKV checkpoint directory between the original code's two formats, where the semantics allow.
+
+    python -m models.convert SRC DST --to {opt-llama,lckv-llama}
+
+The weights are the same in both formats (Llama parameter names; layers without KVs lack k_proj/v_proj), so
+only ``config.json`` changes; every other file is copied. A layout or behaviour the target format cannot
+express is a one-line error and nothing is written:
+
+* ``lckv-llama`` iterations always let the target attend to the KVs it has just computed, so
+  ``iteration_style="previous"`` (the published ``opt-llama`` checkpoints) has no ``lckv-llama`` form;
+* the published ``opt-llama`` layout string has one target read from below and no sliding windows.
+"""
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
+from .layer_layouts import published_layout
+
+FORMATS = {"opt-llama": OptLlamaConfig, "lckv-llama": LckvLlamaConfig}
+# Fields that describe the LCKV layout or semantics (rebuilt below) or name the class (set by the target).
+LCKV_FIELDS = {
+    "layer_types", "lckv_layer_types", "target_layer", "kv_sources", "sliding_window", "sliding_window_layers",
+    "num_encoders", "num_trained_encoders", "train_kv", "sequential_forward", "force_nodiag", "iteration_style",
+    "forward_passes", "backward_passes", "use_sequential", "model_type", "architectures", "auto_map", "transformers_version",
+}
+
+
+def converted_config(config: OptLlamaConfig, to: str) -> OptLlamaConfig:
+    """``config`` (either format) as a config of format ``to`` computing the same function; ValueError where it cannot."""
+    if to not in FORMATS:
+        raise ValueError(f"--to: {to!r}; allowed values are {', '.join(FORMATS)}")
+    fields = {k: v for k, v in config.to_dict().items() if k not in LCKV_FIELDS}
+    fields.update(
+        num_encoders=config.num_encoders,
+        num_trained_encoders=config.num_trained_encoders,
+        train_kv=config.train_kv,
+        sequential_forward=config.sequential_forward,
+        force_nodiag=config.force_nodiag,
+        iteration_style=config.iteration_style,
+    )
+    if to == "lckv-llama":
+        if config.iteration_style != "current":
+            raise ValueError(
+                f"iteration_style: {config.iteration_style!r} has no lckv-llama form (its iterations let the target attend to "
+                "the KVs it has just computed); allowed for lckv-llama is 'current'"
+            )
+        window = {"sliding_window": config.sliding_window} if config.sliding_window is not None else {}
+        return LckvLlamaConfig(
+            **fields, **window, kv_sources=config.layer_kv_sources, sliding_window_layers=list(config.sliding_window_layers),
+            architectures=["LckvLlamaForCausalLM"],
+        )
+    if config.sliding_window_layers:
+        raise ValueError(f"sliding_window_layers: {config.sliding_window_layers}; the published opt-llama layout has no sliding windows, allowed is none")
+    layer_types, target_layer = published_layout(config.layer_kv_sources)
+    return OptLlamaConfig(**fields, layer_types=layer_types, target_layer=target_layer, architectures=["OptLlamaForCausalLM"])
+
+
+def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> None:
+    """Write ``source`` in format ``to`` to ``destination`` (which must not exist); nothing is left behind on error."""
+    source, destination = Path(source), Path(destination)
+    if not (source / "config.json").is_file():
+        raise ValueError(f"SRC: {source} has no config.json; allowed is a checkpoint directory")
+    if destination.exists():
+        raise ValueError(f"DST: {destination} exists; allowed is a new path")
+    config = converted_config(AutoConfig.from_pretrained(source), to)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
+        staged = Path(staging) / "checkpoint"
+        shutil.copytree(source, staged, ignore=shutil.ignore_patterns("config.json"))
+        config.save_pretrained(staged)
+        staged.rename(destination)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", metavar="SRC", help="checkpoint directory (opt-llama or lckv-llama)")
+    parser.add_argument("destination", metavar="DST", help="new directory for the converted checkpoint")
+    parser.add_argument("--to", required=True, choices=sorted(FORMATS), help="target format")
+    args = parser.parse_args(argv)
+    try:
+        convert_checkpoint(args.source, args.destination, args.to)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"wrote {args.destination} ({args.to})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Sliding-window layers (the lckv-llama ``s`` suffix): exact semantics, generation with both cache kinds (the
+window bounds what a window-only layer caches), training and streaming."""
+
+import torch
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicSlidingWindowLayer, StaticSlidingWindowLayer
+
+from models.cache_streaming import SinkWindowCache
+
+from .conftest import tiny_config, tiny_model
+from .test_model_oracles import random_ids, sequential_logits
+
+WINDOW = 3
+# Layer 0 and 5 slide (only they read their KVs: window-only caches); layers 1-3 read layer 4 from below it.
+SLIDING = dict(kv_sources=[0, 4, 4, 4, 4, 5], sliding_window_layers=[0, 5], sliding_window=WINDOW, num_encoders=12)
+
+
+def sliding_model(backend: str = "sdpa", **overrides):
+    return tiny_model(tiny_config(**{**SLIDING, **overrides}), backend)
+
+
+def test_window_limits_what_a_layer_sees():
+    """With one layer, a sliding window layer equals a full layer on the last WINDOW tokens alone."""
+    model = sliding_model(num_hidden_layers=1, kv_sources=[0], sliding_window_layers=[0], num_encoders=0, num_trained_encoders=0)
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        full = model(ids).logits
+        for end in range(WINDOW, 9):
+            window_only = model(ids[:, end - WINDOW : end], position_ids=torch.arange(end - WINDOW, end)[None]).logits
+            torch.testing.assert_close(full[:, end - 1], window_only[:, -1], atol=2e-5, rtol=0)
+
+
+def test_iterations_equal_the_token_by_token_model():
+    for backend in ("eager", "sdpa", "sdpa_packed_gqa"):
+        model = sliding_model(backend)
+        ids = random_ids(2, 11)
+        with torch.no_grad():
+            parallel = model(ids).logits
+        torch.testing.assert_close(parallel, sequential_logits(model, ids), atol=2e-5, rtol=0)
+
+
+def test_generation_with_dynamic_and_static_cache_and_bounded_window_cache():
+    model = sliding_model()
+    ids = random_ids(2, 6)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = DynamicCache(config=model.config)
+        by_dynamic = model.generate(ids, cache=dynamic, **kwargs)
+        static = StaticCache(config=model.config, max_cache_len=16)
+        by_static = model.generate(ids, cache=static, **kwargs)
+    assert torch.equal(by_dynamic, by_static)
+    assert isinstance(dynamic.layers[0], DynamicSlidingWindowLayer) and isinstance(static.layers[0], StaticSlidingWindowLayer)
+    assert dynamic.layers[0].keys.shape[-2] == WINDOW - 1  # the window-only layer keeps WINDOW - 1 past tokens
+    assert static.layers[0].keys.shape[-2] == WINDOW
+    assert dynamic.layers[4].keys.shape[-2] == 15  # the shared target keeps everything its readers need
+    # Greedy generation equals greedy decoding of the exact token-by-token logits.
+    tokens = ids
+    for _ in range(10):
+        tokens = torch.cat([tokens, sequential_logits(model, tokens)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(by_dynamic, tokens)
+
+
+def test_training_step_reaches_sliding_layers():
+    model = sliding_model().train()
+    ids = random_ids(2, 9)
+    model(ids, labels=ids).loss.backward()
+    for layer in (0, 5):
+        assert model.model.layers[layer].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_streaming_with_sliding_layers():
+    """A stream window larger than the text changes nothing; a smaller one streams past it, equal until its first eviction."""
+    model = sliding_model()
+    ids = random_ids(1, 6)
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ordinary = model.generate(ids, max_new_tokens=30, **kwargs)
+        streamed = model.generate(ids, cache=SinkWindowCache(model.config, window_size=40, num_sink_tokens=2), max_new_tokens=30, **kwargs)
+        evicting = model.generate(ids, cache=SinkWindowCache(model.config, window_size=8, num_sink_tokens=2), max_new_tokens=30, **kwargs)
+    assert torch.equal(streamed, ordinary)
+    assert evicting.shape == ordinary.shape and torch.equal(evicting[:, :9], ordinary[:, :9])
