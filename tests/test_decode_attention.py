@@ -38,10 +38,10 @@ def interpreted_kernel():
     return decode_attention._kernel
 
 
-def decode_inputs(batch: int, heads: int, kv_heads: int, seed: int = 0):
+def decode_inputs(batch: int, heads: int, kv_heads: int, seed: int = 0, dim: int = DIM):
     generator = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch, heads, 1, DIM, generator=generator)
-    key, value = (torch.randn(batch, kv_heads, SLOTS, DIM, generator=generator) for _ in range(2))
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, SLOTS, dim, generator=generator) for _ in range(2))
     return query, key, value
 
 
@@ -66,11 +66,19 @@ SPANS = [(0, 100), (5, 70), (0, SLOTS), (40, 41)]
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
-@pytest.mark.parametrize("splits", [1, 3, MAX_SPLITS])
+@pytest.mark.parametrize("splits", [1, 3, 8])  # 8 > 3 tiles: some splits are empty
 def test_kernel_equals_sdpa_with_full_mask(interpreted_kernel, heads, kv_heads, splits):
     query, key, value = decode_inputs(len(SPANS), heads, kv_heads)
     mask = cache_mask(SPANS)
     out = interpreted_kernel(query, key, value, mask[:, 0, 0], visible_lengths(mask[:, 0, 0]), DIM**-0.5, splits)
+    torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [8, 24], ids=["below-16", "not-power-of-2"])
+def test_kernel_pads_head_dim(interpreted_kernel, dim):
+    query, key, value = decode_inputs(len(SPANS), 4, 2, dim=dim)
+    mask = cache_mask(SPANS)
+    out = split_kv_decode_attention(query, key, value, mask, None)  # None: the default 1 / sqrt(dim)
     torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 

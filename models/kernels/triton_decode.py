@@ -19,7 +19,7 @@ from torch.library import custom_op
 from .decode_attention import TILE as BLOCK_N  # KV slots per inner step: one BLOCK_N x D tile of keys and of values
 
 LOG2E = 1.4426950408889634
-MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows: the G query heads are padded to it
+MIN_DOT = 16  # tl.dot needs at least 16 along each dimension: query heads and head dim are padded to it
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def split_kv_decode(
     out = query.new_empty((batch, 1, num_heads, head_dim))
     mask_arg = mask if mask is not None else lengths  # never read when HAS_MASK is off
     mask_strides = mask.stride() if mask is not None else (0, 0)
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
     _partial_kernel[(batch, kv_heads, num_splits)](
         query, key, value, mask_arg, lengths, acc, maxes, sums,
         query.stride(0), query.stride(1), query.stride(3),
@@ -130,7 +130,7 @@ def split_kv_decode(
         group, head_dim, scaling * LOG2E,
         NUM_SPLITS=num_splits, HAS_MASK=mask is not None,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # exact fp32; bf16/fp16 ignore it
-        BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         num_warps=4, num_stages=2,
     )
     _merge_kernel[(batch, num_heads)](
