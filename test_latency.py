@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
-from models import PACKED_SDPA  # import models registers opt-llama and the packed-GQA SDPA attention
+from models import PACKED_SDPA, SPLIT_KV  # import models registers opt-llama and both decoding attentions
 from models.chunked_prefill import prefill_in_chunks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,9 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)")
-    p.add_argument("--attn_implementation", default=PACKED_SDPA,
-                   help=f"attention backend of both models; {PACKED_SDPA} (default) is transformers' sdpa that also packs "
-                   "GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; sdpa, eager, ...")
+    p.add_argument("--attn_implementation", default=SPLIT_KV,
+                   help=f"attention backend of both models; {SPLIT_KV} (default) decodes with a split-KV Triton kernel that "
+                   f"reads only the filled cache slots (CUDA; elsewhere it is {PACKED_SDPA}); {PACKED_SDPA} is transformers' "
+                   "sdpa that also packs GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; "
+                   "sdpa, eager, ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--hbm_bandwidth", default="3.35TB", help="memory bandwidth per second for the roofline (H100 SXM: 3.35TB)")
@@ -114,6 +116,12 @@ def kv_read_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int
     """KV bytes a decode step reads per cached token: every layer attends to one layer's KVs (condensed layers to
     the shared target's), so LCKV reads as much as a Llama of the same shape while storing less."""
     return config.num_hidden_layers * layer_kv_bytes_per_token(config, dtype)
+
+
+def step_roofline_ms(weights: int, kv_read_per_token: int, batch: int, context: float, bandwidth: float) -> float:
+    """Milliseconds a decode step takes at ``bandwidth`` if it reads every weight once and, per sequence, the KV of
+    its ``context`` filled slots in every layer (not the preallocated, unfilled ones)."""
+    return 1e3 * (weights + batch * kv_read_per_token * context) / bandwidth
 
 
 def weight_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -308,10 +316,13 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
     runs = batch_search(model, args, Path(path).stem)
     fitting = [r for r in runs if not r.get("oom")]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
-    weights = weight_bytes(config, dtype)
-    # One decode step at batch 1 reads every weight once plus, in every layer, the KV of the average context.
+    weights, kv_read = weight_bytes(config, dtype), kv_read_bytes_per_token(config, dtype)
+    # A decode step reads every weight once plus, per sequence and in every layer, the KV of the average context.
     avg_context = args.prompt_len + args.steps / 2
-    roofline_ms = 1e3 * (weights + kv_read_bytes_per_token(config, dtype) * avg_context) / bandwidth
+    for r in fitting:
+        r["roofline_ms"] = step_roofline_ms(weights, kv_read, r["batch"], avg_context, bandwidth)
+        r["compiled_step_vs_roofline"] = r["compiled_step_ms"] / r["roofline_ms"] if r["compiled_step_ms"] else None
+    roofline_ms = step_roofline_ms(weights, kv_read, 1, avg_context, bandwidth)
     batch1 = next((r for r in fitting if r["batch"] == 1), None)
     del model
     return {

@@ -7,6 +7,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels (sdpa_split_kv's decoding) run on CPU tensors through Triton's interpreter. Triton reads this
+    # when it is imported (torch._dynamo imports it), so it is set before anything imports transformers.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import models  # noqa: E402,F401  (registers opt-llama)
 

@@ -35,8 +35,14 @@ def test_cpu_run_writes_both_models_and_ratios(configs, tmp_path):
     for r in out["models"].values():
         assert r["max_batch"] == 2 and r["max_batch_throughput"] > 0 and [x["batch"] for x in r["runs"]] == [1, 2]
         assert all(x["kv_bytes_per_token"] == r["kv_bytes_per_token_formula"] for x in r["runs"])
+        assert r["runs"][1]["roofline_ms"] > r["runs"][0]["roofline_ms"] == r["batch1_roofline_ms"]
     ratio = out["ratios"]["test_tiny_opt/tiny_llama"]
     assert ratio["kv_bytes_per_token_formula"] == pytest.approx(3 / 6)  # 3 KV layers of 6
+
+
+def test_step_roofline_counts_weights_once_and_filled_kv_per_sequence():
+    # 1 GB of weights + 4 sequences x 100 B/token x 2500 tokens = 1.001 GB at 1 TB/s: 1.001 ms
+    assert test_latency.step_roofline_ms(10**9, 100, 4, 2500, 1e12) == pytest.approx(1.001)
 
 
 def test_plan_equals_measured_cache_bytes(configs):

@@ -24,6 +24,7 @@ from functools import partial
 import torch
 
 from .attention import STRICT_CAUSAL, configured_attention, fast_attention, sdpa_causal_attention
+from .decode_attention import split_kv_sdpa_attention
 from .flags import (
     FLAGS,
     FLASH_ATTN,
@@ -102,7 +103,10 @@ def fast_strict_mask() -> bool:
 def attention_interface(implementation: str) -> Callable:
     """The attention function (transformers' interface signature) for ``config._attn_implementation``."""
     base = configured_attention(implementation)
-    return base if causal_attention is None else partial(fast_attention, base, causal_attention)
+    if causal_attention is None:
+        return base
+    # sdpa_split_kv decodes with its own kernel; every other backend gets the packed GQA decoding.
+    return partial(fast_attention, base, causal_attention, pack_decode=base is not split_kv_sdpa_attention)
 
 
 RMSNorm: type[torch.nn.Module]

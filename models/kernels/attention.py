@@ -136,20 +136,22 @@ def fast_attention(
     attention_mask: torch.Tensor | StrictCausalMask | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    *,
+    pack_decode: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature; ``causal`` runs the mask-free cases, ``base`` the rest.
 
     ``STRICT_CAUSAL`` runs the shifted causal attention; no mask with equal query and key lengths
     (transformers' "pure causal" case) runs ``causal``; one query token with grouped KV heads (decoding)
-    runs the packed attention; any other mask (padding, cached keys) runs ``base``, the configured
-    attention implementation.
+    runs the packed attention if ``pack_decode`` (off for a ``base`` with its own decoding kernel); any
+    other mask (padding, cached keys) runs ``base``, the configured attention implementation.
     """
     if attention_mask is STRICT_CAUSAL:
         return strict_causal_attention(causal, module, query, key, value, dropout, scaling), None
     if attention_mask is None and query.shape[2] == key.shape[2]:
         return causal(module, query, key, value, dropout, scaling), None
-    if is_packable_decode(query, key, attention_mask):
+    if pack_decode and is_packable_decode(query, key, attention_mask):
         return packed_decode_attention(query, key, value, attention_mask, dropout, scaling), None
     return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 

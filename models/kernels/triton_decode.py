@@ -1,0 +1,146 @@
+"""Split-KV ("flash-decoding") Triton kernels for one query token over a (static) KV cache.
+
+Imported only where Triton can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, which must be
+set before this module is first imported); ``decode_attention.py`` decides and falls back to SDPA otherwise.
+
+Shapes: ``B`` batch, ``Hq``/``Hkv`` query/KV heads, ``G = Hq / Hkv``, ``S`` cache slots, ``D`` head dim,
+``NS`` splits. Program ``(b, h, s)`` of the first kernel reads KV head ``h`` of row ``b`` once for all ``G``
+query heads that share it, over the ``s``-th of ``NS`` equal parts of ``[0, lengths[b])``: slots at or after
+the row's length (the unfilled cache) are never loaded. Its partial result is the unnormalised output,
+running max and sum (base-2 logits, fp32). The second kernel merges the ``NS`` parts per query head; a row
+with no visible key (a strict-mask query on the first real token) merges to exactly zero.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op
+
+from .decode_attention import TILE as BLOCK_N  # KV slots per inner step: one BLOCK_N x D tile of keys and of values
+
+LOG2E = 1.4426950408889634
+MIN_DOT = 16  # tl.dot needs at least 16 along each dimension: query heads and head dim are padded to it
+
+
+@triton.jit
+def _partial_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, len_ptr, acc_ptr, max_ptr, sum_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_ms,
+    G, D, scale_log2,
+    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)  # int64: batch x cache strides exceed 2**31 at large batch
+    h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    length = tl.load(len_ptr + b)
+    # Equal parts of the filled span, whole tiles each: the grid is fixed by shapes, the work follows the length.
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < G
+    d_ok = d < D
+    heads = h * G + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+
+    running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for first in range(start, end, BLOCK_N):
+        n = first + tl.arange(0, BLOCK_N)
+        ok = n < end
+        keys = tl.load(k_base + n[None, :] * stride_ks + d[:, None] * stride_kd, mask=ok[None, :] & d_ok[:, None], other=0.0)
+        logits = tl.dot(q, keys, input_precision=PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N), base-2
+        if HAS_MASK:  # left padding and the strict mask: masked slots inside the span
+            ok = ok & (tl.load(mask_ptr + b * stride_mb + n * stride_ms, mask=ok, other=0) != 0)
+        logits = tl.where(ok[None, :], logits, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, 1))
+        # A tile (and everything before it) fully masked keeps the max at -inf: shift by 0 so exp2 gives 0, not NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(running_max - shift)
+        p = tl.exp2(logits - shift[:, None])
+        running_sum = running_sum * rescale + tl.sum(p, 1)
+        values = tl.load(v_base + n[:, None] * stride_vs + d[None, :] * stride_vd, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+        running_max = new_max
+
+    part = (b * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NS[, D])
+    tl.store(max_ptr + part, running_max, mask=g_ok)
+    tl.store(sum_ptr + part, running_sum, mask=g_ok)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(
+    acc_ptr, max_ptr, sum_ptr, out_ptr,
+    stride_ob, stride_oh, stride_od,
+    Hq, D,
+    NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, BLOCK_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < NUM_SPLITS
+    part = (b * Hq + h) * NUM_SPLITS + s
+    maxes = tl.load(max_ptr + part, mask=s_ok, other=float("-inf"))
+    sums = tl.load(sum_ptr + part, mask=s_ok, other=0.0)
+    accs = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+    top = tl.max(maxes, 0)
+    weights = tl.exp2(maxes - tl.where(top == float("-inf"), 0.0, top))  # empty splits weigh 0
+    total = tl.sum(weights * sums, 0)
+    out = tl.sum(weights[:, None] * accs, 0) / tl.where(total > 0, total, 1.0)  # no visible key: 0 / 1 = 0
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@custom_op("lckv::split_kv_decode", mutates_args=())
+def split_kv_decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+    lengths: torch.Tensor, scaling: float, num_splits: int,
+) -> torch.Tensor:
+    """``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values -> ``(B, 1, Hq, D)``.
+
+    ``mask``: ``(B, S)`` bool (True = visible) or None; ``lengths``: ``(B,)`` int32, slots past it are not read
+    (every slot at or after it must be masked); ``num_splits``: parts of each row's span, fixed by the shapes.
+    """
+    batch, num_heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    group = num_heads // kv_heads
+    parts = (batch, num_heads, num_splits)
+    acc = query.new_empty((*parts, head_dim), dtype=torch.float32)
+    maxes = query.new_empty(parts, dtype=torch.float32)
+    sums = query.new_empty(parts, dtype=torch.float32)
+    out = query.new_empty((batch, 1, num_heads, head_dim))
+    mask_arg = mask if mask is not None else lengths  # never read when HAS_MASK is off
+    mask_strides = mask.stride() if mask is not None else (0, 0)
+    block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    _partial_kernel[(batch, kv_heads, num_splits)](
+        query, key, value, mask_arg, lengths, acc, maxes, sums,
+        query.stride(0), query.stride(1), query.stride(3),
+        *key.stride(), *value.stride(), *mask_strides,
+        group, head_dim, scaling * LOG2E,
+        NUM_SPLITS=num_splits, HAS_MASK=mask is not None,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # exact fp32; bf16/fp16 ignore it
+        BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        num_warps=4, num_stages=2,
+    )
+    _merge_kernel[(batch, num_heads)](
+        acc, maxes, sums, out, out.stride(0), out.stride(2), out.stride(3), num_heads, head_dim,
+        NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1,
+    )
+    return out
+
+
+@split_kv_decode.register_fake
+def _(query, key, value, mask, lengths, scaling, num_splits):
+    """Shapes for tracing (torch.compile): an opaque op, captured whole in the step's CUDA graph."""
+    return query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))

@@ -1,0 +1,201 @@
+"""sdpa_split_kv: the split-KV decoding kernel (run on the CPU by Triton's interpreter) equals SDPA with the full mask,
+reads no slot past a row's last visible one, keeps the compiled decode step one graph, and generates the dynamic
+cache's tokens; without the kernel it is the packed SDPA fallback."""
+
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from models import SPLIT_KV, kernels
+from models.kernels import decode_attention
+from models.kernels.attention import packed_sdpa_attention
+from models.kernels.decode_attention import (
+    MAX_SPLITS,
+    TILE,
+    num_kv_splits,
+    runs_split_kv,
+    split_kv_decode_attention,
+    split_kv_sdpa_attention,
+    visible_lengths,
+)
+
+from .conftest import tiny_config, tiny_model
+from .test_static_cache import assert_decode_step_compiles_once, left_padded_batch
+
+SLOTS, DIM = 150, 16  # 150 slots: three 64-slot tiles, the last one partial
+NEW = 4  # generated tokens: each decoding step runs the interpreted kernel in every layer
+
+
+@pytest.fixture
+def interpreted_kernel():
+    """The Triton kernel on CPU tensors through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; tests/test_decode_attention_gpu.py checks it")
+    assert "cpu" in decode_attention.kernel_devices()
+    return decode_attention._kernel
+
+
+def decode_inputs(batch: int, heads: int, kv_heads: int, seed: int = 0, dim: int = DIM):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, SLOTS, dim, generator=generator) for _ in range(2))
+    return query, key, value
+
+
+def cache_mask(spans: list[tuple[int, int]], strict: bool = False) -> torch.Tensor:
+    """``(B, 1, 1, SLOTS)`` bool mask of a static cache: row ``b`` holds tokens in slots ``[pad, filled)`` (left
+    padding before, unfilled slots after); ``strict`` hides the current token's slot, ``filled - 1``."""
+    mask = torch.zeros(len(spans), 1, 1, SLOTS, dtype=torch.bool)
+    for row, (pad, filled) in enumerate(spans):
+        mask[row, ..., pad : filled - 1 if strict else filled] = True
+    return mask
+
+
+def sdpa_reference(query, key, value, mask) -> torch.Tensor:
+    """SDPA on the full cache with the full mask, KV heads expanded: ``(B, 1, Hq, D)``."""
+    group = query.shape[1] // key.shape[1]
+    expanded = [t.repeat_interleave(group, dim=1) for t in (key, value)]
+    return F.scaled_dot_product_attention(query, *expanded, attn_mask=mask).transpose(1, 2)
+
+
+# spans per row: partly filled, different lengths, left padding, one filled up to the last slot
+SPANS = [(0, 100), (5, 70), (0, SLOTS), (40, 41)]
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("splits", [1, 3, 8])  # 8 > 3 tiles: some splits are empty
+def test_kernel_equals_sdpa_with_full_mask(interpreted_kernel, heads, kv_heads, splits):
+    query, key, value = decode_inputs(len(SPANS), heads, kv_heads)
+    mask = cache_mask(SPANS)
+    out = interpreted_kernel(query, key, value, mask[:, 0, 0], visible_lengths(mask[:, 0, 0]), DIM**-0.5, splits)
+    torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [8, 24], ids=["below-16", "not-power-of-2"])
+def test_kernel_pads_head_dim(interpreted_kernel, dim):
+    query, key, value = decode_inputs(len(SPANS), 4, 2, dim=dim)
+    mask = cache_mask(SPANS)
+    out = split_kv_decode_attention(query, key, value, mask, None)  # None: the default 1 / sqrt(dim)
+    torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_strict_mask_first_token_outputs_exact_zero(interpreted_kernel):
+    """Condensed layers: the current slot is hidden; a row whose only token is the current one sees nothing -> 0."""
+    spans = [(0, 100), (3, 4), (7, 90)]  # row 1: its first real token is the query
+    query, key, value = decode_inputs(len(spans), 4, 2, seed=1)
+    mask = cache_mask(spans, strict=True)
+    out = split_kv_decode_attention(query, key, value, mask, DIM**-0.5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    reference = sdpa_reference(query, key, value, mask)
+    torch.testing.assert_close(out[[0, 2]], reference[[0, 2]], rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_never_reads_slots_past_the_last_visible_one(interpreted_kernel):
+    """NaN in every slot past each row's span (and in the keys of its masked left padding, which are loaded with
+    their tile and masked before the softmax) leaves the output equal to SDPA on the clean cache."""
+    query, key, value = decode_inputs(len(SPANS), 8, 2)
+    mask = cache_mask(SPANS)
+    poisoned_key, poisoned_value = key.clone(), value.clone()
+    for row, (_, filled) in enumerate(SPANS):
+        poisoned_key[row, :, filled:] = float("nan")
+        poisoned_value[row, :, filled:] = float("nan")
+    poisoned_key[1, :, :5] = float("nan")
+    for splits in (1, 5):
+        out = interpreted_kernel(query, poisoned_key, poisoned_value, mask[:, 0, 0], visible_lengths(mask[:, 0, 0]),
+                                 DIM**-0.5, splits)
+        torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_no_mask_reads_every_slot(interpreted_kernel):
+    query, key, value = decode_inputs(2, 8, 2)
+    out, _ = split_kv_sdpa_attention(None, query, key, value, None, scaling=DIM**-0.5)
+    torch.testing.assert_close(out, sdpa_reference(query, key, value, None), rtol=1e-5, atol=1e-6)
+
+
+def test_visible_lengths_is_last_visible_slot_plus_one():
+    mask = cache_mask([(0, 100), (5, 70), (0, 0), (149, 150)])[:, 0, 0]
+    mask[0, 50] = False  # a hole inside the span does not shorten it
+    assert visible_lengths(mask).tolist() == [100, 70, 0, 150]
+    assert visible_lengths(mask).dtype == torch.int32
+
+
+@pytest.mark.parametrize(
+    "batch, kv_heads, slots, processors, expected",
+    [
+        (1, 4, 4096, 132, 64),  # batch 1 on an H100: 66 wanted, capped at MAX_SPLITS
+        (1, 4, 4096, 16, 8),  # 2 waves of 16 processors over 4 heads
+        (1, 4, 100, 132, 2),  # at most one tile per split
+        (128, 4, 4096, 132, 1),  # enough programs without splitting
+        (1, 32, 4096, 132, 9),  # ceil(264 / 32)
+    ],
+)
+def test_num_kv_splits(batch, kv_heads, slots, processors, expected):
+    assert num_kv_splits(batch, kv_heads, slots, processors) == expected
+    assert 1 <= expected <= min(MAX_SPLITS, -(-slots // TILE))
+
+
+def test_dispatch_only_for_one_token_bool_masks(interpreted_kernel):
+    query, key, _ = decode_inputs(2, 8, 2)
+    mask = cache_mask([(0, 10), (0, 20)])
+    assert runs_split_kv(query, key, mask, 0.0) and runs_split_kv(query, key, None, 0.0)
+    assert runs_split_kv(query, key, mask[:1], 0.0)  # a batch-broadcast mask
+    assert not runs_split_kv(query, key, mask, 0.1)  # dropout
+    assert not runs_split_kv(query, key, torch.zeros(mask.shape), 0.0)  # additive float mask
+    assert not runs_split_kv(query, key, mask[..., :-1], 0.0)  # mask shorter than the cache
+    assert not runs_split_kv(torch.cat([query, query], dim=2), key, None, 0.0)  # two query tokens (prefill)
+
+
+def test_without_kernel_it_is_the_packed_sdpa_fallback():
+    """No Triton kernel for CPU tensors (no interpreter): every call is sdpa_packed_gqa, bit for bit."""
+    decode_attention.configure_decode_kernel({})
+    try:
+        assert "cpu" not in decode_attention.kernel_devices()
+        query, key, value = decode_inputs(len(SPANS), 8, 2)
+        mask = cache_mask(SPANS)
+        fallback, _ = split_kv_sdpa_attention(None, query, key, value, mask, scaling=DIM**-0.5)
+        packed, _ = packed_sdpa_attention(None, query, key, value, mask, scaling=DIM**-0.5)
+        assert torch.equal(fallback, packed)
+    finally:
+        decode_attention.configure_decode_kernel()
+
+
+def test_fast_attention_leaves_decoding_to_split_kv(monkeypatch):
+    """With LCKV_FLASH_ATTN on, the packed GQA decoding is used for every backend except sdpa_split_kv."""
+    from models.kernels.flags import FLASH_ATTN
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        kernels.configure({FLASH_ATTN: "1"})
+        assert kernels.attention_interface(SPLIT_KV).keywords == {"pack_decode": False}
+        assert kernels.attention_interface("sdpa").keywords == {"pack_decode": True}
+    finally:
+        monkeypatch.undo()
+        kernels.configure()
+
+
+def llama_mha_config():
+    return tiny_config("llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=3, vocab_size=256,
+                       num_attention_heads=4, num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("config_fn", [tiny_config, llama_mha_config], ids=["opt-llama-gqa", "llama-mha"])
+def test_generation_equals_dynamic_cache(interpreted_kernel, monkeypatch, config_fn):
+    """Greedy tokens through the kernel (static cache, left padding) = the dynamic cache with transformers' sdpa."""
+    config = config_fn()
+    calls = []
+    monkeypatch.setattr(decode_attention, "_kernel", lambda *a: calls.append(1) or interpreted_kernel(*a))
+    ids, mask = left_padded_batch(config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    dynamic = tiny_model(config, attn_implementation="sdpa").generate(ids, **kwargs)
+    static = tiny_model(config, attn_implementation=SPLIT_KV).generate(ids, cache_implementation="static", **kwargs)
+    assert len(calls) == (NEW - 1) * config.num_hidden_layers  # every layer of every decoding step
+    assert torch.equal(static, dynamic)
+
+
+def test_compiled_decode_step_is_one_graph(interpreted_kernel):
+    """The kernel is one op in the traced decode step: fullgraph, and no recompilation as the cache fills."""
+    assert_decode_step_compiles_once(tiny_model(tiny_config(), attn_implementation=SPLIT_KV))

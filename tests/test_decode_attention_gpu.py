@@ -1,0 +1,64 @@
+"""GPU checks of sdpa_split_kv (skipped without CUDA): the compiled Triton kernel against SDPA at TinyLlama's
+attention shape (fp32 tight, bf16), and compiled static-cache generation against the dynamic cache."""
+
+import pytest
+import torch
+
+from models import SPLIT_KV
+from models.kernels import decode_attention
+from models.kernels.decode_attention import MAX_SPLITS, split_kv_decode_attention, visible_lengths
+
+from .conftest import tiny_config, tiny_model
+from .test_decode_attention import sdpa_reference
+from .test_static_cache import left_padded_batch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SLOTS = 4096
+# (left padding, filled slots) per row: about half full, a short row, a padded row, a full row, a one-token row
+SPANS = [(0, 2080), (0, 70), (300, 1500), (0, SLOTS), (2000, 2001)]
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def gpu_inputs(dtype: torch.dtype, heads: int, kv_heads: int, strict: bool):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, dim = len(SPANS), 64
+    query = torch.randn(batch, heads, 1, dim, device="cuda", generator=generator, dtype=dtype)
+    key, value = (torch.randn(batch, kv_heads, SLOTS, dim, device="cuda", generator=generator, dtype=dtype) for _ in range(2))
+    mask = torch.zeros(batch, 1, 1, SLOTS, dtype=torch.bool, device="cuda")
+    for row, (pad, filled) in enumerate(SPANS):
+        mask[row, ..., pad : filled - 1 if strict else filled] = True
+    return query, key, value, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads, kv_heads", [(32, 4), (8, 8)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
+def test_kernel_equals_sdpa(dtype, heads, kv_heads, strict):
+    query, key, value, mask = gpu_inputs(dtype, heads, kv_heads, strict)
+    out = split_kv_decode_attention(query, key, value, mask, 64**-0.5)
+    expected = sdpa_reference(query.float(), key.float(), value.float(), mask)
+    seen = mask.any(-1).flatten()  # the strict one-token row sees nothing: exactly zero (SDPA gives NaN)
+    assert torch.equal(out[~seen], torch.zeros_like(out[~seen]))
+    torch.testing.assert_close(out[seen].float(), expected[seen], **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("splits", [1, 7, MAX_SPLITS])
+def test_kernel_split_counts_agree(splits):
+    query, key, value, mask = gpu_inputs(torch.float32, 32, 4, strict=False)
+    out = decode_attention._kernel(query, key, value, mask[:, 0, 0], visible_lengths(mask[:, 0, 0]), 64**-0.5, splits)
+    torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["test_tiny_opt.json", "llama_tiny.json"], ids=["opt-llama", "llama"])
+def test_compiled_generation_equals_dynamic_cache(name):
+    """generate's compiled decode step (CUDA graph) through the kernel = dynamic cache + SDPA, left padding, fp32."""
+    overrides = {} if name == "test_tiny_opt.json" else {"hidden_size": 64, "intermediate_size": 128,
+                                                         "num_hidden_layers": 3, "vocab_size": 256}
+    config = tiny_config(name, **overrides)
+    ids, mask = (t.cuda() for t in left_padded_batch(config.vocab_size))
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    dynamic = tiny_model(config, attn_implementation="sdpa").cuda().generate(ids, **kwargs)
+    torch._dynamo.reset()
+    compiled = tiny_model(config, attn_implementation=SPLIT_KV).cuda().generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(compiled, dynamic)
