@@ -25,13 +25,12 @@ from tqdm.auto import tqdm
 
 from models import OptLlamaConfig
 from models.cache_streaming import SinkWindowCache
+from models.cli import ArgumentParser, UsageError, check_output_file, check_range, read_text_file, run_cli
 from run_generation import (
-    UsageError,
     add_generation_args,
     add_model_args,
     add_prompt_args,
     check_generation_args,
-    cli,
     generate_once,
     load_config,
     load_model,
@@ -131,18 +130,13 @@ def read_text(args: argparse.Namespace) -> str:
         from corpus import prepare_corpus
 
         return prepare_corpus().test.read_text(encoding="utf-8")
-    path = Path(args.text_file)
-    if not path.is_file():
-        raise UsageError(f"--text_file: {path} does not exist")
-    return path.read_text(encoding="utf-8")
+    return read_text_file("--text_file", args.text_file)
 
 
 def run_perplexity(model, tokenizer, cache: SinkWindowCache, text: str, args: argparse.Namespace) -> dict:
     """Streaming perplexity of the first ``num_tokens`` tokens of ``text``; the result is also written as JSON."""
     limit = model.config.max_position_embeddings
-    num_tokens = args.num_tokens or 20 * limit
-    if num_tokens < 2:
-        raise UsageError(f"--num_tokens: {num_tokens}; allowed values are integers >= 2")
+    num_tokens = args.num_tokens or 20 * limit  # checked >= 2 in run()
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
     if input_ids.shape[1] < 2:
         raise UsageError("text: fewer than 2 tokens; give a longer text")
@@ -175,7 +169,7 @@ def run_generate(model, tokenizer, cache: SinkWindowCache, prompt: str, args: ar
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--mode", choices=("generate", "perplexity"), default="generate", help="generate text, or evaluate long-text perplexity")
     parser.add_argument("--window_size", type=int, default=None, help="recent tokens kept per KV layer (default: max_position_embeddings - num_sink_tokens)")
@@ -193,6 +187,9 @@ def run(args: argparse.Namespace) -> dict:
     """Run the chosen mode; return its result dict."""
     resolve_device(args)
     check_generation_args(args)
+    check_range("--num_tokens", args.num_tokens, minimum=2)
+    if args.output_json:
+        check_output_file("--output_json", args.output_json)
     text = read_text(args) if args.mode == "perplexity" else read_prompt(args)
     config = as_opt_llama(load_config(args))
     cache = make_cache(config, args)  # checks the window before loading any weights
@@ -201,8 +198,9 @@ def run(args: argparse.Namespace) -> dict:
     return (run_perplexity if args.mode == "perplexity" else run_generate)(model, tokenizer, cache, text, args)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cli(run, parse_args, argv)
+def main(argv: list[str] | None = None) -> dict:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(lambda argv: run(parse_args(argv)), argv, prog="run_streaming.py")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Kernel selection: the one place that maps ``LCKV_*`` env flags to implementations.
 
 The model asks for "the RMSNorm", "the MLP", "the rotary embedding", "the attention" and "the fused LM
-loss" here and never imports a kernel library itself. Flags are read at ``import models``; after changing
-them in-process, call ``configure()`` before building a model. Every flag that cannot take effect falls
+loss" here and never imports a kernel library itself. Flags are read when a kernel is first asked for (the
+first model built), so ``import models`` never fails on a flag value and a tool can report a bad one as a
+usage error first; after changing them in-process, call ``configure()`` before building a model. Every flag that cannot take effect falls
 back to the pure PyTorch path (``plain.py``) with one warning line.
 
 =========================  ==================================================================================
@@ -96,13 +97,14 @@ def configure(environ: Mapping[str, str] | None = None) -> None:
 
 def fast_strict_mask() -> bool:
     """Whether the mask builder may hand ``STRICT_CAUSAL`` to the attention instead of a dense strict mask."""
-    return causal_attention is not None
+    return _selected("causal_attention") is not None
 
 
 def attention_interface(implementation: str) -> Callable:
     """The attention function (transformers' interface signature) for ``config._attn_implementation``."""
     base = configured_attention(implementation)
-    return base if causal_attention is None else partial(fast_attention, base, causal_attention)
+    fused = _selected("causal_attention")
+    return base if fused is None else partial(fast_attention, base, fused)
 
 
 RMSNorm: type[torch.nn.Module]
@@ -110,7 +112,22 @@ SwiGLUMLP: type[torch.nn.Module]
 apply_rotary_pos_emb: Callable
 fused_linear_cross_entropy: Callable | None
 causal_attention: Callable | None
-configure()
+SELECTED = ("RMSNorm", "SwiGLUMLP", "apply_rotary_pos_emb", "fused_linear_cross_entropy", "causal_attention")
+
+
+def _selected(name: str):
+    """The kernel ``name``, selecting every kernel from ``os.environ`` on first use."""
+    if name not in globals():
+        configure()
+    return globals()[name]
+
+
+def __getattr__(name: str):
+    """PEP 562: ``kernels.RMSNorm`` and the other selected kernels exist once ``configure()`` has run."""
+    if name in SELECTED:
+        return _selected(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FLAGS",
