@@ -64,7 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu_memory", default="80GB", help="--plan: GPU memory, e.g. 80GB, 141GB, 24GiB")
     p.add_argument("--plan_lengths", default="512,1024,2048,4096,8192,16384", help="--plan: comma-separated sequence lengths")
     args = p.parse_args(argv)
-    check_args(args)
     if args.compile:
         args.cache = "static"
     if args.prefill_chunk and args.cache != "static":
@@ -75,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--offload: not with --compile (a captured decode step cannot move the cache between devices)")
     if not 1 <= args.start_batch <= args.max_batch:
         p.error(f"--start_batch: {args.start_batch}; allowed values are 1 to --max_batch ({args.max_batch})")
+    check_args(args)
     args.steps = args.steps or args.gen_len
     return args
 

@@ -20,6 +20,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, HfArgumentParser, PretrainedConfig
 
+from .configuration_opt_llama import OptLlamaConfig
 from .kernels.flags import FLAGS, flag_enabled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -283,6 +284,16 @@ def check_attn_implementation(flag: str, name: str) -> None:
     allowed = {"eager", *AttentionInterface().valid_keys()}
     if name not in allowed:
         raise UsageError(f"{flag}: {name!r}; allowed are {', '.join(sorted(allowed))}")
+
+
+def as_opt_llama(config: PretrainedConfig) -> OptLlamaConfig:
+    """An opt-llama config for ``config``: itself, or for a Llama every layer standard (same weights, same network)."""
+    if config.model_type == "opt-llama":
+        return config
+    if config.model_type != "llama":
+        raise UsageError(f"model_type: {config.model_type!r}; allowed are opt-llama and llama")
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "layer_types")}
+    return OptLlamaConfig(**fields, lckv_layer_types="_".join(["0"] * config.num_hidden_layers))
 
 
 def set_sequential(config: PretrainedConfig, flag: str) -> None:
