@@ -40,6 +40,7 @@ from models.cli import HfParser, UsageError, check_range, check_text_file, one_l
 
 logger = logging.getLogger("run_clm")
 
+SMALL_FILE_BYTES = 1 << 20  # data files up to this size are checked token by token before the real tokenization
 OFFLINE_HINT = (
     "offline? use local files (--train_file/--validation_file, --tokenizer_name DIR or --config_name FILE) "
     "or the embedded corpus (--use_embedded_corpus)"
@@ -273,6 +274,26 @@ def local_data_files(dargs: DataTrainingArguments) -> dict[str, str]:
     return data_files
 
 
+def check_small_text_files(dargs: DataTrainingArguments, data_files: dict[str, str], tokenizer, block_size: int) -> None:
+    """Before tokenizing, for small .txt files (the mistakes are small files): each split makes at least one block,
+    and without --validation_file the held-out percentage of the train lines is at least one line.
+
+    Counts tokens line by line, as ``tokenize_and_group`` will (the text loader gives one row per line).
+    """
+    for split_name, path in data_files.items():
+        if Path(path).suffix.lower() != ".txt" or os.path.getsize(path) > SMALL_FILE_BYTES:
+            continue
+        flag = f"--{split_name}_file"
+        lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=dargs.keep_linebreaks)
+        if split_name == "train" and "validation" not in data_files and len(lines) * dargs.validation_split_percentage < 100:
+            raise UsageError(f"--validation_split_percentage: {dargs.validation_split_percentage}% of the {len(lines)} lines "
+                             f"of {flag} {path} is not one line; allowed is a --validation_file or a longer file")
+        tokens = sum(len(ids) for ids in tokenizer(lines).input_ids)
+        if tokens < block_size:
+            raise UsageError(f"{flag}: {path} has {tokens} tokens, fewer than one block of --block_size {block_size}; "
+                             "allowed is a longer file or a smaller --block_size")
+
+
 def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpus_paths) -> datasets.DatasetDict:
     """Raw text splits ("train", "validation") from the embedded corpus, the hub, or local files."""
     if corpus_paths is not None:
@@ -423,7 +444,7 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     if max_positions is not None and block_size > max_positions:
         raise UsageError(f"--block_size: {block_size} exceeds the model's max_position_embeddings ({max_positions})")
 
-    local_data_files(dargs)
+    data_files = local_data_files(dargs)
     corpus_paths = None
     if dargs.use_embedded_corpus:
         from corpus import prepare_corpus
@@ -431,21 +452,19 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
         with targs.main_process_first(desc="preparing the embedded corpus"):
             corpus_paths = prepare_corpus(verbose=True)
     tokenizer = load_tokenizer(margs, corpus_paths.tokenizer if corpus_paths else None)
+    check_small_text_files(dargs, data_files, tokenizer, block_size)
 
     # Resume: an explicit checkpoint, else the last one in output_dir.
     last_checkpoint = None
     if targs.do_train and os.path.isdir(targs.output_dir) and not margs.overwrite_output_dir:
         last_checkpoint = get_last_checkpoint(targs.output_dir)
-        if last_checkpoint and targs.resume_from_checkpoint is None:
-            logger.info("resuming from %s (pass --overwrite_output_dir to start over)", last_checkpoint)
     resume = targs.resume_from_checkpoint or last_checkpoint
     if resume is not None and not os.path.isdir(resume):
         raise UsageError(f"--resume_from_checkpoint: {resume} does not exist")
     if resume is not None:
         check_checkpoint(resume)
-
-    transformers.set_seed(targs.seed)
-    model = build_model(margs, config, tokenizer)
+        if targs.resume_from_checkpoint is None:
+            logger.info("resuming from %s (pass --overwrite_output_dir to start over)", last_checkpoint)
 
     raw = load_raw_datasets(margs, dargs, corpus_paths)
     lm = tokenize_and_group(raw, tokenizer, dargs, block_size, targs)
@@ -453,6 +472,8 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
                      block_size) if targs.do_train else None
     eval_ds = split(lm, "validation", dargs.max_eval_samples, dargs.streaming,
                     "--do_eval: the data has no validation split; pass --validation_file", block_size) if targs.do_eval else None
+    transformers.set_seed(targs.seed)
+    model = build_model(margs, config, tokenizer)
 
     trainer = LCKVTrainer(
         model=model,

@@ -248,6 +248,30 @@ def check_source(flag: str, source: str, required_file: str | None = None) -> No
                          "allowed is a local path")
 
 
+POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "vocab_size", "max_position_embeddings", "head_dim")
+
+
+def check_shape_fields(fields: Mapping[str, Any]) -> None:
+    """The shape fields every decoder config shares are positive integers, and the heads split evenly.
+
+    Checked on the raw config dict, before a config class divides by them (transformers' Llama config does not check).
+    Raises ValueError naming the field, the value and what is allowed.
+    """
+    for name in POSITIVE_FIELDS:
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}: {value!r}; allowed values are integers >= 1")
+    heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ValueError(f"num_key_value_heads: {kv_heads} does not divide num_attention_heads={heads}; "
+                         "allowed are its divisors")
+    hidden = fields.get("hidden_size")
+    if heads and hidden and fields.get("head_dim") is None and hidden % heads:
+        raise ValueError(f"num_attention_heads: {heads} does not divide hidden_size={hidden}; allowed are its divisors "
+                         "(or give head_dim)")
+
+
 def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = None, overrides_flag: str = "--config_overrides",
                 cache_dir: str | None = None) -> PretrainedConfig:
     """The model config from a ``.json`` file, a checkpoint directory or a hub id, with ``overrides`` applied.
@@ -272,6 +296,7 @@ def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = No
             raise UsageError(f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}")
         config_dict = {**config_dict, **overrides}
     try:
+        check_shape_fields(config_dict)
         return config_class.from_dict(config_dict)
     except (ValueError, TypeError, StrictDataclassError) as error:  # the config's own validation of its fields
         raise UsageError(f"{flag}: {source}: invalid config: {one_line(error)}") from None
