@@ -433,9 +433,9 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     """Run training and/or evaluation; returns ``{"trainer", "train", "eval"}`` (metrics dicts or None)."""
     margs, dargs, targs = parse_args(argv)
     check_args(margs, dargs, targs)
+    margs.eval_sequential = margs.eval_sequential or shared.env_flag("LCKV_EVAL_SEQUENTIAL")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     transformers.utils.logging.set_verbosity_warning()
-    margs.eval_sequential = margs.eval_sequential or os.environ.get("LCKV_EVAL_SEQUENTIAL", "0") == "1"
 
     # Model config first: cheap, and most bad input shows up here.
     config = load_config(margs)

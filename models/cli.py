@@ -73,10 +73,15 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
 def check_env_flags(environ: Mapping[str, str] | None = None) -> None:
     """Every ``LCKV_*`` kernel flag is 1, 0 or unset; otherwise a UsageError naming the flag."""
     for flag in FLAGS:
-        try:
-            flag_enabled(flag, environ)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        env_flag(flag, environ)
+
+
+def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """A tool's own on/off env flag (e.g. ``LCKV_EVAL_SEQUENTIAL``): 1 on, 0 or unset off, else a UsageError."""
+    try:
+        return flag_enabled(name, environ)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -103,6 +103,7 @@ ROWS = {
     "env flag on run_generation": Row("run_generation", [*GEN, "--prompt", "x"], ["LCKV_FLASH_ATTN", "yes"],
                                       env={"LCKV_FLASH_ATTN": "yes"}, subprocess=SUBPROCESS),
     "env flag on run_clm": Row("run_clm", CLM, ["LCKV_FUSED_RMSNORM", "true"], env={"LCKV_FUSED_RMSNORM": "true"}),
+    "eval-sequential env flag": Row("run_clm", [*CLM, "--do_eval"], ["LCKV_EVAL_SEQUENTIAL", "yes"], env={"LCKV_EVAL_SEQUENTIAL": "yes"}),
 }
 
 

@@ -144,9 +144,12 @@ def test_env_flags_are_checked_and_import_never_fails_on_them(monkeypatch):
     with pytest.raises(UsageError, match=r"^LCKV_FLASH_ATTN='yes': allowed values are 1 \(on\) and 0 or unset"):
         cli.check_env_flags({"LCKV_FLASH_ATTN": "yes"})
     monkeypatch.setenv("LCKV_FUSED_SWIGLU", "on")
+    monkeypatch.setattr(kernels, "_configured", False)  # as right after import: nothing selected yet
     for name in kernels.SELECTED:
-        monkeypatch.delitem(vars(kernels), name, raising=False)  # as right after import: nothing selected yet
+        monkeypatch.delitem(vars(kernels), name, raising=False)
     with pytest.raises(ValueError, match="^LCKV_FUSED_SWIGLU='on'"):
         kernels.SwiGLUMLP  # noqa: B018  (first use selects, and refuses the flag)
+    with pytest.raises(ValueError, match="^LCKV_FUSED_SWIGLU='on'"):
+        kernels.fast_strict_mask()  # the mask builder's first question selects too
     monkeypatch.delenv("LCKV_FUSED_SWIGLU")
-    assert kernels.SwiGLUMLP is not None
+    assert isinstance(kernels.fast_strict_mask(), bool) and kernels.SwiGLUMLP is not None

@@ -1,8 +1,8 @@
 """run_clm.py on CPU with tiny models and tiny data: training, resuming, sequential evaluation, KV loss, bad input."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

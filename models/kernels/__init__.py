@@ -74,7 +74,7 @@ def _fused(
 
 def configure(environ: Mapping[str, str] | None = None) -> None:
     """(Re)select every kernel from the ``LCKV_*`` flags of ``environ`` (default ``os.environ``)."""
-    global RMSNorm, SwiGLUMLP, apply_rotary_pos_emb, fused_linear_cross_entropy, causal_attention
+    global RMSNorm, SwiGLUMLP, apply_rotary_pos_emb, fused_linear_cross_entropy, causal_attention, _configured
     RMSNorm = _fused(FUSED_RMSNORM, "rms_norm", "FusedRMSNorm", environ, (PlainRMSNorm, PLAIN))
     SwiGLUMLP = _fused(FUSED_SWIGLU, "swiglu", "FusedSwiGLUMLP", environ, (PlainSwiGLUMLP, PLAIN))
     apply_rotary_pos_emb = _fused(
@@ -93,18 +93,20 @@ def configure(environ: Mapping[str, str] | None = None) -> None:
         (None, "the configured attention with a dense strict mask"),
         (sdpa_causal_attention, "torch SDPA (flash/efficient backends) with the strict mask as a shifted causal"),
     )
+    _configured = True
 
 
 def fast_strict_mask() -> bool:
     """Whether the mask builder may hand ``STRICT_CAUSAL`` to the attention instead of a dense strict mask."""
-    return _selected("causal_attention") is not None
+    _ensure_configured()
+    return causal_attention is not None
 
 
 def attention_interface(implementation: str) -> Callable:
     """The attention function (transformers' interface signature) for ``config._attn_implementation``."""
+    _ensure_configured()
     base = configured_attention(implementation)
-    fused = _selected("causal_attention")
-    return base if fused is None else partial(fast_attention, base, fused)
+    return base if causal_attention is None else partial(fast_attention, base, causal_attention)
 
 
 RMSNorm: type[torch.nn.Module]
@@ -115,17 +117,20 @@ causal_attention: Callable | None
 SELECTED = ("RMSNorm", "SwiGLUMLP", "apply_rotary_pos_emb", "fused_linear_cross_entropy", "causal_attention")
 
 
-def _selected(name: str):
-    """The kernel ``name``, selecting every kernel from ``os.environ`` on first use."""
-    if name not in globals():
+_configured = False  # set by configure(); a plain bool, so torch.compile can trace the check
+
+
+def _ensure_configured() -> None:
+    """Select every kernel from ``os.environ`` on first use."""
+    if not _configured:
         configure()
-    return globals()[name]
 
 
 def __getattr__(name: str):
     """PEP 562: ``kernels.RMSNorm`` and the other selected kernels exist once ``configure()`` has run."""
     if name in SELECTED:
-        return _selected(name)
+        configure()
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
