@@ -26,10 +26,8 @@ import datasets
 import huggingface_hub
 import transformers
 from transformers import (
-    CONFIG_MAPPING,
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     PretrainedConfig,
     Trainer,
     TrainingArguments,
@@ -37,18 +35,16 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-import models  # noqa: F401  (registers model_type "opt-llama")
+from models import cli as shared  # import models registers model_type "opt-llama"
+from models.cli import HfParser, UsageError, check_range, check_text_file, one_line, run_cli
 
 logger = logging.getLogger("run_clm")
 
+SMALL_FILE_BYTES = 1 << 20  # data files up to this size are checked token by token before the real tokenization
 OFFLINE_HINT = (
     "offline? use local files (--train_file/--validation_file, --tokenizer_name DIR or --config_name FILE) "
     "or the embedded corpus (--use_embedded_corpus)"
 )
-
-
-class UsageError(ValueError):
-    """Bad command-line input; the CLI prints it as one line and exits with status 2."""
 
 
 @dataclass
@@ -129,11 +125,40 @@ class DataTrainingArguments:
 
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
     """Parse the command line (or a json file as the only argument)."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = HfParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(json_file=os.path.abspath(shared.check_input_file("arguments file", argv[0])))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # TrainingArguments.__post_init__ refuses a flag combination (its message names them)
+        if isinstance(err, UsageError):
+            raise
+        raise UsageError(f"training arguments: {one_line(err)}") from None
+
+
+def check_args(margs: ModelArguments, dargs: DataTrainingArguments, targs: TrainingArguments) -> None:
+    """One-line errors for every flag out of range, before any config, tokenizer or data is loaded."""
+    check_range("--block_size", dargs.block_size, minimum=1)
+    if targs.max_steps == 0 or targs.max_steps < -1:
+        raise UsageError(f"--max_steps: {targs.max_steps}; allowed values are integers >= 1, or -1 (train --num_train_epochs)")
+    if targs.do_train and targs.max_steps == -1:
+        check_range("--num_train_epochs", targs.num_train_epochs, minimum=0, exclusive_min=True)
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        check_range(f"--{flag}", getattr(targs, flag), minimum=1)
+    check_range("--learning_rate", targs.learning_rate, minimum=0)
+    for flag in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+        check_range(f"--{flag}", getattr(dargs, flag), minimum=1)
+    check_range("--validation_split_percentage", dargs.validation_split_percentage, minimum=1, maximum=99)
+    if dargs.streaming and targs.do_train and targs.max_steps <= 0:
+        raise UsageError("--streaming: needs --max_steps (a stream has no length)")
+    if not (targs.do_train or targs.do_eval):
+        raise UsageError("--do_train/--do_eval: nothing to do; pass at least one")
+    shared.check_output_dir("--output_dir", targs.output_dir)
+    if margs.model_name_or_path:
+        shared.check_source("--model_name_or_path", margs.model_name_or_path, required_file="config.json")
+    if margs.tokenizer_name:
+        shared.check_source("--tokenizer_name", margs.tokenizer_name)
 
 
 # ----------------------------------------------------------------------------- hub access
@@ -155,11 +180,6 @@ def ensure_hub_or_offline(what: str) -> None:
         logger.warning("%s: %s is unreachable; using cached files only", what, host)
         huggingface_hub.constants.HF_HUB_OFFLINE = True
         datasets.config.HF_HUB_OFFLINE = True
-
-
-def one_line(err: Exception) -> str:
-    """An exception's message squeezed onto one line."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def hub_error(flag: str, name: str, err: Exception) -> UsageError:
@@ -192,29 +212,12 @@ def load_config(margs: ModelArguments) -> PretrainedConfig:
         raise UsageError("--config_name: give a config (e.g. configs/llama_tiny_opt.json) or --model_name_or_path")
     flag = "--config_name" if margs.config_name else "--model_name_or_path"
     if not is_local(source):
-        if source.endswith(".json"):
-            raise UsageError(f"{flag}: {source} does not exist")
         ensure_hub_or_offline(flag)
-    try:
-        config_dict, _ = PretrainedConfig.get_config_dict(source, cache_dir=margs.cache_dir)
-    except OSError as err:
-        raise hub_error(flag, source, err) from None
-    model_type = config_dict.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise UsageError(f"{flag} {source}: unknown model_type {model_type!r}; is `import models` registering it?")
-    config_class = CONFIG_MAPPING[model_type]
-    if margs.config_overrides:
-        overrides = parse_overrides(margs.config_overrides)
-        known = set(config_class().to_dict()) | set(config_dict)
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise UsageError(f"--config_overrides: unknown config field(s) {unknown} for model_type {model_type!r}")
-        config_dict.update(overrides)
+    overrides = parse_overrides(margs.config_overrides) if margs.config_overrides else None
+    config = shared.load_config(flag, source, overrides, cache_dir=margs.cache_dir)
+    if overrides:
         logger.info("config overrides: %s", overrides)
-    try:
-        return config_class.from_dict(config_dict)
-    except Exception as err:  # config validation raises ValueError, TypeError or strict-dataclass errors
-        raise UsageError(f"{flag}: invalid config: {one_line(err)}") from None
+    return config
 
 
 def load_tokenizer(margs: ModelArguments, corpus_tokenizer: Path | None):
@@ -260,8 +263,7 @@ def local_data_files(dargs: DataTrainingArguments) -> dict[str, str]:
     for flag, split, path in flags:
         if path is None:
             continue
-        if not os.path.isfile(path):
-            raise UsageError(f"{flag}: {path} does not exist")
+        check_text_file(flag, path)  # exists, non-empty, text (json is text too)
         data_files[split] = path
     if not data_files and not (dargs.use_embedded_corpus or dargs.dataset_name):
         raise UsageError("--train_file: no data; give --use_embedded_corpus, --dataset_name or --train_file/--validation_file")
@@ -270,6 +272,26 @@ def local_data_files(dargs: DataTrainingArguments) -> dict[str, str]:
     if len(exts) > 1 or not exts <= {"txt", "json"}:
         raise UsageError(f"--train_file/--validation_file: extensions {sorted(exts)}; allowed is one of txt, json, jsonl")
     return data_files
+
+
+def check_small_text_files(dargs: DataTrainingArguments, data_files: dict[str, str], tokenizer, block_size: int) -> None:
+    """Before tokenizing, for small .txt files (the mistakes are small files): each split makes at least one block,
+    and without --validation_file the held-out percentage of the train lines is at least one line.
+
+    Counts tokens line by line, as ``tokenize_and_group`` will (the text loader gives one row per line).
+    """
+    for split_name, path in data_files.items():
+        if Path(path).suffix.lower() != ".txt" or os.path.getsize(path) > SMALL_FILE_BYTES:
+            continue
+        flag = f"--{split_name}_file"
+        lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=dargs.keep_linebreaks)
+        if split_name == "train" and "validation" not in data_files and len(lines) * dargs.validation_split_percentage < 100:
+            raise UsageError(f"--validation_split_percentage: {dargs.validation_split_percentage}% of the {len(lines)} lines "
+                             f"of {flag} {path} is not one line; allowed is a --validation_file or a longer file")
+        tokens = sum(len(ids) for ids in tokenizer(lines).input_ids)
+        if tokens < block_size:
+            raise UsageError(f"{flag}: {path} has {tokens} tokens, fewer than one block of --block_size {block_size}; "
+                             "allowed is a longer file or a smaller --block_size")
 
 
 def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpus_paths) -> datasets.DatasetDict:
@@ -298,6 +320,9 @@ def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpu
             builder, data_files=data_files, cache_dir=margs.cache_dir, streaming=dargs.streaming, **kwargs
         )
     if "validation" not in raw and "train" in raw and not dargs.streaming:
+        if len(raw["train"]) * dargs.validation_split_percentage < 100:
+            raise UsageError(f"--validation_split_percentage: {dargs.validation_split_percentage}% of the {len(raw['train'])} "
+                             "training texts is not one text; allowed is a --validation_file or more training data")
         split = raw["train"].train_test_split(test_size=dargs.validation_split_percentage / 100, shuffle=False)
         raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     return raw
@@ -363,26 +388,54 @@ def perplexity(loss: float) -> float:
 
 
 
-def split(lm, name: str, max_samples: int | None, streaming: bool, missing: str):
+def split(lm, name: str, max_samples: int | None, streaming: bool, missing: str, block_size: int):
     """The ``name`` split of the grouped data, cut to ``max_samples`` blocks; ``missing`` is the error without it."""
     if name not in lm:
         raise UsageError(missing)
     data = lm[name]
+    if not streaming and len(data) == 0:
+        raise UsageError(f"--block_size: {block_size}: the {name} data is shorter than one block of {block_size} tokens; "
+                         "allowed is a smaller --block_size or more data")
     if max_samples is None:
         return data
     return data.take(max_samples) if streaming else data.select(range(min(max_samples, len(data))))
 
 
+def check_checkpoint(path: str) -> None:
+    """A checkpoint to resume from is readable: its safetensors headers, torch zip archives and trainer state.
+
+    A truncated or corrupt file is a UsageError naming it (the Trainer would fail deep inside a loader).
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as handle:
+                    handle.keys()
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(file).close()  # torch.save writes a zip archive; a truncated one has no directory
+            elif file.name == "trainer_state.json":
+                json.loads(file.read_text())
+        except Exception as err:  # any reader's complaint means the file is damaged
+            raise UsageError(f"--resume_from_checkpoint: {file} is unreadable ({one_line(err)}); allowed is a complete "
+                             "checkpoint (delete it, or pass --overwrite_output_dir to start over)") from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(train_and_evaluate, argv, prog="run_clm.py")
+
+
+def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     """Run training and/or evaluation; returns ``{"trainer", "train", "eval"}`` (metrics dicts or None)."""
     margs, dargs, targs = parse_args(argv)
+    check_args(margs, dargs, targs)
+    margs.eval_sequential = margs.eval_sequential or shared.env_flag("LCKV_EVAL_SEQUENTIAL")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     transformers.utils.logging.set_verbosity_warning()
-    margs.eval_sequential = margs.eval_sequential or os.environ.get("LCKV_EVAL_SEQUENTIAL", "0") == "1"
-    if dargs.streaming and targs.do_train and targs.max_steps <= 0:
-        raise UsageError("--streaming: needs --max_steps (a stream has no length)")
-    if not (targs.do_train or targs.do_eval):
-        raise UsageError("--do_train/--do_eval: nothing to do; pass at least one")
 
     # Model config first: cheap, and most bad input shows up here.
     config = load_config(margs)
@@ -391,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if max_positions is not None and block_size > max_positions:
         raise UsageError(f"--block_size: {block_size} exceeds the model's max_position_embeddings ({max_positions})")
 
-    local_data_files(dargs)
+    data_files = local_data_files(dargs)
     corpus_paths = None
     if dargs.use_embedded_corpus:
         from corpus import prepare_corpus
@@ -399,25 +452,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with targs.main_process_first(desc="preparing the embedded corpus"):
             corpus_paths = prepare_corpus(verbose=True)
     tokenizer = load_tokenizer(margs, corpus_paths.tokenizer if corpus_paths else None)
+    check_small_text_files(dargs, data_files, tokenizer, block_size)
 
     # Resume: an explicit checkpoint, else the last one in output_dir.
     last_checkpoint = None
     if targs.do_train and os.path.isdir(targs.output_dir) and not margs.overwrite_output_dir:
         last_checkpoint = get_last_checkpoint(targs.output_dir)
-        if last_checkpoint and targs.resume_from_checkpoint is None:
-            logger.info("resuming from %s (pass --overwrite_output_dir to start over)", last_checkpoint)
     resume = targs.resume_from_checkpoint or last_checkpoint
     if resume is not None and not os.path.isdir(resume):
         raise UsageError(f"--resume_from_checkpoint: {resume} does not exist")
-
-    transformers.set_seed(targs.seed)
-    model = build_model(margs, config, tokenizer)
+    if resume is not None:
+        check_checkpoint(resume)
+        if targs.resume_from_checkpoint is None:
+            logger.info("resuming from %s (pass --overwrite_output_dir to start over)", last_checkpoint)
 
     raw = load_raw_datasets(margs, dargs, corpus_paths)
     lm = tokenize_and_group(raw, tokenizer, dargs, block_size, targs)
-    train_ds = split(lm, "train", dargs.max_train_samples, dargs.streaming, "--do_train: the data has no train split") if targs.do_train else None
+    train_ds = split(lm, "train", dargs.max_train_samples, dargs.streaming, "--do_train: the data has no train split",
+                     block_size) if targs.do_train else None
     eval_ds = split(lm, "validation", dargs.max_eval_samples, dargs.streaming,
-                    "--do_eval: the data has no validation split; pass --validation_file") if targs.do_eval else None
+                    "--do_eval: the data has no validation split; pass --validation_file", block_size) if targs.do_eval else None
+    transformers.set_seed(targs.seed)
+    model = build_model(margs, config, tokenizer)
 
     trainer = LCKVTrainer(
         model=model,
@@ -460,8 +516,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"run_clm.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -8,27 +8,20 @@ Examples:
 
 ``--compare_cache`` generates with and without the KV cache and reports the time and tokens/s of each, so you see
 what the cache buys. The no-cache forward of an LCKV model runs ``num_encoders + 1`` parallel iterations, exact only
-for that many tokens; ``--sequential_forward`` computes token by token (the exact semantics, DESIGN.md section 3), and
+for that many tokens; ``--sequential_forward`` computes token by token (the exact semantics, docs/design.md), and
 then both modes give the same text at any length. Sequences past ``max_position_embeddings`` are an error here: use
 run_streaming.py to go beyond. Bad input exits with a one-line error.
 """
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextStreamer
 
-import models  # noqa: F401  (registers model_type "opt-llama")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UsageError(ValueError):
-    """Bad command-line input; printed as one line, exit status 2."""
+from models import cli as shared  # import models registers model_type "opt-llama"
+from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, read_text_file, resolve_dtype, run_cli, set_sequential
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +29,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_name_or_path", help="checkpoint directory (or hub id) of an opt-llama or llama model")
     parser.add_argument("--config", help="JSON config: a model with random weights instead of a checkpoint")
     parser.add_argument("--tokenizer", help="tokenizer directory (or hub id); default: the checkpoint's")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="model dtype (default float32; auto: bfloat16 on cuda, float32 otherwise)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     parser.add_argument("--attn_implementation", default="sdpa", help="attention backend: sdpa, eager, flex_attention, ...")
     parser.add_argument("--seed", type=int, default=42, help="random seed for weights (with --config) and sampling")
@@ -68,10 +62,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         prompt = args.prompt
     elif args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UsageError(f"--prompt_file: {path} does not exist")
-        prompt = path.read_text(encoding="utf-8")
+        prompt = read_text_file("--prompt_file", args.prompt_file)
     elif sys.stdin.isatty():
         raise UsageError("prompt: give --prompt TEXT, --prompt_file FILE, or pipe the prompt on stdin")
     else:
@@ -86,22 +77,8 @@ def load_config(args: argparse.Namespace):
     if (args.model_name_or_path is None) == (args.config is None):
         raise UsageError("--model_name_or_path / --config: give exactly one of them")
     if args.config is not None:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UsageError(f"--config: {path} does not exist")
-        fields = json.loads(path.read_text())
-        if "model_type" not in fields:
-            raise UsageError(f"--config: {path} has no model_type; allowed are opt-llama and llama configs")
-        try:
-            return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        except ValueError as error:
-            raise UsageError(f"--config: {error}") from None
-    try:
-        return AutoConfig.from_pretrained(args.model_name_or_path)
-    except OSError:
-        raise UsageError(
-            f"--model_name_or_path: cannot load {args.model_name_or_path} (no checkpoint directory there; offline, the hub is unreachable)"
-        ) from None
+        return shared.load_config("--config", args.config)
+    return shared.load_config("--model_name_or_path", args.model_name_or_path)
 
 
 def load_tokenizer(args: argparse.Namespace):
@@ -109,6 +86,7 @@ def load_tokenizer(args: argparse.Namespace):
     source = args.tokenizer or args.model_name_or_path
     if source is None:
         raise UsageError("--tokenizer: needed with --config (e.g. the embedded corpus tokenizer, see python -m corpus)")
+    shared.check_source("--tokenizer" if args.tokenizer else "--model_name_or_path", source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
@@ -123,7 +101,7 @@ def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
 
     With random weights the vocabulary is sized to the tokenizer.
     """
-    kwargs = dict(dtype=DTYPES[args.dtype], attn_implementation=args.attn_implementation)
+    kwargs = dict(dtype=resolve_dtype(args.dtype, args.device), attn_implementation=args.attn_implementation)
     if args.config is not None:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
         torch.manual_seed(args.seed)
@@ -134,9 +112,8 @@ def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
 
 
 def resolve_device(args: argparse.Namespace) -> None:
-    """Fill in ``args.device``: cuda when available, else cpu."""
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    """Fill in and check ``args.device``: cuda when available, else cpu."""
+    args.device = shared.resolve_device(args.device)
 
 
 def generate_once(model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace, **extra) -> tuple[torch.Tensor, float]:
@@ -176,6 +153,7 @@ def check_generation_args(args: argparse.Namespace) -> None:
     for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name}: {getattr(args, name)}; allowed values are integers >= 1")
+    shared.check_attn_implementation("--attn_implementation", args.attn_implementation)
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UsageError("--temperature / --top_p / --top_k: allowed are temperature > 0, 0 < top_p <= 1, top_k >= 0")
     if args.num_return_sequences > args.num_beams and not args.do_sample:
@@ -210,7 +188,7 @@ def check_position_limit(args: argparse.Namespace, prompt_length: int, limit: in
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     add_prompt_args(parser)
     add_generation_args(parser)
@@ -234,9 +212,7 @@ def run(args: argparse.Namespace) -> dict:
     prompt = read_prompt(args)
     config = load_config(args)
     if args.sequential_forward:
-        if config.model_type != "opt-llama":
-            raise UsageError(f"--sequential_forward: only for opt-llama models, not {config.model_type}")
-        config.sequential_forward = True
+        set_sequential(config, "--sequential_forward")
     tokenizer = load_tokenizer(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     check_position_limit(args, input_ids.shape[1], config.max_position_embeddings)
@@ -264,17 +240,9 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def cli(run_fn, parse_fn, argv: list[str] | None) -> None:
-    """Run a script's ``run_fn(parse_fn(argv))``; a UsageError becomes one line on stderr and exit status 2."""
-    try:
-        run_fn(parse_fn(argv))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main(argv: list[str] | None = None) -> None:
-    cli(run, parse_args, argv)
+def main(argv: list[str] | None = None) -> dict:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(lambda argv: run(parse_args(argv)), argv, prog="run_generation.py")
 
 
 if __name__ == "__main__":

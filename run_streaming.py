@@ -14,24 +14,19 @@ Llama checkpoint runs as an opt-llama with every layer standard (the same networ
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
-import torch
 import transformers
-from tqdm.auto import tqdm
 
-from models import OptLlamaConfig
 from models.cache_streaming import SinkWindowCache
+from models.cli import ArgumentParser, UsageError, as_opt_llama, check_output_file, check_range, read_text_file, run_cli
+from models.measure import cache_tokens, measure_stream
 from run_generation import (
-    UsageError,
     add_generation_args,
     add_model_args,
     add_prompt_args,
     check_generation_args,
-    cli,
     generate_once,
     load_config,
     load_model,
@@ -39,16 +34,6 @@ from run_generation import (
     read_prompt,
     resolve_device,
 )
-
-
-def as_opt_llama(config):
-    """An opt-llama config for ``config``: itself, or for a Llama every layer standard (same weights, same network)."""
-    if config.model_type == "opt-llama":
-        return config
-    if config.model_type != "llama":
-        raise UsageError(f"model_type: {config.model_type}; allowed are opt-llama and llama")
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "layer_types")}
-    return OptLlamaConfig(**fields, lckv_layer_types="_".join(["0"] * config.num_hidden_layers))
 
 
 def make_cache(config, args: argparse.Namespace) -> SinkWindowCache:
@@ -60,69 +45,6 @@ def make_cache(config, args: argparse.Namespace) -> SinkWindowCache:
         raise UsageError(f"--{error}") from None
 
 
-def cache_tokens(cache: SinkWindowCache) -> int:
-    """Most tokens any KV layer of ``cache`` holds now."""
-    return max(layer.get_seq_length() for layer in cache.kv_layers)
-
-
-def cache_bytes(cache: SinkWindowCache) -> int:
-    """Bytes of keys and values held by ``cache``."""
-    return sum(t.numel() * t.element_size() for layer in cache.kv_layers if layer.keys is not None for t in (layer.keys, layer.values))
-
-
-def streaming_nll(model, input_ids: torch.Tensor, cache: SinkWindowCache, desc: str = "streaming ppl", disable: bool = False) -> tuple[torch.Tensor, int]:
-    """Feed ``input_ids`` ``(B, N)`` one token per step; return the next-token NLL ``(B, N - 1)`` and the peak cache tokens.
-
-    The progress bar shows the running perplexity (over the batch and the tokens so far).
-    """
-    batch, length = input_ids.shape
-    nll = torch.empty(batch, length - 1, device=input_ids.device)
-    peak_tokens = 0
-    refresh = max(1, (length - 1) // 100)
-    with torch.no_grad(), tqdm(range(length - 1), desc=desc, disable=disable, file=sys.stderr) as bar:
-        for t in bar:
-            logits = model(input_ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1].float()
-            nll[:, t] = torch.nn.functional.cross_entropy(logits, input_ids[:, t + 1], reduction="none")
-            peak_tokens = max(peak_tokens, cache_tokens(cache))
-            if (t + 1) % refresh == 0:
-                bar.set_postfix(ppl=f"{math.exp(nll[:, : t + 1].mean().item()):.2f}", refresh=False)
-    return nll, peak_tokens
-
-
-def ppl_by_position(nll: torch.Tensor, bucket: int) -> list[dict]:
-    """Perplexity of ``nll`` ``(B, N)`` in position buckets of ``bucket`` tokens: ``[{"start", "end", "ppl"}]``."""
-    return [
-        {"start": start, "end": min(start + bucket, nll.shape[1]), "ppl": math.exp(nll[:, start : start + bucket].mean().item())}
-        for start in range(0, nll.shape[1], bucket)
-    ]
-
-
-def measure_stream(model, input_ids: torch.Tensor, cache: SinkWindowCache, bucket: int, desc: str = "streaming ppl", disable: bool = False) -> dict:
-    """Stream ``input_ids`` ``(B, N)`` through ``cache``: perplexity (overall and in buckets of positions), speed, memory."""
-    cuda = model.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    nll, peak_tokens = streaming_nll(model, input_ids, cache, desc=desc, disable=disable)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return dict(
-        window_size=cache.window_size,
-        num_sink_tokens=cache.num_sink_tokens,
-        num_streams=input_ids.shape[0],
-        num_tokens=input_ids.shape[1],
-        ppl=math.exp(nll.mean().item()),
-        tokens_per_s=nll.numel() / seconds,
-        seconds=seconds,
-        max_cache_tokens=peak_tokens,
-        cache_bytes=cache_bytes(cache),
-        peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-        ppl_by_position=ppl_by_position(nll, bucket),
-    )
-
-
 def read_text(args: argparse.Namespace) -> str:
     """The evaluation text: ``--text_file`` or the embedded corpus's test split."""
     if (args.text_file is None) == (not args.use_embedded_corpus):
@@ -131,18 +53,13 @@ def read_text(args: argparse.Namespace) -> str:
         from corpus import prepare_corpus
 
         return prepare_corpus().test.read_text(encoding="utf-8")
-    path = Path(args.text_file)
-    if not path.is_file():
-        raise UsageError(f"--text_file: {path} does not exist")
-    return path.read_text(encoding="utf-8")
+    return read_text_file("--text_file", args.text_file)
 
 
 def run_perplexity(model, tokenizer, cache: SinkWindowCache, text: str, args: argparse.Namespace) -> dict:
     """Streaming perplexity of the first ``num_tokens`` tokens of ``text``; the result is also written as JSON."""
     limit = model.config.max_position_embeddings
-    num_tokens = args.num_tokens or 20 * limit
-    if num_tokens < 2:
-        raise UsageError(f"--num_tokens: {num_tokens}; allowed values are integers >= 2")
+    num_tokens = args.num_tokens or 20 * limit  # checked >= 2 in run()
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
     if input_ids.shape[1] < 2:
         raise UsageError("text: fewer than 2 tokens; give a longer text")
@@ -175,7 +92,7 @@ def run_generate(model, tokenizer, cache: SinkWindowCache, prompt: str, args: ar
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--mode", choices=("generate", "perplexity"), default="generate", help="generate text, or evaluate long-text perplexity")
     parser.add_argument("--window_size", type=int, default=None, help="recent tokens kept per KV layer (default: max_position_embeddings - num_sink_tokens)")
@@ -193,6 +110,9 @@ def run(args: argparse.Namespace) -> dict:
     """Run the chosen mode; return its result dict."""
     resolve_device(args)
     check_generation_args(args)
+    check_range("--num_tokens", args.num_tokens, minimum=2)
+    if args.output_json:
+        check_output_file("--output_json", args.output_json)
     text = read_text(args) if args.mode == "perplexity" else read_prompt(args)
     config = as_opt_llama(load_config(args))
     cache = make_cache(config, args)  # checks the window before loading any weights
@@ -201,8 +121,9 @@ def run(args: argparse.Namespace) -> dict:
     return (run_perplexity if args.mode == "perplexity" else run_generate)(model, tokenizer, cache, text, args)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cli(run, parse_args, argv)
+def main(argv: list[str] | None = None) -> dict:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(lambda argv: run(parse_args(argv)), argv, prog="run_streaming.py")
 
 
 if __name__ == "__main__":

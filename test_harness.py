@@ -16,49 +16,59 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-import models  # noqa: F401  (registers opt-llama with the Auto classes)
+from models import cli as shared  # import models registers opt-llama with the Auto classes
+from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_choices, check_range, run_cli, set_sequential
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 COMMONSENSE_TASKS = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa"]
 LOCAL_TASKS = ["lckv_heldout_ppl", "lckv_next_line"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory (from_pretrained) or a config .json (random weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's own, else the corpus tokenizer)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: commonsense suite, or local tasks offline)")
     p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per task (default: each task's own)")
     p.add_argument("--batch_size", default="1", help="lm-eval batch size: an integer or 'auto'")
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1); for quick checks")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: bfloat16 on cuda, float32 otherwise)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights dtype (auto: bfloat16 on cuda, float32 otherwise)")
     p.add_argument("--sequential", action="store_true", help="exact token-by-token forward (config.sequential_forward=True), as the paper evaluates")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (config .json) and lm-eval")
     p.add_argument("--output_path", default=None, help="write lm-eval's results JSON to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return DTYPES[name]
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for flags out of range, before anything is loaded; ``args.batch_size`` becomes an int or 'auto'."""
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            raise UsageError(f"--batch_size: {args.batch_size!r}; allowed is an integer >= 1 or 'auto'") from None
+        check_range("--batch_size", args.batch_size, minimum=1)
+    check_range("--num_fewshot", args.num_fewshot, minimum=0)
+    check_range("--limit", args.limit, minimum=0, exclusive_min=True)
+    args.device = shared.resolve_device(args.device)
+    if args.output_path:
+        shared.check_output_file("--output_path", args.output_path)
 
 
 def load_model(path: str, dtype: torch.dtype, device: str, sequential: bool, seed: int) -> PreTrainedModel:
     """A checkpoint directory, or a config ``.json`` instantiated with seeded random weights, in eval mode."""
+    config = shared.load_config("--model", path)
+    if sequential:
+        set_sequential(config, "--sequential")
     if path.endswith(".json"):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if sequential:
-        if not hasattr(model.config, "sequential_forward"):
-            raise ValueError(f"--sequential: model_type {model.config.model_type!r} has no sequential_forward; allowed: opt-llama")
-        model.config.sequential_forward = True
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     return model.to(device).eval()
 
 
@@ -70,7 +80,11 @@ def load_tokenizer(name: str | None, model_path: str) -> PreTrainedTokenizerBase
         from corpus import prepare_corpus
 
         name = str(prepare_corpus().tokenizer)
-    return AutoTokenizer.from_pretrained(name)
+    shared.check_source("--tokenizer", name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--tokenizer: cannot load a tokenizer from {name} ({shared.one_line(error)})") from None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -98,20 +112,25 @@ def evaluate(args: argparse.Namespace) -> dict:
     from lm_eval.tasks import TaskManager
 
     sys.path.insert(0, str(TASKS_DIR.parent))  # the task data builders import the corpus package
-    dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.model, dtype, args.device, args.sequential, args.seed)
+    # Cheap checks first: the config and tokenizer, then the task names (the task index takes seconds), then the model.
+    config = shared.load_config("--model", args.model)
+    if args.sequential:
+        set_sequential(config, "--sequential")
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"--tokenizer: {len(tokenizer)} tokens exceed the model's vocab_size={model.config.vocab_size}")
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
-    tasks = args.tasks.split(",") if args.tasks else default_tasks()
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"--tokenizer: {len(tokenizer)} tokens exceed the model's vocab_size={config.vocab_size}; "
+                         "allowed is a tokenizer of at most that many tokens")
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else default_tasks()
+    task_manager = TaskManager(include_path=str(TASKS_DIR))
+    check_choices("--tasks", tasks, task_manager.all_tasks)
+    model = load_model(args.model, shared.resolve_dtype(args.dtype, args.device), args.device, args.sequential, args.seed)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=args.batch_size)
     return simple_evaluate(
         model=lm,
         tasks=tasks,
         num_fewshot=args.num_fewshot,
         limit=args.limit,
-        task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        task_manager=task_manager,
         random_seed=args.seed,
         numpy_random_seed=args.seed,
         torch_random_seed=args.seed,
@@ -120,6 +139,11 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(evaluate_and_report, argv, prog="test_harness.py")
+
+
+def evaluate_and_report(argv: list[str] | None = None) -> dict:
     from lm_eval.utils import handle_non_serializable, make_table
 
     args = parse_args(argv)

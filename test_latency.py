@@ -20,18 +20,17 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
 
 from models import PACKED_SDPA, SPLIT_KV  # import models registers opt-llama and both decoding attentions
+from models import cli as shared
 from models.chunked_prefill import prefill_in_chunks
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, parse_int_list, parse_size, run_cli
+from models.measure import StepTimer, baseline_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"],
                    help="model config .json files; the first Llama (no LCKV fields) is the baseline of the ratios")
     p.add_argument("--prompt_len", type=int, default=2048, help="prompt tokens per sequence")
@@ -58,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "sdpa that also packs GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; "
                    "sdpa, eager, ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on cuda and for --plan, float32 on cpu")
     p.add_argument("--hbm_bandwidth", default="3.35TB", help="memory bandwidth per second for the roofline (H100 SXM: 3.35TB)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
     p.add_argument("--output_dir", default="bench/latency", help="where latency.json and throughput.png go")
@@ -77,22 +76,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--offload: not with --compile (a captured decode step cannot move the cache between devices)")
     if not 1 <= args.start_batch <= args.max_batch:
         p.error(f"--start_batch: {args.start_batch}; allowed values are 1 to --max_batch ({args.max_batch})")
+    check_args(args)
     args.steps = args.steps or args.gen_len
     return args
 
 
-def parse_bytes(text: str) -> float:
-    """``"80GB"`` -> 8e10, ``"24GiB"`` -> 24 * 2**30."""
-    text = text.strip().upper()
-    for unit in sorted(UNITS, key=len, reverse=True):
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) * UNITS[unit]
-    return float(text)
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for every flag out of range, before any config or model is loaded; sizes are parsed here."""
+    for flag in ("prompt_len", "gen_len", "max_batch", "start_batch"):
+        check_range(f"--{flag}", getattr(args, flag), minimum=1)
+    check_range("--steps", args.steps, minimum=1, maximum=args.gen_len)
+    check_range("--prefill_chunk", args.prefill_chunk, minimum=0)
+    check_range("--resolution", args.resolution, minimum=0, maximum=1)
+    if args.batches is not None:
+        parse_int_list("--batches", args.batches)
+    args.hbm_bandwidth_bytes = parse_size("--hbm_bandwidth", args.hbm_bandwidth)
+    args.gpu_memory_bytes = parse_size("--gpu_memory", args.gpu_memory)
+    args.plan_lengths_list = parse_int_list("--plan_lengths", args.plan_lengths)
+    shared.check_attn_implementation("--attn_implementation", args.attn_implementation)
+    if not args.plan:
+        args.device = shared.resolve_device(args.device)
+        shared.check_output_dir("--output_dir", args.output_dir)
 
 
 def load_config(path: str, total_len: int) -> PretrainedConfig:
-    """The config with room for ``total_len`` positions."""
-    config = AutoConfig.from_pretrained(path)
+    """The config of ``--configs`` entry ``path``, with room for ``total_len`` positions."""
+    config = shared.load_config("--configs", path)
     config.max_position_embeddings = max(config.max_position_embeddings, total_len)
     return config
 
@@ -147,23 +156,6 @@ def cache_bytes(cache) -> tuple[int, int]:
     layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
     total = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
     return total, layers[0].keys.shape[-2]
-
-
-class StepTimer(BaseStreamer):
-    """Streamer that records a (synchronized) timestamp per generated token and drives a progress bar."""
-
-    def __init__(self, device: torch.device, bar: tqdm):
-        self.device, self.bar, self.times = device, bar, []
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
-        if len(self.times) > 1:  # the first put is the prompt
-            self.bar.update(1)
-
-    def end(self) -> None:
-        pass
 
 
 @dataclass
@@ -343,11 +335,6 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
     }
 
 
-def baseline_name(results: dict[str, dict]) -> str:
-    """The first Llama (``model_type`` llama) among ``results``, else the first model: the baseline of ratios."""
-    return next((name for name, r in results.items() if r["model_type"] == "llama"), next(iter(results)))
-
-
 def ratios(results: dict[str, dict]) -> dict[str, dict]:
     """Each non-baseline model's max batch, throughputs and KV bytes/token over the baseline's (first Llama)."""
     baseline = baseline_name(results)
@@ -379,19 +366,28 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
 
 def resolve_dtype(args) -> torch.dtype:
     """auto: bfloat16 on cuda and for --plan (a GPU's plan), float32 on cpu."""
-    if args.dtype == "auto":
-        return torch.bfloat16 if args.plan or str(args.device).startswith("cuda") else torch.float32
-    return DTYPES[args.dtype]
+    return shared.resolve_dtype(args.dtype, "cuda" if args.plan else args.device)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(measure, argv, prog="test_latency.py")
+
+
+def measure(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dtype = resolve_dtype(args)
-    bandwidth = parse_bytes(args.hbm_bandwidth)
+    bandwidth = args.hbm_bandwidth_bytes
+    total_len = max(args.plan_lengths_list) if args.plan else args.prompt_len + args.gen_len
+    configs = {c: load_config(c, total_len) for c in args.configs}  # every config checked before any model is built
     if args.plan:
-        lengths = [int(n) for n in args.plan_lengths.split(",")]
-        memory = parse_bytes(args.gpu_memory)
-        out = {Path(c).stem: plan(load_config(c, max(lengths)), dtype, memory, lengths, bandwidth) for c in args.configs}
+        lengths = args.plan_lengths_list
+        memory = args.gpu_memory_bytes
+        out = {Path(c).stem: plan(config, dtype, memory, lengths, bandwidth) for c, config in configs.items()}
+        for name, p in out.items():
+            if p["weight_bytes"] >= memory:
+                raise UsageError(f"--gpu_memory: {args.gpu_memory} does not even hold the weights of {name} "
+                                 f"({p['weight_bytes']:,} bytes); allowed is more memory than that")
         for name, p in out.items():
             per_length = ", ".join(f"{n}: {b} ({p['decode_roofline_tokens_per_s'][n]:,.0f} tok/s)" for n, b in p["max_batch"].items())
             print(f"{name}: {p['kv_layers']} KV layers, {p['kv_bytes_per_token']} KV bytes/token stored, "

@@ -4,7 +4,7 @@
 
 Counts with torch's ``FlopCounterMode`` on the meta device (no memory, no GPU, deterministic): matrix
 multiplies and attention, as dispatched by the models' real forward and backward. LCKV's cost is its
-iterations (DESIGN.md section 3): the cyclic block runs ``num_encoders + 1`` times (prefill: at most
+iterations (docs/design.md): the cyclic block runs ``num_encoders + 1`` times (prefill: at most
 the prompt length), two of them with gradients in training. Writes ``flops.json`` with each model's
 TFLOPs and its ratio to the baseline (the first Llama config).
 """
@@ -16,25 +16,31 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-import models  # noqa: F401  (registers opt-llama)
-from test_latency import baseline_name
+from models import cli as shared  # import models registers opt-llama
+from models.cli import ArgumentParser, check_output_dir, check_range, run_cli
+from models.measure import baseline_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+",
                         default=["configs/tinyllama.json", "configs/tinyllama_opt.json", "configs/tinyllama_opt_w4.json"],
                         help="model configs; the first Llama (model_type llama) is the baseline of the ratios")
     parser.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence (batch 1; work scales with batch)")
     parser.add_argument("--output_dir", default="bench/results/flops", help="where flops.json goes")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_range("--seq_len", args.seq_len, minimum=1)
+    check_output_dir("--output_dir", args.output_dir)
+    for path in args.configs:
+        shared.load_config("--configs", path)
+    return args
 
 
 def count_flops(config_path: str, seq_len: int) -> dict:
     """TFLOPs of a prefill (no grad, logits of the last token) and a training step (forward + backward)."""
-    config = AutoConfig.from_pretrained(config_path)
+    config = shared.load_config("--configs", config_path)
     config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
@@ -48,6 +54,11 @@ def count_flops(config_path: str, seq_len: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(count, argv, prog="bench_flops")
+
+
+def count(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = {Path(c).stem: count_flops(c, args.seq_len) for c in tqdm(args.configs, desc="counting FLOPs")}
     baseline = baseline_name(results)

@@ -21,11 +21,13 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from models import OptLlamaConfig, kernels
+from models import cli as shared
+from models.cli import ArgumentParser, check_output_dir, check_range, run_cli
 from models.kernels import FLAGS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["configs/tinyllama_opt.json", "configs/tinyllama.json"],
                         help="model configs (opt-llama or llama json)")
     parser.add_argument("--batch_size", type=int, default=4, help="sequences per step")
@@ -35,15 +37,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights dtype")
     parser.add_argument("--device", default="cuda", help="torch device")
     parser.add_argument("--output_dir", default="bench/results", help="where kernels.json and kernels.png go")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "block_size", "steps"):
+        check_range(f"--{flag}", getattr(args, flag), minimum=1)
+    check_range("--warmup", args.warmup, minimum=0)
+    args.device = shared.resolve_device(args.device)
+    check_output_dir("--output_dir", args.output_dir)
+    for path in args.configs:
+        load_config(path)
+    return args
 
 
 def load_config(path: str) -> OptLlamaConfig:
     """An opt-llama config; a Llama json becomes opt-llama with every layer standard (``0_0_..._0``)."""
-    fields = json.loads(Path(path).read_text())
-    if fields.pop("model_type") == "llama":
-        fields["layer_types"] = "_".join(["0"] * fields["num_hidden_layers"])
-    return OptLlamaConfig(**fields)
+    return shared.as_opt_llama(shared.load_config("--configs", path))
 
 
 def flag_sets() -> list[tuple[str, dict[str, str]]]:
@@ -152,6 +159,11 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(measure_flags, argv, prog="bench_kernels")
+
+
+def measure_flags(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     results = []

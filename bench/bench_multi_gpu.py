@@ -23,13 +23,16 @@ from pathlib import Path
 
 import torch
 
+from models import cli as shared  # import models registers opt-llama
+from models.cli import ArgumentParser, check_output_dir, check_range, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (shared by the parent and its workers)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tinyllama_opt.json", help="model config json")
     parser.add_argument("--batch_size", type=int, default=4, help="sequences per GPU per step")
     parser.add_argument("--block_size", type=int, default=1024, help="tokens per sequence")
@@ -43,7 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="bench/results", help="where multi_gpu.json goes")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: result json of one worker
     parser.add_argument("--mode", default="single", help=argparse.SUPPRESS)  # internal: the worker's setting
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "block_size", "steps", "num_gpus"):
+        check_range(f"--{flag}", getattr(args, flag), minimum=1)
+    check_range("--warmup", args.warmup, minimum=0)
+    check_output_dir("--output_dir", args.output_dir)
+    shared.load_config("--config", args.config)
+    return args
 
 
 # ----------------------------------------------------------------------------- worker (one process of one setting)
@@ -174,6 +183,11 @@ def run_mode(mode: str, args: argparse.Namespace, output_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(run_settings, argv, prog="bench_multi_gpu")
+
+
+def run_settings(argv: list[str] | None = None) -> dict:
     """Run every setting in ``--modes`` and write ``multi_gpu.json`` with the scaling efficiencies."""
     args = parse_args(argv)
     if args.worker:

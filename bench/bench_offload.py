@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-import models  # noqa: F401  (registers opt-llama)
-from test_latency import StepTimer
+from models import cli as shared  # import models registers opt-llama
+from models.cli import ArgumentParser, check_output_dir, check_range, run_cli
+from models.measure import StepTimer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"], help="model configs to compare")
     parser.add_argument("--prompt_len", type=int, default=8192, help="prompt tokens per sequence")
     parser.add_argument("--gen_len", type=int, default=256, help="new tokens per sequence")
@@ -28,7 +29,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=["dynamic", "offloaded"], help="cache_implementation values to compare")
     parser.add_argument("--output_dir", default="bench/results", help="where offload.json is written")
     parser.add_argument("--device", default="cuda", help="torch device (offloaded modes need cuda; cpu only smoke-tests)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("prompt_len", "gen_len"):
+        check_range(f"--{flag}", getattr(args, flag), minimum=1)
+    for batch in args.batch_sizes:
+        check_range("--batch_sizes", batch, minimum=1)
+    shared.check_choices("--modes", args.modes, ["dynamic", "static", "offloaded", "offloaded_static"])
+    args.device = shared.resolve_device(args.device)
+    check_output_dir("--output_dir", args.output_dir)
+    for path in args.configs:
+        shared.load_config("--configs", path)
+    return args
 
 
 def cuda_kv_bytes(cache) -> int:
@@ -80,6 +91,11 @@ def run_one(model, config, batch: int, args, mode: str) -> dict:
 
 
 def main(argv=None) -> dict:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(compare, argv, prog="bench_offload")
+
+
+def compare(argv=None) -> dict:
     args = parse_args(argv)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     results = {"device": device_name, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": {}}
@@ -88,7 +104,7 @@ def main(argv=None) -> dict:
     model, loaded = None, None
     for config_path, batch, mode in bar:
         if loaded != config_path:
-            config = AutoConfig.from_pretrained(config_path, max_position_embeddings=args.prompt_len + args.gen_len)
+            config = shared.load_config("--configs", config_path, {"max_position_embeddings": args.prompt_len + args.gen_len})
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -18,18 +18,18 @@ import platform
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corpus import prepare_corpus
 from models import OptLlamaConfig
+from models import cli as shared
 from models.cache_streaming import SinkWindowCache
-from run_streaming import as_opt_llama, measure_stream
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, as_opt_llama, check_range, run_cli
+from models.measure import measure_stream
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lckv_model", help="trained LCKV checkpoint directory (else trained here, see --train_steps)")
     parser.add_argument("--llama_model", help="trained Llama checkpoint directory (else trained here, see --train_steps)")
     parser.add_argument("--config", default="configs/llama_tiny_opt.json", help="LCKV config to train from (the Llama: same, every layer standard)")
@@ -42,11 +42,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ppl_factor", type=int, default=4, help="tokens streamed per window, in multiples of the limit")
     parser.add_argument("--length_factor", type=int, default=20, help="tokens streamed at the largest window, in multiples of the limit")
     parser.add_argument("--num_streams", type=int, default=4, help="text segments streamed side by side (batch size)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype (default bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="dtype (auto: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (weights, training batches)")
     parser.add_argument("--output_dir", default="bench", help="where streaming.json and streaming.png go")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("max_position_embeddings", "batch_size", "ppl_factor", "length_factor", "num_streams"):
+        check_range(f"--{flag}", getattr(args, flag), minimum=1)
+    for flag in ("train_steps", "num_sink_tokens"):
+        check_range(f"--{flag}", getattr(args, flag), minimum=0)
+    check_range("--learning_rate", args.learning_rate, minimum=0, exclusive_min=True)
+    for window in args.windows or []:
+        check_range("--windows", window, minimum=1)
+    for flag in ("lckv_model", "llama_model"):
+        if getattr(args, flag) is not None:
+            shared.load_config(f"--{flag}", getattr(args, flag))
+        elif args.train_steps < 1:
+            raise UsageError(f"--{flag}: give a checkpoint, or --train_steps to train one here")
+    if args.lckv_model is None or args.llama_model is None:
+        shared.load_config("--config", args.config)
+    args.device = torch.device(shared.resolve_device(args.device))
+    shared.check_output_dir("--output_dir", args.output_dir)
+    return args
 
 
 def train(config, tokenizer, args: argparse.Namespace) -> tuple[torch.nn.Module, list[float]]:
@@ -83,12 +100,10 @@ def load_models(args: argparse.Namespace) -> dict[str, tuple]:
     models = {}
     for name, path in (("lckv", args.lckv_model), ("llama", args.llama_model)):
         if path is not None:
-            config = as_opt_llama(AutoConfig.from_pretrained(path))
+            config = as_opt_llama(shared.load_config(f"--{name}_model", path))
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(args.device).eval()
             models[name] = (model, AutoTokenizer.from_pretrained(path), [])
             continue
-        if args.train_steps < 1:
-            raise SystemExit(f"error: --{name}_model: give a checkpoint, or --train_steps to train one here")
         corpus_tokenizer = corpus_tokenizer or AutoTokenizer.from_pretrained(prepare_corpus().tokenizer)
         fields = json.loads(Path(args.config).read_text())
         fields.pop("model_type", None)
@@ -127,20 +142,25 @@ def plot(runs: list[dict], limit: int, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line; bad input ends the process with one line on stderr and exit status 2."""
+    return run_cli(compare, argv, prog="bench_streaming")
+
+
+def compare(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+    dtype = shared.resolve_dtype(args.dtype, args.device.type)
     models = load_models(args)
     test_text = prepare_corpus().test.read_text(encoding="utf-8")
     runs, training = [], {}
     for name, (model, tokenizer, losses) in models.items():
-        model.to(DTYPES[args.dtype])
+        model.to(dtype)
         limit = model.config.max_position_embeddings
         windows = sorted(args.windows or [limit // 8, limit // 4, limit - args.num_sink_tokens])
         longest = args.length_factor * limit
         ids = tokenizer(test_text[: 8 * args.num_streams * longest], return_tensors="pt").input_ids[0]  # ~4 chars a token
         if len(ids) < args.num_streams * longest:
-            raise SystemExit(f"error: --num_streams: the test text has {len(ids)} tokens, fewer than {args.num_streams} x {longest}")
+            raise UsageError(f"--num_streams: {args.num_streams}; the test text has {len(ids)} tokens, fewer than "
+                             f"{args.num_streams} x {longest}; allowed are fewer streams or a smaller --length_factor")
         ids = ids[: args.num_streams * longest].view(args.num_streams, longest).to(args.device)
         for window in windows:
             length = longest if window == windows[-1] else args.ppl_factor * limit
@@ -152,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if args.device.type == "cuda" else platform.processor() or "cpu"
-    result = dict(device=device, dtype=args.dtype, num_sink_tokens=args.num_sink_tokens, training=training, runs=runs)
+    result = dict(device=device, dtype=str(dtype).removeprefix("torch."), num_sink_tokens=args.num_sink_tokens, training=training, runs=runs)
     (out / "streaming.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(runs, runs[0]["max_position_embeddings"], out / "streaming.png")
     print(f"wrote {out / 'streaming.json'} and {out / 'streaming.png'}")

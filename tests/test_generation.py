@@ -95,14 +95,14 @@ def test_checkpoint_round_trip(tiny_files, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", ""], "error: prompt: empty; give some text"),
-        (["--prompt", "x", "--model_name_or_path", "no/such/checkpoint"], "error: --model_name_or_path / --config: give exactly one of them"),
-        (["--prompt", "x", "--max_new_tokens", "200"], "error: sequence length: prompt 1 + max_new_tokens 200 tokens exceed max_position_embeddings=128; shorten them or stream with run_streaming.py"),
-        (["--prompt", "x", "--num_beams", "0"], "error: --num_beams: 0; allowed values are integers >= 1"),
-        (["--prompt_file", "missing.txt"], "error: --prompt_file: missing.txt does not exist"),
-        (["--prompt", "x", "--offload", "--device", "cpu"], "error: --offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
-        (["--prompt", "x", "--offload", "--no_cache"], "error: --offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache"),
-        (["--prompt", "x", "--static_cache", "--no_cache"], "error: --static_cache: preallocates the KV cache, so it cannot go with --no_cache"),
+        (["--prompt", ""], "run_generation.py: error: prompt: empty; give some text"),
+        (["--prompt", "x", "--model_name_or_path", "no/such/checkpoint"], "run_generation.py: error: --model_name_or_path / --config: give exactly one of them"),
+        (["--prompt", "x", "--max_new_tokens", "200"], "run_generation.py: error: sequence length: prompt 1 + max_new_tokens 200 tokens exceed max_position_embeddings=128; shorten them or stream with run_streaming.py"),
+        (["--prompt", "x", "--num_beams", "0"], "run_generation.py: error: --num_beams: 0; allowed values are integers >= 1"),
+        (["--prompt_file", "missing.txt"], "run_generation.py: error: --prompt_file: missing.txt does not exist; allowed is an existing file"),
+        (["--prompt", "x", "--offload", "--device", "cpu"], "run_generation.py: error: --offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
+        (["--prompt", "x", "--offload", "--no_cache"], "run_generation.py: error: --offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache"),
+        (["--prompt", "x", "--static_cache", "--no_cache"], "run_generation.py: error: --static_cache: preallocates the KV cache, so it cannot go with --no_cache"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_files, capsys, args, message):
@@ -116,4 +116,4 @@ def test_missing_checkpoint_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         run_generation.main(["--model_name_or_path", "no/such/checkpoint", "--prompt", "x"])
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --model_name_or_path: cannot load no/such/checkpoint") and "\n" not in err
+    assert err.startswith("run_generation.py: error: --model_name_or_path: no/such/checkpoint does not exist") and "\n" not in err

@@ -63,11 +63,12 @@ def test_local_perplexity_equals_direct(tiny_config, tmp_path, monkeypatch, caps
     assert reported == pytest.approx(expected, rel=1e-4)
 
 
-def test_sequential_flag_and_bad_tokenizer(tiny_config):
+def test_sequential_flag_and_bad_tokenizer(tiny_config, capsys):
     model = test_harness.load_model(str(tiny_config), torch.float32, "cpu", sequential=True, seed=0)
     assert model.config.sequential_forward
     small = json.loads(tiny_config.read_text()) | {"vocab_size": 256}
     small_path = tiny_config.parent / "small_vocab.json"
     small_path.write_text(json.dumps(small))
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(SystemExit) as exit_info:
         test_harness.main(["--model", str(small_path), "--tasks", "lckv_heldout_ppl", "--limit", "1", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "vocab_size" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_batch_search_stops_when_batch_one_does_not_fit(monkeypatch):
 )
 def test_bad_flag_combinations_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        test_latency.parse_args(argv)
+        test_latency.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 

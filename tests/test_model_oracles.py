@@ -1,4 +1,4 @@
-"""The equivalence oracles of DESIGN.md section 3 (fp32, random weights, tight tolerances)."""
+"""The equivalence oracles of docs/design.md section 7 (fp32, random weights, tight tolerances)."""
 
 import pytest
 import torch

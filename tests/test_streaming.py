@@ -140,10 +140,10 @@ def test_run_streaming_perplexity_and_generation_past_5x_the_limit(tiny_files, t
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--window_size", "0", "--prompt", "x"], "error: --window_size: 0; allowed values are integers >= 1"),
-        (["--num_sink_tokens", "-1", "--prompt", "x"], "error: --num_sink_tokens: -1; allowed values are integers >= 0"),
-        (["--prompt", "  "], "error: prompt: empty; give some text"),
-        (["--mode", "perplexity", "--text_file", "missing.txt"], "error: --text_file: missing.txt does not exist"),
+        (["--window_size", "0", "--prompt", "x"], "run_streaming.py: error: --window_size: 0; allowed values are integers >= 1"),
+        (["--num_sink_tokens", "-1", "--prompt", "x"], "run_streaming.py: error: --num_sink_tokens: -1; allowed values are integers >= 0"),
+        (["--prompt", "  "], "run_streaming.py: error: prompt: empty; give some text"),
+        (["--mode", "perplexity", "--text_file", "missing.txt"], "run_streaming.py: error: --text_file: missing.txt does not exist; allowed is an existing file"),
     ],
 )
 def test_run_streaming_bad_input_is_a_one_line_error(tiny_files, capsys, args, message):

@@ -1,8 +1,9 @@
 """Kernel selection: the one place that maps ``LCKV_*`` env flags to implementations.
 
 The model asks for "the RMSNorm", "the MLP", "the rotary embedding", "the attention" and "the fused LM
-loss" here and never imports a kernel library itself. Flags are read at ``import models``; after changing
-them in-process, call ``configure()`` before building a model. Every flag that cannot take effect falls
+loss" here and never imports a kernel library itself. Flags are read when a kernel is first asked for (the
+first model built), so ``import models`` never fails on a flag value and a tool can report a bad one as a
+usage error first; after changing them in-process, call ``configure()`` before building a model. Every flag that cannot take effect falls
 back to the pure PyTorch path (``plain.py``) with one warning line.
 
 =========================  ==================================================================================
@@ -74,7 +75,7 @@ def _fused(
 
 def configure(environ: Mapping[str, str] | None = None) -> None:
     """(Re)select every kernel from the ``LCKV_*`` flags of ``environ`` (default ``os.environ``)."""
-    global RMSNorm, SwiGLUMLP, apply_rotary_pos_emb, fused_linear_cross_entropy, causal_attention
+    global RMSNorm, SwiGLUMLP, apply_rotary_pos_emb, fused_linear_cross_entropy, causal_attention, _configured
     RMSNorm = _fused(FUSED_RMSNORM, "rms_norm", "FusedRMSNorm", environ, (PlainRMSNorm, PLAIN))
     SwiGLUMLP = _fused(FUSED_SWIGLU, "swiglu", "FusedSwiGLUMLP", environ, (PlainSwiGLUMLP, PLAIN))
     apply_rotary_pos_emb = _fused(
@@ -93,15 +94,18 @@ def configure(environ: Mapping[str, str] | None = None) -> None:
         (None, "the configured attention with a dense strict mask"),
         (sdpa_causal_attention, "torch SDPA (flash/efficient backends) with the strict mask as a shifted causal"),
     )
+    _configured = True
 
 
 def fast_strict_mask() -> bool:
     """Whether the mask builder may hand ``STRICT_CAUSAL`` to the attention instead of a dense strict mask."""
+    _ensure_configured()
     return causal_attention is not None
 
 
 def attention_interface(implementation: str) -> Callable:
     """The attention function (transformers' interface signature) for ``config._attn_implementation``."""
+    _ensure_configured()
     base = configured_attention(implementation)
     if causal_attention is None:
         return base
@@ -114,7 +118,25 @@ SwiGLUMLP: type[torch.nn.Module]
 apply_rotary_pos_emb: Callable
 fused_linear_cross_entropy: Callable | None
 causal_attention: Callable | None
-configure()
+SELECTED = ("RMSNorm", "SwiGLUMLP", "apply_rotary_pos_emb", "fused_linear_cross_entropy", "causal_attention")
+
+
+_configured = False  # set by configure(); a plain bool, so torch.compile can trace the check
+
+
+def _ensure_configured() -> None:
+    """Select every kernel from ``os.environ`` on first use."""
+    if not _configured:
+        configure()
+
+
+def __getattr__(name: str):
+    """PEP 562: ``kernels.RMSNorm`` and the other selected kernels exist once ``configure()`` has run."""
+    if name in SELECTED:
+        configure()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FLAGS",

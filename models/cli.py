@@ -1,0 +1,346 @@
+"""What the command-line tools share: usage errors, argument checks, dtype, device, config loading, the sequential switch.
+
+Every error a user can cause is a ``UsageError`` whose message is one line naming the flag (or field), the bad
+value and what is allowed. ``run_cli`` turns it into ``prog: error: <line>`` on stderr and exit status 2, the
+convention of argparse, with no traceback; any other exception is a programming error and still raises. The
+checks here are cheap (no model, no tokenizer, no corpus), so the tools run them before any expensive work.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import CONFIG_MAPPING, HfArgumentParser, PretrainedConfig
+
+from .configuration_opt_llama import OptLlamaConfig
+from .kernels.flags import FLAGS, flag_enabled
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"
+DTYPE_CHOICES = (AUTO, *DTYPES)
+# Decimal and binary units of sizes ("80GB", "24GiB") and bandwidths per second ("3.35TB").
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+TEXT_PROBE_BYTES = 1 << 20  # how much of a data file the text check reads: enough to catch binary files, cheap on GB corpora
+
+
+class UsageError(ValueError):
+    """Bad command-line input: one line naming the flag or field, the value and what is allowed; exit status 2."""
+
+
+class OneLineErrors:
+    """Mixin for argparse parsers: a parse error raises ``UsageError`` (one line) instead of printing the usage."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
+    """argparse's parser whose errors are one-line ``UsageError``s."""
+
+
+class HfParser(OneLineErrors, HfArgumentParser):
+    """transformers' dataclass parser whose errors are one-line ``UsageError``s."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message squeezed onto one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None, prog: str | None = None) -> Any:
+    """Run a tool's ``main(argv)``: a ``UsageError`` becomes ``prog: error: <line>`` on stderr and exit status 2.
+
+    The ``LCKV_*`` env flags are checked first, so a bad value stops the tool before any work.
+    """
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        check_env_flags()
+        return main(argv)
+    except UsageError as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_env_flags(environ: Mapping[str, str] | None = None) -> None:
+    """Every ``LCKV_*`` kernel flag is 1, 0 or unset; otherwise a UsageError naming the flag."""
+    for flag in FLAGS:
+        env_flag(flag, environ)
+
+
+def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """A tool's own on/off env flag (e.g. ``LCKV_EVAL_SEQUENTIAL``): 1 on, 0 or unset off, else a UsageError."""
+    try:
+        return flag_enabled(name, environ)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def check_range(flag: str, value: float | None, minimum: float | None = None, maximum: float | None = None,
+                exclusive_min: bool = False) -> None:
+    """``value`` (None: not given, fine) within ``[minimum, maximum]`` (``(minimum, ...`` if ``exclusive_min``)."""
+    if value is None:
+        return
+    low_ok = minimum is None or (value > minimum if exclusive_min else value >= minimum)
+    if low_ok and (maximum is None or value <= maximum):
+        return
+    bounds = []
+    if minimum is not None:
+        bounds.append(f"{'>' if exclusive_min else '>='} {minimum}")
+    if maximum is not None:
+        bounds.append(f"<= {maximum}")
+    raise UsageError(f"{flag}: {value}; allowed values are {' and '.join(bounds)}")
+
+
+def parse_int_list(flag: str, text: str, minimum: int = 1) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; each an integer >= ``minimum``, at least one."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r}; allowed is a comma-separated list of integers >= {minimum}") from None
+    if not values or min(values) < minimum:
+        raise UsageError(f"{flag}: {text!r}; allowed is a comma-separated list of integers >= {minimum}")
+    return values
+
+
+def parse_size(flag: str, text: str) -> float:
+    """A positive byte count: ``"80GB"`` -> 8e10, ``"24GiB"`` -> 24 * 2**30, ``"3.35TB"``, ``"1e9"`` (bytes)."""
+    match = SIZE.match(text)
+    unit = match.group(2).upper() if match else None
+    if match is None or (unit and unit not in UNITS) or float(match.group(1)) <= 0:
+        raise UsageError(f"{flag}: {text!r}; allowed is a positive size such as 80GB, 3.35TB or 24GiB "
+                         f"(units {', '.join(sorted(UNITS, key=UNITS.get))})")
+    return float(match.group(1)) * UNITS[unit or "B"]
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def _regular_file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is not a directory (nothing can be created under it)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_dir(flag: str, path: str | os.PathLike) -> Path:
+    """``path`` can be (or is) a directory: not an existing file, not under one. Creates nothing."""
+    path = Path(path)
+    blocker = path if path.exists() and not path.is_dir() else _regular_file_above(path)
+    if blocker is not None:
+        raise UsageError(f"{flag}: {path}: {blocker} is a file; allowed is a directory path (existing or not)")
+    return path
+
+
+def check_output_file(flag: str, path: str | os.PathLike) -> Path:
+    """``path`` can be written as a file: not a directory, not under a regular file. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag}: {path} is a directory; allowed is a file path")
+    blocker = _regular_file_above(path)
+    if blocker is not None:
+        raise UsageError(f"{flag}: {path}: {blocker} is a file, not a directory; allowed is a path in a directory")
+    return path
+
+
+def check_input_file(flag: str, path: str | os.PathLike) -> Path:
+    """``path`` exists and is a file."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{flag}: {path} does not exist; allowed is an existing file")
+    if not path.is_file():
+        raise UsageError(f"{flag}: {path} is a directory, not a file; allowed is a file")
+    return path
+
+
+def check_text_file(flag: str, path: str | os.PathLike) -> Path:
+    """``path`` is an existing, non-empty UTF-8 text file (its first MiB is checked: no NUL bytes, decodes)."""
+    path = check_input_file(flag, path)
+    with path.open("rb") as handle:
+        head = handle.read(TEXT_PROBE_BYTES)
+    if not head.strip():
+        raise UsageError(f"{flag}: {path} is empty; allowed is a non-empty text file")
+    if b"\0" in head or not _is_utf8(head, cut=len(head) == TEXT_PROBE_BYTES):
+        raise UsageError(f"{flag}: {path} is not UTF-8 text (binary data?); allowed is a text file")
+    return path
+
+
+def _is_utf8(data: bytes, cut: bool) -> bool:
+    """Whether ``data`` decodes as UTF-8; with ``cut`` a character split at its end (at most 3 bytes) is fine."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return cut and error.start >= len(data) - 3
+    return True
+
+
+def read_text_file(flag: str, path: str | os.PathLike) -> str:
+    """The text of ``path``, checked by ``check_text_file``."""
+    path = check_text_file(flag, path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag}: {path} is not UTF-8 text (binary data?); allowed is a text file") from None
+
+
+# ----------------------------------------------------------------------------- dtype and device
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``--dtype``: ``auto`` is bfloat16 on CUDA and float32 elsewhere; else the named dtype."""
+    if name == AUTO:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"--dtype: {name!r}; allowed values are {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
+
+
+def resolve_device(value: str | None, flag: str = "--device") -> str:
+    """``--device``: None is cuda when available, else cpu; a named device must parse and exist here."""
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag}: {value!r}; allowed are cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag}: {value}: CUDA is not available on this machine; allowed is cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag}: {value}; allowed are cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type not in ("cpu", "mps", "xpu", "meta"):
+        raise UsageError(f"{flag}: {value!r}; allowed are cpu, cuda or cuda:N")
+    return value
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a missing ``source`` was meant as a local path (a hub id is ``name`` or ``namespace/name``)."""
+    return source.endswith(".json") or source.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source)
+
+
+def check_source(flag: str, source: str, required_file: str | None = None) -> None:
+    """A local path must exist (a file, or a directory holding ``required_file``); a hub id needs the hub.
+
+    A missing local path is reported as missing, not as a malformed hub repo id; offline, a name that is not
+    a local path is reported as such.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return
+    if path.is_dir():
+        if required_file and not (path / required_file).is_file():
+            raise UsageError(f"{flag}: {source} has no {required_file}; allowed is a checkpoint directory or a config .json")
+        return
+    if _looks_like_path(source):
+        raise UsageError(f"{flag}: {source} does not exist; allowed is a local path or a hub id")
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UsageError(f"{flag}: {source} does not exist locally, and offline (HF_HUB_OFFLINE=1) it cannot be a hub id; "
+                         "allowed is a local path")
+
+
+POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "vocab_size", "max_position_embeddings", "head_dim")
+
+
+def check_shape_fields(fields: Mapping[str, Any]) -> None:
+    """The shape fields every decoder config shares are positive integers, and the heads split evenly.
+
+    Checked on the raw config dict, before a config class divides by them (transformers' Llama config does not check).
+    Raises ValueError naming the field, the value and what is allowed.
+    """
+    for name in POSITIVE_FIELDS:
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}: {value!r}; allowed values are integers >= 1")
+    heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ValueError(f"num_key_value_heads: {kv_heads} does not divide num_attention_heads={heads}; "
+                         "allowed are its divisors")
+    hidden = fields.get("hidden_size")
+    if heads and hidden and fields.get("head_dim") is None and hidden % heads:
+        raise ValueError(f"num_attention_heads: {heads} does not divide hidden_size={hidden}; allowed are its divisors "
+                         "(or give head_dim)")
+
+
+def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = None, overrides_flag: str = "--config_overrides",
+                cache_dir: str | None = None) -> PretrainedConfig:
+    """The model config from a ``.json`` file, a checkpoint directory or a hub id, with ``overrides`` applied.
+
+    Every failure a user can cause (missing path, not JSON, no or unknown ``model_type``, unknown override field,
+    a value the config's validation refuses) is a UsageError naming ``flag`` (or ``overrides_flag``).
+    """
+    check_source(flag, source, required_file="config.json")
+    local = Path(source).expanduser()
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(str(local) if local.exists() else source, cache_dir=cache_dir)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{flag}: cannot read a config from {source} ({one_line(error)})") from None
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UsageError(f"{flag}: {source}: model_type {model_type!r}; allowed are opt-llama, llama and the other "
+                         "transformers model types")
+    config_class = CONFIG_MAPPING[model_type]
+    if overrides:
+        unknown = sorted(set(overrides) - set(config_class().to_dict()) - set(config_dict))
+        if unknown:
+            raise UsageError(f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}")
+        config_dict = {**config_dict, **overrides}
+    try:
+        check_shape_fields(config_dict)
+        return config_class.from_dict(config_dict)
+    except (ValueError, TypeError, StrictDataclassError) as error:  # the config's own validation of its fields
+        raise UsageError(f"{flag}: {source}: invalid config: {one_line(error)}") from None
+
+
+def check_attn_implementation(flag: str, name: str) -> None:
+    """``name`` is ``eager`` or an attention function registered with transformers (sdpa_packed_gqa included)."""
+    from transformers import AttentionInterface
+
+    allowed = {"eager", *AttentionInterface().valid_keys()}
+    if name not in allowed:
+        raise UsageError(f"{flag}: {name!r}; allowed are {', '.join(sorted(allowed))}")
+
+
+def as_opt_llama(config: PretrainedConfig) -> OptLlamaConfig:
+    """An opt-llama config for ``config``: itself, or for a Llama every layer standard (same weights, same network)."""
+    if config.model_type == "opt-llama":
+        return config
+    if config.model_type != "llama":
+        raise UsageError(f"model_type: {config.model_type!r}; allowed are opt-llama and llama")
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "layer_types")}
+    return OptLlamaConfig(**fields, lckv_layer_types="_".join(["0"] * config.num_hidden_layers))
+
+
+def set_sequential(config: PretrainedConfig, flag: str) -> None:
+    """The sequential switch: every no-grad multi-token forward of an opt-llama model runs token by token (exact).
+
+    Other model types compute no iterations, so the flag is an error there (their parallel forward is exact).
+    """
+    if "sequential_forward" not in config.to_dict():
+        raise UsageError(f"{flag}: model_type {config.model_type!r} has no iterative computation to make sequential; "
+                         "allowed only for opt-llama")
+    config.sequential_forward = True
+
+
+def check_choices(flag: str, values: Iterable[str], allowed: Iterable[str]) -> None:
+    """Every one of ``values`` is among ``allowed``."""
+    allowed = sorted(allowed)
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        shown = ", ".join(allowed[:20]) + (f", ... ({len(allowed)} in all)" if len(allowed) > 20 else "")
+        raise UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; allowed are {shown}")

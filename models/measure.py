@@ -1,0 +1,96 @@
+"""Measurement helpers the tools and the benchmarks share: a per-token timer, the baseline of ratios, streaming perplexity."""
+
+import math
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers.generation.streamers import BaseStreamer
+
+from .cache_streaming import SinkWindowCache
+
+
+class StepTimer(BaseStreamer):
+    """Streamer that records a (synchronized) timestamp per generated token and drives a progress bar."""
+
+    def __init__(self, device: torch.device, bar: tqdm):
+        self.device, self.bar, self.times = device, bar, []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        if len(self.times) > 1:  # the first put is the prompt
+            self.bar.update(1)
+
+    def end(self) -> None:
+        pass
+
+
+def baseline_name(results: dict[str, dict]) -> str:
+    """The first Llama (``model_type`` llama) among ``results``, else the first model: the baseline of ratios."""
+    return next((name for name, r in results.items() if r["model_type"] == "llama"), next(iter(results)))
+
+
+def cache_tokens(cache: SinkWindowCache) -> int:
+    """Most tokens any KV layer of ``cache`` holds now."""
+    return max(layer.get_seq_length() for layer in cache.kv_layers)
+
+
+def cache_bytes(cache: SinkWindowCache) -> int:
+    """Bytes of keys and values held by ``cache``."""
+    return sum(t.numel() * t.element_size() for layer in cache.kv_layers if layer.keys is not None for t in (layer.keys, layer.values))
+
+
+def streaming_nll(model, input_ids: torch.Tensor, cache: SinkWindowCache, desc: str = "streaming ppl", disable: bool = False) -> tuple[torch.Tensor, int]:
+    """Feed ``input_ids`` ``(B, N)`` one token per step; return the next-token NLL ``(B, N - 1)`` and the peak cache tokens.
+
+    The progress bar shows the running perplexity (over the batch and the tokens so far).
+    """
+    batch, length = input_ids.shape
+    nll = torch.empty(batch, length - 1, device=input_ids.device)
+    peak_tokens = 0
+    refresh = max(1, (length - 1) // 100)
+    with torch.no_grad(), tqdm(range(length - 1), desc=desc, disable=disable, file=sys.stderr) as bar:
+        for t in bar:
+            logits = model(input_ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+            nll[:, t] = torch.nn.functional.cross_entropy(logits, input_ids[:, t + 1], reduction="none")
+            peak_tokens = max(peak_tokens, cache_tokens(cache))
+            if (t + 1) % refresh == 0:
+                bar.set_postfix(ppl=f"{math.exp(nll[:, : t + 1].mean().item()):.2f}", refresh=False)
+    return nll, peak_tokens
+
+
+def ppl_by_position(nll: torch.Tensor, bucket: int) -> list[dict]:
+    """Perplexity of ``nll`` ``(B, N)`` in position buckets of ``bucket`` tokens: ``[{"start", "end", "ppl"}]``."""
+    return [
+        {"start": start, "end": min(start + bucket, nll.shape[1]), "ppl": math.exp(nll[:, start : start + bucket].mean().item())}
+        for start in range(0, nll.shape[1], bucket)
+    ]
+
+
+def measure_stream(model, input_ids: torch.Tensor, cache: SinkWindowCache, bucket: int, desc: str = "streaming ppl", disable: bool = False) -> dict:
+    """Stream ``input_ids`` ``(B, N)`` through ``cache``: perplexity (overall and in buckets of positions), speed, memory."""
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    nll, peak_tokens = streaming_nll(model, input_ids, cache, desc=desc, disable=disable)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return dict(
+        window_size=cache.window_size,
+        num_sink_tokens=cache.num_sink_tokens,
+        num_streams=input_ids.shape[0],
+        num_tokens=input_ids.shape[1],
+        ppl=math.exp(nll.mean().item()),
+        tokens_per_s=nll.numel() / seconds,
+        seconds=seconds,
+        max_cache_tokens=peak_tokens,
+        cache_bytes=cache_bytes(cache),
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        ppl_by_position=ppl_by_position(nll, bucket),
+    )

@@ -1,0 +1,198 @@
+"""Bad input to every command-line tool: exit status 2, one line on stderr naming the flag or field, no traceback,
+no file written. One row per class of mistake (flags never validated, values that used to fail late, bad data,
+misleading words, env flags), on tiny configs and temporary paths.
+
+Most rows call the tool's ``main(argv)`` in this process (the same ``run_cli`` path as the command line, and no
+interpreter start-up); the rows marked ``SUBPROCESS`` run the real command to prove the exit-status and
+no-traceback contract end to end.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from .conftest import REPO
+from .test_generation import make_tiny_files
+
+SUBPROCESS = True
+
+
+@dataclass
+class Row:
+    tool: str  # module: run_clm, run_generation, ..., bench.bench_flops
+    argv: list[str]  # "{in}" is the inputs directory, "{out}" a fresh output location
+    names: list[str]  # what the error line must contain: the flag or field, and the bad value where it has one
+    env: dict[str, str] = field(default_factory=dict)
+    subprocess: bool = False
+
+
+GEN = ["--config", "{in}/opt.json", "--tokenizer", "{in}/tok"]
+STREAM = GEN
+CLM = ["--config_name", "{in}/opt.json", "--tokenizer_name", "{in}/tok", "--output_dir", "{out}", "--do_train",
+       "--report_to", "none", "--train_file", "{in}/text.txt"]
+HARNESS = ["--model", "{in}/opt.json", "--tokenizer", "{in}/tok", "--device", "cpu"]
+PLAN = ["--plan", "--configs", "{in}/opt.json"]
+LATENCY = ["--configs", "{in}/opt.json", "--device", "cpu", "--output_dir", "{out}"]
+
+ROWS = {
+    # --- flags the tools never validated
+    "latency gpu_memory not a size": Row("test_latency", [*PLAN, "--gpu_memory", "abc"], ["--gpu_memory", "abc"], subprocess=SUBPROCESS),
+    "latency gpu_memory negative": Row("test_latency", [*PLAN, "--gpu_memory=-80GB"], ["--gpu_memory", "-80GB"]),
+    "latency bandwidth negative": Row("test_latency", [*PLAN, "--hbm_bandwidth=-1TB"], ["--hbm_bandwidth", "-1TB"]),
+    "latency bandwidth unknown unit": Row("test_latency", [*PLAN, "--hbm_bandwidth", "3PB"], ["--hbm_bandwidth", "3PB"]),
+    "latency plan_lengths zero": Row("test_latency", [*PLAN, "--plan_lengths", "0"], ["--plan_lengths", "0"]),
+    "latency memory below the weights": Row("test_latency", [*PLAN, "--gpu_memory", "1KB"], ["--gpu_memory", "1KB"]),
+    "latency batches zero": Row("test_latency", [*LATENCY, "--batches", "0"], ["--batches", "0"]),
+    "latency steps zero": Row("test_latency", [*LATENCY, "--steps", "0"], ["--steps", "0"]),
+    "latency prompt_len zero": Row("test_latency", [*LATENCY, "--prompt_len", "0"], ["--prompt_len", "0"]),
+    "latency device nonsense": Row("test_latency", [*LATENCY, "--device", "gpu0"], ["--device", "gpu0"]),
+    "latency attention typo": Row("test_latency", [*LATENCY, "--attn_implementation", "sdap"], ["--attn_implementation", "sdap"]),
+    "harness batch_size not a number": Row("test_harness", [*HARNESS, "--batch_size", "abc"], ["--batch_size", "abc"]),
+    "harness limit zero": Row("test_harness", [*HARNESS, "--limit", "0"], ["--limit", "0"]),
+    "harness unknown task": Row("test_harness", [*HARNESS, "--tasks", "lckv_no_such_task"], ["--tasks", "lckv_no_such_task"]),
+    "generation dtype choice": Row("run_generation", [*GEN, "--prompt", "x", "--dtype", "fp8"], ["--dtype", "fp8"]),
+    "generation temperature zero": Row("run_generation", [*GEN, "--prompt", "x", "--do_sample", "--temperature", "0"], ["--temperature"]),
+    "bench_flops seq_len zero": Row("bench.bench_flops", ["--configs", "{in}/opt.json", "--seq_len", "0", "--output_dir", "{out}"], ["--seq_len", "0"]),
+    "bench_offload batch zero": Row("bench.bench_offload", ["--configs", "{in}/opt.json", "--batch_sizes", "0", "--device", "cpu",
+                                                           "--output_dir", "{out}"], ["--batch_sizes", "0"]),
+    # --- values that passed and failed (or silently misbehaved) later
+    "clm kv heads do not divide": Row("run_clm", [*CLM, "--config_overrides", "num_key_value_heads=3"], ["num_key_value_heads", "3"]),
+    "clm zero attention heads": Row("run_clm", [*CLM, "--config_overrides", "num_attention_heads=0"], ["num_attention_heads", "0"]),
+    "clm block_size zero": Row("run_clm", [*CLM, "--block_size", "0"], ["--block_size", "0"], subprocess=SUBPROCESS),
+    "clm max_steps zero": Row("run_clm", [*CLM, "--max_steps", "0"], ["--max_steps", "0"]),
+    "clm batch size zero": Row("run_clm", [*CLM, "--per_device_train_batch_size", "0"], ["--per_device_train_batch_size", "0"]),
+    "clm output_dir under a file": Row("run_clm", [*CLM[:4], "--output_dir", "{in}/blocker/out", *CLM[6:]], ["--output_dir", "blocker"]),
+    "generation kv heads in --config": Row("run_generation", ["--config", "{in}/bad_kv.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
+                                           ["--config", "num_key_value_heads", "3"]),
+    "streaming output_json under a file": Row("run_streaming", [*STREAM, "--mode", "perplexity", "--text_file", "{in}/text.txt",
+                                                                "--output_json", "{in}/blocker/ppl.json"], ["--output_json", "blocker"],
+                                              subprocess=SUBPROCESS),
+    "streaming num_tokens zero": Row("run_streaming", [*STREAM, "--mode", "perplexity", "--text_file", "{in}/text.txt", "--num_tokens", "0"],
+                                     ["--num_tokens", "0"]),
+    "harness output_path under a file": Row("test_harness", [*HARNESS, "--output_path", "{in}/blocker/eval.json"], ["--output_path", "blocker"]),
+    "latency output_dir under a file": Row("test_latency", [*LATENCY[:4], "--output_dir", "{in}/blocker/x"], ["--output_dir", "blocker"]),
+    "harness sequential on llama": Row("test_harness", ["--model", "{in}/llama.json", "--tokenizer", "{in}/tok", "--device", "cpu",
+                                                        "--sequential"], ["--sequential", "llama"]),
+    # --- bad data
+    "clm empty train file": Row("run_clm", [*CLM[:-1], "{in}/empty.txt"], ["--train_file", "empty.txt", "empty"]),
+    "clm binary train file": Row("run_clm", [*CLM[:-1], "{in}/binary.txt"], ["--train_file", "binary.txt"]),
+    "clm one-line train file, no validation": Row("run_clm", [*CLM[:-1], "{in}/one_line.txt"], ["--validation_split_percentage", "5"]),
+    "clm one-line train file": Row("run_clm", [*CLM[:-1], "{in}/one_line.txt", "--validation_file", "{in}/one_line.txt"],
+                                   ["--train_file", "one_line.txt", "--block_size 128"]),
+    "clm truncated checkpoint": Row("run_clm", [*CLM[:4], "--output_dir", "{in}/resume", *CLM[6:]], ["model.safetensors"]),
+    "generation binary prompt file": Row("run_generation", [*GEN, "--prompt_file", "{in}/binary.txt"], ["--prompt_file", "binary.txt"]),
+    "streaming empty text file": Row("run_streaming", [*STREAM, "--mode", "perplexity", "--text_file", "{in}/empty.txt"],
+                                     ["--text_file", "empty.txt"]),
+    # --- misleading words
+    "harness missing model dir": Row("test_harness", ["--model", "{in}/no_such_checkpoint", "--device", "cpu"],
+                                     ["--model", "no_such_checkpoint", "does not exist"], subprocess=SUBPROCESS),
+    "generation prompt file is a directory": Row("run_generation", [*GEN, "--prompt_file", "{in}/tok"], ["--prompt_file", "is a directory"]),
+    "clm missing checkpoint path": Row("run_clm", ["--model_name_or_path", "{in}/gone/ckpt", *CLM[2:]],
+                                       ["--model_name_or_path", "gone/ckpt", "does not exist"]),
+    "generation missing config": Row("run_generation", ["--config", "{in}/nope.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
+                                     ["--config", "nope.json", "does not exist"]),
+    # --- env flags
+    "env flag on run_generation": Row("run_generation", [*GEN, "--prompt", "x"], ["LCKV_FLASH_ATTN", "yes"],
+                                      env={"LCKV_FLASH_ATTN": "yes"}, subprocess=SUBPROCESS),
+    "env flag on run_clm": Row("run_clm", CLM, ["LCKV_FUSED_RMSNORM", "true"], env={"LCKV_FUSED_RMSNORM": "true"}),
+    "eval-sequential env flag": Row("run_clm", [*CLM, "--do_eval"], ["LCKV_EVAL_SEQUENTIAL", "yes"], env={"LCKV_EVAL_SEQUENTIAL": "yes"}),
+}
+
+
+def truncated_checkpoint(directory: Path) -> None:
+    """``directory/checkpoint-1`` as the Trainer leaves it, with its model.safetensors cut in half."""
+    checkpoint = directory / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    save_file({"weight": torch.zeros(64, 64)}, checkpoint / "model.safetensors")
+    data = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Tiny configs, a tokenizer, a text, and the bad inputs the rows point at."""
+    root = make_tiny_files(tmp_path_factory.mktemp("bad_inputs"))
+    for name in ("opt.json", "llama.json"):  # room for the 300-token tokenizer
+        (root / name).write_text(json.dumps(json.loads((root / name).read_text()) | {"vocab_size": 320}))
+    fields = json.loads((root / "opt.json").read_text())
+    (root / "bad_kv.json").write_text(json.dumps({**fields, "num_key_value_heads": 3}))
+    (root / "blocker").write_text("a regular file where a directory would have to be\n")
+    (root / "empty.txt").write_text("")
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (root / "one_line.txt").write_text("ROMEO: But soft.\n")
+    truncated_checkpoint(root / "resume")
+    return root
+
+
+def files_under(*roots: Path) -> set[Path]:
+    return {path for root in roots if root.exists() for path in root.rglob("*")}
+
+
+def fill(argv: list[str], inputs: Path, out: Path) -> list[str]:
+    return [arg.replace("{in}", str(inputs)).replace("{out}", str(out)) for arg in argv]
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs(inputs, tmp_path_factory) -> dict[str, tuple[int, str, bool]]:
+    """The SUBPROCESS rows, started together (interpreter start-up dominates): ``{name: (status, stderr, wrote)}``.
+
+    ``wrote``: whether any file appeared in the row's output location or among the inputs.
+    """
+    before = files_under(inputs)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = {}
+    for name, row in ROWS.items():
+        if row.subprocess:
+            out = tmp_path_factory.mktemp("out")
+            command = [sys.executable, "-m", row.tool] if "." in row.tool else [sys.executable, f"{row.tool}.py"]
+            proc = subprocess.Popen(command + fill(row.argv, inputs, out / "out"), cwd=REPO, env={**env, **row.env},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            started[name] = (proc, out)
+    results = {name: (proc.wait(timeout=300), proc.stderr.read(), bool(files_under(out))) for name, (proc, out) in started.items()}
+    inputs_changed = files_under(inputs) != before
+    return {name: (status, stderr, wrote or inputs_changed) for name, (status, stderr, wrote) in results.items()}
+
+
+def run_in_process(row: Row, argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """Run ``row``'s tool's ``main(argv)`` here; return its exit status and stderr."""
+    for name, value in row.env.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        import_module(row.tool).main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_bad_input_exits_2_with_one_line(name, inputs, subprocess_runs, tmp_path, capsys, monkeypatch):
+    row = ROWS[name]
+    if row.subprocess:
+        code, stderr, wrote = subprocess_runs[name]
+    else:
+        before = files_under(tmp_path, inputs)
+        code, stderr = run_in_process(row, fill(row.argv, inputs, tmp_path / "out"), capsys, monkeypatch)
+        wrote = files_under(tmp_path, inputs) != before
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"{row.tool.split('.')[-1]}{'' if '.' in row.tool else '.py'}: error: "), lines[0]
+    for word in row.names:
+        assert word in lines[0], (word, lines[0])
+    assert not wrote, "the tool wrote files"
+
+
+def test_the_table_covers_every_tool_and_class():
+    """At least 30 rows, every tool, several real subprocesses."""
+    assert len(ROWS) >= 30
+    assert {row.tool for row in ROWS.values()} >= {"run_clm", "run_generation", "run_streaming", "test_harness", "test_latency"}
+    assert sum(row.subprocess for row in ROWS.values()) >= 5
