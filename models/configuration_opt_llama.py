@@ -13,7 +13,7 @@ every layer drops the diagonal (``force_nodiag``) and how the iterations treat t
   ``layer_types="0s_4_4_4_4_5s"`` (the layer each layer reads, ``s`` = sliding window), ``forward_passes``,
   ``backward_passes``, ``use_sequential``, ``force_nodiag``, ``sliding_window``.
 
-Semantics defaults (see docs/design.md, "Checkpoint formats"): a config that arrives in the published
+Semantics defaults (see docs/checkpoint_formats.md): a config that arrives in the published
 format (a ``layer_types`` string in an ``opt-llama`` config) computes like the published code
 (``force_nodiag=True``, ``iteration_style="previous"``); any other ``opt-llama`` config, this project's
 saved checkpoints included, computes as this project always did (``False``, ``"current"``). Both fields

@@ -371,7 +371,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         return OptLlamaModelOutput(last_hidden_state=self.norm(hidden), cache=cache, kv_loss=kv_loss), stack.reported
 
     def _run_block(self, block_input: torch.Tensor, stack: StackPass):
-        """Iterate the cyclic block; the carried sources start from zero KVs (docs/design.md, "Iterations").
+        """Iterate the cyclic block; the carried sources start from zero KVs (docs/design.md section 5).
 
         Under ``iteration_style="previous"`` (the published code) the carried sources' own queries also read the
         previous iteration's KVs; under ``"current"`` they read the KVs they compute in this iteration.

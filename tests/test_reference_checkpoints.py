@@ -8,8 +8,8 @@ Two sources, both written by the original implementation (github.com/whyNLP/LCKV
   outputs the shared folder lacks: ``fixpoint_logits`` (the original's iterations run to convergence: its exact
   model), ``decode_logits`` (its prompt forward on 12 tokens, then 12 one-token cached steps).
 
-What the original computes, and where its own paths disagree with its exact model, is in docs/design.md,
-"Checkpoint formats and fidelity to the original code". Published checkpoints run on eager attention (what
+What the original computes, and where its own paths disagree with its exact model, is in
+docs/checkpoint_formats.md. Published checkpoints run on eager attention (what
 that code used), ``lckv-llama`` ones on SDPA (likewise).
 """
 
@@ -31,7 +31,7 @@ ATOL = 1e-4
 # top_mha (every layer condensed, target on top, init range 0.2) amplifies float rounding along the sequence: the original's
 # own recomputation of its exact logits differs by 5.2e-4 from the stored ones, its converged iterations by 3.9e-2.
 NOISY = {"top_mha": dict(exact=1e-3, decode=1e-2)}
-# Layouts whose original lckv-llama decode is not its exact model (docs/design.md): layers reading a layer above.
+# Layouts whose original lckv-llama decode is not its exact model (docs/checkpoint_formats.md): layers reading a layer above.
 CYCLIC_MAIN = {"main_w2", "main_sliding", "main_w2_nodiag", "main_middle"}
 
 
