@@ -11,6 +11,8 @@ its transformers meaning. Everything in the model works from one per-layer list,
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from .prefill_modes import check_prefill_mode
+
 STANDARD, CONDENSED, TARGET = "0", "1", "2"
 ALLOWED_LAYER_TYPES = (STANDARD, CONDENSED, TARGET)
 
@@ -89,6 +91,10 @@ class OptLlamaConfig(LlamaConfig):
     sequential_forward (`bool`, defaults to False):
         Compute every forward without gradients token by token (the exact semantics) instead of by
         iterations; used by sequential evaluation.
+    prefill (`str`, defaults to "iterative"):
+        How a no-grad forward of several tokens that fills a cache (the prompt prefill) runs: "iterative" (the
+        parallel iterations, approximate past ``num_encoders + 1`` tokens), "sequential" (token by token, exact,
+        ``models.sequential_prefill``) or "auto" (the cheaper one for the batch size and prompt length).
     """
 
     model_type = "opt-llama"
@@ -101,6 +107,7 @@ class OptLlamaConfig(LlamaConfig):
     num_trained_encoders: int = 1
     train_kv: bool = False
     sequential_forward: bool = False
+    prefill: str = "iterative"
 
     def __post_init__(self, **kwargs):
         if isinstance(self.layer_types, str):
@@ -134,6 +141,7 @@ class OptLlamaConfig(LlamaConfig):
             raise ValueError(
                 f"num_trained_encoders: {self.num_trained_encoders}; allowed values are 0..num_encoders ({self.num_encoders})"
             )
+        check_prefill_mode(self.prefill)
 
     @property
     def layer_kv_sources(self) -> list[int]:

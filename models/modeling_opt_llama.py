@@ -27,6 +27,7 @@ from .cache_staging import staged_kv
 from .configuration_opt_llama import OptLlamaConfig
 from .layer_plan import iteration_schedule, layer_plan, reads_from_above
 from .masks import build_masks, has_visible_key
+from .sequential_prefill import sequential_prefill, uses_sequential_prefill
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -229,8 +230,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         if not streaming:
             self._check_positions(past_length + query_length)
 
-        if self.config.sequential_forward and query_length > 1 and not torch.is_grad_enabled():
-            return self._forward_sequential(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
+        if query_length > 1 and not torch.is_grad_enabled() and uses_sequential_prefill(self.config, inputs_embeds.shape[0], query_length, cache):
+            return sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
         return self._forward_parallel(inputs_embeds, attention_mask, position_ids, cache, past_length, **kwargs)
 
     def _check_positions(self, total_length: int | torch.Tensor) -> None:
@@ -322,21 +323,6 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 for s in self.plan.carried_sources
             ) / len(self.plan.carried_sources)
         return hidden, kv_loss
-
-    def _forward_sequential(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
-        """Exact token-by-token computation (the ground truth), one decoding step per token."""
-        step_cache = cache if cache is not None else DynamicCache(config=self.config)
-        past_length = step_cache.get_seq_length()
-        hidden_states = []
-        for t in range(inputs_embeds.shape[1]):
-            step_mask = attention_mask[:, : past_length + t + 1] if attention_mask is not None else None
-            out = self._forward_parallel(
-                inputs_embeds[:, t : t + 1], step_mask, position_ids[:, t : t + 1], step_cache, past_length + t, **kwargs
-            )
-            hidden_states.append(out.last_hidden_state)
-        return OptLlamaModelOutput(
-            last_hidden_state=torch.cat(hidden_states, dim=1), cache=step_cache if use_cache else cache
-        )
 
 
 def lckv_masks(
