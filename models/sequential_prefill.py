@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from . import modeling_opt_llama as modeling
 from .prefill_modes import PREFILL_MODES, choose_prefill
 
+
 def uses_sequential_prefill(config, batch_size: int, query_length: int, cache: Cache | None) -> bool:
     """Whether a no-grad forward of ``query_length > 1`` tokens runs token by token."""
     if config.sequential_forward:
@@ -75,13 +76,16 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
 
     A dict is ``generate``'s precomputed prompt masks for a static cache (row ``t`` is step ``t``'s mask); a 2D
     padding mask ``(B, P + T)`` (or None: no padding) is cut to the keys up to each token and built per step,
-    exactly as ``generate`` builds a decoding step's masks.
+    exactly as ``generate`` builds a decoding step's masks. A dict whose causal mask was left out (SDPA's
+    ``is_causal`` shortcut, taken only without padding) has no one-token row, so it is rebuilt as unpadded.
     """
     batch_size, query_length = inputs_embeds.shape[:2]
-    if isinstance(attention_mask, dict):
+    if isinstance(attention_mask, dict) and attention_mask.get("causal") is not None:
         for t in range(query_length):
             yield {name: mask_row(mask, t) for name, mask in attention_mask.items()}
         return
+    if isinstance(attention_mask, dict):
+        attention_mask = None
     if attention_mask is None:  # a static cache must mask its empty slots, so the mask is never left out
         attention_mask = torch.ones(batch_size, past_length + query_length, dtype=torch.long, device=inputs_embeds.device)
     for t in range(query_length):
