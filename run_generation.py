@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextStreamer
 
 import models  # noqa: F401  (registers model_type "opt-llama")
+from models.prefill_modes import PREFILL_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -223,6 +224,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep each KV layer on the CPU between uses (transformers' offloaded cache, offloaded_static with "
                         "--static_cache); CUDA only")
     parser.add_argument("--sequential_forward", action="store_true", help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree")
+    parser.add_argument("--prefill", choices=PREFILL_MODES, default="auto",
+                        help="LCKV prompt prefill (config.prefill): iterative, sequential (token by token, exact) or auto "
+                        "(the cheaper one for the batch and prompt length; default); ignored for Llama")
     return parser.parse_args(argv)
 
 
@@ -237,6 +241,8 @@ def run(args: argparse.Namespace) -> dict:
         if config.model_type != "opt-llama":
             raise UsageError(f"--sequential_forward: only for opt-llama models, not {config.model_type}")
         config.sequential_forward = True
+    if config.model_type == "opt-llama":
+        config.prefill = args.prefill
     tokenizer = load_tokenizer(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     check_position_limit(args, input_ids.shape[1], config.max_position_embeddings)
