@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", default="auto",
                    help=f"LCKV prefill path(s), comma-separated to measure several: {', '.join(PREFILL_MODES)} (config.prefill; "
                    "auto resolves per batch and is recorded as prefill_path); sequential ignores --prefill_chunk")
+    p.add_argument("--prefill_sample", type=int, default=0,
+                   help="sequential prefill: run only this many prompt tokens at the start and as many at the end of the "
+                   "prompt (cache filled with zeros up to there) and extrapolate the prefill time linearly (0: whole prompt)")
     p.add_argument("--attn_implementation", default=PACKED_SDPA,
                    help=f"attention backend of both models; {PACKED_SDPA} (default) is transformers' sdpa that also packs "
                    "GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; sdpa, eager, ...")
@@ -84,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--offload: not with --compile (a captured decode step cannot move the cache between devices)")
     if not 1 <= args.start_batch <= args.max_batch:
         p.error(f"--start_batch: {args.start_batch}; allowed values are 1 to --max_batch ({args.max_batch})")
+    if not 0 <= args.prefill_sample < args.prompt_len // 2:
+        p.error(f"--prefill_sample: {args.prefill_sample}; allowed values are 0 to prompt_len / 2 - 1 ({args.prompt_len // 2 - 1})")
     bad = [mode for mode in args.prefill.split(",") if mode not in PREFILL_MODES]
     if bad:
         p.error(f"--prefill: {bad[0]}; allowed values are {', '.join(PREFILL_MODES)} (comma-separated)")
@@ -268,7 +273,9 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
     sequential = getattr(model.config, "prefill", None) == "sequential" and args.cache == "static"
     with torch.no_grad():
         start = time.perf_counter()
-        if sequential and prompt_len > 1 and not context:  # whole batch, one token at a time, only the last logits kept
+        if sequential and prompt_len > 1 and not context and args.prefill_sample and prompt_len == args.prompt_len:
+            cache, start = sampled_prefill(model, args, input_ids, bar)
+        elif sequential and prompt_len > 1 and not context:  # whole batch, one token at a time, only the last logits kept
             prefill_cache(model, input_ids[:, :-1], cache)
         elif args.prefill_chunk and prompt_len > 1 and not context:
             prefill_in_chunks(model, input_ids[:, :-1], cache, args.prefill_chunk)
@@ -277,6 +284,28 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
             max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0, disable_compile=not args.compile,
         )
     return timer, cache, start
+
+
+def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[object, float]:
+    """The sequential prefill of ``input_ids[:, :-1]`` timed on ``--prefill_sample`` tokens at its start and as many at
+    its end (a cache filled with zeros up to there; one cache at a time, so the batch fits as in a full prefill),
+    extrapolated linearly to the whole prompt. Returns the cache, now holding ``prompt_len - 1`` tokens, and a start
+    time set back by the extrapolated prefill, so that ``times[1] - start`` is the prefill as a full run reports it."""
+    sample, length = args.prefill_sample, input_ids.shape[1] - 1
+    seconds = []
+    for context in (0, length - sample):
+        bar.set_postfix_str(f"prefill sample at {context}")
+        cache = filled_cache(model, args, input_ids.shape[0], context) if context else new_cache(model, args)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        begin = time.perf_counter()
+        prefill_cache(model, input_ids[:, context : context + sample], cache)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        seconds.append(time.perf_counter() - begin)
+        if not context:
+            del cache
+    return cache, time.perf_counter() - length * sum(seconds) / (2 * sample)
 
 
 def step_ms(timer: StepTimer) -> float:
@@ -499,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
-    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "prefill", "max_batch",
+    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "prefill", "prefill_sample", "max_batch",
             "batches", "attn_implementation")
     setting = {k: getattr(args, k) for k in keys}
     setting["extrapolation"] = (
@@ -508,6 +537,9 @@ def main(argv: list[str] | None = None) -> dict:
         "from a cache filled to prompt_len + gen_len - steps - 1 zero tokens); mean_step_ms is their mean, e2e_s = "
         "prefill_s + (gen_len - 1) * mean_step_ms, e2e_throughput = batch * gen_len / e2e_s; throughput and "
         "decode_throughput cover the first steps only")
+    if args.prefill_sample:
+        setting["extrapolation"] += (f"; sequential prefill_s: {args.prefill_sample} prompt tokens timed at the start and "
+                                     f"{args.prefill_sample} at the end, scaled to prompt_len - 1, plus the last token's step")
     setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
     results = {}
     for c in tqdm(args.configs, desc="models"):

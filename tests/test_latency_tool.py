@@ -158,3 +158,19 @@ def test_bad_prefill_flag_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         test_latency.parse_args(["--prefill", "iterative,fast"])
     assert "--prefill: fast; allowed values are iterative, sequential, auto" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monkeypatch):
+    """--prefill_sample times 2 tokens at each end of the prompt, then decoding continues from a cache holding the
+    prompt: the extrapolated prefill is reported and the steps after it run as usual."""
+    filled = []
+    original = test_latency.prefill_cache
+    monkeypatch.setattr(test_latency, "prefill_cache", lambda model, ids, cache: filled.append((int(cache.get_seq_length()), ids.shape[1])) or original(model, ids, cache))
+    argv = ["--configs", configs[1], "--prompt_len", "12", "--gen_len", "4", "--batches", "2", "--cache", "static",
+            "--prefill", "sequential", "--prefill_sample", "2", "--device", "cpu", "--output_dir", str(tmp_path)]
+    out = test_latency.main(argv)
+    assert filled == [(0, 2), (9, 2)]  # start, then the end of the 11 prompt tokens before the last
+    (run,) = out["models"]["test_tiny_opt"]["runs"]
+    assert run["prefill_s"] > 0 and run["e2e_throughput"] > 0 and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
+    with pytest.raises(SystemExit):
+        test_latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
