@@ -174,3 +174,8 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
     assert run["prefill_s"] > 0 and run["e2e_throughput"] > 0 and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
     with pytest.raises(SystemExit):
         test_latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
+
+
+def test_extrapolate_means_start_and_end_steps():
+    assert test_latency.extrapolate(1.0, 10.0, 30.0, 101) == (20.0, 3.0)
+    assert test_latency.extrapolate(1.0, 10.0, None, 101) == (10.0, 2.0)  # all steps ran: the measured mean
