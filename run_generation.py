@@ -20,8 +20,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextStreamer
 
-from models import cli as shared  # import models registers model_type "opt-llama"
+from models import OptLlamaConfig
+from models import cli as shared  # import models registers model_types "opt-llama" and "lckv-llama"
 from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, read_text_file, resolve_dtype, run_cli, set_sequential
+from models.prefill_modes import PREFILL_MODES
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep each KV layer on the CPU between uses (transformers' offloaded cache, offloaded_static with "
                         "--static_cache); CUDA only")
     parser.add_argument("--sequential_forward", action="store_true", help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree")
+    parser.add_argument("--prefill", choices=PREFILL_MODES, default="auto",
+                        help="LCKV prompt prefill (config.prefill): iterative, sequential (token by token, exact) or auto "
+                        "(the cheaper one for the batch and prompt length; default); ignored for Llama")
     return parser.parse_args(argv)
 
 
@@ -213,6 +218,8 @@ def run(args: argparse.Namespace) -> dict:
     config = load_config(args)
     if args.sequential_forward:
         set_sequential(config, "--sequential_forward")
+    if isinstance(config, OptLlamaConfig):
+        config.prefill = args.prefill
     tokenizer = load_tokenizer(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     check_position_limit(args, input_ids.shape[1], config.max_position_embeddings)

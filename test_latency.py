@@ -4,7 +4,10 @@ Each model gets random weights, random prompts of ``--prompt_len`` tokens and sa
 tokens; the batch doubles until out of memory (or ``--max_batch``), then bisects. Per model: max batch,
 throughput at every batch tried, prefill time, per-step latency against the weights + KV bytes / HBM
 bandwidth roofline, peak memory and the bytes of the KV cache tensors; then each model's ratio to the
-baseline (the first Llama config). ``--plan`` needs no GPU: KV bytes per token and the KV-bound max batch
+baseline (the first Llama config). LCKV models run each ``--prefill`` mode (``config.prefill``; the sequential
+prefill fills the static cache token by token through one compiled step, ``models.sequential_prefill``). With
+``--steps`` below ``--gen_len`` the decode step is measured at the start and at the end of the context and the
+full ``gen_len`` is extrapolated from them (``setting.extrapolation`` in the JSON). ``--plan`` needs no GPU: KV bytes per token and the KV-bound max batch
 per sequence length, from the config shapes alone.
 
     python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json --compile --output_dir bench/x
@@ -21,12 +24,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from models import PACKED_SDPA, SPLIT_KV  # import models registers opt-llama and both decoding attentions
 from models import cli as shared
 from models.chunked_prefill import prefill_in_chunks
 from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, parse_int_list, parse_size, run_cli
 from models.measure import StepTimer, baseline_name
+from models.prefill_modes import PREFILL_MODES, choose_prefill
+from models.sequential_prefill import compiled_token_step, prefill_cache
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)")
+    p.add_argument("--prefill", default="auto",
+                   help=f"LCKV prefill path(s), comma-separated to measure several: {', '.join(PREFILL_MODES)} (config.prefill; "
+                   "auto resolves per batch and is recorded as prefill_path); sequential ignores --prefill_chunk")
+    p.add_argument("--prefill_sample", type=int, default=0,
+                   help="sequential prefill: run only this many prompt tokens at the start and as many at the end of the "
+                   "prompt (cache filled with zeros up to there) and extrapolate the prefill time linearly (0: whole prompt)")
     p.add_argument("--attn_implementation", default=SPLIT_KV,
                    help=f"attention backend of both models; {SPLIT_KV} (default) decodes with a split-KV Triton kernel that "
                    f"reads only the filled cache slots (CUDA; elsewhere it is {PACKED_SDPA}); {PACKED_SDPA} is transformers' "
@@ -76,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--offload: not with --compile (a captured decode step cannot move the cache between devices)")
     if not 1 <= args.start_batch <= args.max_batch:
         p.error(f"--start_batch: {args.start_batch}; allowed values are 1 to --max_batch ({args.max_batch})")
+    if not 0 <= args.prefill_sample < args.prompt_len // 2:
+        p.error(f"--prefill_sample: {args.prefill_sample}; allowed values are 0 to prompt_len / 2 - 1 ({args.prompt_len // 2 - 1})")
+    bad = [mode for mode in args.prefill.split(",") if mode not in PREFILL_MODES]
+    if bad:
+        p.error(f"--prefill: {bad[0]}; allowed values are {', '.join(PREFILL_MODES)} (comma-separated)")
+    args.prefill_modes = args.prefill.split(",")
     check_args(args)
     args.steps = args.steps or args.gen_len
     return args
@@ -170,6 +188,11 @@ class RunResult:
     kv_bytes_per_token: float
     compile_s: float | None = None
     compiled_step_ms: float | None = None  # the compiled decode forward alone, without generate's Python loop
+    prefill_path: str | None = None  # LCKV: the prefill that ran (iterative / sequential); None for Llama
+    step_ms_end: float | None = None  # decode step with the context near prompt_len + gen_len (None: all gen_len steps ran)
+    mean_step_ms: float = 0.0  # mean decode step over gen_len: the mean of start and end, or step_ms when all steps ran
+    e2e_s: float = 0.0  # prefill + gen_len - 1 decode steps (extrapolated when --steps < --gen_len)
+    e2e_throughput: float = 0.0  # batch * gen_len / e2e_s
 
 
 class CompiledStepTimer:
@@ -215,20 +238,46 @@ class CompiledStepTimer:
         return sum(spans) / len(spans) if spans else None
 
 
-def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: int) -> tuple[StepTimer, object, float]:
-    """One sampled generation of ``steps`` tokens for ``batch`` random prompts of ``prompt_len`` tokens, with the cache
-    sized for ``--prompt_len + --gen_len``; returns the timer, the cache and the start time."""
-    device = model.device
-    input_ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
-    total = args.prompt_len + args.gen_len
+def new_cache(model, args):
+    """An empty cache of ``--cache`` kind sized for ``--prompt_len + --gen_len``."""
     if args.cache == "static":
-        cache = StaticCache(config=model.config, max_cache_len=total, offloading=args.offload)
-    else:
-        cache = DynamicCache(config=model.config, offloading=args.offload)
+        return StaticCache(config=model.config, max_cache_len=args.prompt_len + args.gen_len, offloading=args.offload)
+    return DynamicCache(config=model.config, offloading=args.offload)
+
+
+def filled_cache(model, args, batch: int, length: int):
+    """A cache that reports ``length`` cached tokens (zeros): a decode step's work depends on the context length, not
+    on the values, so this times steps at the end of the context without decoding up to there."""
+    cache = new_cache(model, args)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    shape = (batch, model.config.num_key_value_heads, length, head_dim)
+    for layer_idx, layer in enumerate(cache.layers):
+        if isinstance(layer, StaticLayer):
+            one = torch.zeros(*shape[:2], 1, head_dim, dtype=model.dtype, device=model.device)
+            layer.lazy_initialization(one, one)
+            layer.cumulative_length.fill_(length)
+        elif isinstance(layer, DynamicLayer):  # not DummyLayer (condensed layers store nothing)
+            zeros = torch.zeros(shape, dtype=model.dtype, device=model.device)
+            cache.update(zeros, zeros.clone(), layer_idx)
+    return cache
+
+
+def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: int, context: int = 0) -> tuple[StepTimer, object, float]:
+    """One sampled generation of ``steps`` tokens for ``batch`` random prompts of ``prompt_len`` tokens, with the cache
+    sized for ``--prompt_len + --gen_len``; returns the timer, the cache and the start time. ``context > 0``: the
+    cache already holds ``context`` (zero) tokens and the prompt is one more token (decode steps at that context)."""
+    device = model.device
+    input_ids = torch.randint(3, model.config.vocab_size, (batch, context + prompt_len), device=device)
+    cache = filled_cache(model, args, batch, context) if context else new_cache(model, args)
     timer = StepTimer(device, bar)
+    sequential = getattr(model.config, "prefill", None) == "sequential" and args.cache == "static"
     with torch.no_grad():
         start = time.perf_counter()
-        if args.prefill_chunk and prompt_len > 1:
+        if sequential and prompt_len > 1 and not context and args.prefill_sample and prompt_len == args.prompt_len:
+            cache, start = sampled_prefill(model, args, input_ids, bar)
+        elif sequential and prompt_len > 1 and not context:  # whole batch, one token at a time, only the last logits kept
+            prefill_cache(model, input_ids[:, :-1], cache)
+        elif args.prefill_chunk and prompt_len > 1 and not context:
             prefill_in_chunks(model, input_ids[:, :-1], cache, args.prefill_chunk)
         model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), cache=cache, streamer=timer, do_sample=True, top_k=0,
@@ -237,13 +286,66 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
     return timer, cache, start
 
 
+def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[object, float]:
+    """The sequential prefill of ``input_ids[:, :-1]`` timed on ``--prefill_sample`` tokens at its start and as many at
+    its end (a cache filled with zeros up to there; one cache at a time, so the batch fits as in a full prefill),
+    extrapolated linearly to the whole prompt. Returns the cache, now holding ``prompt_len - 1`` tokens, and a start
+    time set back by the extrapolated prefill, so that ``times[1] - start`` is the prefill as a full run reports it."""
+    sample, length = args.prefill_sample, input_ids.shape[1] - 1
+    seconds = []
+    for context in (0, length - sample):
+        bar.set_postfix_str(f"prefill sample at {context}")
+        cache = filled_cache(model, args, input_ids.shape[0], context) if context else new_cache(model, args)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        begin = time.perf_counter()
+        prefill_cache(model, input_ids[:, context : context + sample], cache)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        seconds.append(time.perf_counter() - begin)
+        if not context:
+            del cache
+    return cache, time.perf_counter() - length * sum(seconds) / (2 * sample)
+
+
+def step_ms(timer: StepTimer) -> float:
+    """Mean milliseconds per decode step (the first token is the prefill's)."""
+    return 1e3 * (timer.times[-1] - timer.times[1]) / max(1, len(timer.times) - 2)
+
+
+def extrapolate(prefill_s: float, start_ms: float, end_ms: float | None, gen_len: int) -> tuple[float, float]:
+    """Mean decode step over ``gen_len`` tokens and the end-to-end seconds: the step grows with the context (KV
+    reads), so the mean of the steps measured at the start and at the end stands for the whole (linear growth).
+
+    >>> extrapolate(1.0, 10.0, 30.0, 101)
+    (20.0, 3.0)
+    """
+    mean_ms = start_ms if end_ms is None else (start_ms + end_ms) / 2
+    return mean_ms, prefill_s + (gen_len - 1) * mean_ms / 1e3
+
+
 def run(model, args, batch: int, desc: str) -> RunResult:
     """Measure one batch size (raises torch.OutOfMemoryError when it does not fit)."""
+    prefill_path = None
+    requested = getattr(model.config, "prefill", None)
+    if requested is not None:  # LCKV: resolve "auto" here, so the warm-up compiles its path; restored after the run
+        prefill_path = choose_prefill(requested, batch, args.prompt_len - 1, model.config.num_encoders + 1)
+        model.config.prefill = prefill_path
+    try:
+        return measure_batch(model, args, batch, desc, prefill_path)
+    finally:
+        if requested is not None:
+            model.config.prefill = requested
+
+
+def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) -> RunResult:
+    """``run`` with the LCKV prefill path already set in the config."""
     cuda = model.device.type == "cuda"
     compile_s = None
     if args.compile:  # compile and capture the decode step of this batch size; a 1-token prompt gives the same shapes
+        warm_prompt = 4 if prefill_path == "sequential" else 1  # and the sequential prefill's step (warm-up, record, replay)
         with tqdm(total=3, desc=f"{desc} compile b={batch}", leave=False) as bar:
-            timer, _, start = generate_once(model, args, batch, 3, bar, prompt_len=1)
+            timer, _, start = generate_once(model, args, batch, 3, bar, prompt_len=warm_prompt)
         compile_s = timer.times[-1] - start
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
@@ -251,11 +353,18 @@ def run(model, args, batch: int, desc: str) -> RunResult:
         timer, cache, start = generate_once(model, args, batch, args.steps, bar, args.prompt_len)
     times = timer.times
     kv, slots = cache_bytes(cache)
+    del cache
     decode_s = times[-1] - times[1]
+    end_ms = None
+    if args.steps < args.gen_len:  # the same steps with the context near its end
+        with tqdm(total=args.steps, desc=f"{desc} b={batch} end", leave=False) as bar:
+            end_timer, _, _ = generate_once(model, args, batch, args.steps, bar, 1, context=args.prompt_len + args.gen_len - args.steps - 1)
+        end_ms = step_ms(end_timer)
+    mean_ms, e2e_s = extrapolate(times[1] - start, step_ms(timer), end_ms, args.gen_len)
     return RunResult(
         batch=batch,
         prefill_s=times[1] - start,
-        step_ms=1e3 * decode_s / max(1, len(times) - 2),
+        step_ms=step_ms(timer),
         throughput=batch * args.steps / (times[-1] - start),
         decode_throughput=batch * (len(times) - 2) / decode_s if decode_s > 0 else float("nan"),
         peak_memory_bytes=torch.cuda.max_memory_allocated(model.device) if cuda else None,
@@ -263,6 +372,11 @@ def run(model, args, batch: int, desc: str) -> RunResult:
         kv_bytes_per_token=kv / (batch * slots),
         compile_s=compile_s,
         compiled_step_ms=step_timer.mean_ms(),
+        prefill_path=prefill_path,
+        step_ms_end=end_ms,
+        mean_step_ms=mean_ms,
+        e2e_s=e2e_s,
+        e2e_throughput=batch * args.gen_len / e2e_s,
     )
 
 
@@ -300,12 +414,35 @@ def batch_search(model, args, desc: str) -> list[RunResult | dict]:
     return [asdict(r) if r else {"batch": b, "oom": True} for b, r in sorted(tried.items())]
 
 
-def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict:
-    config = load_config(path, args.prompt_len + args.gen_len)
+def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
+    """Random weights initialised directly on ``--device`` in ``dtype`` (a 30B model initialised on the CPU takes
+    minutes)."""
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
-    model = model.to(args.device).eval()
-    runs = batch_search(model, args, Path(path).stem)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
+    return model.eval()
+
+
+def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict[str, dict]:
+    """One entry per LCKV prefill mode (``name:mode`` when several), one for a Llama."""
+    config = load_config(path, args.prompt_len + args.gen_len)
+    model = build_model(config, args, dtype)
+    modes = args.prefill_modes if config.model_type == "opt-llama" else [None]
+    out = {}
+    for mode in modes:
+        name = Path(path).stem if len(modes) == 1 else f"{Path(path).stem}:{mode}"
+        if mode is not None:
+            model.config.prefill = mode
+        out[name] = summarize(path, config, args, dtype, bandwidth, batch_search(model, args, name)) | {"prefill": mode}
+    del model
+    if args.compile:  # compiled graphs hold the model's weights; free them before the next model
+        compiled_token_step.cache_clear()
+        torch._dynamo.reset()
+    return out
+
+
+def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, bandwidth: float, runs: list[dict]) -> dict:
+    """The runs of one model (and prefill mode) with their max-batch figures and the batch-1 roofline."""
     fitting = [r for r in runs if not r.get("oom")]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
     weights, kv_read = weight_bytes(config, dtype), kv_read_bytes_per_token(config, dtype)
@@ -316,7 +453,6 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
         r["compiled_step_vs_roofline"] = r["compiled_step_ms"] / r["roofline_ms"] if r["compiled_step_ms"] else None
     roofline_ms = step_roofline_ms(weights, kv_read, 1, avg_context, bandwidth)
     batch1 = next((r for r in fitting if r["batch"] == 1), None)
-    del model
     return {
         "config": path,
         "model_type": config.model_type,
@@ -326,6 +462,7 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
         "max_batch": best["batch"] if best else 0,
         "max_batch_throughput": best["throughput"] if best else 0.0,
         "max_batch_decode_throughput": best["decode_throughput"] if best else 0.0,
+        "max_batch_e2e_throughput": best["e2e_throughput"] if best else 0.0,
         "batch1_step_ms": batch1["step_ms"] if batch1 else None,
         "batch1_roofline_ms": roofline_ms,
         "batch1_step_vs_roofline": batch1["step_ms"] / roofline_ms if batch1 else None,
@@ -339,7 +476,8 @@ def ratios(results: dict[str, dict]) -> dict[str, dict]:
     """Each non-baseline model's max batch, throughputs and KV bytes/token over the baseline's (first Llama)."""
     baseline = baseline_name(results)
     base = results[baseline]
-    keys = ["max_batch", "max_batch_throughput", "max_batch_decode_throughput", "kv_bytes_per_token_formula"]
+    keys = ["max_batch", "max_batch_throughput", "max_batch_decode_throughput", "max_batch_e2e_throughput",
+            "kv_bytes_per_token_formula"]
     return {
         f"{name}/{baseline}": {k: r[k] / base[k] if base[k] else None for k in keys}
         for name, r in results.items() if name != baseline
@@ -397,18 +535,29 @@ def measure(argv: list[str] | None = None) -> dict:
 
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
-    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "max_batch", "batches",
-            "attn_implementation")
+    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "prefill", "prefill_sample", "max_batch",
+            "batches", "attn_implementation")
     setting = {k: getattr(args, k) for k in keys}
+    setting["extrapolation"] = (
+        "none: all gen_len decode steps ran" if args.steps >= args.gen_len else
+        f"decode steps timed at the start ({args.steps} after the prompt) and at the end of the context ({args.steps} "
+        "from a cache filled to prompt_len + gen_len - steps - 1 zero tokens); mean_step_ms is their mean, e2e_s = "
+        "prefill_s + (gen_len - 1) * mean_step_ms, e2e_throughput = batch * gen_len / e2e_s; throughput and "
+        "decode_throughput cover the first steps only")
+    if args.prefill_sample:
+        setting["extrapolation"] += (f"; sequential prefill_s: {args.prefill_sample} prompt tokens timed at the start and "
+                                     f"{args.prefill_sample} at the end, scaled to prompt_len - 1, plus the last token's step")
     setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
-    results = {Path(c).stem: measure_model(c, args, dtype, bandwidth) for c in tqdm(args.configs, desc="models")}
+    results = {}
+    for c in tqdm(args.configs, desc="models"):
+        results |= measure_model(c, args, dtype, bandwidth)
     out = {"setting": setting, "models": results, "ratios": ratios(results)}
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency.json").write_text(json.dumps(out, indent=2))
     plot(results, out_dir / "throughput.png", f"prompt {args.prompt_len} + {args.steps} new, {setting['device']}")
     for name, r in results.items():
-        print(f"{name}: max batch {r['max_batch']}, {r['max_batch_throughput']:.1f} tok/s "
+        print(f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s, first steps {r['max_batch_throughput']:.1f} tok/s "
               f"(decode {r['max_batch_decode_throughput']:.1f}), batch-1 step {r['batch1_step_ms'] or float('nan'):.3f} ms "
               f"vs roofline {r['batch1_roofline_ms']:.3f} ms")
     print(json.dumps(out["ratios"], indent=2))

@@ -318,10 +318,10 @@ def check_attn_implementation(flag: str, name: str) -> None:
 
 def as_opt_llama(config: PretrainedConfig) -> OptLlamaConfig:
     """An opt-llama config for ``config``: itself, or for a Llama every layer standard (same weights, same network)."""
-    if config.model_type == "opt-llama":
+    if isinstance(config, OptLlamaConfig):
         return config
     if config.model_type != "llama":
-        raise UsageError(f"model_type: {config.model_type!r}; allowed are opt-llama and llama")
+        raise UsageError(f"model_type: {config.model_type!r}; allowed are opt-llama, lckv-llama and llama")
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "layer_types")}
     return OptLlamaConfig(**fields, lckv_layer_types="_".join(["0"] * config.num_hidden_layers))
 
@@ -331,9 +331,9 @@ def set_sequential(config: PretrainedConfig, flag: str) -> None:
 
     Other model types compute no iterations, so the flag is an error there (their parallel forward is exact).
     """
-    if "sequential_forward" not in config.to_dict():
+    if not isinstance(config, OptLlamaConfig):
         raise UsageError(f"{flag}: model_type {config.model_type!r} has no iterative computation to make sequential; "
-                         "allowed only for opt-llama")
+                         "allowed only for opt-llama and lckv-llama")
     config.sequential_forward = True
 
 

@@ -32,6 +32,7 @@ from .layer_layouts import (
     validate_window_layers,
 )
 from .layer_plan import layer_plan, strict_layers, window_cached_layers
+from .prefill_modes import check_prefill_mode
 
 ITERATION_STYLES = ("current", "previous")
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
@@ -77,6 +78,10 @@ class OptLlamaConfig(LlamaConfig):
         Add the MSE between the last two iterations' KVs to the training loss.
     sequential_forward (`bool`, defaults to False):
         Compute every forward without gradients token by token (the exact semantics) instead of by iterations.
+    prefill (`str`, defaults to "iterative"):
+        How a no-grad forward of several tokens that fills a cache (the prompt prefill) runs: "iterative" (the
+        parallel iterations, approximate past ``num_encoders + 1`` tokens), "sequential" (token by token, exact,
+        ``models.sequential_prefill``) or "auto" (the cheaper one for the batch size and prompt length).
     force_nodiag (`bool`, *optional*):
         Every layer attends only to earlier tokens (drops the diagonal). Otherwise only layers reading a
         layer above them do. Default: True for a published-format config, else False.
@@ -98,6 +103,7 @@ class OptLlamaConfig(LlamaConfig):
     num_trained_encoders: int = 1
     train_kv: bool = False
     sequential_forward: bool = False
+    prefill: str = "iterative"
     force_nodiag: bool | None = None
     iteration_style: str | None = None
 
@@ -154,6 +160,7 @@ class OptLlamaConfig(LlamaConfig):
             raise ValueError(
                 f"num_trained_encoders: {self.num_trained_encoders}; allowed values are 0..num_encoders ({self.num_encoders})"
             )
+        check_prefill_mode(self.prefill)
         if self.iteration_style not in ITERATION_STYLES:
             raise ValueError(f"iteration_style: {self.iteration_style!r}; allowed values are {', '.join(map(repr, ITERATION_STYLES))}")
         if self.iteration_style == "previous" and not self.force_nodiag:

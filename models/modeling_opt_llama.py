@@ -28,6 +28,7 @@ from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import build_masks, has_visible_key, is_strict_kind, layer_mask_kinds
+from .sequential_prefill import sequential_prefill, uses_sequential_prefill
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -293,7 +294,6 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
-        reporting = self._reporting(kwargs)
         if inputs_embeds is None:
             check_input_ids(input_ids, self.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
@@ -311,16 +311,18 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         if not streaming:
             self._check_positions(past_length + query_length)
 
-        if self.config.sequential_forward and query_length > 1 and not torch.is_grad_enabled():
-            output, reported = self._forward_sequential(inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs)
+        sequential = query_length > 1 and not torch.is_grad_enabled() and uses_sequential_prefill(self.config, inputs_embeds.shape[0], query_length, cache)
+        reporting = self._reporting(kwargs, sequential)
+        if sequential:
+            output, reported = sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs)
         else:
             output, reported = self._forward_parallel(inputs_embeds, attention_mask, position_ids, cache, past_length, reporting, **kwargs)
         for hidden, attn_weights in reported or ():
             self.layer_outputs(hidden, attn_weights)
         return output
 
-    def _reporting(self, kwargs: dict) -> bool:
-        """Whether the caller asked for hidden states or attentions; refuses attentions no backend here returns."""
+    def _reporting(self, kwargs: dict, sequential: bool) -> bool:
+        """Whether the caller asked for hidden states or attentions; refuses attentions this forward cannot return."""
         wants = {name: kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False)) for name in ("hidden_states", "attentions")}
         if wants["attentions"]:
             implementation = self.config._attn_implementation
@@ -329,8 +331,11 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                     f"output_attentions: attn_implementation={implementation!r}{' with LCKV_FLASH_ATTN' if implementation == 'eager' else ''} "
                     "returns no attention weights; allowed is attn_implementation='eager' without LCKV_FLASH_ATTN"
                 )
-            if self.config.sequential_forward:
-                raise ValueError("output_attentions: not available with sequential_forward=True (each token attends to a different number of keys)")
+            if sequential:
+                raise ValueError(
+                    "output_attentions: not available from a token-by-token forward (sequential_forward or a sequential "
+                    "prefill: each token attends to a different number of keys); allowed with the iterative forward"
+                )
         return bool(wants["hidden_states"] or wants["attentions"])
 
     def _check_positions(self, total_length: int | torch.Tensor) -> None:
@@ -419,24 +424,6 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 for s in carried
             ) / len(carried)
         return hidden, kv_loss
-
-    def _forward_sequential(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs):
-        """Exact token-by-token computation (the ground truth), one decoding step per token."""
-        step_cache = cache if cache is not None else DynamicCache(config=self.config)
-        past_length = step_cache.get_seq_length()
-        hidden_states, steps_reported = [], []
-        for t in range(inputs_embeds.shape[1]):
-            step_mask = attention_mask[:, : past_length + t + 1] if attention_mask is not None else None
-            out, reported = self._forward_parallel(
-                inputs_embeds[:, t : t + 1], step_mask, position_ids[:, t : t + 1], step_cache, past_length + t, reporting, **kwargs
-            )
-            hidden_states.append(out.last_hidden_state)
-            steps_reported.append(reported)
-        reported = None
-        if reporting:  # per reported layer, its outputs of every step side by side (no attentions: refused above)
-            reported = [(torch.cat([step[i][0] for step in steps_reported], dim=1), None) for i in range(len(steps_reported[0]))]
-        output = OptLlamaModelOutput(last_hidden_state=torch.cat(hidden_states, dim=1), cache=step_cache if use_cache else cache)
-        return output, reported
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

@@ -117,3 +117,17 @@ def test_missing_checkpoint_is_a_one_line_error(capsys):
         run_generation.main(["--model_name_or_path", "no/such/checkpoint", "--prompt", "x"])
     err = capsys.readouterr().err.strip()
     assert err.startswith("run_generation.py: error: --model_name_or_path: no/such/checkpoint does not exist") and "\n" not in err
+
+
+@pytest.mark.parametrize("cache_flag", [[], ["--static_cache"]])
+def test_sequential_prefill_flag_gives_the_sequential_forward_text(tiny_files, cache_flag):
+    """--prefill sequential (exact prefill only) generates what --sequential_forward (everything exact) does."""
+    args = ("--prompt", "ROMEO: But soft, what light through yonder window breaks?", "--max_new_tokens", "12", "--ignore_eos", "--quiet")
+    sequential = run(tiny_files, *args, "--prefill", "sequential", *cache_flag)["cache"]
+    assert sequential["text"] == run(tiny_files, *args, "--sequential_forward", "--prefill", "iterative", *cache_flag)["cache"]["text"]
+
+
+def test_bad_prefill_flag_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        run_generation.parse_args(["--prefill", "fast"])
+    assert "--prefill: invalid choice: 'fast'" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -129,3 +129,59 @@ def test_compiled_step_timer_times_the_compiled_call_and_restores_it():
     with test_latency.CompiledStepTimer(uncompiled) as timer:
         pass
     assert not hasattr(uncompiled, "_compiled_call") and timer.mean_ms() is None
+
+
+def test_prefill_modes_extrapolated_end_to_end(configs, tmp_path):
+    """--prefill with two modes gives one LCKV entry per mode (static cache, so the sequential one fills it through
+    prefill_cache); with --steps below --gen_len each run also times steps at the end of the context and reports
+    the extrapolated end-to-end rate over the full gen_len."""
+    argv = ["--configs", *configs, "--prompt_len", "12", "--gen_len", "8", "--steps", "2", "--batches", "2",
+            "--cache", "static", "--prefill", "iterative,sequential", "--device", "cpu", "--output_dir", str(tmp_path)]
+    out = test_latency.main(argv)
+    assert set(out["models"]) == {"tiny_llama", "test_tiny_opt:iterative", "test_tiny_opt:sequential"}
+    assert "end of the context" in out["setting"]["extrapolation"]
+    for name, r in out["models"].items():
+        (run,) = r["runs"]
+        assert run["prefill_path"] == (name.split(":")[1] if ":" in name else None)
+        assert run["step_ms_end"] > 0 and run["mean_step_ms"] == pytest.approx((run["step_ms"] + run["step_ms_end"]) / 2)
+        assert run["e2e_s"] == pytest.approx(run["prefill_s"] + 7 * run["mean_step_ms"] / 1e3)
+        assert r["max_batch_e2e_throughput"] == pytest.approx(2 * 8 / run["e2e_s"])
+    assert out["ratios"]["test_tiny_opt:sequential/tiny_llama"]["max_batch_e2e_throughput"] > 0
+
+
+def test_filled_cache_reports_its_length(configs):
+    """The end-of-context timing cache holds `length` tokens in every KV layer, for both cache kinds."""
+    for kind in ("static", "dynamic"):
+        args = test_latency.parse_args(["--cache", kind, "--prompt_len", "8", "--gen_len", "8", "--device", "cpu"])
+        model = test_latency.build_model(test_latency.load_config(configs[1], 16), args, torch.float32)
+        cache = test_latency.filled_cache(model, args, 2, 11)
+        assert int(cache.get_seq_length()) == 11
+        total, slots = test_latency.cache_bytes(cache)
+        assert slots == (16 if kind == "static" else 11) and total == 3 * 2 * 2 * 2 * 16 * slots * 4  # 3 KV layers
+
+
+def test_bad_prefill_flag_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        test_latency.parse_args(["--prefill", "iterative,fast"])
+    assert "--prefill: fast; allowed values are iterative, sequential, auto" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monkeypatch):
+    """--prefill_sample times 2 tokens at each end of the prompt, then decoding continues from a cache holding the
+    prompt: the extrapolated prefill is reported and the steps after it run as usual."""
+    filled = []
+    original = test_latency.prefill_cache
+    monkeypatch.setattr(test_latency, "prefill_cache", lambda model, ids, cache: filled.append((int(cache.get_seq_length()), ids.shape[1])) or original(model, ids, cache))
+    argv = ["--configs", configs[1], "--prompt_len", "12", "--gen_len", "4", "--batches", "2", "--cache", "static",
+            "--prefill", "sequential", "--prefill_sample", "2", "--device", "cpu", "--output_dir", str(tmp_path)]
+    out = test_latency.main(argv)
+    assert filled == [(0, 2), (9, 2)]  # start, then the end of the 11 prompt tokens before the last
+    (run,) = out["models"]["test_tiny_opt"]["runs"]
+    assert run["prefill_s"] > 0 and run["e2e_throughput"] > 0 and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
+    with pytest.raises(SystemExit):
+        test_latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
+
+
+def test_extrapolate_means_start_and_end_steps():
+    assert test_latency.extrapolate(1.0, 10.0, 30.0, 101) == (20.0, 3.0)
+    assert test_latency.extrapolate(1.0, 10.0, None, 101) == (10.0, 2.0)  # all steps ran: the measured mean

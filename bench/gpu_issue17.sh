@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# End-to-end throughput with the exact sequential prefill (config.prefill), on ONE 80 GB H100, in parts that each
+# fit a 9-minute call. Every step has its own timeout and writes OUT_DIR/<step>/{log,latency.json,throughput.png}.
+#
+#   bash bench/gpu_issue17.sh partA1 OUT   # tinyllama: stock dynamic-cache Llama generate (batch search), compiled Llama at max batch
+#   bash bench/gpu_issue17.sh partA2 OUT   # tinyllama pair at batch 512: Llama, LCKV iterative and sequential prefill
+#   bash bench/gpu_issue17.sh partA3 OUT   # tinyllama LCKV at its largest batches, sequential prefill (sampled)
+#   bash bench/gpu_issue17.sh partB1 OUT   # LLaMA-33B shape, Llama at its max batch: P256+G768 and P2048+G2048
+#   bash bench/gpu_issue17.sh partB2 OUT   # LLaMA-33B LCKV, P256+G768 at max batch: sequential prefill
+#   bash bench/gpu_issue17.sh partB3 OUT   # LLaMA-33B LCKV, P256+G768 at max batch: iterative prefill (the old path)
+#   bash bench/gpu_issue17.sh partB4 OUT   # LLaMA-33B LCKV, P2048+G2048 at max batch: sequential prefill (sampled)
+#   bash bench/gpu_issue17.sh partC1 OUT   # Llama-2-7B pair, P256+G768, each at its max batch
+#   bash bench/gpu_issue17.sh partC2 OUT   # Llama-2-7B pair, P2048+G2048, each at its max batch
+#   bash bench/gpu_issue17.sh smoke OUT    # CPU: every step above with tiny configs and lengths (same code path)
+#
+# Decode steps are timed on --steps tokens at the start and at the end of the context and extrapolated over
+# gen_len; at the largest batches the sequential prefill is timed on --prefill_sample tokens at each end of the
+# prompt (both documented in each latency.json, setting.extrapolation). The largest batches come from
+# `python test_latency.py --plan --gpu_memory 80GB` (KV-bound) times ~0.9; a batch that does not fit is recorded
+# as {"oom": true} and the next smaller one in --batches still runs.
+set -uo pipefail
+part=${1:?part: partA1..partC2 or smoke}
+out=${2:-bench/results/issue17}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if [ "$part" = smoke ]; then  # tiny shapes on the CPU: the same steps, flags and JSON, in seconds
+    python - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+opt = json.loads(Path("configs/test_tiny_opt.json").read_text())
+lckv = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv")
+llama = {k: v for k, v in opt.items() if k not in lckv} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+Path(sys.argv[1], "smoke_llama.json").write_text(json.dumps(llama))
+EOF
+    TL=$out/smoke_llama.json TLO=configs/test_tiny_opt.json
+    L33=$TL L33O=$TLO L7=$TL L7O=$TLO
+    P2K="--prompt_len 12 --gen_len 8" P256="--prompt_len 10 --gen_len 6"
+    STEPS="--steps 2" SAMPLE="--prefill_sample 2" CHUNK="--prefill_chunk 1"
+    SEARCH="--start_batch 2 --max_batch 4 --resolution 0.5"
+    b() { echo 2; }  # every batch list becomes batch 2
+    common=(--device cpu)
+else
+    TL=configs/tinyllama.json TLO=configs/tinyllama_opt.json
+    L33=configs/llama33b.json L33O=configs/llama33b_opt.json
+    L7=configs/llama2_7b.json L7O=configs/llama2_7b_opt.json
+    P2K="--prompt_len 2048 --gen_len 2048" P256="--prompt_len 256 --gen_len 768"
+    STEPS="--steps 16" SAMPLE="--prefill_sample 64" CHUNK="--prefill_chunk 64"
+    SEARCH="--start_batch 256 --max_batch 1024 --resolution 0.25"
+    b() { echo "$1"; }
+    gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    case "$gpu_name" in *H200*) hbm=4.8TB ;; *) hbm=3.35TB ;; esac
+    echo "device: $gpu_name, roofline bandwidth $hbm"
+    common=(--hbm_bandwidth "$hbm")
+fi
+
+lat() {  # lat NAME SECONDS ARGS...: test_latency.py with a time limit, log and JSON under OUT/NAME
+    local name=$1 limit=$2
+    shift 2
+    mkdir -p "$out/$name"
+    local start=$SECONDS
+    # shellcheck disable=SC2068  # the setting variables hold several words on purpose
+    timeout "$limit" python test_latency.py "$@" ${common[@]} --output_dir "$out/$name" >"$out/$name/log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc in $((SECONDS - start)) s"
+    grep -v -E "it/s\]|s/it\]" "$out/$name/log" | tail -n 3
+}
+
+# shellcheck disable=SC2086  # $P2K, $STEPS, ... are several flags each
+partA1() {  # ~8 min: stock generate search (~4 min), compiled Llama near its KV bound (843 by --plan)
+    lat tinyllama_stock 280 --configs $TL --attn_implementation sdpa --cache dynamic $P2K $STEPS $SEARCH
+    lat tinyllama_llama_max 220 --configs $TL --compile $CHUNK $P2K $STEPS --batches "$(b 768)"
+}
+# shellcheck disable=SC2086
+partA2() {  # ~7 min: three compiles and prefills at batch 512 (LCKV iterative ~60 s, sequential ~40 s)
+    lat tinyllama_b512 520 --configs $TL $TLO --compile $CHUNK --prefill iterative,sequential $P2K $STEPS --batches "$(b 512)"
+}
+# shellcheck disable=SC2086
+partA3() {  # ~6 min: LCKV near its KV bound (6,186 by --plan), sequential prefill sampled
+    lat tinyllama_opt_max 500 --configs $TLO --compile --prefill sequential $SAMPLE $P2K $STEPS --batches "$(b 4096),$(b 5632)"
+}
+# shellcheck disable=SC2086
+partB1() {  # ~8 min: two 33B compiles; Llama fits 9 / 2 sequences by --plan
+    lat llama33b_p256_llama 260 --configs $L33 --compile $P256 $STEPS --batches "$(b 4),$(b 8)"
+    lat llama33b_p2048_llama 260 --configs $L33 --compile $P2K $STEPS --batches "$(b 1),$(b 2)"
+}
+# shellcheck disable=SC2086
+partB2() {  # ~7 min: 33B LCKV, 306 by --plan at 1024 tokens
+    lat llama33b_p256_opt_seq 520 --configs $L33O --compile --prefill sequential $P256 $STEPS --batches "$(b 272)"
+}
+# shellcheck disable=SC2086
+partB3() {  # ~7 min: the same with the iterative prefill (about 72 s measured before at batch 300)
+    lat llama33b_p256_opt_iter 520 --configs $L33O --compile $CHUNK --prefill iterative $P256 $STEPS --batches "$(b 272)"
+}
+# shellcheck disable=SC2086
+partB4() {  # ~7 min: 33B LCKV, 76 by --plan at 4096 tokens, sequential prefill sampled
+    lat llama33b_p2048_opt_seq 520 --configs $L33O --compile --prefill sequential $SAMPLE $P2K $STEPS --batches "$(b 64)"
+}
+# shellcheck disable=SC2086
+partC1() {  # ~8 min: 7B pair at P256+G768 each at its max batch (--plan: 123 and 1,360), LCKV prefill sampled
+    lat llama2_7b_p256_llama 200 --configs $L7 --compile $CHUNK $P256 $STEPS --batches "$(b 112)"
+    lat llama2_7b_p256_opt 300 --configs $L7O --compile --prefill sequential $SAMPLE $P256 $STEPS --batches "$(b 1216)"
+}
+# shellcheck disable=SC2086
+partC2() {  # ~8 min: 7B pair at P2048+G2048 (--plan: 30 and 340)
+    lat llama2_7b_p2048_llama 200 --configs $L7 --compile $CHUNK $P2K $STEPS --batches "$(b 28)"
+    lat llama2_7b_p2048_opt 300 --configs $L7O --compile --prefill sequential $SAMPLE $P2K $STEPS --batches "$(b 304)"
+}
+
+case "$part" in
+partA1 | partA2 | partA3 | partB1 | partB2 | partB3 | partB4 | partC1 | partC2) "$part" ;;
+smoke) for p in partA1 partA2 partA3 partB1 partB2 partB3 partB4 partC1 partC2; do "$p"; done ;;
+*)
+    echo "part: $part; allowed values are partA1, partA2, partA3, partB1, partB2, partB3, partB4, partC1, partC2, smoke" >&2
+    exit 2
+    ;;
+esac
+tar -czf "${out%/}.tgz" -C "$out" .  # next to OUT (an archive inside OUT would archive itself)

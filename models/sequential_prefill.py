@@ -1,0 +1,177 @@
+"""Exact batched prefill of an LCKV model: the prompt goes through the model one token at a time.
+
+The iterative prefill runs the cyclic block ``num_encoders + 1`` times over the whole prompt (about 8x a Llama's
+work) and is exact only for the first ``num_encoders + 1`` tokens. Feeding the prompt token by token through the
+decoding step is the exact semantics and costs a Llama's work; it pays with ``T`` sequential steps, which at a
+large batch are full GPU steps. With a static cache on CUDA every step is the same compiled, CUDA-graph-captured
+function (masks and positions are built outside and passed in as tensors, the cache's fill position is a tensor),
+so the loop replays one graph instead of launching eager layers.
+
+``config.prefill`` picks the path of no-grad multi-token forwards that fill a cache: ``"iterative"`` (default),
+``"sequential"`` or ``"auto"`` (``choose_prefill``). ``config.sequential_forward`` forces this path for every
+no-grad multi-token forward, cache or not.
+
+Shapes: ``B`` batch, ``T`` prompt tokens, ``P`` tokens already cached, ``S`` key slots (static cache length),
+``H`` hidden size.
+"""
+
+from collections.abc import Callable, Iterator
+from functools import cache as memoize
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer
+
+# `models.modeling_opt_llama` imports this module for its dispatch; the module object resolves while it loads and
+# its functions are looked up at call time.
+from . import modeling_opt_llama as modeling
+from .prefill_modes import PREFILL_MODES, choose_prefill
+
+
+def uses_sequential_prefill(config, batch_size: int, query_length: int, cache: Cache | None) -> bool:
+    """Whether a no-grad forward of ``query_length > 1`` tokens runs token by token."""
+    if config.sequential_forward:
+        return True
+    return cache is not None and choose_prefill(config.prefill, batch_size, query_length, config.num_encoders + 1) == "sequential"
+
+
+def compile_options(device: torch.device, cache: Cache) -> dict | None:
+    """``torch.compile`` arguments of the token step: CUDA graphs for a static, resident cache on CUDA; None (eager)
+    otherwise (a dynamic cache changes shape every step; an offloaded one moves between devices)."""
+    if device.type == "cuda" and getattr(cache, "is_compileable", False) and not getattr(cache, "offloading", False):
+        return {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
+    return None
+
+
+def token_step(model, inputs_embeds: torch.Tensor, masks: dict, position_ids: torch.Tensor, cache: Cache, **kwargs) -> torch.Tensor:
+    """One token through every layer: ``(B, 1, H)`` -> final hidden state ``(B, 1, H)``; commits its KVs to ``cache``."""
+    return model._forward_parallel(inputs_embeds, masks, position_ids, cache, None, False, **kwargs)[0].last_hidden_state
+
+
+def reported_token_step(model, inputs_embeds, masks, position_ids, cache, **kwargs) -> tuple[torch.Tensor, list]:
+    """``token_step`` that also returns the layer outputs the model reports (``output_hidden_states``): a list of
+    ``(hidden (B, 1, H), None)``, the embeddings first."""
+    output, reported = model._forward_parallel(inputs_embeds, masks, position_ids, cache, None, True, **kwargs)
+    return output.last_hidden_state, reported
+
+
+@memoize
+def compiled_token_step(options: tuple) -> Callable:
+    """The compiled ``token_step``, one per set of compile options. The model is an argument, so dynamo keeps one
+    graph per model and batch size (guards), and the position never enters a guard: it lives in the cache's
+    ``cumulative_length`` tensor and the mask tensors."""
+    return torch.compile(token_step, **dict(options))
+
+
+def statically_allocated(cache: Cache) -> bool:
+    """All static layers hold their buffers (allocated outside a compiled region, where they get static addresses)."""
+    return all(layer.is_initialized for layer in cache.layers if isinstance(layer, StaticLayer))
+
+
+def mask_row(mask, t: int):
+    """Step ``t``'s one-query slice of a prompt mask: 4D ``(B, 1, T, S)`` -> ``(B, 1, 1, S)``, ``visible``
+    ``(B, T, 1)`` -> ``(B, 1, 1)``; contiguous, so every step hands the compiled step the same layout."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(
+            f"prefill: a sequential prefill cannot split a precomputed {type(mask).__name__} mask per token; "
+            "allowed are tensor masks (eager, sdpa, sdpa_packed_gqa attention)"
+        )
+    return (mask[:, :, t : t + 1] if mask.dim() == 4 else mask[:, t : t + 1]).contiguous()
+
+
+def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_length: int) -> Iterator[dict]:
+    """The masks of each one-token step, as the decoding step gets them.
+
+    A dict is ``generate``'s precomputed prompt masks for a static cache (row ``t`` is step ``t``'s mask); a 2D
+    padding mask ``(B, P + T)`` (or None: no padding) is cut to the keys up to each token and built per step,
+    exactly as ``generate`` builds a decoding step's masks. A dict with a mask left out (SDPA's ``is_causal``
+    shortcut, taken only without padding) has no one-token row, so it is rebuilt as unpadded.
+    """
+    batch_size, query_length = inputs_embeds.shape[:2]
+    if isinstance(attention_mask, dict) and all(mask is not None for mask in attention_mask.values()):
+        for t in range(query_length):
+            yield {name: mask_row(mask, t) for name, mask in attention_mask.items()}
+        return
+    if isinstance(attention_mask, dict):
+        attention_mask = None
+    if attention_mask is None:  # a static cache must mask its empty slots, so the mask is never left out
+        attention_mask = torch.ones(batch_size, past_length + query_length, dtype=torch.long, device=inputs_embeds.device)
+    for t in range(query_length):
+        yield modeling.lckv_masks(
+            model.config, inputs_embeds[:, t : t + 1], attention_mask[:, : past_length + t + 1], cache,
+            position_ids[:, t : t + 1], past_length + t, model.mask_sizing,
+        )
+
+
+def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length: int, attention_mask, position_ids: torch.Tensor,
+               cache: Cache, keep_hidden: bool, reporting: bool = False, **kwargs) -> tuple[torch.Tensor, list | None]:
+    """Run ``query_length`` tokens one at a time through ``model`` (``OptLlamaModel``), committing to ``cache``.
+
+    Args:
+        token_embeds: ``t`` -> the ``(B, 1, H)`` input embedding of token ``t``.
+        attention_mask: see ``step_masks``. position_ids: ``(B, T)``.
+        keep_hidden: return every token's final hidden state ``(B, T, H)``; otherwise only the last ``(B, 1, H)``
+            (a large batch then never holds ``B x T x H`` activations).
+        reporting: also return, per reported layer output (``output_hidden_states``), every token's ``(B, T, H)``
+            side by side; these steps run uncompiled.
+
+    Returns:
+        the hidden states, and the reported outputs (None unless ``reporting``).
+    """
+    past_length = int(cache.get_seq_length())
+    first = token_embeds(0)
+    hidden = first.new_empty(first.shape[0], query_length if keep_hidden else 1, first.shape[-1])
+    options = compile_options(first.device, cache)
+    masks_iter = step_masks(model, first.expand(-1, query_length, -1), attention_mask, position_ids, cache, past_length)
+    steps_reported = []
+    for t, masks in enumerate(masks_iter):
+        embeds = first if t == 0 else token_embeds(t)
+        positions = position_ids[:, t : t + 1].contiguous()
+        if reporting:
+            out, reported = reported_token_step(model, embeds, masks, positions, cache, **kwargs)
+            steps_reported.append(reported)
+        elif options is not None and statically_allocated(cache):
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output was already copied out
+            out = compiled_token_step(tuple(sorted(options.items())))(model, embeds.contiguous(), masks, positions, cache, **kwargs)
+        else:  # CPU, a dynamic cache, or the step that allocates the static buffers
+            out = token_step(model, embeds, masks, positions, cache, **kwargs)
+        hidden[:, t if keep_hidden else 0] = out[:, 0]
+    if not reporting:
+        return hidden, None
+    return hidden, [(torch.cat([step[i][0] for step in steps_reported], dim=1), None) for i in range(len(steps_reported[0]))]
+
+
+def sequential_prefill(model, inputs_embeds: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache: Cache | None,
+                       use_cache: bool | None, reporting: bool = False, **kwargs):
+    """``OptLlamaModel.forward`` token by token: ``inputs_embeds`` ``(B, T, H)`` -> ``OptLlamaModelOutput`` with
+    ``last_hidden_state`` ``(B, T, H)``, equal to decoding the tokens one by one (the exact semantics), and the
+    reported layer outputs (see ``run_tokens``)."""
+    step_cache = cache if cache is not None else DynamicCache(config=model.config)
+    hidden, reported = run_tokens(
+        model, lambda t: inputs_embeds[:, t : t + 1], inputs_embeds.shape[1], attention_mask, position_ids, step_cache,
+        keep_hidden=True, reporting=reporting, **kwargs,
+    )
+    return modeling.OptLlamaModelOutput(last_hidden_state=hidden, cache=step_cache if use_cache else cache), reported
+
+
+@torch.no_grad()
+def prefill_cache(causal_lm, input_ids: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill ``cache`` with ``input_ids`` ``(B, T)`` token by token, embedding one token per step and keeping only the
+    last token's logits ``(B, 1, vocab)``: the prefill of a batch whose ``B x T x H`` prompt activations would not fit.
+
+    Afterwards ``generate`` continues from the cache exactly as after ``causal_lm(input_ids, cache=cache)`` under
+    ``prefill="sequential"``. ``attention_mask`` is the 2D padding mask ``(B, P + T)`` (None: no padding).
+    """
+    model = causal_lm.model
+    batch_size, query_length = input_ids.shape
+    past_length = int(cache.get_seq_length())
+    if attention_mask is None:
+        attention_mask = torch.ones(batch_size, past_length + query_length, dtype=torch.long, device=input_ids.device)
+    # As generate numbers them: real tokens count from 0, padding gets 1 (its keys are masked anyway).
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, past_length:]
+    model._check_positions(past_length + query_length)
+    hidden, _ = run_tokens(model, lambda t: model.embed_tokens(input_ids[:, t : t + 1]), query_length, attention_mask,
+                           position_ids, cache, keep_hidden=False)
+    return causal_lm.lm_head(hidden)
+
+
+__all__ = ["PREFILL_MODES", "choose_prefill", "prefill_cache", "sequential_prefill", "uses_sequential_prefill"]

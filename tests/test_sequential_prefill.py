@@ -1,0 +1,170 @@
+"""config.prefill: the sequential (token-by-token) prefill is exact, composes with generate, compiles once."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from transformers import DynamicCache, StaticCache
+
+from models import modeling_opt_llama, prefill_modes, sequential_prefill
+from models.chunked_prefill import prefill_in_chunks
+from models.configuration_opt_llama import OptLlamaConfig
+
+from .conftest import tiny_config, tiny_model
+from .test_model_oracles import sequential_logits
+
+ATOL = 2e-5
+NUM_ENCODERS = 2
+LONG = 13  # prompt tokens: more than num_encoders + 1 = 3 iterations, so the iterative prefill is approximate
+NEW = 6
+
+
+def model_with(prefill: str = "sequential", **overrides):
+    return tiny_model(tiny_config(prefill=prefill, **{"num_encoders": NUM_ENCODERS, "num_trained_encoders": 1, **overrides}))
+
+
+def padded_prompts(length: int, vocab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, length)`` prompts of lengths ``length``, ``length - 3`` and ``length - 6``, left-padded with 0."""
+    ids = torch.randint(3, vocab, (3, length))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def make_cache(kind: str, model, length: int):
+    return StaticCache(config=model.config, max_cache_len=length) if kind == "static" else DynamicCache(config=model.config)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_sequential_prefill_logits_equal_token_by_token_decoding(cache_kind):
+    """Oracle: logits of a left-padded batch of different prompt lengths equal decoding one token at a time."""
+    model = model_with("sequential")
+    ids, mask = padded_prompts(LONG)
+    expected = sequential_logits(model, ids, mask)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=position_ids, cache=make_cache(cache_kind, model, LONG + 2), use_cache=True)
+    for row, start in enumerate([0, 3, 6]):  # padded positions output nothing meaningful
+        torch.testing.assert_close(out.logits[row, start:], expected[row, start:], atol=ATOL, rtol=0)
+    iterative = model_with("iterative")
+    with torch.no_grad():
+        approx = iterative(ids, attention_mask=mask, position_ids=position_ids, cache=DynamicCache(config=iterative.config)).logits
+    assert (approx[0, -1] - expected[0, -1]).abs().max() > 1e-3  # the oracle can tell the paths apart
+
+
+GENERATION = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20),
+    "beam_search": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+}
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("mode", list(GENERATION))
+def test_generate_equals_sequential_forward(mode, cache_kind):
+    """generate with prefill="sequential" gives the tokens of sequential_forward=True (long, left-padded prompts)."""
+    ids, mask = padded_prompts(LONG)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0, **GENERATION[mode])
+    if cache_kind == "static":
+        kwargs["cache_implementation"] = "static"
+    outputs = []
+    for model in (model_with("sequential"), model_with("iterative", sequential_forward=True)):
+        torch.manual_seed(1)
+        outputs.append(model.generate(ids, **kwargs))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("mode", list(GENERATION))
+def test_generate_equals_iterative_when_iterations_cover_the_prompt(mode):
+    """num_encoders + 1 >= prompt length: the iterative prefill is exact, so both prefills give the same tokens."""
+    ids, mask = padded_prompts(9)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0, **GENERATION[mode])
+    outputs = []
+    for prefill in ("sequential", "iterative"):
+        torch.manual_seed(1)
+        outputs.append(model_with(prefill, num_encoders=8).generate(ids, **kwargs))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_token_step_compiles_once_over_a_static_cache(monkeypatch):
+    """The compiled step traces one graph and replays it at every position (dynamo counter, CPU backend), with the
+    eager result; a second prompt continuing the same cache does not recompile either."""
+    counter = CompileCounter()
+    monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: {"backend": counter, "fullgraph": True, "dynamic": False})
+    sequential_prefill.compiled_token_step.cache_clear()
+    torch._dynamo.reset()
+    model = model_with("sequential")
+    ids, mask = padded_prompts(LONG)
+    full_mask = torch.cat([mask, torch.ones_like(mask)], dim=1)
+    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    results = []
+    for compiled in (False, True):
+        if not compiled:
+            monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: None)
+        else:
+            monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: {"backend": counter, "fullgraph": True, "dynamic": False})
+        cache = StaticCache(config=model.config, max_cache_len=3 * LONG)
+        with torch.no_grad():
+            first = model(ids, attention_mask=mask, position_ids=position_ids[:, :LONG], cache=cache).logits
+            second = model(ids, attention_mask=full_mask, position_ids=position_ids[:, LONG:], cache=cache).logits
+        results.append(torch.cat([first, second], dim=1))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(results[1], results[0], atol=ATOL, rtol=0)
+    sequential_prefill.compiled_token_step.cache_clear()
+
+
+def test_prefill_cache_then_generate_equals_generate():
+    """prefill_cache (one token embedded per step, only the last logits kept) leaves the cache generate would have."""
+    model = model_with("sequential")
+    ids = torch.randint(3, 256, (3, LONG))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, cache_implementation="static", **kwargs)
+    cache = StaticCache(config=model.config, max_cache_len=LONG + NEW)
+    logits = sequential_prefill.prefill_cache(model, ids[:, :-1], cache)
+    assert logits.shape == (3, 1, 256) and int(cache.get_seq_length()) == LONG - 1
+    torch.testing.assert_close(logits[:, 0], sequential_logits(model, ids[:, :-1])[:, -1], atol=ATOL, rtol=0)
+    assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
+
+
+def test_chunked_prefill_composes_with_sequential_prefill():
+    """models.chunked_prefill over the sequential path gives the tokens of a whole-batch sequential generate."""
+    model = model_with("sequential")
+    ids = torch.randint(3, 256, (5, LONG))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    expected = model_with("iterative", sequential_forward=True).generate(ids, **kwargs)
+    cache = StaticCache(config=model.config, max_cache_len=LONG + NEW)
+    prefill_in_chunks(model, ids[:, :-1], cache, chunk=2)
+    assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
+
+
+def test_auto_rule_picks_each_path():
+    num_iterations = NUM_ENCODERS + 1
+    big, small = prefill_modes.SEQUENTIAL_MIN_BATCH, prefill_modes.SEQUENTIAL_MIN_BATCH - 1
+    assert prefill_modes.choose_prefill("auto", big, num_iterations + 1, num_iterations) == "sequential"
+    assert prefill_modes.choose_prefill("auto", small, 2048, num_iterations) == "iterative"
+    assert prefill_modes.choose_prefill("auto", big, num_iterations, num_iterations) == "iterative"  # exact already
+    assert prefill_modes.choose_prefill("sequential", 1, 2, num_iterations) == "sequential"
+    assert prefill_modes.choose_prefill("iterative", 4096, 4096, num_iterations) == "iterative"
+
+
+def test_auto_in_the_model_dispatches_by_batch(monkeypatch):
+    """prefill="auto" runs a forward with a cache sequentially from SEQUENTIAL_MIN_BATCH sequences on, iteratively
+    below; without a cache (no prefill) always iteratively."""
+    monkeypatch.setattr(prefill_modes, "SEQUENTIAL_MIN_BATCH", 3)
+    calls = []
+    original = modeling_opt_llama.sequential_prefill
+    monkeypatch.setattr(modeling_opt_llama, "sequential_prefill", lambda model, embeds, *a, **k: calls.append(embeds.shape[0]) or original(model, embeds, *a, **k))
+    model = model_with("auto")
+    with torch.no_grad():
+        for batch in (2, 3):
+            model(torch.randint(3, 256, (batch, LONG)), cache=DynamicCache(config=model.config), use_cache=True)
+        model(torch.randint(3, 256, (3, LONG)), use_cache=False)
+    assert calls == [3]
+
+
+def test_bad_prefill_value_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match=r"^prefill: 'fast'; allowed values are iterative, sequential, auto$"):
+        OptLlamaConfig(prefill="fast")
+    config = tiny_config(prefill="auto")
+    config.save_pretrained(tmp_path)
+    assert OptLlamaConfig.from_pretrained(tmp_path).prefill == "auto"
