@@ -30,7 +30,7 @@ from models import PACKED_SDPA, SPLIT_KV  # import models registers opt-llama an
 from models import cli as shared
 from models.chunked_prefill import prefill_in_chunks
 from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, parse_int_list, parse_size, run_cli
-from models.measure import StepTimer, baseline_name
+from models.measure import CompiledStepTimer, StepTimer, baseline_name, load_config
 from models.prefill_modes import PREFILL_MODES, choose_prefill
 from models.sequential_prefill import compiled_token_step, prefill_cache
 
@@ -88,12 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--offload: not with --compile (a captured decode step cannot move the cache between devices)")
     if not 1 <= args.start_batch <= args.max_batch:
         p.error(f"--start_batch: {args.start_batch}; allowed values are 1 to --max_batch ({args.max_batch})")
-    if not 0 <= args.prefill_sample < args.prompt_len // 2:
-        p.error(f"--prefill_sample: {args.prefill_sample}; allowed values are 0 to prompt_len / 2 - 1 ({args.prompt_len // 2 - 1})")
-    bad = [mode for mode in args.prefill.split(",") if mode not in PREFILL_MODES]
-    if bad:
-        p.error(f"--prefill: {bad[0]}; allowed values are {', '.join(PREFILL_MODES)} (comma-separated)")
-    args.prefill_modes = args.prefill.split(",")
     check_args(args)
     args.steps = args.steps or args.gen_len
     return args
@@ -104,6 +98,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("prompt_len", "gen_len", "max_batch", "start_batch"):
         check_range(f"--{flag}", getattr(args, flag), minimum=1)
     check_range("--steps", args.steps, minimum=1, maximum=args.gen_len)
+    check_range("--prefill_sample", args.prefill_sample, minimum=0, maximum=args.prompt_len // 2 - 1)
+    args.prefill_modes = args.prefill.split(",")
+    shared.check_choices("--prefill", args.prefill_modes, PREFILL_MODES)
     check_range("--prefill_chunk", args.prefill_chunk, minimum=0)
     check_range("--resolution", args.resolution, minimum=0, maximum=1)
     if args.batches is not None:
@@ -117,11 +114,6 @@ def check_args(args: argparse.Namespace) -> None:
         shared.check_output_dir("--output_dir", args.output_dir)
 
 
-def load_config(path: str, total_len: int) -> PretrainedConfig:
-    """The config of ``--configs`` entry ``path``, with room for ``total_len`` positions."""
-    config = shared.load_config("--configs", path)
-    config.max_position_embeddings = max(config.max_position_embeddings, total_len)
-    return config
 
 
 def num_kv_layers(config: PretrainedConfig) -> int:
@@ -193,49 +185,6 @@ class RunResult:
     mean_step_ms: float = 0.0  # mean decode step over gen_len: the mean of start and end, or step_ms when all steps ran
     e2e_s: float = 0.0  # prefill + gen_len - 1 decode steps (extrapolated when --steps < --gen_len)
     e2e_throughput: float = 0.0  # batch * gen_len / e2e_s
-
-
-class CompiledStepTimer:
-    """Times each call of the compiled decode forward that ``generate`` runs (``model._compiled_call``).
-
-    ``generate``'s per-step wall time also holds its Python loop (logits processors, sampling, stopping
-    criteria, the streamer); this isolates the CUDA-graph step to compare with the roofline. CUDA events on
-    a GPU (no extra synchronisation), wall time on a CPU. Use as a context manager around ``generate``; it
-    times nothing where ``generate`` compiled nothing (transformers compiles the decode step on CUDA only).
-    """
-
-    def __init__(self, model):
-        self.model, self.call, self.spans = model, getattr(model, "_compiled_call", None), []
-        self.cuda = model.device.type == "cuda"
-
-    def __enter__(self) -> "CompiledStepTimer":
-        if self.call is not None:
-            self.model._compiled_call = self  # transformers' get_compiled_call() hands back this attribute
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.call is not None:
-            self.model._compiled_call = self.call
-
-    def __call__(self, *args, **kwargs):
-        start = self._mark()
-        out = self.call(*args, **kwargs)
-        self.spans.append((start, self._mark()))
-        return out
-
-    def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def mean_ms(self) -> float | None:
-        """Mean milliseconds per call, the first (warm-up) call left out; None when nothing was compiled."""
-        if self.cuda and self.spans:
-            torch.cuda.synchronize(self.model.device)
-        spans = [start.elapsed_time(end) if self.cuda else 1e3 * (end - start) for start, end in self.spans[1:]]
-        return sum(spans) / len(spans) if spans else None
 
 
 def new_cache(model, args):

@@ -27,7 +27,7 @@ from models import PACKED_SDPA, SPLIT_KV
 from models.chunked_prefill import prefill_in_chunks
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import split_kv_sdpa_attention
-from test_latency import CompiledStepTimer, load_config
+from models.measure import CompiledStepTimer, load_config
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",

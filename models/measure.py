@@ -6,8 +6,10 @@ import time
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PretrainedConfig
 from transformers.generation.streamers import BaseStreamer
 
+from . import cli
 from .cache_streaming import SinkWindowCache
 
 
@@ -94,3 +96,53 @@ def measure_stream(model, input_ids: torch.Tensor, cache: SinkWindowCache, bucke
         peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
         ppl_by_position=ppl_by_position(nll, bucket),
     )
+
+
+class CompiledStepTimer:
+    """Times each call of the compiled decode forward that ``generate`` runs (``model._compiled_call``).
+
+    ``generate``'s per-step wall time also holds its Python loop (logits processors, sampling, stopping
+    criteria, the streamer); this isolates the CUDA-graph step to compare with the roofline. CUDA events on
+    a GPU (no extra synchronisation), wall time on a CPU. Use as a context manager around ``generate``; it
+    times nothing where ``generate`` compiled nothing (transformers compiles the decode step on CUDA only).
+    """
+
+    def __init__(self, model):
+        self.model, self.call, self.spans = model, getattr(model, "_compiled_call", None), []
+        self.cuda = model.device.type == "cuda"
+
+    def __enter__(self) -> "CompiledStepTimer":
+        if self.call is not None:
+            self.model._compiled_call = self  # transformers' get_compiled_call() hands back this attribute
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.call is not None:
+            self.model._compiled_call = self.call
+
+    def __call__(self, *args, **kwargs):
+        start = self._mark()
+        out = self.call(*args, **kwargs)
+        self.spans.append((start, self._mark()))
+        return out
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mean_ms(self) -> float | None:
+        """Mean milliseconds per call, the first (warm-up) call left out; None when nothing was compiled."""
+        if self.cuda and self.spans:
+            torch.cuda.synchronize(self.model.device)
+        spans = [start.elapsed_time(end) if self.cuda else 1e3 * (end - start) for start, end in self.spans[1:]]
+        return sum(spans) / len(spans) if spans else None
+
+
+def load_config(path: str, total_len: int) -> PretrainedConfig:
+    """The config of ``--configs`` entry ``path``, with room for ``total_len`` positions."""
+    config = cli.load_config("--configs", path)
+    config.max_position_embeddings = max(config.max_position_embeddings, total_len)
+    return config

@@ -129,5 +129,6 @@ def test_sequential_prefill_flag_gives_the_sequential_forward_text(tiny_files, c
 
 def test_bad_prefill_flag_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
-        run_generation.parse_args(["--prefill", "fast"])
-    assert "--prefill: invalid choice: 'fast'" in capsys.readouterr().err.strip().splitlines()[-1]
+        run_generation.main(["--prefill", "fast"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("run_generation.py: error: argument --prefill: invalid choice: 'fast'") and "\n" not in err

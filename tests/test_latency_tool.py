@@ -7,6 +7,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from models.cli import UsageError
+from models.measure import CompiledStepTimer
+
 from .conftest import CONFIGS, tiny_config, tiny_model
 
 sys.path.insert(0, str(CONFIGS.parent))
@@ -120,13 +123,13 @@ def test_compiled_step_timer_times_the_compiled_call_and_restores_it():
         return kwargs["step"]
 
     model = SimpleNamespace(_compiled_call=compiled_call, device=torch.device("cpu"))
-    with test_latency.CompiledStepTimer(model) as timer:
+    with CompiledStepTimer(model) as timer:
         assert [model._compiled_call(step=i) for i in range(3)] == [0, 1, 2]
     assert model._compiled_call is compiled_call and len(timer.spans) == 3
     assert 20 <= timer.mean_ms() < 200  # two timed calls (the first one is warm-up)
 
     uncompiled = SimpleNamespace(device=torch.device("cpu"))  # generate compiled nothing (CPU)
-    with test_latency.CompiledStepTimer(uncompiled) as timer:
+    with CompiledStepTimer(uncompiled) as timer:
         pass
     assert not hasattr(uncompiled, "_compiled_call") and timer.mean_ms() is None
 
@@ -162,8 +165,8 @@ def test_filled_cache_reports_its_length(configs):
 
 def test_bad_prefill_flag_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
-        test_latency.parse_args(["--prefill", "iterative,fast"])
-    assert "--prefill: fast; allowed values are iterative, sequential, auto" in capsys.readouterr().err.strip().splitlines()[-1]
+        test_latency.main(["--prefill", "iterative,fast"])
+    assert capsys.readouterr().err.strip() == "test_latency.py: error: --prefill: unknown 'fast'; allowed are auto, iterative, sequential"
 
 
 def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monkeypatch):
@@ -178,7 +181,7 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
     assert filled == [(0, 2), (9, 2)]  # start, then the end of the 11 prompt tokens before the last
     (run,) = out["models"]["test_tiny_opt"]["runs"]
     assert run["prefill_s"] > 0 and run["e2e_throughput"] > 0 and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="^--prefill_sample: 6; allowed"):
         test_latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
 
 
