@@ -1,92 +1,96 @@
 #!/usr/bin/env bash
-# Every GPU measurement and GPU test of this repository, in two parts that each fit a 10-minute call on a
-# machine with 2 GPUs (single-GPU work runs on one GPU each, in parallel; the scaling run uses both).
+# The GPU measurements of issues 16 (decode at the roofline) and 17 (end-to-end throughput), as run on 2026-11-26 on
+# ONE 80 GB H100, in calls that each fit 10 minutes (every step has its own time limit). The full plans, more than
+# one session's device time, are bench/gpu_issue16.sh and bench/gpu_issue17.sh.
 #
-#   bash bench/gpu_session.sh part1 OUT_DIR     # GPU tests, kernel/training bench, multi-GPU scaling
-#   bash bench/gpu_session.sh part2 OUT_DIR     # latency (stock, compiled, decode-heavy), kernel GPU tests
-#   bash bench/gpu_session.sh part3 OUT_DIR     # streaming perplexity and offloaded cache
-#   bash bench/gpu_session.sh part4 OUT_DIR     # not run yet: packed-GQA compiled decode, batch search, w4 config
+#   bash bench/gpu_session.sh call1 OUT   # split-KV kernel GPU tests; tinyllama pair, P2048+G2048, batch 1 and 512:
+#                                         # sdpa_split_kv (LCKV prefill sequential) vs sdpa_packed_gqa (LCKV iterative)
+#   bash bench/gpu_session.sh call2 OUT   # LLaMA-33B shape pair, P256+G768, each near its max batch (LCKV sequential
+#                                         # prefill); tinyllama with transformers' stock dynamic-cache generate
+#   bash bench/gpu_session.sh call3 OUT   # Llama-2-7B pair, P256+G768, near max batch; batch-1 decode-step profile
+#   bash bench/gpu_session.sh smoke OUT   # CPU: every step above on tiny configs (same code paths)
 #
-# part2 ran before test_latency defaulted to --attn_implementation sdpa_packed_gqa; its stock rows pin sdpa.
-#
-# Needs the embedded corpus in .cache/corpus (python -m corpus) for the streaming part. Each step writes its
-# log and results under OUT_DIR/<step>/, and everything is packed into OUT_DIR/results.tgz at the end.
+# Each step writes OUT/<step>/{log,latency.json,...}. Decode steps are timed on --steps tokens at the start and at
+# the end of the context and extrapolated over gen_len (latency.json: setting.extrapolation).
 set -uo pipefail
-part=${1:?part1 or part2}
-out=${2:-bench/results}
+part=${1:?call1, call2, call3 or smoke}
+out=${2:-bench/results/session}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-case "$gpu_name" in *H200*) hbm=4.8TB ;; *) hbm=3.35TB ;; esac
-echo "device: $gpu_name x $(nvidia-smi -L | wc -l), roofline bandwidth $hbm"
+py=${PYTHON:-python3}
 
-step() {  # step NAME GPU SECONDS CMD...: run CMD on GPU with a time limit, log to OUT/NAME/log
-    local name=$1 gpu=$2 limit=$3
-    shift 3
+if [ "$part" = smoke ]; then
+    for call in call1 call2 call3; do SMOKE=1 bash "$0" "$call" "$out"; done
+    exit 0
+fi
+if [ "${SMOKE:-0}" = 1 ]; then
+    $py - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+opt = json.loads(Path("configs/test_tiny_opt.json").read_text())
+lckv = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv", "force_nodiag", "iteration_style")
+llama = {k: v for k, v in opt.items() if k not in lckv} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+Path(sys.argv[1], "smoke_llama.json").write_text(json.dumps(llama))
+PY
+    TL=$out/smoke_llama.json TLO=configs/test_tiny_opt.json L33=$TL L33O=$TLO L7=$TL L7O=$TLO
+    P2K=(--prompt_len 12 --gen_len 8) P256=(--prompt_len 10 --gen_len 6) STEPS=(--steps 2) SAMPLE=(--prefill_sample 2)
+    CHUNK=(--prefill_chunk 1) TESTS=(tests/test_decode_attention.py -k "not generation")
+    B1_512=1,2 B33L=2 B33O=3 B7L=2 B7O=3 BSTOCK=2
+    dev=(--device cpu --attention_batches 1,2)
+    common=(--device cpu)
+else
+    TL=configs/tinyllama.json TLO=configs/tinyllama_opt.json L33=configs/llama33b.json L33O=configs/llama33b_opt.json
+    L7=configs/llama2_7b.json L7O=configs/llama2_7b_opt.json
+    P2K=(--prompt_len 2048 --gen_len 2048) P256=(--prompt_len 256 --gen_len 768) STEPS=(--steps 16) SAMPLE=(--prefill_sample 64)
+    CHUNK=(--prefill_chunk 64) TESTS=(tests/test_decode_attention_gpu.py)
+    # Max batches from `test_latency.py --plan --gpu_memory 80GB` (KV-bound: 33B 9 / 306, 7B 123 / 1,360 at 1,024
+    # tokens) less headroom for the captured step; a batch that does not fit is recorded as {"oom": true} and the next
+    # one in the list runs.
+    B1_512=1,512 B33L=8,6 B33O=272,200 B7L=112,96 B7O=1216,1024 BSTOCK=256
+    gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    case "$gpu_name" in *H200*) hbm=4.8TB ;; *) hbm=3.35TB ;; esac
+    echo "device: $gpu_name, roofline bandwidth $hbm"
+    dev=()
+    common=(--hbm_bandwidth "$hbm")
+fi
+
+step() {  # step NAME SECONDS CMD...: CMD with a time limit, log to OUT/NAME/log
+    local name=$1 limit=$2
+    shift 2
     mkdir -p "$out/$name"
     local start=$SECONDS
-    CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" "$@" >"$out/$name/log" 2>&1
-    local rc=$?
-    echo "=== $name (gpu $gpu): rc=$rc in $((SECONDS - start)) s: $*"
+    timeout "$limit" "$@" >"$out/$name/log" 2>&1
+    echo "=== $name: rc=$? in $((SECONDS - start)) s"
     grep -v -E "it/s\]|s/it\]" "$out/$name/log" | tail -n 4
 }
 
+lat() {  # lat NAME SECONDS ARGS...: test_latency.py, JSON under OUT/NAME
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$py" test_latency.py "$@" "${common[@]}" --output_dir "$out/$name"
+}
+
 case "$part" in
-part1)
-    {
-        step gpu_tests 0 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py tests/test_static_cache.py
-        step kernels_tinyllama 0 200 python -m bench.bench_kernels --steps 6 --output_dir "$out/kernels_tinyllama"
-    } &
-    {
-        step kernels_llama_tiny 1 100 python -m bench.bench_kernels --configs configs/llama_tiny.json configs/llama_tiny_opt.json \
-            --batch_size 16 --block_size 1024 --steps 10 --output_dir "$out/kernels_llama_tiny"
-    } &
-    wait
-    step multi_gpu 0,1 230 python -m bench.bench_multi_gpu --output_dir "$out/multi_gpu"
+call1)
+    step gpu_kernel_tests 110 "$py" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+    LCKV_FLASH_ATTN=1 lat tinyllama_split_kv 280 --configs "$TL" "$TLO" --compile --attn_implementation sdpa_split_kv \
+        --prefill sequential "${CHUNK[@]}" "${P2K[@]}" "${STEPS[@]}" --batches "$B1_512"
+    LCKV_FLASH_ATTN=1 lat tinyllama_packed 190 --configs "$TL" "$TLO" --compile --attn_implementation sdpa_packed_gqa \
+        --prefill iterative "${CHUNK[@]}" "${P2K[@]}" "${STEPS[@]}" --batches "$B1_512"
     ;;
-part2)
-    {
-        step latency_stock 0 170 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
-            --attn_implementation sdpa --cache dynamic --steps 32 --batches 1,256 --hbm_bandwidth "$hbm" --output_dir "$out/latency_stock"
-        step latency_compiled 0 230 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
-            --compile --prefill_chunk 32 --steps 64 --batches 1,128 --hbm_bandwidth "$hbm" --output_dir "$out/latency_compiled"
-    } &
-    {
-        step latency_decode_heavy 1 220 python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json \
-            --compile --prefill_chunk 128 --prompt_len 128 --gen_len 2048 --steps 128 --batches 1024 \
-            --hbm_bandwidth "$hbm" --output_dir "$out/latency_decode_heavy"
-        step gpu_kernel_tests 1 150 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py
-    } &
-    wait
+call2)
+    lat llama33b_llama 200 --configs "$L33" --compile "${P256[@]}" "${STEPS[@]}" --batches "$B33L"
+    lat llama33b_lckv 250 --configs "$L33O" --compile --prefill sequential "${P256[@]}" "${STEPS[@]}" --batches "$B33O"
+    lat tinyllama_stock 110 --configs "$TL" --attn_implementation sdpa --cache dynamic "${P2K[@]}" "${STEPS[@]}" --batches "$BSTOCK"
     ;;
-part3)  # streaming and offloading (each about 3 minutes)
-    step streaming 0 200 python -m bench.bench_streaming --train_steps 400 --output_dir "$out/streaming" &
-    step offload 1 200 python -m bench.bench_offload --batch_sizes 16 --gen_len 64 --output_dir "$out/offload" &
-    wait
-    ;;
-part4)  # not run yet: compiled decode on the packed-GQA SDPA (default), near-KV-bound batches, the w4 config
-    # LCKV's prefill (9 block iterations, about 16k tokens/s measured at batch 128) makes a full search at prompt
-    # 2048 too long for one call, so the large batches come from --plan (80 GB): about 0.9x of the KV bound.
-    {
-        LCKV_FLASH_ATTN=1 step latency_compiled_packed 0 290 python test_latency.py --configs configs/tinyllama.json \
-            configs/tinyllama_opt.json --compile --prefill_chunk 64 --steps 32 --batches 1,128,512 \
-            --hbm_bandwidth "$hbm" --output_dir "$out/latency_compiled_packed"
-        step latency_stock_search 0 250 python test_latency.py --configs configs/tinyllama.json --attn_implementation sdpa \
-            --cache dynamic --steps 32 --start_batch 256 --max_batch 2048 --resolution 0.25 --hbm_bandwidth "$hbm" \
-            --output_dir "$out/latency_stock_search"
-    } &
-    {
-        LCKV_FLASH_ATTN=1 step latency_decode_heavy_w4 1 290 python test_latency.py --configs configs/tinyllama.json \
-            configs/tinyllama_opt.json configs/tinyllama_opt_w4.json --compile --prefill_chunk 256 --prompt_len 128 \
-            --gen_len 2048 --steps 64 --batches 1,1024,1400,3500,10000 --hbm_bandwidth "$hbm" \
-            --output_dir "$out/latency_decode_heavy_w4"
-        step offload_batch1 1 250 python -m bench.bench_offload --batch_sizes 1 16 --gen_len 64 --output_dir "$out/offload_b1"
-    } &
-    wait
+call3)
+    lat llama2_7b_llama 150 --configs "$L7" --compile "${CHUNK[@]}" "${P256[@]}" "${STEPS[@]}" --batches "$B7L"
+    lat llama2_7b_lckv 250 --configs "$L7O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" --batches "$B7O"
+    step profile_b1 150 "$py" -m bench.profile_decode --configs "$TL" "$TLO" --attn_implementation sdpa_split_kv \
+        "${P2K[@]}" --steps 8 "${dev[@]}" --output_dir "$out/profile_b1"
     ;;
 *)
-    echo "part: $part; allowed values are part1, part2, part3, part4" >&2
+    echo "part: $part; allowed values are call1, call2, call3, smoke" >&2
     exit 2
     ;;
 esac
-tar -czf "$out/results.tgz" -C "$out" --exclude results.tgz .
