@@ -294,8 +294,9 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     if args.compile:  # compile and capture the decode step of this batch size; a 1-token prompt gives the same shapes
         warm_prompt = 4 if prefill_path == "sequential" else 1  # and the sequential prefill's step (warm-up, record, replay)
         with tqdm(total=3, desc=f"{desc} compile b={batch}", leave=False) as bar:
-            timer, _, start = generate_once(model, args, batch, 3, bar, prompt_len=warm_prompt)
+            timer, warm_cache, start = generate_once(model, args, batch, 3, bar, prompt_len=warm_prompt)
         compile_s = timer.times[-1] - start
+        del warm_cache  # freed before the measured run allocates its own (two caches need not fit)
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
     with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar, CompiledStepTimer(model) as step_timer:
@@ -307,8 +308,9 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     end_ms = None
     if args.steps < args.gen_len:  # the same steps with the context near its end
         with tqdm(total=args.steps, desc=f"{desc} b={batch} end", leave=False) as bar:
-            end_timer, _, _ = generate_once(model, args, batch, args.steps, bar, 1, context=args.prompt_len + args.gen_len - args.steps - 1)
+            end_timer, end_cache, _ = generate_once(model, args, batch, args.steps, bar, 1, context=args.prompt_len + args.gen_len - args.steps - 1)
         end_ms = step_ms(end_timer)
+        del end_cache
     mean_ms, e2e_s = extrapolate(times[1] - start, step_ms(timer), end_ms, args.gen_len)
     return RunResult(
         batch=batch,

@@ -63,8 +63,11 @@ def build_masks(
     cache: Cache | None,
     position_ids: torch.Tensor,
     mask_sizing: dict[str, int],
+    allow_is_causal_skip: bool = True,
 ) -> dict[str, object]:
-    """One mask per kind in ``mask_sizing`` (kind -> the cache layer that sizes it), in the attention backend's format."""
+    """One mask per kind in ``mask_sizing`` (kind -> the cache layer that sizes it), in the attention backend's format.
+
+    ``allow_is_causal_skip=False`` always materialises the masks (SDPA may otherwise leave a plain causal one out)."""
     kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
     plain_prefill = kernels.fast_strict_mask() and is_plain_prefill(attention_mask, cache, inputs_embeds.shape[1])
     masks = {}
@@ -75,7 +78,9 @@ def build_masks(
             continue
         create = create_sliding_window_causal_mask if window else create_causal_mask
         layer_idx = sizing_layer if cache is not None and sizing_layer < len(cache.layers) else None
-        masks[kind] = create(**kwargs, and_mask_function=strictly_earlier if strict else None, layer_idx=layer_idx)
+        masks[kind] = create(
+            **kwargs, and_mask_function=strictly_earlier if strict else None, layer_idx=layer_idx, allow_is_causal_skip=allow_is_causal_skip
+        )
     return masks
 
 

@@ -438,11 +438,13 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids: token id {bad} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}")
 
 
-def lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length, mask_sizing: dict[str, int]) -> dict:
+def lckv_masks(
+    config, inputs_embeds, attention_mask, cache, position_ids, past_length, mask_sizing: dict[str, int], allow_is_causal_skip: bool = True
+) -> dict:
     """The masks of every kind the layers use (see ``masks.layer_mask_kinds``) and, when some layer is strict,
     ``visible`` ``(B, T, 1)``."""
     batch_size, query_length = inputs_embeds.shape[:2]
-    masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, mask_sizing)
+    masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, mask_sizing, allow_is_causal_skip)
     if any(is_strict_kind(kind) for kind in mask_sizing):
         masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
     return masks

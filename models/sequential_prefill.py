@@ -26,6 +26,8 @@ from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from . import modeling_opt_llama as modeling
 from .prefill_modes import PREFILL_MODES, choose_prefill
 
+MASK_CHUNK = 64  # prompt tokens whose one-step masks are cut from one mask build (static caches)
+
 
 def uses_sequential_prefill(config, batch_size: int, query_length: int, cache: Cache | None) -> bool:
     """Whether a no-grad forward of ``query_length > 1`` tokens runs token by token."""
@@ -95,11 +97,20 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
         attention_mask = None
     if attention_mask is None:  # a static cache must mask its empty slots, so the mask is never left out
         attention_mask = torch.ones(batch_size, past_length + query_length, dtype=torch.long, device=inputs_embeds.device)
-    for t in range(query_length):
-        yield modeling.lckv_masks(
-            model.config, inputs_embeds[:, t : t + 1], attention_mask[:, : past_length + t + 1], cache,
-            position_ids[:, t : t + 1], past_length + t, model.mask_sizing,
+    # A static cache's masks span all its slots, so the rows of MASK_CHUNK tokens come from one build (the per-step
+    # Python cost of building masks would otherwise dominate small batches); a dynamic cache grows each step.
+    chunk = MASK_CHUNK if getattr(cache, "is_compileable", False) else 1
+    for start in range(0, query_length, chunk):
+        stop = min(start + chunk, query_length)
+        masks = modeling.lckv_masks(
+            model.config, inputs_embeds[:, start:stop], attention_mask[:, : past_length + stop], cache,
+            position_ids[:, start:stop], past_length + start, model.mask_sizing, allow_is_causal_skip=chunk == 1,
         )
+        if stop - start == 1:
+            yield masks
+        else:
+            for row in range(stop - start):
+                yield {name: mask_row(mask, row) for name, mask in masks.items()}
 
 
 def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length: int, attention_mask, position_ids: torch.Tensor,
