@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -335,7 +336,11 @@ def try_run(model, args, batch: int, desc: str) -> RunResult | None:
     """``run``, or None when the batch does not fit in memory (the memory is released)."""
     try:
         return run(model, args, batch, desc)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as error:
+        # Where it ran out, for sizing batches: the innermost frames of this repository and the memory in use then.
+        frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_tb(error.__traceback__) if "site-packages" not in f.filename]
+        in_use = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+        tqdm.write(f"{desc} b={batch}: out of memory in {' > '.join(frames[-4:])} ({in_use:.1f} GB allocated)")
         return None
     finally:
         gc.collect()

@@ -9,7 +9,8 @@
 #                                         # prefill masks built per 64 tokens); batch-1 decode-step profile
 #   bash bench/gpu_session.sh call3 OUT   # LLaMA-33B shape pair, P256+G768, each near its max batch (LCKV sequential
 #                                         # prefill); tinyllama with transformers' stock dynamic-cache generate
-#   bash bench/gpu_session.sh call4 OUT   # Llama-2-7B pair, P256+G768, near max batch
+#   bash bench/gpu_session.sh call4 OUT   # LLaMA-33B LCKV at smaller batches (call3's 272 and 200 ran out of memory);
+#                                         # Llama-2-7B pair, P256+G768
 #   bash bench/gpu_session.sh smoke OUT   # CPU: every step above on tiny configs (same code paths)
 #
 # Each step writes OUT/<step>/{log,latency.json,...}. Decode steps are timed on --steps tokens at the start and at
@@ -37,7 +38,7 @@ PY
     TL=$out/smoke_llama.json TLO=configs/test_tiny_opt.json L33=$TL L33O=$TLO L7=$TL L7O=$TLO
     P2K=(--prompt_len 12 --gen_len 8) P256=(--prompt_len 10 --gen_len 6) STEPS=(--steps 2) SAMPLE=(--prefill_sample 2)
     CHUNK=(--prefill_chunk 1) TESTS=(tests/test_decode_attention.py -k "not generation")
-    B1_512=1,2 B512=2 B33L=2 B33O=3 B7L=2 B7O=3 BSTOCK=2
+    B1_512=1,2 B512=2 B33L=2 B33O=3 B33S=2 B7L=2 B7O=3 BSTOCK=2
     dev=(--device cpu --attention_batches 1,2)
     common=(--device cpu)
 else
@@ -48,7 +49,7 @@ else
     # Max batches from `test_latency.py --plan --gpu_memory 80GB` (KV-bound: 33B 9 / 306, 7B 123 / 1,360 at 1,024
     # tokens) less headroom for the captured step; a batch that does not fit is recorded as {"oom": true} and the next
     # one in the list runs.
-    B1_512=1,512 B512=512 B33L=8,6 B33O=272,200 B7L=112,96 B7O=1216,1024 BSTOCK=256
+    B1_512=1,512 B512=512 B33L=8,6 B33O=272,200 B33S=128,64 B7L=112,96 B7O=1024,512 BSTOCK=256
     gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     case "$gpu_name" in *H200*) hbm=4.8TB ;; *) hbm=3.35TB ;; esac
     echo "device: $gpu_name, roofline bandwidth $hbm"
@@ -92,8 +93,9 @@ call3)
     lat tinyllama_stock 110 --configs "$TL" --attn_implementation sdpa --cache dynamic "${P2K[@]}" "${STEPS[@]}" --batches "$BSTOCK"
     ;;
 call4)
-    lat llama2_7b_llama 150 --configs "$L7" --compile "${CHUNK[@]}" "${P256[@]}" "${STEPS[@]}" --batches "$B7L"
-    lat llama2_7b_lckv 250 --configs "$L7O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" --batches "$B7O"
+    lat llama33b_lckv_small 190 --configs "$L33O" --compile --prefill sequential "${P256[@]}" "${STEPS[@]}" --batches "$B33S"
+    lat llama2_7b_llama 110 --configs "$L7" --compile "${CHUNK[@]}" "${P256[@]}" "${STEPS[@]}" --batches "$B7L"
+    lat llama2_7b_lckv 190 --configs "$L7O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" --batches "$B7O"
     ;;
 *)
     echo "part: $part; allowed values are call1, call2, call3, call4, smoke" >&2
