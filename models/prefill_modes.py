@@ -6,13 +6,11 @@ the prompt token by token (``models.sequential_prefill``); ``"auto"`` picks the 
 
 PREFILL_MODES = ("iterative", "sequential", "auto")
 
-# "auto" rule (provisional, from arithmetic; to be replaced by the GPU crossover, see README). The iterative prefill
-# is compute-bound and costs about k = 8 times a Llama's FLOPs; a sequential step costs the larger of one pass over
-# the weights (bandwidth) and the batch's compute for one token. Sequential wins when B * F / R > floor / k, which
-# for bf16 weights is B > R / (k * bandwidth) = 990 TFLOP/s / (8 * 3.35 TB/s) ~ 37 on an H100, more where the step
-# has a launch floor above the weight read (small models). Prompts no longer than the iterations are exact
-# iteratively and cost at most T passes, so they stay iterative.
-SEQUENTIAL_MIN_BATCH = 64
+# "auto" rule, from the crossover measured on an 80 GB H100 (tinyllama shape, prompt 2048, bf16, README "Exact
+# prefill"): the iterative prefill costs ~95 ms per sequence (48.9 s at batch 512, 0.25 s at batch 1); the sequential
+# one ~20.5 s at batch 1 (host-bound steps) and at batch 512 (GPU-bound steps), so sequential wins from ~215
+# sequences. Prompts no longer than the iterations are exact iteratively and cost at most T passes: iterative.
+SEQUENTIAL_MIN_BATCH = 256
 
 
 def check_prefill_mode(value: str) -> None:
