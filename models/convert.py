@@ -11,7 +11,6 @@ express is a one-line error and nothing is written:
 * the published ``opt-llama`` layout string has one target read from below and no sliding windows.
 """
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from .cli import ArgumentParser, UsageError, run_cli
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .layer_layouts import published_layout
 
@@ -77,17 +77,21 @@ def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> 
         staged.rename(destination)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n\n")[0])
+def convert_main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", metavar="SRC", help="checkpoint directory (opt-llama or lckv-llama)")
     parser.add_argument("destination", metavar="DST", help="new directory for the converted checkpoint")
     parser.add_argument("--to", required=True, choices=sorted(FORMATS), help="target format")
     args = parser.parse_args(argv)
     try:
         convert_checkpoint(args.source, args.destination, args.to)
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # a format that cannot express the model, a missing or existing path
+        raise UsageError(str(error)) from None
     print(f"wrote {args.destination} ({args.to})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(convert_main, argv, prog="python -m models.convert")
 
 
 if __name__ == "__main__":

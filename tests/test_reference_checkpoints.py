@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
+from models import convert
 from models.convert import convert_checkpoint
 
 from .conftest import REPO
@@ -183,3 +184,16 @@ def test_convert_between_formats_keeps_the_function(case, to, tmp_path):
     assert converted.config.model_type == to
     with torch.no_grad():
         torch.testing.assert_close(converted(reference["ids"]).logits, model(reference["ids"]).logits, atol=0, rtol=0)
+
+
+def test_convert_cli_errors_are_one_line(tmp_path, capsys):
+    """The command refuses what the target format cannot say with one line and exit status 2, writing nothing."""
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main([str(case_dir("lckv-llama/main_cla")), str(tmp_path / "out"), "--to", "opt-llama"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m models.convert: error: kv_sources: [0, 0, 2, 2, 4, 4] shares the KVs of 3 layers") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        convert.main([str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "lckv-llama"])
+    assert "error: SRC: " in capsys.readouterr().err
