@@ -203,9 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep each KV layer on the CPU between uses (transformers' offloaded cache, offloaded_static with "
                         "--static_cache); CUDA only")
     parser.add_argument("--sequential_forward", action="store_true", help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree")
-    parser.add_argument("--prefill", choices=PREFILL_MODES, default="auto",
-                        help="LCKV prompt prefill (config.prefill): iterative, sequential (token by token, exact) or auto "
-                        "(the cheaper one for the batch and prompt length; default); ignored for Llama")
+    parser.add_argument("--prefill", choices=PREFILL_MODES, default=None,
+                        help="LCKV prompt prefill (sets config.prefill; default: the checkpoint's own): iterative, sequential "
+                        "(token by token, exact) or auto (the cheaper one for the batch and prompt length); ignored for Llama")
     return parser.parse_args(argv)
 
 
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     config = load_config(args)
     if args.sequential_forward:
         set_sequential(config, "--sequential_forward")
-    if isinstance(config, OptLlamaConfig):
+    if args.prefill is not None and isinstance(config, OptLlamaConfig):
         config.prefill = args.prefill
     tokenizer = load_tokenizer(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
         same = results["cache"]["text"] == results["no_cache"]["text"]
         speedup = results["cache"]["tokens_per_s"] / results["no_cache"]["tokens_per_s"]
         print(f"[compare] cache is {speedup:.2f}x faster; same text: {'yes' if same else 'no'}", file=sys.stderr)
-        if not same and model.config.model_type == "opt-llama" and not args.sequential_forward:
+        if not same and isinstance(model.config, OptLlamaConfig) and not args.sequential_forward:
             print("[compare] LCKV: the no-cache forward is exact only for num_encoders + 1 tokens; use --sequential_forward", file=sys.stderr)
     return results
 

@@ -27,7 +27,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
-from models import PACKED_SDPA, SPLIT_KV  # import models registers opt-llama and both decoding attentions
+from models import (  # import models registers opt-llama and both decoding attentions
+    PACKED_SDPA,
+    SPLIT_KV,
+    OptLlamaConfig,
+)
 from models import cli as shared
 from models.chunked_prefill import prefill_in_chunks
 from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, parse_int_list, parse_size, run_cli
@@ -383,7 +387,7 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
     """One entry per LCKV prefill mode (``name:mode`` when several), one for a Llama."""
     config = load_config(path, args.prompt_len + args.gen_len)
     model = build_model(config, args, dtype)
-    modes = args.prefill_modes if config.model_type == "opt-llama" else [None]
+    modes = args.prefill_modes if isinstance(config, OptLlamaConfig) else [None]
     out = {}
     for mode in modes:
         name = Path(path).stem if len(modes) == 1 else f"{Path(path).stem}:{mode}"

@@ -20,6 +20,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, HfArgumentParser, PretrainedConfig
 
+from .config_checks import check_shape_fields
 from .configuration_opt_llama import OptLlamaConfig
 from .kernels.flags import FLAGS, flag_enabled
 
@@ -251,30 +252,6 @@ def check_source(flag: str, source: str, required_file: str | None = None) -> No
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise UsageError(f"{flag}: {source} does not exist locally, and offline (HF_HUB_OFFLINE=1) it cannot be a hub id; "
                          "allowed is a local path")
-
-
-POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                   "vocab_size", "max_position_embeddings", "head_dim")
-
-
-def check_shape_fields(fields: Mapping[str, Any]) -> None:
-    """The shape fields every decoder config shares are positive integers, and the heads split evenly.
-
-    Checked on the raw config dict, before a config class divides by them (transformers' Llama config does not check).
-    Raises ValueError naming the field, the value and what is allowed.
-    """
-    for name in POSITIVE_FIELDS:
-        value = fields.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name}: {value!r}; allowed values are integers >= 1")
-    heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
-    if heads and kv_heads and heads % kv_heads:
-        raise ValueError(f"num_key_value_heads: {kv_heads} does not divide num_attention_heads={heads}; "
-                         "allowed are its divisors")
-    hidden = fields.get("hidden_size")
-    if heads and hidden and fields.get("head_dim") is None and hidden % heads:
-        raise ValueError(f"num_attention_heads: {heads} does not divide hidden_size={hidden}; allowed are its divisors "
-                         "(or give head_dim)")
 
 
 def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = None, overrides_flag: str = "--config_overrides",

@@ -23,6 +23,7 @@ are then saved explicitly.
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from .config_checks import POSITIVE_FIELDS, check_shape_fields
 from .layer_layouts import (
     default_published_layout,
     lckv_layout,
@@ -35,28 +36,6 @@ from .layer_plan import layer_plan, strict_layers, window_cached_layers
 from .prefill_modes import check_prefill_mode
 
 ITERATION_STYLES = ("current", "previous")
-POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
-
-
-def check_positive(config: LlamaConfig, names: tuple[str, ...]) -> None:
-    """Every named field that is set is an integer >= 1."""
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name}: {value!r}; allowed values are integers >= 1")
-
-
-def check_attention_shape(config: LlamaConfig) -> None:
-    """The head counts and sizes the attention divides and reshapes by."""
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    if heads % kv_heads:
-        raise ValueError(f"num_key_value_heads: {kv_heads} does not divide num_attention_heads={heads}; allowed are divisors of {heads}")
-    if head_dim % 2:
-        raise ValueError(f"head_dim: {head_dim} is odd; allowed are even sizes (rotary embeddings rotate pairs)")
-    if config.hidden_size % heads:
-        raise ValueError(f"hidden_size: {config.hidden_size} is not a multiple of num_attention_heads={heads}; allowed are multiples of {heads}")
-
-
 @strict
 class OptLlamaConfig(LlamaConfig):
     r"""Llama configuration plus the LCKV fields (model_type ``opt-llama``).
@@ -108,7 +87,7 @@ class OptLlamaConfig(LlamaConfig):
     iteration_style: str | None = None
 
     def __post_init__(self, **kwargs):
-        check_positive(self, POSITIVE_FIELDS + ("num_key_value_heads", "head_dim"))
+        check_shape_fields(self.shape_fields())
         layout = self.layer_types if isinstance(self.layer_types, str) else None
         self.adopt_layout(layout)
         if self.sliding_window_layers is None:
@@ -117,7 +96,10 @@ class OptLlamaConfig(LlamaConfig):
         self.validate_lckv()
         self.layer_types = self.cache_layer_types
         super().__post_init__(**kwargs)
-        check_attention_shape(self)
+        check_shape_fields(self.shape_fields())  # again with the head dim and KV heads transformers derived
+
+    def shape_fields(self) -> dict:
+        return {name: getattr(self, name, None) for name in POSITIVE_FIELDS}
 
     def adopt_layout(self, layout: str | None) -> None:
         """Take a ``layer_types`` string in this format's syntax and settle the semantics defaults."""
@@ -166,6 +148,15 @@ class OptLlamaConfig(LlamaConfig):
         if self.iteration_style == "previous" and not self.force_nodiag:
             # A target reading the previous iteration's KV of its own token would need more iterations than tokens.
             raise ValueError("iteration_style: 'previous' needs force_nodiag=True (the published code's combination); allowed with force_nodiag=False is 'current'")
+
+    def to_dict(self) -> dict:
+        """The published format: the layout string under its published name ``layer_types`` (with ``force_nodiag``
+        and ``iteration_style`` always written, so the published-format defaults never apply to a saved config)."""
+        fields = super().to_dict()
+        layout = fields.pop("lckv_layer_types", None)
+        if self.kv_sources is None and layout is not None:
+            fields["layer_types"] = layout
+        return fields
 
     @property
     def layer_kv_sources(self) -> list[int]:

@@ -16,9 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from transformers import AutoConfig
-
-from .cli import ArgumentParser, UsageError, run_cli
+from .cli import ArgumentParser, UsageError, as_opt_llama, load_config, run_cli
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .layer_layouts import published_layout
 
@@ -68,7 +66,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> 
         raise ValueError(f"SRC: {source} has no config.json; allowed is a checkpoint directory")
     if destination.exists():
         raise ValueError(f"DST: {destination} exists; allowed is a new path")
-    config = converted_config(AutoConfig.from_pretrained(source), to)
+    config = converted_config(as_opt_llama(load_config("SRC", str(source))), to)  # a Llama is every layer standard
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
         staged = Path(staging) / "checkpoint"

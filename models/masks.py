@@ -14,7 +14,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from . import kernels
 
-STRICT, CAUSAL, WINDOW, WINDOW_CACHE = "strict", "causal", "_window", "_window_cache"
+# Kind names: "causal" / "strict", "+window" for a sliding-window layer, "@window_cache" when it reads a window-only cache.
+STRICT, CAUSAL, WINDOW, WINDOW_CACHE = "strict", "causal", "+window", "@window_cache"
 
 
 def strictly_earlier(batch_idx: int, head_idx: int, q_idx: int, kv_idx: int) -> bool:
@@ -27,12 +28,12 @@ def layer_mask_kinds(
 ) -> tuple[list[str], dict[str, int]]:
     """Each layer's mask kind, and for each kind the layer whose cache sizes it.
 
-    A kind is ``causal`` or ``strict``, plus ``_window`` for a sliding-window layer, plus ``_window_cache`` when the
+    A kind is ``causal`` or ``strict``, plus ``+window`` for a sliding-window layer, plus ``@window_cache`` when the
     layer it reads keeps only the window in its cache (transformers' ``sliding_attention`` cache layer).
 
     >>> layer_mask_kinds([0, 4, 4, 4, 4, 5], [False, True, True, True, False, False], [0, 5],
     ...                  ["sliding_attention", "full_attention", "full_attention", "full_attention", "full_attention", "sliding_attention"])
-    (['causal_window_window_cache', 'strict', 'strict', 'strict', 'causal', 'causal_window_window_cache'], {'causal_window_window_cache': 0, 'strict': 4, 'causal': 4})
+    (['causal+window@window_cache', 'strict', 'strict', 'strict', 'causal', 'causal+window@window_cache'], {'causal+window@window_cache': 0, 'strict': 4, 'causal': 4})
     """
     windows = set(window_layers)
     kinds, sizing = [], {}
@@ -47,6 +48,11 @@ def layer_mask_kinds(
 
 def is_strict_kind(kind: str) -> bool:
     return kind.startswith(STRICT)
+
+
+def reads_window_cache(kind: str) -> bool:
+    """The kind's keys come from a window-only cache layer, whose key count depends on the number of queries."""
+    return kind.endswith(WINDOW_CACHE)
 
 
 def is_plain_prefill(attention_mask: torch.Tensor | None, cache: Cache | None, query_length: int) -> bool:

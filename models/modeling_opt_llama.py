@@ -185,10 +185,14 @@ class OptLlamaDecoderLayer(GradientCheckpointingLayer):
 
 
 class LayerOutputTap(nn.Module):
-    """Identity the model calls once per layer output it reports, so transformers' output capturing records exactly
-    those: the iterations call the block's layers several times, and only the final call of each layer counts."""
+    """Identity the model calls once per layer with that layer's final input, output and attention weights, so
+    transformers' output capturing records exactly those: the iterations call the block's layers several times, and
+    only the final call of each layer counts. As for a Llama layer, the first call's input (the embeddings) is recorded
+    as the initial hidden state."""
 
-    def forward(self, hidden_states: torch.Tensor, attn_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, layer_input: torch.Tensor, hidden_states: torch.Tensor, attn_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return hidden_states, attn_weights
 
 
@@ -205,9 +209,9 @@ class OptLlamaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
-    # The model calls `layer_outputs` with the embeddings and each layer's final output (see LayerOutputTap).
+    # The model calls `layer_outputs` once per layer with its final input and output (see LayerOutputTap).
     _can_record_outputs = {
-        "hidden_states": OutputRecorder(LayerOutputTap, index=0, capture_initial_hidden_state=False),
+        "hidden_states": OutputRecorder(LayerOutputTap, index=0),
         "attentions": OutputRecorder(LayerOutputTap, index=1),
     }
 
@@ -217,7 +221,7 @@ class StackPass:
     """What one pass through the layer stack shares, and the KVs it carries from layer to layer.
 
     ``kv_store[j]`` holds layer ``j``'s KVs as its readers see them (cached + current tokens). ``reported`` collects,
-    when the caller asked for hidden states or attentions, the embeddings and each layer's final output.
+    when the caller asked for hidden states or attentions, each layer's final ``(input, output, attention weights)``.
     """
 
     layers: nn.ModuleList
@@ -238,6 +242,7 @@ class StackPass:
         """
         source = self.kv_sources[layer_idx]
         given = self.kv_store[source] if source != layer_idx or attend_carried else (None, None)
+        layer_input = hidden
         hidden, attn_weights, own_kv, new_kv = self.layers[layer_idx](
             hidden,
             *given,
@@ -252,7 +257,7 @@ class StackPass:
         if own_kv is not None:
             self.kv_store[layer_idx] = own_kv
         if self.reported is not None and not kv_only:
-            self.reported.append((hidden, attn_weights))
+            self.reported.append((layer_input, hidden, attn_weights))
         return hidden, new_kv
 
 
@@ -295,7 +300,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
         if inputs_embeds is None:
-            check_input_ids(input_ids, self.vocab_size)
+            check_input_ids(input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -317,8 +322,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             output, reported = sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs)
         else:
             output, reported = self._forward_parallel(inputs_embeds, attention_mask, position_ids, cache, past_length, reporting, **kwargs)
-        for hidden, attn_weights in reported or ():
-            self.layer_outputs(hidden, attn_weights)
+        for layer_input, hidden, attn_weights in reported or ():
+            self.layer_outputs(layer_input, hidden, attn_weights)
         return output
 
     def _reporting(self, kwargs: dict, sequential: bool) -> bool:
@@ -362,7 +367,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
             cache=cache,
             layer_kwargs=kwargs,
-            reported=[(inputs_embeds, None)] if reporting else None,
+            reported=[] if reporting else None,
         )
         hidden = inputs_embeds
         for layer_idx in plan.below:
@@ -432,10 +437,9 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids: shape {tuple(input_ids.shape)}; allowed are 2D (batch >= 1, length >= 1) tensors of token ids")
     if is_torchdynamo_compiling() or input_ids.device.type == "meta":
         return
-    low, high = input_ids.min().item(), input_ids.max().item()
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"input_ids: token id {bad} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}")
+    outside = (input_ids < 0) | (input_ids >= vocab_size)
+    if outside.any():  # one device-to-host read per forward
+        raise ValueError(f"input_ids: token id {input_ids[outside][0].item()} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}")
 
 
 def lckv_masks(

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 # `models.modeling_opt_llama` imports this module for its dispatch; the module object resolves while it loads and
 # its functions are looked up at call time.
 from . import modeling_opt_llama as modeling
+from .masks import reads_window_cache
 from .prefill_modes import PREFILL_MODES, choose_prefill
 
 MASK_CHUNK = 64  # prompt tokens whose one-step masks are cut from one mask build (static caches)
@@ -39,7 +40,9 @@ def uses_sequential_prefill(config, batch_size: int, query_length: int, cache: C
 def compile_options(device: torch.device, cache: Cache) -> dict | None:
     """``torch.compile`` arguments of the token step: CUDA graphs for a static, resident cache on CUDA; None (eager)
     otherwise (a dynamic cache changes shape every step; an offloaded one moves between devices)."""
-    if device.type == "cuda" and getattr(cache, "is_compileable", False) and not getattr(cache, "offloading", False):
+    # A static window-only layer branches on its fill level in Python: compiled, it would recompile every step.
+    windowed = any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+    if device.type == "cuda" and getattr(cache, "is_compileable", False) and not getattr(cache, "offloading", False) and not windowed:
         return {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
     return None
 
@@ -50,8 +53,8 @@ def token_step(model, inputs_embeds: torch.Tensor, masks: dict, position_ids: to
 
 
 def reported_token_step(model, inputs_embeds, masks, position_ids, cache, **kwargs) -> tuple[torch.Tensor, list]:
-    """``token_step`` that also returns the layer outputs the model reports (``output_hidden_states``): a list of
-    ``(hidden (B, 1, H), None)``, the embeddings first."""
+    """``token_step`` that also returns the layer outputs the model reports (``output_hidden_states``): per layer
+    ``(input (B, 1, H), output (B, 1, H), None)``."""
     output, reported = model._forward_parallel(inputs_embeds, masks, position_ids, cache, None, True, **kwargs)
     return output.last_hidden_state, reported
 
@@ -83,13 +86,16 @@ def mask_row(mask, t: int):
 def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_length: int) -> Iterator[dict]:
     """The masks of each one-token step, as the decoding step gets them.
 
-    A dict is ``generate``'s precomputed prompt masks for a static cache (row ``t`` is step ``t``'s mask); a 2D
+    A dict is ``generate``'s precomputed prompt masks for a static cache (row ``t`` is step ``t``'s mask; rebuilt per
+    step where a layer reads a window-only cache); a 2D
     padding mask ``(B, P + T)`` (or None: no padding) is cut to the keys up to each token and built per step,
     exactly as ``generate`` builds a decoding step's masks. A dict with a mask left out (SDPA's ``is_causal``
     shortcut, taken only without padding) has no one-token row, so it is rebuilt as unpadded.
     """
     batch_size, query_length = inputs_embeds.shape[:2]
-    if isinstance(attention_mask, dict) and all(mask is not None for mask in attention_mask.values()):
+    # A window-only cache layer's mask has as many keys as the queries it was built for need: built per step.
+    per_step = not getattr(cache, "is_compileable", False) or any(reads_window_cache(kind) for kind in model.mask_sizing)
+    if isinstance(attention_mask, dict) and not per_step and all(mask is not None for mask in attention_mask.values()):
         for t in range(query_length):
             yield {name: mask_row(mask, t) for name, mask in attention_mask.items()}
         return
@@ -99,7 +105,7 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
         attention_mask = torch.ones(batch_size, past_length + query_length, dtype=torch.long, device=inputs_embeds.device)
     # A static cache's masks span all its slots, so the rows of MASK_CHUNK tokens come from one build (the per-step
     # Python cost of building masks would otherwise dominate small batches); a dynamic cache grows each step.
-    chunk = MASK_CHUNK if getattr(cache, "is_compileable", False) else 1
+    chunk = 1 if per_step else MASK_CHUNK
     for start in range(0, query_length, chunk):
         stop = min(start + chunk, query_length)
         masks = modeling.lckv_masks(
@@ -148,7 +154,10 @@ def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length:
         hidden[:, t if keep_hidden else 0] = out[:, 0]
     if not reporting:
         return hidden, None
-    return hidden, [(torch.cat([step[i][0] for step in steps_reported], dim=1), None) for i in range(len(steps_reported[0]))]
+    return hidden, [
+        (torch.cat([step[i][0] for step in steps_reported], dim=1), torch.cat([step[i][1] for step in steps_reported], dim=1), None)
+        for i in range(len(steps_reported[0]))
+    ]
 
 
 def sequential_prefill(model, inputs_embeds: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache: Cache | None,

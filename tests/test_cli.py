@@ -90,12 +90,14 @@ def test_resolve_dtype_and_device():
     ({"num_attention_heads": 0}, "num_attention_heads: 0; allowed values are integers >= 1"),
     ({"hidden_size": 64.5}, "hidden_size: 64.5; allowed values are integers >= 1"),
     ({"num_key_value_heads": 3}, "num_key_value_heads: 3 does not divide num_attention_heads=4"),
-    ({"hidden_size": 66}, "num_attention_heads: 4 does not divide hidden_size=66"),
+    ({"hidden_size": 66}, "hidden_size: 66 is not a multiple of num_attention_heads=4"),
+    ({"hidden_size": 66, "head_dim": 16}, "hidden_size: 66 is not a multiple of num_attention_heads=4"),  # as transformers' Llama
+    ({"head_dim": 15}, "head_dim: 15 is odd"),
 ])  # fmt: skip
 def test_shape_fields(fields, message):
     base = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
     cli.check_shape_fields(base)
-    cli.check_shape_fields(base | {"hidden_size": 66, "head_dim": 16})  # an explicit head_dim needs no division
+    cli.check_shape_fields(base | {"head_dim": 32})  # an explicit head_dim other than hidden / heads
     with pytest.raises(ValueError, match=message):
         cli.check_shape_fields(base | fields)
 

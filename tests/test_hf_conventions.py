@@ -112,3 +112,16 @@ def test_bad_model_inputs_are_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as error, torch.no_grad():
         model(**kwargs)
     assert "\n" not in str(error.value)
+
+
+def test_hidden_states_selected_by_index():
+    """transformers' index selection (``output_hidden_states=[0, -1]``) picks the embeddings and the normed last state."""
+    model = tiny_model(tiny_config(**LCKV), "eager")
+    ids = random_ids(2, 5)
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True).hidden_states
+        selected = model(ids, output_hidden_states=[0, -1]).hidden_states
+    assert len(selected) == len(full) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(selected[0], full[0])
+    torch.testing.assert_close(selected[-1], full[-1])
+    assert all(state is None for state in selected[1:-1])

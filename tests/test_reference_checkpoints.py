@@ -13,6 +13,7 @@ docs/checkpoint_formats.md. Published checkpoints run on eager attention (what
 that code used), ``lckv-llama`` ones on SDPA (likewise).
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,9 @@ def test_save_and_reload_keeps_format_and_function(case, tmp_path):
     model.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.model_type == model.config.model_type
-    assert config.to_dict()["layer_types"] == AutoConfig.from_pretrained(case_dir(case)).to_dict()["layer_types"]
+    saved, original = (json.loads((path / "config.json").read_text()) for path in (tmp_path, case_dir(case)))
+    assert saved["layer_types"] == original["layer_types"]  # the original's layout string, in its own syntax
+    assert (saved["force_nodiag"], saved["iteration_style"]) == (config.force_nodiag, config.iteration_style)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=model.config._attn_implementation).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(reference["ids"]).logits, model(reference["ids"]).logits, atol=0, rtol=0)

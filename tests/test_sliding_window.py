@@ -79,3 +79,16 @@ def test_streaming_with_sliding_layers():
         evicting = model.generate(ids, cache=SinkWindowCache(model.config, window_size=8, num_sink_tokens=2), max_new_tokens=30, **kwargs)
     assert torch.equal(streamed, ordinary)
     assert evicting.shape == ordinary.shape and torch.equal(evicting[:, :9], ordinary[:, :9])
+
+
+def test_sequential_prefill_with_window_only_caches():
+    """The exact prefill through a static cache whose window-only layers fill past their window: the same tokens as
+    the token-by-token model, and as the iterative prefill (exact here: enough iterations)."""
+    model = sliding_model(prefill="sequential")
+    ids = random_ids(2, 9)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        sequential = model.generate(ids, cache=StaticCache(config=model.config, max_cache_len=16), **kwargs)
+        model.config.prefill = "iterative"
+        iterative = model.generate(ids, cache=StaticCache(config=model.config, max_cache_len=16), **kwargs)
+    assert torch.equal(sequential, iterative)

@@ -40,7 +40,7 @@ def configure_decode_kernel(environ: Mapping[str, str] | None = None) -> None:
 
     Without Triton (or with neither) the backend keeps the SDPA fallback. Called by ``import models``.
     """
-    global _kernel, _kernel_devices, _processors
+    global _kernel, _kernel_devices
     environ = os.environ if environ is None else environ
     devices = {"cuda"} if torch.cuda.is_available() else set()
     if environ.get("TRITON_INTERPRET") == "1":
@@ -51,8 +51,15 @@ def configure_decode_kernel(environ: Mapping[str, str] | None = None) -> None:
     from .triton_decode import split_kv_decode
 
     _kernel, _kernel_devices = split_kv_decode, frozenset(devices)
-    if torch.cuda.is_available():
-        _processors = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def processors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (looked up on first use, not at import: that would create a CUDA
+    context before a process picks its GPU); the interpreter's stand-in on the CPU."""
+    global _processors
+    if device.type == "cuda" and _processors == CPU_PROCESSORS:
+        _processors = torch.cuda.get_device_properties(device).multi_processor_count
+    return _processors
 
 
 def kernel_devices() -> frozenset[str]:
@@ -111,7 +118,7 @@ def split_kv_decode_attention(
     else:
         mask = attention_mask[:, 0, 0, :].expand(batch, slots)
         lengths = visible_lengths(mask)
-    splits = num_kv_splits(batch, key.shape[1], slots, _processors)
+    splits = num_kv_splits(batch, key.shape[1], slots, processors(query.device))
     scale = head_dim**-0.5 if scaling is None else scaling
     return _kernel(query, key, value, mask, lengths, scale, splits)
 
