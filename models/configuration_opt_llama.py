@@ -149,10 +149,11 @@ class OptLlamaConfig(LlamaConfig):
             # A target reading the previous iteration's KV of its own token would need more iterations than tokens.
             raise ValueError("iteration_style: 'previous' needs force_nodiag=True (the published code's combination); allowed with force_nodiag=False is 'current'")
 
-    def to_dict(self) -> dict:
-        """The published format: the layout string under its published name ``layer_types`` (with ``force_nodiag``
-        and ``iteration_style`` always written, so the published-format defaults never apply to a saved config)."""
-        fields = super().to_dict()
+    def original_format(self) -> dict:
+        """This config as the original code writes its ``config.json``: the layout string under the name
+        ``layer_types``. ``save_pretrained`` keeps it as ``lckv_layer_types`` instead, because transformers' Trainer
+        reads a checkpoint's ``config.json`` with its base config class, which refuses a string ``layer_types``."""
+        fields = self.to_dict()
         layout = fields.pop("lckv_layer_types", None)
         if self.kv_sources is None and layout is not None:
             fields["layer_types"] = layout
@@ -211,6 +212,7 @@ class LckvLlamaConfig(OptLlamaConfig):
     sliding_window: int | None = 4096
 
     def adopt_layout(self, layout: str | None) -> None:
+        layout = self.lckv_layer_types if layout is None else layout  # saved by save_pretrained under that name
         if layout is not None:
             self.kv_sources, self.sliding_window_layers = parse_lckv_layout(layout)
         elif self.kv_sources is None:
@@ -231,14 +233,20 @@ class LckvLlamaConfig(OptLlamaConfig):
             self.iteration_style = "current"
 
     def to_dict(self) -> dict:
-        """The ``lckv-llama`` format: the layout string, ``forward_passes``/``backward_passes``, ``use_sequential``."""
+        """The ``lckv-llama`` fields: the layout string (as ``lckv_layer_types``, see ``original_format``),
+        ``forward_passes``/``backward_passes``, ``use_sequential``."""
         fields = super().to_dict()
-        for name in ("kv_sources", "sliding_window_layers", "lckv_layer_types", "target_layer", "num_encoders", "num_trained_encoders", "sequential_forward"):
+        for name in ("kv_sources", "sliding_window_layers", "target_layer", "num_encoders", "num_trained_encoders", "sequential_forward"):
             fields.pop(name, None)
-        fields["layer_types"] = lckv_layout(self.layer_kv_sources, self.sliding_window_layers)
+        fields["lckv_layer_types"] = lckv_layout(self.layer_kv_sources, self.sliding_window_layers)
         fields["forward_passes"] = self.num_encoders - self.num_trained_encoders
         fields["backward_passes"] = self.num_trained_encoders + 1
         fields["use_sequential"] = self.sequential_forward
+        return fields
+
+    def original_format(self) -> dict:
+        fields = self.to_dict()
+        fields["layer_types"] = fields.pop("lckv_layer_types")
         return fields
 
 

@@ -11,6 +11,7 @@ express is a one-line error and nothing is written:
 * the published ``opt-llama`` layout string has one target read from below and no sliding windows.
 """
 
+import json
 import shutil
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> 
     with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
         staged = Path(staging) / "checkpoint"
         shutil.copytree(source, staged, ignore=shutil.ignore_patterns("config.json"))
-        config.save_pretrained(staged)
+        (staged / "config.json").write_text(json.dumps(config.original_format(), indent=2, sort_keys=True) + "\n")
         staged.rename(destination)
 
 

@@ -69,7 +69,7 @@ def test_lckv_llama_fields_map_to_the_internal_representation(tmp_path):
     assert config.cache_layer_types == ["sliding_attention"] + ["full_attention"] * 4 + ["sliding_attention"]
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["model_type"], saved["layer_types"], saved["forward_passes"], saved["backward_passes"], saved["use_sequential"]) == (
+    assert (saved["model_type"], saved["lckv_layer_types"], saved["forward_passes"], saved["backward_passes"], saved["use_sequential"]) == (
         "lckv-llama", "0s_4_4_4_4_5s", 3, 2, True,
     )
     reloaded = AutoConfig.from_pretrained(tmp_path).to_dict()

@@ -147,7 +147,7 @@ def test_save_and_reload_keeps_format_and_function(case, tmp_path):
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.model_type == model.config.model_type
     saved, original = (json.loads((path / "config.json").read_text()) for path in (tmp_path, case_dir(case)))
-    assert saved["layer_types"] == original["layer_types"]  # the original's layout string, in its own syntax
+    assert saved["lckv_layer_types"] == original["layer_types"]  # the original's layout string, in its own syntax
     assert (saved["force_nodiag"], saved["iteration_style"]) == (config.force_nodiag, config.iteration_style)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=model.config._attn_implementation).eval()
     with torch.no_grad():
@@ -183,8 +183,9 @@ def test_convert_between_formats_keeps_the_function(case, to, tmp_path):
         assert not (tmp_path / "out").exists()
         return
     convert_checkpoint(source, tmp_path / "out", to)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == to and isinstance(written["layer_types"], str)  # the original code's own format
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, attn_implementation=model.config._attn_implementation).eval()
-    assert converted.config.model_type == to
     with torch.no_grad():
         torch.testing.assert_close(converted(reference["ids"]).logits, model(reference["ids"]).logits, atol=0, rtol=0)
 
