@@ -47,15 +47,13 @@ def compile_options(device: torch.device, cache: Cache) -> dict | None:
     return None
 
 
-def token_step(model, inputs_embeds: torch.Tensor, masks: dict, position_ids: torch.Tensor, cache: Cache, **kwargs) -> torch.Tensor:
-    """One token through every layer: ``(B, 1, H)`` -> final hidden state ``(B, 1, H)``; commits its KVs to ``cache``."""
-    return model._forward_parallel(inputs_embeds, masks, position_ids, cache, None, False, **kwargs)[0].last_hidden_state
-
-
-def reported_token_step(model, inputs_embeds, masks, position_ids, cache, **kwargs) -> tuple[torch.Tensor, list]:
-    """``token_step`` that also returns the layer outputs the model reports (``output_hidden_states``): per layer
-    ``(input (B, 1, H), output (B, 1, H), None)``."""
-    output, reported = model._forward_parallel(inputs_embeds, masks, position_ids, cache, None, True, **kwargs)
+def token_step(
+    model, inputs_embeds: torch.Tensor, masks: dict, position_ids: torch.Tensor, cache: Cache, reporting: bool = False, **kwargs
+) -> tuple[torch.Tensor, list | None]:
+    """One token through every layer: ``(B, 1, H)`` -> final hidden state ``(B, 1, H)``; commits its KVs to ``cache``.
+    With ``reporting`` also the layer outputs the model reports (``output_hidden_states``): per layer
+    ``(input (B, 1, H), output (B, 1, H), None)``; else None."""
+    output, reported = model._forward_parallel(inputs_embeds, masks, position_ids, cache, None, reporting, **kwargs)
     return output.last_hidden_state, reported
 
 
@@ -137,20 +135,20 @@ def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length:
     past_length = int(cache.get_seq_length())
     first = token_embeds(0)
     hidden = first.new_empty(first.shape[0], query_length if keep_hidden else 1, first.shape[-1])
-    options = compile_options(first.device, cache)
+    options = None if reporting else compile_options(first.device, cache)
+    compiled = compiled_token_step(tuple(sorted(options.items()))) if options is not None else None
     masks_iter = step_masks(model, first.expand(-1, query_length, -1), attention_mask, position_ids, cache, past_length)
     steps_reported = []
     for t, masks in enumerate(masks_iter):
         embeds = first if t == 0 else token_embeds(t)
         positions = position_ids[:, t : t + 1].contiguous()
-        if reporting:
-            out, reported = reported_token_step(model, embeds, masks, positions, cache, **kwargs)
-            steps_reported.append(reported)
-        elif options is not None and statically_allocated(cache):
+        # After the first step every static layer holds its buffers (allocated outside the compiled region).
+        if compiled is not None and (t > 0 or statically_allocated(cache)):
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's output was already copied out
-            out = compiled_token_step(tuple(sorted(options.items())))(model, embeds.contiguous(), masks, positions, cache, **kwargs)
-        else:  # CPU, a dynamic cache, or the step that allocates the static buffers
-            out = token_step(model, embeds, masks, positions, cache, **kwargs)
+            out, reported = compiled(model, embeds.contiguous(), masks, positions, cache, **kwargs)
+        else:  # CPU, a dynamic cache, reported outputs, or the step that allocates the static buffers
+            out, reported = token_step(model, embeds, masks, positions, cache, reporting, **kwargs)
+        steps_reported.append(reported)
         hidden[:, t if keep_hidden else 0] = out[:, 0]
     if not reporting:
         return hidden, None
