@@ -138,7 +138,8 @@ class DecodeState:
 
     ``tokens`` ``(B, 1)``: the last chosen token, the next forward's input; ``positions`` ``(B, 1)`` (``(1, 1)`` when
     ``generate`` made them so): its position id once it is fed; ``padding`` ``(B, S)`` bool: the prompt's padding mask
-    over the cache slots, every later slot real (causality hides the ones not filled yet); ``sequence``
+    over the cache slots, every later slot real (causality hides the ones not filled yet), or None without padding
+    (as ``generate`` drops an all-ones mask); ``sequence``
     ``(B, S + 1)``: each chosen token at its column of ``generate``'s ``input_ids``; ``length`` ``()``: that column,
     i.e. ``input_ids.shape[1]`` before the next token; ``unfinished`` ``(B,)``; ``status`` ``(2,)``: the steps plain
     ``generate`` would have taken so far, and whether any sequence is still unfinished.
@@ -146,7 +147,7 @@ class DecodeState:
 
     tokens: torch.Tensor
     positions: torch.Tensor
-    padding: torch.Tensor
+    padding: torch.Tensor | None
     sequence: torch.Tensor
     length: torch.Tensor
     unfinished: torch.Tensor
@@ -158,8 +159,9 @@ class DecodeState:
         """The state after the prefill. ``attention_mask`` ``(B, F + 1)`` and ``position_ids`` as ``generate`` holds them
         after its first update (``F`` cached tokens, the first new token's column appended)."""
         device = position_ids.device
-        padding = torch.ones(batch_size, slots, dtype=torch.bool, device=device)
+        padding = None
         if attention_mask is not None:
+            padding = torch.ones(batch_size, slots, dtype=torch.bool, device=device)
             padding[:, : attention_mask.shape[1]] = attention_mask.bool()
         state = cls(
             tokens=torch.zeros(batch_size, 1, dtype=torch.long, device=device),
@@ -171,7 +173,8 @@ class DecodeState:
             status=torch.tensor([0, 1], device=device),
         )
         for f in fields(state):  # a captured step reads and writes these in place: static addresses, no copies
-            torch._dynamo.mark_static_address(getattr(state, f.name))
+            if getattr(state, f.name) is not None:
+                torch._dynamo.mark_static_address(getattr(state, f.name))
         return state
 
 
@@ -224,21 +227,28 @@ def select_tokens(logits: torch.Tensor, state: DecodeState, plan: tuple, samplin
     state.length.add_(1)
 
 
+def select_compile_options(compile_config) -> tuple[object, dict]:
+    """The backend and options that compile ``select_tokens`` as ``compile_config`` compiles the forward. Under
+    inductor its mode becomes options (``torch.compile`` takes one or the other), plus ``fallback_random``: sampling
+    then draws from the generator plain ``generate`` draws from."""
+    config = compile_config.to_dict()
+    options = dict(config.get("options") or {})
+    if config["backend"] == "inductor":
+        mode = config.get("mode")
+        options = (torch._inductor.list_mode_options(mode, config.get("dynamic")) if mode else {}) | options | {"fallback_random": True}
+    return config["backend"], options
+
+
 @memoize
 def _compiled_select(backend, options: tuple) -> callable:
     return torch.compile(select_tokens, backend=backend, fullgraph=True, dynamic=False, options=dict(options) or None)
 
 
 def compiled_select(compile_config) -> callable:
-    """``select_tokens`` compiled as ``compile_config`` compiles the forward (one compiled function per configuration,
-    so graphs are reused across calls). Under inductor its mode becomes options (``torch.compile`` takes one or the
-    other) plus ``fallback_random``: sampling then draws from the generator plain ``generate`` draws from."""
-    config = compile_config.to_dict()
-    options = dict(config.get("options") or {})
-    if config["backend"] == "inductor":
-        mode = config.get("mode")
-        options = (torch._inductor.list_mode_options(mode, config.get("dynamic")) if mode else {}) | options | {"fallback_random": True}
-    return _compiled_select(config["backend"], tuple(sorted(options.items())))
+    """``select_tokens`` compiled per ``select_compile_options``, one compiled function per configuration (its graphs
+    are reused by later calls)."""
+    backend, options = select_compile_options(compile_config)
+    return _compiled_select(backend, tuple(sorted(options.items())))
 
 
 class StatusReader:
@@ -308,8 +318,11 @@ class RngRewind:
 
 
 def stop_check_interval(generation_config) -> int:
-    interval = getattr(generation_config, "stop_check_interval", None) or DEFAULT_STOP_CHECK_INTERVAL
-    if not isinstance(interval, int) or interval < 1:
+    """``generation_config.stop_check_interval``: tokens between two reads of the stop status (default 16)."""
+    interval = getattr(generation_config, "stop_check_interval", None)
+    if interval is None:
+        return DEFAULT_STOP_CHECK_INTERVAL
+    if type(interval) is not int or interval < 1:
         raise ValueError(f"stop_check_interval: {interval!r}; allowed are integers >= 1")
     return interval
 
@@ -328,7 +341,7 @@ def fast_sample(model, input_ids: torch.LongTensor, logits_processor, stopping_c
     reason = unsupported_reason(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
     if reason is not None:
         # A static cache asks for speed: say why it is not had (unless the fast loop was turned off).
-        if cache_reason(model_kwargs.get("cache"), None) is None and getattr(generation_config, "fast_decode", True):
+        if getattr(model_kwargs.get("cache"), "is_compileable", False) and getattr(generation_config, "fast_decode", True):
             logger.warning("fast decoding falls back to generate's own loop: %s", reason)
         return GenerationMixin._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                        synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
