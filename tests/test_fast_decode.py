@@ -7,7 +7,14 @@ import logging
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, GenerationMixin, LlamaForCausalLM, StaticCache, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    CompileConfig,
+    GenerationMixin,
+    LlamaForCausalLM,
+    StaticCache,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from models import LckvLlamaConfig
@@ -135,7 +142,7 @@ def test_streamer_gets_what_plain_generate_streams(loops, ending):
     fast, plain = streamed
     assert fast.ends == plain.ends == 1 and len(fast.puts) == len(plain.puts)  # the prompt, then each step's tokens
     assert len(plain.puts) <= 5 if eos else len(plain.puts) == NEW + 1
-    assert all(torch.equal(a, b) for a, b in zip(fast.puts, plain.puts))
+    assert all(torch.equal(a, b) for a, b in zip(fast.puts, plain.puts, strict=True))
 
 
 def test_return_dict_gives_sequences_and_cache(loops):
