@@ -139,10 +139,10 @@ class DecodeState:
     ``tokens`` ``(B, 1)``: the last chosen token, the next forward's input; ``positions`` ``(B, 1)`` (``(1, 1)`` when
     ``generate`` made them so): its position id once it is fed; ``padding`` ``(B, S)`` bool: the prompt's padding mask
     over the cache slots, every later slot real (causality hides the ones not filled yet), or None without padding
-    (as ``generate`` drops an all-ones mask); ``sequence``
-    ``(B, S + 1)``: each chosen token at its column of ``generate``'s ``input_ids``; ``length`` ``()``: that column,
-    i.e. ``input_ids.shape[1]`` before the next token; ``unfinished`` ``(B,)``; ``status`` ``(2,)``: the steps plain
-    ``generate`` would have taken so far, and whether any sequence is still unfinished.
+    (as ``generate`` drops an all-ones mask); ``sequence`` ``(B, S + 1)`` int32: each chosen token at its column of
+    ``generate``'s ``input_ids``; ``length`` ``()``: that column, i.e. ``input_ids.shape[1]`` before the next token;
+    ``unfinished`` ``(B,)``; ``status`` ``(2,)``: the steps plain ``generate`` would have taken so far, and whether any
+    sequence is still unfinished.
     """
 
     tokens: torch.Tensor
@@ -154,28 +154,50 @@ class DecodeState:
     status: torch.Tensor
 
     @classmethod
-    def start(cls, prompt_length: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, slots: int,
-              batch_size: int) -> "DecodeState":
-        """The state after the prefill. ``attention_mask`` ``(B, F + 1)`` and ``position_ids`` as ``generate`` holds them
-        after its first update (``F`` cached tokens, the first new token's column appended)."""
-        device = position_ids.device
-        padding = None
-        if attention_mask is not None:
-            padding = torch.ones(batch_size, slots, dtype=torch.bool, device=device)
-            padding[:, : attention_mask.shape[1]] = attention_mask.bool()
+    def allocate(cls, batch_size: int, slots: int, positions_shape: tuple, padded: bool, device: torch.device) -> "DecodeState":
         state = cls(
             tokens=torch.zeros(batch_size, 1, dtype=torch.long, device=device),
-            positions=position_ids[..., -1:] - 1,  # select_tokens advances it to the first new token's position
-            padding=padding,
-            sequence=torch.zeros(batch_size, slots + 1, dtype=torch.long, device=device),
-            length=torch.tensor(prompt_length, device=device),
+            positions=torch.zeros(positions_shape, dtype=torch.long, device=device),
+            padding=torch.ones(batch_size, slots, dtype=torch.bool, device=device) if padded else None,
+            sequence=torch.zeros(batch_size, slots + 1, dtype=torch.int32, device=device),
+            length=torch.zeros((), dtype=torch.long, device=device),
             unfinished=torch.ones(batch_size, dtype=torch.long, device=device),
-            status=torch.tensor([0, 1], device=device),
+            status=torch.zeros(2, dtype=torch.long, device=device),
         )
         for f in fields(state):  # a captured step reads and writes these in place: static addresses, no copies
             if getattr(state, f.name) is not None:
                 torch._dynamo.mark_static_address(getattr(state, f.name))
         return state
+
+    def shape(self) -> tuple:
+        """The arguments of ``allocate`` that made it."""
+        batch_size, slots = self.tokens.shape[0], self.sequence.shape[1] - 1
+        return batch_size, slots, tuple(self.positions.shape), self.padding is not None, self.tokens.device
+
+    def restart(self, prompt_length: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> None:
+        """Set to the state after the prefill. ``attention_mask`` ``(B, F + 1)`` and ``position_ids`` as ``generate``
+        holds them after its first update (``F`` cached tokens, the first new token's column appended)."""
+        self.positions.copy_(position_ids[..., -1:] - 1)  # select_tokens advances it to the first new token's position
+        if self.padding is not None:
+            self.padding.fill_(True)
+            self.padding[:, : attention_mask.shape[1]] = attention_mask.bool()
+        self.length.fill_(prompt_length)
+        self.unfinished.fill_(1)
+        self.status.fill_(1)
+        self.status[0] = 0
+
+
+def decode_state(model, prompt_length: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, slots: int,
+                 batch_size: int) -> DecodeState:
+    """The model's ``DecodeState`` for this call, restarted. The buffers of the previous call are kept and reused when
+    the shapes match (as ``generate`` reuses a static cache): captured graphs read them at the same addresses, so
+    a new call replays them instead of recording them anew."""
+    shape = (batch_size, slots, tuple(position_ids[..., -1:].shape), attention_mask is not None, position_ids.device)
+    state = getattr(model, "_fast_decode_state", None)
+    if state is None or state.shape() != shape:
+        state = model._fast_decode_state = DecodeState.allocate(*shape)
+    state.restart(prompt_length, attention_mask, position_ids)
+    return state
 
 
 class EosBlock:
@@ -221,7 +243,7 @@ def select_tokens(logits: torch.Tensor, state: DecodeState, plan: tuple, samplin
     else:
         running_after = running
     state.status.copy_(torch.stack([state.status[0] + running, running_after]))
-    state.sequence.index_copy_(1, state.length.view(1), chosen[:, None])
+    state.sequence.index_copy_(1, state.length.view(1), chosen[:, None].to(state.sequence.dtype))
     state.tokens.copy_(chosen[:, None])
     state.positions.add_(1)
     state.length.add_(1)
@@ -367,7 +389,7 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
     cache = model_kwargs["cache"]
     slots = next(layer.max_cache_len for layer in cache.layers if isinstance(layer, StaticLayer))
-    state = DecodeState.start(prompt_length, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], slots, batch_size)
+    state = decode_state(model, prompt_length, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], slots, batch_size)
     inputs = dict(input_ids=state.tokens, position_ids=state.positions, attention_mask=state.padding, cache=cache,
                   use_cache=True, return_dict=True)
     if "logits_to_keep" in model_kwargs:

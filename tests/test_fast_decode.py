@@ -229,6 +229,7 @@ def test_captured_steps_compile_once(loops, name):
     torch._dynamo.reset()
     counters.clear()
     ids, mask = left_padded_batch()
+    states = []
     for prompt, new in ((PROMPT, NEW), (PROMPT - 2, NEW + 2), (PROMPT, 3)):
         outputs = []
         for fast in (True, False):
@@ -239,7 +240,9 @@ def test_captured_steps_compile_once(loops, name):
                                           min_new_tokens=new // 2, pad_token_id=0, eos_token_id=None,
                                           cache=StaticCache(config=model.config, max_cache_len=PROMPT + NEW + 2), **SAMPLING))
         assert torch.equal(*outputs)
+        states.append(model._fast_decode_state)
     assert loops == {"fast": 3, "plain": 3} and counters["stats"]["unique_graphs"] == 2
+    assert states[1] is states[0] and states[2] is states[0]  # buffers at the same addresses: captured steps replay
     torch._dynamo.reset()
 
 
