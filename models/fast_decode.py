@@ -373,9 +373,8 @@ def fast_sample(model, input_ids: torch.LongTensor, logits_processor, stopping_c
 def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs: dict):
     """The captured loop of ``fast_sample`` (its checks passed)."""
     compiled = model._valid_auto_compile_criteria(model_kwargs, generation_config)
-    compile_config = generation_config.compile_config or model._default_compile_config()
-    forward = model.get_compiled_call(compile_config) if compiled else model.__call__
-    select = compiled_select(compile_config) if compiled else select_tokens
+    forward = model.get_compiled_call(generation_config.compile_config) if compiled else model.__call__
+    select = compiled_select(generation_config.compile_config or model._default_compile_config()) if compiled else select_tokens
     interval = stop_check_interval(generation_config)
     batch_size, prompt_length = input_ids.shape
     total = stopping_criteria.max_length - prompt_length  # tokens to generate unless every sequence ends early
