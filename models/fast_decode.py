@@ -103,8 +103,8 @@ def unsupported_reason(model, input_ids: torch.Tensor, logits_processor, stoppin
     reason = cache_reason(model_kwargs.get("cache"), stopping_criteria.max_length)
     if reason:
         return reason
-    for processor in logits_processor:
-        if not isinstance(processor, LENGTH_FREE_PROCESSORS + MIN_LENGTH_PROCESSORS):
+    for processor in logits_processor:  # exact types: a subclass may read what its base does not
+        if type(processor) not in LENGTH_FREE_PROCESSORS + MIN_LENGTH_PROCESSORS:
             return f"logits processor {type(processor).__name__}"
     for criterion in stopping_criteria:
         if type(criterion) not in STOPPING_CRITERIA:
@@ -381,7 +381,7 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     device = model.device
     eos = next((c.eos_token_id.to(device) for c in stopping_criteria if isinstance(c, EosTokenCriteria)), None)
     pad = generation_config._pad_token_tensor.to(device) if eos is not None else None
-    plan = tuple(EosBlock.of(p, device) if isinstance(p, MIN_LENGTH_PROCESSORS) else p for p in logits_processor)
+    plan = tuple(EosBlock.of(p, device) if type(p) in MIN_LENGTH_PROCESSORS else p for p in logits_processor)
     sampling = generation_config.do_sample
 
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)

@@ -116,6 +116,15 @@ def test_any_stop_check_interval(loops, interval):
     assert_same_as_plain(model, loops, eos_token_id=reference[:, 5].tolist(), **SAMPLING)
 
 
+@pytest.mark.parametrize("setting", [dict(min_p=0.05), dict(typical_p=0.9), dict(epsilon_cutoff=3e-3), dict(eta_cutoff=3e-3),
+                                     dict(min_length=PROMPT + 5), dict(temperature=1.5, top_k=5)], ids=str)
+def test_every_captured_processor(loops, setting):
+    model = enable_fast_decode(tiny_model(CONFIGS["llama"]()))
+    model.generation_config.stop_check_interval = INTERVAL
+    reference = generate(model, False, eos_token_id=None, do_sample=True, **setting)[0][:, PROMPT:]
+    assert_same_as_plain(model, loops, eos_token_id=reference[:, 2].tolist(), do_sample=True, **setting)
+
+
 class Collector(BaseStreamer):
     def __init__(self):
         self.puts, self.ends = [], 0
