@@ -270,3 +270,18 @@ def test_latency_tool_decodes_both_models_with_the_captured_loop(loops, tmp_path
     out = test_latency.main(argv)
     assert loops == {"fast": 2, "plain": 0}
     assert all(r["runs"][0]["step_ms"] > 0 for r in out["models"].values())
+
+
+@pytest.mark.parametrize("config", ["opt.json", "llama.json"])
+def test_run_generation_static_cache_streams_from_the_captured_loop(loops, tmp_path, capsys, config):
+    import run_generation
+
+    from .test_generation import make_tiny_files
+
+    files = make_tiny_files(tmp_path)
+    argv = ["--config", str(files / config), "--tokenizer", str(files / "tok"), "--prompt", "ROMEO: But soft",
+            "--max_new_tokens", "12", "--ignore_eos"]
+    static = run_generation.run(run_generation.parse_args([*argv, "--static_cache"]))
+    assert loops == {"fast": 1, "plain": 0}
+    assert static["cache"]["text"][0] in capsys.readouterr().out  # streamed, in bursts
+    assert static["cache"]["text"] == run_generation.run(run_generation.parse_args(argv))["cache"]["text"]
