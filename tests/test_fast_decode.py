@@ -265,8 +265,8 @@ def test_latency_tool_decodes_both_models_with_the_captured_loop(loops, tmp_path
 
     llama = tmp_path / "tiny_llama.json"
     llama.write_text(CONFIGS["llama"]().to_json_string())
-    argv = ["--configs", str(llama), str(CONFIG_DIR / "test_tiny_opt.json"), "--prompt_len", "6", "--gen_len", "5",
-            "--batches", "2", "--cache", "static", "--device", "cpu", "--output_dir", str(tmp_path)]
+    argv = ["--configs", str(llama), str(CONFIG_DIR / "test_tiny_opt.json"), "--prompt_len", "4", "--gen_len", "3",
+            "--batches", "1", "--cache", "static", "--device", "cpu", "--output_dir", str(tmp_path)]
     out = test_latency.main(argv)
     assert loops == {"fast": 2, "plain": 0}
     assert all(r["runs"][0]["step_ms"] > 0 for r in out["models"].values())
