@@ -89,6 +89,9 @@ def unsupported_reason(model, input_ids: torch.Tensor, logits_processor, stoppin
         return f"input_ids on {input_ids.device}, the model on {model.device}"
     if synced_gpus:
         return "synced_gpus"
+    reason = model_hooks_reason(model)
+    if reason:
+        return reason
     if generation_config.is_assistant:
         return "assistant model"
     if generation_config.return_dict_in_generate:
@@ -113,6 +116,18 @@ def unsupported_reason(model, input_ids: torch.Tensor, logits_processor, stoppin
         return "an EOS criterion without pad_token_id"
     if stopping_criteria.max_length is None or stopping_criteria.max_length <= input_ids.shape[1]:
         return f"max_length {stopping_criteria.max_length} for a prompt of {input_ids.shape[1]} tokens"
+    return None
+
+
+def model_hooks_reason(model) -> str | None:
+    """The loop feeds the forward itself, as ``GenerationMixin``'s own input preparation would: a model that prepares
+    its inputs its own way, or builds generate's masks otherwise than its forward builds them from a 2D padding mask
+    (``forward_builds_generate_masks``: the LCKV models, whose two paths call the same function), runs plain generate."""
+    for hook in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation"):
+        if getattr(type(model), hook) is not getattr(GenerationMixin, hook):
+            return f"the model's own {hook}"
+    if hasattr(model, "create_masks_for_generate") and not getattr(model, "forward_builds_generate_masks", False):
+        return "the model's own create_masks_for_generate"
     return None
 
 

@@ -472,6 +472,8 @@ def token_weighted(kv_loss: torch.Tensor, labels: torch.Tensor, num_items_in_bat
 class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMixin):
     """Greedy search and sampling with a static cache run the captured decode loop (``models.fast_decode``)."""
 
+    # The forward builds, from a 2D padding mask, the masks create_masks_for_generate builds (both call lckv_masks).
+    forward_builds_generate_masks = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids, **kwargs) -> dict:

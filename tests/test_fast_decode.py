@@ -285,3 +285,18 @@ def test_run_generation_static_cache_streams_from_the_captured_loop(loops, tmp_p
     assert loops == {"fast": 1, "plain": 0}
     assert static["cache"]["text"][0] in capsys.readouterr().out  # streamed, in bursts
     assert static["cache"]["text"] == run_generation.run(run_generation.parse_args(argv))["cache"]["text"]
+
+
+def test_models_that_prepare_their_own_inputs_run_plain_generate():
+    class OwnInputs(LlamaForCausalLM):
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            return super().prepare_inputs_for_generation(*args, **kwargs)
+
+    class OwnMasks(LlamaForCausalLM):
+        def create_masks_for_generate(self, *args, **kwargs):
+            raise AssertionError("not called: the forward builds its masks")
+
+    config = CONFIGS["llama"]()
+    assert fd.model_hooks_reason(LlamaForCausalLM(config)) is None and fd.model_hooks_reason(tiny_model(tiny_config())) is None
+    assert fd.model_hooks_reason(OwnInputs(config)) == "the model's own prepare_inputs_for_generation"
+    assert fd.model_hooks_reason(OwnMasks(config)) == "the model's own create_masks_for_generate"
