@@ -112,7 +112,10 @@ def unsupported_reason(model, input_ids: torch.Tensor, logits_processor, stoppin
     for criterion in stopping_criteria:
         if type(criterion) not in STOPPING_CRITERIA:
             return f"stopping criterion {type(criterion).__name__}"
-    if generation_config._pad_token_tensor is None and any(isinstance(c, EosTokenCriteria) for c in stopping_criteria):
+    eos_criteria = sum(type(c) is EosTokenCriteria for c in stopping_criteria)
+    if eos_criteria > 1:
+        return f"{eos_criteria} EOS criteria"
+    if eos_criteria and generation_config._pad_token_tensor is None:
         return "an EOS criterion without pad_token_id"
     if stopping_criteria.max_length is None or stopping_criteria.max_length <= input_ids.shape[1]:
         return f"max_length {stopping_criteria.max_length} for a prompt of {input_ids.shape[1]} tokens"
