@@ -3,6 +3,7 @@ captured forward step alone and against transformers' own static-cache loop, for
 
     python -m bench.measure_generate_overhead --configs configs/tinyllama.json configs/tinyllama_opt.json \\
         --batches 128 --output_dir bench/results/generate_overhead      # GPU: bf16, compiled; one call per batch
+    python -m bench.measure_generate_overhead --configs configs/llama2_7b.json --batches 1   # 7B: one model per call
     python -m bench.measure_generate_overhead --smoke --output_dir /tmp/overhead   # CPU: tiny configs, same path
 
 Per config and batch: random weights, one static cache of ``context + new_tokens`` slots holding ``--context`` tokens
