@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 from models import OptLlamaConfig
 from models import cli as shared  # import models registers model_types "opt-llama" and "lckv-llama"
 from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, read_text_file, resolve_dtype, run_cli, set_sequential
+from models.fast_decode import enable_fast_decode
 from models.prefill_modes import PREFILL_MODES
 
 
@@ -198,7 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cache.add_argument("--no_cache", action="store_true", help="generate without the KV cache (recompute every step)")
     cache.add_argument("--compare_cache", action="store_true", help="generate with and without the cache; report both speeds and whether the text matches")
     parser.add_argument("--static_cache", action="store_true",
-                        help="preallocated (static) KV cache; on CUDA, generate compiles the decode step (CUDA graphs)")
+                        help="preallocated (static) KV cache; on CUDA, generate compiles the decode step (CUDA graphs) and runs "
+                        "the captured decode loop (models/fast_decode.py; tokens stream in bursts)")
     parser.add_argument("--offload", action="store_true",
                         help="keep each KV layer on the CPU between uses (transformers' offloaded cache, offloaded_static with "
                         "--static_cache); CUDA only")
@@ -224,6 +226,8 @@ def run(args: argparse.Namespace) -> dict:
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     check_position_limit(args, input_ids.shape[1], config.max_position_embeddings)
     model = load_model(args, config, tokenizer)
+    if args.static_cache:  # a Llama too (LCKV models always): decoding without a host sync per token
+        enable_fast_decode(model)
 
     modes = {"cache": True, "no_cache": False} if args.compare_cache else {"no_cache" if args.no_cache else "cache": not args.no_cache}
     results = {}

@@ -35,6 +35,7 @@ from models import (  # import models registers opt-llama and both decoding atte
 from models import cli as shared
 from models.chunked_prefill import prefill_in_chunks
 from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, parse_int_list, parse_size, run_cli
+from models.fast_decode import enable_fast_decode
 from models.measure import CompiledStepTimer, StepTimer, baseline_name, load_config
 from models.prefill_modes import PREFILL_MODES, choose_prefill
 from models.sequential_prefill import compiled_token_step, prefill_cache
@@ -223,7 +224,7 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
     device = model.device
     input_ids = torch.randint(3, model.config.vocab_size, (batch, context + prompt_len), device=device)
     cache = filled_cache(model, args, batch, context) if context else new_cache(model, args)
-    timer = StepTimer(device, bar)
+    timer = StepTimer(bar)
     sequential = getattr(model.config, "prefill", None) == "sequential" and args.cache == "static"
     with torch.no_grad():
         start = time.perf_counter()
@@ -380,7 +381,7 @@ def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
     torch.manual_seed(args.seed)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
-    return model.eval()
+    return enable_fast_decode(model).eval()  # a Llama too: generate's static-cache decoding without a host sync per token
 
 
 def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict[str, dict]:

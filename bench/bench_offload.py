@@ -57,7 +57,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str) -> tupl
     if ids.is_cuda:
         torch.cuda.synchronize(ids.device)
     with tqdm(total=new_tokens, desc=f"{mode} b={ids.shape[0]}", leave=False) as bar:
-        timer = StepTimer(ids.device, bar)
+        timer = StepTimer(bar)
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                              cache_implementation=mode, return_dict_in_generate=True, streamer=timer)

@@ -90,18 +90,19 @@ def build_masks(
     return masks
 
 
-def has_visible_key(attention_mask: torch.Tensor | None, past_length: int, query_length: int, batch_size: int, device) -> torch.Tensor:
+def has_visible_key(attention_mask: torch.Tensor | None, past_length: int | torch.Tensor, query_length: int, batch_size: int, device) -> torch.Tensor:
     """Which queries see at least one key under the strict mask.
 
     Args:
-        attention_mask: 2D padding mask ``(batch, past_length + query_length)`` (1 = real token) or None.
-        past_length: number of cached tokens before the queries.
+        attention_mask: 2D padding mask ``(batch, K)`` (1 = real token) over at least the ``past_length +
+            query_length`` positions so far (a static cache's decoding may pass one spanning every slot), or None.
+        past_length: number of cached tokens before the queries (a static cache's 0-d tensor fill level too).
 
     Returns:
         ``(batch, query_length, 1)`` float tensor, 1 where some real token precedes the query, else 0.
     """
+    positions = torch.arange(query_length, device=device) + past_length
     if attention_mask is None or attention_mask.dim() != 2:
-        positions = torch.arange(past_length, past_length + query_length, device=device)
         return (positions > 0).to(torch.float32).expand(batch_size, query_length)[..., None]
     real_before = attention_mask.long().cumsum(-1) - attention_mask.long()
-    return (real_before[:, -query_length:] > 0).to(torch.float32)[..., None]
+    return (real_before.index_select(1, positions.to(attention_mask.device)) > 0).to(torch.float32)[..., None]

@@ -26,6 +26,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from . import kernels
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
+from .fast_decode import FastDecodeMixin
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import build_masks, has_visible_key, is_strict_kind, layer_mask_kinds
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
@@ -468,7 +469,11 @@ def token_weighted(kv_loss: torch.Tensor, labels: torch.Tensor, num_items_in_bat
     return kv_loss * local_items.to(kv_loss.device) / num_items_in_batch
 
 
-class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
+class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMixin):
+    """Greedy search and sampling with a static cache run the captured decode loop (``models.fast_decode``)."""
+
+    # The forward builds, from a 2D padding mask, the masks create_masks_for_generate builds (both call lckv_masks).
+    forward_builds_generate_masks = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids, **kwargs) -> dict:

@@ -116,3 +116,7 @@ def test_has_visible_key_with_and_without_padding():
     assert visible.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
     # a decoding step sees the whole 2D mask and keeps only the queries' columns
     assert has_visible_key(left_padded, 4, 1, 2, "cpu")[:, :, 0].tolist() == [[1], [1]]
+    # a static cache's decoding passes a mask over every slot and its fill level as a tensor: the query's column
+    only_last_real = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    assert has_visible_key(only_last_real, torch.tensor(2), 1, 2, "cpu")[:, :, 0].tolist() == [[0], [0]]
+    assert has_visible_key(only_last_real, torch.tensor(3), 2, 2, "cpu")[:, :, 0].tolist() == [[1, 1], [0, 0]]

@@ -1,0 +1,153 @@
+"""Per-token cost of ``generate`` on a static cache: the captured decode loop (models/fast_decode.py) against the
+captured forward step alone and against transformers' own static-cache loop, for a Llama and its LCKV twin.
+
+    python -m bench.measure_generate_overhead --configs configs/tinyllama.json configs/tinyllama_opt.json \\
+        --batches 128 --output_dir bench/results/generate_overhead      # GPU: bf16, compiled; one call per batch
+    python -m bench.measure_generate_overhead --configs configs/llama2_7b.json --batches 1   # 7B: one model per call
+    python -m bench.measure_generate_overhead --smoke --output_dir /tmp/overhead   # CPU: tiny configs, same path
+
+Per config and batch: random weights, one static cache of ``context + new_tokens`` slots holding ``--context`` tokens
+(zeros: a decode step's work depends on the context length, not on the values), and per loop (``fast``: the captured
+loop; ``transformers``: ``generate``'s own ``_sample``, i.e. ``generation_config.fast_decode = False``) one generate
+that compiles and captures, then the timed one, on that same cache rewound to the context (the timed run replays the
+captured graphs). Each samples ``--new_tokens`` tokens as test_latency.py does (``do_sample``, ``top_k=0``,
+``min_new_tokens``). Per loop: ``ms_per_token`` (first new token to last, from a timestamping streamer, as
+test_latency's ``step_ms``), ``captured_step_ms`` (the compiled forward alone, CUDA events: test_latency's
+``compiled_step_ms``) and their ratio; then the fast loop's cost over transformers' captured step and over its whole
+loop, the step's HBM roofline (weights + the context's KV in every layer, ``--hbm_bandwidth``), and whether both loops
+give the same ``--check_tokens`` tokens (greedy, and sampling from one seed). Writes
+``<output_dir>/generate_overhead_<config names>_b<batches>.json``. ``--smoke`` runs the same code on the CPU (dynamo's
+eager backend standing in for inductor) with configs/llama_tiny*.json.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm.auto import tqdm
+
+import models  # noqa: F401  (registers opt-llama and the attention backends)
+import test_latency  # the tool whose runs these numbers explain: its model, cache and roofline (run from the repo root)
+from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
+from models import SPLIT_KV
+from models.cli import parse_int_list, parse_size
+from models.measure import CompiledStepTimer, StepTimer, load_config
+
+LOOPS = ("fast", "transformers")
+SMOKE_CONFIGS = ["configs/llama_tiny.json", "configs/llama_tiny_opt.json"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"])
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes")
+    p.add_argument("--context", type=int, default=2048, help="tokens in the cache when decoding starts (the prompt)")
+    p.add_argument("--new_tokens", type=int, default=128, help="tokens sampled by the timed generate")
+    p.add_argument("--check_tokens", type=int, default=16, help="tokens compared between the two loops")
+    p.add_argument("--attn_implementation", default=SPLIT_KV)
+    p.add_argument("--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the roofline (H200: 4.8TB)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens: the same code path")
+    p.add_argument("--output_dir", default="bench/results/generate_overhead")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.context, args.new_tokens, args.check_tokens = "cpu", 8, 6, 4
+        args.configs = SMOKE_CONFIGS if args.configs == p.get_default("configs") else args.configs
+    args.batch_list = parse_int_list("--batches", args.batches)
+    args.bandwidth = parse_size("--hbm_bandwidth", args.hbm_bandwidth)
+    for name in ("context", "new_tokens", "check_tokens"):
+        if getattr(args, name) < 2:
+            p.error(f"--{name}: {getattr(args, name)}; allowed values are integers >= 2")
+    if args.check_tokens > args.new_tokens:
+        p.error(f"--check_tokens: {args.check_tokens}; allowed values are <= --new_tokens ({args.new_tokens})")
+    return args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_generate(model, cache, batch: int, context: int, loop: str, new_tokens: int, sample: bool = True, timed: bool = False):
+    """``new_tokens`` tokens for ``batch`` sequences after the ``context`` in ``cache`` (one more prompt token is
+    prefilled) with ``loop``; the cache is rewound to ``context`` afterwards. Returns the new tokens
+    ``(B, new_tokens)``, and when ``timed`` generate's ms per token (first new token to last) and the captured
+    forward's mean ms (None when it was not compiled)."""
+    model.generation_config.fast_decode = loop == "fast"
+    ids = torch.randint(3, model.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0)).to(model.device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  pad_token_id=0, do_sample=sample)
+    if sample:
+        kwargs["top_k"] = 0
+    torch.manual_seed(0)
+    with tqdm(total=new_tokens, disable=True) as bar, CompiledStepTimer(model) as step_timer, torch.no_grad():
+        timer = StepTimer(bar)
+        sync(model.device)
+        out = model.generate(ids, streamer=timer if timed else None, **kwargs)
+        sync(model.device)
+    cache.crop(-(int(cache.get_seq_length()) - context))
+    ms = 1e3 * (timer.times[-1] - timer.times[1]) / (len(timer.times) - 2) if timed else None
+    return out[:, context + 1 :], ms, step_timer.mean_ms() if timed else None
+
+
+def measure(model, config, batch: int, args) -> dict:
+    """Both loops at ``batch``: warm-up, timed run, tokens compared."""
+    cache = test_latency.filled_cache(model, SimpleNamespace(cache="static", prompt_len=args.context, gen_len=args.new_tokens,
+                                                             offload=False), batch, args.context)
+    row = {"batch": batch, "context": args.context, "new_tokens": args.new_tokens}
+    tokens = {}
+    for loop in LOOPS:
+        run_generate(model, cache, batch, args.context, loop, 3)  # compile, warm up and capture
+        _, ms, captured = run_generate(model, cache, batch, args.context, loop, args.new_tokens, timed=True)
+        row[loop] = {"ms_per_token": ms, "captured_step_ms": captured, "vs_captured": ms / captured if captured else None}
+        tokens[loop] = [run_generate(model, cache, batch, args.context, loop, args.check_tokens, sample=s)[0] for s in (False, True)]
+    fast, stock = row["fast"], row["transformers"]
+    row["fast_vs_transformers_captured_step"] = fast["ms_per_token"] / stock["captured_step_ms"] if stock["captured_step_ms"] else None
+    row["fast_vs_transformers_generate"] = fast["ms_per_token"] / stock["ms_per_token"]
+    dtype = next(model.parameters()).dtype
+    weights = test_latency.weight_bytes(config, dtype)
+    row["roofline_ms"] = test_latency.step_roofline_ms(weights, test_latency.kv_read_bytes_per_token(config, dtype), batch,
+                                                      args.context + args.new_tokens / 2, args.bandwidth)
+    row["same_tokens"] = {kind: bool(torch.equal(a, b)) for kind, a, b in zip(("greedy", "sampled"), *tokens.values(), strict=True)}
+    del cache
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    setting = {k: getattr(args, k) for k in ("context", "new_tokens", "check_tokens", "attn_implementation", "hbm_bandwidth")}
+    setting["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    setting["dtype"] = str(dtype)
+    results = []
+    for path in args.configs:
+        config = load_config(path, args.context + args.new_tokens + 1)
+        latency_args = SimpleNamespace(seed=0, device=args.device, attn_implementation=args.attn_implementation)
+        model = test_latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too
+        model.generation_config.compile_config = compile_config(args.device)
+        for batch in args.batch_list:
+            start = time.perf_counter()
+            row = {"config": path, "model_type": config.model_type} | measure(model, config, batch, args)
+            row["seconds"] = time.perf_counter() - start
+            print(json.dumps(row), flush=True)
+            results.append(row)
+        del model
+        torch._dynamo.reset()  # compiled graphs hold the weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out = {"setting": setting, "runs": results}
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "_".join(Path(c).stem for c in args.configs) + "_b" + "_".join(map(str, args.batch_list))
+    path = out_dir / f"generate_overhead_{name}.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"written: {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
