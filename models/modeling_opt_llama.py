@@ -23,9 +23,10 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import kernels
+from . import kernels  # the kernels LCKV_* flags select are read as `kernels.X` when a model is built
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
+from .kernels import attention_interface, fast_strict_mask  # by name: the form models/export.py's loader follows
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import build_masks, has_visible_key, is_strict_kind, layer_mask_kinds
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
@@ -122,8 +123,7 @@ class OptLlamaAttention(nn.Module):
 
         attn_output = attn_weights = None
         if not kv_only:
-            attention_interface = kernels.attention_interface(self.config._attn_implementation)
-            attn_output, attn_weights = attention_interface(
+            attn_output, attn_weights = attention_interface(self.config._attn_implementation)(
                 self,
                 query_states,
                 given_keys,
@@ -331,7 +331,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         wants = {name: kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False)) for name in ("hidden_states", "attentions")}
         if wants["attentions"]:
             implementation = self.config._attn_implementation
-            if implementation != "eager" or kernels.fast_strict_mask():
+            if implementation != "eager" or fast_strict_mask():
                 raise ValueError(
                     f"output_attentions: attn_implementation={implementation!r}{' with LCKV_FLASH_ATTN' if implementation == 'eager' else ''} "
                     "returns no attention weights; allowed is attn_implementation='eager' without LCKV_FLASH_ATTN"
