@@ -88,7 +88,8 @@ def auto_map(model_type: str) -> dict[str, str]:
 
 
 def bundle_code(checkpoint: str | Path) -> list[str]:
-    """Make the checkpoint directory self-contained in place: copy the code, add ``auto_map`` to its ``config.json``.
+    """Make the checkpoint directory self-contained in place: copy the code, add ``auto_map`` to its ``config.json``
+    (and name ``AutoModelForCausalLM`` first in its ``architectures``, for ``transformers serve``).
 
     Returns the bundled file names.
     """
@@ -104,6 +105,10 @@ def bundle_code(checkpoint: str | Path) -> list[str]:
     for name, source in bundle.items():
         shutil.copyfile(source, checkpoint / f"{name}.py")
     fields["auto_map"] = mapping
+    # `transformers serve` (5.24, cli/serving/model_manager.py, ModelManager._load_model) loads a model as
+    # `getattr(transformers, config.architectures[0])`, where no remote-code class is; the Auto class named first is
+    # there, and loads the bundled class through auto_map. The concrete class stays listed after it.
+    fields["architectures"] = ["AutoModelForCausalLM", mapping["AutoModelForCausalLM"].split(".")[1]]
     config_path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     return sorted(f"{name}.py" for name in bundle)
 

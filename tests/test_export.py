@@ -2,8 +2,8 @@
 repository is not importable, through transformers' remote-code loader, and compute what the in-repo model computes."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
