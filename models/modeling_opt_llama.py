@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -392,8 +393,9 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             config.num_encoders + 1, config.num_trained_encoders + 1, None if training else block_input.shape[1]
         )
         batch_size, query_length = block_input.shape[:2]
-        zeros = block_input.new_zeros(batch_size, config.num_key_value_heads, query_length, config.head_dim)
         carried = self.plan.carried_sources
+        kv_heads = local_rows(self.layers[carried[0]].self_attn.k_proj.weight) // config.head_dim
+        zeros = block_input.new_zeros(batch_size, kv_heads, query_length, config.head_dim)
         for source in carried:
             stack.kv_store[source] = staged_kv(stack.cache, source, zeros, zeros)
         attend_carried = config.iteration_style == "previous"
@@ -429,6 +431,12 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 for s in carried
             ) / len(carried)
         return hidden, kv_loss
+
+
+def local_rows(weight: torch.Tensor) -> int:
+    """Output rows of a linear layer's weight that this process computes: all of them, or under tensor parallelism
+    (``tp_plan``: the weight is a DTensor sharded by rows) its own shard, e.g. its share of the KV heads."""
+    return weight.to_local().shape[0] if isinstance(weight, DTensor) else weight.shape[0]
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -470,6 +478,10 @@ def token_weighted(kv_loss: torch.Tensor, labels: torch.Tensor, num_items_in_bat
 
 class OptLlamaForCausalLM(OptLlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Tensor parallelism (tp_plan="auto"): the vocabulary split over the processes, logits gathered. The layers' plan
+    # is the config's base_model_tp_plan (Llama's: q/k/v/o and the MLP by heads and features; condensed layers have no
+    # k/v to shard, they read their source's share of the KV heads).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids, **kwargs) -> dict:
         """``generate`` with a static cache builds the masks outside the compiled step, sized to the cache (no
