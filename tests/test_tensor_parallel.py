@@ -1,6 +1,7 @@
 """Tensor-parallel inference on the CPU: two ``torchrun`` processes (gloo) with ``tp_plan="auto"`` compute the
-single-process logits and greedy tokens, for an LCKV and a standard layout, with the dynamic and the static cache; each
-process caches its half of the KV heads of the KV layers only. test_latency.py runs under torchrun."""
+single-process logits and greedy tokens, for an LCKV and a standard layout, with the dynamic and the static cache (and,
+for the LCKV layout, a decode step traced as one graph); each process caches its half of the KV heads of the KV layers
+only. test_latency.py runs under torchrun."""
 
 import json
 import os
@@ -53,7 +54,8 @@ def test_sharded_model_computes_the_single_process_model(tmp_path):
     checkpoints = {"lckv": tmp_path / "lckv", "standard": tmp_path / "standard"}
     for name, config in (("lckv", lckv), ("standard", standard)):
         tiny_model(config).save_pretrained(checkpoints[name])
-    payload = {"checkpoints": {k: str(v) for k, v in checkpoints.items()}, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "out_dir": str(tmp_path)}
+    payload = {"checkpoints": {k: str(v) for k, v in checkpoints.items()}, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "out_dir": str(tmp_path),
+               "compiled": ["lckv"]}
     torchrun(["-m", "tests.tp_worker", json.dumps(payload)], tmp_path)
 
     for name, path in checkpoints.items():
@@ -66,6 +68,8 @@ def test_sharded_model_computes_the_single_process_model(tmp_path):
             for kind in ("dynamic", "static"):
                 assert torch.equal(got[f"tokens_{kind}"], expected[f"tokens_{kind}"]), (name, kind, rank)
                 assert got[f"keys_{kind}"] == halved_heads(expected[f"keys_{kind}"]), (name, kind, rank)
+            if name == "lckv":
+                assert got["compiled_call"] and torch.equal(got["tokens_compiled"], expected["tokens_static"]), rank
 
 
 def test_latency_tool_under_torchrun_writes_from_rank_zero(tmp_path):
