@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_imports
 
+import run_clm
+from corpus import prepare_corpus
 from models.configuration_opt_llama import LckvLlamaConfig
 from models.export import bundled_modules, export_checkpoint, flat_modules, main
 from tests.conftest import REPO, tiny_config, tiny_model
@@ -155,3 +158,22 @@ def test_bad_input_is_a_one_line_error(case, match, tmp_path, capsys):
     assert exit_info.value.code == 2 and "\n" not in err
     assert re.search(match, err), err
     assert case == "dst_exists" or not dst.exists()
+
+
+def test_run_clm_bundle_code_writes_the_self_contained_form(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    corpus = prepare_corpus()
+    (tmp_path / "train.txt").write_text(corpus.train.read_text()[:4000])
+    common = ["--train_file", str(tmp_path / "train.txt"), "--tokenizer_name", str(corpus.tokenizer), "--do_train", "--max_steps", "1",
+              "--block_size", "16", "--per_device_train_batch_size", "2", "--report_to", "none", "--disable_tqdm", "true", "--bundle_code"]
+    out = tmp_path / "out"
+    run_clm.main(["--config_name", str(REPO / "configs" / "test_tiny_opt.json"), "--output_dir", str(out), *common])
+    expected = bundled_modules(["modeling_opt_llama", "configuration_opt_llama"], flat_modules())
+    assert {p.stem for p in out.glob("*.py")} == set(expected)
+    assert all((out / f"{name}.py").read_bytes() == path.read_bytes() for name, path in expected.items())
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_opt_llama.OptLlamaForCausalLM"
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_clm.main(["--config_name", str(REPO / "configs" / "llama_tiny.json"), "--output_dir", str(tmp_path / "llama"), *common])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "--bundle_code: model_type 'llama'" in err
