@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -31,6 +30,7 @@ from .kernels import attention_interface, fast_strict_mask  # by name: the form 
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import build_masks, has_visible_key, is_strict_kind, layer_mask_kinds
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
+from .tensor_parallel import kv_heads_per_process
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -394,8 +394,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         )
         batch_size, query_length = block_input.shape[:2]
         carried = self.plan.carried_sources
-        kv_heads = local_rows(self.layers[carried[0]].self_attn.k_proj.weight) // config.head_dim
-        zeros = block_input.new_zeros(batch_size, kv_heads, query_length, config.head_dim)
+        zeros = block_input.new_zeros(batch_size, kv_heads_per_process(self), query_length, config.head_dim)
         for source in carried:
             stack.kv_store[source] = staged_kv(stack.cache, source, zeros, zeros)
         attend_carried = config.iteration_style == "previous"
@@ -431,12 +430,6 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 for s in carried
             ) / len(carried)
         return hidden, kv_loss
-
-
-def local_rows(weight: torch.Tensor) -> int:
-    """Output rows of a linear layer's weight that this process computes: all of them, or under tensor parallelism
-    (``tp_plan``: the weight is a DTensor sharded by rows) its own shard, e.g. its share of the KV heads."""
-    return weight.to_local().shape[0] if isinstance(weight, DTensor) else weight.shape[0]
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

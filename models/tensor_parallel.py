@@ -38,8 +38,12 @@ def build_sharded(config: PretrainedConfig, dtype: torch.dtype, **kwargs) -> Pre
 
 
 def kv_heads_per_process(model: PreTrainedModel) -> int:
-    """KV heads of one layer that this process computes and caches: all of them, or its share under ``tp_plan``."""
+    """KV heads of one layer that this process computes and caches: all of them, or its share when tensor parallelism
+    splits the KV projections (``tp_plan``). Works on the causal LM and on its base model: they share the config, in
+    which ``from_pretrained`` records the ``DistributedConfig`` (FSDP leaves ``tp_size`` at 1: its shards are gathered
+    before a layer runs)."""
     heads = model.config.num_key_value_heads
-    if not model.tp_size or model.tp_size == 1:
+    tp_size = getattr(getattr(model.config, "distributed_config", None), "tp_size", None) or 1
+    if tp_size == 1:
         return heads
-    return get_kv_heads_per_rank(model.tp_plan, heads, model.tp_size)
+    return get_kv_heads_per_rank(model.tp_plan, heads, tp_size)
