@@ -37,6 +37,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from models import cli as shared  # import models registers model_type "opt-llama"
 from models.cli import HfParser, UsageError, check_range, check_text_file, one_line, run_cli
+from models.export import AUTO_CLASSES, bundle_code
 
 logger = logging.getLogger("run_clm")
 
@@ -79,6 +80,11 @@ class ModelArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Train from scratch even if output_dir has checkpoints (default: resume from the last one)."},
+    )
+    bundle_code: bool = field(
+        default=False,
+        metadata={"help": "Write the final model self-contained (python -m models.export's form): the modeling code in "
+        "output_dir and an auto_map in its config.json, so it loads with trust_remote_code=True without this repository."},
     )
 
 
@@ -439,6 +445,8 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Model config first: cheap, and most bad input shows up here.
     config = load_config(margs)
+    if margs.bundle_code and config.model_type not in AUTO_CLASSES:
+        raise UsageError(f"--bundle_code: model_type {config.model_type!r} has no code here to bundle; allowed are {', '.join(AUTO_CLASSES)}")
     max_positions = getattr(config, "max_position_embeddings", None)
     block_size = dargs.block_size or min(1024, max_positions or 1024)
     if max_positions is not None and block_size > max_positions:
@@ -488,6 +496,8 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     if targs.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()
+        if margs.bundle_code and trainer.is_world_process_zero():
+            bundle_code(targs.output_dir)
         metrics = dict(train_result.metrics)
         if not dargs.streaming:
             metrics["train_samples"] = len(train_ds)

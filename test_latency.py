@@ -8,10 +8,12 @@ baseline (the first Llama config). LCKV models run each ``--prefill`` mode (``co
 prefill fills the static cache token by token through one compiled step, ``models.sequential_prefill``). With
 ``--steps`` below ``--gen_len`` the decode step is measured at the start and at the end of the context and the
 full ``gen_len`` is extrapolated from them (``setting.extrapolation`` in the JSON). ``--plan`` needs no GPU: KV bytes per token and the KV-bound max batch
-per sequence length, from the config shapes alone.
+per sequence length, from the config shapes alone. Under ``torchrun --nproc_per_node N`` every model is sharded over the
+N processes (tensor parallelism, ``models.tensor_parallel``), figures are per process, and rank 0 writes the results.
 
     python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json --compile --output_dir bench/x
     python test_latency.py --plan --gpu_memory 80GB
+    torchrun --nproc_per_node 2 test_latency.py --configs configs/llama65b.json configs/llama65b_opt.json --compile
 """
 
 import argparse
@@ -39,6 +41,7 @@ from models.fast_decode import enable_fast_decode
 from models.measure import CompiledStepTimer, StepTimer, baseline_name, load_config
 from models.prefill_modes import PREFILL_MODES, choose_prefill
 from models.sequential_prefill import compiled_token_step, prefill_cache
+from models.tensor_parallel import build_sharded, is_main_process, kv_heads_per_process, world_size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="no GPU: print KV bytes/token, the KV-bound max batch per length "
                    "and the bandwidth-bound (--hbm_bandwidth) decode tokens/s at that batch")
     p.add_argument("--gpu_memory", default="80GB", help="--plan: GPU memory, e.g. 80GB, 141GB, 24GiB")
+    p.add_argument("--tp_size", type=int, default=world_size(),
+                   help="--plan: GPUs the model is split over (tensor parallel: weights and KV heads divided); default: torchrun's")
     p.add_argument("--plan_lengths", default="512,1024,2048,4096,8192,16384", help="--plan: comma-separated sequence lengths")
     args = p.parse_args(argv)
     if args.compile:
@@ -109,6 +114,7 @@ def check_args(args: argparse.Namespace) -> None:
     shared.check_choices("--prefill", args.prefill_modes, PREFILL_MODES)
     check_range("--prefill_chunk", args.prefill_chunk, minimum=0)
     check_range("--resolution", args.resolution, minimum=0, maximum=1)
+    check_range("--tp_size", args.tp_size, minimum=1)
     if args.batches is not None:
         parse_int_list("--batches", args.batches)
     args.hbm_bandwidth_bytes = parse_size("--hbm_bandwidth", args.hbm_bandwidth)
@@ -156,11 +162,12 @@ def weight_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
-def plan(config: PretrainedConfig, dtype: torch.dtype, gpu_memory: float, lengths: list[int], bandwidth: float) -> dict:
+def plan(config: PretrainedConfig, dtype: torch.dtype, gpu_memory: float, lengths: list[int], bandwidth: float, tp: int = 1) -> dict:
     """Per sequence length: the batch whose KV fills the memory left by the weights, and the bandwidth-bound
     decode tokens/s at that batch (each step reads every weight once and, per sequence, ``n`` tokens of KV in
-    every layer)."""
-    per_token, read, weights = kv_bytes_per_token(config, dtype), kv_read_bytes_per_token(config, dtype), weight_bytes(config, dtype)
+    every layer). With ``tp`` GPUs each holds and reads ``1/tp`` of the weights and of the KV heads (all-reduce
+    time not counted); bytes are per GPU."""
+    per_token, read, weights = (x // tp for x in (kv_bytes_per_token(config, dtype), kv_read_bytes_per_token(config, dtype), weight_bytes(config, dtype)))
     max_batch = {n: int((gpu_memory - weights) // (per_token * n)) for n in lengths}
     roofline = {n: batch * bandwidth / (weights + batch * n * read) for n, batch in max_batch.items()}
     return {"kv_layers": num_kv_layers(config), "kv_bytes_per_token": per_token, "kv_read_bytes_per_token": read,
@@ -205,7 +212,7 @@ def filled_cache(model, args, batch: int, length: int):
     on the values, so this times steps at the end of the context without decoding up to there."""
     cache = new_cache(model, args)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    shape = (batch, model.config.num_key_value_heads, length, head_dim)
+    shape = (batch, kv_heads_per_process(model), length, head_dim)
     for layer_idx, layer in enumerate(cache.layers):
         if isinstance(layer, StaticLayer):
             one = torch.zeros(*shape[:2], 1, head_dim, dtype=model.dtype, device=model.device)
@@ -379,6 +386,8 @@ def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
     """Random weights initialised directly on ``--device`` in ``dtype`` (a 30B model initialised on the CPU takes
     minutes)."""
     torch.manual_seed(args.seed)
+    if world_size() > 1:  # under torchrun: each process builds its shard on its own device
+        return build_sharded(config, dtype, attn_implementation=args.attn_implementation)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
     return enable_fast_decode(model).eval()  # a Llama too: generate's static-cache decoding without a host sync per token
@@ -406,7 +415,7 @@ def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, ban
     """The runs of one model (and prefill mode) with their max-batch figures and the batch-1 roofline."""
     fitting = [r for r in runs if not r.get("oom")]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
-    weights, kv_read = weight_bytes(config, dtype), kv_read_bytes_per_token(config, dtype)
+    weights, kv_read = weight_bytes(config, dtype) / world_size(), kv_read_bytes_per_token(config, dtype) / world_size()  # per process
     # A decode step reads every weight once plus, per sequence and in every layer, the KV of the average context.
     avg_context = args.prompt_len + args.steps / 2
     for r in fitting:
@@ -419,7 +428,7 @@ def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, ban
         "model_type": config.model_type,
         "kv_layers": num_kv_layers(config),
         "weight_bytes": weights,
-        "kv_bytes_per_token_formula": kv_bytes_per_token(config, dtype),
+        "kv_bytes_per_token_formula": kv_bytes_per_token(config, dtype) // world_size(),
         "max_batch": best["batch"] if best else 0,
         "max_batch_throughput": best["throughput"] if best else 0.0,
         "max_batch_decode_throughput": best["decode_throughput"] if best else 0.0,
@@ -482,7 +491,7 @@ def measure(argv: list[str] | None = None) -> dict:
     if args.plan:
         lengths = args.plan_lengths_list
         memory = args.gpu_memory_bytes
-        out = {Path(c).stem: plan(config, dtype, memory, lengths, bandwidth) for c, config in configs.items()}
+        out = {Path(c).stem: plan(config, dtype, memory, lengths, bandwidth, args.tp_size) for c, config in configs.items()}
         for name, p in out.items():
             if p["weight_bytes"] >= memory:
                 raise UsageError(f"--gpu_memory: {args.gpu_memory} does not even hold the weights of {name} "
@@ -508,11 +517,14 @@ def measure(argv: list[str] | None = None) -> dict:
     if args.prefill_sample:
         setting["extrapolation"] += (f"; sequential prefill_s: {args.prefill_sample} prompt tokens timed at the start and "
                                      f"{args.prefill_sample} at the end, scaled to prompt_len - 1, plus the last token's step")
-    setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
+    setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+                "tp_size": world_size()}
     results = {}
     for c in tqdm(args.configs, desc="models"):
         results |= measure_model(c, args, dtype, bandwidth)
     out = {"setting": setting, "models": results, "ratios": ratios(results)}
+    if not is_main_process():
+        return out
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency.json").write_text(json.dumps(out, indent=2))

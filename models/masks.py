@@ -5,14 +5,14 @@ of a layer above, whose KV of the current token does not exist yet, or any layer
 with or without a sliding window, sized by the cache layer it reads. A query that sees no key at all under
 the strict mask (the first real token of a sequence) must output exactly zero; ``has_visible_key`` marks
 the others. With ``LCKV_FLASH_ATTN`` on, a strict mask without window, padding or cached keys is handed
-over as the marker ``kernels.STRICT_CAUSAL``, which the attention runs as a shifted causal attention.
+over as the marker ``STRICT_CAUSAL``, which the attention runs as a shifted causal attention.
 """
 
 import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from . import kernels
+from .kernels import STRICT_CAUSAL, fast_strict_mask
 
 # Kind names: "causal" / "strict", "+window" for a sliding-window layer, "@window_cache" when it reads a window-only cache.
 STRICT, CAUSAL, WINDOW, WINDOW_CACHE = "strict", "causal", "+window", "@window_cache"
@@ -75,12 +75,12 @@ def build_masks(
 
     ``allow_is_causal_skip=False`` always materialises the masks (SDPA may otherwise leave a plain causal one out)."""
     kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-    plain_prefill = kernels.fast_strict_mask() and is_plain_prefill(attention_mask, cache, inputs_embeds.shape[1])
+    plain_prefill = fast_strict_mask() and is_plain_prefill(attention_mask, cache, inputs_embeds.shape[1])
     masks = {}
     for kind, sizing_layer in mask_sizing.items():
         strict, window = is_strict_kind(kind), WINDOW in kind
         if strict and not window and plain_prefill:
-            masks[kind] = kernels.STRICT_CAUSAL
+            masks[kind] = STRICT_CAUSAL
             continue
         create = create_sliding_window_causal_mask if window else create_causal_mask
         layer_idx = sizing_layer if cache is not None and sizing_layer < len(cache.layers) else None

@@ -23,13 +23,15 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import kernels
+from . import kernels  # the kernels LCKV_* flags select are read as `kernels.X` when a model is built
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
+from .kernels import attention_interface, fast_strict_mask  # by name: the form models/export.py's loader follows
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import build_masks, has_visible_key, is_strict_kind, layer_mask_kinds
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
+from .tensor_parallel import kv_heads_per_process
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -123,8 +125,7 @@ class OptLlamaAttention(nn.Module):
 
         attn_output = attn_weights = None
         if not kv_only:
-            attention_interface = kernels.attention_interface(self.config._attn_implementation)
-            attn_output, attn_weights = attention_interface(
+            attn_output, attn_weights = attention_interface(self.config._attn_implementation)(
                 self,
                 query_states,
                 given_keys,
@@ -332,7 +333,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         wants = {name: kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False)) for name in ("hidden_states", "attentions")}
         if wants["attentions"]:
             implementation = self.config._attn_implementation
-            if implementation != "eager" or kernels.fast_strict_mask():
+            if implementation != "eager" or fast_strict_mask():
                 raise ValueError(
                     f"output_attentions: attn_implementation={implementation!r}{' with LCKV_FLASH_ATTN' if implementation == 'eager' else ''} "
                     "returns no attention weights; allowed is attn_implementation='eager' without LCKV_FLASH_ATTN"
@@ -393,8 +394,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             config.num_encoders + 1, config.num_trained_encoders + 1, None if training else block_input.shape[1]
         )
         batch_size, query_length = block_input.shape[:2]
-        zeros = block_input.new_zeros(batch_size, config.num_key_value_heads, query_length, config.head_dim)
         carried = self.plan.carried_sources
+        zeros = block_input.new_zeros(batch_size, kv_heads_per_process(self), query_length, config.head_dim)
         for source in carried:
             stack.kv_store[source] = staged_kv(stack.cache, source, zeros, zeros)
         attend_carried = config.iteration_style == "previous"
@@ -475,6 +476,10 @@ class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMi
     # The forward builds, from a 2D padding mask, the masks create_masks_for_generate builds (both call lckv_masks).
     forward_builds_generate_masks = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Tensor parallelism (tp_plan="auto"): the vocabulary split over the processes, logits gathered. The layers' plan
+    # is the config's base_model_tp_plan (Llama's: q/k/v/o and the MLP by heads and features; condensed layers have no
+    # k/v to shard, they read their source's share of the KV heads).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids, **kwargs) -> dict:
         """``generate`` with a static cache builds the masks outside the compiled step, sized to the cache (no

@@ -13,7 +13,6 @@ The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` 
 ``configure_decode_kernel()`` loads it (tests run the real kernel that way).
 """
 
-import importlib.util
 import os
 from collections.abc import Callable, Mapping
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.import_utils import is_triton_available
 
 from .attention import packed_sdpa_attention
 
@@ -45,7 +45,7 @@ def configure_decode_kernel(environ: Mapping[str, str] | None = None) -> None:
     devices = {"cuda"} if torch.cuda.is_available() else set()
     if environ.get("TRITON_INTERPRET") == "1":
         devices.add("cpu")
-    if not devices or importlib.util.find_spec("triton") is None:
+    if not devices or not is_triton_available():  # the check triton_decode.py guards its import with
         _kernel, _kernel_devices = None, frozenset()
         return
     from .triton_decode import split_kv_decode

@@ -12,9 +12,15 @@ with no visible key (a strict-mask query on the first real token) merges to exac
 """
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import custom_op
+from transformers.utils.import_utils import is_triton_available
+
+# Always true where this module is imported. The guard is for transformers' remote-code import check
+# (dynamic_module_utils.get_imports skips `if is_..._available()` blocks): an exported checkpoint bundles this
+# file, and must load where Triton is not installed.
+if is_triton_available():
+    import triton
+    import triton.language as tl
 
 from .decode_attention import TILE as BLOCK_N  # KV slots per inner step: one BLOCK_N x D tile of keys and of values
 

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# LLaMA-65B shape (80 layers, hidden 8192, 64 heads, MHA), Llama vs LCKV, tensor parallel over TWO GPUs
+# (torchrun --nproc_per_node 2, NCCL; bf16 weights ~130 GB, 65 GB per GPU, so two 141 GB H200s), each model near
+# its largest batch: test_latency.py end to end (max batch, decode step vs roofline, e2e tok/s, ratio) with the
+# --plan prediction beside it. Weights are random, each process builds its own shard on its own GPU. One call per
+# part, each under 9 minutes (every step has its own time limit):
+#
+#   bash bench/tensor_parallel_65b.sh plan  OUT   # no GPU: --plan for both settings (max batch, roofline), seconds
+#   bash bench/tensor_parallel_65b.sh p256  OUT   # P256 + G768: Llama (~4 min), then LCKV (~4.5 min)
+#   bash bench/tensor_parallel_65b.sh p2k   OUT   # P2048 + G2048: Llama (~4 min), then LCKV (~4.5 min)
+#   bash bench/tensor_parallel_65b.sh smoke OUT   # CPU, 2 gloo processes: every step on tiny configs (same code paths)
+#
+# Each step writes OUT/<step>/{log,latency.json,...}; setting.tp_size is 2 and every figure is per GPU (weights, KV
+# bytes, roofline); OUT/llama65b_<part>.json holds both models and their ratios. Decode steps are timed on --steps tokens at the start and at the end of the context and
+# extrapolated over gen_len; the LCKV sequential prefill is timed on --prefill_sample tokens at each end of the prompt.
+# Batches: the --plan max batch (141 GB per GPU: Llama 56 at 1,024 tokens, 14 at 4,096) less headroom for the
+# captured step; a batch that does not fit is recorded as {"oom": true} and the next one in the list runs (both
+# processes run out at the same allocation, the cache's; a hang would end at the step's time limit).
+set -uo pipefail
+part=${1:?plan, p256, p2k or smoke}
+out=${2:-bench/results/tensor_parallel_65b}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+py=${PYTHON:-python3}
+nproc=2
+
+if [ "$part" = smoke ]; then
+    for call in plan p256 p2k; do SMOKE=1 bash "$0" "$call" "$out"; done
+    exit 0
+fi
+if [ "${SMOKE:-0}" = 1 ]; then
+    $py - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+opt = json.loads(Path("configs/test_tiny_opt.json").read_text())
+lckv = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv", "force_nodiag", "iteration_style")
+llama = {k: v for k, v in opt.items() if k not in lckv} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+Path(sys.argv[1], "smoke_llama.json").write_text(json.dumps(llama))
+PY
+    L65=$out/smoke_llama.json L65O=configs/test_tiny_opt.json
+    P256=(--prompt_len 10 --gen_len 6) P2K=(--prompt_len 12 --gen_len 8) STEPS=(--steps 2) SAMPLE=(--prefill_sample 2)
+    B256L=1,2 B256O=2,3 B2KL=1,2 B2KO=2,3
+    common=(--device cpu)
+    plan_memory=1GB
+    export OMP_NUM_THREADS=1
+else
+    L65=configs/llama65b.json L65O=configs/llama65b_opt.json
+    P256=(--prompt_len 256 --gen_len 768) P2K=(--prompt_len 2048 --gen_len 2048) STEPS=(--steps 16) SAMPLE=(--prefill_sample 64)
+    # Llama: the KV-bound plan less ~15%. LCKV: its KV allows ~1,700 / ~430 sequences per GPU; activations of the
+    # batch and the sequential prefill's per-step masks bound it first (33B on one 80 GB H100 fit 200, not 272).
+    B256L=48,40 B256O=768,512 B2KL=12,10 B2KO=256,192
+    common=(--hbm_bandwidth 4.8TB)
+    plan_memory=141GB
+fi
+
+step() {  # step NAME SECONDS CMD...: CMD with a time limit, log to OUT/NAME/log
+    local name=$1 limit=$2
+    shift 2
+    mkdir -p "$out/$name"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name/log" 2>&1
+    echo "=== $name: rc=$? in $((SECONDS - start)) s"
+    grep -v -E "it/s\]|s/it\]" "$out/$name/log" | tail -n 4
+}
+
+tp_lat() {  # tp_lat NAME SECONDS ARGS...: test_latency.py on $nproc tensor-parallel processes, JSON under OUT/NAME
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" test_latency.py "$@" "${common[@]}" \
+        --output_dir "$out/$name"
+}
+
+ratios() {  # ratios NAME LLAMA_STEP LCKV_STEP: both models' results in one JSON, with test_latency's ratios
+    $py - "$out/$2/latency.json" "$out/$3/latency.json" "$out/$1.json" <<'PY'
+import json, sys
+from pathlib import Path
+import test_latency
+runs = [json.loads(Path(p).read_text()) for p in sys.argv[1:3] if Path(p).is_file()]
+models = {name: r for run in runs for name, r in run["models"].items()}
+merged = {"setting": runs[0]["setting"] if runs else None, "models": models, "ratios": test_latency.ratios(models) if len(models) > 1 else {}}
+Path(sys.argv[3]).write_text(json.dumps(merged, indent=2))
+print(json.dumps(merged["ratios"], indent=2))
+PY
+}
+
+case "$part" in
+plan)
+    step plan_p256 60 "$py" test_latency.py --plan --configs "$L65" "$L65O" --tp_size "$nproc" --gpu_memory "$plan_memory" \
+        --plan_lengths 1024 "${common[@]}"
+    step plan_p2k 60 "$py" test_latency.py --plan --configs "$L65" "$L65O" --tp_size "$nproc" --gpu_memory "$plan_memory" \
+        --plan_lengths 4096 "${common[@]}"
+    ;;
+p256)
+    tp_lat llama65b_p256_llama 250 --configs "$L65" --compile "${P256[@]}" "${STEPS[@]}" --batches "$B256L"
+    tp_lat llama65b_p256_lckv 270 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
+        --batches "$B256O"
+    ratios llama65b_p256 llama65b_p256_llama llama65b_p256_lckv
+    ;;
+p2k)
+    tp_lat llama65b_p2k_llama 250 --configs "$L65" --compile "${P2K[@]}" "${STEPS[@]}" --batches "$B2KL"
+    tp_lat llama65b_p2k_lckv 270 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P2K[@]}" "${STEPS[@]}" \
+        --batches "$B2KO"
+    ratios llama65b_p2k llama65b_p2k_llama llama65b_p2k_lckv
+    ;;
+*)
+    echo "part: $part; allowed values are plan, p256, p2k, smoke" >&2
+    exit 2
+    ;;
+esac

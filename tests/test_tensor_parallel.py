@@ -1,0 +1,86 @@
+"""Tensor-parallel inference on the CPU: two ``torchrun`` processes (gloo) with ``tp_plan="auto"`` compute the
+single-process logits and greedy tokens, for an LCKV and a standard layout, with the dynamic and the static cache (and,
+for the LCKV layout, a decode step traced as one graph); each process caches its half of the KV heads of the KV layers
+only. test_latency.py runs under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from models.configuration_opt_llama import LckvLlamaConfig
+from tests.conftest import CONFIGS, REPO, tiny_config, tiny_model
+from tests.tp_worker import cached_key_shapes
+
+PROCESSES = 2
+PROMPTS = [[1, 17, 33, 5, 250, 9, 41, 77, 8, 19, 23, 3], [1, 60, 2, 99, 14, 14, 200, 7, 31, 45, 6, 11]]
+NEW_TOKENS = 6
+
+
+def torchrun(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}", *args]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def single_process(path: Path) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = torch.tensor(PROMPTS)
+    with torch.no_grad():
+        result = {"logits": model(prompts).logits}
+        for kind in ("dynamic", "static"):
+            output = model.generate(prompts, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation=kind, return_dict_in_generate=True)
+            result[f"tokens_{kind}"] = output.sequences
+            result[f"keys_{kind}"] = cached_key_shapes(output.past_key_values)
+    return result
+
+
+def halved_heads(shapes: list) -> list:
+    """Key shapes ``(B, Hkv, S, D)`` with the KV heads split over the processes; None stays None."""
+    return [None if s is None else (s[0], s[1] // PROCESSES, *s[2:]) for s in shapes]
+
+
+def test_sharded_model_computes_the_single_process_model(tmp_path):
+    lckv = tiny_config(force_nodiag=None, iteration_style=None)  # published format and semantics, 3 KV layers of 6
+    standard = LckvLlamaConfig(**{k: v for k, v in tiny_config().to_dict().items() if k in ("hidden_size", "intermediate_size",
+                               "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings")},
+                               num_hidden_layers=6, layer_types="0_1_2_3_4_5")
+    checkpoints = {"lckv": tmp_path / "lckv", "standard": tmp_path / "standard"}
+    for name, config in (("lckv", lckv), ("standard", standard)):
+        tiny_model(config).save_pretrained(checkpoints[name])
+    payload = {"checkpoints": {k: str(v) for k, v in checkpoints.items()}, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "out_dir": str(tmp_path),
+               "compiled": ["lckv"]}
+    torchrun(["-m", "tests.tp_worker", json.dumps(payload)], tmp_path)
+
+    for name, path in checkpoints.items():
+        expected = single_process(path)
+        assert sum(s is not None for s in expected["keys_dynamic"]) == (3 if name == "lckv" else 6)
+        for rank in range(PROCESSES):
+            got = torch.load(tmp_path / f"rank{rank}.pt")[name]
+            assert got["q_proj_is_sharded"]
+            torch.testing.assert_close(got["logits"], expected["logits"], rtol=0, atol=1e-5, msg=f"{name} rank {rank}")
+            for kind in ("dynamic", "static"):
+                assert torch.equal(got[f"tokens_{kind}"], expected[f"tokens_{kind}"]), (name, kind, rank)
+                assert got[f"keys_{kind}"] == halved_heads(expected[f"keys_{kind}"]), (name, kind, rank)
+            if name == "lckv":
+                assert got["compiled_call"] and torch.equal(got["tokens_compiled"], expected["tokens_static"]), rank
+
+
+def test_latency_tool_under_torchrun_writes_from_rank_zero(tmp_path):
+    out = tmp_path / "latency"
+    torchrun([str(REPO / "test_latency.py"), "--configs", str(CONFIGS / "test_tiny_opt.json"), "--batches", "1,2", "--prompt_len", "8",
+              "--gen_len", "4", "--device", "cpu", "--prefill", "iterative", "--output_dir", str(out)], tmp_path)
+    result = json.loads((out / "latency.json").read_text())
+    assert result["setting"]["tp_size"] == PROCESSES
+    model = result["models"]["test_tiny_opt"]
+    single = tiny_config()
+    head_dim = single.hidden_size // single.num_attention_heads
+    per_process = single.num_kv_layers * 2 * (single.num_key_value_heads // PROCESSES) * head_dim * 4  # fp32
+    assert model["max_batch"] == 2 and model["kv_bytes_per_token_formula"] == per_process
+    assert all(run["kv_bytes_per_token"] == per_process for run in model["runs"])
