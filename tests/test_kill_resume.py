@@ -1,0 +1,166 @@
+"""A run_clm.py process killed at any moment resumes by itself and loses nothing.
+
+Real subprocesses of run_clm.py on the tiny opt-llama config (constant learning rate, one thread, a few KB of
+text): one killed with SIGTERM in the middle of a save, others with SIGKILL after a random number of steps. Re-run
+with the same command, each resumes from the newest complete checkpoint and ends with the weights of an
+uninterrupted run, bit for bit; every checkpoint directory on disk is complete after every kill.
+"""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.training_checkpoints import STAGING_DIR, check_readable, checkpoints_newest_first, incomplete_reason
+
+from .conftest import REPO
+from .test_run_clm import base_args, local_args
+
+MAX_STEPS, SAVE_STEPS = 12, 4
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+       "PYTHONUNBUFFERED": "1"}  # one thread: the same arithmetic in every run, and no fight over 2 cores
+LOSS_LINE = re.compile(r"^\{'loss'")
+RESUMED = re.compile(r"resuming from (\S+)")
+
+# run_clm.py as __main__, with the Trainer's RNG-state save (the middle of a checkpoint: weights and optimizer are
+# written, trainer_state.json is not) writing a marker file and then waiting for a signal at step BLOCK_STEP.
+BLOCKING_SAVE = """
+import runpy, signal, sys
+from pathlib import Path
+import transformers
+marker, block_step = Path(sys.argv.pop(1)), int(sys.argv.pop(1))
+save_rng_state = transformers.Trainer._save_rng_state
+def save_rng_state_then_wait(self, output_dir):
+    save_rng_state(self, output_dir)
+    if self.state.global_step == block_step:
+        marker.with_suffix(".tmp").write_text(output_dir)
+        marker.with_suffix(".tmp").rename(marker)
+        signal.pause()
+transformers.Trainer._save_rng_state = save_rng_state_then_wait
+sys.argv[0] = "run_clm.py"
+runpy.run_path("run_clm.py", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from corpus import prepare_corpus
+
+    corpus = prepare_corpus()
+    root = tmp_path_factory.mktemp("kill_data")
+    (root / "train.txt").write_text(corpus.train.read_text()[:20000])
+    (root / "validation.txt").write_text(corpus.validation.read_text()[:2000])
+    return root, corpus
+
+
+def command(data, out: Path) -> list[str]:
+    args = base_args("opt-llama", out) + local_args(*data) + ["--do_train", "--max_steps", str(MAX_STEPS)]
+    return args + ["--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--lr_scheduler_type", "constant",
+                   "--save_total_limit", "2"]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "run_clm.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    run(command(data, out))
+    return load_file(out / "model.safetensors")
+
+
+def assert_same_weights(out: Path, expected: dict[str, torch.Tensor]) -> None:
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def assert_checkpoints_complete(out: Path) -> list[str]:
+    """Every checkpoint-N directory of ``out`` is complete and readable; returns their names, newest first."""
+    checkpoints = checkpoints_newest_first(out) if out.exists() else []
+    for checkpoint in checkpoints:
+        assert incomplete_reason(checkpoint) is None, (checkpoint, sorted(p.name for p in checkpoint.iterdir()))
+        check_readable("checkpoint", checkpoint)
+    return [c.name for c in checkpoints]
+
+
+def resumed_from(stderr: str) -> str | None:
+    match = RESUMED.search(stderr)
+    return Path(match.group(1)).name if match else None
+
+
+def test_sigterm_during_a_save_resumes_from_the_last_complete_checkpoint(data, uninterrupted, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "saving"
+    args = command(data, out)
+    block_step = 2 * SAVE_STEPS
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SAVE, str(marker), str(block_step), *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        staged = Path(marker.read_text())
+        assert staged.parent == out / STAGING_DIR  # the save writes into the staging directory ...
+        assert not (out / f"checkpoint-{block_step}").exists()  # ... and checkpoint-8 does not exist yet
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert (out / STAGING_DIR).exists()
+    assert assert_checkpoints_complete(out) == [f"checkpoint-{SAVE_STEPS}"]
+
+    again = run(args)  # the same command
+    assert resumed_from(again.stderr) == f"checkpoint-{SAVE_STEPS}"
+    assert_same_weights(out, uninterrupted)
+    assert not (out / STAGING_DIR).exists()
+    assert assert_checkpoints_complete(out) == [f"checkpoint-{MAX_STEPS}", f"checkpoint-{MAX_STEPS - SAVE_STEPS}"]
+
+
+def run_and_kill_after(args: list[str], steps: int) -> tuple[bool, str]:
+    """Start run_clm.py; SIGKILL it once it has logged ``steps`` training steps. Returns (finished, stderr)."""
+    proc = subprocess.Popen([sys.executable, "run_clm.py", *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    logged = 0
+    for line in proc.stdout:
+        logged += bool(LOSS_LINE.match(line))
+        if logged == steps:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    status = proc.wait(timeout=300)
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert status in (0, -signal.SIGKILL), stderr[-3000:]
+    return status == 0, stderr
+
+
+def test_sigkill_at_random_steps_every_rerun_resumes_and_finishes(data, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    args = command(data, out)
+    rng = random.Random(1234)
+    for kill in range(3):
+        newest = assert_checkpoints_complete(out)[:1]
+        finished, stderr = run_and_kill_after(args, steps=rng.randint(1, SAVE_STEPS + 2))
+        assert resumed_from(stderr) == (newest[0] if newest else None), (kill, stderr[-2000:])
+        assert_checkpoints_complete(out)  # after the kill: no checkpoint directory is half-written
+        if finished:
+            break
+    newest = assert_checkpoints_complete(out)[:1]
+    final = run(args)
+    assert resumed_from(final.stderr) == (newest[0] if newest else None)
+    assert_same_weights(out, uninterrupted)
+    assert not (out / STAGING_DIR).exists()
+    assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
