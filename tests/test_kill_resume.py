@@ -6,6 +6,8 @@ with the same command, each resumes from the newest complete checkpoint and ends
 uninterrupted run, bit for bit; every checkpoint directory on disk is complete after every kill.
 """
 
+import json
+import logging
 import os
 import random
 import re
@@ -19,7 +21,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.training_checkpoints import STAGING_DIR, check_readable, checkpoints_newest_first, incomplete_reason
+import run_clm
+from models.cli import UsageError
+from models.training_checkpoints import (
+    JIT_SENTINEL,
+    STAGING_DIR,
+    check_readable,
+    checkpoints_newest_first,
+    choose_resume_checkpoint,
+    incomplete_reason,
+    publish,
+)
 
 from .conftest import REPO
 from .test_run_clm import base_args, local_args
@@ -150,7 +162,7 @@ def run_and_kill_after(args: list[str], steps: int) -> tuple[bool, str]:
 def test_sigkill_at_random_steps_every_rerun_resumes_and_finishes(data, uninterrupted, tmp_path):
     out = tmp_path / "out"
     args = command(data, out)
-    rng = random.Random(1234)
+    rng = random.Random(0)  # kills after 4, 4, 1 logged steps: two of them next to a save
     for kill in range(3):
         newest = assert_checkpoints_complete(out)[:1]
         finished, stderr = run_and_kill_after(args, steps=rng.randint(1, SAVE_STEPS + 2))
@@ -164,3 +176,61 @@ def test_sigkill_at_random_steps_every_rerun_resumes_and_finishes(data, uninterr
     assert_same_weights(out, uninterrupted)
     assert not (out / STAGING_DIR).exists()
     assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
+
+
+def test_best_model_and_rotation_point_at_published_checkpoints(data, tmp_path):
+    """save_total_limit 1 with load_best_model_at_end: the best checkpoint is recorded under its published name and
+    survives the rotation; nothing stays in the staging directory."""
+    out = tmp_path / "out"
+    args = command(data, out)
+    args[args.index("--save_total_limit") + 1] = "1"
+    args += ["--do_eval", "--eval_strategy", "steps", "--eval_steps", str(SAVE_STEPS), "--max_eval_samples", "8",
+             "--load_best_model_at_end", "true", "--metric_for_best_model", "loss", "--greater_is_better", "false"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses: tiny matrices, and 2 shared cores
+    try:
+        state = run_clm.main(args)["trainer"].state
+    finally:
+        torch.set_num_threads(threads)
+    best = Path(state.best_model_checkpoint)
+    assert best.parent == out and best.name == f"checkpoint-{state.best_global_step}"
+    recorded = json.loads((out / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert Path(recorded) == best
+    assert set(assert_checkpoints_complete(out)) == {best.name, f"checkpoint-{MAX_STEPS}"}
+    assert not (out / STAGING_DIR).exists()
+
+
+def fake_checkpoint(path: Path, complete: bool = True) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": int(path.name.split("-")[1])}))
+    return path
+
+
+def test_resume_skips_and_names_incomplete_checkpoints(tmp_path, caplog):
+    fake_checkpoint(tmp_path / "checkpoint-5")
+    fake_checkpoint(tmp_path / "checkpoint-10")
+    fake_checkpoint(tmp_path / "checkpoint-15", complete=False)  # a plain Trainer killed while it saved
+    jit = fake_checkpoint(tmp_path / "checkpoint-20")
+    (jit / JIT_SENTINEL).write_text("in progress")  # transformers' JIT checkpoint killed while it saved
+    (tmp_path / "checkpoint-7.txt").write_text("not a directory")
+    with caplog.at_level(logging.INFO, logger="models.training_checkpoints"):
+        chosen = choose_resume_checkpoint(None, tmp_path, auto=True)
+    assert chosen == str(tmp_path / "checkpoint-10")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "checkpoint-20 (holds checkpoint-is-incomplete.txt)" in lines[0]
+    assert "checkpoint-15 (no trainer_state.json)" in lines[0] and "resuming from" in lines[0]
+    assert choose_resume_checkpoint(None, tmp_path, auto=False) is None
+    with pytest.raises(UsageError, match="checkpoint-15 is not a complete Trainer checkpoint \\(no trainer_state.json\\)"):
+        choose_resume_checkpoint(str(tmp_path / "checkpoint-15"), tmp_path, auto=True)
+
+
+def test_publish_replaces_an_existing_checkpoint_in_one_rename(tmp_path):
+    old = fake_checkpoint(tmp_path / "checkpoint-4")
+    (old / "stale.bin").write_text("from an earlier run")
+    staged = fake_checkpoint(tmp_path / STAGING_DIR / "checkpoint-4")
+    (staged / "model.safetensors").write_text("new")
+    publish(staged, old)
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
+    assert not (tmp_path / STAGING_DIR).exists()
