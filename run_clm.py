@@ -27,7 +27,6 @@ import huggingface_hub
 import transformers
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     PretrainedConfig,
     Trainer,
     TrainingArguments,
@@ -157,8 +156,9 @@ def check_args(margs: ModelArguments, dargs: DataTrainingArguments, targs: Train
     shared.check_output_dir("--output_dir", targs.output_dir)
     if margs.model_name_or_path:
         shared.check_source("--model_name_or_path", margs.model_name_or_path, required_file="config.json")
+        shared.check_weights("--model_name_or_path", margs.model_name_or_path)
     if margs.tokenizer_name:
-        shared.check_source("--tokenizer_name", margs.tokenizer_name)
+        shared.check_tokenizer_source("--tokenizer_name", margs.tokenizer_name)
 
 
 # ----------------------------------------------------------------------------- hub access
@@ -228,10 +228,7 @@ def load_tokenizer(margs: ModelArguments, corpus_tokenizer: Path | None):
     flag = "--tokenizer_name" if margs.tokenizer_name or not corpus_tokenizer else "--use_embedded_corpus"
     if not is_local(name):
         ensure_hub_or_offline(flag)
-    try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=margs.cache_dir)
-    except OSError as err:
-        raise hub_error(flag, name, err) from None
+    return shared.load_tokenizer(flag, name, cache_dir=margs.cache_dir)
 
 
 def build_model(margs: ModelArguments, config: PretrainedConfig, tokenizer) -> transformers.PreTrainedModel:
