@@ -35,8 +35,9 @@ SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$"
 # What a directory holds when it is a checkpoint with weights / a tokenizer (fast, sentencepiece, BPE or WordPiece).
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-TEXT_PROBE_BYTES = 1 << 20
-MAX_CHOICES_SHOWN = 20  # a longer list of allowed values is summarised by the closest ones  # how much of a data file the text check reads: enough to catch binary files, cheap on GB corpora
+TEXT_PROBE_BYTES = 1 << 20  # how much of a data file the text check reads: enough to catch binary files, cheap on GB corpora
+NEGATIVE_VALUE = re.compile(r"^-\.?\d")  # a word no option of these tools starts with
+MAX_CHOICES_SHOWN = 20  # a longer list of allowed values is summarised by the closest ones
 
 
 class UsageError(ValueError):
@@ -51,7 +52,13 @@ class OneLineErrors:
 
 
 class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
-    """argparse's parser whose errors are one-line ``UsageError``s."""
+    """argparse's parser whose errors are one-line ``UsageError``s, and which takes a word starting with a minus and
+    a digit (``-1TB``, ``-80GB``, ``-1e9``) as a flag's value, as it takes ``-1``: the value check then names it
+    (argparse would read it as an unknown option and say the flag "expected one argument")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_VALUE  # argparse's test for "a negative number, not an option"
 
 
 class HfParser(OneLineErrors, HfArgumentParser):

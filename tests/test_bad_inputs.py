@@ -50,6 +50,7 @@ ROWS = {
     "latency gpu_memory not a size": Row("test_latency", [*PLAN, "--gpu_memory", "abc"], ["--gpu_memory", "abc"], subprocess=SUBPROCESS),
     "latency gpu_memory negative": Row("test_latency", [*PLAN, "--gpu_memory=-80GB"], ["--gpu_memory", "-80GB"]),
     "latency bandwidth negative": Row("test_latency", [*PLAN, "--hbm_bandwidth=-1TB"], ["--hbm_bandwidth", "-1TB"]),
+    "latency bandwidth negative, separate word": Row("test_latency", [*PLAN, "--hbm_bandwidth", "-1TB"], ["--hbm_bandwidth", "-1TB"]),
     "latency bandwidth unknown unit": Row("test_latency", [*PLAN, "--hbm_bandwidth", "3PB"], ["--hbm_bandwidth", "3PB"]),
     "latency plan_lengths zero": Row("test_latency", [*PLAN, "--plan_lengths", "0"], ["--plan_lengths", "0"]),
     "latency memory below the weights": Row("test_latency", [*PLAN, "--gpu_memory", "1KB"], ["--gpu_memory", "1KB"]),
