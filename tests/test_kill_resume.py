@@ -43,7 +43,7 @@ LOSS_LINE = re.compile(r"^\{'loss'")
 RESUMED = re.compile(r"resuming from (\S+)")
 
 # run_clm.py as __main__, with the Trainer's RNG-state save (the middle of a checkpoint: weights and optimizer are
-# written, trainer_state.json is not) writing a marker file and then waiting for a signal at step BLOCK_STEP.
+# written, trainer_state.json is not) writing a marker file and then waiting for a signal at the step it is given.
 BLOCKING_SAVE = """
 import runpy, signal, sys
 from pathlib import Path
@@ -79,10 +79,22 @@ def command(data, out: Path) -> list[str]:
                    "--save_total_limit", "2"]
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "run_clm.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def start(command: list[str], log: Path, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start ``command`` in the repository, its stderr (the log) written to ``log`` (a pipe could fill and stall it)."""
+    with log.open("w") as handle:
+        return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=stdout, stderr=handle, text=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, allowed=(0,)) -> str:
+    """Wait for ``proc``; its exit status is one of ``allowed``; returns its log."""
+    status = proc.wait(timeout=300)
+    assert status in allowed, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def run(args: list[str], log: Path) -> str:
+    """run_clm.py with ``args`` to the end; returns its log."""
+    return finish(start([sys.executable, "run_clm.py", *args], log), log)
 
 
 class Uninterrupted:
@@ -90,15 +102,13 @@ class Uninterrupted:
     killed runs: the two cores are shared)."""
 
     def __init__(self, args: list[str], out: Path):
-        self.out = out
-        self.proc = subprocess.Popen([sys.executable, "run_clm.py", *args], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.out, self.log = out, out.parent / "log.txt"
+        self.proc = start([sys.executable, "run_clm.py", *args], self.log)
         self._weights = None
 
     def weights(self) -> dict[str, torch.Tensor]:
         if self._weights is None:
-            _, stderr = self.proc.communicate(timeout=300)
-            assert self.proc.returncode == 0, stderr[-3000:]
+            finish(self.proc, self.log)
             self._weights = load_file(self.out / "model.safetensors")
         return self._weights
 
@@ -109,7 +119,7 @@ def uninterrupted(data, tmp_path_factory):
     reference = Uninterrupted(command(data, out), out)
     yield reference
     reference.proc.kill()
-    reference.proc.communicate()
+    reference.proc.wait()
 
 
 def assert_same_weights(out: Path, reference: Uninterrupted) -> None:
@@ -135,37 +145,35 @@ def resumed_from(stderr: str) -> str | None:
 
 
 def test_sigterm_during_a_save_resumes_from_the_last_complete_checkpoint(data, uninterrupted, tmp_path):
-    out, marker = tmp_path / "out", tmp_path / "saving"
+    out, marker, log = tmp_path / "out", tmp_path / "saving", tmp_path / "log.txt"
     args = command(data, out)
     block_step = 2 * SAVE_STEPS
-    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SAVE, str(marker), str(block_step), *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start([sys.executable, "-c", BLOCKING_SAVE, str(marker), str(block_step), *args], log)
     try:
+        deadline = time.monotonic() + 300
         while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         staged = Path(marker.read_text())
         assert staged.parent == out / STAGING_DIR  # the save writes into the staging directory ...
         assert not (out / f"checkpoint-{block_step}").exists()  # ... and checkpoint-8 does not exist yet
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == -signal.SIGTERM
+        finish(proc, log, allowed=(-signal.SIGTERM,))
     finally:
         proc.kill()
-        proc.stderr.close()
     assert (out / STAGING_DIR).exists()
     assert assert_checkpoints_complete(out) == [f"checkpoint-{SAVE_STEPS}"]
 
-    again = run(args)  # the same command
-    assert resumed_from(again.stderr) == f"checkpoint-{SAVE_STEPS}"
+    again = run(args, tmp_path / "again.txt")  # the same command
+    assert resumed_from(again) == f"checkpoint-{SAVE_STEPS}"
     assert_same_weights(out, uninterrupted)
     assert not (out / STAGING_DIR).exists()
     assert assert_checkpoints_complete(out) == [f"checkpoint-{MAX_STEPS}", f"checkpoint-{MAX_STEPS - SAVE_STEPS}"]
 
 
-def run_and_kill_after(args: list[str], steps: int) -> tuple[bool, str]:
-    """Start run_clm.py; SIGKILL it once it has logged ``steps`` training steps. Returns (finished, stderr)."""
-    proc = subprocess.Popen([sys.executable, "run_clm.py", *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def run_and_kill_after(args: list[str], steps: int, log: Path) -> tuple[bool, str]:
+    """Start run_clm.py; SIGKILL it once it has logged ``steps`` training steps. Returns (finished, its log)."""
+    proc = start([sys.executable, "run_clm.py", *args], log, stdout=subprocess.PIPE)
     logged = 0
     for line in proc.stdout:
         logged += bool(LOSS_LINE.match(line))
@@ -173,11 +181,8 @@ def run_and_kill_after(args: list[str], steps: int) -> tuple[bool, str]:
             proc.send_signal(signal.SIGKILL)
             break
     proc.stdout.close()
-    status = proc.wait(timeout=300)
-    stderr = proc.stderr.read()
-    proc.stderr.close()
-    assert status in (0, -signal.SIGKILL), stderr[-3000:]
-    return status == 0, stderr
+    text = finish(proc, log, allowed=(0, -signal.SIGKILL))
+    return proc.returncode == 0, text
 
 
 def test_sigkill_at_random_steps_every_rerun_resumes_and_finishes(data, uninterrupted, tmp_path):
@@ -186,14 +191,14 @@ def test_sigkill_at_random_steps_every_rerun_resumes_and_finishes(data, uninterr
     rng = random.Random(0)  # kills after 4, 4, 1 logged steps: two of them next to a save
     for kill in range(3):
         newest = assert_checkpoints_complete(out)[:1]
-        finished, stderr = run_and_kill_after(args, steps=rng.randint(1, SAVE_STEPS + 2))
-        assert resumed_from(stderr) == (newest[0] if newest else None), (kill, stderr[-2000:])
+        finished, text = run_and_kill_after(args, rng.randint(1, SAVE_STEPS + 2), tmp_path / f"kill{kill}.txt")
+        assert resumed_from(text) == (newest[0] if newest else None), (kill, text[-2000:])
         assert_checkpoints_complete(out)  # after the kill: no checkpoint directory is half-written
         if finished:
             break
     newest = assert_checkpoints_complete(out)[:1]
-    final = run(args)
-    assert resumed_from(final.stderr) == (newest[0] if newest else None)
+    final = run(args, tmp_path / "final.txt")
+    assert resumed_from(final) == (newest[0] if newest else None)
     assert_same_weights(out, uninterrupted)
     assert not (out / STAGING_DIR).exists()
     assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
