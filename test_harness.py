@@ -117,8 +117,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     from lm_eval.tasks import TaskManager
 
     sys.path.insert(0, str(TASKS_DIR.parent))  # the task data builders import the corpus package
-    # Cheap checks first: the config and tokenizer, then the task names (the task index takes seconds), then the model.
+    # Cheap checks first (the task names were checked with the flags): the config and tokenizer, then the model.
     config = shared.load_config("--model", args.model)
+    shared.check_weights("--model", args.model)
     if args.sequential:
         set_sequential(config, "--sequential")
     tokenizer = load_tokenizer(args.tokenizer, args.model)

@@ -114,6 +114,8 @@ ROWS = {
                                   ["SRC", "no_such_checkpoint", "does not exist"], prog="python -m models.convert"),
     "lckv layout entry out of range": Row("run_generation", ["--config", "{in}/lckv_0_9_9.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
                                           ["--config", "layer_types '0_9_9'", "layer 1 reads layer 9", "0..2"]),
+    "harness checkpoint without weights": Row("test_harness", ["--model", "{in}/config_only", "--tokenizer", "{in}/tok", "--device", "cpu",
+                                                               "--tasks", "lckv_heldout_ppl"], ["--model", "config_only", "no model weights"]),
     "harness task typo": Row("test_harness", [*HARNESS, "--tasks", "hellaswg"], ["--tasks", "'hellaswg'", "closest: hellaswag"],
                              subprocess=SUBPROCESS),
     # --- env flags
