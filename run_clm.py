@@ -27,17 +27,16 @@ import huggingface_hub
 import transformers
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     PretrainedConfig,
     Trainer,
     TrainingArguments,
     default_data_collator,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from models import cli as shared  # import models registers model_type "opt-llama"
 from models.cli import HfParser, UsageError, check_range, check_text_file, one_line, run_cli
 from models.export import AUTO_CLASSES, bundle_code
+from models.training_checkpoints import AtomicCheckpoints, choose_resume_checkpoint
 
 logger = logging.getLogger("run_clm")
 
@@ -163,8 +162,9 @@ def check_args(margs: ModelArguments, dargs: DataTrainingArguments, targs: Train
     shared.check_output_dir("--output_dir", targs.output_dir)
     if margs.model_name_or_path:
         shared.check_source("--model_name_or_path", margs.model_name_or_path, required_file="config.json")
+        shared.check_weights("--model_name_or_path", margs.model_name_or_path)
     if margs.tokenizer_name:
-        shared.check_source("--tokenizer_name", margs.tokenizer_name)
+        shared.check_tokenizer_source("--tokenizer_name", margs.tokenizer_name)
 
 
 # ----------------------------------------------------------------------------- hub access
@@ -234,10 +234,7 @@ def load_tokenizer(margs: ModelArguments, corpus_tokenizer: Path | None):
     flag = "--tokenizer_name" if margs.tokenizer_name or not corpus_tokenizer else "--use_embedded_corpus"
     if not is_local(name):
         ensure_hub_or_offline(flag)
-    try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=margs.cache_dir)
-    except OSError as err:
-        raise hub_error(flag, name, err) from None
+    return shared.load_tokenizer(flag, name, cache_dir=margs.cache_dir)
 
 
 def build_model(margs: ModelArguments, config: PretrainedConfig, tokenizer) -> transformers.PreTrainedModel:
@@ -363,8 +360,9 @@ def tokenize_and_group(raw, tokenizer, dargs: DataTrainingArguments, block_size:
 # ----------------------------------------------------------------------------- trainer
 
 
-class LCKVTrainer(Trainer):
-    """Trainer that also logs the model's extra KV loss (``outputs.kv_loss``, present when ``config.train_kv``)."""
+class LCKVTrainer(AtomicCheckpoints, Trainer):
+    """Trainer that also logs the model's extra KV loss (``outputs.kv_loss``, present when ``config.train_kv``), and
+    whose checkpoints are complete or absent (a kill during a save leaves none half-written)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -407,29 +405,6 @@ def split(lm, name: str, max_samples: int | None, streaming: bool, missing: str,
     return data.take(max_samples) if streaming else data.select(range(min(max_samples, len(data))))
 
 
-def check_checkpoint(path: str) -> None:
-    """A checkpoint to resume from is readable: its safetensors headers, torch zip archives and trainer state.
-
-    A truncated or corrupt file is a UsageError naming it (the Trainer would fail deep inside a loader).
-    """
-    import zipfile
-
-    from safetensors import safe_open
-
-    for file in sorted(Path(path).iterdir()):
-        try:
-            if file.suffix == ".safetensors":
-                with safe_open(str(file), "pt") as handle:
-                    handle.keys()
-            elif file.suffix in (".pt", ".pth", ".bin"):
-                zipfile.ZipFile(file).close()  # torch.save writes a zip archive; a truncated one has no directory
-            elif file.name == "trainer_state.json":
-                json.loads(file.read_text())
-        except Exception as err:  # any reader's complaint means the file is damaged
-            raise UsageError(f"--resume_from_checkpoint: {file} is unreadable ({one_line(err)}); allowed is a complete "
-                             "checkpoint (delete it, or pass --overwrite_output_dir to start over)") from None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command line; bad input ends the process with one line on stderr and exit status 2."""
     return run_cli(train_and_evaluate, argv, prog="run_clm.py")
@@ -442,6 +417,10 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     margs.eval_sequential = margs.eval_sequential or shared.env_flag("LCKV_EVAL_SEQUENTIAL")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     transformers.utils.logging.set_verbosity_warning()
+
+    # Resume: an explicit checkpoint, else the newest complete one in output_dir (read only, before any heavy work).
+    resume = choose_resume_checkpoint(targs.resume_from_checkpoint, targs.output_dir,
+                                      auto=targs.do_train and not margs.overwrite_output_dir)
 
     # Model config first: cheap, and most bad input shows up here.
     config = load_config(margs)
@@ -461,18 +440,6 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
             corpus_paths = prepare_corpus(verbose=True)
     tokenizer = load_tokenizer(margs, corpus_paths.tokenizer if corpus_paths else None)
     check_small_text_files(dargs, data_files, tokenizer, block_size)
-
-    # Resume: an explicit checkpoint, else the last one in output_dir.
-    last_checkpoint = None
-    if targs.do_train and os.path.isdir(targs.output_dir) and not margs.overwrite_output_dir:
-        last_checkpoint = get_last_checkpoint(targs.output_dir)
-    resume = targs.resume_from_checkpoint or last_checkpoint
-    if resume is not None and not os.path.isdir(resume):
-        raise UsageError(f"--resume_from_checkpoint: {resume} does not exist")
-    if resume is not None:
-        check_checkpoint(resume)
-        if targs.resume_from_checkpoint is None:
-            logger.info("resuming from %s (pass --overwrite_output_dir to start over)", last_checkpoint)
 
     raw = load_raw_datasets(margs, dargs, corpus_paths)
     lm = tokenize_and_group(raw, tokenizer, dargs, block_size, targs)

@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextStreamer
+from transformers import AutoModelForCausalLM, PreTrainedModel, TextStreamer
 
 from models import OptLlamaConfig
 from models import cli as shared  # import models registers model_types "opt-llama" and "lckv-llama"
@@ -81,7 +81,9 @@ def load_config(args: argparse.Namespace):
         raise UsageError("--model_name_or_path / --config: give exactly one of them")
     if args.config is not None:
         return shared.load_config("--config", args.config)
-    return shared.load_config("--model_name_or_path", args.model_name_or_path)
+    config = shared.load_config("--model_name_or_path", args.model_name_or_path)
+    shared.check_weights("--model_name_or_path", args.model_name_or_path)
+    return config
 
 
 def load_tokenizer(args: argparse.Namespace):
@@ -89,11 +91,7 @@ def load_tokenizer(args: argparse.Namespace):
     source = args.tokenizer or args.model_name_or_path
     if source is None:
         raise UsageError("--tokenizer: needed with --config (e.g. the embedded corpus tokenizer, see python -m corpus)")
-    shared.check_source("--tokenizer" if args.tokenizer else "--model_name_or_path", source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
-        raise UsageError(f"--tokenizer: cannot load a tokenizer from {source}") from None
+    tokenizer = shared.load_tokenizer("--tokenizer" if args.tokenizer else "--model_name_or_path", source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

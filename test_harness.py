@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from models import cli as shared  # import models registers opt-llama with the Auto classes
 from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_choices, check_range, run_cli, set_sequential
+from models.task_names import check_task_names, local_task_names
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 COMMONSENSE_TASKS = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa"]
 LOCAL_TASKS = ["lckv_heldout_ppl", "lckv_next_line"]
+TASK_NAMES_CACHE = TASKS_DIR.parent / ".cache" / "lm_eval_task_names.json"  # lm-eval's task names, see models.task_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +59,13 @@ def check_args(args: argparse.Namespace) -> None:
     args.device = shared.resolve_device(args.device)
     if args.output_path:
         shared.check_output_file("--output_path", args.output_path)
+    if args.tasks:
+        check_task_names("--tasks", task_list(args.tasks), TASKS_DIR, TASK_NAMES_CACHE)
+
+
+def task_list(text: str) -> list[str]:
+    """``--tasks "a, b"`` -> ``["a", "b"]``."""
+    return [t.strip() for t in text.split(",")]
 
 
 def load_model(path: str, dtype: torch.dtype, device: str, sequential: bool, seed: int) -> PreTrainedModel:
@@ -80,11 +89,7 @@ def load_tokenizer(name: str | None, model_path: str) -> PreTrainedTokenizerBase
         from corpus import prepare_corpus
 
         name = str(prepare_corpus().tokenizer)
-    shared.check_source("--tokenizer", name)
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--tokenizer: cannot load a tokenizer from {name} ({shared.one_line(error)})") from None
+    return shared.load_tokenizer("--tokenizer", name)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -112,16 +117,18 @@ def evaluate(args: argparse.Namespace) -> dict:
     from lm_eval.tasks import TaskManager
 
     sys.path.insert(0, str(TASKS_DIR.parent))  # the task data builders import the corpus package
-    # Cheap checks first: the config and tokenizer, then the task names (the task index takes seconds), then the model.
+    # Cheap checks first (the task names were checked with the flags): the config and tokenizer, then the model.
     config = shared.load_config("--model", args.model)
+    shared.check_weights("--model", args.model)
     if args.sequential:
         set_sequential(config, "--sequential")
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"--tokenizer: {len(tokenizer)} tokens exceed the model's vocab_size={config.vocab_size}; "
                          "allowed is a tokenizer of at most that many tokens")
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else default_tasks()
-    task_manager = TaskManager(include_path=str(TASKS_DIR))
+    tasks = task_list(args.tasks) if args.tasks else default_tasks()
+    local_only = set(tasks) <= set(local_task_names(TASKS_DIR))  # then lm-eval's own index (seconds) is not needed
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not local_only)
     check_choices("--tasks", tasks, task_manager.all_tasks)
     model = load_model(args.model, shared.resolve_dtype(args.dtype, args.device), args.device, args.sequential, args.seed)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=args.batch_size)

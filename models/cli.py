@@ -7,6 +7,7 @@ checks here are cheap (no model, no tokenizer, no corpus), so the tools run them
 """
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -18,9 +19,10 @@ from typing import Any
 import huggingface_hub
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import CONFIG_MAPPING, HfArgumentParser, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoTokenizer, HfArgumentParser, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from .config_checks import check_shape_fields
+from .config_checks import check_shape_fields, looks_like_local_path
 from .configuration_opt_llama import OptLlamaConfig
 from .kernels.flags import FLAGS, flag_enabled
 
@@ -30,7 +32,12 @@ DTYPE_CHOICES = (AUTO, *DTYPES)
 # Decimal and binary units of sizes ("80GB", "24GiB") and bandwidths per second ("3.35TB").
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# What a directory holds when it is a checkpoint with weights / a tokenizer (fast, sentencepiece, BPE or WordPiece).
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 TEXT_PROBE_BYTES = 1 << 20  # how much of a data file the text check reads: enough to catch binary files, cheap on GB corpora
+NEGATIVE_VALUE = re.compile(r"^-\.?\d")  # a word no option of these tools starts with
+MAX_CHOICES_SHOWN = 20  # a longer list of allowed values is summarised by the closest ones
 
 
 class UsageError(ValueError):
@@ -45,7 +52,13 @@ class OneLineErrors:
 
 
 class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
-    """argparse's parser whose errors are one-line ``UsageError``s."""
+    """argparse's parser whose errors are one-line ``UsageError``s, and which takes a word starting with a minus and
+    a digit (``-1TB``, ``-80GB``, ``-1e9``) as a flag's value, as it takes ``-1``: the value check then names it
+    (argparse would read it as an unknown option and say the flag "expected one argument")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_VALUE  # argparse's test for "a negative number, not an option"
 
 
 class HfParser(OneLineErrors, HfArgumentParser):
@@ -229,11 +242,6 @@ def resolve_device(value: str | None, flag: str = "--device") -> str:
 # ----------------------------------------------------------------------------- configs
 
 
-def _looks_like_path(source: str) -> bool:
-    """Whether a missing ``source`` was meant as a local path (a hub id is ``name`` or ``namespace/name``)."""
-    return source.endswith(".json") or source.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source)
-
-
 def check_source(flag: str, source: str, required_file: str | None = None) -> None:
     """A local path must exist (a file, or a directory holding ``required_file``); a hub id needs the hub.
 
@@ -247,11 +255,39 @@ def check_source(flag: str, source: str, required_file: str | None = None) -> No
         if required_file and not (path / required_file).is_file():
             raise UsageError(f"{flag}: {source} has no {required_file}; allowed is a checkpoint directory or a config .json")
         return
-    if _looks_like_path(source):
+    if looks_like_local_path(source):
         raise UsageError(f"{flag}: {source} does not exist; allowed is a local path or a hub id")
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise UsageError(f"{flag}: {source} does not exist locally, and offline (HF_HUB_OFFLINE=1) it cannot be a hub id; "
                          "allowed is a local path")
+
+
+def check_weights(flag: str, source: str) -> None:
+    """A local checkpoint directory holds model weights (``save_pretrained``'s safetensors or torch files, or their
+    shard index); a hub id or a config file is not checked here."""
+    path = Path(source).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise UsageError(f"{flag}: {source} holds no model weights (none of {', '.join(WEIGHT_FILES)}); allowed is a "
+                         "directory written by save_pretrained or the Trainer")
+
+
+def check_tokenizer_source(flag: str, source: str) -> None:
+    """``check_source``, and a local directory holds a tokenizer file (transformers would blame missing packages)."""
+    check_source(flag, source)
+    path = Path(source).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{flag}: {source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); allowed is a "
+                         "tokenizer directory or a hub id")
+
+
+def load_tokenizer(flag: str, source: str, **kwargs) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(source, **kwargs)``, checked by ``check_tokenizer_source``; a tokenizer
+    transformers cannot load is a UsageError too."""
+    check_tokenizer_source(flag, source)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag}: cannot load a tokenizer from {source} ({one_line(error)})") from None
 
 
 def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = None, overrides_flag: str = "--config_overrides",
@@ -315,9 +351,13 @@ def set_sequential(config: PretrainedConfig, flag: str) -> None:
 
 
 def check_choices(flag: str, values: Iterable[str], allowed: Iterable[str]) -> None:
-    """Every one of ``values`` is among ``allowed``."""
+    """Every one of ``values`` is among ``allowed``; a long list of choices is summarised by the closest names."""
     allowed = sorted(allowed)
-    unknown = [v for v in values if v not in allowed]
-    if unknown:
-        shown = ", ".join(allowed[:20]) + (f", ... ({len(allowed)} in all)" if len(allowed) > 20 else "")
-        raise UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; allowed are {shown}")
+    known = set(allowed)
+    unknown = [v for v in values if v not in known]
+    if not unknown:
+        return
+    if len(allowed) <= MAX_CHOICES_SHOWN:
+        raise UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; allowed are {', '.join(allowed)}")
+    hints = [f"{v!r} (closest: {', '.join(difflib.get_close_matches(v, allowed, n=5)) or 'none'})" for v in unknown]
+    raise UsageError(f"{flag}: unknown {', '.join(hints)}; allowed is one of {len(allowed)} names")

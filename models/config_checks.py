@@ -1,10 +1,14 @@
-"""Checks of the shape fields every decoder config divides and reshapes by, on a plain mapping of fields.
+"""Checks shared by the CLIs and the LCKV config classes: the shape fields every decoder config divides and
+reshapes by (on a plain mapping of fields), and whether a config source that does not exist was meant as a local path.
 
 Run on a raw config dict before a config class divides by them (the CLIs, for any model type) and by the LCKV
 config itself; every error is a one-line ValueError naming the field, the value and what is allowed.
 """
 
+import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -25,3 +29,16 @@ def check_shape_fields(fields: Mapping[str, Any]) -> None:
         raise ValueError(f"hidden_size: {hidden} is not a multiple of num_attention_heads={heads}; allowed are multiples of {heads}")
     if head_dim and head_dim % 2:
         raise ValueError(f"head_dim: {head_dim} is odd; allowed are even sizes (rotary embeddings rotate pairs)")
+
+
+def looks_like_local_path(source: str) -> bool:
+    """Whether a missing ``source`` was meant as a local path (a hub id is ``name`` or ``namespace/name``)."""
+    return source.endswith(".json") or source.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source)
+
+
+def check_local_source(source: str | os.PathLike) -> None:
+    """A config source that does not exist here and cannot be a hub id: FileNotFoundError saying so (transformers
+    would report a malformed hub repo id, or a failed download)."""
+    if isinstance(source, (str, os.PathLike)) and not Path(source).expanduser().exists() and looks_like_local_path(str(source)):
+        raise FileNotFoundError(f"{source}: does not exist; allowed is a config .json, a checkpoint directory or a hub id "
+                                "(name or namespace/name)")

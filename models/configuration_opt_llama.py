@@ -23,7 +23,7 @@ are then saved explicitly.
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from .config_checks import POSITIVE_FIELDS, check_shape_fields
+from .config_checks import POSITIVE_FIELDS, check_local_source, check_shape_fields
 from .layer_layouts import (
     default_published_layout,
     lckv_layout,
@@ -98,6 +98,13 @@ class OptLlamaConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         check_shape_fields(self.shape_fields())  # again with the head dim and KV heads transformers derived
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reading of a config source (``from_pretrained``), with one clear error for a local path that
+        does not exist."""
+        check_local_source(pretrained_model_name_or_path)
+        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+
     def shape_fields(self) -> dict:
         return {name: getattr(self, name, None) for name in POSITIVE_FIELDS}
 
@@ -126,7 +133,7 @@ class OptLlamaConfig(LlamaConfig):
                     f"layer_types: {num_types} entries for num_hidden_layers={self.num_hidden_layers}; allowed is one entry per layer"
                 )
         kv_sources = self.layer_kv_sources
-        validate_kv_sources(kv_sources, self.num_hidden_layers)
+        validate_kv_sources(kv_sources, self.num_hidden_layers, self.kv_sources_field)
         validate_window_layers(self.sliding_window_layers, self.num_hidden_layers)
         if self.sliding_window_layers:
             strict = strict_layers(kv_sources, self.force_nodiag)
@@ -158,6 +165,12 @@ class OptLlamaConfig(LlamaConfig):
         if self.kv_sources is None and layout is not None:
             fields["layer_types"] = layout
         return fields
+
+    @property
+    def kv_sources_field(self) -> str:
+        """How errors in the KV sources name what the user wrote: ``kv_sources`` (a published layout string parses
+        into valid sources, or fails naming ``layer_types`` itself)."""
+        return "kv_sources"
 
     @property
     def layer_kv_sources(self) -> list[int]:
@@ -231,6 +244,11 @@ class LckvLlamaConfig(OptLlamaConfig):
             self.force_nodiag = False
         if self.iteration_style is None:
             self.iteration_style = "current"
+
+    @property
+    def kv_sources_field(self) -> str:
+        """The layout string: an lckv-llama user writes ``layer_types``, never the internal ``kv_sources``."""
+        return f"layer_types {lckv_layout(self.kv_sources, self.sliding_window_layers)!r}"
 
     def to_dict(self) -> dict:
         """The ``lckv-llama`` fields: the layout string (as ``lckv_layer_types``, see ``original_format``),

@@ -63,6 +63,8 @@ def converted_config(config: OptLlamaConfig, to: str) -> OptLlamaConfig:
 def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> None:
     """Write ``source`` in format ``to`` to ``destination`` (which must not exist); nothing is left behind on error."""
     source, destination = Path(source), Path(destination)
+    if not source.is_dir():
+        raise ValueError(f"SRC: {source} {'is a file' if source.exists() else 'does not exist'}; allowed is a checkpoint directory")
     if not (source / "config.json").is_file():
         raise ValueError(f"SRC: {source} has no config.json; allowed is a checkpoint directory")
     if destination.exists():

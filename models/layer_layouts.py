@@ -99,16 +99,16 @@ def lckv_layout(kv_sources: list[int], window_layers: list[int]) -> str:
     return "_".join(f"{src}{'s' if i in windows else ''}" for i, src in enumerate(kv_sources))
 
 
-def validate_kv_sources(kv_sources: list[int], num_hidden_layers: int) -> None:
-    """One entry per layer, each naming a layer that computes its own KVs."""
+def validate_kv_sources(kv_sources: list[int], num_hidden_layers: int, field: str = "kv_sources") -> None:
+    """One entry per layer, each naming a layer that computes its own KVs; errors start with ``field``."""
     if len(kv_sources) != num_hidden_layers:
-        raise ValueError(f"kv_sources: {len(kv_sources)} entries for num_hidden_layers={num_hidden_layers}; allowed is one entry per layer")
+        raise ValueError(f"{field}: {len(kv_sources)} entries for num_hidden_layers={num_hidden_layers}; allowed is one entry per layer")
     for i, src in enumerate(kv_sources):
         if not 0 <= src < num_hidden_layers:
-            raise ValueError(f"kv_sources: layer {i} reads layer {src}; allowed values are 0..{num_hidden_layers - 1}")
+            raise ValueError(f"{field}: layer {i} reads layer {src}; allowed values are 0..{num_hidden_layers - 1}")
         if kv_sources[src] != src:
             raise ValueError(
-                f"kv_sources: layer {i} reads layer {src}, which reads layer {kv_sources[src]}; allowed sources are layers with their own KVs (kv_sources[j] == j)"
+                f"{field}: layer {i} reads layer {src}, which reads layer {kv_sources[src]}; allowed sources are layers with their own KVs (whose entry is their own index)"
             )
 
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from models import LckvLlamaConfig, OptLlamaConfig, OptLlamaForCausalLM
+
 from .conftest import REPO
 from .test_generation import make_tiny_files
 
@@ -32,6 +34,7 @@ class Row:
     names: list[str]  # what the error line must contain: the flag or field, and the bad value where it has one
     env: dict[str, str] = field(default_factory=dict)
     subprocess: bool = False
+    prog: str | None = None  # the error line's prefix, when not the tool's file name
 
 
 GEN = ["--config", "{in}/opt.json", "--tokenizer", "{in}/tok"]
@@ -47,6 +50,7 @@ ROWS = {
     "latency gpu_memory not a size": Row("test_latency", [*PLAN, "--gpu_memory", "abc"], ["--gpu_memory", "abc"], subprocess=SUBPROCESS),
     "latency gpu_memory negative": Row("test_latency", [*PLAN, "--gpu_memory=-80GB"], ["--gpu_memory", "-80GB"]),
     "latency bandwidth negative": Row("test_latency", [*PLAN, "--hbm_bandwidth=-1TB"], ["--hbm_bandwidth", "-1TB"]),
+    "latency bandwidth negative, separate word": Row("test_latency", [*PLAN, "--hbm_bandwidth", "-1TB"], ["--hbm_bandwidth", "-1TB"]),
     "latency bandwidth unknown unit": Row("test_latency", [*PLAN, "--hbm_bandwidth", "3PB"], ["--hbm_bandwidth", "3PB"]),
     "latency plan_lengths zero": Row("test_latency", [*PLAN, "--plan_lengths", "0"], ["--plan_lengths", "0"]),
     "latency memory below the weights": Row("test_latency", [*PLAN, "--gpu_memory", "1KB"], ["--gpu_memory", "1KB"]),
@@ -99,6 +103,21 @@ ROWS = {
                                        ["--model_name_or_path", "gone/ckpt", "does not exist"]),
     "generation missing config": Row("run_generation", ["--config", "{in}/nope.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
                                      ["--config", "nope.json", "does not exist"]),
+    # --- directories that are not what the flag needs, near-miss names
+    "clm resume from a non-checkpoint": Row("run_clm", [*CLM, "--resume_from_checkpoint", "{in}/tok"],
+                                            ["--resume_from_checkpoint", "tok", "trainer_state.json"], subprocess=SUBPROCESS),
+    "clm empty tokenizer directory": Row("run_clm", [*CLM[:2], "--tokenizer_name", "{in}/empty_dir", *CLM[4:]],
+                                         ["--tokenizer_name", "empty_dir", "no tokenizer"]),
+    "generation checkpoint without weights": Row("run_generation", ["--model_name_or_path", "{in}/config_only", "--prompt", "x"],
+                                                 ["--model_name_or_path", "config_only", "no model weights"]),
+    "convert missing source": Row("models.convert", ["{in}/no_such_checkpoint", "{out}", "--to", "lckv-llama"],
+                                  ["SRC", "no_such_checkpoint", "does not exist"], prog="python -m models.convert"),
+    "lckv layout entry out of range": Row("run_generation", ["--config", "{in}/lckv_0_9_9.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
+                                          ["--config", "layer_types '0_9_9'", "layer 1 reads layer 9", "0..2"]),
+    "harness checkpoint without weights": Row("test_harness", ["--model", "{in}/config_only", "--tokenizer", "{in}/tok", "--device", "cpu",
+                                                               "--tasks", "lckv_heldout_ppl"], ["--model", "config_only", "no model weights"]),
+    "harness task typo": Row("test_harness", [*HARNESS, "--tasks", "hellaswg"], ["--tasks", "'hellaswg'", "closest: hellaswag"],
+                             subprocess=SUBPROCESS),
     # --- env flags
     "env flag on run_generation": Row("run_generation", [*GEN, "--prompt", "x"], ["LCKV_FLASH_ATTN", "yes"],
                                       env={"LCKV_FLASH_ATTN": "yes"}, subprocess=SUBPROCESS),
@@ -130,6 +149,11 @@ def inputs(tmp_path_factory) -> Path:
     (root / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (root / "one_line.txt").write_text("ROMEO: But soft.\n")
     truncated_checkpoint(root / "resume")
+    (root / "empty_dir").mkdir()
+    (root / "config_only").mkdir()
+    (root / "config_only" / "config.json").write_text((root / "opt.json").read_text())
+    lckv = {k: v for k, v in fields.items() if k not in ("layer_types", "target_layer", "architectures")}
+    (root / "lckv_0_9_9.json").write_text(json.dumps({**lckv, "model_type": "lckv-llama", "num_hidden_layers": 3, "layer_types": "0_9_9"}))
     return root
 
 
@@ -185,7 +209,8 @@ def test_bad_input_exits_2_with_one_line(name, inputs, subprocess_runs, tmp_path
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"{row.tool.split('.')[-1]}{'' if '.' in row.tool else '.py'}: error: "), lines[0]
+    prog = row.prog or f"{row.tool.split('.')[-1]}{'' if '.' in row.tool else '.py'}"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
     for word in row.names:
         assert word in lines[0], (word, lines[0])
     assert not wrote, "the tool wrote files"
@@ -196,3 +221,12 @@ def test_the_table_covers_every_tool_and_class():
     assert len(ROWS) >= 30
     assert {row.tool for row in ROWS.values()} >= {"run_clm", "run_generation", "run_streaming", "test_harness", "test_latency"}
     assert sum(row.subprocess for row in ROWS.values()) >= 5
+
+
+@pytest.mark.parametrize("source", ["missing.json", "./no_such_dir", "/no/such/checkpoint"])
+@pytest.mark.parametrize("loader", [OptLlamaConfig, LckvLlamaConfig, OptLlamaForCausalLM], ids=lambda c: c.__name__)
+def test_missing_local_path_in_from_pretrained_is_one_clear_error(loader, source):
+    """The Python API: the project's classes say a local path does not exist (transformers: "Repo id must be ...")."""
+    with pytest.raises(FileNotFoundError, match=f"^{source}: does not exist; allowed is a config .json") as error:
+        loader.from_pretrained(source)
+    assert "\n" not in str(error.value)

@@ -80,8 +80,8 @@ def test_lckv_llama_fields_map_to_the_internal_representation(tmp_path):
     ("fields", "message"),
     [
         (dict(model_type="lckv-llama", layer_types="0_4x_4_4_4_5"), "^layer_types: entry 1 is '4x'; allowed"),
-        (dict(model_type="lckv-llama", layer_types="0_4_4_4_4_9"), "^kv_sources: layer 5 reads layer 9; allowed values are 0..5"),
-        (dict(model_type="lckv-llama", layer_types="0_2_4_4_4_5"), "^kv_sources: layer 1 reads layer 2, which reads layer 4"),
+        (dict(model_type="lckv-llama", layer_types="0_4_4_4_4_9"), "^layer_types '0_4_4_4_4_9': layer 5 reads layer 9; allowed values are 0..5"),
+        (dict(model_type="lckv-llama", layer_types="0_2_4_4_4_5"), "^layer_types '0_2_4_4_4_5': layer 1 reads layer 2, which reads layer 4"),
         (dict(model_type="lckv-llama", layer_types="0s_4_4_4_4_5", sliding_window=0), "^sliding_window: 0; allowed are integers >= 1"),
         (dict(model_type="lckv-llama", layer_types="0_4s_4_4_4_5", sliding_window=1), "^sliding_window: 1; allowed are integers >= 2"),
         (dict(model_type="lckv-llama", layer_types="0_4_4_4_4_5", backward_passes=0), "^forward_passes/backward_passes: 7/0; allowed"),

@@ -1,0 +1,191 @@
+"""Trainer checkpoints that are complete or absent, and the choice of the one to resume from.
+
+transformers' Trainer writes ``checkpoint-N/`` file by file where it will stay (config, weights, optimizer,
+scheduler, RNG states, ``trainer_state.json`` last, then rotation), so a run killed while it saves leaves a
+directory with only the first files, and ``get_last_checkpoint`` picks it by its name. Here:
+
+* ``AtomicCheckpoints`` (a Trainer mixin) lets the Trainer write the checkpoint into
+  ``OUTPUT_DIR/_checkpoint-in-progress/checkpoint-N`` and publishes it with one ``rename`` (atomic on POSIX within
+  a filesystem), so a kill at any moment leaves the complete ``checkpoint-N`` or none; a staging directory left by
+  a killed save is removed by the next save (and when training starts).
+* ``choose_resume_checkpoint`` picks the newest *complete* checkpoint (``trainer_state.json`` written, no
+  transformers JIT-checkpoint sentinel), skipping and naming incomplete ones (left by a plain Trainer or an older
+  version of this code), and checks an explicit ``--resume_from_checkpoint`` before any heavy work.
+
+The protection is against the process dying (SIGTERM, SIGKILL, OOM killer, preemption): files are not fsynced, so
+a power loss or kernel crash right after a save may still lose what the page cache held.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .cli import UsageError, one_line
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = "_checkpoint-in-progress"  # a leading "_": the Trainer's hub upload of output_dir skips it
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # what get_last_checkpoint accepts
+JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' JIT checkpoint keeps it in checkpoint-N until it is saved
+
+
+class AtomicCheckpoints:
+    """Trainer mixin (``class MyTrainer(AtomicCheckpoints, Trainer)``): every checkpoint appears complete or not at all.
+
+    The Trainer's own ``_save_checkpoint`` does the writing (model, optimizer, scheduler, RNG, state, callbacks) into
+    the staging directory: while ``_staging`` is set, ``_get_output_dir`` answers the staging root. Afterwards the
+    main process points the best-model record at the published path, renames the checkpoint into place and rotates
+    (``save_total_limit``) over the published checkpoints, as the Trainer would have.
+    """
+
+    _staging = False
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if not self._staging:  # pushed once published, from its final path (the staged one is renamed away)
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def train(self, *args, **kwargs):
+        if self.args.should_save:
+            remove_staging(self.args.output_dir)
+        return super().train(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = run_dir / STAGING_DIR / name, run_dir / name
+        if self.args.should_save:
+            remove_staging(run_dir)
+        self.accelerator.wait_for_everyone()  # nobody writes into the staging directory before it is clean
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every process has written its part (sharded optimizer states)
+        if self.state.best_model_checkpoint is not None and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)  # the Trainer recorded the staged path
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        if self.args.should_save:
+            publish(staged, final)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(final))
+
+
+def remove_staging(run_dir: str | os.PathLike) -> None:
+    """Delete the staging directory a killed save left in ``run_dir`` (if any)."""
+    staging = Path(run_dir) / STAGING_DIR
+    if staging.exists():
+        logger.info("removing %s, left by a save that did not finish", staging)
+        shutil.rmtree(staging)
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Move the complete checkpoint ``staged`` to ``final`` with one rename, then delete the staging directory.
+
+    An existing ``final`` (the same step saved again after resuming from an earlier checkpoint) is first moved
+    into the staging directory: a kill between the two renames leaves no ``final``, never a partial one.
+    """
+    if final.exists():
+        os.replace(final, staged.parent / f"replaced-{final.name}")
+    os.replace(staged, final)
+    shutil.rmtree(staged.parent)
+
+
+def incomplete_reason(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` is not a checkpoint the Trainer finished writing; None when it is.
+
+    The Trainer writes ``trainer_state.json`` after every other file; its JIT checkpoint also marks a save in
+    progress with a sentinel file.
+    """
+    if (checkpoint / JIT_SENTINEL).exists():
+        return f"holds {JIT_SENTINEL}"
+    if not (checkpoint / TRAINER_STATE_NAME).is_file():
+        return f"no {TRAINER_STATE_NAME}"
+    return None
+
+
+def checkpoints_newest_first(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` directories of ``output_dir`` (the names ``get_last_checkpoint`` reads), highest N first."""
+    steps = {}
+    for entry in Path(output_dir).iterdir():
+        match = CHECKPOINT_NAME.match(entry.name)
+        if match and entry.is_dir():
+            steps[entry] = int(match.group(1))
+    return sorted(steps, key=steps.get, reverse=True)
+
+
+def check_readable(flag: str, checkpoint: Path) -> None:
+    """Every file of ``checkpoint`` reads: safetensors headers, torch zip archives, ``trainer_state.json``.
+
+    A truncated or corrupt file is a UsageError naming it (the Trainer would fail deep inside a loader).
+    """
+    from safetensors import safe_open
+
+    for file in sorted(checkpoint.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as handle:
+                    handle.keys()
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(file).close()  # torch.save writes a zip archive; a truncated one has no directory
+            elif file.name == TRAINER_STATE_NAME:
+                json.loads(file.read_text())
+        except Exception as err:  # any reader's complaint means the file is damaged
+            raise UsageError(f"{flag}: {file} is unreadable ({one_line(err)}); allowed is a complete checkpoint "
+                             "(delete it, or pass --overwrite_output_dir to start over)") from None
+
+
+def check_resumable(flag: str, checkpoint: str | os.PathLike) -> None:
+    """``checkpoint`` is a directory holding a complete, readable Trainer checkpoint; else a UsageError naming it."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise UsageError(f"{flag}: {checkpoint} {what}; allowed is a checkpoint-N directory written by the Trainer")
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise UsageError(f"{flag}: {checkpoint} is not a complete Trainer checkpoint ({reason}); allowed is a "
+                         "checkpoint-N directory written by the Trainer")
+    check_readable(flag, path)
+
+
+def choose_resume_checkpoint(explicit: str | None, output_dir: str | os.PathLike, auto: bool) -> str | None:
+    """The checkpoint to resume training from, checked before any heavy work; None to start from scratch.
+
+    ``explicit`` (``--resume_from_checkpoint``) must be complete and readable. Otherwise, with ``auto``, the newest
+    complete ``checkpoint-N`` of ``output_dir``: incomplete ones (a killed save of a plain Trainer) are skipped and
+    named in one log line; a complete one with a damaged file is a UsageError (it is not a save that was cut short).
+    """
+    flag = "--resume_from_checkpoint"
+    if explicit is not None:
+        check_resumable(flag, explicit)
+        return explicit
+    if not auto or not Path(output_dir).is_dir():
+        return None
+    skipped = []
+    for checkpoint in checkpoints_newest_first(output_dir):
+        reason = incomplete_reason(checkpoint)
+        if reason is None:
+            check_readable(flag, checkpoint)
+            note = f"; skipped the incomplete {', '.join(skipped)}" if skipped else ""
+            logger.info("resuming from %s (pass --overwrite_output_dir to start over)%s", checkpoint, note)
+            return str(checkpoint)
+        skipped.append(f"{checkpoint.name} ({reason})")
+    if skipped:
+        logger.warning("no complete checkpoint in %s, starting from scratch; skipping the incomplete %s",
+                       output_dir, ", ".join(skipped))
+    return None

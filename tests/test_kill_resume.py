@@ -1,0 +1,262 @@
+"""A run_clm.py process killed at any moment resumes by itself and loses nothing.
+
+Real subprocesses of run_clm.py on the tiny opt-llama config (constant learning rate, one thread, a few KB of
+text): one killed with SIGTERM in the middle of a save, others with SIGKILL after a random number of steps. Re-run
+with the same command, each resumes from the newest complete checkpoint and ends with the weights of an
+uninterrupted run, bit for bit; every checkpoint directory on disk is complete after every kill.
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_clm
+from models.cli import UsageError
+from models.training_checkpoints import (
+    JIT_SENTINEL,
+    STAGING_DIR,
+    check_readable,
+    checkpoints_newest_first,
+    choose_resume_checkpoint,
+    incomplete_reason,
+    publish,
+)
+
+from .conftest import REPO
+from .test_run_clm import base_args, local_args
+
+MAX_STEPS, SAVE_STEPS = 12, 4
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+       "PYTHONUNBUFFERED": "1"}  # one thread: the same arithmetic in every run, and no fight over 2 cores
+LOSS_LINE = re.compile(r"^\{'loss'")
+RESUMED = re.compile(r"resuming from (\S+)")
+
+# run_clm.py as __main__, with the Trainer's RNG-state save (the middle of a checkpoint: weights and optimizer are
+# written, trainer_state.json is not) writing a marker file and then waiting for a signal at the step it is given.
+BLOCKING_SAVE = """
+import runpy, signal, sys
+from pathlib import Path
+import transformers
+marker, block_step = Path(sys.argv.pop(1)), int(sys.argv.pop(1))
+save_rng_state = transformers.Trainer._save_rng_state
+def save_rng_state_then_wait(self, output_dir):
+    save_rng_state(self, output_dir)
+    if self.state.global_step == block_step:
+        marker.with_suffix(".tmp").write_text(output_dir)
+        marker.with_suffix(".tmp").rename(marker)
+        signal.pause()
+transformers.Trainer._save_rng_state = save_rng_state_then_wait
+sys.argv[0] = "run_clm.py"
+runpy.run_path("run_clm.py", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from corpus import prepare_corpus
+
+    corpus = prepare_corpus()
+    root = tmp_path_factory.mktemp("kill_data")
+    (root / "train.txt").write_text(corpus.train.read_text()[:20000])
+    (root / "validation.txt").write_text(corpus.validation.read_text()[:2000])
+    return root, corpus
+
+
+def command(data, out: Path) -> list[str]:
+    args = base_args("opt-llama", out) + local_args(*data) + ["--do_train", "--max_steps", str(MAX_STEPS)]
+    return args + ["--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--lr_scheduler_type", "constant",
+                   "--save_total_limit", "2"]
+
+
+def start(command: list[str], log: Path, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start ``command`` in the repository, its stderr (the log) written to ``log`` (a pipe could fill and stall it)."""
+    with log.open("w") as handle:
+        return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=stdout, stderr=handle, text=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, allowed=(0,)) -> str:
+    """Wait for ``proc``; its exit status is one of ``allowed``; returns its log."""
+    status = proc.wait(timeout=300)
+    assert status in allowed, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def run(args: list[str], log: Path) -> str:
+    """run_clm.py with ``args`` to the end; returns its log."""
+    return finish(start([sys.executable, "run_clm.py", *args], log), log)
+
+
+class Uninterrupted:
+    """The reference run, started at once and waited for when its weights are first needed (it overlaps the
+    killed runs: the two cores are shared)."""
+
+    def __init__(self, args: list[str], out: Path):
+        self.out, self.log = out, out.parent / "log.txt"
+        self.proc = start([sys.executable, "run_clm.py", *args], self.log)
+        self._weights = None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        if self._weights is None:
+            finish(self.proc, self.log)
+            self._weights = load_file(self.out / "model.safetensors")
+        return self._weights
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    reference = Uninterrupted(command(data, out), out)
+    yield reference
+    reference.proc.kill()
+    reference.proc.wait()
+
+
+def assert_same_weights(out: Path, reference: Uninterrupted) -> None:
+    expected = reference.weights()
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def assert_checkpoints_complete(out: Path) -> list[str]:
+    """Every checkpoint-N directory of ``out`` is complete and readable; returns their names, newest first."""
+    checkpoints = checkpoints_newest_first(out) if out.exists() else []
+    for checkpoint in checkpoints:
+        assert incomplete_reason(checkpoint) is None, (checkpoint, sorted(p.name for p in checkpoint.iterdir()))
+        check_readable("checkpoint", checkpoint)
+    return [c.name for c in checkpoints]
+
+
+def resumed_from(stderr: str) -> str | None:
+    match = RESUMED.search(stderr)
+    return Path(match.group(1)).name if match else None
+
+
+def test_sigterm_during_a_save_resumes_from_the_last_complete_checkpoint(data, uninterrupted, tmp_path):
+    out, marker, log = tmp_path / "out", tmp_path / "saving", tmp_path / "log.txt"
+    args = command(data, out)
+    block_step = 2 * SAVE_STEPS
+    proc = start([sys.executable, "-c", BLOCKING_SAVE, str(marker), str(block_step), *args], log)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        staged = Path(marker.read_text())
+        assert staged.parent == out / STAGING_DIR  # the save writes into the staging directory ...
+        assert not (out / f"checkpoint-{block_step}").exists()  # ... and checkpoint-8 does not exist yet
+        proc.send_signal(signal.SIGTERM)
+        finish(proc, log, allowed=(-signal.SIGTERM,))
+    finally:
+        proc.kill()
+    assert (out / STAGING_DIR).exists()
+    assert assert_checkpoints_complete(out) == [f"checkpoint-{SAVE_STEPS}"]
+
+    again = run(args, tmp_path / "again.txt")  # the same command
+    assert resumed_from(again) == f"checkpoint-{SAVE_STEPS}"
+    assert_same_weights(out, uninterrupted)
+    assert not (out / STAGING_DIR).exists()
+    assert assert_checkpoints_complete(out) == [f"checkpoint-{MAX_STEPS}", f"checkpoint-{MAX_STEPS - SAVE_STEPS}"]
+
+
+def run_and_kill_after(args: list[str], steps: int, log: Path) -> tuple[bool, str]:
+    """Start run_clm.py; SIGKILL it once it has logged ``steps`` training steps. Returns (finished, its log)."""
+    proc = start([sys.executable, "run_clm.py", *args], log, stdout=subprocess.PIPE)
+    logged = 0
+    for line in proc.stdout:
+        logged += bool(LOSS_LINE.match(line))
+        if logged == steps:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    text = finish(proc, log, allowed=(0, -signal.SIGKILL))
+    return proc.returncode == 0, text
+
+
+def test_sigkill_at_random_steps_every_rerun_resumes_and_finishes(data, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    args = command(data, out)
+    rng = random.Random(0)  # kills after 4, 4, 1 logged steps: two of them next to a save
+    for kill in range(3):
+        newest = assert_checkpoints_complete(out)[:1]
+        finished, text = run_and_kill_after(args, rng.randint(1, SAVE_STEPS + 2), tmp_path / f"kill{kill}.txt")
+        assert resumed_from(text) == (newest[0] if newest else None), (kill, text[-2000:])
+        assert_checkpoints_complete(out)  # after the kill: no checkpoint directory is half-written
+        if finished:
+            break
+    newest = assert_checkpoints_complete(out)[:1]
+    final = run(args, tmp_path / "final.txt")
+    assert resumed_from(final) == (newest[0] if newest else None)
+    assert_same_weights(out, uninterrupted)
+    assert not (out / STAGING_DIR).exists()
+    assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
+
+
+def test_best_model_and_rotation_point_at_published_checkpoints(data, tmp_path):
+    """save_total_limit 1 with load_best_model_at_end: the best checkpoint is recorded under its published name and
+    survives the rotation; nothing stays in the staging directory."""
+    out = tmp_path / "out"
+    args = command(data, out)
+    args[args.index("--save_total_limit") + 1] = "1"
+    args += ["--do_eval", "--eval_strategy", "steps", "--eval_steps", str(SAVE_STEPS), "--max_eval_samples", "8",
+             "--load_best_model_at_end", "true", "--metric_for_best_model", "loss", "--greater_is_better", "false"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses: tiny matrices, and 2 shared cores
+    try:
+        state = run_clm.main(args)["trainer"].state
+    finally:
+        torch.set_num_threads(threads)
+    best = Path(state.best_model_checkpoint)
+    assert best.parent == out and best.name == f"checkpoint-{state.best_global_step}"
+    recorded = json.loads((out / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert Path(recorded) == best
+    assert set(assert_checkpoints_complete(out)) == {best.name, f"checkpoint-{MAX_STEPS}"}
+    assert not (out / STAGING_DIR).exists()
+
+
+def fake_checkpoint(path: Path, complete: bool = True) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": int(path.name.split("-")[1])}))
+    return path
+
+
+def test_resume_skips_and_names_incomplete_checkpoints(tmp_path, caplog):
+    fake_checkpoint(tmp_path / "checkpoint-5")
+    fake_checkpoint(tmp_path / "checkpoint-10")
+    fake_checkpoint(tmp_path / "checkpoint-15", complete=False)  # a plain Trainer killed while it saved
+    jit = fake_checkpoint(tmp_path / "checkpoint-20")
+    (jit / JIT_SENTINEL).write_text("in progress")  # transformers' JIT checkpoint killed while it saved
+    (tmp_path / "checkpoint-7.txt").write_text("not a directory")
+    with caplog.at_level(logging.INFO, logger="models.training_checkpoints"):
+        chosen = choose_resume_checkpoint(None, tmp_path, auto=True)
+    assert chosen == str(tmp_path / "checkpoint-10")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "checkpoint-20 (holds checkpoint-is-incomplete.txt)" in lines[0]
+    assert "checkpoint-15 (no trainer_state.json)" in lines[0] and "resuming from" in lines[0]
+    assert choose_resume_checkpoint(None, tmp_path, auto=False) is None
+    with pytest.raises(UsageError, match="checkpoint-15 is not a complete Trainer checkpoint \\(no trainer_state.json\\)"):
+        choose_resume_checkpoint(str(tmp_path / "checkpoint-15"), tmp_path, auto=True)
+
+
+def test_publish_replaces_an_existing_checkpoint_in_one_rename(tmp_path):
+    old = fake_checkpoint(tmp_path / "checkpoint-4")
+    (old / "stale.bin").write_text("from an earlier run")
+    staged = fake_checkpoint(tmp_path / STAGING_DIR / "checkpoint-4")
+    (staged / "model.safetensors").write_text("new")
+    publish(staged, old)
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
+    assert not (tmp_path / STAGING_DIR).exists()
