@@ -98,10 +98,11 @@ def has_visible_key(attention_mask: torch.Tensor | None, past_length: int, query
         past_length: number of cached tokens before the queries.
 
     Returns:
-        ``(batch, query_length, 1)`` float tensor, 1 where some real token precedes the query, else 0.
+        ``(batch, query_length, 1)`` bool tensor, True where some real token precedes the query (the model casts
+        it to its own dtype).
     """
     if attention_mask is None or attention_mask.dim() != 2:
         positions = torch.arange(past_length, past_length + query_length, device=device)
-        return (positions > 0).to(torch.float32).expand(batch_size, query_length)[..., None]
+        return (positions > 0).expand(batch_size, query_length)[..., None]
     real_before = attention_mask.long().cumsum(-1) - attention_mask.long()
-    return (real_before[:, -query_length:] > 0).to(torch.float32)[..., None]
+    return (real_before[:, -query_length:] > 0)[..., None]

@@ -27,12 +27,14 @@ def tiny_config(name: str = "test_tiny_opt.json", **overrides):
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def tiny_model(config, attn_implementation: str = "sdpa", seed: int = 0):
+def tiny_model(config, attn_implementation: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised model in eval mode; the weights are drawn in float32 whatever ``dtype`` (a float64 model
+    holds the float32 model's values exactly)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 @pytest.fixture(autouse=True)
