@@ -41,3 +41,13 @@ def tiny_model(config, attn_implementation: str = "sdpa", seed: int = 0, dtype: 
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["1 thread", "all cores"])
+def num_threads(request):
+    """Runs a test with ``torch.set_num_threads(1)`` and with every core: reductions split differently, so the rounding
+    order changes; an oracle must hold both ways."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1 if request.param == "1 thread" else os.cpu_count() or 1)
+    yield torch.get_num_threads()
+    torch.set_num_threads(previous)
