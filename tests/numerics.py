@@ -20,11 +20,12 @@ hence ``SAFETY_FACTOR = 16``. Measured (docs/design.md): float32 results stay wi
 prompt-then-decode logits.
 """
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 FLOAT64_ATOL = 1e-9
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
@@ -33,6 +34,24 @@ SEEDS = (0, 1)
 # Ops without a pointwise/reduction tag that round: matrix products, softmax, fused attention.
 ROUNDING_OPS = {"mm", "addmm", "bmm", "baddbmm", "_softmax", "_scaled_dot_product_flash_attention_for_cpu"}
 FINITE_LIMIT = 1e300  # mask fill values (finfo.min) are not perturbed: they would overflow to -inf
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class LowPrecisionSpy(TorchDispatchMode):
+    """Counts, per op, the float32/bf16/fp16 tensors produced between the input embedding and ``lm_head`` of each
+    forward (``found``: op name -> count); a float64 model should produce none."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.found, self.armed = Counter(), False
+        model.get_input_embeddings().register_forward_pre_hook(lambda *_: setattr(self, "armed", True))
+        model.lm_head.register_forward_pre_hook(lambda *_: setattr(self, "armed", False))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if self.armed and any(isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in tree_leaves(result)):
+            self.found[str(func)] += 1
+        return result
 
 
 def rounds(func) -> bool:

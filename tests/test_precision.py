@@ -1,42 +1,20 @@
 """Precision: a float64 model computes in float64 throughout; float32, bfloat16 and float16 models compute exactly as
 Llama does (its float32 steps, bitwise)."""
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, eager_attention_forward
 
 from models.kernels.plain import PlainRMSNorm, PlainRotaryEmbedding, plain_eager_attention
 
 from .conftest import tiny_config, tiny_model
+from .numerics import LOW_PRECISION, LowPrecisionSpy
 
-LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 MODEL_TYPES = {
     "opt-llama": dict(layer_types="0_1_1_1_2_0", num_encoders=3),
     "lckv-llama": dict(model_type="lckv-llama", layer_types="0s_4_4_4_4_5s", sliding_window=3, forward_passes=2, backward_passes=2),
 }
-
-
-class LowPrecisionSpy(TorchDispatchMode):
-    """Counts, per op, the float32/bf16/fp16 tensors produced before ``lm_head`` runs in each forward."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.found, self.before_head = Counter(), True
-        model.model.embed_tokens.register_forward_pre_hook(lambda *_: setattr(self, "before_head", True))
-        model.lm_head.register_forward_pre_hook(lambda *_: setattr(self, "before_head", False))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if self.before_head:
-            for leaf in tree_leaves(result):
-                if isinstance(leaf, torch.Tensor) and leaf.dtype in LOW_PRECISION:
-                    self.found[str(func)] += 1
-        return result
 
 
 def run_every_path(model, ids: torch.Tensor) -> None:
