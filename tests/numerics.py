@@ -1,11 +1,11 @@
 """Tolerances of the oracle tests: float64 comparisons at one tolerance near float64's, float32 ones at a stated bound.
 
 **float64.** A float64 model computes in float64 throughout (``models/kernels/plain.py``), and so did the original
-code when its reference outputs were made (``tests/fixtures/original_lckv/make``). Two float64 computations of the same
-function differ by rounding, ~1e-16 relative per operation, amplified by how sensitive the function is: measured on
-the reference cases at most 2.1e-11 (``top_mha``, the most sensitive), mostly below 1e-13. ``FLOAT64_ATOL = 1e-9``
-covers that on any machine and is orders of magnitude below any difference of formula (the smallest one the tests pin,
-an iteration more or less, changes logits by more than 1e-3).
+code when its reference outputs were made (``tests/fixtures/make``). Two float64 computations of the same function
+differ by rounding, ~1e-16 relative per operation, amplified by how sensitive the function is: measured on the
+reference cases at most 2.1e-11 (``top_mha``'s decode, the most sensitive), mostly below 1e-13. ``FLOAT64_ATOL = 1e-9``
+covers that on any machine and is far below the differences of formula the tests tell apart (one iteration fewer
+changes logits by more than 1e-3).
 
 **float32.** float32 results differ from the exact ones by rounding that depends on the machine (vector width, thread
 count, library). The bound is derived, in float64, from the computation itself: ``float32_error_bound`` runs it with
@@ -15,9 +15,9 @@ every rounding operation's result (pointwise ops, reductions, matrix products, s
 much the function amplifies float32-sized errors at every step (``top_mha``'s amplification along the sequence
 included). That models one rounding per operation; a float32 reduction of ``n`` terms rounds ``n`` times, which
 grows its error like ``sqrt(n) * u`` (at most ``n * u``): the longest reductions here have 128 terms (sqrt = 11.3),
-hence ``SAFETY_FACTOR = 16``. Measured (docs/design.md): float32 results stay within 0.2 of the bound
-(``max |float32 - float64| / bound``); the bound is 1.5e-4 to 3e-4 on well-conditioned cases and 0.3 on ``top_mha``'s
-prompt-then-decode logits.
+hence ``SAFETY_FACTOR = 16``. Measured (docs/checkpoint_formats.md): float32 results use at most 0.21 of the bound
+(``max |float32 - float64| / bound``); the bound is 2.5e-4 to 2.3e-3 on the well-conditioned cases and 1.8e-2 to 0.23
+on ``top_mha``.
 """
 
 from collections import Counter
