@@ -10,7 +10,7 @@ RoPE never leaves the trained range. Before each forward the model calls :meth:`
 evicts the oldest window tokens to make room for the new ones and returns the new tokens' slots as ``position_ids``;
 the model rotates their queries and keys there, as usual. Keys are stored as the model rotated them, together with the
 slot they were rotated at. Eviction shifts later keys to lower slots; a read rotates each key by ``slot now - slot
-written`` (RoPE rotations compose), in fp32, from the stored key. So rounding never accumulates over a long stream
+written`` (RoPE rotations compose), in fp32 (fp64 for a fp64 model), from the stored key. So rounding never accumulates over a long stream
 (re-rotating the stored keys at every eviction would, in bf16), and a cache that has not evicted yet returns its keys
 untouched: with a window longer than the text the cache is exactly the ordinary cached decoding.
 
@@ -19,9 +19,8 @@ Shapes: ``B`` batch, ``Hkv`` KV heads, ``n`` cached tokens, ``T`` new tokens, ``
 
 import torch
 from transformers.cache_utils import Cache, DummyLayer, DynamicLayer
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .kernels.plain import plain_rotate
+from .kernels.plain import PlainRotaryEmbedding, compute_dtype, plain_rotate
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -33,18 +32,19 @@ class SinkWindowLayer(DynamicLayer):
 
     is_croppable = False  # evicted tokens cannot be restored
 
-    def __init__(self, num_sink_tokens: int, window_size: int, inv_freq: torch.Tensor):
+    def __init__(self, num_sink_tokens: int, window_size: int, rotary: PlainRotaryEmbedding):
         super().__init__()
         self.num_sink_tokens = num_sink_tokens
         self.window_size = window_size
         self.capacity = num_sink_tokens + window_size
-        self.inv_freq = inv_freq
+        self.rotary = rotary
+        self.inv_freq: torch.Tensor | None = None  # (D / 2,) in the keys' compute dtype, set with the first keys
         self.written_at = torch.zeros(0, dtype=torch.long)
         self.shifted = False  # whether some stored key sits below the slot it was rotated at
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.inv_freq = self.inv_freq.to(self.device)
+        self.inv_freq = self.rotary.inverse_frequencies(compute_dtype(key_states.dtype), self.device)
 
     def make_room(self, num_new: int) -> None:
         """Evict the oldest window tokens so that ``num_new`` more fit; the sinks stay."""
@@ -68,9 +68,9 @@ class SinkWindowLayer(DynamicLayer):
         if not self.shifted:
             return self.keys
         shift = torch.arange(len(self.written_at)) - self.written_at
-        angles = shift.to(self.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = shift.to(self.device, self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)[None]  # (1, n, D)
-        return plain_rotate(self.keys.float(), angles.cos(), angles.sin()).to(self.keys.dtype)
+        return plain_rotate(self.keys.to(self.inv_freq.dtype), angles.cos(), angles.sin()).to(self.keys.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``(B, Hkv, T, D)`` KVs rotated at the next ``T`` slots; return all ``(B, Hkv, n + T, D)`` KVs."""
@@ -127,9 +127,9 @@ class SinkWindowCache(Cache):
                 f"window_size: num_sink_tokens + window_size = {num_sink_tokens + window_size} exceeds "
                 f"max_position_embeddings={limit}; allowed is at most {limit}"
             )
-        inv_freq = LlamaRotaryEmbedding(config=config).inv_freq  # a pure rotation: no attention scaling
+        rotary = PlainRotaryEmbedding(config=config)  # its frequencies only: a pure rotation, no attention scaling
         modes = getattr(config, "kv_sharing_modes", None) or [None] * config.num_hidden_layers
-        layers = [DummyLayer() if mode == "reuse" else SinkWindowLayer(num_sink_tokens, window_size, inv_freq) for mode in modes]
+        layers = [DummyLayer() if mode == "reuse" else SinkWindowLayer(num_sink_tokens, window_size, rotary) for mode in modes]
         super().__init__(layers=layers)
         self.window_size = window_size
         self.num_sink_tokens = num_sink_tokens

@@ -99,10 +99,11 @@ def has_visible_key(attention_mask: torch.Tensor | None, past_length: int | torc
         past_length: number of cached tokens before the queries (a static cache's 0-d tensor fill level too).
 
     Returns:
-        ``(batch, query_length, 1)`` float tensor, 1 where some real token precedes the query, else 0.
+        ``(batch, query_length, 1)`` bool tensor, True where some real token precedes the query (the model casts
+        it to its own dtype).
     """
     positions = torch.arange(query_length, device=device) + past_length
     if attention_mask is None or attention_mask.dim() != 2:
-        return (positions > 0).to(torch.float32).expand(batch_size, query_length)[..., None]
+        return (positions > 0).expand(batch_size, query_length)[..., None]
     real_before = attention_mask.long().cumsum(-1) - attention_mask.long()
-    return (real_before.index_select(1, positions.to(attention_mask.device)) > 0).to(torch.float32)[..., None]
+    return (real_before.index_select(1, positions.to(attention_mask.device)) > 0)[..., None]

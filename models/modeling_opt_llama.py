@@ -17,7 +17,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
@@ -271,7 +270,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([OptLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = kernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.rotary_emb = kernels.PlainRotaryEmbedding(config=config)
         self.layer_outputs = LayerOutputTap()
         self.kv_sources = config.layer_kv_sources
         self.plan = layer_plan(self.kv_sources)

@@ -27,15 +27,27 @@ def tiny_config(name: str = "test_tiny_opt.json", **overrides):
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def tiny_model(config, attn_implementation: str = "sdpa", seed: int = 0):
+def tiny_model(config, attn_implementation: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised model in eval mode; the weights are drawn in float32 whatever ``dtype`` (a float64 model
+    holds the float32 model's values exactly)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["1 thread", "all cores"])
+def num_threads(request):
+    """Runs a test with ``torch.set_num_threads(1)`` and with every core: reductions split differently, so the rounding
+    order changes; an oracle must hold both ways."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1 if request.param == "1 thread" else os.cpu_count() or 1)
+    yield torch.get_num_threads()
+    torch.set_num_threads(previous)

@@ -1,5 +1,6 @@
 """The checkpoint-fidelity fields: what each config format means by default, and that this project's own configs and
-checkpoints compute exactly as before those fields existed (outputs stored from commit a9ce88b)."""
+checkpoints compute exactly as before those fields existed (outputs of commit a9ce88b, computed in float64:
+tests/fixtures/README.md)."""
 
 import json
 from pathlib import Path
@@ -12,22 +13,23 @@ from transformers import AutoConfig
 from models import LckvLlamaConfig, OptLlamaConfig
 
 from .conftest import CONFIGS, tiny_config, tiny_model
+from .numerics import FLOAT64_ATOL
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_fidelity_outputs"
 
 
 @pytest.mark.parametrize("name", json.loads(FIXTURE.with_suffix(".json").read_text()))
 def test_project_configs_compute_as_before(name):
-    """Same weights, same inputs: the logits, padded logits and greedy tokens stored before this change."""
+    """Same weights, same inputs, in float64: the logits, padded logits and greedy tokens of the code before this change."""
     stored = load_file(FIXTURE.with_suffix(".safetensors"))
     overrides = json.loads(FIXTURE.with_suffix(".json").read_text())[name]["overrides"]
-    model = tiny_model(tiny_config(**overrides), "eager")
+    model = tiny_model(tiny_config(**overrides), "eager", dtype=torch.float64)
     prefix = f"{name}/weights/"
-    model.load_state_dict({k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}, strict=True)
+    model.load_state_dict({k[len(prefix):]: v.double() for k, v in stored.items() if k.startswith(prefix)}, strict=True)
     ids, mask = stored["ids"], stored["mask"]
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, stored[f"{name}/logits"], atol=1e-6, rtol=0)
-        torch.testing.assert_close(model(ids, attention_mask=mask).logits, stored[f"{name}/padded_logits"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(ids).logits, stored[f"{name}/logits"], atol=FLOAT64_ATOL, rtol=0)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, stored[f"{name}/padded_logits"], atol=FLOAT64_ATOL, rtol=0)
         greedy = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(greedy, stored[f"{name}/greedy"])
 

@@ -36,7 +36,7 @@ from .flags import (
     flag_enabled,
     warn_fallback,
 )
-from .plain import PlainRMSNorm, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
+from .plain import PlainRMSNorm, PlainRotaryEmbedding, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
 
 INSTALL_HINT = "see requirements-gpu.txt"
 
@@ -141,6 +141,7 @@ def __getattr__(name: str):
 __all__ = [
     "FLAGS",
     "STRICT_CAUSAL",
+    "PlainRotaryEmbedding",
     "RMSNorm",
     "SwiGLUMLP",
     "apply_rotary_pos_emb",

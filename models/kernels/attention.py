@@ -23,7 +23,8 @@ from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .plain import plain_eager_attention
 
 # (module, query (B, Hq, T, D), key (B, Hkv, T, D), value (B, Hkv, T, D), dropout, scaling) -> (B, T, Hq, D)
 CausalAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, float, float | None], torch.Tensor]
@@ -157,5 +158,6 @@ def fast_attention(
 
 
 def configured_attention(implementation: str) -> Callable:
-    """transformers' attention function for ``config._attn_implementation`` (eager when unregistered)."""
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    """transformers' attention function for ``config._attn_implementation``; eager (unregistered) is
+    ``plain_eager_attention``: transformers' eager, with a float64 softmax for float64 models."""
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, plain_eager_attention)

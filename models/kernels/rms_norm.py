@@ -7,7 +7,8 @@ from .plain import PlainRMSNorm
 
 
 class FusedRMSNorm(PlainRMSNorm):
-    """Same parameters and numerics (fp32 statistics, Llama casting) as ``PlainRMSNorm``; one Triton kernel.
+    """Same parameters as ``PlainRMSNorm`` and, below float64, its numerics (fp32 statistics, Llama casting); one
+    Triton kernel. Its statistics stay fp32 for float64 input: float64 runs use the plain path (the flag off).
 
     Input and output ``(..., hidden_size)``.
     """
