@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import DynamicCache, StaticCache
 
 from models import modeling_opt_llama, prefill_modes, sequential_prefill
@@ -86,31 +86,55 @@ def test_generate_equals_iterative_when_iterations_cover_the_prompt(mode):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_token_step_compiles_once_over_a_static_cache(monkeypatch):
-    """The compiled step traces one graph and replays it at every position (dynamo counter, CPU backend), with the
-    eager result; a second prompt continuing the same cache does not recompile either."""
-    counter = CompileCounter()
-    monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: {"backend": counter, "fullgraph": True, "dynamic": False})
+@pytest.fixture
+def cpu_compiled_step(monkeypatch) -> CompileCounterWithBackend:
+    """The token step compiled on the CPU (dynamo traces and guards it as on a GPU, the graph runs eagerly); the
+    counter counts the frames dynamo compiles, recompilations included."""
+    counter = CompileCounterWithBackend("eager")
+    monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", counter)
     sequential_prefill.compiled_token_step.cache_clear()
     torch._dynamo.reset()
+    yield counter
+    sequential_prefill.compiled_token_step.cache_clear()
+    torch._dynamo.reset()
+
+
+def test_token_step_compiles_once_over_a_static_cache(cpu_compiled_step, monkeypatch):
+    """The compiled step traces one graph and replays it at every position, with the eager result; a second prompt
+    continuing the same cache does not recompile either."""
     model = model_with("sequential")
     ids, mask = padded_prompts(LONG)
     full_mask = torch.cat([mask, torch.ones_like(mask)], dim=1)
     position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
     results = []
-    for compiled in (False, True):
-        if not compiled:
-            monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: None)
-        else:
-            monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: {"backend": counter, "fullgraph": True, "dynamic": False})
+    for backend in (None, cpu_compiled_step):
+        monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", backend)
         cache = StaticCache(config=model.config, max_cache_len=3 * LONG)
         with torch.no_grad():
             first = model(ids, attention_mask=mask, position_ids=position_ids[:, :LONG], cache=cache).logits
             second = model(ids, attention_mask=full_mask, position_ids=position_ids[:, LONG:], cache=cache).logits
         results.append(torch.cat([first, second], dim=1))
-    assert counter.frame_count == 1
+    assert cpu_compiled_step.frame_count == 1
     torch.testing.assert_close(results[1], results[0], atol=ATOL, rtol=0)
-    sequential_prefill.compiled_token_step.cache_clear()
+
+
+def test_token_step_compiles_once_per_batch_size_at_any_prompt_length(cpu_compiled_step, monkeypatch):
+    """One compilation per batch size, batch 1 included, over prompts that cross several MASK_CHUNK windows and end
+    in a shorter one, through prefill_cache and generate: at batch 1 a mask row sliced from a window used to keep a
+    stride of that window, and every new stride recompiled the step."""
+    window = 8
+    monkeypatch.setattr(sequential_prefill, "MASK_CHUNK", window)  # the same code path at a few tokens per window
+    model = model_with("sequential")
+    cache_len = 3 * window + 8
+    for batch, prompt_lengths in ((1, (5, 2 * window + 21)), (3, (2 * window + 21, 7))):
+        for length in prompt_lengths:
+            cache = StaticCache(config=model.config, max_cache_len=cache_len)
+            with torch.no_grad():
+                sequential_prefill.prefill_cache(model, torch.randint(3, 256, (batch, length)), cache)
+                # generate's path: its own masks, one decoding step after the prompt
+                model.generate(torch.randint(3, 256, (batch, length)), attention_mask=torch.ones(batch, length, dtype=torch.long),
+                               cache=StaticCache(config=model.config, max_cache_len=cache_len), max_new_tokens=1, pad_token_id=0)
+        assert cpu_compiled_step.frame_count == (1 if batch == 1 else 2)
 
 
 def test_prefill_cache_then_generate_equals_generate():
