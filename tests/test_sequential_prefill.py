@@ -125,8 +125,8 @@ def test_token_step_compiles_once_per_batch_size_at_any_prompt_length(cpu_compil
     window = 8
     monkeypatch.setattr(sequential_prefill, "MASK_CHUNK", window)  # the same code path at a few tokens per window
     model = model_with("sequential")
-    cache_len = 3 * window + 8
-    for batch, prompt_lengths in ((1, (5, 2 * window + 21)), (3, (2 * window + 21, 7))):
+    cache_len = 4 * window
+    for batch, prompt_lengths in ((1, (5, 3 * window + 5)), (3, (3 * window + 5, 7))):
         for length in prompt_lengths:
             cache = StaticCache(config=model.config, max_cache_len=cache_len)
             with torch.no_grad():
