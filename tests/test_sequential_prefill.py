@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import DynamicCache, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 from models import modeling_opt_llama, prefill_modes, sequential_prefill
 from models.chunked_prefill import prefill_in_chunks
@@ -118,23 +118,27 @@ def test_token_step_compiles_once_over_a_static_cache(cpu_compiled_step, monkeyp
     torch.testing.assert_close(results[1], results[0], atol=ATOL, rtol=0)
 
 
-def test_token_step_compiles_once_per_batch_size_at_any_prompt_length(cpu_compiled_step, monkeypatch):
+def test_prefill_and_decode_steps_compile_once_per_batch_size_at_any_prompt_length(cpu_compiled_step, monkeypatch):
     """One compilation per batch size, batch 1 included, over prompts that cross several MASK_CHUNK windows and end
-    in a shorter one, through prefill_cache and generate: at batch 1 a mask row sliced from a window used to keep a
-    stride of that window, and every new stride recompiled the step."""
+    in a shorter one: the token step through prefill_cache and generate (at batch 1 a mask row sliced from a window
+    used to keep a stride of that window, and every new stride recompiled the step), and generate's compiled decode
+    step (transformers' compile config, on the CPU too)."""
     window = 8
     monkeypatch.setattr(sequential_prefill, "MASK_CHUNK", window)  # the same code path at a few tokens per window
     model = model_with("sequential")
     cache_len = 4 * window
-    for batch, prompt_lengths in ((1, (5, 3 * window + 5)), (3, (3 * window + 5, 7))):
+    decode = CompileConfig(backend="eager", fullgraph=True, dynamic=False, mode=None)
+    decode._compile_all_devices = True  # transformers' switch for compiling generate's decode step off CUDA
+    torch._dynamo.utils.counters.clear()
+    for batches, (batch, prompt_lengths) in enumerate(((1, (5, 3 * window + 5)), (3, (3 * window + 5, 7))), start=1):
         for length in prompt_lengths:
-            cache = StaticCache(config=model.config, max_cache_len=cache_len)
+            ids = torch.randint(3, 256, (batch, length))
             with torch.no_grad():
-                sequential_prefill.prefill_cache(model, torch.randint(3, 256, (batch, length)), cache)
-                # generate's path: its own masks, one decoding step after the prompt
-                model.generate(torch.randint(3, 256, (batch, length)), attention_mask=torch.ones(batch, length, dtype=torch.long),
-                               cache=StaticCache(config=model.config, max_cache_len=cache_len), max_new_tokens=1, pad_token_id=0)
-        assert cpu_compiled_step.frame_count == (1 if batch == 1 else 2)
+                sequential_prefill.prefill_cache(model, ids, StaticCache(config=model.config, max_cache_len=cache_len))
+                model.generate(ids, attention_mask=torch.ones_like(ids), cache=StaticCache(config=model.config, max_cache_len=cache_len),
+                               max_new_tokens=3, do_sample=False, pad_token_id=0, compile_config=decode)
+        assert cpu_compiled_step.frame_count == batches  # the token step
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * batches  # and the decode step
 
 
 def test_prefill_cache_then_generate_equals_generate():
