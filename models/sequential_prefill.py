@@ -26,15 +26,23 @@ from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from . import modeling_opt_llama as modeling
 from .masks import reads_window_cache
 from .prefill_modes import PREFILL_MODES, choose_prefill
+from .roofline import device_hardware
 
 MASK_CHUNK = 64  # prompt tokens whose one-step masks are cut from one mask build (static caches)
 
 
-def uses_sequential_prefill(config, batch_size: int, query_length: int, cache: Cache | None) -> bool:
-    """Whether a no-grad forward of ``query_length > 1`` tokens runs token by token."""
+def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | None) -> bool:
+    """Whether a no-grad forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: under
+    ``"auto"`` priced for its batch, length, dtype and device (``choose_prefill``)."""
     if config.sequential_forward:
         return True
-    return cache is not None and choose_prefill(config.prefill, batch_size, query_length, config.num_encoders + 1) == "sequential"
+    if cache is None:
+        return False
+    batch_size, query_length = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    path = choose_prefill(config.prefill, config, batch_size, query_length, device_hardware(device),
+                          inputs_embeds.element_size(), captured=compile_options(device, cache) is not None)
+    return path == "sequential"
 
 
 # torch.compile backend of the token step on a CPU ("eager", "aot_eager" or a backend callable); None: the CPU runs

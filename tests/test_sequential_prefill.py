@@ -5,9 +5,10 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import CompileConfig, DynamicCache, StaticCache
 
-from models import modeling_opt_llama, prefill_modes, sequential_prefill
+from models import modeling_opt_llama, sequential_prefill
 from models.chunked_prefill import prefill_in_chunks
 from models.configuration_opt_llama import OptLlamaConfig
+from models.roofline import Hardware
 
 from .conftest import tiny_config, tiny_model
 from .test_model_oracles import sequential_logits
@@ -165,29 +166,29 @@ def test_chunked_prefill_composes_with_sequential_prefill():
     assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
 
 
-def test_auto_rule_picks_each_path():
-    num_iterations = NUM_ENCODERS + 1
-    big, small = prefill_modes.SEQUENTIAL_MIN_BATCH, prefill_modes.SEQUENTIAL_MIN_BATCH - 1
-    assert prefill_modes.choose_prefill("auto", big, num_iterations + 1, num_iterations) == "sequential"
-    assert prefill_modes.choose_prefill("auto", small, 2048, num_iterations) == "iterative"
-    assert prefill_modes.choose_prefill("auto", big, num_iterations, num_iterations) == "iterative"  # exact already
-    assert prefill_modes.choose_prefill("sequential", 1, 2, num_iterations) == "sequential"
-    assert prefill_modes.choose_prefill("iterative", 4096, 4096, num_iterations) == "iterative"
-
-
-def test_auto_in_the_model_dispatches_by_batch(monkeypatch):
-    """prefill="auto" runs a forward with a cache sequentially from SEQUENTIAL_MIN_BATCH sequences on, iteratively
-    below; without a cache (no prefill) always iteratively."""
-    monkeypatch.setattr(prefill_modes, "SEQUENTIAL_MIN_BATCH", 3)
-    calls = []
-    original = modeling_opt_llama.sequential_prefill
-    monkeypatch.setattr(modeling_opt_llama, "sequential_prefill", lambda model, embeds, *a, **k: calls.append(embeds.shape[0]) or original(model, embeds, *a, **k))
+def test_auto_in_the_model_follows_the_cost_model(monkeypatch):
+    """prefill="auto" in a forward that fills a cache asks choose_prefill (models.prefill_modes, tested in
+    tests/test_roofline.py) with the batch, prompt length, value size, the device's GPU and whether the token step
+    is captured, and runs the path it answers; without a cache (no prefill) always iteratively."""
+    ran_sequentially, asked = [], []
+    original_prefill, original_choose = modeling_opt_llama.sequential_prefill, sequential_prefill.choose_prefill
+    monkeypatch.setattr(modeling_opt_llama, "sequential_prefill",
+                        lambda model, embeds, *a, **k: ran_sequentially.append(embeds.shape[0]) or original_prefill(model, embeds, *a, **k))
+    monkeypatch.setattr(sequential_prefill, "choose_prefill", lambda *a, **k: asked.append((*a[2:], k)) or original_choose(*a, **k))
     model = model_with("auto")
+    compute_bound = Hardware("compute-bound", hbm_bandwidth=1e15, peak_flops=1e6, step_overhead_per_layer=0)
     with torch.no_grad():
-        for batch in (2, 3):
-            model(torch.randint(3, 256, (batch, LONG)), cache=DynamicCache(config=model.config), use_cache=True)
-        model(torch.randint(3, 256, (3, LONG)), use_cache=False)
-    assert calls == [3]
+        model(torch.randint(3, 256, (2, LONG)), cache=DynamicCache(config=model.config), use_cache=True)  # CPU: not priced
+        monkeypatch.setattr(sequential_prefill, "device_hardware", lambda device: compute_bound)
+        model(torch.randint(3, 256, (3, LONG)), cache=DynamicCache(config=model.config), use_cache=True)  # eager steps
+        monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", "eager")  # captured: priced
+        model(torch.randint(3, 256, (4, LONG)), cache=StaticCache(config=model.config, max_cache_len=LONG), use_cache=True)
+        model(torch.randint(3, 256, (5, LONG)), use_cache=False)
+    assert asked == [(2, LONG, None, 4, {"captured": False}), (3, LONG, compute_bound, 4, {"captured": False}),
+                     (4, LONG, compute_bound, 4, {"captured": True})]
+    assert ran_sequentially == [4]
+    sequential_prefill.compiled_token_step.cache_clear()
+    torch._dynamo.reset()
 
 
 def test_bad_prefill_value_is_a_one_line_error(tmp_path):
