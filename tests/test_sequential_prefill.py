@@ -5,7 +5,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import CompileConfig, DynamicCache, StaticCache
 
-from models import modeling_opt_llama, sequential_prefill
+from models import SPLIT_KV, modeling_opt_llama, sequential_prefill
 from models.chunked_prefill import prefill_in_chunks
 from models.configuration_opt_llama import OptLlamaConfig
 from models.roofline import Hardware
@@ -140,6 +140,37 @@ def test_prefill_and_decode_steps_compile_once_per_batch_size_at_any_prompt_leng
                                max_new_tokens=3, do_sample=False, pad_token_id=0, compile_config=decode)
         assert cpu_compiled_step.frame_count == batches  # the token step
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * batches  # and the decode step
+
+
+def test_prefill_token_steps_read_only_the_filled_span(monkeypatch):
+    """Under sdpa_split_kv every attention of the sequential prefill's token steps runs the split-KV kernel, whose
+    span per row is the last visible slot + 1 of the step's mask: the filled tokens a layer may see (up to the query
+    for a causal layer, before it for a strict one; none for a left-padded row's padding), never the S preallocated
+    slots; and the prefill equals the one over SDPA."""
+    from models.kernels import decode_attention
+
+    fields = dict(prefill="sequential", num_encoders=NUM_ENCODERS, num_trained_encoders=1)
+    model, reference = tiny_model(tiny_config(**fields), attn_implementation=SPLIT_KV), tiny_model(tiny_config(**fields))
+    config = model.config
+    spans = []
+    kernel = decode_attention._kernel  # loaded by now (building a model configures the kernels)
+    monkeypatch.setattr(decode_attention, "_kernel", lambda q, k, v, mask, lengths, *rest: spans.append(
+        (k.shape[2], lengths.tolist())) or kernel(q, k, v, mask, lengths, *rest))
+    length, slots = 6, 16
+    ids, mask = torch.randint(3, 256, (2, length)), torch.ones(2, length, dtype=torch.long)
+    mask[1, :2] = 0  # row 1 left-padded by 2
+    logits = {}
+    for name, candidate in (("split_kv", model), ("sdpa", reference)):
+        with torch.no_grad():
+            logits[name] = sequential_prefill.prefill_cache(candidate, ids, StaticCache(config=config, max_cache_len=slots), mask)
+    torch.testing.assert_close(logits["split_kv"], logits["sdpa"], atol=ATOL, rtol=0)
+
+    def span(row: int, t: int, strict: bool) -> int:  # last real key the query at t may see, + 1
+        return max((kv + 1 for kv in range(t + 1) if mask[row, kv] and (kv < t or not strict)), default=0)
+
+    strict = model.config.layer_strict
+    expected = [(slots, [span(row, t, strict[layer]) for row in range(2)]) for t in range(length) for layer in range(len(strict))]
+    assert spans == expected and spans[-1] == (slots, [6, 6])
 
 
 def test_prefill_cache_then_generate_equals_generate():
