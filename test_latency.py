@@ -7,8 +7,11 @@ bandwidth roofline, peak memory and the bytes of the KV cache tensors; then each
 baseline (the first Llama config). LCKV models run each ``--prefill`` mode (``config.prefill``; the sequential
 prefill fills the static cache token by token through one compiled step, ``models.sequential_prefill``). With
 ``--steps`` below ``--gen_len`` the decode step is measured at the start and at the end of the context and the
-full ``gen_len`` is extrapolated from them (``setting.extrapolation`` in the JSON). ``--plan`` needs no GPU: KV bytes per token and the KV-bound max batch
-per sequence length, from the config shapes alone.
+full ``gen_len`` is extrapolated from them (``setting.extrapolation`` in the JSON). Each run also states its
+end-to-end rate over the e2e roofline and its prefill over the roofline of the path that ran (``models.roofline``,
+with the GPU's bandwidth and matrix rate, recorded in ``setting.roofline``); ``--memory_cap`` reproduces the regime of
+a smaller card. ``--plan`` needs no GPU: KV bytes per token and the KV-bound max batch per sequence length, from the
+config shapes alone.
 
     python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json --compile --output_dir bench/x
     python test_latency.py --plan --gpu_memory 80GB
