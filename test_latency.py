@@ -7,8 +7,11 @@ bandwidth roofline, peak memory and the bytes of the KV cache tensors; then each
 baseline (the first Llama config). LCKV models run each ``--prefill`` mode (``config.prefill``; the sequential
 prefill fills the static cache token by token through one compiled step, ``models.sequential_prefill``). With
 ``--steps`` below ``--gen_len`` the decode step is measured at the start and at the end of the context and the
-full ``gen_len`` is extrapolated from them (``setting.extrapolation`` in the JSON). ``--plan`` needs no GPU: KV bytes per token and the KV-bound max batch
-per sequence length, from the config shapes alone. Under ``torchrun --nproc_per_node N`` every model is sharded over the
+full ``gen_len`` is extrapolated from them (``setting.extrapolation`` in the JSON). Each run also states its
+end-to-end rate over the e2e roofline and its prefill over the roofline of the path that ran (``models.roofline``,
+with the GPU's bandwidth and matrix rate, recorded in ``setting.roofline``); ``--memory_cap`` reproduces the regime of
+a smaller card. ``--plan`` needs no GPU: KV bytes per token and the KV-bound max batch per sequence length, from the
+config shapes alone. Under ``torchrun --nproc_per_node N`` every model is sharded over the
 N processes (tensor parallelism, ``models.tensor_parallel``), figures are per process, and rank 0 writes the results.
 
     python test_latency.py --configs configs/tinyllama.json configs/tinyllama_opt.json --compile --output_dir bench/x
@@ -21,7 +24,7 @@ import gc
 import json
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,11 +39,31 @@ from models import (  # import models registers opt-llama and both decoding atte
 )
 from models import cli as shared
 from models.chunked_prefill import prefill_in_chunks
-from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, parse_int_list, parse_size, run_cli
+from models.cli import (
+    DTYPE_CHOICES,
+    ArgumentParser,
+    UsageError,
+    check_range,
+    parse_flop_rate,
+    parse_int_list,
+    parse_size,
+    run_cli,
+)
 from models.fast_decode import enable_fast_decode
 from models.measure import CompiledStepTimer, StepTimer, baseline_name, load_config
-from models.prefill_modes import PREFILL_MODES, choose_prefill
-from models.sequential_prefill import compiled_token_step, prefill_cache
+from models.prefill_modes import PREFILL_MODES, choose_prefill, prefill_seconds
+from models.roofline import (
+    UNKNOWN_GPU,
+    Hardware,
+    decode_roofline_seconds,
+    device_hardware,
+    iterative_prefill_cost,
+    model_shape,
+    parallel_prefill_cost,
+    sequential_prefill_seconds,
+    token_step_cost,
+)
+from models.sequential_prefill import compile_options, compiled_token_step, prefill_cache
 from models.tensor_parallel import build_sharded, is_main_process, kv_heads_per_process, world_size
 
 
@@ -66,9 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)")
-    p.add_argument("--prefill", default="auto",
+    p.add_argument("--prefill", default=None,
                    help=f"LCKV prefill path(s), comma-separated to measure several: {', '.join(PREFILL_MODES)} (config.prefill; "
-                   "auto resolves per batch and is recorded as prefill_path); sequential ignores --prefill_chunk")
+                   "default auto, which resolves per batch by the cost model of models.prefill_modes and is recorded as "
+                   "prefill_path); sequential ignores --prefill_chunk; needs an LCKV config (a Llama prefills in one pass)")
     p.add_argument("--prefill_sample", type=int, default=0,
                    help="sequential prefill: run only this many prompt tokens at the start and as many at the end of the "
                    "prompt (cache filled with zeros up to there) and extrapolate the prefill time linearly (0: whole prompt)")
@@ -79,7 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "sdpa, eager, ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on cuda and for --plan, float32 on cpu")
-    p.add_argument("--hbm_bandwidth", default="3.35TB", help="memory bandwidth per second for the roofline (H100 SXM: 3.35TB)")
+    p.add_argument("--hbm_bandwidth", default=None, help="memory bandwidth per second of the rooflines and of the auto "
+                   "prefill's cost model, e.g. 4.8TB; default: the GPU's from models.roofline.GPUS (H100 SXM's 3.35TB for "
+                   "--plan or an unknown GPU)")
+    p.add_argument("--peak_flops", default=None, help="dense bf16 matrix FLOP/s of the rooflines and of the cost model, e.g. "
+                   "989T; default: the GPU's, as --hbm_bandwidth. On a CPU the cost model prices nothing (auto: iterative) "
+                   "unless one of the two is given")
+    p.add_argument("--memory_cap", default=None, help="cap this process's CUDA allocations at this size (e.g. 80GB on a "
+                   "141GB card: the regime of an 80 GB card), through torch.cuda.set_per_process_memory_fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
     p.add_argument("--output_dir", default="bench/latency", help="where latency.json and throughput.png go")
     p.add_argument("--plan", action="store_true", help="no GPU: print KV bytes/token, the KV-bound max batch per length "
@@ -110,22 +141,67 @@ def check_args(args: argparse.Namespace) -> None:
         check_range(f"--{flag}", getattr(args, flag), minimum=1)
     check_range("--steps", args.steps, minimum=1, maximum=args.gen_len)
     check_range("--prefill_sample", args.prefill_sample, minimum=0, maximum=args.prompt_len // 2 - 1)
-    args.prefill_modes = args.prefill.split(",")
+    args.prefill_modes = (args.prefill or "auto").split(",")
     shared.check_choices("--prefill", args.prefill_modes, PREFILL_MODES)
     check_range("--prefill_chunk", args.prefill_chunk, minimum=0)
     check_range("--resolution", args.resolution, minimum=0, maximum=1)
     check_range("--tp_size", args.tp_size, minimum=1)
     if args.batches is not None:
         parse_int_list("--batches", args.batches)
-    args.hbm_bandwidth_bytes = parse_size("--hbm_bandwidth", args.hbm_bandwidth)
+    args.hbm_bandwidth_bytes = parse_size("--hbm_bandwidth", args.hbm_bandwidth) if args.hbm_bandwidth is not None else None
+    args.peak_flops_rate = parse_flop_rate("--peak_flops", args.peak_flops) if args.peak_flops is not None else None
     args.gpu_memory_bytes = parse_size("--gpu_memory", args.gpu_memory)
     args.plan_lengths_list = parse_int_list("--plan_lengths", args.plan_lengths)
     shared.check_attn_implementation("--attn_implementation", args.attn_implementation)
     if not args.plan:
         args.device = shared.resolve_device(args.device)
         shared.check_output_dir("--output_dir", args.output_dir)
+    args.memory_cap_bytes = check_memory_cap(args)
 
 
+def check_memory_cap(args: argparse.Namespace) -> int | None:
+    """``--memory_cap`` in bytes (None: not given); a one-line error with ``--plan``, off CUDA, or above the card's
+    memory (a cap there would cap nothing)."""
+    if args.memory_cap is None:
+        return None
+    cap = parse_size("--memory_cap", args.memory_cap)
+    if args.plan:
+        raise UsageError("--memory_cap: caps the CUDA allocations of a measurement; not with --plan (which takes --gpu_memory)")
+    if not args.device.startswith("cuda"):
+        raise UsageError(f"--memory_cap: caps CUDA allocations; allowed with a cuda --device, not {args.device}")
+    card = torch.cuda.get_device_properties(torch.device(args.device))
+    if cap > card.total_memory:
+        raise UsageError(f"--memory_cap: {args.memory_cap} is more than the {card.total_memory / 1e9:.1f} GB of the "
+                         f"{card.name}; allowed is at most the card's memory")
+    return int(cap)
+
+
+def apply_memory_cap(args: argparse.Namespace) -> dict:
+    """Cap this process's CUDA allocations at ``--memory_cap`` (a fraction of the card's memory); the JSON's record."""
+    if args.memory_cap_bytes is None:
+        return {"memory_cap": None}
+    device = torch.device(args.device)
+    fraction = args.memory_cap_bytes / torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return {"memory_cap": args.memory_cap, "memory_cap_bytes": args.memory_cap_bytes, "memory_cap_fraction": fraction}
+
+
+def roofline_hardware(args: argparse.Namespace) -> Hardware:
+    """The bandwidth and matrix rate of the rooflines: the GPU's table entry (``models.roofline.GPUS``; H100 SXM
+    figures for --plan, a CPU or an unknown GPU), with --hbm_bandwidth and --peak_flops taking precedence."""
+    table = None if args.plan else device_hardware(torch.device(args.device))
+    hardware = table or UNKNOWN_GPU
+    if args.hbm_bandwidth_bytes is None and args.peak_flops_rate is None:
+        return hardware
+    return replace(hardware, name=f"{hardware.name}, given --hbm_bandwidth / --peak_flops",
+                   hbm_bandwidth=args.hbm_bandwidth_bytes or hardware.hbm_bandwidth, peak_flops=args.peak_flops_rate or hardware.peak_flops)
+
+
+def pricing_hardware(args: argparse.Namespace) -> Hardware | None:
+    """What ``prefill="auto"`` prices with, as the model does (``uses_sequential_prefill``): the GPU, or the given
+    --hbm_bandwidth / --peak_flops; None (auto: iterative) on a CPU without them."""
+    given = args.hbm_bandwidth_bytes is not None or args.peak_flops_rate is not None
+    return roofline_hardware(args) if given or args.device.startswith("cuda") else None
 
 
 def num_kv_layers(config: PretrainedConfig) -> int:
@@ -193,11 +269,14 @@ class RunResult:
     kv_bytes_per_token: float
     compile_s: float | None = None
     compiled_step_ms: float | None = None  # the compiled decode forward alone, without generate's Python loop
-    prefill_path: str | None = None  # LCKV: the prefill that ran (iterative / sequential); None for Llama
+    prefill_path: str | None = None  # the prefill that ran: iterative / sequential (LCKV), parallel (Llama)
     step_ms_end: float | None = None  # decode step with the context near prompt_len + gen_len (None: all gen_len steps ran)
     mean_step_ms: float = 0.0  # mean decode step over gen_len: the mean of start and end, or step_ms when all steps ran
     e2e_s: float = 0.0  # prefill + gen_len - 1 decode steps (extrapolated when --steps < --gen_len)
     e2e_throughput: float = 0.0  # batch * gen_len / e2e_s
+    mean_decode_throughput: float = 0.0  # decode tokens / s over gen_len: batch / mean_step_ms
+    prefill_cost_model_s: dict | None = None  # LCKV: the auto cost model's seconds of each path (None: not priced)
+    prefill_sample_step_ms: list[float] | None = None  # --prefill_sample: ms per token step of the start and end segments
 
 
 def new_cache(model, args):
@@ -224,10 +303,12 @@ def filled_cache(model, args, batch: int, length: int):
     return cache
 
 
-def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: int, context: int = 0) -> tuple[StepTimer, object, float]:
+def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: int, context: int = 0,
+                  record: dict | None = None) -> tuple[StepTimer, object, float]:
     """One sampled generation of ``steps`` tokens for ``batch`` random prompts of ``prompt_len`` tokens, with the cache
     sized for ``--prompt_len + --gen_len``; returns the timer, the cache and the start time. ``context > 0``: the
-    cache already holds ``context`` (zero) tokens and the prompt is one more token (decode steps at that context)."""
+    cache already holds ``context`` (zero) tokens and the prompt is one more token (decode steps at that context).
+    ``record`` gets ``prefill_sample_s``, the seconds of the two timed segments of a sampled prefill."""
     device = model.device
     input_ids = torch.randint(3, model.config.vocab_size, (batch, context + prompt_len), device=device)
     cache = filled_cache(model, args, batch, context) if context else new_cache(model, args)
@@ -236,7 +317,9 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
     with torch.no_grad():
         start = time.perf_counter()
         if sequential and prompt_len > 1 and not context and args.prefill_sample and prompt_len == args.prompt_len:
-            cache, start = sampled_prefill(model, args, input_ids, bar)
+            cache, start, segments = sampled_prefill(model, args, input_ids, bar)
+            if record is not None:
+                record["prefill_sample_s"] = segments
         elif sequential and prompt_len > 1 and not context:  # whole batch, one token at a time, only the last logits kept
             prefill_cache(model, input_ids[:, :-1], cache)
         elif args.prefill_chunk and prompt_len > 1 and not context:
@@ -248,11 +331,12 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
     return timer, cache, start
 
 
-def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[object, float]:
+def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[object, float, list[float]]:
     """The sequential prefill of ``input_ids[:, :-1]`` timed on ``--prefill_sample`` tokens at its start and as many at
     its end (a cache filled with zeros up to there; one cache at a time, so the batch fits as in a full prefill),
-    extrapolated linearly to the whole prompt. Returns the cache, now holding ``prompt_len - 1`` tokens, and a start
-    time set back by the extrapolated prefill, so that ``times[1] - start`` is the prefill as a full run reports it."""
+    extrapolated linearly to the whole prompt. Returns the cache, now holding ``prompt_len - 1`` tokens, a start
+    time set back by the extrapolated prefill, so that ``times[1] - start`` is the prefill as a full run reports it,
+    and the seconds of the two timed segments."""
     sample, length = args.prefill_sample, input_ids.shape[1] - 1
     seconds = []
     for context in (0, length - sample):
@@ -267,7 +351,7 @@ def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[ob
         seconds.append(time.perf_counter() - begin)
         if not context:
             del cache
-    return cache, time.perf_counter() - length * sum(seconds) / (2 * sample)
+    return cache, time.perf_counter() - length * sum(seconds) / (2 * sample), seconds
 
 
 def step_ms(timer: StepTimer) -> float:
@@ -288,16 +372,25 @@ def extrapolate(prefill_s: float, start_ms: float, end_ms: float | None, gen_len
 
 def run(model, args, batch: int, desc: str) -> RunResult:
     """Measure one batch size (raises torch.OutOfMemoryError when it does not fit)."""
-    prefill_path = None
     requested = getattr(model.config, "prefill", None)
-    if requested is not None:  # LCKV: resolve "auto" here, so the warm-up compiles its path; restored after the run
-        prefill_path = choose_prefill(requested, batch, args.prompt_len - 1, model.config.num_encoders + 1)
-        model.config.prefill = prefill_path
+    if requested is None:  # a Llama
+        return measure_batch(model, args, batch, desc, "parallel")
+    prefill_path, estimates = resolve_prefill(model, args, batch)
+    model.config.prefill = prefill_path  # resolved here, so the warm-up compiles its path; restored after the run
     try:
-        return measure_batch(model, args, batch, desc, prefill_path)
+        return replace(measure_batch(model, args, batch, desc, prefill_path), prefill_cost_model_s=estimates)
     finally:
-        if requested is not None:
-            model.config.prefill = requested
+        model.config.prefill = requested
+
+
+def resolve_prefill(model, args, batch: int) -> tuple[str, dict | None]:
+    """An LCKV model's prefill path for ``batch`` (``config.prefill``, "auto" resolved as the model resolves it, on
+    ``pricing_hardware``) and, where the cost model prices it, its seconds of each path."""
+    hardware, value_bytes = pricing_hardware(args), model.dtype.itemsize
+    length = args.prompt_len - 1  # the tokens prefilled before generate's first step
+    captured = compile_options(model.device, new_cache(model, args)) is not None
+    path = choose_prefill(model.config.prefill, model.config, batch, length, hardware, value_bytes, captured)
+    return path, prefill_seconds(model.config, batch, length, hardware, value_bytes) if hardware is not None else None
 
 
 def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) -> RunResult:
@@ -313,7 +406,8 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
     with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar, CompiledStepTimer(model) as step_timer:
-        timer, cache, start = generate_once(model, args, batch, args.steps, bar, args.prompt_len)
+        record = {}
+        timer, cache, start = generate_once(model, args, batch, args.steps, bar, args.prompt_len, record=record)
     times = timer.times
     kv, slots = cache_bytes(cache)
     del cache
@@ -341,6 +435,8 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
         mean_step_ms=mean_ms,
         e2e_s=e2e_s,
         e2e_throughput=batch * args.gen_len / e2e_s,
+        mean_decode_throughput=batch * 1e3 / mean_ms,
+        prefill_sample_step_ms=[1e3 * s / args.prefill_sample for s in record["prefill_sample_s"]] if record else None,
     )
 
 
@@ -393,8 +489,8 @@ def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
     return enable_fast_decode(model).eval()  # a Llama too: generate's static-cache decoding without a host sync per token
 
 
-def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict[str, dict]:
-    """One entry per LCKV prefill mode (``name:mode`` when several), one for a Llama."""
+def measure_model(path: str, args, dtype: torch.dtype, hardware: Hardware) -> dict[str, dict]:
+    """One entry per LCKV prefill mode (``name:mode`` when several), one for a Llama (prefill "parallel")."""
     config = load_config(path, args.prompt_len + args.gen_len)
     model = build_model(config, args, dtype)
     modes = args.prefill_modes if isinstance(config, OptLlamaConfig) else [None]
@@ -403,7 +499,7 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
         name = Path(path).stem if len(modes) == 1 else f"{Path(path).stem}:{mode}"
         if mode is not None:
             model.config.prefill = mode
-        out[name] = summarize(path, config, args, dtype, bandwidth, batch_search(model, args, name)) | {"prefill": mode}
+        out[name] = summarize(path, config, args, dtype, hardware, batch_search(model, args, name)) | {"prefill": mode or "parallel"}
     del model
     if args.compile:  # compiled graphs hold the model's weights; free them before the next model
         compiled_token_step.cache_clear()
@@ -411,16 +507,18 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
     return out
 
 
-def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, bandwidth: float, runs: list[dict]) -> dict:
-    """The runs of one model (and prefill mode) with their max-batch figures and the batch-1 roofline."""
+def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, hardware: Hardware, runs: list[dict]) -> dict:
+    """The runs of one model (and prefill mode) with their max-batch figures, their rooflines and the batch-1 roofline."""
     fitting = [r for r in runs if not r.get("oom")]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
     weights, kv_read = weight_bytes(config, dtype) / world_size(), kv_read_bytes_per_token(config, dtype) / world_size()  # per process
+    bandwidth = hardware.hbm_bandwidth
     # A decode step reads every weight once plus, per sequence and in every layer, the KV of the average context.
     avg_context = args.prompt_len + args.steps / 2
     for r in fitting:
         r["roofline_ms"] = step_roofline_ms(weights, kv_read, r["batch"], avg_context, bandwidth)
         r["compiled_step_vs_roofline"] = r["compiled_step_ms"] / r["roofline_ms"] if r["compiled_step_ms"] else None
+        r |= run_rooflines(r, config, args, hardware, weights, kv_read, dtype.itemsize)
     roofline_ms = step_roofline_ms(weights, kv_read, 1, avg_context, bandwidth)
     batch1 = next((r for r in fitting if r["batch"] == 1), None)
     return {
@@ -433,6 +531,7 @@ def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, ban
         "max_batch_throughput": best["throughput"] if best else 0.0,
         "max_batch_decode_throughput": best["decode_throughput"] if best else 0.0,
         "max_batch_e2e_throughput": best["e2e_throughput"] if best else 0.0,
+        "max_batch_e2e_vs_roofline": best["e2e_vs_roofline"] if best else None,
         "batch1_step_ms": batch1["step_ms"] if batch1 else None,
         "batch1_roofline_ms": roofline_ms,
         "batch1_step_vs_roofline": batch1["step_ms"] / roofline_ms if batch1 else None,
@@ -440,6 +539,44 @@ def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, ban
         "hit_max_batch_cap": bool(best) and best["batch"] >= args.max_batch,
         "runs": runs,
     }
+
+
+def e2e_roofline_throughput(config: PretrainedConfig, weights: int, kv_read: int, batch: int, prompt_len: int, gen_len: int,
+                            hardware: Hardware, value_bytes: int) -> float:
+    """``batch * gen_len / (T_prefill + T_decode)``: ``T_prefill`` a Llama's parallel prefill of the prompt (the
+    config's dimensions, every layer with its own KVs) at the peak matrix rate, the least any exact prefill can
+    cost; ``T_decode`` the ``gen_len - 1`` decode steps after it at the bandwidth, each reading the ``weights`` and, per
+    sequence, the filled KV in every layer (``kv_read`` bytes per token; ``decode_roofline_seconds``)."""
+    t_prefill = parallel_prefill_cost(model_shape(config, as_llama=True), batch, prompt_len, value_bytes).flops / hardware.peak_flops
+    t_decode = decode_roofline_seconds(weights, kv_read, batch, prompt_len, gen_len - 1, hardware.hbm_bandwidth)
+    return batch * gen_len / (t_prefill + t_decode)
+
+
+def prefill_roofline_s(config: PretrainedConfig, path: str, batch: int, length: int, hardware: Hardware, value_bytes: int) -> float:
+    """The roofline of the prefill that ran: a Llama's one parallel pass, the iterative pass, or the sequential token
+    steps, each at its own roofline (the max of its matrix work and its reads, no per-step overhead)."""
+    shape = model_shape(config)
+    if path == "sequential":
+        return sequential_prefill_seconds(shape, batch, length, replace(hardware, step_overhead_per_layer=0.0), value_bytes)
+    cost = iterative_prefill_cost if path == "iterative" else parallel_prefill_cost
+    return cost(shape, batch, length, value_bytes).seconds(hardware)
+
+
+def run_rooflines(run: dict, config: PretrainedConfig, args, hardware: Hardware, weights: int, kv_read: int,
+                  value_bytes: int) -> dict:
+    """A run's end-to-end and prefill rooflines and its measured figures over them; with --prefill_sample, the
+    roofline of the token step at the middle of each timed segment."""
+    batch = run["batch"]
+    e2e = e2e_roofline_throughput(config, weights, kv_read, batch, args.prompt_len, args.gen_len, hardware, value_bytes)
+    prefill = prefill_roofline_s(config, run["prefill_path"], batch, args.prompt_len, hardware, value_bytes)
+    out = {"e2e_roofline_throughput": e2e, "e2e_vs_roofline": run["e2e_throughput"] / e2e,
+           "prefill_roofline_s": prefill, "prefill_vs_roofline": run["prefill_s"] / prefill}
+    if run.get("prefill_sample_step_ms"):
+        sample, shape = args.prefill_sample, model_shape(config)
+        middles = [(sample + 1) / 2, args.prompt_len - 1 - sample + (sample + 1) / 2]  # filled tokens, mid-segment
+        out["prefill_sample_roofline_ms"] = [1e3 * token_step_cost(shape, batch, n, value_bytes).seconds(hardware) for n in middles]
+        out["prefill_sample_vs_roofline"] = [t / r for t, r in zip(run["prefill_sample_step_ms"], out["prefill_sample_roofline_ms"], strict=True)]
+    return out
 
 
 def ratios(results: dict[str, dict]) -> dict[str, dict]:
@@ -460,16 +597,25 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():
         fitting = [run for run in r["runs"] if not run.get("oom")]
-        ax.plot([run["batch"] for run in fitting], [run["throughput"] for run in fitting], marker="o", label=name)
+        batches = [run["batch"] for run in fitting]
+        (line,) = ax.plot(batches, [run["e2e_throughput"] for run in fitting], marker="o", label=f"{name}: end to end")
+        ax.plot(batches, [run["mean_decode_throughput"] for run in fitting], marker="x", linestyle="--",
+                color=line.get_color(), label=f"{name}: decode")
     ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens / s", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_title(args, device: str) -> str:
+    """The plot's setting: the full prompt and generation, and how the decode rate over gen_len was measured."""
+    decode = "all steps timed" if args.steps >= args.gen_len else f"decode from {args.steps} steps at each end"
+    return f"prompt {args.prompt_len} + {args.gen_len} new tokens ({decode}), {device}"
 
 
 def resolve_dtype(args) -> torch.dtype:
@@ -485,9 +631,13 @@ def main(argv: list[str] | None = None) -> dict:
 def measure(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dtype = resolve_dtype(args)
-    bandwidth = args.hbm_bandwidth_bytes
+    hardware = roofline_hardware(args)
+    bandwidth = hardware.hbm_bandwidth
     total_len = max(args.plan_lengths_list) if args.plan else args.prompt_len + args.gen_len
     configs = {c: load_config(c, total_len) for c in args.configs}  # every config checked before any model is built
+    if args.prefill is not None and not args.plan and not any(isinstance(c, OptLlamaConfig) for c in configs.values()):
+        raise UsageError(f"--prefill: {args.prefill} with only Llama configs; allowed only when --configs has an LCKV "
+                         "(opt-llama, lckv-llama) config (a Llama prefills in one parallel pass)")
     if args.plan:
         lengths = args.plan_lengths_list
         memory = args.gpu_memory_bytes
@@ -519,18 +669,29 @@ def measure(argv: list[str] | None = None) -> dict:
                                      f"{args.prefill_sample} at the end, scaled to prompt_len - 1, plus the last token's step")
     setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
                 "tp_size": world_size()}
+    setting["prefill"] = args.prefill or "auto"  # of the LCKV models; a Llama's entry records "parallel"
+    setting |= apply_memory_cap(args)
+    setting["roofline"] = {
+        "gpu": hardware.name, "hbm_bandwidth_bytes_per_s": hardware.hbm_bandwidth, "peak_bf16_flops_per_s": hardware.peak_flops,
+        "e2e": "e2e_roofline_throughput = batch * gen_len / (T_prefill + T_decode): T_prefill a Llama's parallel prefill "
+               "of the prompt at the peak matrix rate, T_decode the gen_len - 1 decode steps at the bandwidth, each "
+               "reading the weights and the filled KV of every layer; e2e_vs_roofline = e2e_throughput over it",
+        "prefill": "prefill_roofline_s: the path that ran, at its roofline (a sequential token step: the max of its "
+                   "matrix work and its reads of the weights and the KV filled so far, no per-step overhead)",
+    }
     results = {}
     for c in tqdm(args.configs, desc="models"):
-        results |= measure_model(c, args, dtype, bandwidth)
+        results |= measure_model(c, args, dtype, hardware)
     out = {"setting": setting, "models": results, "ratios": ratios(results)}
     if not is_main_process():
         return out
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency.json").write_text(json.dumps(out, indent=2))
-    plot(results, out_dir / "throughput.png", f"prompt {args.prompt_len} + {args.steps} new, {setting['device']}")
+    plot(results, out_dir / "throughput.png", plot_title(args, setting["device"]))
     for name, r in results.items():
-        print(f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s, first steps {r['max_batch_throughput']:.1f} tok/s "
+        vs_roofline = f" ({r['max_batch_e2e_vs_roofline']:.2f} of the roofline)" if r["max_batch_e2e_vs_roofline"] else ""
+        print(f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s{vs_roofline}, first steps {r['max_batch_throughput']:.1f} tok/s "
               f"(decode {r['max_batch_decode_throughput']:.1f}), batch-1 step {r['batch1_step_ms'] or float('nan'):.3f} ms "
               f"vs roofline {r['batch1_roofline_ms']:.3f} ms")
     print(json.dumps(out["ratios"], indent=2))

@@ -128,14 +128,33 @@ def parse_int_list(flag: str, text: str, minimum: int = 1) -> list[int]:
     return values
 
 
+def positive_quantity(text: str, units: Mapping[str, float], default_unit: str, suffix: str = "") -> float | None:
+    """``text`` as a positive number times its unit (upper-cased, ``suffix`` dropped; none: ``default_unit``), or None."""
+    match = SIZE.match(text)
+    unit = (match.group(2).upper().removesuffix(suffix) or default_unit) if match else None
+    if match is None or unit not in units or float(match.group(1)) <= 0:
+        return None
+    return float(match.group(1)) * units[unit]
+
+
 def parse_size(flag: str, text: str) -> float:
     """A positive byte count: ``"80GB"`` -> 8e10, ``"24GiB"`` -> 24 * 2**30, ``"3.35TB"``, ``"1e9"`` (bytes)."""
-    match = SIZE.match(text)
-    unit = match.group(2).upper() if match else None
-    if match is None or (unit and unit not in UNITS) or float(match.group(1)) <= 0:
+    size = positive_quantity(text, UNITS, "B")
+    if size is None:
         raise UsageError(f"{flag}: {text!r}; allowed is a positive size such as 80GB, 3.35TB or 24GiB "
                          f"(units {', '.join(sorted(UNITS, key=UNITS.get))})")
-    return float(match.group(1)) * UNITS[unit or "B"]
+    return size
+
+
+FLOP_RATE_UNITS = {"": 1, "G": 1e9, "T": 1e12, "P": 1e15}
+
+
+def parse_flop_rate(flag: str, text: str) -> float:
+    """A positive FLOP/s rate: ``"989T"`` or ``"989TFLOPS"`` -> 9.89e14, ``"9.89e14"``."""
+    rate = positive_quantity(text, FLOP_RATE_UNITS, "", suffix="FLOPS")
+    if rate is None:
+        raise UsageError(f"{flag}: {text!r}; allowed is a positive FLOP/s rate such as 989T, 989TFLOPS or 9.89e14")
+    return rate
 
 
 # ----------------------------------------------------------------------------- paths

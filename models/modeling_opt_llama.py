@@ -317,7 +317,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         if not streaming:
             self._check_positions(past_length + query_length)
 
-        sequential = query_length > 1 and not torch.is_grad_enabled() and uses_sequential_prefill(self.config, inputs_embeds.shape[0], query_length, cache)
+        sequential = query_length > 1 and not torch.is_grad_enabled() and uses_sequential_prefill(self.config, inputs_embeds, cache)
         reporting = self._reporting(kwargs, sequential)
         if sequential:
             output, reported = sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs)

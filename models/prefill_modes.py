@@ -1,16 +1,25 @@
-"""The prefill modes of ``config.prefill`` and the rule behind ``"auto"`` (pure functions, no model).
+"""The prefill modes of ``config.prefill`` and the cost model behind ``"auto"`` (pure functions, no model).
 
 ``"iterative"`` runs the cyclic block ``num_encoders + 1`` times over the whole prompt; ``"sequential"`` feeds
-the prompt token by token (``models.sequential_prefill``); ``"auto"`` picks the cheaper one.
+the prompt token by token (``models.sequential_prefill``); ``"auto"`` picks the one that costs less for the config,
+batch, prompt length and GPU, from the rooflines of ``models.roofline`` (docs/design.md, section 8):
+
+- iterative: ``ITERATIVE_SLOWDOWN x max(FLOPs / peak rate, bytes / bandwidth)`` of the whole iterative pass
+  (``iterative_prefill_cost``: matrix work of every layer run, attention over ``T^2 / 2`` pairs per layer run,
+  weights read once per layer run);
+- sequential: ``sum_t max(FLOPs_t / peak rate, bytes_t / bandwidth) + T L overhead`` over its ``T`` captured token
+  steps (``sequential_prefill_seconds``: step ``t`` reads the weights and, in every layer, the KV filled so far).
 """
+
+from .roofline import Hardware, iterative_prefill_cost, model_shape, sequential_prefill_seconds
 
 PREFILL_MODES = ("iterative", "sequential", "auto")
 
-# "auto" rule, from the crossover measured on an 80 GB H100 (tinyllama shape, prompt 2048, bf16, README "Exact
-# prefill"): the iterative prefill costs ~95 ms per sequence (48.9 s at batch 512, 0.25 s at batch 1); the sequential
-# one ~20.5 s at batch 1 (host-bound steps) and at batch 512 (GPU-bound steps), so sequential wins from ~215
-# sequences. Prompts no longer than the iterations are exact iteratively and cost at most T passes: iterative.
-SEQUENTIAL_MIN_BATCH = 256
+# How much further from its roofline the iterative prefill runs than the sequential one, measured on the tinyllama
+# shape, prompt 2048, batch 512, bf16: iterative 67.6 s on an H200 (3.9x its roofline; 48.9 s, 2.8x, on an H100),
+# sequential 16.2 s on the H200 (1.8x; 20.5 s, 1.8x, on the H100). bench/measure_prefill.sh measures both paths
+# against their rooflines on more shapes and batches.
+ITERATIVE_SLOWDOWN = 2.0
 
 
 def check_prefill_mode(value: str) -> None:
@@ -19,13 +28,28 @@ def check_prefill_mode(value: str) -> None:
         raise ValueError(f"prefill: {value!r}; allowed values are {', '.join(PREFILL_MODES)}")
 
 
-def choose_prefill(mode: str, batch_size: int, prompt_length: int, num_iterations: int) -> str:
-    """The prefill path, ``"iterative"`` or ``"sequential"``, for ``mode`` (``"auto"`` decides by cost).
+def prefill_seconds(config, batch_size: int, prompt_length: int, hardware: Hardware, value_bytes: int = 2) -> dict[str, float]:
+    """The cost model's seconds of each path (``"iterative"``, ``"sequential"``) for an LCKV ``config``."""
+    shape = model_shape(config)
+    return {
+        "iterative": ITERATIVE_SLOWDOWN * iterative_prefill_cost(shape, batch_size, prompt_length, value_bytes).seconds(hardware),
+        "sequential": sequential_prefill_seconds(shape, batch_size, prompt_length, hardware, value_bytes),
+    }
 
-    >>> choose_prefill("auto", 512, 2048, 9), choose_prefill("auto", 8, 2048, 9), choose_prefill("auto", 512, 9, 9)
-    ('sequential', 'iterative', 'iterative')
+
+def choose_prefill(mode: str, config, batch_size: int, prompt_length: int, hardware: Hardware | None,
+                   value_bytes: int = 2, captured: bool = True) -> str:
+    """The prefill path, ``"iterative"`` or ``"sequential"``, for ``mode``; ``"auto"`` takes the one
+    ``prefill_seconds`` finds cheaper on ``hardware``.
+
+    ``"auto"`` stays iterative without a GPU to price (``hardware`` None: a CPU), when the token step is not
+    captured (``captured`` False: a dynamic or offloaded cache steps eagerly, at a host cost the model does not
+    price) and for prompts no longer than the iterations (then the iterative prefill is exact as well).
     """
     check_prefill_mode(mode)
     if mode != "auto":
         return mode
-    return "sequential" if prompt_length > num_iterations and batch_size >= SEQUENTIAL_MIN_BATCH else "iterative"
+    if hardware is None or not captured or prompt_length <= config.num_encoders + 1:
+        return "iterative"
+    seconds = prefill_seconds(config, batch_size, prompt_length, hardware, value_bytes)
+    return "sequential" if seconds["sequential"] < seconds["iterative"] else "iterative"

@@ -26,24 +26,43 @@ from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from . import modeling_opt_llama as modeling
 from .masks import reads_window_cache
 from .prefill_modes import PREFILL_MODES, choose_prefill
+from .roofline import device_hardware
 
 MASK_CHUNK = 64  # prompt tokens whose one-step masks are cut from one mask build (static caches)
 
 
-def uses_sequential_prefill(config, batch_size: int, query_length: int, cache: Cache | None) -> bool:
-    """Whether a no-grad forward of ``query_length > 1`` tokens runs token by token."""
+def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | None) -> bool:
+    """Whether a no-grad forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: under
+    ``"auto"`` priced for its batch, length, dtype and device (``choose_prefill``)."""
     if config.sequential_forward:
         return True
-    return cache is not None and choose_prefill(config.prefill, batch_size, query_length, config.num_encoders + 1) == "sequential"
+    if cache is None:
+        return False
+    batch_size, query_length = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    path = choose_prefill(config.prefill, config, batch_size, query_length, device_hardware(device),
+                          inputs_embeds.element_size(), captured=compile_options(device, cache) is not None)
+    return path == "sequential"
+
+
+# torch.compile backend of the token step on a CPU ("eager", "aot_eager" or a backend callable); None: the CPU runs
+# the step eagerly. Tests and CPU smoke runs set it so that dynamo traces and guards the step as on a GPU, where any
+# recompilation shows up.
+CPU_COMPILE_BACKEND = None
 
 
 def compile_options(device: torch.device, cache: Cache) -> dict | None:
-    """``torch.compile`` arguments of the token step: CUDA graphs for a static, resident cache on CUDA; None (eager)
-    otherwise (a dynamic cache changes shape every step; an offloaded one moves between devices)."""
+    """``torch.compile`` arguments of the token step for a static, resident cache: CUDA graphs on CUDA,
+    ``CPU_COMPILE_BACKEND`` on a CPU; None (eager) otherwise (a dynamic cache changes shape every step; an
+    offloaded one moves between devices)."""
     # A static window-only layer branches on its fill level in Python: compiled, it would recompile every step.
     windowed = any(getattr(layer, "is_sliding", False) for layer in cache.layers)
-    if device.type == "cuda" and getattr(cache, "is_compileable", False) and not getattr(cache, "offloading", False) and not windowed:
+    if not getattr(cache, "is_compileable", False) or getattr(cache, "offloading", False) or windowed:
+        return None
+    if device.type == "cuda":
         return {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
+    if device.type == "cpu" and CPU_COMPILE_BACKEND is not None:
+        return {"backend": CPU_COMPILE_BACKEND, "fullgraph": True, "dynamic": False}
     return None
 
 
@@ -70,15 +89,24 @@ def statically_allocated(cache: Cache) -> bool:
     return all(layer.is_initialized for layer in cache.layers if isinstance(layer, StaticLayer))
 
 
+def step_input(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with the strides of a fresh tensor of its shape.
+
+    The compiled step guards on every input's strides, those of size-1 dimensions included, and ``.contiguous()``
+    keeps a slice that is already contiguous as it is: at batch 1 a row of a ``(1, 1, 64, S)`` mask keeps the stride
+    ``64 * S`` on dim 0, the last, shorter window's row another, and each new stride recompiled the step."""
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def mask_row(mask, t: int):
     """Step ``t``'s one-query slice of a prompt mask: 4D ``(B, 1, T, S)`` -> ``(B, 1, 1, S)``, ``visible``
-    ``(B, T, 1)`` -> ``(B, 1, 1)``; contiguous, so every step hands the compiled step the same layout."""
+    ``(B, T, 1)`` -> ``(B, 1, 1)``; a ``step_input``, so every step hands the compiled step the same layout."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(
             f"prefill: a sequential prefill cannot split a precomputed {type(mask).__name__} mask per token; "
             "allowed are tensor masks (eager, sdpa, sdpa_packed_gqa attention)"
         )
-    return (mask[:, :, t : t + 1] if mask.dim() == 4 else mask[:, t : t + 1]).contiguous()
+    return step_input(mask[:, :, t : t + 1] if mask.dim() == 4 else mask[:, t : t + 1])
 
 
 def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_length: int) -> Iterator[dict]:
@@ -140,12 +168,12 @@ def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length:
     masks_iter = step_masks(model, first.expand(-1, query_length, -1), attention_mask, position_ids, cache, past_length)
     steps_reported = []
     for t, masks in enumerate(masks_iter):
-        embeds = first if t == 0 else token_embeds(t)
-        positions = position_ids[:, t : t + 1].contiguous()
+        embeds = step_input(first if t == 0 else token_embeds(t))
+        positions = step_input(position_ids[:, t : t + 1])
         # After the first step every static layer holds its buffers (allocated outside the compiled region).
         if compiled is not None and (t > 0 or statically_allocated(cache)):
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's output was already copied out
-            out, reported = compiled(model, embeds.contiguous(), masks, positions, cache, **kwargs)
+            out, reported = compiled(model, embeds, masks, positions, cache, **kwargs)
         else:  # CPU, a dynamic cache, reported outputs, or the step that allocates the static buffers
             out, reported = token_step(model, embeds, masks, positions, cache, reporting, **kwargs)
         steps_reported.append(reported)

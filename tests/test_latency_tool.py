@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from models import roofline, sequential_prefill
 from models.cli import UsageError
 from models.measure import CompiledStepTimer
 
@@ -104,6 +105,12 @@ def test_batch_search_stops_when_batch_one_does_not_fit(monkeypatch):
         (["--offload", "--device", "cpu"], "--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
         (["--offload", "--compile", "--device", "cuda"], "--offload: not with --compile"),
         (["--start_batch", "2048", "--max_batch", "1024"], "--start_batch: 2048; allowed values are 1 to --max_batch (1024)"),
+        (["--plan", "--hbm_bandwidth", "-1TB"], "--hbm_bandwidth: '-1TB'; allowed is a positive size"),  # a separate word
+        (["--plan", "--hbm_bandwidth=-1TB"], "--hbm_bandwidth: '-1TB'; allowed is a positive size"),
+        (["--plan", "--peak_flops", "989TB"], "--peak_flops: '989TB'; allowed is a positive FLOP/s rate such as 989T"),
+        (["--memory_cap", "80GB", "--device", "cpu"], "--memory_cap: caps CUDA allocations; allowed with a cuda --device, not cpu"),
+        (["--memory_cap", "80GB", "--plan"], "--memory_cap: caps the CUDA allocations of a measurement; not with --plan"),
+        (["--memory_cap", "-80GB", "--device", "cpu"], "--memory_cap: '-80GB'; allowed is a positive size"),
     ],
 )
 def test_bad_flag_combinations_are_one_line_errors(argv, message, capsys):
@@ -111,6 +118,77 @@ def test_bad_flag_combinations_are_one_line_errors(argv, message, capsys):
         test_latency.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_prefill_flag_with_only_llama_configs_is_a_one_line_error(configs, tmp_path, capsys):
+    """A Llama prefills in one parallel pass: --prefill names no path it could take, so it is refused (before any
+    model is built, nothing written) instead of being recorded and ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        test_latency.main(["--configs", configs[0], "--prefill", "sequential", "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip() == ("test_latency.py: error: --prefill: sequential with only Llama configs; allowed only "
+                                               "when --configs has an LCKV (opt-llama, lckv-llama) config (a Llama prefills in one parallel pass)")
+
+
+def fake_card(monkeypatch, name: str = "NVIDIA H200", total: float = 141e9) -> list[tuple]:
+    """CUDA device queries answering for one card; returns the memory fractions set."""
+    from types import SimpleNamespace
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name=name, total_memory=int(total)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append((fraction, device)))
+    return fractions
+
+
+def test_memory_cap_is_a_fraction_of_the_card_and_recorded(monkeypatch):
+    fractions = fake_card(monkeypatch)
+    args = test_latency.parse_args(["--device", "cpu"])
+    assert test_latency.apply_memory_cap(args) == {"memory_cap": None} and not fractions
+    args.device, args.memory_cap = "cuda", "80GB"
+    args.memory_cap_bytes = test_latency.check_memory_cap(args)
+    record = test_latency.apply_memory_cap(args)
+    assert record == {"memory_cap": "80GB", "memory_cap_bytes": 80 * 10**9, "memory_cap_fraction": 80e9 / 141e9}
+    assert fractions == [(80e9 / 141e9, torch.device("cuda"))]
+    args.memory_cap = "160GB"
+    with pytest.raises(UsageError, match=r"^--memory_cap: 160GB is more than the 141.0 GB of the NVIDIA H200; allowed is at most"):
+        test_latency.check_memory_cap(args)
+
+
+def test_rooflines_and_auto_price_the_gpu_or_the_given_figures(monkeypatch):
+    """One GPU table (models.roofline) for the rooflines and for auto; --hbm_bandwidth / --peak_flops take precedence;
+    on a CPU the rooflines use H100 SXM figures and auto prices nothing unless a figure is given."""
+    cpu = test_latency.parse_args(["--device", "cpu"])
+    assert test_latency.roofline_hardware(cpu).hbm_bandwidth == 3.35e12 and test_latency.pricing_hardware(cpu) is None
+    given = test_latency.parse_args(["--device", "cpu", "--hbm_bandwidth", "4.8TB"])
+    assert test_latency.pricing_hardware(given) == test_latency.roofline_hardware(given)
+    assert (given_hw := test_latency.roofline_hardware(given)).hbm_bandwidth == 4.8e12 and given_hw.peak_flops == 989e12
+    monkeypatch.setattr(test_latency, "device_hardware", lambda device: roofline.gpu_hardware("NVIDIA H200"))
+    gpu = test_latency.parse_args(["--device", "cpu"])
+    gpu.device = "cuda"
+    assert test_latency.pricing_hardware(gpu) == test_latency.roofline_hardware(gpu) == roofline.gpu_hardware("NVIDIA H200")
+
+
+def test_auto_prefill_is_priced_in_the_json(configs, tmp_path, monkeypatch):
+    """--prefill auto on a CPU with a given bandwidth: each run records the cost model's seconds of both paths and
+    runs the cheaper one where the token step is captured (here sequential: the matrix rate is tiny and the bandwidth
+    huge), the iterative one where it is not (the CPU's eager step is not priced)."""
+    argv = ["--configs", configs[1], "--prompt_len", "12", "--gen_len", "2", "--batches", "2", "--cache", "static",
+            "--device", "cpu", "--hbm_bandwidth", "1000TB", "--peak_flops", "1G"]
+    (eager,) = test_latency.main([*argv, "--output_dir", str(tmp_path / "eager")])["models"]["test_tiny_opt"]["runs"]
+    monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", "eager")  # the token step compiled: captured
+    (captured,) = test_latency.main([*argv, "--output_dir", str(tmp_path / "compiled")])["models"]["test_tiny_opt"]["runs"]
+    estimates = captured["prefill_cost_model_s"]
+    assert set(estimates) == {"iterative", "sequential"} and min(estimates, key=estimates.get) == "sequential"
+    assert (eager["prefill_path"], captured["prefill_path"]) == ("iterative", "sequential")
+    sequential_prefill.compiled_token_step.cache_clear()
+    torch._dynamo.reset()
+
+
+def test_plot_title_states_the_full_setting():
+    args = test_latency.parse_args(["--prompt_len", "2048", "--gen_len", "2048", "--steps", "16", "--device", "cpu"])
+    assert test_latency.plot_title(args, "NVIDIA H200") == "prompt 2048 + 2048 new tokens (decode from 16 steps at each end), NVIDIA H200"
+    args = test_latency.parse_args(["--prompt_len", "8", "--gen_len", "4", "--device", "cpu"])
+    assert test_latency.plot_title(args, "cpu") == "prompt 8 + 4 new tokens (all steps timed), cpu"
 
 
 def test_compiled_step_timer_times_the_compiled_call_and_restores_it():
@@ -134,21 +212,38 @@ def test_compiled_step_timer_times_the_compiled_call_and_restores_it():
     assert not hasattr(uncompiled, "_compiled_call") and timer.mean_ms() is None
 
 
+# The tiny configs' shape: 6 layers, hidden 64, MLP 128, 4 query heads and 2 KV heads of 16 dims; float32 on a CPU.
+TINY_LAYER_WEIGHTS = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128  # q, o, k, v, MLP of a Llama layer
+TINY_KV_READ_PER_TOKEN = 6 * 2 * 2 * 16 * 4  # every layer reads one layer's keys and values
+
+
 def test_prefill_modes_extrapolated_end_to_end(configs, tmp_path):
     """--prefill with two modes gives one LCKV entry per mode (static cache, so the sequential one fills it through
-    prefill_cache); with --steps below --gen_len each run also times steps at the end of the context and reports
-    the extrapolated end-to-end rate over the full gen_len."""
+    prefill_cache; the Llama's entry records its one parallel pass); with --steps below --gen_len each run also times
+    steps at the end of the context and reports the extrapolated end-to-end rate over the full gen_len, and that rate
+    over the e2e roofline (given bandwidth and matrix rate), computed here by hand."""
     argv = ["--configs", *configs, "--prompt_len", "12", "--gen_len", "8", "--steps", "2", "--batches", "2",
-            "--cache", "static", "--prefill", "iterative,sequential", "--device", "cpu", "--output_dir", str(tmp_path)]
+            "--cache", "static", "--prefill", "iterative,sequential", "--device", "cpu", "--output_dir", str(tmp_path),
+            "--hbm_bandwidth", "2GB", "--peak_flops", "3G"]
     out = test_latency.main(argv)
     assert set(out["models"]) == {"tiny_llama", "test_tiny_opt:iterative", "test_tiny_opt:sequential"}
     assert "end of the context" in out["setting"]["extrapolation"]
+    roofline = out["setting"]["roofline"]
+    assert (roofline["hbm_bandwidth_bytes_per_s"], roofline["peak_bf16_flops_per_s"]) == (2e9, 3e9)
+    # A Llama's prefill of 12 tokens at 3 GFLOP/s: matrix work of 2 sequences, causal attention over 12^2 / 2 pairs.
+    t_prefill = (2 * 2 * 12 * 6 * TINY_LAYER_WEIGHTS + 6 * 4 * 4 * 16 * 2 * 12 * 12 / 2) / 3e9
     for name, r in out["models"].items():
         (run,) = r["runs"]
-        assert run["prefill_path"] == (name.split(":")[1] if ":" in name else None)
+        assert run["prefill_path"] == r["prefill"] == (name.split(":")[1] if ":" in name else "parallel")
         assert run["step_ms_end"] > 0 and run["mean_step_ms"] == pytest.approx((run["step_ms"] + run["step_ms_end"]) / 2)
         assert run["e2e_s"] == pytest.approx(run["prefill_s"] + 7 * run["mean_step_ms"] / 1e3)
         assert r["max_batch_e2e_throughput"] == pytest.approx(2 * 8 / run["e2e_s"])
+        assert run["mean_decode_throughput"] == pytest.approx(2 * 1e3 / run["mean_step_ms"])
+        # 7 decode steps at 2 GB/s, step j reading the weights and 2 sequences x (12 + j) tokens of KV.
+        t_decode = sum(r["weight_bytes"] + 2 * TINY_KV_READ_PER_TOKEN * (12 + j) for j in range(1, 8)) / 2e9
+        assert run["e2e_roofline_throughput"] == pytest.approx(2 * 8 / (t_prefill + t_decode))
+        assert run["e2e_vs_roofline"] == pytest.approx(run["e2e_throughput"] / run["e2e_roofline_throughput"])
+        assert run["prefill_vs_roofline"] == pytest.approx(run["prefill_s"] / run["prefill_roofline_s"])
     assert out["ratios"]["test_tiny_opt:sequential/tiny_llama"]["max_batch_e2e_throughput"] > 0
 
 
@@ -181,6 +276,11 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
     assert filled == [(0, 2), (9, 2)]  # start, then the end of the 11 prompt tokens before the last
     (run,) = out["models"]["test_tiny_opt"]["runs"]
     assert run["prefill_s"] > 0 and run["e2e_throughput"] > 0 and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
+    # Each segment's ms per token step, over the roofline of the step in its middle (1.5 and 10.5 tokens filled).
+    shape, hardware = roofline.model_shape(test_latency.load_config(configs[1], 16)), roofline.UNKNOWN_GPU
+    expected = [1e3 * roofline.token_step_cost(shape, 2, n, 4).seconds(hardware) for n in (1.5, 10.5)]
+    assert run["prefill_sample_roofline_ms"] == pytest.approx(expected) and all(ms > 0 for ms in run["prefill_sample_step_ms"])
+    assert run["prefill_sample_vs_roofline"] == pytest.approx([t / r for t, r in zip(run["prefill_sample_step_ms"], expected, strict=True)])
     with pytest.raises(UsageError, match="^--prefill_sample: 6; allowed"):
         test_latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
 

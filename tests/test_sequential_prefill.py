@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
-from transformers import DynamicCache, StaticCache
+from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import CompileConfig, DynamicCache, StaticCache
 
-from models import modeling_opt_llama, prefill_modes, sequential_prefill
+from models import SPLIT_KV, modeling_opt_llama, sequential_prefill
 from models.chunked_prefill import prefill_in_chunks
 from models.configuration_opt_llama import OptLlamaConfig
+from models.roofline import Hardware
 
 from .conftest import tiny_config, tiny_model
 from .test_model_oracles import sequential_logits
@@ -86,31 +87,90 @@ def test_generate_equals_iterative_when_iterations_cover_the_prompt(mode):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_token_step_compiles_once_over_a_static_cache(monkeypatch):
-    """The compiled step traces one graph and replays it at every position (dynamo counter, CPU backend), with the
-    eager result; a second prompt continuing the same cache does not recompile either."""
-    counter = CompileCounter()
-    monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: {"backend": counter, "fullgraph": True, "dynamic": False})
+@pytest.fixture
+def cpu_compiled_step(monkeypatch) -> CompileCounterWithBackend:
+    """The token step compiled on the CPU (dynamo traces and guards it as on a GPU, the graph runs eagerly); the
+    counter counts the frames dynamo compiles, recompilations included."""
+    counter = CompileCounterWithBackend("eager")
+    monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", counter)
     sequential_prefill.compiled_token_step.cache_clear()
     torch._dynamo.reset()
+    yield counter
+    sequential_prefill.compiled_token_step.cache_clear()
+    torch._dynamo.reset()
+
+
+def test_token_step_compiles_once_over_a_static_cache(cpu_compiled_step, monkeypatch):
+    """The compiled step traces one graph and replays it at every position, with the eager result; a second prompt
+    continuing the same cache does not recompile either."""
     model = model_with("sequential")
     ids, mask = padded_prompts(LONG)
     full_mask = torch.cat([mask, torch.ones_like(mask)], dim=1)
     position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
     results = []
-    for compiled in (False, True):
-        if not compiled:
-            monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: None)
-        else:
-            monkeypatch.setattr(sequential_prefill, "compile_options", lambda device, cache: {"backend": counter, "fullgraph": True, "dynamic": False})
+    for backend in (None, cpu_compiled_step):
+        monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", backend)
         cache = StaticCache(config=model.config, max_cache_len=3 * LONG)
         with torch.no_grad():
             first = model(ids, attention_mask=mask, position_ids=position_ids[:, :LONG], cache=cache).logits
             second = model(ids, attention_mask=full_mask, position_ids=position_ids[:, LONG:], cache=cache).logits
         results.append(torch.cat([first, second], dim=1))
-    assert counter.frame_count == 1
+    assert cpu_compiled_step.frame_count == 1
     torch.testing.assert_close(results[1], results[0], atol=ATOL, rtol=0)
-    sequential_prefill.compiled_token_step.cache_clear()
+
+
+def test_prefill_and_decode_steps_compile_once_per_batch_size_at_any_prompt_length(cpu_compiled_step, monkeypatch):
+    """One compilation per batch size, batch 1 included, over prompts that cross several MASK_CHUNK windows and end
+    in a shorter one: the token step through prefill_cache and generate (at batch 1 a mask row sliced from a window
+    used to keep a stride of that window, and every new stride recompiled the step), and generate's compiled decode
+    step (transformers' compile config, on the CPU too)."""
+    window = 8
+    monkeypatch.setattr(sequential_prefill, "MASK_CHUNK", window)  # the same code path at a few tokens per window
+    model = model_with("sequential")
+    cache_len = 4 * window
+    decode = CompileConfig(backend="eager", fullgraph=True, dynamic=False, mode=None)
+    decode._compile_all_devices = True  # transformers' switch for compiling generate's decode step off CUDA
+    torch._dynamo.utils.counters.clear()
+    for batches, (batch, prompt_lengths) in enumerate(((1, (5, 3 * window + 5)), (3, (3 * window + 5, 7))), start=1):
+        for length in prompt_lengths:
+            ids = torch.randint(3, 256, (batch, length))
+            with torch.no_grad():
+                sequential_prefill.prefill_cache(model, ids, StaticCache(config=model.config, max_cache_len=cache_len))
+                model.generate(ids, attention_mask=torch.ones_like(ids), cache=StaticCache(config=model.config, max_cache_len=cache_len),
+                               max_new_tokens=3, do_sample=False, pad_token_id=0, compile_config=decode)
+        assert cpu_compiled_step.frame_count == batches  # the token step
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * batches  # and the decode step
+
+
+def test_prefill_token_steps_read_only_the_filled_span(monkeypatch):
+    """Under sdpa_split_kv every attention of the sequential prefill's token steps runs the split-KV kernel, whose
+    span per row is the last visible slot + 1 of the step's mask: the filled tokens a layer may see (up to the query
+    for a causal layer, before it for a strict one; none for a left-padded row's padding), never the S preallocated
+    slots; and the prefill equals the one over SDPA."""
+    from models.kernels import decode_attention
+
+    fields = dict(prefill="sequential", num_encoders=NUM_ENCODERS, num_trained_encoders=1)
+    model, reference = tiny_model(tiny_config(**fields), attn_implementation=SPLIT_KV), tiny_model(tiny_config(**fields))
+    config = model.config
+    spans = []
+    kernel = decode_attention._kernel  # loaded by now (building a model configures the kernels)
+    monkeypatch.setattr(decode_attention, "_kernel", lambda q, k, v, mask, lengths, *rest: spans.append(
+        (k.shape[2], lengths.tolist())) or kernel(q, k, v, mask, lengths, *rest))
+    length, slots = 6, 16
+    ids, mask = torch.randint(3, 256, (2, length)), torch.ones(2, length, dtype=torch.long)
+    mask[1, :2] = 0  # row 1 left-padded by 2
+    logits = {}
+    for name, candidate in (("split_kv", model), ("sdpa", reference)):
+        with torch.no_grad():
+            logits[name] = sequential_prefill.prefill_cache(candidate, ids, StaticCache(config=config, max_cache_len=slots), mask)
+    torch.testing.assert_close(logits["split_kv"], logits["sdpa"], atol=ATOL, rtol=0)
+
+    def span(row: int, t: int, strict: bool) -> int:  # last real key the query at t may see, + 1
+        return max((kv + 1 for kv in range(t + 1) if mask[row, kv] and (kv < t or not strict)), default=0)
+
+    strict = model.config.layer_strict
+    expected = [(slots, [span(row, t, strict[layer]) for row in range(2)]) for t in range(length) for layer in range(len(strict))]
+    assert spans == expected and spans[-1] == (slots, [6, 6])
 
 
 def test_prefill_cache_then_generate_equals_generate():
@@ -137,29 +197,29 @@ def test_chunked_prefill_composes_with_sequential_prefill():
     assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
 
 
-def test_auto_rule_picks_each_path():
-    num_iterations = NUM_ENCODERS + 1
-    big, small = prefill_modes.SEQUENTIAL_MIN_BATCH, prefill_modes.SEQUENTIAL_MIN_BATCH - 1
-    assert prefill_modes.choose_prefill("auto", big, num_iterations + 1, num_iterations) == "sequential"
-    assert prefill_modes.choose_prefill("auto", small, 2048, num_iterations) == "iterative"
-    assert prefill_modes.choose_prefill("auto", big, num_iterations, num_iterations) == "iterative"  # exact already
-    assert prefill_modes.choose_prefill("sequential", 1, 2, num_iterations) == "sequential"
-    assert prefill_modes.choose_prefill("iterative", 4096, 4096, num_iterations) == "iterative"
-
-
-def test_auto_in_the_model_dispatches_by_batch(monkeypatch):
-    """prefill="auto" runs a forward with a cache sequentially from SEQUENTIAL_MIN_BATCH sequences on, iteratively
-    below; without a cache (no prefill) always iteratively."""
-    monkeypatch.setattr(prefill_modes, "SEQUENTIAL_MIN_BATCH", 3)
-    calls = []
-    original = modeling_opt_llama.sequential_prefill
-    monkeypatch.setattr(modeling_opt_llama, "sequential_prefill", lambda model, embeds, *a, **k: calls.append(embeds.shape[0]) or original(model, embeds, *a, **k))
+def test_auto_in_the_model_follows_the_cost_model(monkeypatch):
+    """prefill="auto" in a forward that fills a cache asks choose_prefill (models.prefill_modes, tested in
+    tests/test_roofline.py) with the batch, prompt length, value size, the device's GPU and whether the token step
+    is captured, and runs the path it answers; without a cache (no prefill) always iteratively."""
+    ran_sequentially, asked = [], []
+    original_prefill, original_choose = modeling_opt_llama.sequential_prefill, sequential_prefill.choose_prefill
+    monkeypatch.setattr(modeling_opt_llama, "sequential_prefill",
+                        lambda model, embeds, *a, **k: ran_sequentially.append(embeds.shape[0]) or original_prefill(model, embeds, *a, **k))
+    monkeypatch.setattr(sequential_prefill, "choose_prefill", lambda *a, **k: asked.append((*a[2:], k)) or original_choose(*a, **k))
     model = model_with("auto")
+    compute_bound = Hardware("compute-bound", hbm_bandwidth=1e15, peak_flops=1e6, step_overhead_per_layer=0)
     with torch.no_grad():
-        for batch in (2, 3):
-            model(torch.randint(3, 256, (batch, LONG)), cache=DynamicCache(config=model.config), use_cache=True)
-        model(torch.randint(3, 256, (3, LONG)), use_cache=False)
-    assert calls == [3]
+        model(torch.randint(3, 256, (2, LONG)), cache=DynamicCache(config=model.config), use_cache=True)  # CPU: not priced
+        monkeypatch.setattr(sequential_prefill, "device_hardware", lambda device: compute_bound)
+        model(torch.randint(3, 256, (3, LONG)), cache=DynamicCache(config=model.config), use_cache=True)  # eager steps
+        monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", "eager")  # captured: priced
+        model(torch.randint(3, 256, (4, LONG)), cache=StaticCache(config=model.config, max_cache_len=LONG), use_cache=True)
+        model(torch.randint(3, 256, (5, LONG)), use_cache=False)
+    assert asked == [(2, LONG, None, 4, {"captured": False}), (3, LONG, compute_bound, 4, {"captured": False}),
+                     (4, LONG, compute_bound, 4, {"captured": True})]
+    assert ran_sequentially == [4]
+    sequential_prefill.compiled_token_step.cache_clear()
+    torch._dynamo.reset()
 
 
 def test_bad_prefill_value_is_a_one_line_error(tmp_path):
