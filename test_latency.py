@@ -181,8 +181,9 @@ def apply_memory_cap(args: argparse.Namespace) -> dict:
     if args.memory_cap_bytes is None:
         return {"memory_cap": None}
     device = torch.device(args.device)
-    fraction = args.memory_cap_bytes / torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the cap takes an index
+    fraction = args.memory_cap_bytes / torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return {"memory_cap": args.memory_cap, "memory_cap_bytes": args.memory_cap_bytes, "memory_cap_fraction": fraction}
 
 
