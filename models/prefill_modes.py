@@ -15,11 +15,10 @@ from .roofline import Hardware, iterative_prefill_cost, model_shape, sequential_
 
 PREFILL_MODES = ("iterative", "sequential", "auto")
 
-# How much further from its roofline the iterative prefill runs than the sequential one, measured on the tinyllama
-# shape, prompt 2048, batch 512, bf16: iterative 67.6 s on an H200 (3.9x its roofline; 48.9 s, 2.8x, on an H100),
-# sequential 16.2 s on the H200 (1.8x; 20.5 s, 1.8x, on the H100). bench/measure_prefill.sh measures both paths
-# against their rooflines on more shapes and batches.
-ITERATIVE_SLOWDOWN = 2.0
+# How much slower than its roofline the iterative prefill runs (launch-bound passes, attention and matrix work not
+# overlapped), measured on an H200 with the tinyllama shape, prompt 2048, bf16 (bench/measure_prefill.py,
+# bench/results/prefill_h200): 3.9x at batch 32, 3.8x at batch 256 and 512 (2.8x at batch 512 on an H100).
+ITERATIVE_SLOWDOWN = 3.8
 
 
 def check_prefill_mode(value: str) -> None:

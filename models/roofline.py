@@ -18,9 +18,10 @@ import torch
 from .layer_plan import layer_plan
 
 # What a CUDA-graph-captured token step costs per layer beyond its roofline (kernel launch gaps and tails): the
-# captured decode step of the tinyllama-shape LCKV model (22 layers) at batch 1 measured 1.93 ms on an H200 (about
-# 2 ms on H100 and H200 for both models), where its roofline is 0.41 ms: (1.93 - 0.41) / 22 = 69 us.
-STEP_OVERHEAD_PER_LAYER_S = 70e-6
+# batch-1 sequential prefill of a 2048-token prompt, tinyllama-shape LCKV model (22 layers), took 2.78 s on an H200
+# (bench/measure_prefill.py, bench/results/prefill_h200): 1.36 ms per token step against a roofline of about
+# 0.41 ms, so (1.36 - 0.41) / 22 = 43 us per layer.
+STEP_OVERHEAD_PER_LAYER_S = 43e-6
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ def fake_card(monkeypatch, name: str = "NVIDIA H200", total: float = 141e9) -> l
     fractions = []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name=name, total_memory=int(total)))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append((fraction, device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return fractions
 
 
@@ -148,7 +149,7 @@ def test_memory_cap_is_a_fraction_of_the_card_and_recorded(monkeypatch):
     args.memory_cap_bytes = test_latency.check_memory_cap(args)
     record = test_latency.apply_memory_cap(args)
     assert record == {"memory_cap": "80GB", "memory_cap_bytes": 80 * 10**9, "memory_cap_fraction": 80e9 / 141e9}
-    assert fractions == [(80e9 / 141e9, torch.device("cuda"))]
+    assert fractions == [(80e9 / 141e9, 0)]  # the current device's index: the cap takes an index, "cuda" has none
     args.memory_cap = "160GB"
     with pytest.raises(UsageError, match=r"^--memory_cap: 160GB is more than the 141.0 GB of the NVIDIA H200; allowed is at most"):
         test_latency.check_memory_cap(args)

@@ -140,9 +140,10 @@ def test_auto_picks_each_path_by_cost(tinyllama_opt):
     for batch, expected in ((1, "iterative"), (512, "sequential")):
         seconds = prefill_seconds(tinyllama_opt, batch, 2047, H200)
         assert min(seconds, key=seconds.get) == expected == choose_prefill("auto", tinyllama_opt, batch, 2047, H200)
-    # The same batch flips with the prompt length and with the GPU's bandwidth.
-    assert choose_prefill("auto", tinyllama_opt, 64, 256, H200) == "iterative"
-    slow_memory = Hardware("slow memory", hbm_bandwidth=0.5e12, peak_flops=989e12)
+    # A short prompt flips between the batches too, and a slower memory flips a large batch back.
+    assert choose_prefill("auto", tinyllama_opt, 16, 256, H200) == "iterative"
+    assert choose_prefill("auto", tinyllama_opt, 64, 256, H200) == "sequential"
+    slow_memory = Hardware("slow memory", hbm_bandwidth=0.3e12, peak_flops=989e12)
     assert choose_prefill("auto", tinyllama_opt, 512, 2047, slow_memory) == "iterative"
 
 
