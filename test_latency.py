@@ -62,9 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)")
-    p.add_argument("--prefill", default="auto",
+    p.add_argument("--prefill", default=None,
                    help=f"LCKV prefill path(s), comma-separated to measure several: {', '.join(PREFILL_MODES)} (config.prefill; "
-                   "auto resolves per batch and is recorded as prefill_path); sequential ignores --prefill_chunk")
+                   "default auto, which resolves per batch and is recorded as prefill_path); sequential ignores --prefill_chunk; "
+                   "an error when no --configs entry is an LCKV model")
     p.add_argument("--prefill_sample", type=int, default=0,
                    help="sequential prefill: run only this many prompt tokens at the start and as many at the end of the "
                    "prompt (cache filled with zeros up to there) and extrapolate the prefill time linearly (0: whole prompt)")
@@ -104,6 +105,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_range(f"--{flag}", getattr(args, flag), minimum=1)
     check_range("--steps", args.steps, minimum=1, maximum=args.gen_len)
     check_range("--prefill_sample", args.prefill_sample, minimum=0, maximum=args.prompt_len // 2 - 1)
+    args.prefill_given = args.prefill is not None  # the Llama baseline needs no prefill mode, but some config must
+    args.prefill = args.prefill or "auto"
     args.prefill_modes = args.prefill.split(",")
     shared.check_choices("--prefill", args.prefill_modes, PREFILL_MODES)
     check_range("--prefill_chunk", args.prefill_chunk, minimum=0)
@@ -392,7 +395,7 @@ def measure_model(path: str, args, dtype: torch.dtype, bandwidth: float) -> dict
     for mode in modes:
         name = Path(path).stem if len(modes) == 1 else f"{Path(path).stem}:{mode}"
         if mode is not None:
-            model.config.prefill = mode
+            shared.set_prefill(model.config, "--prefill", mode)
         out[name] = summarize(path, config, args, dtype, bandwidth, batch_search(model, args, name)) | {"prefill": mode}
     del model
     if args.compile:  # compiled graphs hold the model's weights; free them before the next model
@@ -462,6 +465,16 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def check_prefill_applies(configs: list[PretrainedConfig], modes: list[str], given: bool) -> None:
+    """Each ``--prefill`` mode applies to every LCKV config, and a given ``--prefill`` to some config (UsageError)."""
+    lckv = [config for config in configs if isinstance(config, OptLlamaConfig)]
+    if given and not lckv:
+        shared.require_lckv(configs[0], "--prefill")
+    for config in lckv:
+        for mode in modes:
+            shared.check_prefill(config, "--prefill", mode)
+
+
 def resolve_dtype(args) -> torch.dtype:
     """auto: bfloat16 on cuda and for --plan (a GPU's plan), float32 on cpu."""
     return shared.resolve_dtype(args.dtype, "cuda" if args.plan else args.device)
@@ -478,6 +491,8 @@ def measure(argv: list[str] | None = None) -> dict:
     bandwidth = args.hbm_bandwidth_bytes
     total_len = max(args.plan_lengths_list) if args.plan else args.prompt_len + args.gen_len
     configs = {c: load_config(c, total_len) for c in args.configs}  # every config checked before any model is built
+    if not args.plan:
+        check_prefill_applies(list(configs.values()), args.prefill_modes, args.prefill_given)
     if args.plan:
         lengths = args.plan_lengths_list
         memory = args.gpu_memory_bytes
