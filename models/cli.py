@@ -276,7 +276,9 @@ def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = No
     if overrides:
         unknown = sorted(set(overrides) - set(config_class().to_dict()) - set(config_dict))
         if unknown:
-            raise UsageError(f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}")
+            renamed = getattr(config_class, "FORMAT_NAMES", {})  # lckv-llama's names of fields the model reads
+            hints = "".join(f"; {model_type} writes {name} as {renamed[name]}" for name in unknown if name in renamed)
+            raise UsageError(f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}{hints}")
         config_dict = {**config_dict, **overrides}
     try:
         check_shape_fields(config_dict)

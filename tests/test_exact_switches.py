@@ -335,3 +335,12 @@ def test_switches_that_cannot_apply_are_one_line_errors(checkpoints, corpus, tmp
         test_latency.check_prefill_applies([config_of(COMMON | {"model_type": "llama"})], ["sequential"], given=True)
     test_latency.check_prefill_applies([config_of(COMMON | {"model_type": "llama"})], ["auto"], given=False)  # the default: the Llama baseline alone
 
+
+
+def test_a_renamed_lckv_llama_field_is_an_error_naming_its_format_name(checkpoints):
+    """An override the format would silently drop (its own field wins in ``adopt_layout``) names the field to use."""
+    from models import cli
+
+    with pytest.raises(UsageError, match=r"unknown config field\(s\) \['sequential_forward'\] .*lckv-llama writes sequential_forward as use_sequential$"):
+        cli.load_config("--config", str(checkpoints["lckv-llama"]), {"sequential_forward": True})
+    assert cli.load_config("--config", str(checkpoints["lckv-llama"]), {"use_sequential": True}).sequential_forward
