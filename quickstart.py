@@ -59,10 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval_blocks", type=int, default=128, help="validation blocks both models are scored on (default 128)")
     p.add_argument("--new_tokens", type=int, default=60, help="tokens generated per sample (default 60)")
     p.add_argument("--output_dir", default="outputs/quickstart", help="where the two models go (default outputs/quickstart)")
-    p.add_argument("--smoke", action="store_true", help=f"tiny settings that check the whole path in seconds: {SMOKE}")
+    p.add_argument("--smoke", action="store_true", help=f"tiny defaults that check the whole path in seconds: {SMOKE}")
     args = p.parse_args(argv)
-    if args.smoke:
-        vars(args).update(SMOKE)
+    if args.smoke:  # its settings become the defaults; flags given still win
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     for flag in ("steps", "batch_size", "block_size", "eval_blocks", "new_tokens"):
         check_range(f"--{flag}", getattr(args, flag), minimum=1)
     check_range("--num_encoders", args.num_encoders, minimum=1)
