@@ -30,13 +30,16 @@ from .conftest import CONFIGS
 
 SHAPE = json.loads((CONFIGS / "test_tiny_opt.json").read_text())
 LCKV_FIELDS = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv", "force_nodiag", "iteration_style")
+# Large random weights (initializer_range 0.5): the iterative and the exact computation differ visibly, greedy texts too.
 COMMON = {k: v for k, v in SHAPE.items() if k not in LCKV_FIELDS} | {"vocab_size": 4096, "max_position_embeddings": 1024, "initializer_range": 0.5}
 # The config.json of each kind as its users write it: two iterations, six layers, a cyclic block of four.
 KINDS = {
-    # The published release: the layout string as layer_types, no semantics fields (published semantics follow).
+    # The published release: the layout string as layer_types, no semantics fields (so the published semantics:
+    # force_nodiag, iteration_style previous).
     "opt-llama-published": COMMON | {"model_type": "opt-llama", "layer_types": "0_1_1_1_2_0", "target_layer": -2,
                                      "num_encoders": 1, "num_trained_encoders": 0},
-    # This project's general layout: a per-layer KV source list (two targets, one of them carried).
+    # This project's general layout: a per-layer KV source list (layers 1-3 read the target 4 above them), read with
+    # this project's semantics defaults (force_nodiag False, iteration_style "current").
     "opt-llama-kv-sources": COMMON | {"model_type": "opt-llama", "kv_sources": [0, 4, 4, 4, 4, 5], "num_encoders": 1,
                                       "num_trained_encoders": 0},
     # The later format of the original code: its to_dict has no sequential_forward (use_sequential instead).
