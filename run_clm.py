@@ -74,7 +74,8 @@ class ModelArguments:
     eval_sequential: bool = field(
         default=False,
         metadata={"help": "Run the final evaluation (--do_eval) token by token (sets config.sequential_forward=True): the exact LCKV "
-        "semantics the paper reports, slower than the default parallel iterations. Env LCKV_EVAL_SEQUENTIAL=1 too."},
+        "semantics the paper reports, slower than the default parallel iterations (evaluations during training stay "
+        "iterative). Env LCKV_EVAL_SEQUENTIAL=1 too. An error for model types without iterations (llama)."},
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -414,6 +415,7 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     """Run training and/or evaluation; returns ``{"trainer", "train", "eval"}`` (metrics dicts or None)."""
     margs, dargs, targs = parse_args(argv)
     check_args(margs, dargs, targs)
+    sequential_flag = "--eval_sequential" if margs.eval_sequential else "LCKV_EVAL_SEQUENTIAL=1"
     margs.eval_sequential = margs.eval_sequential or shared.env_flag("LCKV_EVAL_SEQUENTIAL")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     transformers.utils.logging.set_verbosity_warning()
@@ -426,6 +428,10 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_config(margs)
     if margs.bundle_code and config.model_type not in AUTO_CLASSES:
         raise UsageError(f"--bundle_code: model_type {config.model_type!r} has no code here to bundle; allowed are {', '.join(AUTO_CLASSES)}")
+    if margs.eval_sequential:  # refused before any work where it cannot apply; set just before the final evaluation
+        if not targs.do_eval:
+            raise UsageError(f"{sequential_flag}: makes the final evaluation exact, and there is none; allowed with --do_eval")
+        shared.require_lckv(config, sequential_flag)
     max_positions = getattr(config, "max_position_embeddings", None)
     block_size = dargs.block_size or min(1024, max_positions or 1024)
     if max_positions is not None and block_size > max_positions:
@@ -476,14 +482,10 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     if targs.do_eval:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         if margs.eval_sequential:
-            if "sequential_forward" in unwrapped.config.to_dict():
-                unwrapped.config.sequential_forward = True
-            else:
-                logger.warning("--eval_sequential: model_type %s has no iterative computation, its parallel "
-                               "evaluation is exact already", unwrapped.config.model_type)
+            shared.set_sequential(unwrapped.config, sequential_flag)
         metrics = trainer.evaluate()
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
-        metrics["eval_sequential"] = margs.eval_sequential
+        metrics["eval_sequential"] = shared.is_sequential(unwrapped.config)  # the checkpoint's own switch counts too
         if not dargs.streaming:
             metrics["eval_samples"] = len(eval_ds)
         trainer.log_metrics("eval", metrics)

@@ -22,7 +22,16 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, TextStreamer
 
 from models import OptLlamaConfig
 from models import cli as shared  # import models registers model_types "opt-llama" and "lckv-llama"
-from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, read_text_file, resolve_dtype, run_cli, set_sequential
+from models.cli import (
+    DTYPE_CHOICES,
+    ArgumentParser,
+    UsageError,
+    read_text_file,
+    resolve_dtype,
+    run_cli,
+    set_prefill,
+    set_sequential,
+)
 from models.fast_decode import enable_fast_decode
 from models.prefill_modes import PREFILL_MODES
 
@@ -56,6 +65,23 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_return_sequences", type=int, default=1, help="sequences to return per prompt")
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens tokens (for timing)")
     parser.add_argument("--quiet", action="store_true", help="do not stream tokens; print only the final text and timings")
+
+
+def add_exact_args(parser: argparse.ArgumentParser) -> None:
+    """The LCKV exact switches (shared with run_streaming.py); for other model types they are an error."""
+    parser.add_argument("--sequential_forward", action="store_true",
+                        help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree")
+    parser.add_argument("--prefill", choices=PREFILL_MODES, default=None,
+                        help="LCKV prompt prefill into the cache (sets config.prefill; default: the checkpoint's own): iterative, "
+                        "sequential (token by token, exact) or auto (the cheaper one for the batch and prompt length)")
+
+
+def apply_exact_switches(args: argparse.Namespace, config) -> None:
+    """Set ``--sequential_forward`` / ``--prefill`` on ``config`` (``models.cli``: an error where they cannot apply)."""
+    if args.sequential_forward:
+        set_sequential(config, "--sequential_forward")
+    if args.prefill is not None:
+        set_prefill(config, "--prefill", args.prefill)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -202,10 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--offload", action="store_true",
                         help="keep each KV layer on the CPU between uses (transformers' offloaded cache, offloaded_static with "
                         "--static_cache); CUDA only")
-    parser.add_argument("--sequential_forward", action="store_true", help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree")
-    parser.add_argument("--prefill", choices=PREFILL_MODES, default=None,
-                        help="LCKV prompt prefill (sets config.prefill; default: the checkpoint's own): iterative, sequential "
-                        "(token by token, exact) or auto (the cheaper one for the batch and prompt length); ignored for Llama")
+    add_exact_args(parser)
     return parser.parse_args(argv)
 
 
@@ -216,10 +239,10 @@ def run(args: argparse.Namespace) -> dict:
     check_cache_flags(args)
     prompt = read_prompt(args)
     config = load_config(args)
-    if args.sequential_forward:
-        set_sequential(config, "--sequential_forward")
-    if args.prefill is not None and isinstance(config, OptLlamaConfig):
-        config.prefill = args.prefill
+    if args.prefill is not None and args.no_cache:
+        raise UsageError("--prefill: the prompt prefill fills the KV cache, and --no_cache generates without one; "
+                         "allowed is a cache, or --sequential_forward for exact no-cache forwards")
+    apply_exact_switches(args, config)
     tokenizer = load_tokenizer(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     check_position_limit(args, input_ids.shape[1], config.max_position_embeddings)
@@ -244,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
         same = results["cache"]["text"] == results["no_cache"]["text"]
         speedup = results["cache"]["tokens_per_s"] / results["no_cache"]["tokens_per_s"]
         print(f"[compare] cache is {speedup:.2f}x faster; same text: {'yes' if same else 'no'}", file=sys.stderr)
-        if not same and isinstance(model.config, OptLlamaConfig) and not args.sequential_forward:
+        if not same and isinstance(model.config, OptLlamaConfig) and not model.config.sequential_forward:
             print("[compare] LCKV: the no-cache forward is exact only for num_encoders + 1 tokens; use --sequential_forward", file=sys.stderr)
     return results
 

@@ -10,6 +10,13 @@ The cache (``models/cache_streaming.py``) keeps ``num_sink_tokens + window_size`
 token the position of its cache slot, so memory stays constant and RoPE stays in the trained range. Perplexity is
 computed token by token, as StreamingLLM's long-text evaluation, with the running value on the progress bar. A plain
 Llama checkpoint runs as an opt-llama with every layer standard (the same network). Bad input exits with one line.
+
+Exactness (LCKV): ``--mode perplexity`` feeds one token per forward, the exact semantics, so the exact switches do not
+apply there (an error). ``--mode generate`` prefills the prompt in chunks of ``window_size`` tokens; each chunk is a
+multi-token forward that ``config.prefill`` decides (the checkpoint's own; iterative by default: exact for the first
+``num_encoders + 1`` tokens of each chunk). ``--prefill sequential`` or ``--sequential_forward`` run every chunk token
+by token. A chunk makes room for all its tokens before its first one runs, so past the cache's capacity the first
+tokens of a chunk see fewer window tokens than a stream of single tokens would.
 """
 
 import argparse
@@ -23,9 +30,11 @@ from models.cache_streaming import SinkWindowCache
 from models.cli import ArgumentParser, UsageError, as_opt_llama, check_output_file, check_range, read_text_file, run_cli
 from models.measure import cache_tokens, measure_stream
 from run_generation import (
+    add_exact_args,
     add_generation_args,
     add_model_args,
     add_prompt_args,
+    apply_exact_switches,
     check_generation_args,
     generate_once,
     load_config,
@@ -103,6 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--use_embedded_corpus", action="store_true", help="perplexity: evaluate the embedded corpus's test split")
     parser.add_argument("--num_tokens", type=int, default=None, help="perplexity: tokens to evaluate (default 20 x max_position_embeddings)")
     parser.add_argument("--output_json", help="perplexity: write the result (with perplexity by position) to this JSON file")
+    add_exact_args(parser)
     return parser.parse_args(argv)
 
 
@@ -114,7 +124,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.output_json:
         check_output_file("--output_json", args.output_json)
     text = read_text(args) if args.mode == "perplexity" else read_prompt(args)
-    config = as_opt_llama(load_config(args))
+    config = load_config(args)
+    if args.mode == "perplexity" and (args.sequential_forward or args.prefill is not None):
+        raise UsageError(f"{'--sequential_forward' if args.sequential_forward else '--prefill'}: --mode perplexity feeds one "
+                         "token per forward, exact already; allowed with --mode generate")
+    apply_exact_switches(args, config)
+    config = as_opt_llama(config)
     cache = make_cache(config, args)  # checks the window before loading any weights
     tokenizer = load_tokenizer(args)
     model = load_model(args, config, tokenizer)

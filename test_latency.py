@@ -141,7 +141,9 @@ def check_args(args: argparse.Namespace) -> None:
         check_range(f"--{flag}", getattr(args, flag), minimum=1)
     check_range("--steps", args.steps, minimum=1, maximum=args.gen_len)
     check_range("--prefill_sample", args.prefill_sample, minimum=0, maximum=args.prompt_len // 2 - 1)
-    args.prefill_modes = (args.prefill or "auto").split(",")
+    args.prefill_given = args.prefill is not None  # the Llama baseline needs no prefill mode, but some config must
+    args.prefill = args.prefill or "auto"
+    args.prefill_modes = args.prefill.split(",")
     shared.check_choices("--prefill", args.prefill_modes, PREFILL_MODES)
     check_range("--prefill_chunk", args.prefill_chunk, minimum=0)
     check_range("--resolution", args.resolution, minimum=0, maximum=1)
@@ -499,7 +501,7 @@ def measure_model(path: str, args, dtype: torch.dtype, hardware: Hardware) -> di
     for mode in modes:
         name = Path(path).stem if len(modes) == 1 else f"{Path(path).stem}:{mode}"
         if mode is not None:
-            model.config.prefill = mode
+            shared.set_prefill(model.config, "--prefill", mode)
         out[name] = summarize(path, config, args, dtype, hardware, batch_search(model, args, name)) | {"prefill": mode or "parallel"}
     del model
     if args.compile:  # compiled graphs hold the model's weights; free them before the next model
@@ -619,6 +621,16 @@ def plot_title(args, device: str) -> str:
     return f"prompt {args.prompt_len} + {args.gen_len} new tokens ({decode}), {device}"
 
 
+def check_prefill_applies(configs: list[PretrainedConfig], modes: list[str], given: bool) -> None:
+    """Each ``--prefill`` mode applies to every LCKV config, and a given ``--prefill`` to some config (UsageError)."""
+    lckv = [config for config in configs if isinstance(config, OptLlamaConfig)]
+    if given and not lckv:
+        shared.require_lckv(configs[0], "--prefill")
+    for config in lckv:
+        for mode in modes:
+            shared.check_prefill(config, "--prefill", mode)
+
+
 def resolve_dtype(args) -> torch.dtype:
     """auto: bfloat16 on cuda and for --plan (a GPU's plan), float32 on cpu."""
     return shared.resolve_dtype(args.dtype, "cuda" if args.plan else args.device)
@@ -636,9 +648,8 @@ def measure(argv: list[str] | None = None) -> dict:
     bandwidth = hardware.hbm_bandwidth
     total_len = max(args.plan_lengths_list) if args.plan else args.prompt_len + args.gen_len
     configs = {c: load_config(c, total_len) for c in args.configs}  # every config checked before any model is built
-    if args.prefill is not None and not args.plan and not any(isinstance(c, OptLlamaConfig) for c in configs.values()):
-        raise UsageError(f"--prefill: {args.prefill} with only Llama configs; allowed only when --configs has an LCKV "
-                         "(opt-llama, lckv-llama) config (a Llama prefills in one parallel pass)")
+    if not args.plan:
+        check_prefill_applies(list(configs.values()), args.prefill_modes, args.prefill_given)
     if args.plan:
         lengths = args.plan_lengths_list
         memory = args.gpu_memory_bytes

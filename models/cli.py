@@ -25,6 +25,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 from .config_checks import check_shape_fields, looks_like_local_path
 from .configuration_opt_llama import OptLlamaConfig
 from .kernels.flags import FLAGS, flag_enabled
+from .prefill_modes import PREFILL_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
@@ -330,7 +331,9 @@ def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = No
     if overrides:
         unknown = sorted(set(overrides) - set(config_class().to_dict()) - set(config_dict))
         if unknown:
-            raise UsageError(f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}")
+            renamed = getattr(config_class, "FORMAT_NAMES", {})  # lckv-llama's names of fields the model reads
+            hints = "".join(f"; {model_type} writes {name} as {renamed[name]}" for name in unknown if name in renamed)
+            raise UsageError(f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}{hints}")
         config_dict = {**config_dict, **overrides}
     try:
         check_shape_fields(config_dict)
@@ -358,15 +361,44 @@ def as_opt_llama(config: PretrainedConfig) -> OptLlamaConfig:
     return OptLlamaConfig(**fields, lckv_layer_types="_".join(["0"] * config.num_hidden_layers))
 
 
-def set_sequential(config: PretrainedConfig, flag: str) -> None:
-    """The sequential switch: every no-grad multi-token forward of an opt-llama model runs token by token (exact).
+def require_lckv(config: PretrainedConfig, flag: str) -> None:
+    """An LCKV exact switch (``flag``) applies to ``config``: an opt-llama or lckv-llama model, else a UsageError.
 
-    Other model types compute no iterations, so the flag is an error there (their parallel forward is exact).
+    Decided on the config object (``isinstance``), never on ``to_dict()``: ``lckv-llama`` saves its fields under
+    its own names (``use_sequential``), so its dict has no ``sequential_forward`` although the model reads it.
+    Other model types compute no iterations, so an exact switch has nothing to change there.
     """
     if not isinstance(config, OptLlamaConfig):
-        raise UsageError(f"{flag}: model_type {config.model_type!r} has no iterative computation to make sequential; "
+        raise UsageError(f"{flag}: model_type {config.model_type!r} has no iterative computation to make exact; "
                          "allowed only for opt-llama and lckv-llama")
+
+
+def set_sequential(config: PretrainedConfig, flag: str) -> None:
+    """The sequential switch: every no-grad multi-token forward of an LCKV model runs token by token (exact)."""
+    require_lckv(config, flag)
     config.sequential_forward = True
+
+
+def check_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
+    """The prefill switch can set ``mode`` (iterative, sequential or auto) on ``config``: an LCKV model, and under
+    ``sequential_forward`` (every multi-token forward token by token) only ``"sequential"``; else a UsageError."""
+    require_lckv(config, flag)
+    if mode not in PREFILL_MODES:
+        raise UsageError(f"{flag}: {mode!r}; allowed values are {', '.join(PREFILL_MODES)}")
+    if config.sequential_forward and mode != "sequential":
+        raise UsageError(f"{flag}: {mode!r} cannot apply: sequential_forward is on (every multi-token forward runs token "
+                         "by token); allowed is 'sequential', or leave sequential_forward off")
+
+
+def set_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
+    """The prefill switch: ``config.prefill = mode``, checked by ``check_prefill``."""
+    check_prefill(config, flag, mode)
+    config.prefill = mode
+
+
+def is_sequential(config: PretrainedConfig) -> bool:
+    """Whether every no-grad multi-token forward of ``config``'s model runs token by token (an LCKV switch is on)."""
+    return isinstance(config, OptLlamaConfig) and config.sequential_forward
 
 
 def check_choices(flag: str, values: Iterable[str], allowed: Iterable[str]) -> None:

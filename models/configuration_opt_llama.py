@@ -218,6 +218,13 @@ class LckvLlamaConfig(OptLlamaConfig):
     """
 
     model_type = "lckv-llama"
+    # The fields the model reads that this format writes under other names (``to_dict`` leaves them out): a dict of
+    # this format has no ``sequential_forward`` although the model reads it, so never test a field by ``to_dict()``.
+    FORMAT_NAMES = {
+        "num_encoders": "forward_passes and backward_passes", "num_trained_encoders": "backward_passes",
+        "sequential_forward": "use_sequential", "kv_sources": "layer_types", "sliding_window_layers": "layer_types",
+        "target_layer": "layer_types",
+    }  # fmt: skip
 
     forward_passes: int | None = None
     backward_passes: int | None = None
@@ -254,7 +261,7 @@ class LckvLlamaConfig(OptLlamaConfig):
         """The ``lckv-llama`` fields: the layout string (as ``lckv_layer_types``, see ``original_format``),
         ``forward_passes``/``backward_passes``, ``use_sequential``."""
         fields = super().to_dict()
-        for name in ("kv_sources", "sliding_window_layers", "target_layer", "num_encoders", "num_trained_encoders", "sequential_forward"):
+        for name in self.FORMAT_NAMES:
             fields.pop(name, None)
         fields["lckv_layer_types"] = lckv_layout(self.layer_kv_sources, self.sliding_window_layers)
         fields["forward_passes"] = self.num_encoders - self.num_trained_encoders

@@ -124,7 +124,7 @@ def test_sequential_prefill_flag_gives_the_sequential_forward_text(tiny_files, c
     """--prefill sequential (exact prefill only) generates what --sequential_forward (everything exact) does."""
     args = ("--prompt", "ROMEO: But soft, what light through yonder window breaks?", "--max_new_tokens", "12", "--ignore_eos", "--quiet")
     sequential = run(tiny_files, *args, "--prefill", "sequential", *cache_flag)["cache"]
-    assert sequential["text"] == run(tiny_files, *args, "--sequential_forward", "--prefill", "iterative", *cache_flag)["cache"]["text"]
+    assert sequential["text"] == run(tiny_files, *args, "--sequential_forward", *cache_flag)["cache"]["text"]
 
 
 def test_bad_prefill_flag_is_a_one_line_error(capsys):
