@@ -54,7 +54,7 @@ ROWS = {
     "latency bandwidth unknown unit": Row("test_latency", [*PLAN, "--hbm_bandwidth", "3PB"], ["--hbm_bandwidth", "3PB"]),
     "latency bandwidth negative word": Row("test_latency", [*PLAN, "--hbm_bandwidth", "-1TB"], ["--hbm_bandwidth", "-1TB"]),
     "latency prefill on llama": Row("test_latency", ["--configs", "{in}/llama.json", "--device", "cpu", "--output_dir", "{out}",
-                                                     "--prefill", "sequential"], ["--prefill", "sequential", "Llama"]),
+                                                     "--prefill", "sequential"], ["--prefill", "llama"]),
     "latency plan_lengths zero": Row("test_latency", [*PLAN, "--plan_lengths", "0"], ["--plan_lengths", "0"]),
     "latency memory below the weights": Row("test_latency", [*PLAN, "--gpu_memory", "1KB"], ["--gpu_memory", "1KB"]),
     "latency batches zero": Row("test_latency", [*LATENCY, "--batches", "0"], ["--batches", "0"]),

@@ -120,16 +120,6 @@ def test_bad_flag_combinations_are_one_line_errors(argv, message, capsys):
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_prefill_flag_with_only_llama_configs_is_a_one_line_error(configs, tmp_path, capsys):
-    """A Llama prefills in one parallel pass: --prefill names no path it could take, so it is refused (before any
-    model is built, nothing written) instead of being recorded and ignored."""
-    with pytest.raises(SystemExit) as exit_info:
-        test_latency.main(["--configs", configs[0], "--prefill", "sequential", "--device", "cpu", "--output_dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
-    assert capsys.readouterr().err.strip() == ("test_latency.py: error: --prefill: sequential with only Llama configs; allowed only "
-                                               "when --configs has an LCKV (opt-llama, lckv-llama) config (a Llama prefills in one parallel pass)")
-
-
 def fake_card(monkeypatch, name: str = "NVIDIA H200", total: float = 141e9) -> list[tuple]:
     """CUDA device queries answering for one card; returns the memory fractions set."""
     from types import SimpleNamespace
