@@ -42,16 +42,20 @@ SMOKE_CONFIGS = ["configs/llama_tiny.json", "configs/llama_tiny_opt.json"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"])
+    p.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"],
+                   help="model config .json files (a Llama and its LCKV twin); each is built with random weights")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes")
     p.add_argument("--context", type=int, default=2048, help="tokens in the cache when decoding starts (the prompt)")
     p.add_argument("--new_tokens", type=int, default=128, help="tokens sampled by the timed generate")
     p.add_argument("--check_tokens", type=int, default=16, help="tokens compared between the two loops")
-    p.add_argument("--attn_implementation", default=SPLIT_KV)
+    p.add_argument("--attn_implementation", default=SPLIT_KV,
+                   help=f"attention of both models (default {SPLIT_KV}: the decode kernel reading only the filled cache)")
     p.add_argument("--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the roofline (H200: 4.8TB)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device the models are built on (default: cuda when available, else cpu)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens: the same code path")
-    p.add_argument("--output_dir", default="bench/results/generate_overhead")
+    p.add_argument("--output_dir", default="bench/results/generate_overhead",
+                   help="folder of the JSON (one file per set of configs and batches)")
     args = p.parse_args(argv)
     if args.smoke:
         args.device, args.context, args.new_tokens, args.check_tokens = "cpu", 8, 6, 4
