@@ -51,3 +51,20 @@ def num_threads(request):
     torch.set_num_threads(1 if request.param == "1 thread" else os.cpu_count() or 1)
     yield torch.get_num_threads()
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """No hub for tools run in-process: the environment flag, and huggingface_hub's constant (read once at import)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """The embedded corpus (prepared once per run: text files and the local tokenizer)."""
+    from corpus import prepare_corpus
+
+    return prepare_corpus()

@@ -22,7 +22,6 @@ import run_generation
 import run_streaming
 import test_harness
 import test_latency
-from corpus import prepare_corpus
 from models import LckvLlamaConfig, OptLlamaConfig
 from models.cli import UsageError
 
@@ -49,15 +48,7 @@ PROMPT = "KING.\nWhat, ho!"  # 7 tokens, more than the 2 iterations
 NEW_TOKENS = 6
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(test_harness.hub_constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return prepare_corpus()
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 @pytest.fixture(scope="module")

@@ -42,9 +42,7 @@ def direct_word_perplexity(model, tokenizer, texts: list[str]) -> float:
     return math.exp(-total_logprob / total_words)
 
 
-def test_local_perplexity_equals_direct(tiny_config, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(test_harness.hub_constants, "HF_HUB_OFFLINE", True)
+def test_local_perplexity_equals_direct(tiny_config, tmp_path, hub_offline, capsys):
     out = tmp_path / "results.json"
     argv = ["--model", str(tiny_config), "--limit", str(LIMIT), "--device", "cpu", "--output_path", str(out)]
     test_harness.main(argv)

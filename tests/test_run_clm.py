@@ -11,12 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import huggingface_hub  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import run_clm  # noqa: E402
-from corpus import prepare_corpus  # noqa: E402
 
 TINY_OPT = str(REPO / "configs" / "test_tiny_opt.json")
 TINY_LLAMA = str(REPO / "configs" / "llama_tiny.json")
@@ -24,16 +22,8 @@ SHRINK = "hidden_size=64,intermediate_size=128,num_hidden_layers=6,num_attention
 MODELS = {"opt-llama": (TINY_OPT, ""), "llama": (TINY_LLAMA, SHRINK)}
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """No hub: tests make their own data and use the locally trained tokenizer."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return prepare_corpus()
+# No hub: tests make their own data and use the locally trained tokenizer.
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 @pytest.fixture(scope="module")
