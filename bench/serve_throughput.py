@@ -16,9 +16,7 @@ tokens/s, and their ratio.
 
 import argparse
 import json
-import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +31,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.transformers_server import transformers_server  # noqa: E402
 from models.cli import ArgumentParser, check_choices, parse_int_list, run_cli  # noqa: E402
 from models.export import export_checkpoint  # noqa: E402
 from models.measure import load_config  # noqa: E402
@@ -90,28 +89,6 @@ def build_checkpoint(args, out: Path) -> Path:
     return exported
 
 
-def start_server(args, checkpoint: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"HF_MODULES_CACHE": str(workdir / "hf_modules")}
-    command = [str(Path(sys.executable).parent / "transformers"), "serve", str(checkpoint), "--trust-remote-code",
-               "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
-               "--dtype", "bfloat16" if args.device == "cuda" else "float32", *(["--compile"] if args.serve_compile else [])]
-    log = open(workdir / "server.log", "w")  # noqa: SIM115  (held by the server process)
-    server = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return server, url
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError(f"transformers serve did not start; see {workdir / 'server.log'}")
-
-
 def complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     """One greedy /v1/completions request: (seconds, completion tokens)."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
@@ -130,8 +107,9 @@ def served_throughput(args, out: Path) -> dict:
     def prompt() -> str:
         return " ".join(f"w{rng.randrange(len(SPECIAL), vocab)}" for _ in range(args.prompt_len))
 
-    server, url = start_server(args, checkpoint, out)
-    try:
+    options = ["--device", args.device, "--dtype", "bfloat16" if args.device == "cuda" else "float32",
+               *(["--compile"] if args.serve_compile else [])]
+    with transformers_server(checkpoint, out, options, STARTUP_SECONDS) as (_, url):
         complete(url, str(checkpoint), prompt(), args.gen_len)  # warm-up: loads the code, first forward
         results = {}
         for clients in args.client_counts:
@@ -151,12 +129,6 @@ def served_throughput(args, out: Path) -> dict:
             }
             print(f"serve, {clients} clients: {tokens / wall:.1f} tok/s in all, {results[str(clients)]['per_client_tokens_per_s']:.1f} per client")
         return results
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def static_throughput(args, out: Path) -> dict:

@@ -2,12 +2,6 @@
 completion our `generate` gives, streamed and not, on /v1/completions and /v1/chat/completions, four requests at once;
 a bad request is an HTTP error and the server goes on serving."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from bench.transformers_server import transformers_server
 from models.export import export_checkpoint
 from tests.conftest import tiny_config, tiny_model
 
@@ -39,25 +34,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(server: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"transformers serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"transformers serve did not answer within {STARTUP_SECONDS} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, PreTrainedTokenizerFast]:
     """An exported opt-llama checkpoint (random weights, this project's LCKV layout) with the tiny tokenizer."""
@@ -74,25 +50,9 @@ def checkpoint(tmp_path_factory) -> tuple[Path, PreTrainedTokenizerFast]:
 def server(checkpoint, tmp_path_factory):
     """`transformers serve` in a fresh process that cannot import this repository; stopped at the end."""
     path, _ = checkpoint
-    workdir = tmp_path_factory.mktemp("server")
-    port, log = free_port(), workdir / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(workdir / "hf_modules"), HF_HUB_OFFLINE="1")
-    command = [str(Path(sys.executable).parent / "transformers"), "serve", str(path), "--trust-remote-code",
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(process, url, log)
+    options = ["--device", "cpu"]
+    with transformers_server(path, tmp_path_factory.mktemp("server"), options, STARTUP_SECONDS, {"HF_HUB_OFFLINE": "1"}) as (process, url):
         yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def greedy_text(model, inputs: dict, tokenizer) -> tuple[str, int]:
