@@ -25,14 +25,7 @@ mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if [ "$part" = smoke ]; then  # tiny shapes on the CPU: the same steps, flags and JSON, in seconds
-    python - "$out" <<'EOF'
-import json, sys
-from pathlib import Path
-opt = json.loads(Path("configs/test_tiny_opt.json").read_text())
-lckv = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv")
-llama = {k: v for k, v in opt.items() if k not in lckv} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-Path(sys.argv[1], "smoke_llama.json").write_text(json.dumps(llama))
-EOF
+    python -m bench.smoke_llama_config "$out"
     TL=$out/smoke_llama.json TLO=configs/test_tiny_opt.json
     L33=$TL L33O=$TLO L7=$TL L7O=$TLO
     P2K="--prompt_len 12 --gen_len 8" P256="--prompt_len 10 --gen_len 6"

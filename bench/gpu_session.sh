@@ -27,14 +27,7 @@ if [ "$part" = smoke ]; then
     exit 0
 fi
 if [ "${SMOKE:-0}" = 1 ]; then
-    $py - "$out" <<'PY'
-import json, sys
-from pathlib import Path
-opt = json.loads(Path("configs/test_tiny_opt.json").read_text())
-lckv = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv", "force_nodiag", "iteration_style")
-llama = {k: v for k, v in opt.items() if k not in lckv} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-Path(sys.argv[1], "smoke_llama.json").write_text(json.dumps(llama))
-PY
+    $py -m bench.smoke_llama_config "$out"
     TL=$out/smoke_llama.json TLO=configs/test_tiny_opt.json L33=$TL L33O=$TLO L7=$TL L7O=$TLO
     P2K=(--prompt_len 12 --gen_len 8) P256=(--prompt_len 10 --gen_len 6) STEPS=(--steps 2) SAMPLE=(--prefill_sample 2)
     CHUNK=(--prefill_chunk 1) TESTS=(tests/test_decode_attention.py -k "not generation")
