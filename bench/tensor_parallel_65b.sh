@@ -46,15 +46,7 @@ else
     plan_memory=141GB
 fi
 
-step() {  # step NAME SECONDS CMD...: CMD with a time limit, log to OUT/NAME/log
-    local name=$1 limit=$2
-    shift 2
-    mkdir -p "$out/$name"
-    local start=$SECONDS
-    timeout "$limit" "$@" >"$out/$name/log" 2>&1
-    echo "=== $name: rc=$? in $((SECONDS - start)) s"
-    grep -v -E "it/s\]|s/it\]" "$out/$name/log" | tail -n 4
-}
+. "$(dirname "$0")/step.sh"
 
 tp_lat() {  # tp_lat NAME SECONDS ARGS...: test_latency.py on $nproc tensor-parallel processes, JSON under OUT/NAME
     local name=$1 limit=$2
