@@ -5,6 +5,8 @@ batch of the same size: how much of the batch throughput a served user gets.
     python bench/serve_throughput.py --part static --output_dir OUT   # GPU, ~5 min: test_latency batches 1,8,64
     python bench/serve_throughput.py --smoke --part serve,static --output_dir OUT   # CPU, tiny model, same code paths
 
+The two parts may run at the same time into one OUT, each on its own GPU (CUDA_VISIBLE_DEVICES=0 / 1).
+
 ``serve``: a checkpoint of ``--config`` with random weights (bf16 on CUDA) and a word-level tokenizer (one token per
 word, so a prompt of P words is P tokens) is exported self-contained (``models.export``) and served by `transformers
 serve --trust-remote-code` in its own process; for each C, C clients post one greedy /v1/completions request each at
@@ -15,6 +17,7 @@ tokens/s, and their ratio.
 """
 
 import argparse
+import fcntl
 import json
 import random
 import subprocess
@@ -142,24 +145,36 @@ def static_throughput(args, out: Path) -> dict:
     return {c: {"e2e_tokens_per_s": r["e2e_throughput"], "prefill_path": r["prefill_path"]} for c, r in runs.items()}
 
 
+def merge_into_summary(path: Path, setting: dict, parts: dict) -> dict:
+    """Add ``parts`` (``served`` and/or ``static_batch``) to the summary JSON at ``path`` under an exclusive lock, so
+    the two parts may run at the same time (one GPU each) into one folder; the served share of the batch throughput
+    is computed once both are there."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        summary |= {"setting": setting} | parts
+        if "served" in summary and "static_batch" in summary:
+            summary["served_share_of_batch"] = {
+                c: summary["served"][c]["tokens_per_s"] / summary["static_batch"][c]["e2e_tokens_per_s"]
+                for c in summary["served"] if c in summary["static_batch"]
+            }
+        path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def measure(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary_path = out / "serve_throughput.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary["setting"] = {k: getattr(args, k) for k in ("config", "prompt_len", "gen_len", "serve_compile", "device")} | {
+    setting = {k: getattr(args, k) for k in ("config", "prompt_len", "gen_len", "serve_compile", "device")} | {
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    parts = {}
     if "serve" in args.parts:
-        summary["served"] = served_throughput(args, out)
+        parts["served"] = served_throughput(args, out)
     if "static" in args.parts:
-        summary["static_batch"] = static_throughput(args, out)
-    if "served" in summary and "static_batch" in summary:
-        summary["served_share_of_batch"] = {
-            c: summary["served"][c]["tokens_per_s"] / summary["static_batch"][c]["e2e_tokens_per_s"]
-            for c in summary["served"] if c in summary["static_batch"]
-        }
-    summary_path.write_text(json.dumps(summary, indent=2))
+        parts["static_batch"] = static_throughput(args, out)
+    summary_path = out / "serve_throughput.json"
+    summary = merge_into_summary(summary_path, setting, parts)
     print(json.dumps(summary.get("served_share_of_batch", {}), indent=2))
     print(f"written: {summary_path}")
     return summary

@@ -1,9 +1,10 @@
 """`transformers serve --trust-remote-code` in a process of its own, on 127.0.0.1 at a free port, for the serving
 test (tests/test_serving.py) and bench/serve_throughput.py.
 
-The server gets the environment without ``PYTHON*`` variables (so it cannot import this repository and loads the
-checkpoint's bundled code) and its own ``HF_MODULES_CACHE`` under ``workdir``; its output goes to
-``workdir/server.log``.
+The server runs this interpreter's ``transformers`` (``python -m transformers.cli.transformers``, so packages carried
+on ``PYTHONPATH`` are the ones it uses) with ``PYTHONPATH`` stripped of this repository (so it cannot import the
+repository and loads the checkpoint's bundled code) and its own ``HF_MODULES_CACHE`` under ``workdir``; its output
+goes to ``workdir/server.log``.
 """
 
 import os
@@ -16,12 +17,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def environment_without_repo(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` with every ``PYTHONPATH`` entry that is this repository (or empty, i.e. the working directory)
+    removed, and no other ``PYTHON*`` variable (``PYTHONSTARTUP`` and the like could import it too)."""
+    paths = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env = {k: v for k, v in environ.items() if not k.startswith("PYTHON")}
+    return env | ({"PYTHONPATH": os.pathsep.join(paths)} if paths else {})
 
 
 def wait_until_healthy(server: subprocess.Popen, url: str, log: Path, startup_seconds: float) -> None:
@@ -44,9 +55,9 @@ def transformers_server(checkpoint: Path, workdir: Path, options: list[str], sta
     """Serve ``checkpoint`` with the extra command-line ``options`` (e.g. ``--device cpu``); yields the process and
     its base URL once it is healthy, and stops it on exit."""
     port, log = free_port(), workdir / "server.log"
-    server_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    server_env |= {"HF_MODULES_CACHE": str(workdir / "hf_modules"), **(env or {})}
-    command = [str(Path(sys.executable).parent / "transformers"), "serve", str(checkpoint), "--trust-remote-code",
+    server_env = environment_without_repo(dict(os.environ))
+    server_env |= {"HF_MODULES_CACHE": str(workdir / "hf_modules"), "PYTHONUNBUFFERED": "1", **(env or {})}
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(checkpoint), "--trust-remote-code",
                "--host", "127.0.0.1", "--port", str(port), *options]
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, cwd=workdir, env=server_env, stdout=log_file, stderr=subprocess.STDOUT)

@@ -109,3 +109,14 @@ def test_served_greedy_completions_equal_generate(checkpoint, server):
         assert 400 <= error.value.status_code < 500
     assert process.poll() is None
     assert ask(client, str(path), *requests[0]) == (expected[0][0], expected[0][1])  # still serving
+
+
+def test_server_environment_drops_the_repository_only(tmp_path):
+    """The server keeps carried packages on PYTHONPATH (a GPU machine's newer transformers) but never this
+    repository, so it must load the checkpoint's bundled code."""
+    from bench.transformers_server import REPO, environment_without_repo
+
+    carried = str(tmp_path)
+    env = environment_without_repo({"PYTHONPATH": f"{REPO}:{carried}::{REPO}/", "PYTHONSTARTUP": "x.py", "HOME": "/h"})
+    assert env == {"PYTHONPATH": carried, "HOME": "/h"}
+    assert environment_without_repo({"PYTHONPATH": str(REPO), "HOME": "/h"}) == {"HOME": "/h"}
