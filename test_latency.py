@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start_batch", type=int, default=1,
                    help="the search doubles from this batch (e.g. near the --plan estimate; batch 1 is measured too)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes to run instead of the search (OOM still caught)")
+    p.add_argument("--first_fit", action="store_true",
+                   help="with --batches: stop at the first batch that fits (list them largest first, as fallbacks)")
     p.add_argument("--resolution", type=float, default=0.125,
                    help="bisection stops when the gap between a fitting and a failing batch is at most this fraction")
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache: transformers' dynamic or static")
@@ -150,6 +152,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_range("--tp_size", args.tp_size, minimum=1)
     if args.batches is not None:
         parse_int_list("--batches", args.batches)
+    elif args.first_fit:
+        raise UsageError("--first_fit: stops a --batches list at its first fitting batch; allowed only with --batches")
     args.hbm_bandwidth_bytes = parse_size("--hbm_bandwidth", args.hbm_bandwidth) if args.hbm_bandwidth is not None else None
     args.peak_flops_rate = parse_flop_rate("--peak_flops", args.peak_flops) if args.peak_flops is not None else None
     args.gpu_memory_bytes = parse_size("--gpu_memory", args.gpu_memory)
@@ -461,11 +465,15 @@ def try_run(model, args, batch: int, desc: str) -> RunResult | None:
 
 def batch_search(model, args, desc: str) -> list[RunResult | dict]:
     """Double the batch from ``--start_batch`` until it fails or reaches ``--max_batch``, then bisect to
-    ``--resolution``; batch 1 is always measured (per-step latency). ``--batches`` runs a fixed list instead."""
+    ``--resolution``; batch 1 is always measured (per-step latency). ``--batches`` runs a fixed list instead (up to the
+    first that fits with ``--first_fit``)."""
     tried: dict[int, RunResult | None] = {}
     good, bad, batch = 0, None, args.start_batch
     if args.batches:
-        tried = {b: try_run(model, args, b, desc) for b in map(int, args.batches.split(","))}
+        for b in map(int, args.batches.split(",")):
+            tried[b] = try_run(model, args, b, desc)
+            if tried[b] and args.first_fit:
+                break
         good = args.max_batch  # skips the search
     elif batch > 1:
         tried[1] = try_run(model, args, 1, desc)

@@ -14,8 +14,10 @@
 # bytes, roofline); OUT/llama65b_<part>.json holds both models and their ratios. Decode steps are timed on --steps tokens at the start and at the end of the context and
 # extrapolated over gen_len; the LCKV sequential prefill is timed on --prefill_sample tokens at each end of the prompt.
 # Batches: the --plan max batch (141 GB per GPU: Llama 56 at 1,024 tokens, 14 at 4,096) less headroom for the
-# captured step; a batch that does not fit is recorded as {"oom": true} and the next one in the list runs (both
-# processes run out at the same allocation, the cache's; a hang would end at the step's time limit).
+# captured step, largest first: a batch that does not fit is recorded as {"oom": true} and the next one in the list
+# runs, and the first that fits ends the list (--first_fit; both processes run out at the same allocation, the
+# cache's; a hang would end at the step's time limit). Measured on two H200s: loading and compiling take ~2 min
+# (Llama) and ~4 min (LCKV) of each step.
 set -uo pipefail
 part=${1:?plan, p256, p2k or smoke}
 out=${2:-bench/results/tensor_parallel_65b}
@@ -32,7 +34,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     $py -m bench.smoke_llama_config "$out"
     L65=$out/smoke_llama.json L65O=configs/test_tiny_opt.json
     P256=(--prompt_len 10 --gen_len 6) P2K=(--prompt_len 12 --gen_len 8) STEPS=(--steps 2) SAMPLE=(--prefill_sample 2)
-    B256L=1,2 B256O=2,3 B2KL=1,2 B2KO=2,3
+    B256L=2,1 B256O=3,2 B2KL=2,1 B2KO=3,2
     common=(--device cpu)
     plan_memory=1GB
     export OMP_NUM_THREADS=1
@@ -52,7 +54,7 @@ tp_lat() {  # tp_lat NAME SECONDS ARGS...: test_latency.py on $nproc tensor-para
     local name=$1 limit=$2
     shift 2
     step "$name" "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" test_latency.py "$@" "${common[@]}" \
-        --output_dir "$out/$name"
+        --first_fit --output_dir "$out/$name"
 }
 
 ratios() {  # ratios NAME LLAMA_STEP LCKV_STEP: both models' results in one JSON, with test_latency's ratios
@@ -76,14 +78,14 @@ plan)
         --plan_lengths 4096 "${common[@]}"
     ;;
 p256)
-    tp_lat llama65b_p256_llama 250 --configs "$L65" --compile "${P256[@]}" "${STEPS[@]}" --batches "$B256L"
-    tp_lat llama65b_p256_lckv 270 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
+    tp_lat llama65b_p256_llama 230 --configs "$L65" --compile "${P256[@]}" "${STEPS[@]}" --batches "$B256L"
+    tp_lat llama65b_p256_lckv 300 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
         --batches "$B256O"
     ratios llama65b_p256 llama65b_p256_llama llama65b_p256_lckv
     ;;
 p2k)
-    tp_lat llama65b_p2k_llama 250 --configs "$L65" --compile "${P2K[@]}" "${STEPS[@]}" --batches "$B2KL"
-    tp_lat llama65b_p2k_lckv 270 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P2K[@]}" "${STEPS[@]}" \
+    tp_lat llama65b_p2k_llama 230 --configs "$L65" --compile "${P2K[@]}" "${STEPS[@]}" --batches "$B2KL"
+    tp_lat llama65b_p2k_lckv 320 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P2K[@]}" "${STEPS[@]}" \
         --batches "$B2KO"
     ratios llama65b_p2k llama65b_p2k_llama llama65b_p2k_lckv
     ;;

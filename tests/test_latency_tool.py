@@ -99,9 +99,21 @@ def test_batch_search_stops_when_batch_one_does_not_fit(monkeypatch):
     assert test_latency.batch_search(None, args, "fake") == [{"batch": 1, "oom": True}]
 
 
+@pytest.mark.parametrize("first_fit, ran", [(True, [64, 48]), (False, [64, 48, 32])])
+def test_batches_list_stops_at_the_first_fit_only_when_asked(monkeypatch, first_fit, ran):
+    """``--batches 64,48,32 --first_fit`` is a list of fallbacks: 64 does not fit, 48 does, 32 never runs."""
+    calls = []
+    monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: calls.append(batch) or ({"batch": batch} if batch < 64 else None))
+    monkeypatch.setattr(test_latency, "asdict", dict)
+    args = test_latency.parse_args(["--batches", "64,48,32", *(["--first_fit"] if first_fit else [])])
+    runs = test_latency.batch_search(None, args, "fake")
+    assert calls == ran and [r["batch"] for r in runs] == sorted(ran) and runs[-1].get("oom")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--first_fit", "--device", "cpu"], "--first_fit: stops a --batches list at its first fitting batch; allowed only with --batches"),
         (["--offload", "--device", "cpu"], "--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
         (["--offload", "--compile", "--device", "cuda"], "--offload: not with --compile"),
         (["--start_batch", "2048", "--max_batch", "1024"], "--start_batch: 2048; allowed values are 1 to --max_batch (1024)"),
