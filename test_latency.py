@@ -64,7 +64,14 @@ from models.roofline import (
     token_step_cost,
 )
 from models.sequential_prefill import compile_options, compiled_token_step, prefill_cache
-from models.tensor_parallel import build_sharded, is_main_process, kv_heads_per_process, world_size
+from models.tensor_parallel import (
+    build_sharded,
+    config_tp_size,
+    end_process_group,
+    is_main_process,
+    kv_heads_per_process,
+    world_size,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -396,20 +403,24 @@ def resolve_prefill(model, args, batch: int) -> tuple[str, dict | None]:
     hardware, value_bytes = pricing_hardware(args), model.dtype.itemsize
     length = args.prompt_len - 1  # the tokens prefilled before generate's first step
     captured = compile_options(model.device, new_cache(model, args)) is not None
-    path = choose_prefill(model.config.prefill, model.config, batch, length, hardware, value_bytes, captured)
-    return path, prefill_seconds(model.config, batch, length, hardware, value_bytes) if hardware is not None else None
+    tp = config_tp_size(model.config)
+    path = choose_prefill(model.config.prefill, model.config, batch, length, hardware, value_bytes, captured, tp)
+    return path, prefill_seconds(model.config, batch, length, hardware, value_bytes, tp) if hardware is not None else None
 
 
 def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) -> RunResult:
     """``run`` with the LCKV prefill path already set in the config."""
     cuda = model.device.type == "cuda"
-    compile_s = None
-    if args.compile:  # compile and capture the decode step of this batch size; a 1-token prompt gives the same shapes
-        warm_prompt = 4 if prefill_path == "sequential" else 1  # and the sequential prefill's step (warm-up, record, replay)
-        with tqdm(total=3, desc=f"{desc} compile b={batch}", leave=False) as bar:
-            timer, warm_cache, start = generate_once(model, args, batch, 3, bar, prompt_len=warm_prompt)
-        compile_s = timer.times[-1] - start
-        del warm_cache  # freed before the measured run allocates its own (two caches need not fit)
+    # Warm-up, untimed: compile and capture the decode step of this batch size (with --compile: 3 steps for warm-up,
+    # record, replay) and run the prefill path once at the measured shape, so one-time costs (the first kernels of a
+    # shape, library heuristics, the allocator growing) stay out of the timed run. The sequential prefill's step is
+    # one shape at any length: 4 prompt tokens compile and capture it.
+    warm_prompt = min(4, args.prompt_len) if prefill_path == "sequential" else args.prompt_len
+    warm_steps = 3 if args.compile else 1
+    with tqdm(total=warm_steps, desc=f"{desc} {'compile' if args.compile else 'warm-up'} b={batch}", leave=False) as bar:
+        timer, warm_cache, start = generate_once(model, args, batch, warm_steps, bar, prompt_len=warm_prompt)
+    compile_s = timer.times[-1] - start if args.compile else None
+    del warm_cache  # freed before the measured run allocates its own (two caches need not fit)
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
     with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar, CompiledStepTimer(model) as step_timer:
@@ -553,20 +564,24 @@ def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, har
 
 
 def e2e_roofline_throughput(config: PretrainedConfig, weights: int, kv_read: int, batch: int, prompt_len: int, gen_len: int,
-                            hardware: Hardware, value_bytes: int) -> float:
+                            hardware: Hardware, value_bytes: int, tp: int = 1) -> float:
     """``batch * gen_len / (T_prefill + T_decode)``: ``T_prefill`` a Llama's parallel prefill of the prompt (the
     config's dimensions, every layer with its own KVs) at the peak matrix rate, the least any exact prefill can
     cost; ``T_decode`` the ``gen_len - 1`` decode steps after it at the bandwidth, each reading the ``weights`` and, per
-    sequence, the filled KV in every layer (``kv_read`` bytes per token; ``decode_roofline_seconds``)."""
-    t_prefill = parallel_prefill_cost(model_shape(config, as_llama=True), batch, prompt_len, value_bytes).flops / hardware.peak_flops
+    sequence, the filled KV in every layer (``kv_read`` bytes per token; ``decode_roofline_seconds``). All per process
+    of ``tp`` tensor-parallel ones (``weights`` and ``kv_read`` are given per process)."""
+    shape = model_shape(config, as_llama=True, tp=tp)
+    t_prefill = parallel_prefill_cost(shape, batch, prompt_len, value_bytes).flops / hardware.peak_flops
     t_decode = decode_roofline_seconds(weights, kv_read, batch, prompt_len, gen_len - 1, hardware.hbm_bandwidth)
     return batch * gen_len / (t_prefill + t_decode)
 
 
-def prefill_roofline_s(config: PretrainedConfig, path: str, batch: int, length: int, hardware: Hardware, value_bytes: int) -> float:
+def prefill_roofline_s(config: PretrainedConfig, path: str, batch: int, length: int, hardware: Hardware, value_bytes: int,
+                       tp: int = 1) -> float:
     """The roofline of the prefill that ran: a Llama's one parallel pass, the iterative pass, or the sequential token
-    steps, each at its own roofline (the max of its matrix work and its reads, no per-step overhead)."""
-    shape = model_shape(config)
+    steps, each at its own roofline (the max of its matrix work and its reads, no per-step overhead), per process of
+    ``tp`` tensor-parallel ones."""
+    shape = model_shape(config, tp=tp)
     if path == "sequential":
         return sequential_prefill_seconds(shape, batch, length, replace(hardware, step_overhead_per_layer=0.0), value_bytes)
     cost = iterative_prefill_cost if path == "iterative" else parallel_prefill_cost
@@ -577,13 +592,13 @@ def run_rooflines(run: dict, config: PretrainedConfig, args, hardware: Hardware,
                   value_bytes: int) -> dict:
     """A run's end-to-end and prefill rooflines and its measured figures over them; with --prefill_sample, the
     roofline of the token step at the middle of each timed segment."""
-    batch = run["batch"]
-    e2e = e2e_roofline_throughput(config, weights, kv_read, batch, args.prompt_len, args.gen_len, hardware, value_bytes)
-    prefill = prefill_roofline_s(config, run["prefill_path"], batch, args.prompt_len, hardware, value_bytes)
+    batch, tp = run["batch"], world_size()
+    e2e = e2e_roofline_throughput(config, weights, kv_read, batch, args.prompt_len, args.gen_len, hardware, value_bytes, tp)
+    prefill = prefill_roofline_s(config, run["prefill_path"], batch, args.prompt_len, hardware, value_bytes, tp)
     out = {"e2e_roofline_throughput": e2e, "e2e_vs_roofline": run["e2e_throughput"] / e2e,
            "prefill_roofline_s": prefill, "prefill_vs_roofline": run["prefill_s"] / prefill}
     if run.get("prefill_sample_step_ms"):
-        sample, shape = args.prefill_sample, model_shape(config)
+        sample, shape = args.prefill_sample, model_shape(config, tp=tp)
         middles = [(sample + 1) / 2, args.prompt_len - 1 - sample + (sample + 1) / 2]  # filled tokens, mid-segment
         out["prefill_sample_roofline_ms"] = [1e3 * token_step_cost(shape, batch, n, value_bytes).seconds(hardware) for n in middles]
         out["prefill_sample_vs_roofline"] = [t / r for t, r in zip(run["prefill_sample_step_ms"], out["prefill_sample_roofline_ms"], strict=True)]
@@ -646,7 +661,10 @@ def resolve_dtype(args) -> torch.dtype:
 
 def main(argv: list[str] | None = None) -> dict:
     """The command line; bad input ends the process with one line on stderr and exit status 2."""
-    return run_cli(measure, argv, prog="test_latency.py")
+    try:
+        return run_cli(measure, argv, prog="test_latency.py")
+    finally:
+        end_process_group()
 
 
 def measure(argv: list[str] | None = None) -> dict:
@@ -698,6 +716,7 @@ def measure(argv: list[str] | None = None) -> dict:
                "reading the weights and the filled KV of every layer; e2e_vs_roofline = e2e_throughput over it",
         "prefill": "prefill_roofline_s: the path that ran, at its roofline (a sequential token step: the max of its "
                    "matrix work and its reads of the weights and the KV filled so far, no per-step overhead)",
+        "tensor_parallel": "every roofline is of one process: 1/tp_size of the heads, MLP features, weights and KV",
     }
     results = {}
     for c in tqdm(args.configs, desc="models"):

@@ -27,9 +27,11 @@ def check_prefill_mode(value: str) -> None:
         raise ValueError(f"prefill: {value!r}; allowed values are {', '.join(PREFILL_MODES)}")
 
 
-def prefill_seconds(config, batch_size: int, prompt_length: int, hardware: Hardware, value_bytes: int = 2) -> dict[str, float]:
-    """The cost model's seconds of each path (``"iterative"``, ``"sequential"``) for an LCKV ``config``."""
-    shape = model_shape(config)
+def prefill_seconds(config, batch_size: int, prompt_length: int, hardware: Hardware, value_bytes: int = 2,
+                    tp: int = 1) -> dict[str, float]:
+    """The cost model's seconds of each path (``"iterative"``, ``"sequential"``) for an LCKV ``config``, on one of
+    ``tp`` tensor-parallel processes."""
+    shape = model_shape(config, tp=tp)
     return {
         "iterative": ITERATIVE_SLOWDOWN * iterative_prefill_cost(shape, batch_size, prompt_length, value_bytes).seconds(hardware),
         "sequential": sequential_prefill_seconds(shape, batch_size, prompt_length, hardware, value_bytes),
@@ -37,9 +39,9 @@ def prefill_seconds(config, batch_size: int, prompt_length: int, hardware: Hardw
 
 
 def choose_prefill(mode: str, config, batch_size: int, prompt_length: int, hardware: Hardware | None,
-                   value_bytes: int = 2, captured: bool = True) -> str:
+                   value_bytes: int = 2, captured: bool = True, tp: int = 1) -> str:
     """The prefill path, ``"iterative"`` or ``"sequential"``, for ``mode``; ``"auto"`` takes the one
-    ``prefill_seconds`` finds cheaper on ``hardware``.
+    ``prefill_seconds`` finds cheaper on ``hardware`` (for one of ``tp`` tensor-parallel processes).
 
     ``"auto"`` stays iterative without a GPU to price (``hardware`` None: a CPU), when the token step is not
     captured (``captured`` False: a dynamic or offloaded cache steps eagerly, at a host cost the model does not
@@ -50,5 +52,5 @@ def choose_prefill(mode: str, config, batch_size: int, prompt_length: int, hardw
         return mode
     if hardware is None or not captured or prompt_length <= config.num_encoders + 1:
         return "iterative"
-    seconds = prefill_seconds(config, batch_size, prompt_length, hardware, value_bytes)
+    seconds = prefill_seconds(config, batch_size, prompt_length, hardware, value_bytes, tp)
     return "sequential" if seconds["sequential"] < seconds["iterative"] else "iterative"

@@ -91,19 +91,22 @@ class Shape:
         return self.num_layers * 2 * self.kv_heads * self.head_dim * value_bytes
 
 
-def model_shape(config, as_llama: bool = False) -> Shape:
-    """The ``Shape`` of a Llama or LCKV config; ``as_llama``: of a Llama with the same dimensions."""
+def model_shape(config, as_llama: bool = False, tp: int = 1) -> Shape:
+    """The ``Shape`` of a Llama or LCKV config; ``as_llama``: of a Llama with the same dimensions; ``tp``: of one of
+    ``tp`` tensor-parallel processes, which holds ``1/tp`` of every layer's query heads, KV heads (at least one) and
+    MLP features, so its matrix work, weights and KV reads are ``1/tp`` of the model's."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    query_heads, kv_heads = config.num_attention_heads // tp, max(config.num_key_value_heads // tp, 1)
     sources = list(range(layers)) if as_llama else list(getattr(config, "layer_kv_sources", None) or range(layers))
-    kv = 2 * hidden * config.num_key_value_heads * head_dim
-    shared = 2 * hidden * config.num_attention_heads * head_dim + 3 * hidden * config.intermediate_size  # q, o, MLP
+    kv = 2 * hidden * kv_heads * head_dim
+    shared = 2 * hidden * query_heads * head_dim + 3 * hidden * config.intermediate_size // tp  # q, o, MLP
     kv_weights = tuple(kv if source == i else 0 for i, source in enumerate(sources))
     return Shape(
         layer_weights=tuple(shared + w for w in kv_weights),
         layer_kv_weights=kv_weights,
-        query_heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
+        query_heads=query_heads,
+        kv_heads=kv_heads,
         head_dim=head_dim,
         block=layer_plan(sources).block,
         num_iterations=1 if as_llama else getattr(config, "num_encoders", 0) + 1,

@@ -27,6 +27,7 @@ from . import modeling_opt_llama as modeling
 from .masks import reads_window_cache
 from .prefill_modes import PREFILL_MODES, choose_prefill
 from .roofline import device_hardware
+from .tensor_parallel import config_tp_size
 
 MASK_CHUNK = 64  # prompt tokens whose one-step masks are cut from one mask build (static caches)
 
@@ -41,7 +42,8 @@ def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | 
     batch_size, query_length = inputs_embeds.shape[:2]
     device = inputs_embeds.device
     path = choose_prefill(config.prefill, config, batch_size, query_length, device_hardware(device),
-                          inputs_embeds.element_size(), captured=compile_options(device, cache) is not None)
+                          inputs_embeds.element_size(), captured=compile_options(device, cache) is not None,
+                          tp=config_tp_size(config))
     return path == "sequential"
 
 

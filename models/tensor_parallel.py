@@ -13,6 +13,7 @@ import os
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.distributed import DistributedConfig
 from transformers.distributed.tensor_parallel import get_kv_heads_per_rank
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -27,6 +28,13 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def end_process_group() -> None:
+    """Leave the process group that sharded loading joined (transformers initialises it under ``torchrun``), so
+    NCCL shuts down cleanly at exit; nothing outside ``torchrun``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def build_sharded(config: PretrainedConfig, dtype: torch.dtype, **kwargs) -> PreTrainedModel:
     """A causal LM of ``config`` with random weights, sharded over the ``torchrun`` processes (``tp_plan="auto"``).
 
@@ -34,16 +42,22 @@ def build_sharded(config: PretrainedConfig, dtype: torch.dtype, **kwargs) -> Pre
     lets a model larger than one GPU be built: transformers' loading path with an empty state dict.
     """
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    return model_class.from_pretrained(None, config=config, state_dict={}, tp_plan="auto", dtype=dtype, **kwargs).eval()
+    return model_class.from_pretrained(None, config=config, state_dict={}, distributed_config=DistributedConfig(tp_plan="auto"),
+                                       dtype=dtype, **kwargs).eval()
+
+
+def config_tp_size(config: PretrainedConfig) -> int:
+    """Tensor-parallel processes a model of ``config`` is split over: ``from_pretrained`` records its
+    ``DistributedConfig`` in the config (FSDP leaves ``tp_size`` at 1: its shards are gathered before a layer runs)."""
+    return getattr(getattr(config, "distributed_config", None), "tp_size", None) or 1
 
 
 def kv_heads_per_process(model: PreTrainedModel) -> int:
     """KV heads of one layer that this process computes and caches: all of them, or its share when tensor parallelism
     splits the KV projections (``tp_plan``). Works on the causal LM and on its base model: they share the config, in
-    which ``from_pretrained`` records the ``DistributedConfig`` (FSDP leaves ``tp_size`` at 1: its shards are gathered
-    before a layer runs)."""
+    which ``from_pretrained`` records the ``DistributedConfig`` (``config_tp_size``)."""
     heads = model.config.num_key_value_heads
-    tp_size = getattr(getattr(model.config, "distributed_config", None), "tp_size", None) or 1
+    tp_size = config_tp_size(model.config)
     if tp_size == 1:
         return heads
     return get_kv_heads_per_rank(model.tp_plan, heads, tp_size)

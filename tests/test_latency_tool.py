@@ -276,7 +276,8 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
     argv = ["--configs", configs[1], "--prompt_len", "12", "--gen_len", "4", "--batches", "2", "--cache", "static",
             "--prefill", "sequential", "--prefill_sample", "2", "--device", "cpu", "--output_dir", str(tmp_path)]
     out = test_latency.main(argv)
-    assert filled == [(0, 2), (9, 2)]  # start, then the end of the 11 prompt tokens before the last
+    # The untimed warm-up's 4-token prompt (3 prefilled), then the timed start and end of the 11 prompt tokens before the last.
+    assert filled == [(0, 3), (0, 2), (9, 2)]
     (run,) = out["models"]["test_tiny_opt"]["runs"]
     assert run["prefill_s"] > 0 and run["e2e_throughput"] > 0 and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
     # Each segment's ms per token step, over the roofline of the step in its middle (1.5 and 10.5 tokens filled).
@@ -291,3 +292,16 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
 def test_extrapolate_means_start_and_end_steps():
     assert test_latency.extrapolate(1.0, 10.0, 30.0, 101) == (20.0, 3.0)
     assert test_latency.extrapolate(1.0, 10.0, None, 101) == (10.0, 2.0)  # all steps ran: the measured mean
+
+
+@pytest.mark.parametrize("prefill, warm_prompt", [("iterative", 12), ("sequential", 4)])
+def test_untimed_warm_up_runs_the_prefill_path_at_the_measured_shape(configs, tmp_path, monkeypatch, prefill, warm_prompt):
+    """Before the timed run of a batch, one untimed generation runs the prefill path at the measured prompt length
+    (the first kernels of a shape stay out of prefill_s); the sequential prefill's step has one shape at any length,
+    so 4 tokens warm it up. Without --compile too."""
+    prompts = []
+    original = test_latency.generate_once
+    monkeypatch.setattr(test_latency, "generate_once", lambda model, args, batch, steps, bar, prompt_len, **k: prompts.append(prompt_len) or original(model, args, batch, steps, bar, prompt_len, **k))
+    test_latency.main(["--configs", configs[1], "--prompt_len", "12", "--gen_len", "4", "--batches", "2", "--cache", "static",
+                       "--prefill", prefill, "--device", "cpu", "--output_dir", str(tmp_path)])
+    assert prompts == [warm_prompt, 12]

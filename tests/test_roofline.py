@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from models import cli, roofline
 from models.prefill_modes import choose_prefill, prefill_seconds
@@ -110,6 +110,25 @@ def test_llama_shape_of_an_lckv_config_is_the_llama_config_shape():
     llama = tiny_config("llama_tiny.json", **{field: getattr(lckv, field) for field in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")})
     assert roofline.model_shape(lckv, as_llama=True) == roofline.model_shape(llama) != roofline.model_shape(lckv)
+
+
+@pytest.mark.parametrize("name", ["llama65b.json", "llama65b_opt.json"])
+def test_tensor_parallel_shape_is_one_process_share(name):
+    """Under TP=2 each process holds half of every layer's heads and MLP features: its token step, parallel prefill
+    and KV reads are exactly half the model's (64 heads, MHA: all split evenly)."""
+    config = AutoConfig.from_pretrained(CONFIGS / name)
+    whole, half = roofline.model_shape(config), roofline.model_shape(config, tp=2)
+    assert (half.query_heads, half.kv_heads) == (whole.query_heads // 2, whole.kv_heads // 2) == (32, 32)
+    assert sum(half.layer_weights) * 2 == sum(whole.layer_weights)
+    for cost in (roofline.token_step_cost, roofline.parallel_prefill_cost):
+        assert cost(half, 8, 100).flops * 2 == cost(whole, 8, 100).flops
+        assert cost(half, 8, 100).bytes * 2 == cost(whole, 8, 100).bytes
+    assert half.kv_bytes_per_token(2) * 2 == whole.kv_bytes_per_token(2)
+
+
+def test_tensor_parallel_shape_keeps_one_kv_head_when_heads_are_fewer_than_processes():
+    config = tiny_config()  # 2 KV heads: with 4 processes each still computes one (replicated)
+    assert roofline.model_shape(config, tp=4).kv_heads == 1 and roofline.model_shape(config, tp=2).kv_heads == 1
 
 
 @pytest.mark.parametrize("name, expected", [

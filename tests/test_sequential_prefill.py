@@ -200,8 +200,8 @@ def test_chunked_prefill_composes_with_sequential_prefill():
 
 def test_auto_in_the_model_follows_the_cost_model(monkeypatch):
     """prefill="auto" in a forward that fills a cache asks choose_prefill (models.prefill_modes, tested in
-    tests/test_roofline.py) with the batch, prompt length, value size, the device's GPU and whether the token step
-    is captured, and runs the path it answers; without a cache (no prefill) always iteratively."""
+    tests/test_roofline.py) with the batch, prompt length, value size, the device's GPU, whether the token step
+    is captured and the tensor-parallel processes (1 here), and runs the path it answers; without a cache (no prefill) always iteratively."""
     ran_sequentially, asked = [], []
     original_prefill, original_choose = modeling_opt_llama.sequential_prefill, sequential_prefill.choose_prefill
     monkeypatch.setattr(modeling_opt_llama, "sequential_prefill",
@@ -216,8 +216,8 @@ def test_auto_in_the_model_follows_the_cost_model(monkeypatch):
         monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", "eager")  # captured: priced
         model(torch.randint(3, 256, (4, LONG)), cache=StaticCache(config=model.config, max_cache_len=LONG), use_cache=True)
         model(torch.randint(3, 256, (5, LONG)), use_cache=False)
-    assert asked == [(2, LONG, None, 4, {"captured": False}), (3, LONG, compute_bound, 4, {"captured": False}),
-                     (4, LONG, compute_bound, 4, {"captured": True})]
+    assert asked == [(2, LONG, None, 4, {"captured": False, "tp": 1}), (3, LONG, compute_bound, 4, {"captured": False, "tp": 1}),
+                     (4, LONG, compute_bound, 4, {"captured": True, "tp": 1})]
     assert ran_sequentially == [4]
     sequential_prefill.compiled_token_step.cache_clear()
     torch._dynamo.reset()

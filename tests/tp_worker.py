@@ -14,6 +14,7 @@ import sys
 
 import torch
 from transformers import AutoModelForCausalLM, CompileConfig
+from transformers.distributed import DistributedConfig
 
 import models  # noqa: F401  (registers opt-llama)
 
@@ -33,7 +34,7 @@ def main(payload: dict) -> None:
     prompts = torch.tensor(payload["prompts"])
     results = {}
     for name, path in payload["checkpoints"].items():
-        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32).eval()
         with torch.no_grad():
             logits = model(prompts).logits
             outputs = {kind: model.generate(prompts, max_new_tokens=payload["new_tokens"], do_sample=False, cache_implementation=kind,
