@@ -1,7 +1,8 @@
 """Tensor-parallel inference on the CPU: two ``torchrun`` processes (gloo) with ``tp_plan="auto"`` compute the
 single-process logits and greedy tokens, for an LCKV and a standard layout, with the dynamic and the static cache (and,
 for the LCKV layout, a decode step traced as one graph); each process caches its half of the KV heads of the KV layers
-only. test_latency.py runs under torchrun."""
+only. test_latency.py runs under torchrun, and its compiled decode step is one graph per model with the split-KV kernel
+and the all-reduces inside."""
 
 import json
 import os
