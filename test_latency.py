@@ -49,8 +49,7 @@ from models.cli import (
     parse_size,
     run_cli,
 )
-from models.fast_decode import enable_fast_decode
-from models.measure import CompiledStepTimer, StepTimer, baseline_name, load_config
+from models.measure import CompiledStepTimer, StepTimer, baseline_name, build_random_model, load_config
 from models.prefill_modes import PREFILL_MODES, choose_prefill, prefill_seconds
 from models.roofline import (
     UNKNOWN_GPU,
@@ -65,7 +64,6 @@ from models.roofline import (
 )
 from models.sequential_prefill import compile_options, compiled_token_step, prefill_cache
 from models.tensor_parallel import (
-    build_sharded,
     config_tp_size,
     end_process_group,
     is_main_process,
@@ -501,14 +499,10 @@ def batch_search(model, args, desc: str) -> list[RunResult | dict]:
 
 
 def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
-    """Random weights initialised directly on ``--device`` in ``dtype`` (a 30B model initialised on the CPU takes
-    minutes)."""
+    """Random weights of ``--seed`` on ``--device`` (each process its shard under torchrun), ``--attn_implementation``,
+    generate's captured decoding loop (``models.measure.build_random_model``)."""
     torch.manual_seed(args.seed)
-    if world_size() > 1:  # under torchrun: each process builds its shard on its own device
-        return build_sharded(config, dtype, attn_implementation=args.attn_implementation)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
-    return enable_fast_decode(model).eval()  # a Llama too: generate's static-cache decoding without a host sync per token
+    return build_random_model(config, dtype, args.device, args.attn_implementation)
 
 
 def measure_model(path: str, args, dtype: torch.dtype, hardware: Hardware) -> dict[str, dict]:

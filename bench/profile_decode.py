@@ -3,12 +3,16 @@
     python -m bench.profile_decode --output_dir bench/results/profile_decode            # GPU: tinyllama(_opt), bf16
     python -m bench.profile_decode --device cpu --configs configs/test_tiny_opt.json \\
         --prompt_len 16 --gen_len 8 --steps 3 --attention_batches 1 --output_dir /tmp/p  # CPU smoke run
+    torchrun --nproc_per_node 2 -m bench.profile_decode --configs configs/llama65b.json --batch 12 ...  # tensor parallel
 
-Per model: random bf16 weights, a static cache of ``prompt_len + gen_len`` slots prefilled with ``prompt_len - 1``
+Per model: random bf16 weights, built as test_latency.py builds them (``build_random_model``: generate's captured
+decoding loop; under ``torchrun`` sharded over the processes, figures per process, rank 0 writes), a static cache of ``prompt_len + gen_len`` slots prefilled with ``prompt_len - 1``
 tokens (outside the profile), then ``generate`` (greedy, compiled decode step on CUDA) of ``--steps`` tokens, once
 to compile and capture, once under the profiler. Reported per decode step: generate's wall time, the compiled call
 alone (CUDA events), the GPU busy time (union of kernel intervals) and the GPU idle time inside the decode window,
-host-sync calls (``cudaStreamSynchronize``, ``.item()``...), CUDA graph launches, the top GPU kernels and CPU ops.
+host-sync calls (``cudaStreamSynchronize``, ``.item()``...), CUDA graph launches, the top GPU kernels and CPU ops;
+and what TorchDynamo and inductor made of the decode step: the graphs compiled (2 for one clean step: the forward
+and the token selection), graph breaks, and CUDA graphs skipped (run with ``TORCH_LOGS=cudagraphs`` for the reason).
 The attention bench times one layer's decode attention (``sdpa_split_kv`` vs ``sdpa_packed_gqa``) on a half-filled
 cache against its filled-KV bytes. Writes ``profile.json`` and a ``trace_<model>.json`` (chrome trace) per model.
 """
@@ -19,15 +23,17 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile, record_function
-from transformers import AutoModelForCausalLM, CompileConfig, StaticCache
+from transformers import CompileConfig, StaticCache
 
 import models  # noqa: F401  (registers opt-llama and the attention backends)
 from models import PACKED_SDPA, SPLIT_KV
 from models.chunked_prefill import prefill_in_chunks
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import split_kv_sdpa_attention
-from models.measure import CompiledStepTimer, load_config
+from models.measure import CompiledStepTimer, build_random_model, load_config
+from models.tensor_parallel import is_main_process, world_size
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
@@ -72,8 +78,9 @@ def step_summary(events, steps: int, top: int) -> dict:
     profiler's events of ``steps`` decode steps (``STEP_MARK`` ranges; GPU numbers are None without CUDA events)."""
     marks = [e for e in events if e.name == STEP_MARK and e.device_type == torch.autograd.DeviceType.CPU]
     window = (min(e.time_range.start for e in marks), max(e.time_range.end for e in marks)) if marks else (0, 0)
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-               and window[0] <= e.time_range.start <= window[1] + 1e5]  # kernels queued in the window, run up to 0.1 s later
+    # Kernels from the first step on: the captured loop queues steps ahead of the GPU, so they run long after the
+    # host's marks (the profile stops after a synchronize, and after the last step generate only gathers tokens).
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and window[0] <= e.time_range.start]
     busy_us, span_us = merged_busy([(e.time_range.start, e.time_range.end) for e in kernels])
     cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and window[0] <= e.time_range.start <= window[1]]
 
@@ -146,19 +153,23 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
     config = load_config(path, args.prompt_len + args.gen_len)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
-    model = model.to(args.device).eval()
-    ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt_len), device=args.device)
+    model = build_random_model(config, dtype, args.device, args.attn_implementation)
+    ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt_len), device=model.device)
+    torch._dynamo.reset()
+    counters.clear()
     decode(model, ids, args, args.steps)  # compile and capture the decode step
+    compiled = {"dynamo_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     prof = profile(activities=activities)
     generate_ms, compiled_ms = decode(model, ids, args, args.steps, profiler=prof)
     name = Path(path).stem
-    prof.export_chrome_trace(str(out_dir / f"trace_{name}.json"))
+    if is_main_process():
+        prof.export_chrome_trace(str(out_dir / f"trace_{name}.json"))
     # generate's first forward (the last prompt token) is eager, not compiled: summarise the compiled calls only.
     summary = step_summary(prof.events(), args.steps - 1, args.top)
     del model
-    return {"config": path, "generate_ms_per_step": generate_ms, "compiled_step_ms": compiled_ms, **summary}
+    return {"config": path, "generate_ms_per_step": generate_ms, "compiled_step_ms": compiled_ms, **compiled, **summary}
 
 
 def time_ms(fn, repeats: int = 20) -> float:
@@ -181,10 +192,11 @@ def time_ms(fn, repeats: int = 20) -> float:
 
 def attention_bench(config_path: str, args) -> list[dict]:
     """One layer's decode attention on a cache of ``prompt_len + gen_len`` slots with ``prompt_len`` filled:
-    ms and filled-KV GB/s of ``sdpa_split_kv`` and ``sdpa_packed_gqa`` per batch."""
+    ms and filled-KV GB/s of ``sdpa_split_kv`` and ``sdpa_packed_gqa`` per batch; under ``torchrun``, one process's
+    share of the heads (tensor parallelism splits them evenly)."""
     config = load_config(config_path, args.prompt_len + args.gen_len)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    heads, kv_heads, dim = config.num_attention_heads // world_size(), config.num_key_value_heads // world_size(), config.head_dim
     slots, filled = args.prompt_len + args.gen_len, args.prompt_len
     rows = []
     for batch in map(int, args.attention_batches.split(",")):
@@ -205,19 +217,23 @@ def attention_bench(config_path: str, args) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # every process: each may write (rank 0 does)
     if args.device.startswith("cuda"):
         torch._dynamo.config.cache_size_limit = 64
     setting = {k: getattr(args, k) for k in ("attn_implementation", "batch", "prompt_len", "gen_len", "steps", "device")}
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    setting["tp_size"] = world_size()
     results = {Path(c).stem: profile_model(c, args, out_dir) for c in args.configs}
     out = {"setting": setting, "models": results, "attention": attention_bench(args.configs[0], args)}
+    if not is_main_process():
+        return out
     (out_dir / "profile.json").write_text(json.dumps(out, indent=2))
     for name, r in results.items():
         compiled = r["compiled_step_ms"]
         print(f"== {name}: generate {r['generate_ms_per_step']:.3f} ms/step, compiled call "
               f"{'n/a' if compiled is None else f'{compiled:.3f}'} ms, GPU busy {r['gpu_busy_ms_per_step']} ms, "
-              f"idle {r['gpu_idle_ms_per_step']} ms, graph launches {r['graph_launches_per_step']}, syncs "
+              f"idle {r['gpu_idle_ms_per_step']} ms, graph launches {r['graph_launches_per_step']}, dynamo graphs "
+              f"{r['dynamo_graphs']}, graph breaks {r['graph_breaks']}, CUDA graphs skipped {r['cudagraph_skips']}, syncs "
               f"{ {k: v for k, v in r['host_syncs_per_step'].items() if v} }")
         for row in r["top_kernels"][:8] + r["top_cpu_ops"][:8]:
             print(f"   {row['us_per_step']:9.1f} us x{row['calls_per_step']:5.1f}  {row['name']}")

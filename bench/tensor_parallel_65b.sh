@@ -8,6 +8,8 @@
 #   bash bench/tensor_parallel_65b.sh plan  OUT   # no GPU: --plan for both settings (max batch, roofline), seconds
 #   bash bench/tensor_parallel_65b.sh p256  OUT   # P256 + G768: Llama (~4 min), then LCKV (~4.5 min)
 #   bash bench/tensor_parallel_65b.sh p2k   OUT   # P2048 + G2048: Llama (~4 min), then LCKV (~4.5 min)
+#   bash bench/tensor_parallel_65b.sh profile OUT # where a decode step's time goes (bench/profile_decode.py): Llama
+#                                                 # batch 12 at P2048 + G2048, LCKV batch 768 at P256 + G768
 #   bash bench/tensor_parallel_65b.sh smoke OUT   # CPU, 2 gloo processes: every step on tiny configs (same code paths)
 #
 # Each step writes OUT/<step>/{log,latency.json,...}; setting.tp_size is 2 and every figure is per GPU (weights, KV
@@ -27,7 +29,7 @@ py=${PYTHON:-python3}
 nproc=2
 
 if [ "$part" = smoke ]; then
-    for call in plan p256 p2k; do SMOKE=1 bash "$0" "$call" "$out"; done
+    for call in plan p256 p2k profile; do SMOKE=1 bash "$0" "$call" "$out"; done
     exit 0
 fi
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -35,6 +37,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     L65=$out/smoke_llama.json L65O=configs/test_tiny_opt.json
     P256=(--prompt_len 10 --gen_len 6) P2K=(--prompt_len 12 --gen_len 8) STEPS=(--steps 2) SAMPLE=(--prefill_sample 2)
     B256L=2,1 B256O=3,2 B2KL=2,1 B2KO=3,2
+    PROFILE=(--device cpu --steps 3 --attention_batches 1) PROFILE_LLAMA=2 PROFILE_LCKV=3
     common=(--device cpu)
     plan_memory=1GB
     export OMP_NUM_THREADS=1
@@ -44,6 +47,8 @@ else
     # Llama: the KV-bound plan less ~15%. LCKV: its KV allows ~1,700 / ~430 sequences per GPU; activations of the
     # batch and the sequential prefill's per-step masks bound it first (33B on one 80 GB H100 fit 200, not 272).
     B256L=48,40 B256O=768,512 B2KL=12,10 B2KO=256,192
+    # The two settings furthest above the roofline on two H200s (compiled step 2.5x and 2.2x).
+    PROFILE=(--steps 8 --attention_batches 12,256,768) PROFILE_LLAMA=12 PROFILE_LCKV=768
     common=(--hbm_bandwidth 4.8TB)
     plan_memory=141GB
 fi
@@ -55,6 +60,13 @@ tp_lat() {  # tp_lat NAME SECONDS ARGS...: test_latency.py on $nproc tensor-para
     shift 2
     step "$name" "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" test_latency.py "$@" "${common[@]}" \
         --first_fit --output_dir "$out/$name"
+}
+
+tp_profile() {  # tp_profile NAME SECONDS ARGS...: bench/profile_decode.py on $nproc tensor-parallel processes, under OUT/NAME
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" env TORCH_LOGS=cudagraphs,recompiles,graph_breaks "$py" -m torch.distributed.run --standalone \
+        --nproc_per_node "$nproc" -m bench.profile_decode "$@" "${PROFILE[@]}" --output_dir "$out/$name"
 }
 
 ratios() {  # ratios NAME LLAMA_STEP LCKV_STEP: both models' results in one JSON, with test_latency's ratios
@@ -89,8 +101,12 @@ p2k)
         --batches "$B2KO"
     ratios llama65b_p2k llama65b_p2k_llama llama65b_p2k_lckv
     ;;
+profile)
+    tp_profile llama65b_profile_llama 360 --configs "$L65" --batch "$PROFILE_LLAMA" "${P2K[@]}"
+    tp_profile llama65b_profile_lckv 420 --configs "$L65O" --batch "$PROFILE_LCKV" "${P256[@]}"
+    ;;
 *)
-    echo "part: $part; allowed values are plan, p256, p2k, smoke" >&2
+    echo "part: $part; allowed values are plan, p256, p2k, profile, smoke" >&2
     exit 2
     ;;
 esac

@@ -6,11 +6,13 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
 from . import cli
 from .cache_streaming import SinkWindowCache
+from .fast_decode import enable_fast_decode
+from .tensor_parallel import build_sharded, world_size
 
 
 class StepTimer(BaseStreamer):
@@ -32,6 +34,20 @@ class StepTimer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+def build_random_model(config: PretrainedConfig, dtype: torch.dtype, device: str, attn_implementation: str) -> PreTrainedModel:
+    """A causal LM of ``config`` with random weights, as the benchmarks decode with it: under ``torchrun`` sharded over
+    the processes, each building its shard on its own device (``build_sharded``); else built directly on ``device`` (a
+    30B model initialised on the CPU takes minutes). In eval mode, with generate's captured decoding loop
+    (``enable_fast_decode``), a Llama too, sharded or not: without it a Llama runs generate's own loop, which waits for
+    every token, so a timed compiled call also holds the host's launch of it."""
+    if world_size() > 1:
+        model = build_sharded(config, dtype, attn_implementation=attn_implementation)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return enable_fast_decode(model).eval()
 
 
 def baseline_name(results: dict[str, dict]) -> str:

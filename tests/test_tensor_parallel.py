@@ -1,7 +1,8 @@
 """Tensor-parallel inference on the CPU: two ``torchrun`` processes (gloo) with ``tp_plan="auto"`` compute the
 single-process logits and greedy tokens, for an LCKV and a standard layout, with the dynamic and the static cache (and,
 for the LCKV layout, a decode step traced as one graph); each process caches its half of the KV heads of the KV layers
-only. test_latency.py runs under torchrun."""
+only. test_latency.py runs under torchrun, and its compiled decode step is one graph per model with the split-KV kernel
+and the all-reduces inside."""
 
 import json
 import os
@@ -84,3 +85,23 @@ def test_latency_tool_under_torchrun_writes_from_rank_zero(tmp_path):
     per_process = single.num_kv_layers * 2 * (single.num_key_value_heads // PROCESSES) * head_dim * 4  # fp32
     assert model["max_batch"] == 2 and model["kv_bytes_per_token_formula"] == per_process
     assert all(run["kv_bytes_per_token"] == per_process for run in model["runs"])
+
+
+def test_compiled_decode_step_is_one_captured_graph_per_model(tmp_path):
+    """test_latency.py --compile under torchrun, as a GPU run compiles it (generate's compile_config, here a CPU backend
+    that records the graphs): per model, the decode forward and the token selection of the captured loop
+    (models.fast_decode: a Llama too) are one graph each for the warm-up and the timed run (no graph break, no
+    recompilation), and the forward holds the split-KV kernel in every layer (Triton's interpreter), no SDPA fallback,
+    and the two all-reduces of every layer (after o_proj and down_proj) inside the graph."""
+    llama = tmp_path / "llama.json"
+    llama.write_text(tiny_config("llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=3, vocab_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2).to_json_string())
+    payload = {"configs": {"llama": str(llama), "opt-llama": str(CONFIGS / "test_tiny_opt.json")}, "out_dir": str(tmp_path)}
+    torchrun(["-m", "tests.tp_decode_worker", json.dumps(payload)], tmp_path)
+    for rank in range(PROCESSES):
+        for name, got in json.loads((tmp_path / f"decode_rank{rank}.json").read_text()).items():
+            layers = got["layers"]
+            forward = {"split_kv_decode": layers, "scaled_dot_product_attention": 0, "all_reduce": 2 * layers}
+            select = {"split_kv_decode": 0, "scaled_dot_product_attention": 0, "all_reduce": 0}
+            assert got["graph_breaks"] == 0 and sorted(got["graphs"], key=str) == sorted([forward, select], key=str), (name, rank, got)
+            assert got["compiled_step_ms"] > 0, (name, rank)
