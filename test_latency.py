@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
+from transformers import AutoModelForCausalLM, CompileConfig, DynamicCache, PretrainedConfig, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from models import (  # import models registers opt-llama and both decoding attentions
@@ -71,6 +71,8 @@ from models.tensor_parallel import (
     world_size,
 )
 
+COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture the step in CUDA graphs
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache: transformers' dynamic or static")
     p.add_argument("--compile", action="store_true", help="static cache + torch.compile'd decode step (CUDA graphs); "
                    "the first run per batch is timed separately as compile time (generate compiles on CUDA only)")
+    p.add_argument("--compile_mode", choices=COMPILE_MODES, default="reduce-overhead",
+                   help="torch.compile mode of the decode step (generation_config.compile_config): reduce-overhead "
+                   "(CUDA graphs; generate's default) or max-autotune (CUDA graphs plus autotuned matmul and "
+                   "coordinate-descent-tuned kernels: minutes more compile per batch)")
     p.add_argument("--offload", action="store_true",
                    help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only")
     p.add_argument("--prefill_chunk", type=int, default=0,
@@ -500,9 +506,11 @@ def batch_search(model, args, desc: str) -> list[RunResult | dict]:
 
 def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
     """Random weights of ``--seed`` on ``--device`` (each process its shard under torchrun), ``--attn_implementation``,
-    generate's captured decoding loop (``models.measure.build_random_model``)."""
+    generate's captured decoding loop (``models.measure.build_random_model``) compiled in ``--compile_mode``."""
     torch.manual_seed(args.seed)
-    return build_random_model(config, dtype, args.device, args.attn_implementation)
+    model = build_random_model(config, dtype, args.device, args.attn_implementation)
+    model.generation_config.compile_config = CompileConfig(mode=args.compile_mode)
+    return model
 
 
 def measure_model(path: str, args, dtype: torch.dtype, hardware: Hardware) -> dict[str, dict]:
@@ -687,8 +695,8 @@ def measure(argv: list[str] | None = None) -> dict:
 
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
-    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "prefill_chunk", "prefill", "prefill_sample", "max_batch",
-            "batches", "attn_implementation")
+    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "compile_mode", "prefill_chunk", "prefill",
+            "prefill_sample", "max_batch", "batches", "attn_implementation")
     setting = {k: getattr(args, k) for k in keys}
     setting["extrapolation"] = (
         "none: all gen_len decode steps ran" if args.steps >= args.gen_len else

@@ -305,3 +305,18 @@ def test_untimed_warm_up_runs_the_prefill_path_at_the_measured_shape(configs, tm
     test_latency.main(["--configs", configs[1], "--prompt_len", "12", "--gen_len", "4", "--batches", "2", "--cache", "static",
                        "--prefill", prefill, "--device", "cpu", "--output_dir", str(tmp_path)])
     assert prompts == [warm_prompt, 12]
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_mode_reaches_the_decode_step_and_the_json(configs, mode):
+    """--compile_mode becomes the model's generation_config.compile_config, which generate's compiled forward and the
+    captured loop's token selection are both compiled with (models.fast_decode.select_compile_options)."""
+    from models.fast_decode import select_compile_options
+
+    args = test_latency.parse_args(["--compile_mode", mode, "--device", "cpu"])
+    model = test_latency.build_model(test_latency.load_config(configs[1], 16), args, torch.float32)
+    assert model.generation_config.compile_config.mode == mode
+    _, options = select_compile_options(model.generation_config.compile_config)
+    assert options["triton.cudagraphs"] and bool(options.get("max_autotune")) == (mode == "max-autotune")
+    with pytest.raises(UsageError, match="--compile_mode: invalid choice: 'default'"):
+        test_latency.parse_args(["--compile_mode", "default"])
