@@ -1,5 +1,6 @@
 """The prefill on a GPU: batch-1 sequential prefill without recompiles, sequential vs iterative against the "auto"
-choice, and large-batch token steps against their roofline. One part per call, each under 9 minutes:
+choice, large-batch token steps against their roofline, and where the iterative prefill's time goes. One part per
+call, each under 9 minutes:
 
     python -m bench.measure_prefill batch1 --output_dir bench/results/prefill            # ~3 min
     python -m bench.measure_prefill paths_tinyllama_small --output_dir bench/results/prefill   # ~4 min
@@ -8,6 +9,7 @@ choice, and large-batch token steps against their roofline. One part per call, e
     python -m bench.measure_prefill paths_33b_b32 --output_dir bench/results/prefill    # ~7 min
     python -m bench.measure_prefill paths_33b_b256 --output_dir bench/results/prefill   # ~6 min
     python -m bench.measure_prefill steps --output_dir bench/results/prefill            # ~5 min
+    python -m bench.measure_prefill profile_iterative --output_dir bench/results/prefill   # ~3 min
     python -m bench.measure_prefill all --smoke --output_dir /tmp/prefill_smoke         # CPU: every part, tiny configs
 
 - ``batch1``: ``test_latency.py`` at batch 1 with the sequential prefill of a 2048-token prompt, under
@@ -18,6 +20,14 @@ choice, and large-batch token steps against their roofline. One part per call, e
 - ``steps``: in this process, the captured token step at batches 1024 and 4096 at three fill levels (64 steps each,
   timed after a warm-up, no new graph allowed) against its roofline (``models.roofline.token_step_cost``), then a
   profile of a few steps (top kernels, GPU busy and idle time).
+- ``profile_iterative``: in this process, the iterative prefill (one forward into a ``DynamicCache``, as
+  ``prefill_in_chunks`` runs it) at the tinyllama shape, batch 1 / prompt 2048, batch 8 / 128 and batch 32 / 2048,
+  timed after a warm-up against its roofline (``models.roofline.iterative_prefill_cost``), in ms per full layer run
+  too; the same forwards with the strict mask run as a shifted causal attention (``LCKV_FLASH_ATTN=1``: no dense
+  mask) and a Llama of the same shape's parallel prefill; one strict layer's attention at batch 1 / 2048 as the
+  model calls it, under each SDPA backend forced and as the shifted causal attention, with the kernels (or CPU ops)
+  the model's call runs; and a profile of the batch-1 / 2048 forward (top CUDA kernels and CPU ops with their total
+  time, GPU busy vs wall, number of kernels, host syncs).
 
 Every GPU call runs under ``--memory_cap 80GB`` (the 80 GB regime on a larger card); the GPU's bandwidth and matrix
 rate come from ``models.roofline.GPUS``. Each part writes ``<part>.json`` (its checks) and one folder per run.
@@ -35,10 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import LlamaConfig
+from transformers.cache_utils import DynamicCache
 
-from models import sequential_prefill
+from models import kernels, sequential_prefill
 from models.cli import ArgumentParser, check_output_dir, run_cli
-from models.roofline import model_shape, token_step_cost
+from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
+from models.kernels.flags import FLASH_ATTN
+from models.modeling_opt_llama import lckv_masks
+from models.roofline import full_layer_runs, iterative_prefill_cost, model_shape, parallel_prefill_cost, token_step_cost
 
 REPO = Path(__file__).resolve().parents[1]
 TINYLLAMA, LLAMA33B, TINY = "configs/tinyllama_opt.json", "configs/llama33b_opt.json", "configs/test_tiny_opt.json"
@@ -72,6 +88,18 @@ class StepsRun:
     device: str
 
 
+@dataclass(frozen=True)
+class IterativeRun:
+    """The in-process iterative prefill: a config, its ``(batch, prompt)`` shapes, timed forwards per shape, and the
+    shape whose strict attention is timed per backend and whose forward is profiled."""
+
+    config: str
+    shapes: tuple[tuple[int, int], ...]
+    repeats: int
+    profiled: tuple[int, int]
+    device: str
+
+
 def parts(smoke: bool) -> dict[str, list]:
     """Each part's runs; ``smoke``: the same runs on the CPU at tiny sizes."""
     def latency(name, config, prompt, gen, batches, prefill, limit, extra=()):
@@ -92,6 +120,8 @@ def parts(smoke: bool) -> dict[str, list]:
         "paths_33b_b32": [latency("llama33b_b32", LLAMA33B, 2048, 4, "32", paths, 520, ["--prefill_chunk", "8"])],
         "paths_33b_b256": [latency("llama33b_p256_b256", LLAMA33B, 256, 4, "256", paths, 520, ["--prefill_chunk", "32"])],
         "steps": [steps],
+        "profile_iterative": [IterativeRun(TINY, ((1, 96), (3, 24), (2, 96)), 1, (1, 96), "cpu") if smoke
+                              else IterativeRun(TINYLLAMA, ((1, 2048), (8, 128), (32, 2048)), 3, (1, 2048), "cuda")],
     }
 
 
@@ -214,6 +244,156 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
     return rows
 
 
+# The SDPA backends one strict attention is timed under (forced one at a time; one that cannot run records why).
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def llama_twin(config) -> LlamaConfig:
+    """A Llama with ``config``'s dimensions (every layer its own KVs, no iterations)."""
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "head_dim")
+    return LlamaConfig(**{name: getattr(config, name) for name in fields})
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill_forward(model, ids: torch.Tensor) -> None:
+    """One prefill forward of ``ids`` ``(B, T)`` into a fresh ``DynamicCache``, only the last logits kept (as
+    ``prefill_in_chunks`` runs it), no gradients."""
+    with torch.no_grad():
+        model(ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+
+
+def time_prefill(model, ids: torch.Tensor, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` synchronised prefill forwards after one warm-up forward of the same shape."""
+    prefill_forward(model, ids)
+    seconds = []
+    for _ in range(repeats):
+        synchronize(model.device)
+        start = time.perf_counter()
+        prefill_forward(model, ids)
+        synchronize(model.device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def prefill_report(seconds: list[float], shape, batch: int, prompt: int, hardware, value_bytes: int, iterative: bool) -> dict:
+    """The best of the timed forwards against the roofline of the path (iterative, or a Llama's one pass), and per full
+    layer run (``models.roofline.full_layer_runs``)."""
+    cost = (iterative_prefill_cost if iterative else parallel_prefill_cost)(shape, batch, prompt, value_bytes)
+    roofline_s, best, runs = cost.seconds(hardware), min(seconds), full_layer_runs(shape, prompt)
+    return {"batch": batch, "prompt": prompt, "prefill_s": best, "all_s": seconds, "roofline_s": roofline_s,
+            "vs_roofline": best / roofline_s, "layer_runs": runs, "ms_per_layer_run": 1e3 * best / runs,
+            "roofline_ms_per_layer_run": 1e3 * roofline_s / runs}
+
+
+def with_flash_attn_flag(on: bool) -> None:
+    """Select the kernels with ``LCKV_FLASH_ATTN`` forced on (the strict mask as a shifted causal attention), or back
+    from the environment."""
+    kernels.configure(os.environ | {FLASH_ATTN: "1"} if on else None)
+
+
+def strict_attention_bench(model, batch: int, prompt: int) -> dict:
+    """One strict layer's attention at ``batch`` x ``prompt`` as the model calls it (the configured attention, the
+    dense strict mask of ``lckv_masks``): ms per call as it runs, under each SDPA backend forced, and as the shifted
+    causal attention; and the kernels (CPU ops without CUDA) the model's call runs."""
+    from bench.profile_decode import time_ms
+
+    config, device, dtype = model.config, model.device, model.dtype
+    strict_layer = next(i for i, kind in enumerate(model.model.mask_kinds) if kind == "strict")
+    module = model.model.layers[strict_layer].self_attn
+    query = torch.randn(batch, config.num_attention_heads, prompt, config.head_dim, device=device, dtype=dtype)
+    key, value = (torch.randn(batch, config.num_key_value_heads, prompt, config.head_dim, device=device, dtype=dtype)
+                  for _ in range(2))
+    embeds = torch.zeros(batch, prompt, 1, device=device, dtype=dtype)
+    positions = torch.arange(prompt, device=device)[None]
+    mask = lckv_masks(config, embeds, None, DynamicCache(config=config), positions, 0, model.model.mask_sizing)["strict"]
+    attention = kernels.attention_interface(config._attn_implementation)
+
+    def as_model_calls():
+        with torch.no_grad():
+            return attention(module, query, key, value, mask, dropout=0.0, scaling=module.scaling)
+
+    row = {"batch": batch, "prompt": prompt, "mask": {"shape": list(mask.shape), "dtype": str(mask.dtype)},
+           "as_model_calls_ms": time_ms(as_model_calls)}
+    for name, backend in SDPA_BACKENDS.items():
+        try:
+            with sdpa_kernel([backend]):
+                row[f"{name}_ms"] = time_ms(as_model_calls)
+        except RuntimeError as error:
+            row[f"{name}_ms"] = f"cannot run: {str(error).splitlines()[0][:200]}"
+    row["shifted_causal_ms"] = time_ms(
+        lambda: strict_causal_attention(sdpa_causal_attention, module, query, key, value, 0.0, module.scaling))
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        as_model_calls()
+        synchronize(device)
+    wanted = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    row["as_model_calls_runs"] = sorted({e.name[:120] for e in profiler.events() if e.device_type == wanted})
+    return row
+
+
+def profile_prefill(model, ids: torch.Tensor, top: int = 25) -> dict:
+    """One prefill forward under the profiler (after a warm-up): ``bench.profile_decode.step_summary`` of it as one step."""
+    from bench.profile_decode import STEP_MARK, step_summary
+
+    prefill_forward(model, ids)
+    synchronize(model.device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        with torch.profiler.record_function(STEP_MARK):
+            prefill_forward(model, ids)
+        synchronize(model.device)
+    return {"batch": ids.shape[0], "prompt": ids.shape[1]} | step_summary(profiler.events(), 1, top)
+
+
+def time_iterative(spec: IterativeRun) -> dict:
+    """The iterative prefill per shape (flags as set, then with the strict mask as a shifted causal attention), a Llama
+    of the same shape, the strict attention per backend and a profile of the ``spec.profiled`` forward."""
+    import test_latency
+
+    longest = max(prompt for _, prompt in spec.shapes)
+    argv = ["--configs", spec.config, "--prompt_len", str(longest), "--gen_len", "1", "--device", spec.device,
+            *([] if spec.device == "cpu" else CAP)]
+    args = test_latency.parse_args(argv)
+    hardware = test_latency.roofline_hardware(args)
+    test_latency.apply_memory_cap(args)
+    dtype = test_latency.resolve_dtype(args)
+    config = test_latency.load_config(spec.config, longest + 1)
+    config.prefill = "iterative"
+    model = test_latency.build_model(config, args, dtype)
+    shape, value_bytes = model_shape(model.config), dtype.itemsize
+    inputs = {s: torch.randint(3, config.vocab_size, s, device=model.device) for s in spec.shapes}
+
+    def rows(model, iterative: bool) -> list[dict]:
+        shape = model_shape(model.config, as_llama=not iterative)
+        return [prefill_report(time_prefill(model, inputs[s], spec.repeats), shape, *s, hardware, value_bytes, iterative)
+                for s in spec.shapes]
+
+    report = {"device": str(model.device), "dtype": str(dtype), "attn_implementation": config._attn_implementation,
+              "hardware": hardware.name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+              "flags_as_set": rows(model, True)}
+    with_flash_attn_flag(True)
+    try:
+        # None where the flag cannot take effect (no CUDA): then these rows run the dense strict mask again.
+        report["shifted_causal_kernel"] = getattr(kernels.causal_attention, "__name__", None)
+        report["shifted_causal_strict"] = rows(model, True)
+    finally:
+        with_flash_attn_flag(False)
+    report["strict_attention"] = strict_attention_bench(model, *spec.profiled)
+    report["profile"] = profile_prefill(model, inputs[spec.profiled])
+    del model
+    llama = test_latency.build_model(llama_twin(config), args, dtype)
+    report["llama_same_shape"] = rows(llama, False)
+    del llama
+    report["shape"] = {"layer_runs_per_forward": {f"{b}x{t}": full_layer_runs(shape, t) for b, t in spec.shapes}}
+    return report
+
+
 def measure_part(part: str, runs: list, out_dir: Path, smoke: bool) -> dict:
     """Run one part and write ``<part>.json``: each run's checks (or why it has none)."""
     report = {"part": part, "smoke": smoke, "runs": {}}
@@ -221,6 +401,9 @@ def measure_part(part: str, runs: list, out_dir: Path, smoke: bool) -> dict:
         if isinstance(run, StepsRun):
             rows = time_steps(run, out_dir)
             report["runs"]["steps"] = rows
+            continue
+        if isinstance(run, IterativeRun):
+            report["runs"]["iterative"] = time_iterative(run)
             continue
         result = run_latency(run, out_dir, smoke)
         entry = {"returncode": result["returncode"], "log": str(out_dir / run.name / "log")}

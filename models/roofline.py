@@ -141,6 +141,14 @@ def parallel_prefill_cost(shape: Shape, batch: int, length: int, value_bytes: in
     )
 
 
+def full_layer_runs(shape: Shape, length: int) -> int:
+    """Layer runs with queries and attention of an iterative prefill of ``length`` tokens: ``L + (k - 1) (|block| - 1)``
+    with ``k = min(num_encoders + 1, T)`` (the block's last layer computes only its KVs before the last iteration);
+    ``L`` for a Llama."""
+    extra = min(shape.num_iterations, length) - 1 if shape.block else 0  # iterations beyond one pass
+    return shape.num_layers + extra * max(len(shape.block) - 1, 0)
+
+
 def iterative_prefill_cost(shape: Shape, batch: int, length: int, value_bytes: int = 2) -> Cost:
     """The iterative prefill: the layers outside the cyclic block once, the block ``k = min(num_encoders + 1, T)``
     times over the whole prompt, its last layer (the target) computing only its K/V projections in all but the last
@@ -152,9 +160,8 @@ def iterative_prefill_cost(shape: Shape, batch: int, length: int, value_bytes: i
     weights = sum(shape.layer_weights)
     if block:
         weights += extra * (sum(shape.layer_weights[i] for i in block[:-1]) + shape.layer_kv_weights[block[-1]])
-    full_runs = shape.num_layers + extra * max(len(block) - 1, 0)
     return Cost(
-        flops=2 * batch * length * weights + full_runs * attention_flops(shape, batch * length, length / 2),
+        flops=2 * batch * length * weights + full_layer_runs(shape, length) * attention_flops(shape, batch * length, length / 2),
         bytes=value_bytes * weights,
     )
 

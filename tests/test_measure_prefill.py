@@ -3,7 +3,7 @@
 import pytest
 
 from bench import measure_prefill
-from models.roofline import Hardware, Shape, token_step_cost
+from models.roofline import Hardware, Shape, iterative_prefill_cost, parallel_prefill_cost, token_step_cost
 
 RECOMPILE_LOG = """\
 V1130 02:31:05.324000 9064 torch/_dynamo/guards.py:5396] [0/1] [__recompiles] Recompiling function token_step in /r/models/sequential_prefill.py:50
@@ -80,3 +80,29 @@ def test_gpu_parts_without_a_gpu_are_a_one_line_error():
     with pytest.raises(SystemExit) as exit_info:
         measure_prefill.main(["batch1", "--output_dir", "/tmp/never_written"])
     assert exit_info.value.code == 2
+
+
+def test_prefill_report_per_layer_run_against_the_iterative_roofline():
+    shape = Shape(layer_weights=(10, 10, 10, 10), layer_kv_weights=(2, 0, 2, 2), query_heads=2, kv_heads=1, head_dim=4,
+                  block=range(1, 3), num_iterations=9)
+    hardware = Hardware("toy", hbm_bandwidth=1e3, peak_flops=1e3)
+    report = measure_prefill.prefill_report([3.0, 2.0], shape, 2, 16, hardware, 2, iterative=True)
+    assert report["layer_runs"] == 4 + 8 * 1 and report["prefill_s"] == 2.0
+    assert report["ms_per_layer_run"] == pytest.approx(2e3 / 12)
+    assert report["roofline_s"] == pytest.approx(iterative_prefill_cost(shape, 2, 16, 2).seconds(hardware))
+    llama = measure_prefill.prefill_report([1.0], shape, 2, 16, hardware, 2, iterative=False)
+    assert llama["roofline_s"] == pytest.approx(parallel_prefill_cost(shape, 2, 16, 2).seconds(hardware))
+
+
+def test_profile_iterative_runs_on_the_cpu(tmp_path):
+    spec = measure_prefill.IterativeRun(measure_prefill.TINY, ((1, 12), (2, 10)), 1, (1, 12), "cpu")
+    report = measure_prefill.time_iterative(spec)
+    for key in ("flags_as_set", "shifted_causal_strict", "llama_same_shape"):
+        assert [(row["batch"], row["prompt"]) for row in report[key]] == [(1, 12), (2, 10)]
+    # test_tiny_opt: 6 layers, the block 1..4 run min(9, T) times, its target with queries only in the last one
+    assert [row["layer_runs"] for row in report["flags_as_set"]] == [6 + 8 * 3] * 2
+    assert [row["layer_runs"] for row in report["llama_same_shape"]] == [6, 6]
+    attention = report["strict_attention"]
+    assert attention["mask"]["dtype"] == "torch.bool" and attention["as_model_calls_ms"] > 0
+    assert "aten::scaled_dot_product_attention" in attention["as_model_calls_runs"]
+    assert report["profile"]["top_cpu_ops"] and report["profile"]["wall_ms_per_step"] > 0
