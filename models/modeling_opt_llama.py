@@ -232,6 +232,7 @@ class StackPass:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     cache: Cache | None
     layer_kwargs: dict
+    visible: torch.Tensor | None = None  # the masks' "visible" (B, T, 1), in the hidden states' dtype
     kv_store: dict = field(default_factory=dict)
     reported: list | None = None
 
@@ -251,7 +252,7 @@ class StackPass:
             attention_mask=self.masks[self.mask_kinds[layer_idx]],
             cache=self.cache,
             commit=commit,
-            visible=self.masks.get("visible"),
+            visible=self.visible,
             kv_only=kv_only,
             **self.layer_kwargs,
         )
@@ -360,6 +361,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             masks = attention_mask
         else:
             masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing)
+        visible = masks.get("visible")
         stack = StackPass(
             layers=self.layers,
             kv_sources=self.kv_sources,
@@ -368,6 +370,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
             cache=cache,
             layer_kwargs=kwargs,
+            # Cast once per forward, not in each of the (many, under iterations) strict layer runs.
+            visible=None if visible is None else visible.to(inputs_embeds.dtype),
             reported=[] if reporting else None,
         )
         hidden = inputs_embeds
