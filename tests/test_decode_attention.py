@@ -11,29 +11,19 @@ from torch.nn import functional as F
 from models import SPLIT_KV, kernels
 from models.kernels import decode_attention
 from models.kernels.attention import packed_sdpa_attention
-from models.kernels.decode_launch import DEFAULT, KernelConfig
 from models.kernels.decode_attention import (
     runs_split_kv,
     split_kv_decode_attention,
     split_kv_sdpa_attention,
     visible_lengths,
 )
+from models.kernels.decode_launch import DEFAULT, KernelConfig
 
 from .conftest import tiny_config, tiny_model
 from .test_static_cache import assert_decode_step_compiles_once, left_padded_batch
 
 SLOTS, DIM = 150, 16  # 150 slots: three 64-slot tiles, the last one partial
 NEW = 4  # generated tokens: each decoding step runs the interpreted kernel in every layer
-
-
-@pytest.fixture
-def interpreted_kernel():
-    """The Triton kernel on CPU tensors through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; tests/test_decode_attention_gpu.py checks it")
-    assert "cpu" in decode_attention.kernel_devices()
-    return decode_attention._kernel
 
 
 def decode_inputs(batch: int, heads: int, kv_heads: int, seed: int = 0, dim: int = DIM):

@@ -77,12 +77,13 @@ def launch_config(
     slots: int,
     value_bytes: int,
     processors: int,
-    table: dict[tuple[int, int, int], TableRows] = TUNED,
+    table: dict[tuple[int, int, int], TableRows] | None = None,
 ) -> LaunchConfig:
     """The kernel's launch for ``B`` rows of ``Hkv`` KV heads, ``G`` query heads each, head dim ``D``, ``S`` cache
     slots of ``value_bytes`` bytes per value, on a GPU of ``processors`` streaming multiprocessors: ``table``'s
-    config for ``(G, D, value_bytes)`` at ``B * Hkv`` KV rows, ``DEFAULT`` for a shape it does not list."""
-    rows = table.get((group, head_dim, value_bytes))
+    (default ``TUNED``) config for ``(G, D, value_bytes)`` at ``B * Hkv`` KV rows, ``DEFAULT`` for a shape it does
+    not list."""
+    rows = (TUNED if table is None else table).get((group, head_dim, value_bytes))
     config = DEFAULT if rows is None else table_config(rows, batch * kv_heads)
     return resolve_launch(config, batch, kv_heads, slots, processors)
 
