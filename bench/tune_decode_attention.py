@@ -30,6 +30,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable
+from importlib.metadata import version
 from pathlib import Path
 from typing import NamedTuple
 
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
         "device": name, "hardware": hardware.name if hardware else None, "hbm_bytes_per_s": args.hbm_bytes_per_s,
-        "processors": processors, "torch": torch.__version__, "triton": __import__("triton").__version__,
+        "processors": processors, "torch": torch.__version__, "triton": version("triton"),
         "settings": {key: getattr(args, key) for key in ("slots", "filled", "dtype", "top", "min_gain", "warmup_ms",
                                                          "rep_ms", "time_budget_s", "grid")},
         "shapes": [],

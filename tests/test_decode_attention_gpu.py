@@ -52,7 +52,7 @@ def test_kernel_split_counts_agree(splits):
     torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), **TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("config", tune.kernel_grid(tune.BLOCK_NS, tune.NUM_WARPS, tune.NUM_STAGES, WAVES), ids=str)
+@pytest.mark.parametrize("config", tune.kernel_grid(tune.BLOCK_NS, tune.NUM_WARPS, tune.NUM_STAGES, (WAVES,)), ids=str)
 def test_every_tuning_candidate_agrees(config):
     """Each tile / warps / stages the tuner may pick, compiled for this GPU, equals SDPA (bf16, 7 splits)."""
     query, key, value, mask = gpu_inputs(torch.bfloat16, 32, 4, strict=True)

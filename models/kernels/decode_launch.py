@@ -11,7 +11,7 @@ Shapes: ``B`` batch, ``Hkv`` KV heads, ``G`` query heads per KV head, ``D`` head
 
 from typing import NamedTuple
 
-MIN_DOT = 16  # tl.dot needs at least 16 along each dimension: query heads, head dim and the KV tile are padded to it
+MIN_DOT = 16  # tl.dot needs at least 16 along each dimension: query heads and head dim are padded to it, tiles >= it
 TILE = 64  # KV slots per inner step of the kernel: one TILE x D tile of keys and of values
 NUM_WARPS = 4
 NUM_STAGES = 2  # software-pipelining depth of the tile loop
