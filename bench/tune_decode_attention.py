@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start no candidate after this many seconds (the rest are recorded as skipped)")
     p.add_argument("--hbm_bandwidth", default=None, help="HBM bytes/s for the fraction, e.g. 4.8TB (default: the GPU's)")
     p.add_argument("--processors", type=int, default=None,
-                   help="SM count for --dry_run (default: the device's; 4 on the interpreter)")
+                   help="SM count the splits are computed for, e.g. 132 for an H200 in --dry_run (default: the "
+                        "device's; 4 on the interpreter)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dry_run", action="store_true", help="print the shapes and candidate counts, time nothing")
     p.add_argument("--smoke", action="store_true",
