@@ -68,3 +68,15 @@ def corpus():
     from corpus import prepare_corpus
 
     return prepare_corpus()
+
+
+@pytest.fixture
+def interpreted_kernel():
+    """The Triton kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the top of this file)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; tests/test_decode_attention_gpu.py checks it")
+    from models.kernels import decode_attention
+
+    assert "cpu" in decode_attention.kernel_devices()
+    return decode_attention._kernel

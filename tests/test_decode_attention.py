@@ -12,30 +12,18 @@ from models import SPLIT_KV, kernels
 from models.kernels import decode_attention
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import (
-    MAX_SPLITS,
-    TILE,
-    num_kv_splits,
     runs_split_kv,
     split_kv_decode_attention,
     split_kv_sdpa_attention,
     visible_lengths,
 )
+from models.kernels.decode_launch import DEFAULT, KernelConfig
 
 from .conftest import tiny_config, tiny_model
 from .test_static_cache import assert_decode_step_compiles_once, left_padded_batch
 
 SLOTS, DIM = 150, 16  # 150 slots: three 64-slot tiles, the last one partial
 NEW = 4  # generated tokens: each decoding step runs the interpreted kernel in every layer
-
-
-@pytest.fixture
-def interpreted_kernel():
-    """The Triton kernel on CPU tensors through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; tests/test_decode_attention_gpu.py checks it")
-    assert "cpu" in decode_attention.kernel_devices()
-    return decode_attention._kernel
 
 
 def decode_inputs(batch: int, heads: int, kv_heads: int, seed: int = 0, dim: int = DIM):
@@ -61,6 +49,13 @@ def sdpa_reference(query, key, value, mask) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, *expanded, attn_mask=mask).transpose(1, 2)
 
 
+def run_kernel(kernel, query, key, value, mask, splits: int, config: KernelConfig = DEFAULT) -> torch.Tensor:
+    """The op on a ``(B, 1, 1, S)`` mask with ``splits`` parts per row and ``config``'s tile, warps and stages."""
+    rows = mask[:, 0, 0]
+    return kernel(query, key, value, rows, visible_lengths(rows), query.shape[-1] ** -0.5, splits, config.block_n,
+                  config.num_warps, config.num_stages)
+
+
 # spans per row: partly filled, different lengths, left padding, one filled up to the last slot
 SPANS = [(0, 100), (5, 70), (0, SLOTS), (40, 41)]
 
@@ -70,7 +65,7 @@ SPANS = [(0, 100), (5, 70), (0, SLOTS), (40, 41)]
 def test_kernel_equals_sdpa_with_full_mask(interpreted_kernel, heads, kv_heads, splits):
     query, key, value = decode_inputs(len(SPANS), heads, kv_heads)
     mask = cache_mask(SPANS)
-    out = interpreted_kernel(query, key, value, mask[:, 0, 0], visible_lengths(mask[:, 0, 0]), DIM**-0.5, splits)
+    out = run_kernel(interpreted_kernel, query, key, value, mask, splits)
     torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 
@@ -104,8 +99,7 @@ def test_kernel_never_reads_slots_past_the_last_visible_one(interpreted_kernel):
         poisoned_value[row, :, filled:] = float("nan")
     poisoned_key[1, :, :5] = float("nan")
     for splits in (1, 5):
-        out = interpreted_kernel(query, poisoned_key, poisoned_value, mask[:, 0, 0], visible_lengths(mask[:, 0, 0]),
-                                 DIM**-0.5, splits)
+        out = run_kernel(interpreted_kernel, query, poisoned_key, poisoned_value, mask, splits)
         torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 
@@ -120,21 +114,6 @@ def test_visible_lengths_is_last_visible_slot_plus_one():
     mask[0, 50] = False  # a hole inside the span does not shorten it
     assert visible_lengths(mask).tolist() == [100, 70, 0, 150]
     assert visible_lengths(mask).dtype == torch.int32
-
-
-@pytest.mark.parametrize(
-    "batch, kv_heads, slots, processors, expected",
-    [
-        (1, 4, 4096, 132, 64),  # batch 1 on an H100: 66 wanted, capped at MAX_SPLITS
-        (1, 4, 4096, 16, 8),  # 2 waves of 16 processors over 4 heads
-        (1, 4, 100, 132, 2),  # at most one tile per split
-        (128, 4, 4096, 132, 1),  # enough programs without splitting
-        (1, 32, 4096, 132, 9),  # ceil(264 / 32)
-    ],
-)
-def test_num_kv_splits(batch, kv_heads, slots, processors, expected):
-    assert num_kv_splits(batch, kv_heads, slots, processors) == expected
-    assert 1 <= expected <= min(MAX_SPLITS, -(-slots // TILE))
 
 
 def test_dispatch_only_for_one_token_bool_masks(interpreted_kernel):

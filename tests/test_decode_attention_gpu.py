@@ -4,12 +4,14 @@ attention shape (fp32 tight, bf16), and compiled static-cache generation against
 import pytest
 import torch
 
+from bench import tune_decode_attention as tune
 from models import SPLIT_KV
 from models.kernels import decode_attention
-from models.kernels.decode_attention import MAX_SPLITS, split_kv_decode_attention, visible_lengths
+from models.kernels.decode_attention import split_kv_decode_attention
+from models.kernels.decode_launch import MAX_SPLITS, WAVES
 
 from .conftest import tiny_config, tiny_model
-from .test_decode_attention import sdpa_reference
+from .test_decode_attention import run_kernel, sdpa_reference
 from .test_static_cache import left_padded_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -46,8 +48,19 @@ def test_kernel_equals_sdpa(dtype, heads, kv_heads, strict):
 @pytest.mark.parametrize("splits", [1, 7, MAX_SPLITS])
 def test_kernel_split_counts_agree(splits):
     query, key, value, mask = gpu_inputs(torch.float32, 32, 4, strict=False)
-    out = decode_attention._kernel(query, key, value, mask[:, 0, 0], visible_lengths(mask[:, 0, 0]), 64**-0.5, splits)
+    out = run_kernel(decode_attention._kernel, query, key, value, mask, splits)
     torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("config", tune.kernel_grid(tune.BLOCK_NS, tune.NUM_WARPS, tune.NUM_STAGES, (WAVES,)), ids=str)
+def test_every_tuning_candidate_agrees(config):
+    """Each tile / warps / stages the tuner may pick, compiled for this GPU, equals SDPA (bf16, 7 splits)."""
+    query, key, value, mask = gpu_inputs(torch.bfloat16, 32, 4, strict=True)
+    out = run_kernel(decode_attention._kernel, query, key, value, mask, 7, config)
+    expected = sdpa_reference(query.float(), key.float(), value.float(), mask)
+    seen = mask.any(-1).flatten()
+    assert torch.equal(out[~seen], torch.zeros_like(out[~seen]))
+    torch.testing.assert_close(out[seen].float(), expected[seen], **TOLERANCE[torch.bfloat16])
 
 
 @pytest.mark.parametrize("name", ["test_tiny_opt.json", "llama_tiny.json"], ids=["opt-llama", "llama"])

@@ -109,7 +109,7 @@ def test_exported_checkpoints_compute_what_the_repo_model_computes(tmp_path):
 
 def test_bundle_is_what_the_loader_reaches_and_needs_only_torch_and_transformers():
     bundle = bundled_modules(["modeling_opt_llama", "configuration_opt_llama"], flat_modules())
-    assert {"kernels", "attention", "decode_attention", "triton_decode", "sequential_prefill", "masks"} <= set(bundle)
+    assert {"kernels", "attention", "decode_attention", "decode_launch", "triton_decode", "sequential_prefill", "masks"} <= set(bundle)
     assert not {"cli", "export", "rms_norm", "flash_attention"} & set(bundle)  # tools and optional kernels stay out
     for name, path in bundle.items():
         # transformers' own import scan (check_imports refuses a checkpoint whose code needs a missing package)

@@ -5,9 +5,10 @@ For one query token this backend runs a split-KV Triton kernel (``triton_decode.
 reads keys and values only up to the last visible slot (``visible_lengths`` of the ``(B, 1, 1, S)`` mask the
 model already passes, so no extra input and no recompilation as the cache fills), applies the mask inside
 that span (left padding, the strict mask of condensed layers), and reads each GQA KV head once for all its
-query heads. The grid and the number of splits depend on shapes only, so a compiled decode step (CUDA graph)
-captures it once. Everything else (prefill, masks it cannot read, dropout, devices without Triton) runs
-``sdpa_packed_gqa``, which on the CPU is the whole story: the pure PyTorch fallback.
+query heads. The grid and the launch (``decode_launch.launch_config``: tile, warps, stages, number of splits)
+depend on shapes only, so a compiled decode step (CUDA graph) captures it once. Everything else (prefill, masks
+it cannot read, dropout, devices without Triton) runs ``sdpa_packed_gqa``, which on the CPU is the whole story:
+the pure PyTorch fallback.
 
 The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before
 ``configure_decode_kernel()`` loads it (tests run the real kernel that way).
@@ -23,11 +24,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.import_utils import is_triton_available
 
 from .attention import packed_sdpa_attention
+from .decode_launch import launch_config
 
 SPLIT_KV = "sdpa_split_kv"
-TILE = 64  # KV slots per kernel tile (triton_decode.BLOCK_N); a split covers whole tiles
-MAX_SPLITS = 64  # beyond this the merge costs more than the parallelism brings
-WAVES = 2  # aim for this many programs per streaming multiprocessor
 CPU_PROCESSORS = 4  # the interpreter's stand-in for the SM count (tests only)
 
 _kernel: Callable | None = None
@@ -80,13 +79,6 @@ def visible_lengths(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, slots, 0).amax(-1).to(torch.int32)
 
 
-def num_kv_splits(batch: int, kv_heads: int, slots: int, processors: int) -> int:
-    """How many parts each row's span is split into: enough programs for ``WAVES`` per processor, at most one
-    tile per part and ``MAX_SPLITS`` parts. Shapes only, so a compiled step keeps one graph as the cache fills."""
-    wanted = -(-WAVES * processors // (batch * kv_heads))
-    return max(1, min(wanted, -(-slots // TILE), MAX_SPLITS))
-
-
 def runs_split_kv(query: torch.Tensor, key: torch.Tensor, attention_mask: object, dropout: float) -> bool:
     """One query token on a device with the kernel, no dropout, and no mask or a bool ``(B or 1, 1, 1, S)`` mask."""
     if query.shape[2] != 1 or dropout != 0.0 or query.device.type not in _kernel_devices:
@@ -118,9 +110,11 @@ def split_kv_decode_attention(
     else:
         mask = attention_mask[:, 0, 0, :].expand(batch, slots)
         lengths = visible_lengths(mask)
-    splits = num_kv_splits(batch, key.shape[1], slots, processors(query.device))
+    kv_heads = key.shape[1]
+    launch = launch_config(batch, kv_heads, query.shape[1] // kv_heads, head_dim, slots, query.dtype.itemsize,
+                           processors(query.device))
     scale = head_dim**-0.5 if scaling is None else scaling
-    return _kernel(query, key, value, mask, lengths, scale, splits)
+    return _kernel(query, key, value, mask, lengths, scale, *launch)
 
 
 def split_kv_sdpa_attention(

@@ -22,10 +22,9 @@ if is_triton_available():
     import triton
     import triton.language as tl
 
-from .decode_attention import TILE as BLOCK_N  # KV slots per inner step: one BLOCK_N x D tile of keys and of values
+from .decode_launch import MIN_DOT  # query heads and head dim are padded to it
 
 LOG2E = 1.4426950408889634
-MIN_DOT = 16  # tl.dot needs at least 16 along each dimension: query heads and head dim are padded to it
 
 
 @triton.jit
@@ -111,12 +110,14 @@ def _merge_kernel(
 @custom_op("lckv::split_kv_decode", mutates_args=())
 def split_kv_decode(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-    lengths: torch.Tensor, scaling: float, num_splits: int,
+    lengths: torch.Tensor, scaling: float, num_splits: int, block_n: int, num_warps: int, num_stages: int,
 ) -> torch.Tensor:
     """``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values -> ``(B, 1, Hq, D)``.
 
     ``mask``: ``(B, S)`` bool (True = visible) or None; ``lengths``: ``(B,)`` int32, slots past it are not read
-    (every slot at or after it must be masked); ``num_splits``: parts of each row's span, fixed by the shapes.
+    (every slot at or after it must be masked). The launch (``decode_launch.LaunchConfig``, fixed by the shapes):
+    ``num_splits`` parts of each row's span, ``block_n`` KV slots per tile (a power of two >= 16), ``num_warps``
+    and ``num_stages`` of the first kernel.
     """
     batch, num_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -136,8 +137,8 @@ def split_kv_decode(
         group, head_dim, scaling * LOG2E,
         NUM_SPLITS=num_splits, HAS_MASK=mask is not None,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # exact fp32; bf16/fp16 ignore it
-        BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-        num_warps=4, num_stages=2,
+        BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _merge_kernel[(batch, num_heads)](
         acc, maxes, sums, out, out.stride(0), out.stride(2), out.stride(3), num_heads, head_dim,
@@ -147,6 +148,6 @@ def split_kv_decode(
 
 
 @split_kv_decode.register_fake
-def _(query, key, value, mask, lengths, scaling, num_splits):
+def _(query, key, value, mask, lengths, scaling, num_splits, block_n, num_warps, num_stages):
     """Shapes for tracing (torch.compile): an opaque op, captured whole in the step's CUDA graph."""
     return query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))
