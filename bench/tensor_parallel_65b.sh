@@ -12,6 +12,9 @@
 #                                                 # batch 12 at P2048 + G2048, LCKV batch 768 at P256 + G768
 #   bash bench/tensor_parallel_65b.sh smoke OUT   # CPU, 2 gloo processes: every step on tiny configs (same code paths)
 #
+# A third argument, llama or lckv, runs only that model's step of p256 / p2k / profile (default: both); the ratios
+# JSON then pairs it with the other model's latency.json already in OUT.
+#
 # Each step writes OUT/<step>/{log,latency.json,...}; setting.tp_size is 2 and every figure is per GPU (weights, KV
 # bytes, roofline); OUT/llama65b_<part>.json holds both models and their ratios. Decode steps are timed on --steps tokens at the start and at the end of the context and
 # extrapolated over gen_len; the LCKV sequential prefill is timed on --prefill_sample tokens at each end of the prompt.
@@ -21,8 +24,11 @@
 # cache's; a hang would end at the step's time limit). Measured on two H200s: loading and compiling take ~2 min
 # (Llama) and ~4 min (LCKV) of each step.
 set -uo pipefail
-part=${1:?plan, p256, p2k or smoke}
+part=${1:?plan, p256, p2k, profile or smoke}
 out=${2:-bench/results/tensor_parallel_65b}
+models=${3:-both}
+case "$models" in both | llama | lckv) ;; *) echo "models: $models; allowed values are both, llama, lckv" >&2; exit 2 ;; esac
+want() { [ "$models" = both ] || [ "$models" = "$1" ]; }  # want MODEL: this call runs MODEL's step
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
@@ -90,20 +96,20 @@ plan)
         --plan_lengths 4096 "${common[@]}"
     ;;
 p256)
-    tp_lat llama65b_p256_llama 230 --configs "$L65" --compile "${P256[@]}" "${STEPS[@]}" --batches "$B256L"
-    tp_lat llama65b_p256_lckv 300 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
+    want llama && tp_lat llama65b_p256_llama 230 --configs "$L65" --compile "${P256[@]}" "${STEPS[@]}" --batches "$B256L"
+    want lckv && tp_lat llama65b_p256_lckv 300 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
         --batches "$B256O"
     ratios llama65b_p256 llama65b_p256_llama llama65b_p256_lckv
     ;;
 p2k)
-    tp_lat llama65b_p2k_llama 230 --configs "$L65" --compile "${P2K[@]}" "${STEPS[@]}" --batches "$B2KL"
-    tp_lat llama65b_p2k_lckv 320 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P2K[@]}" "${STEPS[@]}" \
+    want llama && tp_lat llama65b_p2k_llama 230 --configs "$L65" --compile "${P2K[@]}" "${STEPS[@]}" --batches "$B2KL"
+    want lckv && tp_lat llama65b_p2k_lckv 320 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P2K[@]}" "${STEPS[@]}" \
         --batches "$B2KO"
     ratios llama65b_p2k llama65b_p2k_llama llama65b_p2k_lckv
     ;;
 profile)
-    tp_profile llama65b_profile_llama 360 --configs "$L65" --batch "$PROFILE_LLAMA" "${P2K[@]}"
-    tp_profile llama65b_profile_lckv 420 --configs "$L65O" --batch "$PROFILE_LCKV" "${P256[@]}"
+    want llama && tp_profile llama65b_profile_llama 360 --configs "$L65" --batch "$PROFILE_LLAMA" "${P2K[@]}"
+    want lckv && tp_profile llama65b_profile_lckv 420 --configs "$L65O" --batch "$PROFILE_LCKV" "${P256[@]}"
     ;;
 *)
     echo "part: $part; allowed values are plan, p256, p2k, profile, smoke" >&2
