@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check_tokens", type=int, default=16, help="tokens compared between the two loops")
     p.add_argument("--attn_implementation", default=SPLIT_KV,
                    help=f"attention of both models (default {SPLIT_KV}: the decode kernel reading only the filled cache)")
+    p.add_argument("--compile_mode", choices=test_latency.COMPILE_MODES, default="reduce-overhead",
+                   help="torch.compile mode of the decode step (as test_latency.py --compile_mode)")
     p.add_argument("--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the roofline (H200: 4.8TB)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device the models are built on (default: cuda when available, else cpu)")
@@ -124,13 +126,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    setting = {k: getattr(args, k) for k in ("context", "new_tokens", "check_tokens", "attn_implementation", "hbm_bandwidth")}
+    setting = {k: getattr(args, k) for k in ("context", "new_tokens", "check_tokens", "attn_implementation", "compile_mode",
+                                             "hbm_bandwidth")}
     setting["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting["dtype"] = str(dtype)
     results = []
     for path in args.configs:
         config = load_config(path, args.context + args.new_tokens + 1)
-        latency_args = SimpleNamespace(seed=0, device=args.device, attn_implementation=args.attn_implementation)
+        latency_args = SimpleNamespace(seed=0, device=args.device, attn_implementation=args.attn_implementation,
+                                       compile_mode=args.compile_mode)
         model = test_latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too
         model.generation_config.compile_config = compile_config(args.device)
         for batch in args.batch_list:
