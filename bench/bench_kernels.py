@@ -24,6 +24,7 @@ from models import OptLlamaConfig, kernels
 from models import cli as shared
 from models.cli import ArgumentParser, check_output_dir, check_range, run_cli
 from models.kernels import FLAGS
+from models.measure import synchronize
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,11 +74,6 @@ def selected_kernels() -> dict[str, str | None]:
     }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(config: OptLlamaConfig, environ: dict[str, str], args, device: torch.device) -> dict:
     """Build the model under ``environ``'s flags and time ``args.steps`` training steps after ``args.warmup``."""
     kernels.configure(environ)
@@ -99,12 +95,12 @@ def run(config: OptLlamaConfig, environ: dict[str, str], args, device: torch.dev
     try:
         for _ in range(args.warmup):
             step()
-        sync(device)
+        synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         losses = [step() for _ in range(args.steps)]
-        sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         result.update(
             tokens_per_s=args.steps * tokens.numel() / elapsed,

@@ -25,6 +25,7 @@ import torch
 
 from models import cli as shared  # import models registers opt-llama
 from models.cli import ArgumentParser, check_output_dir, check_range, run_cli
+from models.measure import synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -56,12 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- worker (one process of one setting)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def check_checkpoint(accelerator, model, tokens: torch.Tensor) -> dict | None:

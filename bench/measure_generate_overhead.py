@@ -34,7 +34,7 @@ import test_latency  # the tool whose runs these numbers explain: its model, cac
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
 from models import SPLIT_KV
 from models.cli import parse_int_list, parse_size
-from models.measure import CompiledStepTimer, StepTimer, load_config
+from models.measure import CompiledStepTimer, StepTimer, load_config, synchronize
 
 LOOPS = ("fast", "transformers")
 SMOKE_CONFIGS = ["configs/llama_tiny.json", "configs/llama_tiny_opt.json"]
@@ -72,11 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_generate(model, cache, batch: int, context: int, loop: str, new_tokens: int, sample: bool = True, timed: bool = False):
     """``new_tokens`` tokens for ``batch`` sequences after the ``context`` in ``cache`` (one more prompt token is
     prefilled) with ``loop``; the cache is rewound to ``context`` afterwards. Returns the new tokens
@@ -91,9 +86,9 @@ def run_generate(model, cache, batch: int, context: int, loop: str, new_tokens: 
     torch.manual_seed(0)
     with tqdm(total=new_tokens, disable=True) as bar, CompiledStepTimer(model) as step_timer, torch.no_grad():
         timer = StepTimer(bar)
-        sync(model.device)
+        synchronize(model.device)
         out = model.generate(ids, streamer=timer if timed else None, **kwargs)
-        sync(model.device)
+        synchronize(model.device)
     cache.crop(-(int(cache.get_seq_length()) - context))
     ms = 1e3 * (timer.times[-1] - timer.times[1]) / (len(timer.times) - 2) if timed else None
     return out[:, context + 1 :], ms, step_timer.mean_ms() if timed else None

@@ -53,6 +53,7 @@ from models import kernels, sequential_prefill
 from models.cli import ArgumentParser, check_output_dir, run_cli
 from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
 from models.kernels.flags import FLASH_ATTN
+from models.measure import profiler_activities, synchronize
 from models.modeling_opt_llama import lckv_masks
 from models.roofline import full_layer_runs, iterative_prefill_cost, model_shape, parallel_prefill_cost, token_step_cost
 
@@ -207,7 +208,7 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
     test_latency.apply_memory_cap(args)
     dtype = test_latency.resolve_dtype(args)
     model = test_latency.build_model(test_latency.load_config(spec.config, spec.cache_len), args, dtype)
-    shape, cuda = model_shape(model.config), spec.device == "cuda"
+    shape = model_shape(model.config)
 
     def warm_cache(batch: int, fill: int, tokens: int):
         """A cache filled to ``fill`` after 3 token steps (the step compiled, captured, replayed on this cache), and
@@ -215,8 +216,7 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
         cache = test_latency.filled_cache(model, args, batch, fill)
         ids = torch.randint(3, model.config.vocab_size, (batch, tokens + 3), device=model.device)
         sequential_prefill.prefill_cache(model, ids[:, :3], cache)
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(model.device)
         return cache, ids[:, 3:]
 
     rows = []
@@ -226,20 +226,17 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             start = time.perf_counter()
             sequential_prefill.prefill_cache(model, ids, cache)
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize(model.device)
             step_ms = 1e3 * (time.perf_counter() - start) / spec.steps
             row = step_report(step_ms, shape, batch, fill + 3 + (spec.steps + 1) / 2, hardware, dtype.itemsize)
             rows.append(row | {"new_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs})
             del cache, ids
     batch, fill = spec.batches[-1], spec.fills[len(spec.fills) // 2]
     cache, ids = warm_cache(batch, fill, spec.profile_steps)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=profiler_activities(model.device)) as profiler:
         with torch.profiler.record_function(STEP_MARK):
             sequential_prefill.prefill_cache(model, ids, cache)
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(model.device)
     rows.append({"profile": {"batch": batch, "filled": fill} | step_summary(profiler.events(), spec.profile_steps, top=20)})
     return rows
 
@@ -254,11 +251,6 @@ def llama_twin(config) -> LlamaConfig:
     fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "head_dim")
     return LlamaConfig(**{name: getattr(config, name) for name in fields})
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def prefill_forward(model, ids: torch.Tensor) -> None:
@@ -328,8 +320,7 @@ def strict_attention_bench(model, batch: int, prompt: int) -> dict:
             row[f"{name}_ms"] = f"cannot run: {str(error).splitlines()[0][:200]}"
     row["shifted_causal_ms"] = time_ms(
         lambda: strict_causal_attention(sdpa_causal_attention, module, query, key, value, 0.0, module.scaling))
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=profiler_activities(device)) as profiler:
         as_model_calls()
         synchronize(device)
     wanted = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
@@ -343,8 +334,7 @@ def profile_prefill(model, ids: torch.Tensor, top: int = 25) -> dict:
 
     prefill_forward(model, ids)
     synchronize(model.device)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=profiler_activities(model.device)) as profiler:
         with torch.profiler.record_function(STEP_MARK):
             prefill_forward(model, ids)
         synchronize(model.device)

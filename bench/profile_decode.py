@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import profile, record_function
 from transformers import CompileConfig, StaticCache
 
 import models  # noqa: F401  (registers opt-llama and the attention backends)
@@ -32,7 +32,7 @@ from models import PACKED_SDPA, SPLIT_KV
 from models.chunked_prefill import prefill_in_chunks
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import split_kv_sdpa_attention
-from models.measure import CompiledStepTimer, build_random_model, load_config
+from models.measure import CompiledStepTimer, build_random_model, load_config, profiler_activities
 from models.tensor_parallel import is_main_process, world_size
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
@@ -160,8 +160,7 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
     decode(model, ids, args, args.steps)  # compile and capture the decode step
     compiled = {"dynamo_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
                 "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    prof = profile(activities=activities)
+    prof = profile(activities=profiler_activities(model.device))
     generate_ms, compiled_ms = decode(model, ids, args, args.steps, profiler=prof)
     name = Path(path).stem
     if is_main_process():

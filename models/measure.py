@@ -36,6 +36,18 @@ class StepTimer(BaseStreamer):
         pass
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for on a CPU), so a host clock times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profiler_activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    """What ``torch.profiler`` records for work on ``device``: CPU ops, and CUDA kernels on a GPU."""
+    cuda = [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    return [torch.profiler.ProfilerActivity.CPU, *cuda]
+
+
 def build_random_model(config: PretrainedConfig, dtype: torch.dtype, device: str, attn_implementation: str) -> PreTrainedModel:
     """A causal LM of ``config`` with random weights, as the benchmarks decode with it: under ``torchrun`` sharded over
     the processes, each building its shard on its own device (``build_sharded``); else built directly on ``device`` (a

@@ -141,12 +141,17 @@ def parallel_prefill_cost(shape: Shape, batch: int, length: int, value_bytes: in
     )
 
 
+def extra_iterations(shape: Shape, length: int) -> int:
+    """Passes of the cyclic block beyond the first in an iterative prefill of ``length`` tokens: ``k - 1`` with
+    ``k = min(num_encoders + 1, T)``; 0 without a block (a Llama)."""
+    return min(shape.num_iterations, length) - 1 if shape.block else 0
+
+
 def full_layer_runs(shape: Shape, length: int) -> int:
     """Layer runs with queries and attention of an iterative prefill of ``length`` tokens: ``L + (k - 1) (|block| - 1)``
     with ``k = min(num_encoders + 1, T)`` (the block's last layer computes only its KVs before the last iteration);
     ``L`` for a Llama."""
-    extra = min(shape.num_iterations, length) - 1 if shape.block else 0  # iterations beyond one pass
-    return shape.num_layers + extra * max(len(shape.block) - 1, 0)
+    return shape.num_layers + extra_iterations(shape, length) * max(len(shape.block) - 1, 0)
 
 
 def iterative_prefill_cost(shape: Shape, batch: int, length: int, value_bytes: int = 2) -> Cost:
@@ -155,7 +160,7 @@ def iterative_prefill_cost(shape: Shape, batch: int, length: int, value_bytes: i
     iteration (``OptLlamaModel._run_block``). With ``R`` full layer runs (``L + (k - 1) (|block| - 1)``) and
     ``W = sum_i P_i + (k - 1) (sum_{i in block, not last} P_i + P_kv,last)`` the weights used:
     ``FLOPs = 2 B T W + R 4 Hq D B T^2 / 2``, ``bytes = b W`` (weights read once per layer run)."""
-    extra = min(shape.num_iterations, length) - 1 if shape.block else 0  # iterations beyond one pass
+    extra = extra_iterations(shape, length)
     block = list(shape.block)
     weights = sum(shape.layer_weights)
     if block:
