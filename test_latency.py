@@ -122,8 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak_flops", default=None, help="dense bf16 matrix FLOP/s of the rooflines and of the cost model, e.g. "
                    "989T; default: the GPU's, as --hbm_bandwidth. On a CPU the cost model prices nothing (auto: iterative) "
                    "unless one of the two is given")
-    p.add_argument("--memory_cap", default=None, help="cap this process's CUDA allocations at this size (e.g. 80GB on a "
-                   "141GB card: the regime of an 80 GB card), through torch.cuda.set_per_process_memory_fraction")
+    p.add_argument("--memory_cap", default=None, help="cap this process's CUDA allocations at this size (e.g. 79GiB on a "
+                   "141GB card: what an 80 GB H100 gives CUDA), through torch.cuda.set_per_process_memory_fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
     p.add_argument("--output_dir", default="bench/latency", help="where latency.json and throughput.png go")
     p.add_argument("--plan", action="store_true", help="no GPU: print KV bytes/token, the KV-bound max batch per length "
@@ -306,7 +306,12 @@ def new_cache(model, args):
 
 def filled_cache(model, args, batch: int, length: int):
     """A cache that reports ``length`` cached tokens (zeros): a decode step's work depends on the context length, not
-    on the values, so this times steps at the end of the context without decoding up to there."""
+    on the values, so this times steps at the end of the context without decoding up to there. A static cache is
+    allocated whole here, also at ``length`` 0, before any forward, as serving engines allocate theirs. Allocated
+    layer by layer inside a large prefill (transformers' lazy initialisation), a Llama at batch 576, prompt 2048 ran
+    out of memory with 32 GB allocated under a 79 GiB cap on an H200, where batch 640 had fitted when the cache was
+    allocated before that prefill; the likely cause is the cache's blocks carved out of segments the prefill's
+    activations left free (fragmentation), not measured."""
     cache = new_cache(model, args)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     shape = (batch, kv_heads_per_process(model), length, head_dim)
@@ -315,7 +320,7 @@ def filled_cache(model, args, batch: int, length: int):
             one = torch.zeros(*shape[:2], 1, head_dim, dtype=model.dtype, device=model.device)
             layer.lazy_initialization(one, one)
             layer.cumulative_length.fill_(length)
-        elif isinstance(layer, DynamicLayer):  # not DummyLayer (condensed layers store nothing)
+        elif isinstance(layer, DynamicLayer) and length:  # not DummyLayer (condensed layers store nothing)
             zeros = torch.zeros(shape, dtype=model.dtype, device=model.device)
             cache.update(zeros, zeros.clone(), layer_idx)
     return cache
@@ -329,7 +334,7 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
     ``record`` gets ``prefill_sample_s``, the seconds of the two timed segments of a sampled prefill."""
     device = model.device
     input_ids = torch.randint(3, model.config.vocab_size, (batch, context + prompt_len), device=device)
-    cache = filled_cache(model, args, batch, context) if context else new_cache(model, args)
+    cache = filled_cache(model, args, batch, context)
     timer = StepTimer(bar)
     sequential = getattr(model.config, "prefill", None) == "sequential" and args.cache == "static"
     with torch.no_grad():
@@ -359,7 +364,7 @@ def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[ob
     seconds = []
     for context in (0, length - sample):
         bar.set_postfix_str(f"prefill sample at {context}")
-        cache = filled_cache(model, args, input_ids.shape[0], context) if context else new_cache(model, args)
+        cache = filled_cache(model, args, input_ids.shape[0], context)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         begin = time.perf_counter()

@@ -29,7 +29,7 @@ call, each under 9 minutes:
   the model's call runs; and a profile of the batch-1 / 2048 forward (top CUDA kernels and CPU ops with their total
   time, GPU busy vs wall, number of kernels, host syncs).
 
-Every GPU call runs under ``--memory_cap 80GB`` (the 80 GB regime on a larger card); the GPU's bandwidth and matrix
+Every GPU call runs under ``--memory_cap 79GiB`` (the memory an 80 GB H100 gives CUDA, on a larger card); the GPU's bandwidth and matrix
 rate come from ``models.roofline.GPUS``. Each part writes ``<part>.json`` (its checks) and one folder per run.
 ``--smoke`` runs the same steps on the CPU with tiny configs, the token step compiled by dynamo's eager backend
 (``sequential_prefill.CPU_COMPILE_BACKEND``), so recompilations show up as on a GPU.
@@ -59,7 +59,7 @@ from models.roofline import full_layer_runs, iterative_prefill_cost, model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 TINYLLAMA, LLAMA33B, TINY = "configs/tinyllama_opt.json", "configs/llama33b_opt.json", "configs/test_tiny_opt.json"
-CAP = ["--memory_cap", "80GB"]
+CAP = ["--memory_cap", "79GiB"]  # 80e9 bytes would be 74.5 GiB, less than an 80 GB card holds
 BATCH1_BOUND = 1.5  # the batch-1 prefill may cost this many captured decode steps per prompt token
 STEP_BOUND = 1.5  # a large-batch token step may cost this many times its roofline
 # The smoke run's test_latency: the token step compiled on the CPU, so that TORCH_LOGS=recompiles has something to say.

@@ -320,3 +320,15 @@ def test_compile_mode_reaches_the_decode_step_and_the_json(configs, mode):
     assert options["triton.cudagraphs"] and bool(options.get("max_autotune")) == (mode == "max-autotune")
     with pytest.raises(UsageError, match="--compile_mode: invalid choice: 'default'"):
         test_latency.parse_args(["--compile_mode", "default"])
+
+
+def test_measured_caches_are_allocated_before_the_prefill(configs):
+    """A static cache is whole before the first forward (every KV layer at its full slots, nothing filled), so a large
+    prefill's activations never share the allocator's segments with a cache growing layer by layer."""
+    args = test_latency.parse_args(["--cache", "static", "--prompt_len", "8", "--gen_len", "8", "--device", "cpu"])
+    for path in configs:
+        model = test_latency.build_model(test_latency.load_config(path, 16), args, torch.float32)
+        cache = test_latency.filled_cache(model, args, 3, 0)
+        static = [layer for layer in cache.layers if isinstance(layer, test_latency.StaticLayer)]
+        assert static and all(layer.is_initialized and layer.keys.shape[0] == 3 and layer.keys.shape[2] == 16 for layer in static)
+        assert int(cache.get_seq_length()) == 0
