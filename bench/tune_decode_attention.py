@@ -19,7 +19,7 @@ Bandwidth: filled K + V bytes plus q and out bytes over the time, as a fraction 
 (``models.roofline``; ``--hbm_bandwidth`` overrides it).
 
 Writes ``tune_decode_attention.json`` (every candidate's time) after each shape, so a run cut short keeps what it
-measured, and ``launch_table.py``: the ``TUNED`` assignment for ``models/kernels/decode_launch.py``, the best config
+measured, and ``launch_table.txt``: the ``TUNED`` assignment for ``models/kernels/decode_launch.py``, the best config
 per shape where it beats the default by ``--min_gain`` (docs/fast_decode.md says how to apply it).
 """
 
@@ -78,7 +78,7 @@ CPU_TIMED_CALLS = 2  # the interpreter is slow: a warm-up call and two timed one
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="bench/results/tune_decode_attention",
-                   help="where tune_decode_attention.json, launch_table.py and (with matplotlib) the plot go")
+                   help="where tune_decode_attention.json, launch_table.txt and (with matplotlib) the plot go")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated attention shapes, of {', '.join(MODELS)}")
     p.add_argument("--batches", default=None,
                    help="comma-separated batches for every model (default: 1,32,128,512, and 2048 for tinyllama)")
@@ -303,7 +303,7 @@ def write_outputs(out_dir: Path, report: dict, table: str) -> None:
     partial = out_dir / "tune_decode_attention.json.partial"
     partial.write_text(json.dumps(report, indent=1))
     os.replace(partial, out_dir / "tune_decode_attention.json")
-    (out_dir / "launch_table.py").write_text(table)
+    (out_dir / "launch_table.txt").write_text(table)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
         table = table_rows(report["shapes"], value_bytes, args.min_gain)
         report["table"] = {repr(key): [[first, config._asdict()] for first, config in rows] for key, rows in table.items()}
         write_outputs(out_dir, report, table_literal(table, comment))
-    print((out_dir / "launch_table.py").read_text())
+    print((out_dir / "launch_table.txt").read_text())
     if args.hbm_bytes_per_s is not None:
         try:
             plot(report["shapes"], out_dir / "tune_decode_attention.png")

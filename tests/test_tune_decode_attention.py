@@ -129,5 +129,5 @@ def test_smoke_run(interpreted_kernel, tmp_path):
         assert best["hbm_fraction"] == pytest.approx(result["useful_bytes"] / (best["us"] * 1e-6) / 50e9)
     saved = json.loads((tmp_path / "tune_decode_attention.json").read_text())
     assert saved["shapes"] == json.loads(json.dumps(report["shapes"]))
-    table = load_literal((tmp_path / "launch_table.py").read_text())
+    table = load_literal((tmp_path / "launch_table.txt").read_text())
     assert table == tune.table_rows(report["shapes"], 4, 0.03)  # fp32: 4 bytes per value
