@@ -18,8 +18,7 @@
 # Each step writes OUT/<step>/{log,latency.json,...}; setting.tp_size is 2 and every figure is per GPU (weights, KV
 # bytes, roofline); OUT/llama65b_<part>.json holds both models and their ratios. Decode steps are timed on --steps tokens at the start and at the end of the context and
 # extrapolated over gen_len; the LCKV sequential prefill is timed on --prefill_sample tokens at each end of the prompt.
-# Batches: the --plan max batch (141 GB per GPU: Llama 56 at 1,024 tokens, 14 at 4,096) less headroom for the
-# captured step, largest first: a batch that does not fit is recorded as {"oom": true} and the next one in the list
+# Batches: from the --plan max batch (141 GB per GPU: Llama 56 at 1,024 tokens, 14 at 4,096) down, largest first: a batch that does not fit is recorded as {"oom": true} and the next one in the list
 # runs, and the first that fits ends the list (--first_fit; both processes run out at the same allocation, the
 # cache's; a hang would end at the step's time limit). Measured on two H200s: loading and compiling take ~2 min
 # (Llama) and ~4 min (LCKV) of each step.
@@ -50,9 +49,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     L65=configs/llama65b.json L65O=configs/llama65b_opt.json
     P256=(--prompt_len 256 --gen_len 768) P2K=(--prompt_len 2048 --gen_len 2048) STEPS=(--steps 16) SAMPLE=(--prefill_sample 64)
-    # Llama: the KV-bound plan less ~15%. LCKV: its KV allows ~1,700 / ~430 sequences per GPU; activations of the
-    # batch and the sequential prefill's per-step masks bound it first (33B on one 80 GB H100 fit 200, not 272).
-    B256L=48,40 B256O=768,512 B2KL=12,10 B2KO=256,192
+    # From the KV-bound --plan batch (Llama 56 / 14, LCKV 1,709 / 427 per GPU at 141 GB) down to what fitted on two
+    # H200s (Llama 48 / 12, LCKV 768 / 256): the first that fits is the largest of the list. A batch that does not fit
+    # fails at once: test_latency allocates the whole cache before any forward.
+    B256L=56,52,48 B256O=1664,1536,1280,1024,768 B2KL=14,13,12 B2KO=416,384,352,320,288,256
     # The two settings furthest above the roofline on two H200s (compiled step 2.5x and 2.2x).
     PROFILE=(--steps 8 --attention_batches 12,256,768) PROFILE_LLAMA=12 PROFILE_LCKV=768
     common=(--hbm_bandwidth 4.8TB)
