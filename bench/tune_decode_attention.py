@@ -224,6 +224,21 @@ class Bench:
             self.timed[launch] = self._time(launch)
         return {"config": config._asdict(), "launch": launch._asdict(), **self.timed[launch]}
 
+    def retime(self, config: KernelConfig) -> dict:
+        """``config``'s row timed once more, its time the faster of the two (``us_timings`` keeps both): the default
+        is a shape's first launch, timed before the GPU has run anything of that shape (on an H200 its first timing at
+        TinyLlama batch 128 was 173 us, 2x the best candidate, while 22 such calls would exceed the whole decode
+        step)."""
+        first = self.measure(config)
+        if first["status"] != "ok" or time.monotonic() > self.deadline:
+            return first
+        again = self._time(LaunchConfig(**first["launch"]))
+        if again["status"] != "ok":
+            return first
+        faster = again if again["us"] < first["us"] else first
+        return {**first, "us": faster["us"], "GBps": faster["GBps"], **{k: faster[k] for k in ("hbm_fraction",) if k in faster},
+                "us_timings": [first["us"], again["us"]]}
+
     def _time(self, launch: LaunchConfig) -> dict:
         if time.monotonic() > self.deadline:
             return {"status": "skipped (time budget)"}
@@ -257,6 +272,7 @@ def tune_shape(bench: Bench, grid: list[tuple[int, ...]], top: int) -> dict:
     rows = [bench.measure(config) for config in kernel_grid(block_ns, num_warps, num_stages, (WAVES,))]
     leaders = [KernelConfig(**row["config"]) for row in ok_rows(rows)[:top]]
     rows += [bench.measure(leader._replace(waves=w)) for leader in leaders for w in waves if w != leader.waves]
+    rows[0] = bench.retime(DEFAULT)
     ranked = ok_rows(rows)
     default = rows[0]
     return {

@@ -131,3 +131,13 @@ def test_smoke_run(interpreted_kernel, tmp_path):
     assert saved["shapes"] == json.loads(json.dumps(report["shapes"]))
     table = load_literal((tmp_path / "launch_table.txt").read_text())
     assert table == tune.table_rows(report["shapes"], 4, 0.03)  # fp32: 4 bytes per value
+
+
+def test_the_default_is_timed_again_and_keeps_the_faster(interpreted_kernel, tmp_path, monkeypatch):
+    """The default runs first on a shape, before the GPU has run anything like it: it is timed once more after the
+    candidates, and its row takes the faster time (both kept)."""
+    timings = iter([0.5, 0.2])
+    monkeypatch.setattr(tune, "time_ms", lambda *args: next(timings))
+    row = smoke_bench(tmp_path).retime(DEFAULT)
+    assert row["status"] == "ok" and row["us_timings"] == [500.0, 200.0] and row["us"] == 200.0
+    assert row["config"] == DEFAULT._asdict()
