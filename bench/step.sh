@@ -1,4 +1,4 @@
-# Sourced by the GPU scripts (gpu_session.sh, tensor_parallel_65b.sh): one timed step, its log under $out.
+# Sourced by the GPU scripts (decode_e2e_80gb.sh, tensor_parallel_65b.sh): one timed step, its log under $out.
 step() {  # step NAME SECONDS CMD...: CMD with a time limit, log to OUT/NAME/log
     local name=$1 limit=$2
     shift 2

@@ -2,19 +2,19 @@
 # Decode at the memory-bandwidth roofline: the sdpa_split_kv kernel against the sdpa_packed_gqa baseline.
 # Six parts, each under 9 minutes on one H100/H200 (GPU 0); run them in order, results under OUT_DIR/<step>/.
 #
-#   bash bench/gpu_issue16.sh part1 OUT_DIR   # kernel GPU tests (bf16 + fp32) and the batch-1 profile, both backends
-#   bash bench/gpu_issue16.sh part2 OUT_DIR   # test_latency --compile, P2048 + G2048, batch 1/128/512: sdpa_split_kv
-#   bash bench/gpu_issue16.sh part3 OUT_DIR   # the same with the sdpa_packed_gqa baseline
-#   bash bench/gpu_issue16.sh part4 OUT_DIR   # tinyllama_opt_w4 decode-heavy (prompt 128) up to its KV bound, both backends
-#   bash bench/gpu_issue16.sh part5 OUT_DIR   # the largest batches at P2048 + G2048: sdpa_split_kv
-#   bash bench/gpu_issue16.sh part6 OUT_DIR   # the same with the sdpa_packed_gqa baseline
-#   bash bench/gpu_issue16.sh smoke OUT_DIR   # CPU: every step's code path on tiny configs, in seconds
+#   bash bench/decode_roofline.sh part1 OUT_DIR   # kernel GPU tests (bf16 + fp32) and the batch-1 profile, both backends
+#   bash bench/decode_roofline.sh part2 OUT_DIR   # test_latency --compile, P2048 + G2048, batch 1/128/512: sdpa_split_kv
+#   bash bench/decode_roofline.sh part3 OUT_DIR   # the same with the sdpa_packed_gqa baseline
+#   bash bench/decode_roofline.sh part4 OUT_DIR   # tinyllama_opt_w4 decode-heavy (prompt 128) up to its KV bound, both backends
+#   bash bench/decode_roofline.sh part5 OUT_DIR   # the largest batches at P2048 + G2048: sdpa_split_kv
+#   bash bench/decode_roofline.sh part6 OUT_DIR   # the same with the sdpa_packed_gqa baseline
+#   bash bench/decode_roofline.sh smoke OUT_DIR   # CPU: every step's code path on tiny configs, in seconds
 #
 # LCKV_FLASH_ATTN=1 in every latency run shortens LCKV's prefill (strict mask as a shifted causal attention); the
 # decode step is unaffected: sdpa_split_kv decodes with its kernel, sdpa_packed_gqa with its packed SDPA.
 set -uo pipefail
 part=${1:?part1 to part6, or smoke}
-out=${2:-bench/results/issue16}
+out=${2:-bench/results/decode_roofline}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ "$part" = smoke ]; then

@@ -2,16 +2,16 @@
 # End-to-end throughput with the exact sequential prefill (config.prefill), on ONE 80 GB H100, in parts that each
 # fit a 9-minute call. Every step has its own timeout and writes OUT_DIR/<step>/{log,latency.json,throughput.png}.
 #
-#   bash bench/gpu_issue17.sh partA1 OUT   # tinyllama: stock dynamic-cache Llama generate (batch search), compiled Llama at max batch
-#   bash bench/gpu_issue17.sh partA2 OUT   # tinyllama pair at batch 512: Llama, LCKV iterative and sequential prefill
-#   bash bench/gpu_issue17.sh partA3 OUT   # tinyllama LCKV at its largest batches, sequential prefill (sampled)
-#   bash bench/gpu_issue17.sh partB1 OUT   # LLaMA-33B shape, Llama at its max batch: P256+G768 and P2048+G2048
-#   bash bench/gpu_issue17.sh partB2 OUT   # LLaMA-33B LCKV, P256+G768 at max batch: sequential prefill
-#   bash bench/gpu_issue17.sh partB3 OUT   # LLaMA-33B LCKV, P256+G768 at max batch: iterative prefill (the old path)
-#   bash bench/gpu_issue17.sh partB4 OUT   # LLaMA-33B LCKV, P2048+G2048 at max batch: sequential prefill (sampled)
-#   bash bench/gpu_issue17.sh partC1 OUT   # Llama-2-7B pair, P256+G768, each at its max batch
-#   bash bench/gpu_issue17.sh partC2 OUT   # Llama-2-7B pair, P2048+G2048, each at its max batch
-#   bash bench/gpu_issue17.sh smoke OUT    # CPU: every step above with tiny configs and lengths (same code path)
+#   bash bench/e2e_throughput.sh partA1 OUT   # tinyllama: stock dynamic-cache Llama generate (batch search), compiled Llama at max batch
+#   bash bench/e2e_throughput.sh partA2 OUT   # tinyllama pair at batch 512: Llama, LCKV iterative and sequential prefill
+#   bash bench/e2e_throughput.sh partA3 OUT   # tinyllama LCKV at its largest batches, sequential prefill (sampled)
+#   bash bench/e2e_throughput.sh partB1 OUT   # LLaMA-33B shape, Llama at its max batch: P256+G768 and P2048+G2048
+#   bash bench/e2e_throughput.sh partB2 OUT   # LLaMA-33B LCKV, P256+G768 at max batch: sequential prefill
+#   bash bench/e2e_throughput.sh partB3 OUT   # LLaMA-33B LCKV, P256+G768 at max batch: iterative prefill (the old path)
+#   bash bench/e2e_throughput.sh partB4 OUT   # LLaMA-33B LCKV, P2048+G2048 at max batch: sequential prefill (sampled)
+#   bash bench/e2e_throughput.sh partC1 OUT   # Llama-2-7B pair, P256+G768, each at its max batch
+#   bash bench/e2e_throughput.sh partC2 OUT   # Llama-2-7B pair, P2048+G2048, each at its max batch
+#   bash bench/e2e_throughput.sh smoke OUT    # CPU: every step above with tiny configs and lengths (same code path)
 #
 # Decode steps are timed on --steps tokens at the start and at the end of the context and extrapolated over
 # gen_len; at the largest batches the sequential prefill is timed on --prefill_sample tokens at each end of the
@@ -20,7 +20,7 @@
 # as {"oom": true} and the next smaller one in --batches still runs.
 set -uo pipefail
 part=${1:?part: partA1..partC2 or smoke}
-out=${2:-bench/results/issue17}
+out=${2:-bench/results/e2e_throughput}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 16 (decode at the roofline) and 17 (end-to-end throughput), as run on 2026-11-26 on
-# ONE 80 GB H100, in calls that each fit 10 minutes (every step has its own time limit). The full plans, more than
-# one session's device time, are bench/gpu_issue16.sh and bench/gpu_issue17.sh.
+# Decode-step cost against its roofline (split-KV kernel vs packed-GQA SDPA) and end-to-end throughput (exact
+# sequential vs iterative prefill) for the tinyllama, Llama-2-7B and LLaMA-33B pairs on ONE 80 GB GPU, in calls that
+# each fit 10 minutes (every step has its own time limit). Its results as run on an H100 on 2026-11-26 are
+# bench/results/decode_e2e_h100/ (docs/performance.md). The fuller plans are bench/decode_roofline.sh and
+# bench/e2e_throughput.sh.
 #
-#   bash bench/gpu_session.sh call1 OUT   # split-KV kernel GPU tests; tinyllama pair, P2048+G2048, batch 1 and 512:
-#                                         # sdpa_split_kv (LCKV prefill sequential) vs sdpa_packed_gqa (LCKV iterative)
-#   bash bench/gpu_session.sh call2 OUT   # tinyllama pair at batch 512 again (after call1's fixes: one cache at a time,
-#                                         # prefill masks built per 64 tokens); batch-1 decode-step profile
-#   bash bench/gpu_session.sh call3 OUT   # LLaMA-33B shape pair, P256+G768, each near its max batch (LCKV sequential
-#                                         # prefill); tinyllama with transformers' stock dynamic-cache generate
-#   bash bench/gpu_session.sh call4 OUT   # LLaMA-33B LCKV at smaller batches (call3's 272 and 200 ran out of memory);
-#                                         # Llama-2-7B pair, P256+G768
-#   bash bench/gpu_session.sh smoke OUT   # CPU: every step above on tiny configs (same code paths)
+#   bash bench/decode_e2e_80gb.sh call1 OUT   # split-KV kernel GPU tests; tinyllama pair, P2048+G2048, batch 1 and 512:
+#                                             # sdpa_split_kv (LCKV prefill sequential) vs sdpa_packed_gqa (LCKV iterative)
+#   bash bench/decode_e2e_80gb.sh call2 OUT   # tinyllama pair at batch 512 again (after call1's fixes: one cache at a time,
+#                                             # prefill masks built per 64 tokens); batch-1 decode-step profile
+#   bash bench/decode_e2e_80gb.sh call3 OUT   # LLaMA-33B shape pair, P256+G768, each near its max batch (LCKV sequential
+#                                             # prefill); tinyllama with transformers' stock dynamic-cache generate
+#   bash bench/decode_e2e_80gb.sh call4 OUT   # LLaMA-33B LCKV at smaller batches (call3's 272 and 200 ran out of memory);
+#                                             # Llama-2-7B pair, P256+G768
+#   bash bench/decode_e2e_80gb.sh smoke OUT   # CPU: every step above on tiny configs (same code paths)
 #
 # Each step writes OUT/<step>/{log,latency.json,...}. Decode steps are timed on --steps tokens at the start and at
 # the end of the context and extrapolated over gen_len (latency.json: setting.extrapolation).
 set -uo pipefail
 part=${1:?call1, call2, call3, call4 or smoke}
-out=${2:-bench/results/session}
+out=${2:-bench/results/decode_e2e_80gb}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
