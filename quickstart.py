@@ -33,7 +33,7 @@ from transformers import DynamicCache  # noqa: E402
 import run_clm  # noqa: E402
 from corpus import prepare_corpus  # noqa: E402
 from corpus.source import PACKAGE  # noqa: E402
-from models.cli import ArgumentParser, check_range, run_cli, set_prefill  # noqa: E402
+from tools.cli import ArgumentParser, check_range, run_cli, set_prefill  # noqa: E402
 
 SHAPE = "hidden_size=128,intermediate_size=384,num_attention_heads=4,num_key_value_heads=2"
 MODELS = (  # (name in the table, output folder, config, whether it is the LCKV one)

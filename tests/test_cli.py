@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from models import cli
-from models.cli import UsageError
+from tools import cli
+from tools.cli import UsageError
 
 
 @pytest.mark.parametrize(("text", "expected"), [("80GB", 8e10), ("24GiB", 24 * 2**30), ("3.35TB", 3.35e12), ("1e9", 1e9),

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 import run_clm
-from models.cli import UsageError
-from models.training_checkpoints import (
+from tools.cli import UsageError
+from tools.training_checkpoints import (
     JIT_SENTINEL,
     STAGING_DIR,
     check_readable,
