@@ -83,7 +83,7 @@ class ModelArguments:
     )
     bundle_code: bool = field(
         default=False,
-        metadata={"help": "Write the final model self-contained (python -m models.export's form): the modeling code in "
+        metadata={"help": "Write the final model self-contained (python -m tools.export's form): the modeling code in "
         "output_dir and an auto_map in its config.json, so it loads with trust_remote_code=True without this repository."},
     )
 

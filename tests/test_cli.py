@@ -1,4 +1,4 @@
-"""models/cli.py: the shared checks of the command-line tools, each on its own (one-line UsageErrors)."""
+"""tools/cli.py: the shared checks of the command-line tools, each on its own (one-line UsageErrors)."""
 
 import json
 

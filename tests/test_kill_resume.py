@@ -241,7 +241,7 @@ def test_resume_skips_and_names_incomplete_checkpoints(tmp_path, caplog):
     jit = fake_checkpoint(tmp_path / "checkpoint-20")
     (jit / JIT_SENTINEL).write_text("in progress")  # transformers' JIT checkpoint killed while it saved
     (tmp_path / "checkpoint-7.txt").write_text("not a directory")
-    with caplog.at_level(logging.INFO, logger="models.training_checkpoints"):
+    with caplog.at_level(logging.INFO, logger="tools.training_checkpoints"):
         chosen = choose_resume_checkpoint(None, tmp_path, auto=True)
     assert chosen == str(tmp_path / "checkpoint-10")
     lines = [r.getMessage() for r in caplog.records]

@@ -235,7 +235,7 @@ def filled_cache(model, args, batch: int, length: int):
 
 def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
     """Random weights of ``--seed`` on ``--device`` (each process its shard under torchrun), ``--attn_implementation``,
-    generate's captured decoding loop (``models.measure.build_random_model``) compiled in ``--compile_mode``."""
+    generate's captured decoding loop (``tools.measure.build_random_model``) compiled in ``--compile_mode``."""
     torch.manual_seed(args.seed)
     model = build_random_model(config, dtype, args.device, args.attn_implementation)
     model.generation_config.compile_config = CompileConfig(mode=args.compile_mode)
