@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from models.config_checks import check_shape_fields
 from tools import cli
 from tools.cli import UsageError
 
@@ -96,10 +97,10 @@ def test_resolve_dtype_and_device():
 ])  # fmt: skip
 def test_shape_fields(fields, message):
     base = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
-    cli.check_shape_fields(base)
-    cli.check_shape_fields(base | {"head_dim": 32})  # an explicit head_dim other than hidden / heads
+    check_shape_fields(base)
+    check_shape_fields(base | {"head_dim": 32})  # an explicit head_dim other than hidden / heads
     with pytest.raises(ValueError, match=message):
-        cli.check_shape_fields(base | fields)
+        check_shape_fields(base | fields)
 
 
 def test_load_config_sources(tmp_path, monkeypatch):

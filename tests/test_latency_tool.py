@@ -166,7 +166,7 @@ def test_rooflines_and_auto_price_the_gpu_or_the_given_figures(monkeypatch):
     given = latency.parse_args(["--device", "cpu", "--hbm_bandwidth", "4.8TB"])
     assert latency.pricing_hardware(given) == latency.roofline_hardware(given)
     assert (given_hw := latency.roofline_hardware(given)).hbm_bandwidth == 4.8e12 and given_hw.peak_flops == 989e12
-    monkeypatch.setattr(test_latency, "device_hardware", lambda device: roofline.gpu_hardware("NVIDIA H200"))
+    monkeypatch.setattr(latency, "device_hardware", lambda device: roofline.gpu_hardware("NVIDIA H200"))
     gpu = latency.parse_args(["--device", "cpu"])
     gpu.device = "cuda"
     assert latency.pricing_hardware(gpu) == latency.roofline_hardware(gpu) == roofline.gpu_hardware("NVIDIA H200")
