@@ -30,9 +30,9 @@ import argparse  # noqa: E402
 import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-import run_clm  # noqa: E402
 from corpus import prepare_corpus  # noqa: E402
 from corpus.source import PACKAGE  # noqa: E402
+from tools import training  # noqa: E402  (run_clm.py's training, in this process)
 from tools.cli import ArgumentParser, check_range, run_cli, set_prefill  # noqa: E402
 
 SHAPE = "hidden_size=128,intermediate_size=384,num_attention_heads=4,num_key_value_heads=2"
@@ -138,7 +138,7 @@ def quickstart(argv: list[str] | None = None) -> list[dict]:
         argv_clm = run_clm_argv(args, folder, config, lckv)
         stage(f"{step}/4 training {name}: {args.steps} steps of {args.batch_size} x {args.block_size} tokens\n"
               f"$ python run_clm.py {' '.join(argv_clm)}")
-        result = run_clm.main(argv_clm)
+        result = training.main(argv_clm)
         model = result["trainer"].model
         rows.append(dict(name=name, ppl=result["eval"]["perplexity"], kv=kv_bytes_per_token(model),
                          params=sum(p.numel() for p in model.parameters()), train_s=result["train"]["train_runtime"],
