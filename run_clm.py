@@ -33,10 +33,10 @@ from transformers import (
     default_data_collator,
 )
 
-from models import cli as shared  # import models registers model_type "opt-llama"
-from models.cli import HfParser, UsageError, check_range, check_text_file, one_line, run_cli
 from models.export import AUTO_CLASSES, bundle_code
-from models.training_checkpoints import AtomicCheckpoints, choose_resume_checkpoint
+from tools import cli as shared  # its import of models registers model_type "opt-llama"
+from tools.cli import HfParser, UsageError, check_range, check_text_file, one_line, run_cli
+from tools.training_checkpoints import AtomicCheckpoints, choose_resume_checkpoint
 
 logger = logging.getLogger("run_clm")
 
@@ -83,7 +83,7 @@ class ModelArguments:
     )
     bundle_code: bool = field(
         default=False,
-        metadata={"help": "Write the final model self-contained (python -m models.export's form): the modeling code in "
+        metadata={"help": "Write the final model self-contained (python -m tools.export's form): the modeling code in "
         "output_dir and an auto_map in its config.json, so it loads with trust_remote_code=True without this repository."},
     )
 
@@ -212,7 +212,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return out
 
 
-def load_config(margs: ModelArguments) -> PretrainedConfig:
+def load_training_config(margs: ModelArguments) -> PretrainedConfig:
     """Build the model config from --config_name or --model_name_or_path, with --config_overrides applied."""
     source = margs.config_name or margs.model_name_or_path
     if source is None:
@@ -425,7 +425,7 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
                                       auto=targs.do_train and not margs.overwrite_output_dir)
 
     # Model config first: cheap, and most bad input shows up here.
-    config = load_config(margs)
+    config = load_training_config(margs)
     if margs.bundle_code and config.model_type not in AUTO_CLASSES:
         raise UsageError(f"--bundle_code: model_type {config.model_type!r} has no code here to bundle; allowed are {', '.join(AUTO_CLASSES)}")
     if margs.eval_sequential:  # refused before any work where it cannot apply; set just before the final evaluation

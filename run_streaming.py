@@ -27,9 +27,16 @@ from pathlib import Path
 import transformers
 
 from models.cache_streaming import SinkWindowCache
-from models.cli import ArgumentParser, UsageError, as_opt_llama, check_output_file, check_range, read_text_file, run_cli
-from models.measure import cache_tokens, measure_stream
-from run_generation import (
+from tools.cli import (
+    ArgumentParser,
+    UsageError,
+    check_output_file,
+    check_range,
+    opt_llama_config,
+    read_text_file,
+    run_cli,
+)
+from tools.generation import (
     add_exact_args,
     add_generation_args,
     add_model_args,
@@ -37,12 +44,13 @@ from run_generation import (
     apply_exact_switches,
     check_generation_args,
     generate_once,
-    load_config,
+    load_config_or_checkpoint,
     load_model,
     load_tokenizer,
     read_prompt,
     resolve_device,
 )
+from tools.measure import cache_tokens, measure_stream
 
 
 def make_cache(config, args: argparse.Namespace) -> SinkWindowCache:
@@ -124,12 +132,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.output_json:
         check_output_file("--output_json", args.output_json)
     text = read_text(args) if args.mode == "perplexity" else read_prompt(args)
-    config = load_config(args)
+    config = load_config_or_checkpoint(args)
     if args.mode == "perplexity" and (args.sequential_forward or args.prefill is not None):
         raise UsageError(f"{'--sequential_forward' if args.sequential_forward else '--prefill'}: --mode perplexity feeds one "
                          "token per forward, exact already; allowed with --mode generate")
     apply_exact_switches(args, config)
-    config = as_opt_llama(config)
+    config = opt_llama_config("--config" if args.config is not None else "--model_name_or_path", config)
     cache = make_cache(config, args)  # checks the window before loading any weights
     tokenizer = load_tokenizer(args)
     model = load_model(args, config, tokenizer)

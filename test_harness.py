@@ -18,14 +18,14 @@ import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from models import cli as shared  # import models registers opt-llama with the Auto classes
-from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_choices, check_range, run_cli, set_sequential
-from models.task_names import check_task_names, local_task_names
+from tools import cli as shared  # its import of models registers opt-llama with the Auto classes
+from tools.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_choices, check_range, run_cli, set_sequential
+from tools.task_names import check_task_names, local_task_names
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 COMMONSENSE_TASKS = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa"]
 LOCAL_TASKS = ["lckv_heldout_ppl", "lckv_next_line"]
-TASK_NAMES_CACHE = TASKS_DIR.parent / ".cache" / "lm_eval_task_names.json"  # lm-eval's task names, see models.task_names
+TASK_NAMES_CACHE = TASKS_DIR.parent / ".cache" / "lm_eval_task_names.json"  # lm-eval's task names, see tools.task_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

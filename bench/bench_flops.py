@@ -18,9 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from models import cli as shared  # import models registers opt-llama
-from models.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from models.measure import baseline_name
+from tools import cli as shared  # its import of models registers opt-llama
+from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
+from tools.measure import baseline_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

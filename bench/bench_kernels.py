@@ -21,10 +21,10 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from models import OptLlamaConfig, kernels
-from models import cli as shared
-from models.cli import ArgumentParser, check_output_dir, check_range, run_cli
 from models.kernels import FLAGS
-from models.measure import synchronize
+from tools import cli as shared
+from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
+from tools.measure import synchronize
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,13 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = shared.resolve_device(args.device)
     check_output_dir("--output_dir", args.output_dir)
     for path in args.configs:
-        load_config(path)
+        shared.load_opt_llama_config("--configs", path)
     return args
-
-
-def load_config(path: str) -> OptLlamaConfig:
-    """An opt-llama config; a Llama json becomes opt-llama with every layer standard (``0_0_..._0``)."""
-    return shared.as_opt_llama(shared.load_config("--configs", path))
 
 
 def flag_sets() -> list[tuple[str, dict[str, str]]]:
@@ -165,7 +160,7 @@ def measure_flags(argv=None) -> list[dict]:
     results = []
     runs = [(path, name, environ) for path in args.configs for name, environ in flag_sets()]
     for path, name, environ in tqdm(runs, desc="kernel flags"):
-        result = run(load_config(path), environ, args, device)
+        result = run(shared.load_opt_llama_config("--configs", path), environ, args, device)
         free_memory(device)
         results.append({"config": Path(path).stem, "flags": name, **result})
         tqdm.write(json.dumps(results[-1]))

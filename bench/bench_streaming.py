@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corpus import prepare_corpus
 from models import OptLlamaConfig
-from models import cli as shared
 from models.cache_streaming import SinkWindowCache
-from models.cli import DTYPE_CHOICES, ArgumentParser, UsageError, as_opt_llama, check_range, run_cli
-from models.measure import measure_stream
+from tools import cli as shared
+from tools.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, run_cli
+from tools.measure import measure_stream
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +100,7 @@ def load_models(args: argparse.Namespace) -> dict[str, tuple]:
     models = {}
     for name, path in (("lckv", args.lckv_model), ("llama", args.llama_model)):
         if path is not None:
-            config = as_opt_llama(shared.load_config(f"--{name}_model", path))
+            config = shared.load_opt_llama_config(f"--{name}_model", path)
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(args.device).eval()
             models[name] = (model, AutoTokenizer.from_pretrained(path), [])
             continue

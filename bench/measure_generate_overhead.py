@@ -30,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 import models  # noqa: F401  (registers opt-llama and the attention backends)
-import test_latency  # the tool whose runs these numbers explain: its model, cache and roofline (run from the repo root)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
 from models import SPLIT_KV
-from models.cli import parse_int_list, parse_size
-from models.measure import CompiledStepTimer, StepTimer, load_config, synchronize
+from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
+from tools.cli import parse_int_list, parse_size
+from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
 
 LOOPS = ("fast", "transformers")
 SMOKE_CONFIGS = ["configs/llama_tiny.json", "configs/llama_tiny_opt.json"]
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check_tokens", type=int, default=16, help="tokens compared between the two loops")
     p.add_argument("--attn_implementation", default=SPLIT_KV,
                    help=f"attention of both models (default {SPLIT_KV}: the decode kernel reading only the filled cache)")
-    p.add_argument("--compile_mode", choices=test_latency.COMPILE_MODES, default="reduce-overhead",
+    p.add_argument("--compile_mode", choices=latency.COMPILE_MODES, default="reduce-overhead",
                    help="torch.compile mode of the decode step (as test_latency.py --compile_mode)")
     p.add_argument("--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the roofline (H200: 4.8TB)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -96,7 +96,7 @@ def run_generate(model, cache, batch: int, context: int, loop: str, new_tokens: 
 
 def measure(model, config, batch: int, args) -> dict:
     """Both loops at ``batch``: warm-up, timed run, tokens compared."""
-    cache = test_latency.filled_cache(model, SimpleNamespace(cache="static", prompt_len=args.context, gen_len=args.new_tokens,
+    cache = latency.filled_cache(model, SimpleNamespace(cache="static", prompt_len=args.context, gen_len=args.new_tokens,
                                                              offload=False), batch, args.context)
     row = {"batch": batch, "context": args.context, "new_tokens": args.new_tokens}
     tokens = {}
@@ -109,8 +109,8 @@ def measure(model, config, batch: int, args) -> dict:
     row["fast_vs_transformers_captured_step"] = fast["ms_per_token"] / stock["captured_step_ms"] if stock["captured_step_ms"] else None
     row["fast_vs_transformers_generate"] = fast["ms_per_token"] / stock["ms_per_token"]
     dtype = next(model.parameters()).dtype
-    weights = test_latency.weight_bytes(config, dtype)
-    row["roofline_ms"] = test_latency.step_roofline_ms(weights, test_latency.kv_read_bytes_per_token(config, dtype), batch,
+    weights = latency.weight_bytes(config, dtype)
+    row["roofline_ms"] = latency.step_roofline_ms(weights, latency.kv_read_bytes_per_token(config, dtype), batch,
                                                       args.context + args.new_tokens / 2, args.bandwidth)
     row["same_tokens"] = {kind: bool(torch.equal(a, b)) for kind, a, b in zip(("greedy", "sampled"), *tokens.values(), strict=True)}
     del cache
@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     setting["dtype"] = str(dtype)
     results = []
     for path in args.configs:
-        config = load_config(path, args.context + args.new_tokens + 1)
+        config = load_config_for_length(path, args.context + args.new_tokens + 1)
         latency_args = SimpleNamespace(seed=0, device=args.device, attn_implementation=args.attn_implementation,
                                        compile_mode=args.compile_mode)
-        model = test_latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too
+        model = latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too
         model.generation_config.compile_config = compile_config(args.device)
         for batch in args.batch_list:
             start = time.perf_counter()

@@ -50,12 +50,13 @@ from transformers import LlamaConfig
 from transformers.cache_utils import DynamicCache
 
 from models import kernels, sequential_prefill
-from models.cli import ArgumentParser, check_output_dir, run_cli
 from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
 from models.kernels.flags import FLASH_ATTN
-from models.measure import profiler_activities, synchronize
 from models.modeling_opt_llama import lckv_masks
 from models.roofline import full_layer_runs, iterative_prefill_cost, model_shape, parallel_prefill_cost, token_step_cost
+from tools import latency
+from tools.cli import ArgumentParser, check_output_dir, run_cli
+from tools.measure import load_config_for_length, profiler_activities, synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 TINYLLAMA, LLAMA33B, TINY = "configs/tinyllama_opt.json", "configs/llama33b_opt.json", "configs/test_tiny_opt.json"
@@ -198,22 +199,21 @@ def run_latency(run: LatencyRun, out_dir: Path, smoke: bool) -> dict:
 def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
     """The captured token step at each batch and fill level, timed over ``spec.steps`` steps after a warm-up that
     compiles it (a new graph during the timed steps is a recompilation), against its roofline; then a profile."""
-    import test_latency
     from bench.profile_decode import STEP_MARK, step_summary
 
     argv = ["--configs", spec.config, "--prompt_len", str(spec.cache_len - 8), "--gen_len", "8", "--cache", "static",
             "--device", spec.device, *([] if spec.device == "cpu" else CAP)]
-    args = test_latency.parse_args(argv)
-    hardware = test_latency.roofline_hardware(args)
-    test_latency.apply_memory_cap(args)
-    dtype = test_latency.resolve_dtype(args)
-    model = test_latency.build_model(test_latency.load_config(spec.config, spec.cache_len), args, dtype)
+    args = latency.parse_args(argv)
+    hardware = latency.roofline_hardware(args)
+    latency.apply_memory_cap(args)
+    dtype = latency.resolve_dtype(args)
+    model = latency.build_model(load_config_for_length(spec.config, spec.cache_len), args, dtype)
     shape = model_shape(model.config)
 
     def warm_cache(batch: int, fill: int, tokens: int):
         """A cache filled to ``fill`` after 3 token steps (the step compiled, captured, replayed on this cache), and
         ``tokens`` more prompt tokens."""
-        cache = test_latency.filled_cache(model, args, batch, fill)
+        cache = latency.filled_cache(model, args, batch, fill)
         ids = torch.randint(3, model.config.vocab_size, (batch, tokens + 3), device=model.device)
         sequential_prefill.prefill_cache(model, ids[:, :3], cache)
         synchronize(model.device)
@@ -344,18 +344,17 @@ def profile_prefill(model, ids: torch.Tensor, top: int = 25) -> dict:
 def time_iterative(spec: IterativeRun) -> dict:
     """The iterative prefill per shape (flags as set, then with the strict mask as a shifted causal attention), a Llama
     of the same shape, the strict attention per backend and a profile of the ``spec.profiled`` forward."""
-    import test_latency
 
     longest = max(prompt for _, prompt in spec.shapes)
     argv = ["--configs", spec.config, "--prompt_len", str(longest), "--gen_len", "1", "--device", spec.device,
             *([] if spec.device == "cpu" else CAP)]
-    args = test_latency.parse_args(argv)
-    hardware = test_latency.roofline_hardware(args)
-    test_latency.apply_memory_cap(args)
-    dtype = test_latency.resolve_dtype(args)
-    config = test_latency.load_config(spec.config, longest + 1)
+    args = latency.parse_args(argv)
+    hardware = latency.roofline_hardware(args)
+    latency.apply_memory_cap(args)
+    dtype = latency.resolve_dtype(args)
+    config = load_config_for_length(spec.config, longest + 1)
     config.prefill = "iterative"
-    model = test_latency.build_model(config, args, dtype)
+    model = latency.build_model(config, args, dtype)
     shape, value_bytes = model_shape(model.config), dtype.itemsize
     inputs = {s: torch.randint(3, config.vocab_size, s, device=model.device) for s in spec.shapes}
 
@@ -377,7 +376,7 @@ def time_iterative(spec: IterativeRun) -> dict:
     report["strict_attention"] = strict_attention_bench(model, *spec.profiled)
     report["profile"] = profile_prefill(model, inputs[spec.profiled])
     del model
-    llama = test_latency.build_model(llama_twin(config), args, dtype)
+    llama = latency.build_model(llama_twin(config), args, dtype)
     report["llama_same_shape"] = rows(llama, False)
     del llama
     report["shape"] = {"layer_runs_per_forward": {f"{b}x{t}": full_layer_runs(shape, t) for b, t in spec.shapes}}

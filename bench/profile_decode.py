@@ -32,8 +32,8 @@ from models import PACKED_SDPA, SPLIT_KV
 from models.chunked_prefill import prefill_in_chunks
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import split_kv_sdpa_attention
-from models.measure import CompiledStepTimer, build_random_model, load_config, profiler_activities
 from models.tensor_parallel import is_main_process, world_size
+from tools.measure import CompiledStepTimer, build_random_model, load_config_for_length, profiler_activities
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
@@ -150,7 +150,7 @@ def decode(model, ids: torch.Tensor, args, steps: int, profiler=None) -> tuple[f
 
 
 def profile_model(path: str, args, out_dir: Path) -> dict:
-    config = load_config(path, args.prompt_len + args.gen_len)
+    config = load_config_for_length(path, args.prompt_len + args.gen_len)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     model = build_random_model(config, dtype, args.device, args.attn_implementation)
@@ -193,7 +193,7 @@ def attention_bench(config_path: str, args) -> list[dict]:
     """One layer's decode attention on a cache of ``prompt_len + gen_len`` slots with ``prompt_len`` filled:
     ms and filled-KV GB/s of ``sdpa_split_kv`` and ``sdpa_packed_gqa`` per batch; under ``torchrun``, one process's
     share of the heads (tensor parallelism splits them evenly)."""
-    config = load_config(config_path, args.prompt_len + args.gen_len)
+    config = load_config_for_length(config_path, args.prompt_len + args.gen_len)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     heads, kv_heads, dim = config.num_attention_heads // world_size(), config.num_key_value_heads // world_size(), config.head_dim
     slots, filled = args.prompt_len + args.gen_len, args.prompt_len

@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.transformers_server import transformers_server  # noqa: E402
-from models.cli import ArgumentParser, check_choices, parse_int_list, run_cli  # noqa: E402
 from models.export import export_checkpoint  # noqa: E402
-from models.measure import load_config  # noqa: E402
+from tools.cli import ArgumentParser, check_choices, parse_int_list, run_cli  # noqa: E402
+from tools.measure import load_config_for_length  # noqa: E402
 
 PARTS = ("serve", "static")
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -74,7 +74,7 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 def build_checkpoint(args, out: Path) -> Path:
     """The exported checkpoint: random weights, the word tokenizer, no end-of-sequence token (every answer is full)."""
-    config = load_config(args.config, args.prompt_len + args.gen_len)
+    config = load_config_for_length(args.config, args.prompt_len + args.gen_len)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     with torch.device(args.device):
@@ -104,7 +104,7 @@ def complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float,
 
 def served_throughput(args, out: Path) -> dict:
     checkpoint = build_checkpoint(args, out)
-    vocab = load_config(args.config, 1).vocab_size
+    vocab = load_config_for_length(args.config, 1).vocab_size
     rng = random.Random(0)
 
     def prompt() -> str:

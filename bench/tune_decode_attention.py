@@ -37,7 +37,6 @@ from typing import NamedTuple
 import torch
 
 import models  # noqa: F401  (loads the decode kernel where it can run)
-from models.cli import ArgumentParser, UsageError, check_output_dir, check_range, parse_int_list, parse_size, run_cli
 from models.kernels import decode_attention
 from models.kernels.decode_launch import (
     DEFAULT,
@@ -49,6 +48,7 @@ from models.kernels.decode_launch import (
     resolve_launch,
 )
 from models.roofline import device_hardware
+from tools.cli import ArgumentParser, UsageError, check_output_dir, check_range, parse_int_list, parse_size, run_cli
 
 
 class Attention(NamedTuple):

@@ -1,6 +1,6 @@
 """Convert an LCKV checkpoint directory between the original code's two formats, where the semantics allow.
 
-    python -m models.convert SRC DST --to {opt-llama,lckv-llama}
+    python -m tools.convert SRC DST --to {opt-llama,lckv-llama}     # the command line (tools/convert.py)
 
 The weights are the same in both formats (Llama parameter names; layers without KVs lack k_proj/v_proj), so
 only ``config.json`` changes; every other file is copied. A layout or behaviour the target format cannot
@@ -13,11 +13,10 @@ express is a one-line error and nothing is written:
 
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from .cli import ArgumentParser, UsageError, as_opt_llama, load_config, run_cli
+from .config_loading import as_opt_llama, read_config
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .layer_layouts import published_layout
 
@@ -69,31 +68,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> 
         raise ValueError(f"SRC: {source} has no config.json; allowed is a checkpoint directory")
     if destination.exists():
         raise ValueError(f"DST: {destination} exists; allowed is a new path")
-    config = converted_config(as_opt_llama(load_config("SRC", str(source))), to)  # a Llama is every layer standard
+    config = converted_config(as_opt_llama(read_config("SRC", str(source))), to)  # a Llama is every layer standard
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
         staged = Path(staging) / "checkpoint"
         shutil.copytree(source, staged, ignore=shutil.ignore_patterns("config.json"))
         (staged / "config.json").write_text(json.dumps(config.original_format(), indent=2, sort_keys=True) + "\n")
         staged.rename(destination)
-
-
-def convert_main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", metavar="SRC", help="checkpoint directory (opt-llama or lckv-llama)")
-    parser.add_argument("destination", metavar="DST", help="new directory for the converted checkpoint")
-    parser.add_argument("--to", required=True, choices=sorted(FORMATS), help="target format")
-    args = parser.parse_args(argv)
-    try:
-        convert_checkpoint(args.source, args.destination, args.to)
-    except ValueError as error:  # a format that cannot express the model, a missing or existing path
-        raise UsageError(str(error)) from None
-    print(f"wrote {args.destination} ({args.to})", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_cli(convert_main, argv, prog="python -m models.convert")
-
-
-if __name__ == "__main__":
-    main()

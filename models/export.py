@@ -1,6 +1,6 @@
 """Write a self-contained checkpoint: this package's modeling code travels inside it.
 
-    python -m models.export SRC DST
+    python -m tools.export SRC DST     # the command line (tools/export.py) of export_checkpoint
 
 ``DST`` loads with ``AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True)`` where only torch and
 transformers are installed (no ``import models``), so any HF tool opens it: ``transformers serve
@@ -23,13 +23,12 @@ imports inside ``try`` blocks.
 
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_imports
 
-from .cli import ArgumentParser, UsageError, load_config, run_cli
+from .config_loading import read_config
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .modeling_opt_llama import LckvLlamaForCausalLM, LckvLlamaModel, OptLlamaForCausalLM, OptLlamaModel
 
@@ -114,13 +113,17 @@ def bundle_code(checkpoint: str | Path) -> list[str]:
 
 
 def export_checkpoint(source: str | Path, destination: str | Path) -> list[str]:
-    """Write ``source`` with its code bundled to ``destination`` (which must not exist); nothing is left on error."""
+    """Write ``source`` with its code bundled to ``destination`` (which must not exist); nothing is left on error.
+
+    A one-line ValueError naming ``SRC`` or ``DST`` for a missing source, an existing destination or a model type
+    without LCKV code.
+    """
     source, destination = Path(source), Path(destination)
     if not (source / "config.json").is_file():
         raise ValueError(f"SRC: {source} has no config.json; allowed is a checkpoint directory")
     if destination.exists():
         raise ValueError(f"DST: {destination} exists; allowed is a new path")
-    config = load_config("SRC", str(source))
+    config = read_config("SRC", str(source))
     if config.model_type not in AUTO_CLASSES:
         raise ValueError(f"SRC: {source}: model_type {config.model_type!r}; allowed are {', '.join(AUTO_CLASSES)} "
                          "(other model types load without this repository already)")
@@ -131,24 +134,3 @@ def export_checkpoint(source: str | Path, destination: str | Path) -> list[str]:
         files = bundle_code(staged)
         staged.rename(destination)
     return files
-
-
-def export_main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m models.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", metavar="SRC", help="checkpoint directory (opt-llama or lckv-llama)")
-    parser.add_argument("destination", metavar="DST", help="new directory for the self-contained checkpoint")
-    args = parser.parse_args(argv)
-    try:
-        files = export_checkpoint(args.source, args.destination)
-    except ValueError as error:  # a missing or existing path, a model type without LCKV code
-        raise UsageError(str(error)) from None
-    print(f"wrote {args.destination} with {len(files)} code files; load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(args.destination)!r}, trust_remote_code=True)", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_cli(export_main, argv, prog="python -m models.export")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,13 @@
-"""models/cli.py: the shared checks of the command-line tools, each on its own (one-line UsageErrors)."""
+"""tools/cli.py: the shared checks of the command-line tools, each on its own (one-line UsageErrors)."""
 
 import json
 
 import pytest
 import torch
 
-from models import cli
-from models.cli import UsageError
+from models.config_checks import check_shape_fields
+from tools import cli
+from tools.cli import UsageError
 
 
 @pytest.mark.parametrize(("text", "expected"), [("80GB", 8e10), ("24GiB", 24 * 2**30), ("3.35TB", 3.35e12), ("1e9", 1e9),
@@ -96,10 +97,10 @@ def test_resolve_dtype_and_device():
 ])  # fmt: skip
 def test_shape_fields(fields, message):
     base = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
-    cli.check_shape_fields(base)
-    cli.check_shape_fields(base | {"head_dim": 32})  # an explicit head_dim other than hidden / heads
+    check_shape_fields(base)
+    check_shape_fields(base | {"head_dim": 32})  # an explicit head_dim other than hidden / heads
     with pytest.raises(ValueError, match=message):
-        cli.check_shape_fields(base | fields)
+        check_shape_fields(base | fields)
 
 
 def test_load_config_sources(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import run_streaming
 import test_harness
 import test_latency
 from models import LckvLlamaConfig, OptLlamaConfig
-from models.cli import UsageError
+from tools.cli import UsageError
 
 from .conftest import CONFIGS
 
@@ -336,7 +336,7 @@ def test_switches_that_cannot_apply_are_one_line_errors(checkpoints, corpus, tmp
 
 def test_a_renamed_lckv_llama_field_is_an_error_naming_its_format_name(checkpoints):
     """An override the format would silently drop (its own field wins in ``adopt_layout``) names the field to use."""
-    from models import cli
+    from tools import cli
 
     with pytest.raises(UsageError, match=r"unknown config field\(s\) \['sequential_forward'\] .*lckv-llama writes sequential_forward as use_sequential$"):
         cli.load_config("--config", str(checkpoints["lckv-llama"]), {"sequential_forward": True})

@@ -1,4 +1,4 @@
-"""Self-contained checkpoints (models/export.py, run_clm.py --bundle_code): they load in a fresh process where this
+"""Self-contained checkpoints (models/export.py, python -m tools.export, run_clm.py --bundle_code): they load in a fresh process where this
 repository is not importable, through transformers' remote-code loader, and compute what the in-repo model computes."""
 
 import json
@@ -17,8 +17,9 @@ from transformers.dynamic_module_utils import get_imports
 import run_clm
 from corpus import prepare_corpus
 from models.configuration_opt_llama import LckvLlamaConfig
-from models.export import bundled_modules, export_checkpoint, flat_modules, main
+from models.export import bundled_modules, export_checkpoint, flat_modules
 from tests.conftest import REPO, tiny_config, tiny_model
+from tools.export import main
 
 PROMPTS = torch.tensor([[1, 17, 33, 5, 250, 9, 41, 77, 8, 19, 23, 3], [1, 60, 2, 99, 14, 14, 200, 7, 31, 45, 6, 11]])
 NEW_TOKENS = 8

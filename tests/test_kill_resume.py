@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 import run_clm
-from models.cli import UsageError
-from models.training_checkpoints import (
+from tools.cli import UsageError
+from tools.training_checkpoints import (
     JIT_SENTINEL,
     STAGING_DIR,
     check_readable,
@@ -241,7 +241,7 @@ def test_resume_skips_and_names_incomplete_checkpoints(tmp_path, caplog):
     jit = fake_checkpoint(tmp_path / "checkpoint-20")
     (jit / JIT_SENTINEL).write_text("in progress")  # transformers' JIT checkpoint killed while it saved
     (tmp_path / "checkpoint-7.txt").write_text("not a directory")
-    with caplog.at_level(logging.INFO, logger="models.training_checkpoints"):
+    with caplog.at_level(logging.INFO, logger="tools.training_checkpoints"):
         chosen = choose_resume_checkpoint(None, tmp_path, auto=True)
     assert chosen == str(tmp_path / "checkpoint-10")
     lines = [r.getMessage() for r in caplog.records]

@@ -8,8 +8,9 @@ import torch
 from transformers import DynamicCache
 
 from models import roofline, sequential_prefill
-from models.cli import UsageError
-from models.measure import CompiledStepTimer
+from tools import latency
+from tools.cli import UsageError
+from tools.measure import CompiledStepTimer, load_config_for_length
 
 from .conftest import CONFIGS, tiny_config, tiny_model
 
@@ -46,7 +47,7 @@ def test_cpu_run_writes_both_models_and_ratios(configs, tmp_path):
 
 def test_step_roofline_counts_weights_once_and_filled_kv_per_sequence():
     # 1 GB of weights + 4 sequences x 100 B/token x 2500 tokens = 1.001 GB at 1 TB/s: 1.001 ms
-    assert test_latency.step_roofline_ms(10**9, 100, 4, 2500, 1e12) == pytest.approx(1.001)
+    assert latency.step_roofline_ms(10**9, 100, 4, 2500, 1e12) == pytest.approx(1.001)
 
 
 def test_plan_equals_measured_cache_bytes(configs):
@@ -59,7 +60,7 @@ def test_plan_equals_measured_cache_bytes(configs):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             model(torch.randint(3, 256, (3, 5)), cache=cache, use_cache=True)
-        total, slots = test_latency.cache_bytes(cache)
+        total, slots = latency.kv_bytes_and_slots(cache)
         assert slots == 5 and total == planned[name]["kv_bytes_per_token"] * 3 * 5
 
 
@@ -86,7 +87,7 @@ def test_batch_search_bisects_to_first_oom(monkeypatch, start, doubled):
     """Doubling (from --start_batch; batch 1 always) then bisection finds the largest batch below a fake limit of 23."""
     monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: {"batch": batch} if batch <= 23 else None)
     monkeypatch.setattr(test_latency, "asdict", dict)
-    args = test_latency.parse_args(["--max_batch", "1000", "--resolution", "0", "--start_batch", str(start)])
+    args = latency.parse_args(["--max_batch", "1000", "--resolution", "0", "--start_batch", str(start)])
     runs = test_latency.batch_search(None, args, "fake")
     assert max(r["batch"] for r in runs if not r.get("oom")) == 23
     ooms = [r["batch"] for r in runs if r.get("oom")]
@@ -95,7 +96,7 @@ def test_batch_search_bisects_to_first_oom(monkeypatch, start, doubled):
 
 def test_batch_search_stops_when_batch_one_does_not_fit(monkeypatch):
     monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: None)
-    args = test_latency.parse_args(["--start_batch", "64"])
+    args = latency.parse_args(["--start_batch", "64"])
     assert test_latency.batch_search(None, args, "fake") == [{"batch": 1, "oom": True}]
 
 
@@ -105,7 +106,7 @@ def test_batches_list_stops_at_the_first_fit_only_when_asked(monkeypatch, first_
     calls = []
     monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: calls.append(batch) or ({"batch": batch} if batch < 64 else None))
     monkeypatch.setattr(test_latency, "asdict", dict)
-    args = test_latency.parse_args(["--batches", "64,48,32", *(["--first_fit"] if first_fit else [])])
+    args = latency.parse_args(["--batches", "64,48,32", *(["--first_fit"] if first_fit else [])])
     runs = test_latency.batch_search(None, args, "fake")
     assert calls == ran and [r["batch"] for r in runs] == sorted(ran) and runs[-1].get("oom")
 
@@ -145,30 +146,30 @@ def fake_card(monkeypatch, name: str = "NVIDIA H200", total: float = 141e9) -> l
 
 def test_memory_cap_is_a_fraction_of_the_card_and_recorded(monkeypatch):
     fractions = fake_card(monkeypatch)
-    args = test_latency.parse_args(["--device", "cpu"])
-    assert test_latency.apply_memory_cap(args) == {"memory_cap": None} and not fractions
+    args = latency.parse_args(["--device", "cpu"])
+    assert latency.apply_memory_cap(args) == {"memory_cap": None} and not fractions
     args.device, args.memory_cap = "cuda", "80GB"
-    args.memory_cap_bytes = test_latency.check_memory_cap(args)
-    record = test_latency.apply_memory_cap(args)
+    args.memory_cap_bytes = latency.check_memory_cap(args)
+    record = latency.apply_memory_cap(args)
     assert record == {"memory_cap": "80GB", "memory_cap_bytes": 80 * 10**9, "memory_cap_fraction": 80e9 / 141e9}
     assert fractions == [(80e9 / 141e9, 0)]  # the current device's index: the cap takes an index, "cuda" has none
     args.memory_cap = "160GB"
     with pytest.raises(UsageError, match=r"^--memory_cap: 160GB is more than the 141.0 GB of the NVIDIA H200; allowed is at most"):
-        test_latency.check_memory_cap(args)
+        latency.check_memory_cap(args)
 
 
 def test_rooflines_and_auto_price_the_gpu_or_the_given_figures(monkeypatch):
     """One GPU table (models.roofline) for the rooflines and for auto; --hbm_bandwidth / --peak_flops take precedence;
     on a CPU the rooflines use H100 SXM figures and auto prices nothing unless a figure is given."""
-    cpu = test_latency.parse_args(["--device", "cpu"])
-    assert test_latency.roofline_hardware(cpu).hbm_bandwidth == 3.35e12 and test_latency.pricing_hardware(cpu) is None
-    given = test_latency.parse_args(["--device", "cpu", "--hbm_bandwidth", "4.8TB"])
-    assert test_latency.pricing_hardware(given) == test_latency.roofline_hardware(given)
-    assert (given_hw := test_latency.roofline_hardware(given)).hbm_bandwidth == 4.8e12 and given_hw.peak_flops == 989e12
-    monkeypatch.setattr(test_latency, "device_hardware", lambda device: roofline.gpu_hardware("NVIDIA H200"))
-    gpu = test_latency.parse_args(["--device", "cpu"])
+    cpu = latency.parse_args(["--device", "cpu"])
+    assert latency.roofline_hardware(cpu).hbm_bandwidth == 3.35e12 and latency.pricing_hardware(cpu) is None
+    given = latency.parse_args(["--device", "cpu", "--hbm_bandwidth", "4.8TB"])
+    assert latency.pricing_hardware(given) == latency.roofline_hardware(given)
+    assert (given_hw := latency.roofline_hardware(given)).hbm_bandwidth == 4.8e12 and given_hw.peak_flops == 989e12
+    monkeypatch.setattr(latency, "device_hardware", lambda device: roofline.gpu_hardware("NVIDIA H200"))
+    gpu = latency.parse_args(["--device", "cpu"])
     gpu.device = "cuda"
-    assert test_latency.pricing_hardware(gpu) == test_latency.roofline_hardware(gpu) == roofline.gpu_hardware("NVIDIA H200")
+    assert latency.pricing_hardware(gpu) == latency.roofline_hardware(gpu) == roofline.gpu_hardware("NVIDIA H200")
 
 
 def test_auto_prefill_is_priced_in_the_json(configs, tmp_path, monkeypatch):
@@ -188,9 +189,9 @@ def test_auto_prefill_is_priced_in_the_json(configs, tmp_path, monkeypatch):
 
 
 def test_plot_title_states_the_full_setting():
-    args = test_latency.parse_args(["--prompt_len", "2048", "--gen_len", "2048", "--steps", "16", "--device", "cpu"])
+    args = latency.parse_args(["--prompt_len", "2048", "--gen_len", "2048", "--steps", "16", "--device", "cpu"])
     assert test_latency.plot_title(args, "NVIDIA H200") == "prompt 2048 + 2048 new tokens (decode from 16 steps at each end), NVIDIA H200"
-    args = test_latency.parse_args(["--prompt_len", "8", "--gen_len", "4", "--device", "cpu"])
+    args = latency.parse_args(["--prompt_len", "8", "--gen_len", "4", "--device", "cpu"])
     assert test_latency.plot_title(args, "cpu") == "prompt 8 + 4 new tokens (all steps timed), cpu"
 
 
@@ -253,11 +254,11 @@ def test_prefill_modes_extrapolated_end_to_end(configs, tmp_path):
 def test_filled_cache_reports_its_length(configs):
     """The end-of-context timing cache holds `length` tokens in every KV layer, for both cache kinds."""
     for kind in ("static", "dynamic"):
-        args = test_latency.parse_args(["--cache", kind, "--prompt_len", "8", "--gen_len", "8", "--device", "cpu"])
-        model = test_latency.build_model(test_latency.load_config(configs[1], 16), args, torch.float32)
-        cache = test_latency.filled_cache(model, args, 2, 11)
+        args = latency.parse_args(["--cache", kind, "--prompt_len", "8", "--gen_len", "8", "--device", "cpu"])
+        model = latency.build_model(load_config_for_length(configs[1], 16), args, torch.float32)
+        cache = latency.filled_cache(model, args, 2, 11)
         assert int(cache.get_seq_length()) == 11
-        total, slots = test_latency.cache_bytes(cache)
+        total, slots = latency.kv_bytes_and_slots(cache)
         assert slots == (16 if kind == "static" else 11) and total == 3 * 2 * 2 * 2 * 16 * slots * 4  # 3 KV layers
 
 
@@ -281,12 +282,12 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
     (run,) = out["models"]["test_tiny_opt"]["runs"]
     assert run["prefill_s"] > 0 and run["e2e_throughput"] > 0 and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
     # Each segment's ms per token step, over the roofline of the step in its middle (1.5 and 10.5 tokens filled).
-    shape, hardware = roofline.model_shape(test_latency.load_config(configs[1], 16)), roofline.UNKNOWN_GPU
+    shape, hardware = roofline.model_shape(load_config_for_length(configs[1], 16)), roofline.UNKNOWN_GPU
     expected = [1e3 * roofline.token_step_cost(shape, 2, n, 4).seconds(hardware) for n in (1.5, 10.5)]
     assert run["prefill_sample_roofline_ms"] == pytest.approx(expected) and all(ms > 0 for ms in run["prefill_sample_step_ms"])
     assert run["prefill_sample_vs_roofline"] == pytest.approx([t / r for t, r in zip(run["prefill_sample_step_ms"], expected, strict=True)])
     with pytest.raises(UsageError, match="^--prefill_sample: 6; allowed"):
-        test_latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
+        latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
 
 
 def test_extrapolate_means_start_and_end_steps():
@@ -313,22 +314,24 @@ def test_compile_mode_reaches_the_decode_step_and_the_json(configs, mode):
     captured loop's token selection are both compiled with (models.fast_decode.select_compile_options)."""
     from models.fast_decode import select_compile_options
 
-    args = test_latency.parse_args(["--compile_mode", mode, "--device", "cpu"])
-    model = test_latency.build_model(test_latency.load_config(configs[1], 16), args, torch.float32)
+    args = latency.parse_args(["--compile_mode", mode, "--device", "cpu"])
+    model = latency.build_model(load_config_for_length(configs[1], 16), args, torch.float32)
     assert model.generation_config.compile_config.mode == mode
     _, options = select_compile_options(model.generation_config.compile_config)
     assert options["triton.cudagraphs"] and bool(options.get("max_autotune")) == (mode == "max-autotune")
     with pytest.raises(UsageError, match="--compile_mode: invalid choice: 'default'"):
-        test_latency.parse_args(["--compile_mode", "default"])
+        latency.parse_args(["--compile_mode", "default"])
 
 
 def test_measured_caches_are_allocated_before_the_prefill(configs):
     """A static cache is whole before the first forward (every KV layer at its full slots, nothing filled), so a large
     prefill's activations never share the allocator's segments with a cache growing layer by layer."""
-    args = test_latency.parse_args(["--cache", "static", "--prompt_len", "8", "--gen_len", "8", "--device", "cpu"])
+    from transformers.cache_utils import StaticLayer
+
+    args = latency.parse_args(["--cache", "static", "--prompt_len", "8", "--gen_len", "8", "--device", "cpu"])
     for path in configs:
-        model = test_latency.build_model(test_latency.load_config(path, 16), args, torch.float32)
-        cache = test_latency.filled_cache(model, args, 3, 0)
-        static = [layer for layer in cache.layers if isinstance(layer, test_latency.StaticLayer)]
+        model = latency.build_model(load_config_for_length(path, 16), args, torch.float32)
+        cache = latency.filled_cache(model, args, 3, 0)
+        static = [layer for layer in cache.layers if isinstance(layer, StaticLayer)]
         assert static and all(layer.is_initialized and layer.keys.shape[0] == 3 and layer.keys.shape[2] == 16 for layer in static)
         assert int(cache.get_seq_length()) == 0

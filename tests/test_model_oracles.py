@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
 from models.kernels.plain import PlainRMSNorm, PlainRotaryEmbedding, plain_eager_attention
+from tools.measure import kv_bytes
 
 from .conftest import tiny_config, tiny_model
 from .numerics import FLOAT64_ATOL
@@ -247,10 +248,6 @@ def test_long_prompt_prefill_then_decode_matches_sequential_prefix(capsys):
     assert torch.isfinite(decode).all()
 
 
-def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.keys is not None for t in (layer.keys, layer.values))
-
-
 def test_cache_holds_only_kv_layers():
     """The cache after generating holds n_kv_layers / num_hidden_layers of a same-shape Llama's bytes."""
     config = tiny_config()
@@ -261,7 +258,7 @@ def test_cache_holds_only_kv_layers():
     for m in (model, llama):
         with torch.no_grad():
             out = m.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-        caches.append(_cache_bytes(out.cache))
+        caches.append(kv_bytes(out.cache))
     assert caches[0] * config.num_hidden_layers == caches[1] * config.num_kv_layers
     per_token = 2 * config.num_kv_layers * config.num_key_value_heads * config.head_dim * 4
     assert caches[0] == 2 * (6 + 5 - 1) * per_token  # the last sampled token is never fed back

@@ -25,8 +25,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from models import convert
 from models.convert import convert_checkpoint
+from tools import convert
 
 from .numerics import FLOAT64_ATOL, float32_error_bound, max_difference
 from .test_model_oracles import sequential_logits
@@ -206,7 +206,7 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
         convert.main([str(FIXTURES / "main_cla"), str(tmp_path / "out"), "--to", "opt-llama"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m models.convert: error: kv_sources: [0, 0, 2, 2, 4, 4] shares the KVs of 3 layers") and "\n" not in err
+    assert err.startswith("python -m tools.convert: error: kv_sources: [0, 0, 2, 2, 4, 4] shares the KVs of 3 layers") and "\n" not in err
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         convert.main([str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "lckv-llama"])

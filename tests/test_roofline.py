@@ -7,9 +7,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from models import cli, roofline
+from models import roofline
 from models.prefill_modes import choose_prefill, prefill_seconds
 from models.roofline import Hardware, Shape
+from tools import cli
 
 from .conftest import CONFIGS, tiny_config
 

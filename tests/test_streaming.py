@@ -10,6 +10,7 @@ from transformers.cache_utils import DummyLayer
 import run_generation
 import run_streaming
 from models.cache_streaming import SinkWindowCache
+from tools.generation import load_config_or_checkpoint
 
 from .conftest import CONFIGS, tiny_config, tiny_model
 from .test_generation import make_tiny_files
@@ -158,7 +159,7 @@ def test_run_streaming_loads_a_llama_checkpoint(tiny_files, tmp_path):
     text, the streamed perplexity is the Llama's own."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    config = run_generation.load_config(run_generation.parse_args(["--config", str(tiny_files / "llama.json")]))
+    config = load_config_or_checkpoint(run_generation.parse_args(["--config", str(tiny_files / "llama.json")]))
     config.vocab_size = 300
     torch.manual_seed(0)
     llama = LlamaForCausalLM(config).eval()

@@ -6,8 +6,8 @@ import json
 import lm_eval.tasks
 import pytest
 
-from models import task_names
-from models.cli import UsageError, check_choices
+from tools import task_names
+from tools.cli import UsageError, check_choices
 
 from .conftest import REPO
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bench import tune_decode_attention as tune
-from models.cli import UsageError
 from models.kernels import decode_launch
 from models.kernels.decode_launch import DEFAULT, KernelConfig, check_table, launch_config, resolve_launch
+from tools.cli import UsageError
 
 FAST, OTHER = KernelConfig(128, 8, 3, 2), KernelConfig(32, 2, 4, 1)
 

@@ -21,6 +21,8 @@ from transformers import CompileConfig
 
 import models  # noqa: F401  (registers opt-llama and sdpa_split_kv)
 import test_latency
+from tools import latency
+from tools.measure import load_config_for_length
 
 WATCHED_OPS = ("split_kv_decode", "scaled_dot_product_attention", "all_reduce")
 
@@ -43,9 +45,9 @@ def graph_recorder(graphs: list[dict[str, int]]) -> Callable:
 
 
 def measure(config_path: str, out_dir: str) -> dict:
-    args = test_latency.parse_args(["--configs", config_path, "--prompt_len", "5", "--gen_len", "4", "--compile",
+    args = latency.parse_args(["--configs", config_path, "--prompt_len", "5", "--gen_len", "4", "--compile",
                                     "--device", "cpu", "--batches", "2", "--output_dir", out_dir])
-    model = test_latency.build_model(test_latency.load_config(config_path, args.prompt_len + args.gen_len), args, torch.float32)
+    model = latency.build_model(load_config_for_length(config_path, args.prompt_len + args.gen_len), args, torch.float32)
     graphs = []
     compile_config = CompileConfig(backend=graph_recorder(graphs), mode=None)
     compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told otherwise

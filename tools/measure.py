@@ -6,13 +6,15 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, Cache, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin
 from transformers.generation.streamers import BaseStreamer
 
+from models.cache_streaming import SinkWindowCache
+from models.fast_decode import enable_fast_decode
+from models.tensor_parallel import build_sharded, world_size
+
 from . import cli
-from .cache_streaming import SinkWindowCache
-from .fast_decode import enable_fast_decode
-from .tensor_parallel import build_sharded, world_size
 
 
 class StepTimer(BaseStreamer):
@@ -72,9 +74,14 @@ def cache_tokens(cache: SinkWindowCache) -> int:
     return max(layer.get_seq_length() for layer in cache.kv_layers)
 
 
-def cache_bytes(cache: SinkWindowCache) -> int:
-    """Bytes of keys and values held by ``cache``."""
-    return sum(t.numel() * t.element_size() for layer in cache.kv_layers if layer.keys is not None for t in (layer.keys, layer.values))
+def kv_layers_holding(cache: Cache) -> list[CacheLayerMixin]:
+    """The layers of ``cache`` (any transformers ``Cache``) that hold key/value tensors now."""
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+
+
+def kv_bytes(cache: Cache) -> int:
+    """Bytes of the key and value tensors ``cache`` (any transformers ``Cache``) holds."""
+    return sum(t.numel() * t.element_size() for layer in kv_layers_holding(cache) for t in (layer.keys, layer.values))
 
 
 def streaming_nll(model, input_ids: torch.Tensor, cache: SinkWindowCache, desc: str = "streaming ppl", disable: bool = False) -> tuple[torch.Tensor, int]:
@@ -124,7 +131,7 @@ def measure_stream(model, input_ids: torch.Tensor, cache: SinkWindowCache, bucke
         tokens_per_s=nll.numel() / seconds,
         seconds=seconds,
         max_cache_tokens=peak_tokens,
-        cache_bytes=cache_bytes(cache),
+        cache_bytes=kv_bytes(cache),
         peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
         ppl_by_position=ppl_by_position(nll, bucket),
     )
@@ -173,7 +180,7 @@ class CompiledStepTimer:
         return sum(spans) / len(spans) if spans else None
 
 
-def load_config(path: str, total_len: int) -> PretrainedConfig:
+def load_config_for_length(path: str, total_len: int) -> PretrainedConfig:
     """The config of ``--configs`` entry ``path``, with room for ``total_len`` positions."""
     config = cli.load_config("--configs", path)
     config.max_position_embeddings = max(config.max_position_embeddings, total_len)

@@ -8,7 +8,6 @@ checks here are cheap (no model, no tokenizer, no corpus), so the tools run them
 
 import argparse
 import difflib
-import json
 import os
 import re
 import sys
@@ -18,14 +17,14 @@ from typing import Any
 
 import huggingface_hub
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from transformers import CONFIG_MAPPING, AutoTokenizer, HfArgumentParser, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, HfArgumentParser, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from .config_checks import check_shape_fields, looks_like_local_path
-from .configuration_opt_llama import OptLlamaConfig
-from .kernels.flags import FLAGS, flag_enabled
-from .prefill_modes import PREFILL_MODES
+from models.config_checks import looks_like_local_path
+from models.config_loading import as_opt_llama, one_line, read_config
+from models.configuration_opt_llama import OptLlamaConfig
+from models.kernels.flags import FLAGS, flag_enabled
+from models.prefill_modes import PREFILL_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
@@ -64,11 +63,6 @@ class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
 
 class HfParser(OneLineErrors, HfArgumentParser):
     """transformers' dataclass parser whose errors are one-line ``UsageError``s."""
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message squeezed onto one line."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None, prog: str | None = None) -> Any:
@@ -318,28 +312,24 @@ def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = No
     a value the config's validation refuses) is a UsageError naming ``flag`` (or ``overrides_flag``).
     """
     check_source(flag, source, required_file="config.json")
-    local = Path(source).expanduser()
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(str(local) if local.exists() else source, cache_dir=cache_dir)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{flag}: cannot read a config from {source} ({one_line(error)})") from None
-    model_type = config_dict.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise UsageError(f"{flag}: {source}: model_type {model_type!r}; allowed are opt-llama, llama and the other "
-                         "transformers model types")
-    config_class = CONFIG_MAPPING[model_type]
-    if overrides:
-        unknown = sorted(set(overrides) - set(config_class().to_dict()) - set(config_dict))
-        if unknown:
-            renamed = getattr(config_class, "FORMAT_NAMES", {})  # lckv-llama's names of fields the model reads
-            hints = "".join(f"; {model_type} writes {name} as {renamed[name]}" for name in unknown if name in renamed)
-            raise UsageError(f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}{hints}")
-        config_dict = {**config_dict, **overrides}
+        return read_config(flag, source, overrides, overrides_flag, cache_dir)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def opt_llama_config(flag: str, config: PretrainedConfig) -> OptLlamaConfig:
+    """``config`` as an opt-llama config (``models.config_loading.as_opt_llama``: a Llama's with every layer standard);
+    another model type is a UsageError naming ``flag``."""
     try:
-        check_shape_fields(config_dict)
-        return config_class.from_dict(config_dict)
-    except (ValueError, TypeError, StrictDataclassError) as error:  # the config's own validation of its fields
-        raise UsageError(f"{flag}: {source}: invalid config: {one_line(error)}") from None
+        return as_opt_llama(config)
+    except ValueError as error:
+        raise UsageError(f"{flag}: {error}") from None
+
+
+def load_opt_llama_config(flag: str, source: str) -> OptLlamaConfig:
+    """``load_config`` of ``source``, as an opt-llama config (``opt_llama_config``)."""
+    return opt_llama_config(flag, load_config(flag, source))
 
 
 def check_attn_implementation(flag: str, name: str) -> None:
@@ -349,16 +339,6 @@ def check_attn_implementation(flag: str, name: str) -> None:
     allowed = {"eager", *AttentionInterface().valid_keys()}
     if name not in allowed:
         raise UsageError(f"{flag}: {name!r}; allowed are {', '.join(sorted(allowed))}")
-
-
-def as_opt_llama(config: PretrainedConfig) -> OptLlamaConfig:
-    """An opt-llama config for ``config``: itself, or for a Llama every layer standard (same weights, same network)."""
-    if isinstance(config, OptLlamaConfig):
-        return config
-    if config.model_type != "llama":
-        raise UsageError(f"model_type: {config.model_type!r}; allowed are opt-llama, lckv-llama and llama")
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "layer_types")}
-    return OptLlamaConfig(**fields, lckv_layer_types="_".join(["0"] * config.num_hidden_layers))
 
 
 def require_lckv(config: PretrainedConfig, flag: str) -> None:
