@@ -107,3 +107,22 @@ def has_visible_key(attention_mask: torch.Tensor | None, past_length: int | torc
         return (positions > 0).expand(batch_size, query_length)[..., None]
     real_before = attention_mask.long().cumsum(-1) - attention_mask.long()
     return (real_before.index_select(1, positions.to(attention_mask.device)) > 0)[..., None]
+
+
+def lckv_masks(
+    config,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.Tensor,
+    past_length: int | torch.Tensor,
+    mask_sizing: dict[str, int],
+    allow_is_causal_skip: bool = True,
+) -> dict[str, object]:
+    """The masks of every kind the layers use (``build_masks``) and, when some layer is strict, ``visible``
+    ``(B, T, 1)`` (``has_visible_key``): what ``OptLlamaModel.forward_layers`` takes for ``inputs_embeds`` ``(B, T, H)``."""
+    batch_size, query_length = inputs_embeds.shape[:2]
+    masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, mask_sizing, allow_is_causal_skip)
+    if any(is_strict_kind(kind) for kind in mask_sizing):
+        masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
+    return masks

@@ -9,6 +9,7 @@ Every layer ``i`` attends to the KVs of layer ``kv_sources[i]``. Layers reading 
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
 from .kernels import attention_interface, fast_strict_mask  # by name: the form models/export.py's loader follows
 from .layer_plan import iteration_schedule, layer_plan
-from .masks import build_masks, has_visible_key, is_strict_kind, layer_mask_kinds
+from .masks import layer_mask_kinds, lckv_masks
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
 from .tensor_parallel import kv_heads_per_process
 
@@ -217,6 +218,15 @@ class OptLlamaPreTrainedModel(PreTrainedModel):
     }
 
 
+class LayerStackOutput(NamedTuple):
+    """What ``OptLlamaModel.forward_layers`` returns: the normed last hidden states ``(B, T, H)``, the ``kv_loss`` of
+    the iterative block (``train_kv`` in training, else None), and the reported layer outputs (None unless asked)."""
+
+    last_hidden_state: torch.Tensor
+    kv_loss: torch.Tensor | None
+    reported: list | None
+
+
 @dataclass
 class StackPass:
     """What one pass through the layer stack shares, and the KVs it carries from layer to layer.
@@ -316,17 +326,22 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(query_length, device=inputs_embeds.device) + past_length).unsqueeze(0)
         if not streaming:
-            self._check_positions(past_length + query_length)
+            self.check_positions(past_length + query_length)
 
-        sequential = query_length > 1 and not torch.is_grad_enabled() and uses_sequential_prefill(self.config, inputs_embeds, cache)
+        sequential = query_length > 1 and not self.training and uses_sequential_prefill(self.config, inputs_embeds, cache)
         reporting = self._reporting(kwargs, sequential)
+        kv_loss = None
         if sequential:
-            output, reported = sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs)
+            hidden, reported = sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, reporting, **kwargs)
         else:
-            output, reported = self._forward_parallel(inputs_embeds, attention_mask, position_ids, cache, past_length, reporting, **kwargs)
-        for layer_input, hidden, attn_weights in reported or ():
-            self.layer_outputs(layer_input, hidden, attn_weights)
-        return output
+            if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
+                masks = attention_mask
+            else:
+                masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing)
+            hidden, kv_loss, reported = self.forward_layers(inputs_embeds, masks, position_ids, cache, reporting, **kwargs)
+        for layer_input, layer_output, attn_weights in reported or ():
+            self.layer_outputs(layer_input, layer_output, attn_weights)
+        return OptLlamaModelOutput(last_hidden_state=hidden, cache=cache, kv_loss=kv_loss)
 
     def _reporting(self, kwargs: dict, sequential: bool) -> bool:
         """Whether the caller asked for hidden states or attentions; refuses attentions this forward cannot return."""
@@ -345,7 +360,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 )
         return bool(wants["hidden_states"] or wants["attentions"])
 
-    def _check_positions(self, total_length: int | torch.Tensor) -> None:
+    def check_positions(self, total_length: int | torch.Tensor) -> None:
+        """A one-line ValueError when ``total_length`` (cached + new tokens) exceeds ``max_position_embeddings``."""
         if is_torchdynamo_compiling():  # a static cache's length is a tensor; checked eagerly (prefill), not per step
             return
         limit = self.config.max_position_embeddings
@@ -355,12 +371,23 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 "use a shorter input or the streaming cache (run_streaming.py)"
             )
 
-    def _forward_parallel(self, inputs_embeds, attention_mask, position_ids, cache, past_length, reporting, **kwargs):
+    def forward_layers(
+        self,
+        inputs_embeds: torch.Tensor,
+        masks: dict,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
+        reporting: bool = False,
+        **kwargs,
+    ) -> "LayerStackOutput":
+        """One pass of ``inputs_embeds`` ``(B, T, H)`` through the layer stack (the iterative block included), committing
+        the new KVs to ``cache``; the masks are ``lckv_masks``' (or ``generate``'s precomputed ones) for these tokens.
+
+        This is the whole model below the embeddings and above the caller's bookkeeping: ``forward`` runs it once over
+        all tokens, the sequential prefill once per token. ``reporting``: collect each layer's final
+        ``(input, output, attention weights)`` for output capturing.
+        """
         plan = self.plan
-        if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
-            masks = attention_mask
-        else:
-            masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing)
         visible = masks.get("visible")
         stack = StackPass(
             layers=self.layers,
@@ -383,7 +410,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         for layer_idx in plan.above:
             hidden, _ = stack.run(layer_idx, hidden, commit=True)
         # capture_outputs reports the normed last state in place of the last layer's output, as for Llama.
-        return OptLlamaModelOutput(last_hidden_state=self.norm(hidden), cache=cache, kv_loss=kv_loss), stack.reported
+        return LayerStackOutput(self.norm(hidden), kv_loss, stack.reported)
 
     def _run_block(self, block_input: torch.Tensor, stack: StackPass):
         """Iterate the cyclic block; the carried sources start from zero KVs (docs/design.md section 5).
@@ -445,18 +472,6 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     outside = (input_ids < 0) | (input_ids >= vocab_size)
     if outside.any():  # one device-to-host read per forward
         raise ValueError(f"input_ids: token id {input_ids[outside][0].item()} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}")
-
-
-def lckv_masks(
-    config, inputs_embeds, attention_mask, cache, position_ids, past_length, mask_sizing: dict[str, int], allow_is_causal_skip: bool = True
-) -> dict:
-    """The masks of every kind the layers use (see ``masks.layer_mask_kinds``) and, when some layer is strict,
-    ``visible`` ``(B, T, 1)``."""
-    batch_size, query_length = inputs_embeds.shape[:2]
-    masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, mask_sizing, allow_is_causal_skip)
-    if any(is_strict_kind(kind) for kind in mask_sizing):
-        masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
-    return masks
 
 
 def token_weighted(kv_loss: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100):

@@ -21,10 +21,7 @@ from functools import cache as memoize
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 
-# `models.modeling_opt_llama` imports this module for its dispatch; the module object resolves while it loads and
-# its functions are looked up at call time.
-from . import modeling_opt_llama as modeling
-from .masks import reads_window_cache
+from .masks import lckv_masks, reads_window_cache
 from .prefill_modes import PREFILL_MODES, choose_prefill
 from .roofline import device_hardware
 from .tensor_parallel import config_tp_size
@@ -74,8 +71,8 @@ def token_step(
     """One token through every layer: ``(B, 1, H)`` -> final hidden state ``(B, 1, H)``; commits its KVs to ``cache``.
     With ``reporting`` also the layer outputs the model reports (``output_hidden_states``): per layer
     ``(input (B, 1, H), output (B, 1, H), None)``; else None."""
-    output, reported = model._forward_parallel(inputs_embeds, masks, position_ids, cache, None, reporting, **kwargs)
-    return output.last_hidden_state, reported
+    output = model.forward_layers(inputs_embeds, masks, position_ids, cache, reporting, **kwargs)
+    return output.last_hidden_state, output.reported
 
 
 @memoize
@@ -136,7 +133,7 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
     chunk = 1 if per_step else MASK_CHUNK
     for start in range(0, query_length, chunk):
         stop = min(start + chunk, query_length)
-        masks = modeling.lckv_masks(
+        masks = lckv_masks(
             model.config, inputs_embeds[:, start:stop], attention_mask[:, : past_length + stop], cache,
             position_ids[:, start:stop], past_length + start, model.mask_sizing, allow_is_causal_skip=chunk == 1,
         )
@@ -189,16 +186,15 @@ def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length:
 
 
 def sequential_prefill(model, inputs_embeds: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache: Cache | None,
-                       use_cache: bool | None, reporting: bool = False, **kwargs):
-    """``OptLlamaModel.forward`` token by token: ``inputs_embeds`` ``(B, T, H)`` -> ``OptLlamaModelOutput`` with
-    ``last_hidden_state`` ``(B, T, H)``, equal to decoding the tokens one by one (the exact semantics), and the
-    reported layer outputs (see ``run_tokens``)."""
+                       reporting: bool = False, **kwargs) -> tuple[torch.Tensor, list | None]:
+    """``model.forward_layers`` token by token: ``inputs_embeds`` ``(B, T, H)`` -> the last hidden states ``(B, T, H)``,
+    equal to decoding the tokens one by one (the exact semantics), and the reported layer outputs (see ``run_tokens``).
+    The tokens' KVs go to ``cache`` (to a scratch cache when it is None)."""
     step_cache = cache if cache is not None else DynamicCache(config=model.config)
-    hidden, reported = run_tokens(
+    return run_tokens(
         model, lambda t: inputs_embeds[:, t : t + 1], inputs_embeds.shape[1], attention_mask, position_ids, step_cache,
         keep_hidden=True, reporting=reporting, **kwargs,
     )
-    return modeling.OptLlamaModelOutput(last_hidden_state=hidden, cache=step_cache if use_cache else cache), reported
 
 
 @torch.no_grad()
@@ -216,7 +212,7 @@ def prefill_cache(causal_lm, input_ids: torch.Tensor, cache: Cache, attention_ma
         attention_mask = torch.ones(batch_size, past_length + query_length, dtype=torch.long, device=input_ids.device)
     # As generate numbers them: real tokens count from 0, padding gets 1 (its keys are masked anyway).
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, past_length:]
-    model._check_positions(past_length + query_length)
+    model.check_positions(past_length + query_length)
     hidden, _ = run_tokens(model, lambda t: model.embed_tokens(input_ids[:, t : t + 1]), query_length, attention_mask,
                            position_ids, cache, keep_hidden=False)
     return causal_lm.lm_head(hidden)
