@@ -23,11 +23,10 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import kernels  # the kernels LCKV_* flags select are read as `kernels.X` when a model is built
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
-from .kernels import attention_interface, fast_strict_mask  # by name: the form models/export.py's loader follows
+from .kernels import KernelSelection, PlainRotaryEmbedding
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import layer_mask_kinds, lckv_masks
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
@@ -58,9 +57,10 @@ class OptLlamaAttention(nn.Module):
     only to positions before the query; a window layer only to the last ``config.sliding_window`` positions.
     """
 
-    def __init__(self, config: OptLlamaConfig, layer_idx: int):
+    def __init__(self, config: OptLlamaConfig, layer_idx: int, kernel_selection: KernelSelection):
         super().__init__()
         self.config = config
+        self.kernel_selection = kernel_selection
         self.layer_idx = layer_idx
         self.kv_source = config.layer_kv_sources[layer_idx]
         self.has_own_kv = self.kv_source == layer_idx
@@ -116,16 +116,16 @@ class OptLlamaAttention(nn.Module):
         if self.has_own_kv:
             key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            query_states, key_states = kernels.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            query_states, key_states = self.kernel_selection.apply_rotary_pos_emb(query_states, key_states, cos, sin)
             new_kv = (key_states, value_states)
             if given_keys is None:
                 own_kv = given_keys, given_values = self._store(key_states, value_states, cache, commit)
         else:
-            query_states, _ = kernels.apply_rotary_pos_emb(query_states, None, cos, sin)
+            query_states, _ = self.kernel_selection.apply_rotary_pos_emb(query_states, None, cos, sin)
 
         attn_output = attn_weights = None
         if not kv_only:
-            attn_output, attn_weights = attention_interface(self.config._attn_implementation)(
+            attn_output, attn_weights = self.kernel_selection.attention_interface(self.config._attn_implementation)(
                 self,
                 query_states,
                 given_keys,
@@ -157,12 +157,12 @@ class OptLlamaAttention(nn.Module):
 class OptLlamaDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm attention + MLP block, as in Llama; attention reads the KVs it is given."""
 
-    def __init__(self, config: OptLlamaConfig, layer_idx: int):
+    def __init__(self, config: OptLlamaConfig, layer_idx: int, kernel_selection: KernelSelection):
         super().__init__()
-        self.self_attn = OptLlamaAttention(config, layer_idx)
-        self.mlp = kernels.SwiGLUMLP(config)
-        self.input_layernorm = kernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = kernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = OptLlamaAttention(config, layer_idx, kernel_selection)
+        self.mlp = kernel_selection.swiglu_mlp(config)
+        self.input_layernorm = kernel_selection.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = kernel_selection.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -274,14 +274,20 @@ class StackPass:
 
 
 class OptLlamaModel(OptLlamaPreTrainedModel):
-    def __init__(self, config: OptLlamaConfig):
+    """The decoder stack. ``kernel_selection``: the kernels it runs (``models.kernels.KernelSelection``); default: the
+    ones the ``LCKV_*`` flags of the environment ask for now. The model and every layer keep it for their lifetime."""
+
+    def __init__(self, config: OptLlamaConfig, kernel_selection: KernelSelection | None = None):
         super().__init__(config)
+        self.kernel_selection = kernel_selection if kernel_selection is not None else KernelSelection.from_environ()
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([OptLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = kernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = kernels.PlainRotaryEmbedding(config=config)
+        self.layers = nn.ModuleList(
+            [OptLlamaDecoderLayer(config, i, self.kernel_selection) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = self.kernel_selection.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = PlainRotaryEmbedding(config=config)
         self.layer_outputs = LayerOutputTap()
         self.kv_sources = config.layer_kv_sources
         self.plan = layer_plan(self.kv_sources)
@@ -337,7 +343,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
                 masks = attention_mask
             else:
-                masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing)
+                masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing,
+                                   strict_as_causal=self.kernel_selection.strict_as_causal)
             hidden, kv_loss, reported = self.forward_layers(inputs_embeds, masks, position_ids, cache, reporting, **kwargs)
         for layer_input, layer_output, attn_weights in reported or ():
             self.layer_outputs(layer_input, layer_output, attn_weights)
@@ -348,7 +355,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         wants = {name: kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False)) for name in ("hidden_states", "attentions")}
         if wants["attentions"]:
             implementation = self.config._attn_implementation
-            if implementation != "eager" or fast_strict_mask():
+            if implementation != "eager" or self.kernel_selection.strict_as_causal:
                 raise ValueError(
                     f"output_attentions: attn_implementation={implementation!r}{' with LCKV_FLASH_ATTN' if implementation == 'eager' else ''} "
                     "returns no attention weights; allowed is attn_implementation='eager' without LCKV_FLASH_ATTN"
@@ -504,11 +511,12 @@ class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMi
         recompilation per step); ``attention_mask`` is the 2D padding mask ``(B, P + T)`` or None."""
         query_length = inputs_embeds.shape[1]
         past_length = attention_mask.shape[-1] - query_length if attention_mask is not None else cache.get_seq_length()
-        return lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.model.mask_sizing)
+        return lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.model.mask_sizing,
+                          strict_as_causal=self.model.kernel_selection.strict_as_causal)
 
-    def __init__(self, config: OptLlamaConfig):
+    def __init__(self, config: OptLlamaConfig, kernel_selection: KernelSelection | None = None):
         super().__init__(config)
-        self.model = OptLlamaModel(config)
+        self.model = OptLlamaModel(config, kernel_selection)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -539,9 +547,10 @@ class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMi
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = loss = None
-        if labels is not None and self.training and kernels.fused_linear_cross_entropy is not None:
+        fused_loss = self.model.kernel_selection.fused_linear_cross_entropy
+        if labels is not None and self.training and fused_loss is not None:
             # The loss straight from the hidden states: the (B, T', vocab) logits are never materialised.
-            loss = kernels.fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, **kwargs)
+            loss = fused_loss(hidden_states, self.lm_head.weight, labels, **kwargs)
         else:
             logits = self.lm_head(hidden_states)
             if labels is not None:

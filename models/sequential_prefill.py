@@ -136,6 +136,7 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
         masks = lckv_masks(
             model.config, inputs_embeds[:, start:stop], attention_mask[:, : past_length + stop], cache,
             position_ids[:, start:stop], past_length + start, model.mask_sizing, allow_is_causal_skip=chunk == 1,
+            strict_as_causal=model.kernel_selection.strict_as_causal,
         )
         if stop - start == 1:
             yield masks
