@@ -424,9 +424,13 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
 
         Under ``iteration_style="previous"`` (the published code) the carried sources' own queries also read the
         previous iteration's KVs; under ``"current"`` they read the KVs they compute in this iteration.
+
+        ``self.training`` decides the schedule and ``kv_loss`` (as dropout and the fused loss): evaluation computes the
+        same thing with or without ``torch.no_grad``. Whether autograd records is only asked for what it records.
         """
         config = self.config
-        training = torch.is_grad_enabled()
+        training = self.training
+        records_graph = torch.is_grad_enabled()
         num_iterations, num_trained = iteration_schedule(
             config.num_encoders + 1, config.num_trained_encoders + 1, None if training else block_input.shape[1]
         )
@@ -446,7 +450,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             final = iteration == num_iterations - 1
             if final:
                 stack.reported = reported
-            with torch.set_grad_enabled(training and iteration >= num_iterations - num_trained):
+            with torch.set_grad_enabled(records_graph and iteration >= num_iterations - num_trained):
                 hidden = block_input
                 previous_kvs, new_kvs = new_kvs, {}
                 for layer_idx in self.plan.block:

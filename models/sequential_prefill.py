@@ -7,9 +7,9 @@ large batch are full GPU steps. With a static cache on CUDA every step is the sa
 function (masks and positions are built outside and passed in as tensors, the cache's fill position is a tensor),
 so the loop replays one graph instead of launching eager layers.
 
-``config.prefill`` picks the path of no-grad multi-token forwards that fill a cache: ``"iterative"`` (default),
+``config.prefill`` picks the path of evaluation-mode (``model.eval()``) multi-token forwards that fill a cache: ``"iterative"`` (default),
 ``"sequential"`` or ``"auto"`` (``choose_prefill``). ``config.sequential_forward`` forces this path for every
-no-grad multi-token forward, cache or not.
+evaluation-mode multi-token forward, cache or not. Training mode (``model.train()``) always runs the iterations.
 
 Shapes: ``B`` batch, ``T`` prompt tokens, ``P`` tokens already cached, ``S`` key slots (static cache length),
 ``H`` hidden size.
@@ -30,7 +30,7 @@ MASK_CHUNK = 64  # prompt tokens whose one-step masks are cut from one mask buil
 
 
 def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | None) -> bool:
-    """Whether a no-grad forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: under
+    """Whether an evaluation-mode forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: under
     ``"auto"`` priced for its batch, length, dtype and device (``choose_prefill``)."""
     if config.sequential_forward:
         return True
@@ -163,7 +163,9 @@ def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length:
     past_length = int(cache.get_seq_length())
     first = token_embeds(0)
     hidden = first.new_empty(first.shape[0], query_length if keep_hidden else 1, first.shape[-1])
-    options = None if reporting else compile_options(first.device, cache)
+    # The compiled, graph-captured step is built for inference (traced without autograd, CUDA graphs replaying in-place
+    # cache writes): a forward that records gradients (evaluation without no_grad) runs its steps eagerly.
+    options = None if reporting or torch.is_grad_enabled() else compile_options(first.device, cache)
     compiled = compiled_token_step(tuple(sorted(options.items()))) if options is not None else None
     masks_iter = step_masks(model, first.expand(-1, query_length, -1), attention_mask, position_ids, cache, past_length)
     steps_reported = []
