@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from models import OptLlamaConfig, kernels
-from models.kernels import FLAGS
+from models import OptLlamaConfig
+from models.kernels import FLAGS, KernelSelection
 from tools import cli as shared
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
 from tools.measure import synchronize
@@ -55,26 +55,27 @@ def flag_sets() -> list[tuple[str, dict[str, str]]]:
     return [("off", off), *((flag, {**off, flag: "1"}) for flag in FLAGS), ("all", dict.fromkeys(FLAGS, "1"))]
 
 
-def selected_kernels() -> dict[str, str | None]:
+def selected_kernels(selection: KernelSelection) -> dict[str, str | None]:
     """Which implementation each flag actually got (fallbacks included)."""
     def name(obj) -> str | None:
         return None if obj is None else obj.__name__
 
     return {
-        "rms_norm": name(kernels.RMSNorm),
-        "swiglu": name(kernels.SwiGLUMLP),
-        "rotary": name(kernels.apply_rotary_pos_emb),
-        "cross_entropy": name(kernels.fused_linear_cross_entropy),
-        "attention": name(kernels.causal_attention),
+        "rms_norm": name(selection.rms_norm),
+        "swiglu": name(selection.swiglu_mlp),
+        "rotary": name(selection.apply_rotary_pos_emb),
+        "cross_entropy": name(selection.fused_linear_cross_entropy),
+        "attention": name(selection.causal_attention),
     }
 
 
 def run(config: OptLlamaConfig, environ: dict[str, str], args, device: torch.device) -> dict:
-    """Build the model under ``environ``'s flags and time ``args.steps`` training steps after ``args.warmup``."""
-    kernels.configure(environ)
+    """Build the model with ``environ``'s flags and time ``args.steps`` training steps after ``args.warmup``."""
+    selection = KernelSelection.from_environ(environ)
     torch.manual_seed(0)
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa",
+                                                 kernel_selection=selection)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tokens = torch.randint(3, config.vocab_size, (args.batch_size, args.block_size), device=device)
@@ -86,7 +87,7 @@ def run(config: OptLlamaConfig, environ: dict[str, str], args, device: torch.dev
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    result = {"kernels": selected_kernels()}
+    result = {"kernels": selected_kernels(selection)}
     try:
         for _ in range(args.warmup):
             step()
@@ -164,7 +165,6 @@ def measure_flags(argv=None) -> list[dict]:
         free_memory(device)
         results.append({"config": Path(path).stem, "flags": name, **result})
         tqdm.write(json.dumps(results[-1]))
-    kernels.configure()
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -43,16 +43,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import LlamaConfig
 from transformers.cache_utils import DynamicCache
 
-from models import kernels, sequential_prefill
+from models import sequential_prefill
 from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
 from models.kernels.flags import FLASH_ATTN
-from models.modeling_opt_llama import lckv_masks
+from models.masks import lckv_masks
 from models.roofline import full_layer_runs, iterative_prefill_cost, model_shape, parallel_prefill_cost, token_step_cost
 from tools import latency
 from tools.cli import ArgumentParser, check_output_dir, run_cli
@@ -283,12 +284,6 @@ def prefill_report(seconds: list[float], shape, batch: int, prompt: int, hardwar
             "roofline_ms_per_layer_run": 1e3 * roofline_s / runs}
 
 
-def with_flash_attn_flag(on: bool) -> None:
-    """Select the kernels with ``LCKV_FLASH_ATTN`` forced on (the strict mask as a shifted causal attention), or back
-    from the environment."""
-    kernels.configure(os.environ | {FLASH_ATTN: "1"} if on else None)
-
-
 def strict_attention_bench(model, batch: int, prompt: int) -> dict:
     """One strict layer's attention at ``batch`` x ``prompt`` as the model calls it (the configured attention, the
     dense strict mask of ``lckv_masks``): ms per call as it runs, under each SDPA backend forced, and as the shifted
@@ -303,8 +298,9 @@ def strict_attention_bench(model, batch: int, prompt: int) -> dict:
                   for _ in range(2))
     embeds = torch.zeros(batch, prompt, 1, device=device, dtype=dtype)
     positions = torch.arange(prompt, device=device)[None]
+    selection = model.model.kernel_selection
     mask = lckv_masks(config, embeds, None, DynamicCache(config=config), positions, 0, model.model.mask_sizing)["strict"]
-    attention = kernels.attention_interface(config._attn_implementation)
+    attention = selection.attention_interface(config._attn_implementation)
 
     def as_model_calls():
         with torch.no_grad():
@@ -366,16 +362,15 @@ def time_iterative(spec: IterativeRun) -> dict:
     report = {"device": str(model.device), "dtype": str(dtype), "attn_implementation": config._attn_implementation,
               "hardware": hardware.name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
               "flags_as_set": rows(model, True)}
-    with_flash_attn_flag(True)
-    try:
-        # None where the flag cannot take effect (no CUDA): then these rows run the dense strict mask again.
-        report["shifted_causal_kernel"] = getattr(kernels.causal_attention, "__name__", None)
-        report["shifted_causal_strict"] = rows(model, True)
-    finally:
-        with_flash_attn_flag(False)
     report["strict_attention"] = strict_attention_bench(model, *spec.profiled)
     report["profile"] = profile_prefill(model, inputs[spec.profiled])
     del model
+    with mock.patch.dict(os.environ, {FLASH_ATTN: "1"}):  # a model's kernels are chosen when it is built
+        shifted = latency.build_model(config, args, dtype)  # the same weights (build_model seeds them)
+    # None where the flag cannot take effect (no CUDA): then these rows run the dense strict mask again.
+    report["shifted_causal_kernel"] = getattr(shifted.model.kernel_selection.causal_attention, "__name__", None)
+    report["shifted_causal_strict"] = rows(shifted, True)
+    del shifted
     llama = latency.build_model(llama_twin(config), args, dtype)
     report["llama_same_shape"] = rows(llama, False)
     del llama

@@ -20,6 +20,7 @@ cache against its filled-KV bytes. Writes ``profile.json`` and a ``trace_<model>
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ import models  # noqa: F401  (registers opt-llama and the attention backends)
 from models import PACKED_SDPA, SPLIT_KV
 from models.chunked_prefill import prefill_in_chunks
 from models.kernels.attention import packed_sdpa_attention
-from models.kernels.decode_attention import split_kv_sdpa_attention
+from models.kernels.decode_attention import load_split_kv_kernel, split_kv_sdpa_attention
 from models.tensor_parallel import is_main_process, world_size
 from tools.measure import CompiledStepTimer, build_random_model, load_config_for_length, profiler_activities
 
@@ -198,6 +199,7 @@ def attention_bench(config_path: str, args) -> list[dict]:
     heads, kv_heads, dim = config.num_attention_heads // world_size(), config.num_key_value_heads // world_size(), config.head_dim
     slots, filled = args.prompt_len + args.gen_len, args.prompt_len
     rows = []
+    split_kv = partial(split_kv_sdpa_attention, kernel=load_split_kv_kernel())  # the kernel this process can run
     for batch in map(int, args.attention_batches.split(",")):
         query = torch.randn(batch, heads, 1, dim, device=args.device, dtype=dtype)
         key, value = (torch.randn(batch, kv_heads, slots, dim, device=args.device, dtype=dtype) for _ in range(2))
@@ -205,7 +207,7 @@ def attention_bench(config_path: str, args) -> list[dict]:
         mask[..., :filled] = True
         filled_bytes = 2 * batch * kv_heads * filled * dim * dtype.itemsize
         row = {"batch": batch, "slots": slots, "filled": filled, "filled_kv_bytes": filled_bytes}
-        for name, fn in ((SPLIT_KV, split_kv_sdpa_attention), (PACKED_SDPA, packed_sdpa_attention)):
+        for name, fn in ((SPLIT_KV, split_kv), (PACKED_SDPA, packed_sdpa_attention)):
             inputs = (None, query, key, value, mask)
             ms = time_ms(lambda fn=fn, inputs=inputs: fn(*inputs, scaling=dim**-0.5))
             row[name] = {"ms": ms, "filled_kv_GBps": filled_bytes / ms / 1e6}

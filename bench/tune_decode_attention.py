@@ -139,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.hbm_bytes_per_s = None if args.hbm_bandwidth is None else parse_size("--hbm_bandwidth", args.hbm_bandwidth)
     if not args.dry_run:
         device_type = torch.device(args.device).type
-        if device_type not in decode_attention.kernel_devices():
+        kernel = decode_attention.load_split_kv_kernel()
+        if kernel is None or device_type not in kernel.devices:
             hint = "set TRITON_INTERPRET=1 before starting Python" if device_type == "cpu" else "install triton"
             raise UsageError(f"--device: {args.device}: the split-KV kernel cannot run there ({hint})")
         check_output_dir("--output_dir", args.output_dir)
@@ -209,13 +210,14 @@ class Bench:
         self.bytes = useful_bytes(shape, batch, args.filled, self.dtype.itemsize)
         self.reference: torch.Tensor | None = None
         self.timed: dict[LaunchConfig, dict] = {}
+        self.kernel = decode_attention.load_split_kv_kernel().run  # parse_args checked that it runs on the device
 
     def launch(self, config: KernelConfig) -> LaunchConfig:
         return resolve_launch(config, self.batch, self.shape.kv_heads, self.args.slots, self.processors)
 
     def run(self, launch: LaunchConfig) -> torch.Tensor:
         query, key, value, mask, lengths = self.inputs
-        return decode_attention._kernel(query, key, value, mask, lengths, self.shape.head_dim**-0.5, *launch)
+        return self.kernel(query, key, value, mask, lengths, self.shape.head_dim**-0.5, *launch)
 
     def measure(self, config: KernelConfig) -> dict:
         """``config``'s row: its launch, status (ok, mismatch, out_of_resources, skipped) and, when it ran, the time."""

@@ -56,9 +56,10 @@ class OptLlamaConfig(LlamaConfig):
     train_kv (`bool`, defaults to False):
         Add the MSE between the last two iterations' KVs to the training loss.
     sequential_forward (`bool`, defaults to False):
-        Compute every forward without gradients token by token (the exact semantics) instead of by iterations.
+        Compute every evaluation-mode (``model.eval()``) forward token by token (the exact semantics) instead of by
+        iterations.
     prefill (`str`, defaults to "iterative"):
-        How a no-grad forward of several tokens that fills a cache (the prompt prefill) runs: "iterative" (the
+        How an evaluation-mode forward of several tokens that fills a cache (the prompt prefill) runs: "iterative" (the
         parallel iterations, approximate past ``num_encoders + 1`` tokens), "sequential" (token by token, exact,
         ``models.sequential_prefill``) or "auto" (the cheaper one for the batch size and prompt length).
     force_nodiag (`bool`, *optional*):

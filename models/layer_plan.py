@@ -84,17 +84,19 @@ def layer_plan(kv_sources: list[int]) -> LayerPlan:
 
 
 def iteration_schedule(num_iterations: int, num_trained: int, seq_len: int | None) -> tuple[int, int]:
-    """Number of iterations to run and how many of the last ones carry gradients.
+    """Number of iterations to run and how many of the last ones carry gradients (where gradients are on at all).
 
-    Training (``seq_len`` None) runs all ``num_iterations``. Without gradients, iterations beyond the
-    sequence length change nothing (after ``k`` iterations tokens ``< k`` are exact), so inference runs
-    ``min(num_iterations, seq_len)``.
+    Training (``seq_len`` None) runs all ``num_iterations`` and backpropagates through the last ``num_trained``.
+    Inference (evaluation) computes the exact function of the trained model: iterations beyond the sequence length
+    change nothing (after ``k`` iterations tokens ``< k`` are exact), so it runs ``min(num_iterations, seq_len)``,
+    and gradients, when asked for, flow through all of them.
 
     >>> iteration_schedule(9, 2, None)
     (9, 2)
     >>> iteration_schedule(9, 2, 1)
-    (1, 0)
+    (1, 1)
     """
     if seq_len is None:
         return num_iterations, min(num_trained, num_iterations)
-    return max(1, min(num_iterations, seq_len)), 0
+    iterations = max(1, min(num_iterations, seq_len))
+    return iterations, iterations

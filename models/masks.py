@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .kernels import STRICT_CAUSAL, fast_strict_mask
+from .kernels import STRICT_CAUSAL
 
 # Kind names: "causal" / "strict", "+window" for a sliding-window layer, "@window_cache" when it reads a window-only cache.
 STRICT, CAUSAL, WINDOW, WINDOW_CACHE = "strict", "causal", "+window", "@window_cache"
@@ -70,12 +70,15 @@ def build_masks(
     position_ids: torch.Tensor,
     mask_sizing: dict[str, int],
     allow_is_causal_skip: bool = True,
+    *,
+    strict_as_causal: bool = False,
 ) -> dict[str, object]:
     """One mask per kind in ``mask_sizing`` (kind -> the cache layer that sizes it), in the attention backend's format.
 
-    ``allow_is_causal_skip=False`` always materialises the masks (SDPA may otherwise leave a plain causal one out)."""
+    ``allow_is_causal_skip=False`` always materialises the masks (SDPA may otherwise leave a plain causal one out).
+    ``strict_as_causal``: the model's attention runs ``STRICT_CAUSAL`` (``KernelSelection.strict_as_causal``)."""
     kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-    plain_prefill = fast_strict_mask() and is_plain_prefill(attention_mask, cache, inputs_embeds.shape[1])
+    plain_prefill = strict_as_causal and is_plain_prefill(attention_mask, cache, inputs_embeds.shape[1])
     masks = {}
     for kind, sizing_layer in mask_sizing.items():
         strict, window = is_strict_kind(kind), WINDOW in kind
@@ -107,3 +110,26 @@ def has_visible_key(attention_mask: torch.Tensor | None, past_length: int | torc
         return (positions > 0).expand(batch_size, query_length)[..., None]
     real_before = attention_mask.long().cumsum(-1) - attention_mask.long()
     return (real_before.index_select(1, positions.to(attention_mask.device)) > 0)[..., None]
+
+
+def lckv_masks(
+    config,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.Tensor,
+    past_length: int | torch.Tensor,
+    mask_sizing: dict[str, int],
+    allow_is_causal_skip: bool = True,
+    *,
+    strict_as_causal: bool = False,
+) -> dict[str, object]:
+    """The masks of every kind the layers use (``build_masks``) and, when some layer is strict, ``visible``
+    ``(B, T, 1)`` (``has_visible_key``): what ``OptLlamaModel.forward_layers`` takes for ``inputs_embeds`` ``(B, T, H)``."""
+    batch_size, query_length = inputs_embeds.shape[:2]
+    masks = build_masks(
+        config, inputs_embeds, attention_mask, cache, position_ids, mask_sizing, allow_is_causal_skip, strict_as_causal=strict_as_causal
+    )
+    if any(is_strict_kind(kind) for kind in mask_sizing):
+        masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
+    return masks

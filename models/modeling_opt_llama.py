@@ -9,6 +9,7 @@ Every layer ``i`` attends to the KVs of layer ``kv_sources[i]``. Layers reading 
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,13 +23,12 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import kernels  # the kernels LCKV_* flags select are read as `kernels.X` when a model is built
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
-from .kernels import attention_interface, fast_strict_mask  # by name: the form models/export.py's loader follows
+from .kernels import KernelSelection, PlainRotaryEmbedding
 from .layer_plan import iteration_schedule, layer_plan
-from .masks import build_masks, has_visible_key, is_strict_kind, layer_mask_kinds
+from .masks import layer_mask_kinds, lckv_masks
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
 from .tensor_parallel import kv_heads_per_process
 
@@ -57,9 +57,10 @@ class OptLlamaAttention(nn.Module):
     only to positions before the query; a window layer only to the last ``config.sliding_window`` positions.
     """
 
-    def __init__(self, config: OptLlamaConfig, layer_idx: int):
+    def __init__(self, config: OptLlamaConfig, layer_idx: int, kernel_selection: KernelSelection):
         super().__init__()
         self.config = config
+        self.kernel_selection = kernel_selection
         self.layer_idx = layer_idx
         self.kv_source = config.layer_kv_sources[layer_idx]
         self.has_own_kv = self.kv_source == layer_idx
@@ -115,16 +116,16 @@ class OptLlamaAttention(nn.Module):
         if self.has_own_kv:
             key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            query_states, key_states = kernels.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            query_states, key_states = self.kernel_selection.apply_rotary_pos_emb(query_states, key_states, cos, sin)
             new_kv = (key_states, value_states)
             if given_keys is None:
                 own_kv = given_keys, given_values = self._store(key_states, value_states, cache, commit)
         else:
-            query_states, _ = kernels.apply_rotary_pos_emb(query_states, None, cos, sin)
+            query_states, _ = self.kernel_selection.apply_rotary_pos_emb(query_states, None, cos, sin)
 
         attn_output = attn_weights = None
         if not kv_only:
-            attn_output, attn_weights = attention_interface(self.config._attn_implementation)(
+            attn_output, attn_weights = self.kernel_selection.attention_interface(self.config._attn_implementation)(
                 self,
                 query_states,
                 given_keys,
@@ -156,12 +157,12 @@ class OptLlamaAttention(nn.Module):
 class OptLlamaDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm attention + MLP block, as in Llama; attention reads the KVs it is given."""
 
-    def __init__(self, config: OptLlamaConfig, layer_idx: int):
+    def __init__(self, config: OptLlamaConfig, layer_idx: int, kernel_selection: KernelSelection):
         super().__init__()
-        self.self_attn = OptLlamaAttention(config, layer_idx)
-        self.mlp = kernels.SwiGLUMLP(config)
-        self.input_layernorm = kernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = kernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = OptLlamaAttention(config, layer_idx, kernel_selection)
+        self.mlp = kernel_selection.swiglu_mlp(config)
+        self.input_layernorm = kernel_selection.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = kernel_selection.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -217,6 +218,15 @@ class OptLlamaPreTrainedModel(PreTrainedModel):
     }
 
 
+class LayerStackOutput(NamedTuple):
+    """What ``OptLlamaModel.forward_layers`` returns: the normed last hidden states ``(B, T, H)``, the ``kv_loss`` of
+    the iterative block (``train_kv`` in training, else None), and the reported layer outputs (None unless asked)."""
+
+    last_hidden_state: torch.Tensor
+    kv_loss: torch.Tensor | None
+    reported: list | None
+
+
 @dataclass
 class StackPass:
     """What one pass through the layer stack shares, and the KVs it carries from layer to layer.
@@ -264,14 +274,20 @@ class StackPass:
 
 
 class OptLlamaModel(OptLlamaPreTrainedModel):
-    def __init__(self, config: OptLlamaConfig):
+    """The decoder stack. ``kernel_selection``: the kernels it runs (``models.kernels.KernelSelection``); default: the
+    ones the ``LCKV_*`` flags of the environment ask for now. The model and every layer keep it for their lifetime."""
+
+    def __init__(self, config: OptLlamaConfig, kernel_selection: KernelSelection | None = None):
         super().__init__(config)
+        self.kernel_selection = kernel_selection if kernel_selection is not None else KernelSelection.from_environ()
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([OptLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = kernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = kernels.PlainRotaryEmbedding(config=config)
+        self.layers = nn.ModuleList(
+            [OptLlamaDecoderLayer(config, i, self.kernel_selection) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = self.kernel_selection.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = PlainRotaryEmbedding(config=config)
         self.layer_outputs = LayerOutputTap()
         self.kv_sources = config.layer_kv_sources
         self.plan = layer_plan(self.kv_sources)
@@ -316,24 +332,30 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(query_length, device=inputs_embeds.device) + past_length).unsqueeze(0)
         if not streaming:
-            self._check_positions(past_length + query_length)
+            self.check_positions(past_length + query_length)
 
-        sequential = query_length > 1 and not torch.is_grad_enabled() and uses_sequential_prefill(self.config, inputs_embeds, cache)
+        sequential = query_length > 1 and not self.training and uses_sequential_prefill(self.config, inputs_embeds, cache)
         reporting = self._reporting(kwargs, sequential)
+        kv_loss = None
         if sequential:
-            output, reported = sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, reporting, **kwargs)
+            hidden, reported = sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, reporting, **kwargs)
         else:
-            output, reported = self._forward_parallel(inputs_embeds, attention_mask, position_ids, cache, past_length, reporting, **kwargs)
-        for layer_input, hidden, attn_weights in reported or ():
-            self.layer_outputs(layer_input, hidden, attn_weights)
-        return output
+            if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
+                masks = attention_mask
+            else:
+                masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing,
+                                   strict_as_causal=self.kernel_selection.strict_as_causal)
+            hidden, kv_loss, reported = self.forward_layers(inputs_embeds, masks, position_ids, cache, reporting, **kwargs)
+        for layer_input, layer_output, attn_weights in reported or ():
+            self.layer_outputs(layer_input, layer_output, attn_weights)
+        return OptLlamaModelOutput(last_hidden_state=hidden, cache=cache, kv_loss=kv_loss)
 
     def _reporting(self, kwargs: dict, sequential: bool) -> bool:
         """Whether the caller asked for hidden states or attentions; refuses attentions this forward cannot return."""
         wants = {name: kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False)) for name in ("hidden_states", "attentions")}
         if wants["attentions"]:
             implementation = self.config._attn_implementation
-            if implementation != "eager" or fast_strict_mask():
+            if implementation != "eager" or self.kernel_selection.strict_as_causal:
                 raise ValueError(
                     f"output_attentions: attn_implementation={implementation!r}{' with LCKV_FLASH_ATTN' if implementation == 'eager' else ''} "
                     "returns no attention weights; allowed is attn_implementation='eager' without LCKV_FLASH_ATTN"
@@ -345,7 +367,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 )
         return bool(wants["hidden_states"] or wants["attentions"])
 
-    def _check_positions(self, total_length: int | torch.Tensor) -> None:
+    def check_positions(self, total_length: int | torch.Tensor) -> None:
+        """A one-line ValueError when ``total_length`` (cached + new tokens) exceeds ``max_position_embeddings``."""
         if is_torchdynamo_compiling():  # a static cache's length is a tensor; checked eagerly (prefill), not per step
             return
         limit = self.config.max_position_embeddings
@@ -355,12 +378,23 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 "use a shorter input or the streaming cache (run_streaming.py)"
             )
 
-    def _forward_parallel(self, inputs_embeds, attention_mask, position_ids, cache, past_length, reporting, **kwargs):
+    def forward_layers(
+        self,
+        inputs_embeds: torch.Tensor,
+        masks: dict,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
+        reporting: bool = False,
+        **kwargs,
+    ) -> "LayerStackOutput":
+        """One pass of ``inputs_embeds`` ``(B, T, H)`` through the layer stack (the iterative block included), committing
+        the new KVs to ``cache``; the masks are ``lckv_masks``' (or ``generate``'s precomputed ones) for these tokens.
+
+        This is the whole model below the embeddings and above the caller's bookkeeping: ``forward`` runs it once over
+        all tokens, the sequential prefill once per token. ``reporting``: collect each layer's final
+        ``(input, output, attention weights)`` for output capturing.
+        """
         plan = self.plan
-        if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
-            masks = attention_mask
-        else:
-            masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing)
         visible = masks.get("visible")
         stack = StackPass(
             layers=self.layers,
@@ -383,16 +417,20 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         for layer_idx in plan.above:
             hidden, _ = stack.run(layer_idx, hidden, commit=True)
         # capture_outputs reports the normed last state in place of the last layer's output, as for Llama.
-        return OptLlamaModelOutput(last_hidden_state=self.norm(hidden), cache=cache, kv_loss=kv_loss), stack.reported
+        return LayerStackOutput(self.norm(hidden), kv_loss, stack.reported)
 
     def _run_block(self, block_input: torch.Tensor, stack: StackPass):
         """Iterate the cyclic block; the carried sources start from zero KVs (docs/design.md section 5).
 
         Under ``iteration_style="previous"`` (the published code) the carried sources' own queries also read the
         previous iteration's KVs; under ``"current"`` they read the KVs they compute in this iteration.
+
+        ``self.training`` decides the schedule and ``kv_loss`` (as dropout and the fused loss): evaluation computes the
+        same thing with or without ``torch.no_grad``. Whether autograd records is only asked for what it records.
         """
         config = self.config
-        training = torch.is_grad_enabled()
+        training = self.training
+        records_graph = torch.is_grad_enabled()
         num_iterations, num_trained = iteration_schedule(
             config.num_encoders + 1, config.num_trained_encoders + 1, None if training else block_input.shape[1]
         )
@@ -412,7 +450,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             final = iteration == num_iterations - 1
             if final:
                 stack.reported = reported
-            with torch.set_grad_enabled(training and iteration >= num_iterations - num_trained):
+            with torch.set_grad_enabled(records_graph and iteration >= num_iterations - num_trained):
                 hidden = block_input
                 previous_kvs, new_kvs = new_kvs, {}
                 for layer_idx in self.plan.block:
@@ -447,18 +485,6 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids: token id {input_ids[outside][0].item()} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}")
 
 
-def lckv_masks(
-    config, inputs_embeds, attention_mask, cache, position_ids, past_length, mask_sizing: dict[str, int], allow_is_causal_skip: bool = True
-) -> dict:
-    """The masks of every kind the layers use (see ``masks.layer_mask_kinds``) and, when some layer is strict,
-    ``visible`` ``(B, T, 1)``."""
-    batch_size, query_length = inputs_embeds.shape[:2]
-    masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, mask_sizing, allow_is_causal_skip)
-    if any(is_strict_kind(kind) for kind in mask_sizing):
-        masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)
-    return masks
-
-
 def token_weighted(kv_loss: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100):
     """Weigh this batch's mean ``kv_loss`` like its token-summed LM loss.
 
@@ -489,11 +515,12 @@ class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMi
         recompilation per step); ``attention_mask`` is the 2D padding mask ``(B, P + T)`` or None."""
         query_length = inputs_embeds.shape[1]
         past_length = attention_mask.shape[-1] - query_length if attention_mask is not None else cache.get_seq_length()
-        return lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.model.mask_sizing)
+        return lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.model.mask_sizing,
+                          strict_as_causal=self.model.kernel_selection.strict_as_causal)
 
-    def __init__(self, config: OptLlamaConfig):
+    def __init__(self, config: OptLlamaConfig, kernel_selection: KernelSelection | None = None):
         super().__init__(config)
-        self.model = OptLlamaModel(config)
+        self.model = OptLlamaModel(config, kernel_selection)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -524,9 +551,10 @@ class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMi
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = loss = None
-        if labels is not None and self.training and kernels.fused_linear_cross_entropy is not None:
+        fused_loss = self.model.kernel_selection.fused_linear_cross_entropy
+        if labels is not None and self.training and fused_loss is not None:
             # The loss straight from the hidden states: the (B, T', vocab) logits are never materialised.
-            loss = kernels.fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, **kwargs)
+            loss = fused_loss(hidden_states, self.lm_head.weight, labels, **kwargs)
         else:
             logits = self.lm_head(hidden_states)
             if labels is not None:

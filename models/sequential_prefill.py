@@ -7,9 +7,9 @@ large batch are full GPU steps. With a static cache on CUDA every step is the sa
 function (masks and positions are built outside and passed in as tensors, the cache's fill position is a tensor),
 so the loop replays one graph instead of launching eager layers.
 
-``config.prefill`` picks the path of no-grad multi-token forwards that fill a cache: ``"iterative"`` (default),
+``config.prefill`` picks the path of evaluation-mode (``model.eval()``) multi-token forwards that fill a cache: ``"iterative"`` (default),
 ``"sequential"`` or ``"auto"`` (``choose_prefill``). ``config.sequential_forward`` forces this path for every
-no-grad multi-token forward, cache or not.
+evaluation-mode multi-token forward, cache or not. Training mode (``model.train()``) always runs the iterations.
 
 Shapes: ``B`` batch, ``T`` prompt tokens, ``P`` tokens already cached, ``S`` key slots (static cache length),
 ``H`` hidden size.
@@ -21,10 +21,7 @@ from functools import cache as memoize
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 
-# `models.modeling_opt_llama` imports this module for its dispatch; the module object resolves while it loads and
-# its functions are looked up at call time.
-from . import modeling_opt_llama as modeling
-from .masks import reads_window_cache
+from .masks import lckv_masks, reads_window_cache
 from .prefill_modes import PREFILL_MODES, choose_prefill
 from .roofline import device_hardware
 from .tensor_parallel import config_tp_size
@@ -33,7 +30,7 @@ MASK_CHUNK = 64  # prompt tokens whose one-step masks are cut from one mask buil
 
 
 def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | None) -> bool:
-    """Whether a no-grad forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: under
+    """Whether an evaluation-mode forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: under
     ``"auto"`` priced for its batch, length, dtype and device (``choose_prefill``)."""
     if config.sequential_forward:
         return True
@@ -74,8 +71,8 @@ def token_step(
     """One token through every layer: ``(B, 1, H)`` -> final hidden state ``(B, 1, H)``; commits its KVs to ``cache``.
     With ``reporting`` also the layer outputs the model reports (``output_hidden_states``): per layer
     ``(input (B, 1, H), output (B, 1, H), None)``; else None."""
-    output, reported = model._forward_parallel(inputs_embeds, masks, position_ids, cache, None, reporting, **kwargs)
-    return output.last_hidden_state, reported
+    output = model.forward_layers(inputs_embeds, masks, position_ids, cache, reporting, **kwargs)
+    return output.last_hidden_state, output.reported
 
 
 @memoize
@@ -136,9 +133,10 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
     chunk = 1 if per_step else MASK_CHUNK
     for start in range(0, query_length, chunk):
         stop = min(start + chunk, query_length)
-        masks = modeling.lckv_masks(
+        masks = lckv_masks(
             model.config, inputs_embeds[:, start:stop], attention_mask[:, : past_length + stop], cache,
             position_ids[:, start:stop], past_length + start, model.mask_sizing, allow_is_causal_skip=chunk == 1,
+            strict_as_causal=model.kernel_selection.strict_as_causal,
         )
         if stop - start == 1:
             yield masks
@@ -165,7 +163,9 @@ def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length:
     past_length = int(cache.get_seq_length())
     first = token_embeds(0)
     hidden = first.new_empty(first.shape[0], query_length if keep_hidden else 1, first.shape[-1])
-    options = None if reporting else compile_options(first.device, cache)
+    # The compiled, graph-captured step is built for inference (traced without autograd, CUDA graphs replaying in-place
+    # cache writes): a forward that records gradients (evaluation without no_grad) runs its steps eagerly.
+    options = None if reporting or torch.is_grad_enabled() else compile_options(first.device, cache)
     compiled = compiled_token_step(tuple(sorted(options.items()))) if options is not None else None
     masks_iter = step_masks(model, first.expand(-1, query_length, -1), attention_mask, position_ids, cache, past_length)
     steps_reported = []
@@ -189,16 +189,15 @@ def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length:
 
 
 def sequential_prefill(model, inputs_embeds: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache: Cache | None,
-                       use_cache: bool | None, reporting: bool = False, **kwargs):
-    """``OptLlamaModel.forward`` token by token: ``inputs_embeds`` ``(B, T, H)`` -> ``OptLlamaModelOutput`` with
-    ``last_hidden_state`` ``(B, T, H)``, equal to decoding the tokens one by one (the exact semantics), and the
-    reported layer outputs (see ``run_tokens``)."""
+                       reporting: bool = False, **kwargs) -> tuple[torch.Tensor, list | None]:
+    """``model.forward_layers`` token by token: ``inputs_embeds`` ``(B, T, H)`` -> the last hidden states ``(B, T, H)``,
+    equal to decoding the tokens one by one (the exact semantics), and the reported layer outputs (see ``run_tokens``).
+    The tokens' KVs go to ``cache`` (to a scratch cache when it is None)."""
     step_cache = cache if cache is not None else DynamicCache(config=model.config)
-    hidden, reported = run_tokens(
+    return run_tokens(
         model, lambda t: inputs_embeds[:, t : t + 1], inputs_embeds.shape[1], attention_mask, position_ids, step_cache,
         keep_hidden=True, reporting=reporting, **kwargs,
     )
-    return modeling.OptLlamaModelOutput(last_hidden_state=hidden, cache=step_cache if use_cache else cache), reported
 
 
 @torch.no_grad()
@@ -216,7 +215,7 @@ def prefill_cache(causal_lm, input_ids: torch.Tensor, cache: Cache, attention_ma
         attention_mask = torch.ones(batch_size, past_length + query_length, dtype=torch.long, device=input_ids.device)
     # As generate numbers them: real tokens count from 0, padding gets 1 (its keys are masked anyway).
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, past_length:]
-    model._check_positions(past_length + query_length)
+    model.check_positions(past_length + query_length)
     hidden, _ = run_tokens(model, lambda t: model.embed_tokens(input_ids[:, t : t + 1]), query_length, attention_mask,
                            position_ids, cache, keep_hidden=False)
     return causal_lm.lm_head(hidden)

@@ -140,19 +140,17 @@ def test_sequential_switch():
 
 
 def test_env_flags_are_checked_and_import_never_fails_on_them(monkeypatch):
-    """A bad flag value is a UsageError of the tools' first check; the library selects kernels on first use."""
-    from models import kernels
+    """A bad flag value is a UsageError of the tools' first check; the library reads the flags when it builds a model
+    (``import models`` already happened, with the flag set, and did not fail)."""
+    from models.kernels import KernelSelection
+
+    from .conftest import tiny_config, tiny_model
 
     cli.check_env_flags({"LCKV_FLASH_ATTN": "1"})
     with pytest.raises(UsageError, match=r"^LCKV_FLASH_ATTN='yes': allowed values are 1 \(on\) and 0 or unset"):
         cli.check_env_flags({"LCKV_FLASH_ATTN": "yes"})
     monkeypatch.setenv("LCKV_FUSED_SWIGLU", "on")
-    monkeypatch.setattr(kernels, "_configured", False)  # as right after import: nothing selected yet
-    for name in kernels.SELECTED:
-        monkeypatch.delitem(vars(kernels), name, raising=False)
     with pytest.raises(ValueError, match="^LCKV_FUSED_SWIGLU='on'"):
-        kernels.SwiGLUMLP  # noqa: B018  (first use selects, and refuses the flag)
-    with pytest.raises(ValueError, match="^LCKV_FUSED_SWIGLU='on'"):
-        kernels.fast_strict_mask()  # the mask builder's first question selects too
+        tiny_model(tiny_config())  # building a model selects its kernels, and refuses the flag
     monkeypatch.delenv("LCKV_FUSED_SWIGLU")
-    assert isinstance(kernels.fast_strict_mask(), bool) and kernels.SwiGLUMLP is not None
+    assert tiny_model(tiny_config()).model.kernel_selection == KernelSelection.from_environ()

@@ -2,16 +2,21 @@
 reads no slot past a row's last visible one, keeps the compiled decode step one graph, and generates the dynamic
 cache's tokens; without the kernel it is the packed SDPA fallback."""
 
+import dataclasses
 import sys
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
 from torch.nn import functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from models import SPLIT_KV, kernels
-from models.kernels import decode_attention
+from models import SPLIT_KV
+from models.kernels import KernelSelection
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import (
+    SplitKvKernel,
     runs_split_kv,
     split_kv_decode_attention,
     split_kv_sdpa_attention,
@@ -56,6 +61,14 @@ def run_kernel(kernel, query, key, value, mask, splits: int, config: KernelConfi
                   config.num_warps, config.num_stages)
 
 
+def watched_split_kv(monkeypatch, run: Callable) -> KernelSelection:
+    """``run`` as the split-KV kernel on the CPU: in the returned selection (pass it to an LCKV model as
+    ``kernel_selection``) and, for other models (Llama), in transformers' ``sdpa_split_kv`` registration."""
+    kernel = SplitKvKernel(run, frozenset({"cpu"}))
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, SPLIT_KV, partial(split_kv_sdpa_attention, kernel=kernel))
+    return dataclasses.replace(KernelSelection.from_environ(), split_kv=kernel)
+
+
 # spans per row: partly filled, different lengths, left padding, one filled up to the last slot
 SPANS = [(0, 100), (5, 70), (0, SLOTS), (40, 41)]
 
@@ -73,7 +86,7 @@ def test_kernel_equals_sdpa_with_full_mask(interpreted_kernel, heads, kv_heads, 
 def test_kernel_pads_head_dim(interpreted_kernel, dim):
     query, key, value = decode_inputs(len(SPANS), 4, 2, dim=dim)
     mask = cache_mask(SPANS)
-    out = split_kv_decode_attention(query, key, value, mask, None)  # None: the default 1 / sqrt(dim)
+    out = split_kv_decode_attention(interpreted_kernel, query, key, value, mask, None)  # None: the default 1 / sqrt(dim)
     torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 
@@ -82,7 +95,7 @@ def test_kernel_strict_mask_first_token_outputs_exact_zero(interpreted_kernel):
     spans = [(0, 100), (3, 4), (7, 90)]  # row 1: its first real token is the query
     query, key, value = decode_inputs(len(spans), 4, 2, seed=1)
     mask = cache_mask(spans, strict=True)
-    out = split_kv_decode_attention(query, key, value, mask, DIM**-0.5)
+    out = split_kv_decode_attention(interpreted_kernel, query, key, value, mask, DIM**-0.5)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     reference = sdpa_reference(query, key, value, mask)
     torch.testing.assert_close(out[[0, 2]], reference[[0, 2]], rtol=1e-5, atol=1e-6)
@@ -105,7 +118,8 @@ def test_kernel_never_reads_slots_past_the_last_visible_one(interpreted_kernel):
 
 def test_no_mask_reads_every_slot(interpreted_kernel):
     query, key, value = decode_inputs(2, 8, 2)
-    out, _ = split_kv_sdpa_attention(None, query, key, value, None, scaling=DIM**-0.5)
+    kernel = SplitKvKernel(interpreted_kernel, frozenset({"cpu"}))
+    out, _ = split_kv_sdpa_attention(None, query, key, value, None, scaling=DIM**-0.5, kernel=kernel)
     torch.testing.assert_close(out, sdpa_reference(query, key, value, None), rtol=1e-5, atol=1e-6)
 
 
@@ -119,26 +133,28 @@ def test_visible_lengths_is_last_visible_slot_plus_one():
 def test_dispatch_only_for_one_token_bool_masks(interpreted_kernel):
     query, key, _ = decode_inputs(2, 8, 2)
     mask = cache_mask([(0, 10), (0, 20)])
-    assert runs_split_kv(query, key, mask, 0.0) and runs_split_kv(query, key, None, 0.0)
-    assert runs_split_kv(query, key, mask[:1], 0.0)  # a batch-broadcast mask
-    assert not runs_split_kv(query, key, mask, 0.1)  # dropout
-    assert not runs_split_kv(query, key, torch.zeros(mask.shape), 0.0)  # additive float mask
-    assert not runs_split_kv(query, key, mask[..., :-1], 0.0)  # mask shorter than the cache
-    assert not runs_split_kv(torch.cat([query, query], dim=2), key, None, 0.0)  # two query tokens (prefill)
+    kernel = SplitKvKernel(interpreted_kernel, frozenset({"cpu"}))
+    assert runs_split_kv(kernel, query, key, mask, 0.0) and runs_split_kv(kernel, query, key, None, 0.0)
+    assert runs_split_kv(kernel, query, key, mask[:1], 0.0)  # a batch-broadcast mask
+    assert not runs_split_kv(kernel, query, key, mask, 0.1)  # dropout
+    assert not runs_split_kv(kernel, query, key, torch.zeros(mask.shape), 0.0)  # additive float mask
+    assert not runs_split_kv(kernel, query, key, mask[..., :-1], 0.0)  # mask shorter than the cache
+    assert not runs_split_kv(kernel, torch.cat([query, query], dim=2), key, None, 0.0)  # two query tokens (prefill)
+    assert not runs_split_kv(SplitKvKernel(interpreted_kernel, frozenset({"cuda"})), query, key, mask, 0.0)  # CPU tensors
+    assert not runs_split_kv(None, query, key, mask, 0.0)  # no kernel
 
 
 def test_without_kernel_it_is_the_packed_sdpa_fallback():
     """No Triton kernel for CPU tensors (no interpreter): every call is sdpa_packed_gqa, bit for bit."""
-    decode_attention.configure_decode_kernel({})
-    try:
-        assert "cpu" not in decode_attention.kernel_devices()
-        query, key, value = decode_inputs(len(SPANS), 8, 2)
-        mask = cache_mask(SPANS)
-        fallback, _ = split_kv_sdpa_attention(None, query, key, value, mask, scaling=DIM**-0.5)
-        packed, _ = packed_sdpa_attention(None, query, key, value, mask, scaling=DIM**-0.5)
-        assert torch.equal(fallback, packed)
-    finally:
-        decode_attention.configure_decode_kernel()
+    from models.kernels.decode_attention import load_split_kv_kernel
+
+    kernel = load_split_kv_kernel({})
+    assert kernel is None or "cpu" not in kernel.devices
+    query, key, value = decode_inputs(len(SPANS), 8, 2)
+    mask = cache_mask(SPANS)
+    fallback, _ = split_kv_sdpa_attention(None, query, key, value, mask, scaling=DIM**-0.5, kernel=kernel)
+    packed, _ = packed_sdpa_attention(None, query, key, value, mask, scaling=DIM**-0.5)
+    assert torch.equal(fallback, packed)
 
 
 def test_fast_attention_leaves_decoding_to_split_kv(monkeypatch):
@@ -147,13 +163,9 @@ def test_fast_attention_leaves_decoding_to_split_kv(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    try:
-        kernels.configure({FLASH_ATTN: "1"})
-        assert kernels.attention_interface(SPLIT_KV).keywords == {"pack_decode": False}
-        assert kernels.attention_interface("sdpa").keywords == {"pack_decode": True}
-    finally:
-        monkeypatch.undo()
-        kernels.configure()
+    selection = KernelSelection.from_environ({FLASH_ATTN: "1"})
+    assert selection.attention_interface(SPLIT_KV).keywords == {"pack_decode": False}
+    assert selection.attention_interface("sdpa").keywords == {"pack_decode": True}
 
 
 def llama_mha_config():
@@ -166,11 +178,12 @@ def test_generation_equals_dynamic_cache(interpreted_kernel, monkeypatch, config
     """Greedy tokens through the kernel (static cache, left padding) = the dynamic cache with transformers' sdpa."""
     config = config_fn()
     calls = []
-    monkeypatch.setattr(decode_attention, "_kernel", lambda *a: calls.append(1) or interpreted_kernel(*a))
+    selection = watched_split_kv(monkeypatch, lambda *a: calls.append(1) or interpreted_kernel(*a))
+    model_kwargs = {"kernel_selection": selection} if config.model_type == "opt-llama" else {}
     ids, mask = left_padded_batch(config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     dynamic = tiny_model(config, attn_implementation="sdpa").generate(ids, **kwargs)
-    static = tiny_model(config, attn_implementation=SPLIT_KV).generate(ids, cache_implementation="static", **kwargs)
+    static = tiny_model(config, attn_implementation=SPLIT_KV, **model_kwargs).generate(ids, cache_implementation="static", **kwargs)
     assert len(calls) == (NEW - 1) * config.num_hidden_layers  # every layer of every decoding step
     assert torch.equal(static, dynamic)
 

@@ -6,8 +6,7 @@ import torch
 
 from bench import tune_decode_attention as tune
 from models import SPLIT_KV
-from models.kernels import decode_attention
-from models.kernels.decode_attention import split_kv_decode_attention
+from models.kernels.decode_attention import load_split_kv_kernel, split_kv_decode_attention
 from models.kernels.decode_launch import MAX_SPLITS, WAVES
 
 from .conftest import tiny_config, tiny_model
@@ -17,6 +16,7 @@ from .test_static_cache import left_padded_batch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 SLOTS = 4096
+KERNEL = load_split_kv_kernel()  # compiled for the GPU (None without Triton: every test here fails loudly)
 # (left padding, filled slots) per row: about half full, a short row, a padded row, a full row, a one-token row
 SPANS = [(0, 2080), (0, 70), (300, 1500), (0, SLOTS), (2000, 2001)]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -38,7 +38,7 @@ def gpu_inputs(dtype: torch.dtype, heads: int, kv_heads: int, strict: bool):
 @pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
 def test_kernel_equals_sdpa(dtype, heads, kv_heads, strict):
     query, key, value, mask = gpu_inputs(dtype, heads, kv_heads, strict)
-    out = split_kv_decode_attention(query, key, value, mask, 64**-0.5)
+    out = split_kv_decode_attention(KERNEL.run, query, key, value, mask, 64**-0.5)
     expected = sdpa_reference(query.float(), key.float(), value.float(), mask)
     seen = mask.any(-1).flatten()  # the strict one-token row sees nothing: exactly zero (SDPA gives NaN)
     assert torch.equal(out[~seen], torch.zeros_like(out[~seen]))
@@ -48,7 +48,7 @@ def test_kernel_equals_sdpa(dtype, heads, kv_heads, strict):
 @pytest.mark.parametrize("splits", [1, 7, MAX_SPLITS])
 def test_kernel_split_counts_agree(splits):
     query, key, value, mask = gpu_inputs(torch.float32, 32, 4, strict=False)
-    out = run_kernel(decode_attention._kernel, query, key, value, mask, splits)
+    out = run_kernel(KERNEL.run, query, key, value, mask, splits)
     torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), **TOLERANCE[torch.float32])
 
 
@@ -56,7 +56,7 @@ def test_kernel_split_counts_agree(splits):
 def test_every_tuning_candidate_agrees(config):
     """Each tile / warps / stages the tuner may pick, compiled for this GPU, equals SDPA (bf16, 7 splits)."""
     query, key, value, mask = gpu_inputs(torch.bfloat16, 32, 4, strict=True)
-    out = run_kernel(decode_attention._kernel, query, key, value, mask, 7, config)
+    out = run_kernel(KERNEL.run, query, key, value, mask, 7, config)
     expected = sdpa_reference(query.float(), key.float(), value.float(), mask)
     seen = mask.any(-1).flatten()
     assert torch.equal(out[~seen], torch.zeros_like(out[~seen]))

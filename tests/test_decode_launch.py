@@ -8,7 +8,7 @@ import torch
 
 from bench import tune_decode_attention as tune
 from models import SPLIT_KV
-from models.kernels import decode_attention, decode_launch
+from models.kernels import decode_launch
 from models.kernels.decode_attention import split_kv_decode_attention
 from models.kernels.decode_launch import (
     DEFAULT,
@@ -147,8 +147,12 @@ def test_decode_attention_launches_the_table_config(interpreted_kernel, monkeypa
     query, key, value = decode_inputs(2, 8, 2)  # G 4, D 16, fp32
     monkeypatch.setattr(decode_launch, "TUNED", {(4, 16, 4): ((1, SMALL),)})
     launches = []
-    monkeypatch.setattr(decode_attention, "_kernel", lambda *a: launches.append(a[6:]) or interpreted_kernel(*a))
-    split_kv_decode_attention(query, key, value, cache_mask([(0, 100), (2, 50)]), None)
+
+    def kernel(*args):
+        launches.append(args[6:])
+        return interpreted_kernel(*args)
+
+    split_kv_decode_attention(kernel, query, key, value, cache_mask([(0, 100), (2, 50)]), None)
     assert launches == [(num_kv_splits(2, 2, 150, 4, SMALL.waves, SMALL.block_n), 32, 2, 3)]
 
 

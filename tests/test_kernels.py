@@ -1,5 +1,7 @@
-"""Env-flag kernels: flag parsing, fallbacks, the strict mask as a shifted causal attention, fused vs plain (GPU)."""
+"""Env-flag kernels: flag parsing, fallbacks, the selection a model keeps, the strict mask as a shifted causal attention,
+fused vs plain (GPU)."""
 
+import dataclasses
 import json
 import sys
 
@@ -7,24 +9,17 @@ import pytest
 import torch
 
 from models import kernels
-from models.kernels import FLAGS, STRICT_CAUSAL
+from models.kernels import FLAGS, STRICT_CAUSAL, KernelSelection
 from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
 from models.kernels.flags import FLASH_ATTN, FUSED_CROSSENTROPY
 from models.kernels.plain import PlainRMSNorm, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
 from models.masks import build_masks
 
-from .conftest import tiny_config
+from .conftest import tiny_config, tiny_model
 
 ALL_ON = dict.fromkeys(FLAGS, "1")
 ALL_OFF = dict.fromkeys(FLAGS, "0")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(autouse=True)
-def _restore_kernels():
-    """Every test selects kernels from its own flags; afterwards the process's own flags apply again."""
-    yield
-    kernels.configure()
 
 
 @pytest.fixture
@@ -41,15 +36,16 @@ def fallback_lines(caplog) -> list[str]:
 
 
 def train_step(config, environ, seed=0, dtype=torch.float32, device="cpu", batch=None):
-    """Select kernels from ``environ``, build the model, one forward + backward in train mode.
+    """Build the model with the kernels of ``environ``'s flags, one forward + backward in train mode.
 
     Returns the loss, the logits (None under the fused loss) and the parameter gradients by name.
     """
     from transformers import AutoModelForCausalLM
 
-    kernels.configure(environ)
+    selection = KernelSelection.from_environ(environ)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device).train()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa", kernel_selection=selection)
+    model = model.to(device).train()
     if batch is None:
         batch = torch.randint(3, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
     batch = batch.to(device)
@@ -72,36 +68,38 @@ def test_flag_values(flag):
 @pytest.mark.parametrize("value", ["2", "true", "on", "", " 1"])
 def test_bad_flag_value_is_one_line_error(value):
     with pytest.raises(ValueError, match=rf"^{FUSED_CROSSENTROPY}=.*allowed values are 1 \(on\) and 0 or unset") as err:
-        kernels.configure({FUSED_CROSSENTROPY: value})
+        KernelSelection.from_environ({FUSED_CROSSENTROPY: value})
     assert "\n" not in str(err.value)
 
 
 def test_flags_off_select_plain_kernels(caplog):
-    kernels.configure(ALL_OFF)
-    assert kernels.RMSNorm is PlainRMSNorm and kernels.SwiGLUMLP is PlainSwiGLUMLP
-    assert kernels.apply_rotary_pos_emb is plain_apply_rotary_pos_emb
-    assert kernels.fused_linear_cross_entropy is None and kernels.causal_attention is None
+    selection = KernelSelection.from_environ(ALL_OFF)
+    assert selection.rms_norm is PlainRMSNorm and selection.swiglu_mlp is PlainSwiGLUMLP
+    assert selection.apply_rotary_pos_emb is plain_apply_rotary_pos_emb
+    assert selection.fused_linear_cross_entropy is None and selection.causal_attention is None
+    assert not selection.strict_as_causal
+    assert dataclasses.replace(selection, split_kv=None) == KernelSelection()  # the defaults are the plain path
     assert fallback_lines(caplog) == []
 
 
 def test_without_cuda_every_flag_warns_once_and_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    kernels.configure(ALL_ON)
+    selection = KernelSelection.from_environ(ALL_ON)
     lines = fallback_lines(caplog)
     assert sorted(line.split("=")[0] for line in lines) == sorted(FLAGS)
     assert all("=1 falls back: CUDA is not available; using " in line and "\n" not in line for line in lines)
-    assert kernels.RMSNorm is PlainRMSNorm and kernels.causal_attention is None
+    assert selection.rms_norm is PlainRMSNorm and selection.causal_attention is None
 
 
 def test_without_packages_flags_warn_and_attention_uses_sdpa(monkeypatch, caplog, no_fast_packages):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    kernels.configure(ALL_ON)
+    selection = KernelSelection.from_environ(ALL_ON)
     lines = fallback_lines(caplog)
     assert len(lines) == len(FLAGS)
     assert sum("liger_kernel is not installed" in line for line in lines) == len(FLAGS) - 1
     assert any(line.startswith(f"{FLASH_ATTN}=1") and "flash_attn is not installed" in line for line in lines)
-    assert kernels.RMSNorm is PlainRMSNorm and kernels.fused_linear_cross_entropy is None
-    assert kernels.causal_attention is sdpa_causal_attention
+    assert selection.rms_norm is PlainRMSNorm and selection.fused_linear_cross_entropy is None
+    assert selection.causal_attention is sdpa_causal_attention and selection.strict_as_causal
 
 
 def test_fallback_is_bit_identical_to_flags_off(monkeypatch):
@@ -131,7 +129,7 @@ def strict_attention_inputs(length: int, device: str = "cpu", dtype=torch.float3
     from models.modeling_opt_llama import OptLlamaAttention
 
     config = tiny_config()
-    module = OptLlamaAttention(config, layer_idx=1)
+    module = OptLlamaAttention(config, layer_idx=1, kernel_selection=KernelSelection())
     assert module.is_strict
     heads = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
     return module, [torch.randn(2, h, length, config.head_dim, device=device, dtype=dtype) for h in heads]
@@ -155,17 +153,18 @@ def test_strict_shift_equals_dense_strict_mask_forward_and_grads():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_strict_marker_only_for_unpadded_prefill(monkeypatch, no_fast_packages):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    kernels.configure({FLASH_ATTN: "1"})
+def test_strict_marker_only_for_unpadded_prefill():
     config = tiny_config()
     config._attn_implementation = "sdpa"
     embeds, positions = torch.zeros(2, 6, config.hidden_size), torch.arange(6)[None]
     ones = torch.ones(2, 6, dtype=torch.long)
-    assert build_masks(config, embeds, None, None, positions, {"strict": 4})["strict"] is STRICT_CAUSAL
-    assert build_masks(config, embeds, ones, None, positions, {"strict": 4})["strict"] is STRICT_CAUSAL
-    padded = build_masks(config, embeds, ones.index_fill(1, torch.tensor([0]), 0), None, positions, {"strict": 4})["strict"]
-    assert isinstance(padded, torch.Tensor)
+
+    def strict_mask(attention_mask, strict_as_causal=True):
+        return build_masks(config, embeds, attention_mask, None, positions, {"strict": 4}, strict_as_causal=strict_as_causal)["strict"]
+
+    assert strict_mask(None) is STRICT_CAUSAL and strict_mask(ones) is STRICT_CAUSAL
+    assert isinstance(strict_mask(ones.index_fill(1, torch.tensor([0]), 0)), torch.Tensor)  # padded
+    assert isinstance(strict_mask(None, strict_as_causal=False), torch.Tensor)  # a selection without the fast attention
 
 
 def test_model_on_shifted_strict_path_equals_dense_path(monkeypatch, no_fast_packages):
@@ -182,6 +181,38 @@ def test_model_on_shifted_strict_path_equals_dense_path(monkeypatch, no_fast_pac
     torch.testing.assert_close(loss_fast, loss_dense, rtol=1e-6, atol=1e-6)
     for name, grad in grads_dense.items():
         torch.testing.assert_close(grads_fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_model_keeps_the_kernels_it_was_built_with(monkeypatch, no_fast_packages):
+    """The kernels are a per-model selection made when the model is built: turning LCKV_FLASH_ATTN on afterwards leaves
+    a model built before on the dense strict path (norms, MLPs, masks and attention alike), a model built afterwards
+    takes the shifted causal path, and a selection passed to the constructor wins over the environment."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the SDPA route of the flag, forced on the CPU
+    monkeypatch.setenv(FLASH_ATTN, "0")
+    config = tiny_config()
+    before = tiny_model(config)
+    monkeypatch.setenv(FLASH_ATTN, "1")
+    after, explicit = tiny_model(config), tiny_model(config, kernel_selection=KernelSelection())
+    assert before.model.kernel_selection.causal_attention is None and explicit.model.kernel_selection == KernelSelection()
+    assert after.model.kernel_selection.causal_attention is sdpa_causal_attention
+    for model in (before, after, explicit):
+        selection = model.model.kernel_selection
+        assert all(layer.self_attn.kernel_selection is selection for layer in model.model.layers)
+        assert all(type(norm) is selection.rms_norm for norm in model.modules() if isinstance(norm, PlainRMSNorm))
+
+    calls = []
+    original = kernels.attention.strict_causal_attention
+    monkeypatch.setattr(kernels.attention, "strict_causal_attention", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(3, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    with torch.no_grad():
+        for name, model in (("before", before), ("explicit", explicit), ("after", after)):
+            calls.clear()
+            logits[name] = model(ids).logits
+            shifted = sum(config.layer_strict)  # one shifted attention per strict layer run
+            assert len(calls) >= shifted if name == "after" else calls == [], name
+    assert torch.equal(logits["explicit"], logits["before"])
+    torch.testing.assert_close(logits["after"], logits["before"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
@@ -215,9 +246,9 @@ def test_model_decoding_on_packed_path_equals_plain(monkeypatch, no_fast_package
     for environ in (ALL_OFF, {FLASH_ATTN: "1"}):
         cuda = environ is not ALL_OFF  # the fast path needs CUDA; faked on, the flag selects it on the CPU
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
-        kernels.configure(environ)
+        selection = KernelSelection.from_environ(environ)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", kernel_selection=selection).eval()
         calls.clear()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
@@ -310,14 +341,15 @@ def test_gpu_fused_kernel_matches_plain(config_name, flag, caplog):
 @pytest.mark.gpu
 def test_gpu_strict_mask_on_fast_path():
     """flash-attn (or SDPA when it is missing) in bf16 vs the dense strict mask in fp32."""
-    kernels.configure({FLASH_ATTN: "1"})
+    selection = KernelSelection.from_environ({FLASH_ATTN: "1"})
     config = tiny_config()
     config._attn_implementation = "sdpa"
     embeds = torch.zeros(2, 64, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     positions = torch.arange(64, device="cuda")[None]
-    assert build_masks(config, embeds, None, None, positions, {"strict": 4})["strict"] is STRICT_CAUSAL
+    masks = build_masks(config, embeds, None, None, positions, {"strict": 4}, strict_as_causal=selection.strict_as_causal)
+    assert masks["strict"] is STRICT_CAUSAL
     module, inputs = strict_attention_inputs(64, "cuda", torch.bfloat16)
-    shift = strict_causal_attention(kernels.causal_attention, module, *inputs, 0.0, module.scaling)
+    shift = strict_causal_attention(selection.causal_attention, module, *inputs, 0.0, module.scaling)
     dense = dense_strict_attention(module, *[x.float().cpu() for x in inputs])
     assert relative_error(shift.cpu(), dense) < 2e-2
 
@@ -333,9 +365,9 @@ def test_gpu_training_steps_all_on_vs_off(config_name):
     batch = torch.randint(3, config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
     losses = {}
     for name, environ in (("off", ALL_OFF), ("on", ALL_ON)):
-        kernels.configure(environ)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().train()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 kernel_selection=KernelSelection.from_environ(environ)).cuda().train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses[name] = []
         for _ in range(3):

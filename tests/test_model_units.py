@@ -102,8 +102,8 @@ def test_layer_plan_lckv_cla_yoco():
 
 def test_iteration_schedule():
     assert iteration_schedule(9, 2, None) == (9, 2)  # training: all iterations, last two with gradients
-    assert iteration_schedule(9, 2, 4) == (4, 0)  # inference: more than T iterations change nothing
-    assert iteration_schedule(9, 2, 100) == (9, 0)
+    assert iteration_schedule(9, 2, 4) == (4, 4)  # inference: more than T iterations change nothing; gradients (if on)
+    assert iteration_schedule(9, 2, 100) == (9, 9)  # flow through the whole function computed
     assert iteration_schedule(1, 5, None) == (1, 1)
 
 
@@ -120,3 +120,29 @@ def test_has_visible_key_with_and_without_padding():
     only_last_real = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
     assert has_visible_key(only_last_real, torch.tensor(2), 1, 2, "cpu")[:, :, 0].tolist() == [[0], [0]]
     assert has_visible_key(only_last_real, torch.tensor(3), 2, 2, "cpu")[:, :, 0].tolist() == [[1, 1], [0, 0]]
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["iterative", "sequential_forward"])
+def test_evaluation_without_no_grad_is_evaluation(sequential):
+    """``self.training`` alone means training: an eval-mode forward with gradients on computes the loss and logits it
+    computes under ``no_grad`` (the inference schedule; with ``sequential_forward`` the token-by-token path) and adds no
+    ``kv_loss`` (``train_kv``); gradients still reach the embeddings through the iterations. ``train()`` adds it."""
+    from .conftest import tiny_model
+
+    # 3 iterations over 7 tokens: the iterative forward is not exact, so the sequential one differs from it.
+    model = tiny_model(tiny_config(train_kv=True, num_encoders=2, sequential_forward=sequential))
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids, labels=ids)
+    out = model(ids, labels=ids)
+    assert out.kv_loss is None and reference.kv_loss is None
+    assert torch.equal(out.logits, reference.logits) and torch.equal(out.loss, reference.loss)
+    out.loss.backward()
+    block_layer = model.model.layers[model.model.plan.block[0]]
+    assert block_layer.self_attn.q_proj.weight.grad.abs().sum() > 0 and model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+    trained = model.train()(ids, labels=ids)
+    lm_loss = model.loss_function(logits=trained.logits, labels=ids, vocab_size=model.config.vocab_size)
+    assert trained.kv_loss is not None and torch.allclose(trained.loss, lm_loss + trained.kv_loss)
+    with torch.no_grad():
+        assert model(ids, labels=ids).kv_loss is not None  # training mode, gradients off: still the training forward

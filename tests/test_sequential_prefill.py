@@ -143,20 +143,20 @@ def test_prefill_and_decode_steps_compile_once_per_batch_size_at_any_prompt_leng
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 * batches
 
 
-def test_prefill_token_steps_read_only_the_filled_span(monkeypatch):
+def test_prefill_token_steps_read_only_the_filled_span(interpreted_kernel, monkeypatch):
     """Under sdpa_split_kv every attention of the sequential prefill's token steps runs the split-KV kernel, whose
     span per row is the last visible slot + 1 of the step's mask: the filled tokens a layer may see (up to the query
     for a causal layer, before it for a strict one; none for a left-padded row's padding), never the S preallocated
     slots; and the prefill equals the one over SDPA."""
-    from models.kernels import decode_attention
+    from .test_decode_attention import watched_split_kv
 
-    fields = dict(prefill="sequential", num_encoders=NUM_ENCODERS, num_trained_encoders=1)
-    model, reference = tiny_model(tiny_config(**fields), attn_implementation=SPLIT_KV), tiny_model(tiny_config(**fields))
-    config = model.config
     spans = []
-    kernel = decode_attention._kernel  # loaded by now (building a model configures the kernels)
-    monkeypatch.setattr(decode_attention, "_kernel", lambda q, k, v, mask, lengths, *rest: spans.append(
-        (k.shape[2], lengths.tolist())) or kernel(q, k, v, mask, lengths, *rest))
+    selection = watched_split_kv(monkeypatch, lambda q, k, v, mask, lengths, *rest: spans.append(
+        (k.shape[2], lengths.tolist())) or interpreted_kernel(q, k, v, mask, lengths, *rest))
+    fields = dict(prefill="sequential", num_encoders=NUM_ENCODERS, num_trained_encoders=1)
+    model = tiny_model(tiny_config(**fields), attn_implementation=SPLIT_KV, kernel_selection=selection)
+    reference = tiny_model(tiny_config(**fields))
+    config = model.config
     length, slots = 6, 16
     ids, mask = torch.randint(3, 256, (2, length)), torch.ones(2, length, dtype=torch.long)
     mask[1, :2] = 0  # row 1 left-padded by 2

@@ -54,19 +54,16 @@ def test_packed_decode_step_compiles_fullgraph(monkeypatch):
     """LCKV_FLASH_ATTN's packed GQA decode attention (forced on the CPU) keeps the decode step one graph."""
     import sys
 
-    from models import kernels
+    from models.kernels import KernelSelection
     from models.kernels.flags import FLASH_ATTN
 
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # as on the GPU machine: SDPA route
     with monkeypatch.context() as cuda:  # CUDA faked only while selecting kernels, not while compiling
         cuda.setattr(torch.cuda, "is_available", lambda: True)
-        kernels.configure({FLASH_ATTN: "1"})
-    try:
-        # Decoding takes the packed path whenever the fast attention is on (tests/test_kernels.py counts the calls).
-        assert kernels.causal_attention is not None
-        assert_decode_step_compiles_once(tiny_model(tiny_config()))
-    finally:
-        kernels.configure()
+        selection = KernelSelection.from_environ({FLASH_ATTN: "1"})
+    # Decoding takes the packed path whenever the fast attention is on (tests/test_kernels.py counts the calls).
+    assert selection.causal_attention is not None
+    assert_decode_step_compiles_once(tiny_model(tiny_config(), kernel_selection=selection))
 
 
 def test_packed_sdpa_compiled_decode_reads_gqa_kv_unexpanded(model, monkeypatch):

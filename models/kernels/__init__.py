@@ -1,10 +1,10 @@
 """Kernel selection: the one place that maps ``LCKV_*`` env flags to implementations.
 
-The model asks for "the RMSNorm", "the MLP", "the rotary embedding", "the attention" and "the fused LM
-loss" here and never imports a kernel library itself. Flags are read when a kernel is first asked for (the
-first model built), so ``import models`` never fails on a flag value and a tool can report a bad one as a
-usage error first; after changing them in-process, call ``configure()`` before building a model. Every flag that cannot take effect falls
-back to the pure PyTorch path (``plain.py``) with one warning line.
+A model holds a ``KernelSelection``: "the RMSNorm", "the MLP", "the rotary embedding", "the attention" and "the
+fused LM loss" it runs, resolved from the flags when the model is built (or passed to it), and never imports a
+kernel library itself. Flags are read only then, so ``import models`` never fails on a flag value and a tool can
+report a bad one as a usage error first; a model keeps its kernels when the flags change afterwards. Every flag
+that cannot take effect falls back to the pure PyTorch path (``plain.py``) with one warning line.
 
 =========================  ==================================================================================
 flag (``1`` on, ``0`` off)  fused path
@@ -20,12 +20,13 @@ LCKV_FUSED_CROSSENTROPY    liger-kernel fused linear cross-entropy (training wit
 
 import importlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from .attention import STRICT_CAUSAL, configured_attention, fast_attention, sdpa_causal_attention
-from .decode_attention import split_kv_sdpa_attention
+from .decode_attention import SPLIT_KV, SplitKvKernel, load_split_kv_kernel, split_kv_sdpa_attention
 from .flags import (
     FLAGS,
     FLASH_ATTN,
@@ -73,82 +74,84 @@ def _fused(
         return fallback
 
 
-def configure(environ: Mapping[str, str] | None = None) -> None:
-    """(Re)select every kernel from the ``LCKV_*`` flags of ``environ`` (default ``os.environ``)."""
-    global RMSNorm, SwiGLUMLP, apply_rotary_pos_emb, fused_linear_cross_entropy, causal_attention, _configured
-    RMSNorm = _fused(FUSED_RMSNORM, "rms_norm", "FusedRMSNorm", environ, (PlainRMSNorm, PLAIN))
-    SwiGLUMLP = _fused(FUSED_SWIGLU, "swiglu", "FusedSwiGLUMLP", environ, (PlainSwiGLUMLP, PLAIN))
-    apply_rotary_pos_emb = _fused(
-        FUSED_ROTARY, "rotary", "fused_apply_rotary_pos_emb", environ, (plain_apply_rotary_pos_emb, PLAIN)
-    )
-    # None: the model computes logits and transformers' loss.
-    fused_linear_cross_entropy = _fused(
-        FUSED_CROSSENTROPY, "cross_entropy", "fused_linear_cross_entropy", environ, (None, "logits + cross-entropy")
-    )
-    # None: the configured attention implementation with dense strict masks.
-    causal_attention = _fused(
-        FLASH_ATTN,
-        "flash_attention",
-        "flash_causal_attention",
-        environ,
-        (None, "the configured attention with a dense strict mask"),
-        (sdpa_causal_attention, "torch SDPA (flash/efficient backends) with the strict mask as a shifted causal"),
-    )
-    _configured = True
+@dataclass(frozen=True)
+class KernelSelection:
+    """The kernels one model runs, fixed when it is built: ``OptLlamaModel`` resolves one ``from_environ`` (or takes the
+    one passed as ``kernel_selection``), builds its norms and MLPs from it and reads the rest from it at call time, so a
+    model never mixes two selections and changing the flags afterwards changes only models built afterwards.
 
+    The defaults are the pure PyTorch path (``plain.py``) and no split-KV decode kernel.
 
-def fast_strict_mask() -> bool:
-    """Whether the mask builder may hand ``STRICT_CAUSAL`` to the attention instead of a dense strict mask."""
-    _ensure_configured()
-    return causal_attention is not None
+    Attributes:
+        rms_norm: the RMSNorm class, ``(hidden_size, eps=...)``.
+        swiglu_mlp: the gated MLP class, ``(config)``.
+        apply_rotary_pos_emb: ``(q, k, cos, sin) -> (q, k)``, either of q / k may be None.
+        fused_linear_cross_entropy: the training loss straight from the hidden states (no logits), or None: logits and
+            transformers' loss.
+        causal_attention: the mask-free causal attention ``fast_attention`` runs the strict mask on (as a shifted causal
+            attention, ``STRICT_CAUSAL``), or None: the configured attention implementation with dense strict masks.
+        split_kv: the Triton decode kernel of ``attn_implementation="sdpa_split_kv"`` and the device types it runs on,
+            or None: that backend decodes through its SDPA fallback.
+    """
 
+    rms_norm: type[torch.nn.Module] = PlainRMSNorm
+    swiglu_mlp: type[torch.nn.Module] = PlainSwiGLUMLP
+    apply_rotary_pos_emb: Callable = plain_apply_rotary_pos_emb
+    fused_linear_cross_entropy: Callable | None = None
+    causal_attention: Callable | None = None
+    split_kv: SplitKvKernel | None = None
 
-def attention_interface(implementation: str) -> Callable:
-    """The attention function (transformers' interface signature) for ``config._attn_implementation``."""
-    _ensure_configured()
-    base = configured_attention(implementation)
-    if causal_attention is None:
-        return base
-    # sdpa_split_kv decodes with its own kernel; every other backend gets the packed GQA decoding.
-    return partial(fast_attention, base, causal_attention, pack_decode=base is not split_kv_sdpa_attention)
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "KernelSelection":
+        """Every kernel as the ``LCKV_*`` flags (and ``TRITON_INTERPRET``) of ``environ`` (default ``os.environ``) ask.
 
+        A bad flag value is a one-line ValueError; a flag that cannot take effect logs one warning line (``_fused``).
+        """
+        return cls(
+            rms_norm=_fused(FUSED_RMSNORM, "rms_norm", "FusedRMSNorm", environ, (PlainRMSNorm, PLAIN)),
+            swiglu_mlp=_fused(FUSED_SWIGLU, "swiglu", "FusedSwiGLUMLP", environ, (PlainSwiGLUMLP, PLAIN)),
+            apply_rotary_pos_emb=_fused(
+                FUSED_ROTARY, "rotary", "fused_apply_rotary_pos_emb", environ, (plain_apply_rotary_pos_emb, PLAIN)
+            ),
+            fused_linear_cross_entropy=_fused(
+                FUSED_CROSSENTROPY, "cross_entropy", "fused_linear_cross_entropy", environ, (None, "logits + cross-entropy")
+            ),
+            causal_attention=_fused(
+                FLASH_ATTN,
+                "flash_attention",
+                "flash_causal_attention",
+                environ,
+                (None, "the configured attention with a dense strict mask"),
+                (sdpa_causal_attention, "torch SDPA (flash/efficient backends) with the strict mask as a shifted causal"),
+            ),
+            split_kv=load_split_kv_kernel(environ),
+        )
 
-RMSNorm: type[torch.nn.Module]
-SwiGLUMLP: type[torch.nn.Module]
-apply_rotary_pos_emb: Callable
-fused_linear_cross_entropy: Callable | None
-causal_attention: Callable | None
-SELECTED = ("RMSNorm", "SwiGLUMLP", "apply_rotary_pos_emb", "fused_linear_cross_entropy", "causal_attention")
+    def __deepcopy__(self, memo: dict) -> "KernelSelection":
+        """Shared, not copied (a copied model runs the same kernels): it holds only classes and functions."""
+        return self
 
+    @property
+    def strict_as_causal(self) -> bool:
+        """Whether the mask builder may hand ``STRICT_CAUSAL`` to the attention instead of a dense strict mask."""
+        return self.causal_attention is not None
 
-_configured = False  # set by configure(); a plain bool, so torch.compile can trace the check
-
-
-def _ensure_configured() -> None:
-    """Select every kernel from ``os.environ`` on first use."""
-    if not _configured:
-        configure()
-
-
-def __getattr__(name: str):
-    """PEP 562: ``kernels.RMSNorm`` and the other selected kernels exist once ``configure()`` has run."""
-    if name in SELECTED:
-        configure()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def attention_interface(self, implementation: str) -> Callable:
+        """The attention function (transformers' interface signature) for ``config._attn_implementation``."""
+        if implementation == SPLIT_KV:
+            base = partial(split_kv_sdpa_attention, kernel=self.split_kv)
+        else:
+            base = configured_attention(implementation)
+        if self.causal_attention is None:
+            return base
+        # sdpa_split_kv decodes with its own kernel; every other backend gets the packed GQA decoding.
+        return partial(fast_attention, base, self.causal_attention, pack_decode=implementation != SPLIT_KV)
 
 
 __all__ = [
     "FLAGS",
     "STRICT_CAUSAL",
+    "KernelSelection",
     "PlainRotaryEmbedding",
-    "RMSNorm",
-    "SwiGLUMLP",
-    "apply_rotary_pos_emb",
-    "attention_interface",
-    "causal_attention",
-    "configure",
-    "fast_strict_mask",
     "flag_enabled",
-    "fused_linear_cross_entropy",
 ]

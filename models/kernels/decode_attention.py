@@ -11,11 +11,13 @@ it cannot read, dropout, devices without Triton) runs ``sdpa_packed_gqa``, which
 the pure PyTorch fallback.
 
 The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before
-``configure_decode_kernel()`` loads it (tests run the real kernel that way).
+``load_split_kv_kernel()`` loads it (tests run the real kernel that way).
 """
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -29,41 +31,42 @@ from .decode_launch import launch_config
 SPLIT_KV = "sdpa_split_kv"
 CPU_PROCESSORS = 4  # the interpreter's stand-in for the SM count (tests only)
 
-_kernel: Callable | None = None
-_kernel_devices: frozenset[str] = frozenset()
-_processors = CPU_PROCESSORS
+
+@dataclass(frozen=True)
+class SplitKvKernel:
+    """The split-KV decode op (``triton_decode.split_kv_decode``'s signature) and the device types it runs on."""
+
+    run: Callable
+    devices: frozenset[str]
 
 
-def configure_decode_kernel(environ: Mapping[str, str] | None = None) -> None:
-    """Load the Triton kernel for the devices it can run on: CUDA, and the CPU under ``TRITON_INTERPRET=1``.
-
-    Without Triton (or with neither) the backend keeps the SDPA fallback. Called by ``import models``.
-    """
-    global _kernel, _kernel_devices
+def load_split_kv_kernel(environ: Mapping[str, str] | None = None) -> SplitKvKernel | None:
+    """The Triton kernel for the devices it can run on: CUDA, and the CPU under ``TRITON_INTERPRET=1`` of ``environ``
+    (default ``os.environ``); None without Triton or without either (the backend then decodes through SDPA)."""
     environ = os.environ if environ is None else environ
     devices = {"cuda"} if torch.cuda.is_available() else set()
     if environ.get("TRITON_INTERPRET") == "1":
         devices.add("cpu")
     if not devices or not is_triton_available():  # the check triton_decode.py guards its import with
-        _kernel, _kernel_devices = None, frozenset()
-        return
+        return None
     from .triton_decode import split_kv_decode
 
-    _kernel, _kernel_devices = split_kv_decode, frozenset(devices)
+    return SplitKvKernel(split_kv_decode, frozenset(devices))
+
+
+# Streaming multiprocessors per CUDA device index: a hardware fact, looked up on first use (not at import, which would
+# create a CUDA context before a process picks its GPU) and kept, so a compiled step reads it as a constant.
+_MULTIPROCESSORS: dict[int, int] = {}
 
 
 def processors(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (looked up on first use, not at import: that would create a CUDA
-    context before a process picks its GPU); the interpreter's stand-in on the CPU."""
-    global _processors
-    if device.type == "cuda" and _processors == CPU_PROCESSORS:
-        _processors = torch.cuda.get_device_properties(device).multi_processor_count
-    return _processors
-
-
-def kernel_devices() -> frozenset[str]:
-    """Device types on which ``sdpa_split_kv`` decodes with the Triton kernel (empty: SDPA everywhere)."""
-    return _kernel_devices
+    """Streaming multiprocessors of ``device``; the interpreter's stand-in on the CPU."""
+    if device.type != "cuda":
+        return CPU_PROCESSORS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _MULTIPROCESSORS[index]
 
 
 def visible_lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -79,9 +82,11 @@ def visible_lengths(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, slots, 0).amax(-1).to(torch.int32)
 
 
-def runs_split_kv(query: torch.Tensor, key: torch.Tensor, attention_mask: object, dropout: float) -> bool:
+def runs_split_kv(
+    kernel: SplitKvKernel | None, query: torch.Tensor, key: torch.Tensor, attention_mask: object, dropout: float
+) -> bool:
     """One query token on a device with the kernel, no dropout, and no mask or a bool ``(B or 1, 1, 1, S)`` mask."""
-    if query.shape[2] != 1 or dropout != 0.0 or query.device.type not in _kernel_devices:
+    if kernel is None or query.shape[2] != 1 or dropout != 0.0 or query.device.type not in kernel.devices:
         return False
     if attention_mask is None:
         return True
@@ -95,13 +100,14 @@ def runs_split_kv(query: torch.Tensor, key: torch.Tensor, attention_mask: object
 
 
 def split_kv_decode_attention(
+    kernel: Callable,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None,
 ) -> torch.Tensor:
-    """``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask ``(B or 1, 1, 1, S)`` or None
+    """``kernel`` (``SplitKvKernel.run``) on ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask ``(B or 1, 1, 1, S)`` or None
     (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key outputs zeros."""
     batch, _, _, head_dim = query.shape
     slots = key.shape[2]
@@ -114,7 +120,7 @@ def split_kv_decode_attention(
     launch = launch_config(batch, kv_heads, query.shape[1] // kv_heads, head_dim, slots, query.dtype.itemsize,
                            processors(query.device))
     scale = head_dim**-0.5 if scaling is None else scaling
-    return _kernel(query, key, value, mask, lengths, scale, *launch)
+    return kernel(query, key, value, mask, lengths, scale, *launch)
 
 
 def split_kv_sdpa_attention(
@@ -125,16 +131,20 @@ def split_kv_sdpa_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    *,
+    kernel: SplitKvKernel | None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-interface signature: the split-KV kernel for decoding, ``sdpa_packed_gqa`` otherwise."""
-    if runs_split_kv(query, key, attention_mask, dropout):
-        return split_kv_decode_attention(query, key, value, attention_mask, scaling), None
+    """transformers' attention-interface signature (with ``kernel`` bound): the split-KV kernel for decoding,
+    ``sdpa_packed_gqa`` otherwise."""
+    if runs_split_kv(kernel, query, key, attention_mask, dropout):
+        return split_kv_decode_attention(kernel.run, query, key, value, attention_mask, scaling), None
     return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def register_split_kv() -> None:
-    """Make ``attn_implementation="sdpa_split_kv"`` available to every transformers model (SDPA's bool masks)."""
-    ALL_ATTENTION_FUNCTIONS.register(SPLIT_KV, split_kv_sdpa_attention)
+    """Make ``attn_implementation="sdpa_split_kv"`` available to every transformers model (SDPA's bool masks), with the
+    kernel this process can run now (an LCKV model uses the one of its own ``KernelSelection``). Called by
+    ``import models``."""
+    ALL_ATTENTION_FUNCTIONS.register(SPLIT_KV, partial(split_kv_sdpa_attention, kernel=load_split_kv_kernel()))
     ALL_MASK_ATTENTION_FUNCTIONS.register(SPLIT_KV, sdpa_mask)
-    configure_decode_kernel()
