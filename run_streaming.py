@@ -99,27 +99,59 @@ def run_generate(model, tokenizer, cache: SinkWindowCache, prompt: str, args: ar
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     transformers.logging.set_verbosity_error()  # generate warns past max_position_embeddings; streaming goes there
     print(prompt, end="", flush=True)
-    new_tokens, seconds = generate_once(model, tokenizer, input_ids, args, cache=cache, prefill_chunk_size=cache.window_size)
+    new_tokens, seconds = generate_once(
+        model, tokenizer, input_ids, args, cache=cache, prefill_chunk_size=cache.window_size
+    )
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     if args.quiet or len(texts) > 1:
         print("\n".join(texts))
     count = new_tokens.numel()
-    print(f"\n[streaming] {count} new tokens in {seconds:.3f} s: {count / seconds:.1f} tokens/s; cache holds {cache_tokens(cache)} tokens per KV layer", file=sys.stderr)
-    return dict(text=texts, new_tokens=count, seconds=seconds, tokens_per_s=count / seconds, max_cache_tokens=cache_tokens(cache))
+    print(
+        f"\n[streaming] {count} new tokens in {seconds:.3f} s: {count / seconds:.1f} tokens/s; cache holds {cache_tokens(cache)} tokens per KV layer",
+        file=sys.stderr,
+    )
+    return dict(
+        text=texts,
+        new_tokens=count,
+        seconds=seconds,
+        tokens_per_s=count / seconds,
+        max_cache_tokens=cache_tokens(cache),
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--mode", choices=("generate", "perplexity"), default="generate", help="generate text, or evaluate long-text perplexity")
-    parser.add_argument("--window_size", type=int, default=None, help="recent tokens kept per KV layer (default: max_position_embeddings - num_sink_tokens)")
-    parser.add_argument("--num_sink_tokens", type=int, default=4, help="first tokens kept for good as attention sinks (default 4)")
+    parser.add_argument(
+        "--mode",
+        choices=("generate", "perplexity"),
+        default="generate",
+        help="generate text, or evaluate long-text perplexity",
+    )
+    parser.add_argument(
+        "--window_size",
+        type=int,
+        default=None,
+        help="recent tokens kept per KV layer (default: max_position_embeddings - num_sink_tokens)",
+    )
+    parser.add_argument(
+        "--num_sink_tokens", type=int, default=4, help="first tokens kept for good as attention sinks (default 4)"
+    )
     add_prompt_args(parser)
     add_generation_args(parser)
     parser.add_argument("--text_file", help="perplexity: text file to evaluate")
-    parser.add_argument("--use_embedded_corpus", action="store_true", help="perplexity: evaluate the embedded corpus's test split")
-    parser.add_argument("--num_tokens", type=int, default=None, help="perplexity: tokens to evaluate (default 20 x max_position_embeddings)")
-    parser.add_argument("--output_json", help="perplexity: write the result (with perplexity by position) to this JSON file")
+    parser.add_argument(
+        "--use_embedded_corpus", action="store_true", help="perplexity: evaluate the embedded corpus's test split"
+    )
+    parser.add_argument(
+        "--num_tokens",
+        type=int,
+        default=None,
+        help="perplexity: tokens to evaluate (default 20 x max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--output_json", help="perplexity: write the result (with perplexity by position) to this JSON file"
+    )
     add_exact_args(parser)
     return parser.parse_args(argv)
 
@@ -134,8 +166,10 @@ def run(args: argparse.Namespace) -> dict:
     text = read_text(args) if args.mode == "perplexity" else read_prompt(args)
     config = load_config_or_checkpoint(args)
     if args.mode == "perplexity" and (args.sequential_forward or args.prefill is not None):
-        raise UsageError(f"{'--sequential_forward' if args.sequential_forward else '--prefill'}: --mode perplexity feeds one "
-                         "token per forward, exact already; allowed with --mode generate")
+        raise UsageError(
+            f"{'--sequential_forward' if args.sequential_forward else '--prefill'}: --mode perplexity feeds one "
+            "token per forward, exact already; allowed with --mode generate"
+        )
     apply_exact_switches(args, config)
     config = opt_llama_config("--config" if args.config is not None else "--model_name_or_path", config)
     cache = make_cache(config, args)  # checks the window before loading any weights

@@ -30,15 +30,36 @@ TASK_NAMES_CACHE = TASKS_DIR.parent / ".cache" / "lm_eval_task_names.json"  # lm
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (from_pretrained) or a config .json (random weights)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's own, else the corpus tokenizer)")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: commonsense suite, or local tasks offline)")
-    p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per task (default: each task's own)")
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory (from_pretrained) or a config .json (random weights)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer name or path (default: the checkpoint's own, else the corpus tokenizer)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval task names (default: commonsense suite, or local tasks offline)",
+    )
+    p.add_argument(
+        "--num_fewshot", type=int, default=None, help="few-shot examples per task (default: each task's own)"
+    )
     p.add_argument("--batch_size", default="1", help="lm-eval batch size: an integer or 'auto'")
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1); for quick checks")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights dtype (auto: bfloat16 on cuda, float32 otherwise)")
-    p.add_argument("--sequential", action="store_true", help="exact token-by-token forward (config.sequential_forward=True), as the paper evaluates")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights dtype (auto: bfloat16 on cuda, float32 otherwise)",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="exact token-by-token forward (config.sequential_forward=True), as the paper evaluates",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (config .json) and lm-eval")
     p.add_argument("--output_path", default=None, help="write lm-eval's results JSON to this file")
     args = p.parse_args(argv)
@@ -106,7 +127,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def default_tasks() -> list[str]:
     if hub_reachable():
         return COMMONSENSE_TASKS
-    print(f"hub unreachable: running the local tasks {', '.join(LOCAL_TASKS)} instead of {', '.join(COMMONSENSE_TASKS)}")
+    print(
+        f"hub unreachable: running the local tasks {', '.join(LOCAL_TASKS)} instead of {', '.join(COMMONSENSE_TASKS)}"
+    )
     return LOCAL_TASKS
 
 
@@ -124,13 +147,17 @@ def evaluate(args: argparse.Namespace) -> dict:
         set_sequential(config, "--sequential")
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     if len(tokenizer) > config.vocab_size:
-        raise UsageError(f"--tokenizer: {len(tokenizer)} tokens exceed the model's vocab_size={config.vocab_size}; "
-                         "allowed is a tokenizer of at most that many tokens")
+        raise UsageError(
+            f"--tokenizer: {len(tokenizer)} tokens exceed the model's vocab_size={config.vocab_size}; "
+            "allowed is a tokenizer of at most that many tokens"
+        )
     tasks = task_list(args.tasks) if args.tasks else default_tasks()
     local_only = set(tasks) <= set(local_task_names(TASKS_DIR))  # then lm-eval's own index (seconds) is not needed
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not local_only)
     check_choices("--tasks", tasks, task_manager.all_tasks)
-    model = load_model(args.model, shared.resolve_dtype(args.dtype, args.device), args.device, args.sequential, args.seed)
+    model = load_model(
+        args.model, shared.resolve_dtype(args.dtype, args.device), args.device, args.sequential, args.seed
+    )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=args.batch_size)
     return simple_evaluate(
         model=lm,

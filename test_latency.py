@@ -80,16 +80,31 @@ from tools.measure import (
 )
 
 
-def plan(config: PretrainedConfig, dtype: torch.dtype, gpu_memory: float, lengths: list[int], bandwidth: float, tp: int = 1) -> dict:
+def plan(
+    config: PretrainedConfig, dtype: torch.dtype, gpu_memory: float, lengths: list[int], bandwidth: float, tp: int = 1
+) -> dict:
     """Per sequence length: the batch whose KV fills the memory left by the weights, and the bandwidth-bound
     decode tokens/s at that batch (each step reads every weight once and, per sequence, ``n`` tokens of KV in
     every layer). With ``tp`` GPUs each holds and reads ``1/tp`` of the weights and of the KV heads (all-reduce
     time not counted); bytes are per GPU."""
-    per_token, read, weights = (x // tp for x in (kv_bytes_per_token(config, dtype), kv_read_bytes_per_token(config, dtype), weight_bytes(config, dtype)))
+    per_token, read, weights = (
+        x // tp
+        for x in (
+            kv_bytes_per_token(config, dtype),
+            kv_read_bytes_per_token(config, dtype),
+            weight_bytes(config, dtype),
+        )
+    )
     max_batch = {n: int((gpu_memory - weights) // (per_token * n)) for n in lengths}
     roofline = {n: batch * bandwidth / (weights + batch * n * read) for n, batch in max_batch.items()}
-    return {"kv_layers": num_kv_layers(config), "kv_bytes_per_token": per_token, "kv_read_bytes_per_token": read,
-            "weight_bytes": weights, "max_batch": max_batch, "decode_roofline_tokens_per_s": roofline}
+    return {
+        "kv_layers": num_kv_layers(config),
+        "kv_bytes_per_token": per_token,
+        "kv_read_bytes_per_token": read,
+        "weight_bytes": weights,
+        "max_batch": max_batch,
+        "decode_roofline_tokens_per_s": roofline,
+    }
 
 
 @dataclass
@@ -105,17 +120,22 @@ class RunResult:
     compile_s: float | None = None
     compiled_step_ms: float | None = None  # the compiled decode forward alone, without generate's Python loop
     prefill_path: str | None = None  # the prefill that ran: iterative / sequential (LCKV), parallel (Llama)
-    step_ms_end: float | None = None  # decode step with the context near prompt_len + gen_len (None: all gen_len steps ran)
+    step_ms_end: float | None = (
+        None  # decode step with the context near prompt_len + gen_len (None: all gen_len steps ran)
+    )
     mean_step_ms: float = 0.0  # mean decode step over gen_len: the mean of start and end, or step_ms when all steps ran
     e2e_s: float = 0.0  # prefill + gen_len - 1 decode steps (extrapolated when --steps < --gen_len)
     e2e_throughput: float = 0.0  # batch * gen_len / e2e_s
     mean_decode_throughput: float = 0.0  # decode tokens / s over gen_len: batch / mean_step_ms
     prefill_cost_model_s: dict | None = None  # LCKV: the auto cost model's seconds of each path (None: not priced)
-    prefill_sample_step_ms: list[float] | None = None  # --prefill_sample: ms per token step of the start and end segments
+    prefill_sample_step_ms: list[float] | None = (
+        None  # --prefill_sample: ms per token step of the start and end segments
+    )
 
 
-def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: int, context: int = 0,
-                  record: dict | None = None) -> tuple[StepTimer, object, float]:
+def generate_once(
+    model, args, batch: int, steps: int, bar: tqdm, prompt_len: int, context: int = 0, record: dict | None = None
+) -> tuple[StepTimer, object, float]:
     """One sampled generation of ``steps`` tokens for ``batch`` random prompts of ``prompt_len`` tokens, with the cache
     sized for ``--prompt_len + --gen_len``; returns the timer, the cache and the start time. ``context > 0``: the
     cache already holds ``context`` (zero) tokens and the prompt is one more token (decode steps at that context).
@@ -131,13 +151,23 @@ def generate_once(model, args, batch: int, steps: int, bar: tqdm, prompt_len: in
             cache, start, segments = sampled_prefill(model, args, input_ids, bar)
             if record is not None:
                 record["prefill_sample_s"] = segments
-        elif sequential and prompt_len > 1 and not context:  # whole batch, one token at a time, only the last logits kept
+        elif (
+            sequential and prompt_len > 1 and not context
+        ):  # whole batch, one token at a time, only the last logits kept
             prefill_cache(model, input_ids[:, :-1], cache)
         elif args.prefill_chunk and prompt_len > 1 and not context:
             prefill_in_chunks(model, input_ids[:, :-1], cache, args.prefill_chunk)
         model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), cache=cache, streamer=timer, do_sample=True, top_k=0,
-            max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0, disable_compile=not args.compile,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            cache=cache,
+            streamer=timer,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            pad_token_id=0,
+            disable_compile=not args.compile,
         )
     return timer, cache, start
 
@@ -202,7 +232,9 @@ def resolve_prefill(model, args, batch: int) -> tuple[str, dict | None]:
     captured = compile_options(model.device, new_cache(model, args)) is not None
     tp = config_tp_size(model.config)
     path = choose_prefill(model.config.prefill, model.config, batch, length, hardware, value_bytes, captured, tp)
-    return path, prefill_seconds(model.config, batch, length, hardware, value_bytes, tp) if hardware is not None else None
+    return path, prefill_seconds(
+        model.config, batch, length, hardware, value_bytes, tp
+    ) if hardware is not None else None
 
 
 def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) -> RunResult:
@@ -214,7 +246,9 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     # one shape at any length: 4 prompt tokens compile and capture it.
     warm_prompt = min(4, args.prompt_len) if prefill_path == "sequential" else args.prompt_len
     warm_steps = 3 if args.compile else 1
-    with tqdm(total=warm_steps, desc=f"{desc} {'compile' if args.compile else 'warm-up'} b={batch}", leave=False) as bar:
+    with tqdm(
+        total=warm_steps, desc=f"{desc} {'compile' if args.compile else 'warm-up'} b={batch}", leave=False
+    ) as bar:
         timer, warm_cache, start = generate_once(model, args, batch, warm_steps, bar, prompt_len=warm_prompt)
     compile_s = timer.times[-1] - start if args.compile else None
     del warm_cache  # freed before the measured run allocates its own (two caches need not fit)
@@ -230,7 +264,9 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     end_ms = None
     if args.steps < args.gen_len:  # the same steps with the context near its end
         with tqdm(total=args.steps, desc=f"{desc} b={batch} end", leave=False) as bar:
-            end_timer, end_cache, _ = generate_once(model, args, batch, args.steps, bar, 1, context=args.prompt_len + args.gen_len - args.steps - 1)
+            end_timer, end_cache, _ = generate_once(
+                model, args, batch, args.steps, bar, 1, context=args.prompt_len + args.gen_len - args.steps - 1
+            )
         end_ms = step_ms(end_timer)
         del end_cache
     mean_ms, e2e_s = extrapolate(times[1] - start, step_ms(timer), end_ms, args.gen_len)
@@ -261,7 +297,11 @@ def try_run(model, args, batch: int, desc: str) -> RunResult | None:
         return run(model, args, batch, desc)
     except torch.OutOfMemoryError as error:
         # Where it ran out, for sizing batches: the innermost frames of this repository and the memory in use then.
-        frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_tb(error.__traceback__) if "site-packages" not in f.filename]
+        frames = [
+            f"{Path(f.filename).name}:{f.name}"
+            for f in traceback.extract_tb(error.__traceback__)
+            if "site-packages" not in f.filename
+        ]
         in_use = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
         tqdm.write(f"{desc} b={batch}: out of memory in {' > '.join(frames[-4:])} ({in_use:.1f} GB allocated)")
         return None
@@ -307,7 +347,9 @@ def measure_model(path: str, args, dtype: torch.dtype, hardware: Hardware) -> di
         name = Path(path).stem if len(modes) == 1 else f"{Path(path).stem}:{mode}"
         if mode is not None:
             shared.set_prefill(model.config, "--prefill", mode)
-        out[name] = summarize(path, config, args, dtype, hardware, batch_search(model, args, name)) | {"prefill": mode or "parallel"}
+        out[name] = summarize(path, config, args, dtype, hardware, batch_search(model, args, name)) | {
+            "prefill": mode or "parallel"
+        }
     del model
     if args.compile:  # compiled graphs hold the model's weights; free them before the next model
         compiled_token_step.cache_clear()
@@ -315,11 +357,16 @@ def measure_model(path: str, args, dtype: torch.dtype, hardware: Hardware) -> di
     return out
 
 
-def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, hardware: Hardware, runs: list[dict]) -> dict:
+def summarize(
+    path: str, config: PretrainedConfig, args, dtype: torch.dtype, hardware: Hardware, runs: list[dict]
+) -> dict:
     """The runs of one model (and prefill mode) with their max-batch figures, their rooflines and the batch-1 roofline."""
     fitting = [r for r in runs if not r.get("oom")]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
-    weights, kv_read = weight_bytes(config, dtype) / world_size(), kv_read_bytes_per_token(config, dtype) / world_size()  # per process
+    weights, kv_read = (
+        weight_bytes(config, dtype) / world_size(),
+        kv_read_bytes_per_token(config, dtype) / world_size(),
+    )  # per process
     bandwidth = hardware.hbm_bandwidth
     # A decode step reads every weight once plus, per sequence and in every layer, the KV of the average context.
     avg_context = args.prompt_len + args.steps / 2
@@ -349,8 +396,17 @@ def summarize(path: str, config: PretrainedConfig, args, dtype: torch.dtype, har
     }
 
 
-def e2e_roofline_throughput(config: PretrainedConfig, weights: int, kv_read: int, batch: int, prompt_len: int, gen_len: int,
-                            hardware: Hardware, value_bytes: int, tp: int = 1) -> float:
+def e2e_roofline_throughput(
+    config: PretrainedConfig,
+    weights: int,
+    kv_read: int,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    hardware: Hardware,
+    value_bytes: int,
+    tp: int = 1,
+) -> float:
     """``batch * gen_len / (T_prefill + T_decode)``: ``T_prefill`` a Llama's parallel prefill of the prompt (the
     config's dimensions, every layer with its own KVs) at the peak matrix rate, the least any exact prefill can
     cost; ``T_decode`` the ``gen_len - 1`` decode steps after it at the bandwidth, each reading the ``weights`` and, per
@@ -362,32 +418,46 @@ def e2e_roofline_throughput(config: PretrainedConfig, weights: int, kv_read: int
     return batch * gen_len / (t_prefill + t_decode)
 
 
-def prefill_roofline_s(config: PretrainedConfig, path: str, batch: int, length: int, hardware: Hardware, value_bytes: int,
-                       tp: int = 1) -> float:
+def prefill_roofline_s(
+    config: PretrainedConfig, path: str, batch: int, length: int, hardware: Hardware, value_bytes: int, tp: int = 1
+) -> float:
     """The roofline of the prefill that ran: a Llama's one parallel pass, the iterative pass, or the sequential token
     steps, each at its own roofline (the max of its matrix work and its reads, no per-step overhead), per process of
     ``tp`` tensor-parallel ones."""
     shape = model_shape(config, tp=tp)
     if path == "sequential":
-        return sequential_prefill_seconds(shape, batch, length, replace(hardware, step_overhead_per_layer=0.0), value_bytes)
+        return sequential_prefill_seconds(
+            shape, batch, length, replace(hardware, step_overhead_per_layer=0.0), value_bytes
+        )
     cost = iterative_prefill_cost if path == "iterative" else parallel_prefill_cost
     return cost(shape, batch, length, value_bytes).seconds(hardware)
 
 
-def run_rooflines(run: dict, config: PretrainedConfig, args, hardware: Hardware, weights: int, kv_read: int,
-                  value_bytes: int) -> dict:
+def run_rooflines(
+    run: dict, config: PretrainedConfig, args, hardware: Hardware, weights: int, kv_read: int, value_bytes: int
+) -> dict:
     """A run's end-to-end and prefill rooflines and its measured figures over them; with --prefill_sample, the
     roofline of the token step at the middle of each timed segment."""
     batch, tp = run["batch"], world_size()
-    e2e = e2e_roofline_throughput(config, weights, kv_read, batch, args.prompt_len, args.gen_len, hardware, value_bytes, tp)
+    e2e = e2e_roofline_throughput(
+        config, weights, kv_read, batch, args.prompt_len, args.gen_len, hardware, value_bytes, tp
+    )
     prefill = prefill_roofline_s(config, run["prefill_path"], batch, args.prompt_len, hardware, value_bytes, tp)
-    out = {"e2e_roofline_throughput": e2e, "e2e_vs_roofline": run["e2e_throughput"] / e2e,
-           "prefill_roofline_s": prefill, "prefill_vs_roofline": run["prefill_s"] / prefill}
+    out = {
+        "e2e_roofline_throughput": e2e,
+        "e2e_vs_roofline": run["e2e_throughput"] / e2e,
+        "prefill_roofline_s": prefill,
+        "prefill_vs_roofline": run["prefill_s"] / prefill,
+    }
     if run.get("prefill_sample_step_ms"):
         sample, shape = args.prefill_sample, model_shape(config, tp=tp)
         middles = [(sample + 1) / 2, args.prompt_len - 1 - sample + (sample + 1) / 2]  # filled tokens, mid-segment
-        out["prefill_sample_roofline_ms"] = [1e3 * token_step_cost(shape, batch, n, value_bytes).seconds(hardware) for n in middles]
-        out["prefill_sample_vs_roofline"] = [t / r for t, r in zip(run["prefill_sample_step_ms"], out["prefill_sample_roofline_ms"], strict=True)]
+        out["prefill_sample_roofline_ms"] = [
+            1e3 * token_step_cost(shape, batch, n, value_bytes).seconds(hardware) for n in middles
+        ]
+        out["prefill_sample_vs_roofline"] = [
+            t / r for t, r in zip(run["prefill_sample_step_ms"], out["prefill_sample_roofline_ms"], strict=True)
+        ]
     return out
 
 
@@ -395,11 +465,17 @@ def ratios(results: dict[str, dict]) -> dict[str, dict]:
     """Each non-baseline model's max batch, throughputs and KV bytes/token over the baseline's (first Llama)."""
     baseline = baseline_name(results)
     base = results[baseline]
-    keys = ["max_batch", "max_batch_throughput", "max_batch_decode_throughput", "max_batch_e2e_throughput",
-            "kv_bytes_per_token_formula"]
+    keys = [
+        "max_batch",
+        "max_batch_throughput",
+        "max_batch_decode_throughput",
+        "max_batch_e2e_throughput",
+        "kv_bytes_per_token_formula",
+    ]
     return {
         f"{name}/{baseline}": {k: r[k] / base[k] if base[k] else None for k in keys}
-        for name, r in results.items() if name != baseline
+        for name, r in results.items()
+        if name != baseline
     }
 
 
@@ -414,8 +490,14 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
         fitting = [run for run in r["runs"] if not run.get("oom")]
         batches = [run["batch"] for run in fitting]
         (line,) = ax.plot(batches, [run["e2e_throughput"] for run in fitting], marker="o", label=f"{name}: end to end")
-        ax.plot(batches, [run["mean_decode_throughput"] for run in fitting], marker="x", linestyle="--",
-                color=line.get_color(), label=f"{name}: decode")
+        ax.plot(
+            batches,
+            [run["mean_decode_throughput"] for run in fitting],
+            marker="x",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{name}: decode",
+        )
     ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens / s", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -454,49 +536,81 @@ def measure(argv: list[str] | None = None) -> dict:
     hardware = roofline_hardware(args)
     bandwidth = hardware.hbm_bandwidth
     total_len = max(args.plan_lengths_list) if args.plan else args.prompt_len + args.gen_len
-    configs = {c: load_config_for_length(c, total_len) for c in args.configs}  # every config checked before any model is built
+    configs = {
+        c: load_config_for_length(c, total_len) for c in args.configs
+    }  # every config checked before any model is built
     if not args.plan:
         check_prefill_applies(list(configs.values()), args.prefill_modes, args.prefill_given)
     if args.plan:
         lengths = args.plan_lengths_list
         memory = args.gpu_memory_bytes
-        out = {Path(c).stem: plan(config, dtype, memory, lengths, bandwidth, args.tp_size) for c, config in configs.items()}
+        out = {
+            Path(c).stem: plan(config, dtype, memory, lengths, bandwidth, args.tp_size) for c, config in configs.items()
+        }
         for name, p in out.items():
             if p["weight_bytes"] >= memory:
-                raise UsageError(f"--gpu_memory: {args.gpu_memory} does not even hold the weights of {name} "
-                                 f"({p['weight_bytes']:,} bytes); allowed is more memory than that")
+                raise UsageError(
+                    f"--gpu_memory: {args.gpu_memory} does not even hold the weights of {name} "
+                    f"({p['weight_bytes']:,} bytes); allowed is more memory than that"
+                )
         for name, p in out.items():
-            per_length = ", ".join(f"{n}: {b} ({p['decode_roofline_tokens_per_s'][n]:,.0f} tok/s)" for n, b in p["max_batch"].items())
-            print(f"{name}: {p['kv_layers']} KV layers, {p['kv_bytes_per_token']} KV bytes/token stored, "
-                  f"{p['kv_read_bytes_per_token']} read per cached token per decode step; max batch per length "
-                  f"(decode roofline at it) {per_length}")
+            per_length = ", ".join(
+                f"{n}: {b} ({p['decode_roofline_tokens_per_s'][n]:,.0f} tok/s)" for n, b in p["max_batch"].items()
+            )
+            print(
+                f"{name}: {p['kv_layers']} KV layers, {p['kv_bytes_per_token']} KV bytes/token stored, "
+                f"{p['kv_read_bytes_per_token']} read per cached token per decode step; max batch per length "
+                f"(decode roofline at it) {per_length}"
+            )
         return out
 
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per batch size tried
-    keys = ("prompt_len", "gen_len", "steps", "cache", "offload", "compile", "compile_mode", "prefill_chunk", "prefill",
-            "prefill_sample", "max_batch", "batches", "attn_implementation")
+    keys = (
+        "prompt_len",
+        "gen_len",
+        "steps",
+        "cache",
+        "offload",
+        "compile",
+        "compile_mode",
+        "prefill_chunk",
+        "prefill",
+        "prefill_sample",
+        "max_batch",
+        "batches",
+        "attn_implementation",
+    )
     setting = {k: getattr(args, k) for k in keys}
     setting["extrapolation"] = (
-        "none: all gen_len decode steps ran" if args.steps >= args.gen_len else
-        f"decode steps timed at the start ({args.steps} after the prompt) and at the end of the context ({args.steps} "
+        "none: all gen_len decode steps ran"
+        if args.steps >= args.gen_len
+        else f"decode steps timed at the start ({args.steps} after the prompt) and at the end of the context ({args.steps} "
         "from a cache filled to prompt_len + gen_len - steps - 1 zero tokens); mean_step_ms is their mean, e2e_s = "
         "prefill_s + (gen_len - 1) * mean_step_ms, e2e_throughput = batch * gen_len / e2e_s; throughput and "
-        "decode_throughput cover the first steps only")
+        "decode_throughput cover the first steps only"
+    )
     if args.prefill_sample:
-        setting["extrapolation"] += (f"; sequential prefill_s: {args.prefill_sample} prompt tokens timed at the start and "
-                                     f"{args.prefill_sample} at the end, scaled to prompt_len - 1, plus the last token's step")
-    setting |= {"dtype": str(dtype), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-                "tp_size": world_size()}
+        setting["extrapolation"] += (
+            f"; sequential prefill_s: {args.prefill_sample} prompt tokens timed at the start and "
+            f"{args.prefill_sample} at the end, scaled to prompt_len - 1, plus the last token's step"
+        )
+    setting |= {
+        "dtype": str(dtype),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "tp_size": world_size(),
+    }
     setting["prefill"] = args.prefill or "auto"  # of the LCKV models; a Llama's entry records "parallel"
     setting |= apply_memory_cap(args)
     setting["roofline"] = {
-        "gpu": hardware.name, "hbm_bandwidth_bytes_per_s": hardware.hbm_bandwidth, "peak_bf16_flops_per_s": hardware.peak_flops,
+        "gpu": hardware.name,
+        "hbm_bandwidth_bytes_per_s": hardware.hbm_bandwidth,
+        "peak_bf16_flops_per_s": hardware.peak_flops,
         "e2e": "e2e_roofline_throughput = batch * gen_len / (T_prefill + T_decode): T_prefill a Llama's parallel prefill "
-               "of the prompt at the peak matrix rate, T_decode the gen_len - 1 decode steps at the bandwidth, each "
-               "reading the weights and the filled KV of every layer; e2e_vs_roofline = e2e_throughput over it",
+        "of the prompt at the peak matrix rate, T_decode the gen_len - 1 decode steps at the bandwidth, each "
+        "reading the weights and the filled KV of every layer; e2e_vs_roofline = e2e_throughput over it",
         "prefill": "prefill_roofline_s: the path that ran, at its roofline (a sequential token step: the max of its "
-                   "matrix work and its reads of the weights and the KV filled so far, no per-step overhead)",
+        "matrix work and its reads of the weights and the KV filled so far, no per-step overhead)",
         "tensor_parallel": "every roofline is of one process: 1/tp_size of the heads, MLP features, weights and KV",
     }
     results = {}
@@ -510,10 +624,14 @@ def measure(argv: list[str] | None = None) -> dict:
     (out_dir / "latency.json").write_text(json.dumps(out, indent=2))
     plot(results, out_dir / "throughput.png", plot_title(args, setting["device"]))
     for name, r in results.items():
-        vs_roofline = f" ({r['max_batch_e2e_vs_roofline']:.2f} of the roofline)" if r["max_batch_e2e_vs_roofline"] else ""
-        print(f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s{vs_roofline}, first steps {r['max_batch_throughput']:.1f} tok/s "
-              f"(decode {r['max_batch_decode_throughput']:.1f}), batch-1 step {r['batch1_step_ms'] or float('nan'):.3f} ms "
-              f"vs roofline {r['batch1_roofline_ms']:.3f} ms")
+        vs_roofline = (
+            f" ({r['max_batch_e2e_vs_roofline']:.2f} of the roofline)" if r["max_batch_e2e_vs_roofline"] else ""
+        )
+        print(
+            f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s{vs_roofline}, first steps {r['max_batch_throughput']:.1f} tok/s "
+            f"(decode {r['max_batch_decode_throughput']:.1f}), batch-1 step {r['batch1_step_ms'] or float('nan'):.3f} ms "
+            f"vs roofline {r['batch1_roofline_ms']:.3f} ms"
+        )
     print(json.dumps(out["ratios"], indent=2))
     print(f"written: {out_dir / 'latency.json'}, {out_dir / 'throughput.png'}")
     return out

@@ -25,10 +25,15 @@ from tools.measure import baseline_name
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+",
-                        default=["configs/tinyllama.json", "configs/tinyllama_opt.json", "configs/tinyllama_opt_w4.json"],
-                        help="model configs; the first Llama (model_type llama) is the baseline of the ratios")
-    parser.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence (batch 1; work scales with batch)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["configs/tinyllama.json", "configs/tinyllama_opt.json", "configs/tinyllama_opt_w4.json"],
+        help="model configs; the first Llama (model_type llama) is the baseline of the ratios",
+    )
+    parser.add_argument(
+        "--seq_len", type=int, default=2048, help="tokens per sequence (batch 1; work scales with batch)"
+    )
     parser.add_argument("--output_dir", default="bench/results/flops", help="where flops.json goes")
     args = parser.parse_args(argv)
     check_range("--seq_len", args.seq_len, minimum=1)
@@ -49,8 +54,11 @@ def count_flops(config_path: str, seq_len: int) -> dict:
         model.eval()(ids, logits_to_keep=1)
     with FlopCounterMode(display=False) as train:
         model.train()(input_ids=ids, labels=ids).loss.backward()
-    return {"model_type": config.model_type, "prefill_tflop": prefill.get_total_flops() / 1e12,
-            "train_step_tflop": train.get_total_flops() / 1e12}
+    return {
+        "model_type": config.model_type,
+        "prefill_tflop": prefill.get_total_flops() / 1e12,
+        "train_step_tflop": train.get_total_flops() / 1e12,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,8 +78,10 @@ def count(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "flops.json").write_text(json.dumps(out, indent=2))
     for name, r in results.items():
-        print(f"{name}: prefill {r['prefill_tflop']:.3f} TFLOP ({r['prefill_vs_baseline']:.2f}x), "
-              f"train step {r['train_step_tflop']:.3f} TFLOP ({r['train_step_vs_baseline']:.2f}x)")
+        print(
+            f"{name}: prefill {r['prefill_tflop']:.3f} TFLOP ({r['prefill_vs_baseline']:.2f}x), "
+            f"train step {r['train_step_tflop']:.3f} TFLOP ({r['train_step_vs_baseline']:.2f}x)"
+        )
     return out
 
 

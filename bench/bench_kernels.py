@@ -29,8 +29,12 @@ from tools.measure import synchronize
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["configs/tinyllama_opt.json", "configs/tinyllama.json"],
-                        help="model configs (opt-llama or llama json)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["configs/tinyllama_opt.json", "configs/tinyllama.json"],
+        help="model configs (opt-llama or llama json)",
+    )
     parser.add_argument("--batch_size", type=int, default=4, help="sequences per step")
     parser.add_argument("--block_size", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Triton compilation, allocator)")
@@ -57,6 +61,7 @@ def flag_sets() -> list[tuple[str, dict[str, str]]]:
 
 def selected_kernels(selection: KernelSelection) -> dict[str, str | None]:
     """Which implementation each flag actually got (fallbacks included)."""
+
     def name(obj) -> str | None:
         return None if obj is None else obj.__name__
 
@@ -74,8 +79,9 @@ def run(config: OptLlamaConfig, environ: dict[str, str], args, device: torch.dev
     selection = KernelSelection.from_environ(environ)
     torch.manual_seed(0)
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa",
-                                                 kernel_selection=selection)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa", kernel_selection=selection
+        )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tokens = torch.randint(3, config.vocab_size, (args.batch_size, args.block_size), device=device)
@@ -138,7 +144,9 @@ def plot(results: list[dict], path: Path) -> None:
         rows = {r["flags"]: r for r in results if r["config"] == config}
         base = rows["off"].get("tokens_per_s")
         positions = [j + i * width for j in range(len(names))]
-        speed_ax.bar(positions, [rows[n].get("tokens_per_s", 0) / base if base else 0 for n in names], width, label=config)
+        speed_ax.bar(
+            positions, [rows[n].get("tokens_per_s", 0) / base if base else 0 for n in names], width, label=config
+        )
         memory_ax.bar(positions, [rows[n].get("peak_memory_gib") or 0 for n in names], width, label=config)
     labels = [n.removeprefix("LCKV_").removeprefix("FUSED_").lower() for n in names]
     for ax, ylabel in ((speed_ax, "training tokens/s vs all off"), (memory_ax, "peak memory (GiB)")):

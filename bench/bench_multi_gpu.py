@@ -40,10 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--num_gpus", type=int, default=2, help="processes of the multi-GPU runs")
-    parser.add_argument("--modes", nargs="+", default=["single", "ddp", "fsdp"], choices=["single", "ddp", "fsdp"],
-                        help="settings to run, in order")
-    parser.add_argument("--cpu", action="store_true", help="smoke test on CPU processes (gloo, fp32; FSDP skipped: "
-                        "accelerate enables it only on GPUs)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["single", "ddp", "fsdp"],
+        choices=["single", "ddp", "fsdp"],
+        help="settings to run, in order",
+    )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="smoke test on CPU processes (gloo, fp32; FSDP skipped: accelerate enables it only on GPUs)",
+    )
     parser.add_argument("--output_dir", default="bench/results", help="where multi_gpu.json goes")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: result json of one worker
     parser.add_argument("--mode", default="single", help=argparse.SUPPRESS)  # internal: the worker's setting
@@ -162,8 +170,11 @@ def worker_flags(args: argparse.Namespace) -> list[str]:
 def run_mode(mode: str, args: argparse.Namespace, output_dir: Path) -> dict:
     """Launch one setting and return its result (or the reason it has none)."""
     if mode == "fsdp" and args.cpu:
-        return {"mode": mode, "skipped": "accelerate enables FSDP only on GPUs (tests/test_distributed.py covers "
-                "FSDP2 on CPU with fully_shard directly)"}
+        return {
+            "mode": mode,
+            "skipped": "accelerate enables FSDP only on GPUs (tests/test_distributed.py covers "
+            "FSDP2 on CPU with fully_shard directly)",
+        }
     result_path = output_dir / f"multi_gpu_{mode}.json"
     result_path.unlink(missing_ok=True)
     cmd = launch_command(mode, args) + ["bench.bench_multi_gpu", "--worker", str(result_path), "--mode", mode]
@@ -209,7 +220,9 @@ def run_settings(argv: list[str] | None = None) -> dict:
     }
     (output_dir / "multi_gpu.json").write_text(json.dumps(report, indent=2))
     for mode, run in runs.items():
-        summary = f"{run['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in run else run.get("error", run.get("skipped"))
+        summary = (
+            f"{run['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in run else run.get("error", run.get("skipped"))
+        )
         print(f"{mode:>6}: {summary}" + (f", scaling efficiency {scaling[mode]:.2f}" if mode in scaling else ""))
     if any("error" in run for run in runs.values()):
         sys.exit(1)

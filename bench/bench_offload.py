@@ -22,13 +22,22 @@ from tools.measure import StepTimer
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"], help="model configs to compare")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["configs/tinyllama.json", "configs/tinyllama_opt.json"],
+        help="model configs to compare",
+    )
     parser.add_argument("--prompt_len", type=int, default=8192, help="prompt tokens per sequence")
     parser.add_argument("--gen_len", type=int, default=256, help="new tokens per sequence")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run")
-    parser.add_argument("--modes", nargs="+", default=["dynamic", "offloaded"], help="cache_implementation values to compare")
+    parser.add_argument(
+        "--modes", nargs="+", default=["dynamic", "offloaded"], help="cache_implementation values to compare"
+    )
     parser.add_argument("--output_dir", default="bench/results", help="where offload.json is written")
-    parser.add_argument("--device", default="cuda", help="torch device (offloaded modes need cuda; cpu only smoke-tests)")
+    parser.add_argument(
+        "--device", default="cuda", help="torch device (offloaded modes need cuda; cpu only smoke-tests)"
+    )
     args = parser.parse_args(argv)
     for flag in ("prompt_len", "gen_len"):
         check_range(f"--{flag}", getattr(args, flag), minimum=1)
@@ -44,8 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cuda_kv_bytes(cache) -> int:
     """Bytes of cached keys/values that sit on the GPU right now."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers if getattr(layer, "keys", None) is not None
-               for t in (layer.keys, layer.values) if t.is_cuda)
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        if getattr(layer, "keys", None) is not None
+        for t in (layer.keys, layer.values)
+        if t.is_cuda
+    )
 
 
 def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str) -> tuple[object, float, float]:
@@ -59,8 +73,16 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str) -> tupl
     with tqdm(total=new_tokens, desc=f"{mode} b={ids.shape[0]}", leave=False) as bar:
         timer = StepTimer(bar)
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             cache_implementation=mode, return_dict_in_generate=True, streamer=timer)
+        out = model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation=mode,
+            return_dict_in_generate=True,
+            streamer=timer,
+        )
     times = timer.times  # [prompt, token 1 (after prefill), ..., token new_tokens]
     return out, times[1] - start, 1e3 * (times[-1] - times[1]) / (len(times) - 2)
 
@@ -78,7 +100,9 @@ def run_one(model, config, batch: int, args, mode: str) -> dict:
         torch.cuda.empty_cache()
         return {"batch": batch, "mode": mode, "oom": True}
     result = {
-        "batch": batch, "mode": mode, "oom": False,
+        "batch": batch,
+        "mode": mode,
+        "oom": False,
         "prefill_s": prefill_s,
         "decode_ms_per_step": step_ms,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -104,7 +128,9 @@ def compare(argv=None) -> dict:
     model, loaded = None, None
     for config_path, batch, mode in bar:
         if loaded != config_path:
-            config = shared.load_config("--configs", config_path, {"max_position_embeddings": args.prompt_len + args.gen_len})
+            config = shared.load_config(
+                "--configs", config_path, {"max_position_embeddings": args.prompt_len + args.gen_len}
+            )
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -31,18 +31,39 @@ from tools.measure import measure_stream
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lckv_model", help="trained LCKV checkpoint directory (else trained here, see --train_steps)")
-    parser.add_argument("--llama_model", help="trained Llama checkpoint directory (else trained here, see --train_steps)")
-    parser.add_argument("--config", default="configs/llama_tiny_opt.json", help="LCKV config to train from (the Llama: same, every layer standard)")
-    parser.add_argument("--max_position_embeddings", type=int, default=256, help="position limit (and block size) of the models trained here")
+    parser.add_argument(
+        "--llama_model", help="trained Llama checkpoint directory (else trained here, see --train_steps)"
+    )
+    parser.add_argument(
+        "--config",
+        default="configs/llama_tiny_opt.json",
+        help="LCKV config to train from (the Llama: same, every layer standard)",
+    )
+    parser.add_argument(
+        "--max_position_embeddings",
+        type=int,
+        default=256,
+        help="position limit (and block size) of the models trained here",
+    )
     parser.add_argument("--train_steps", type=int, default=0, help="AdamW steps per model when no checkpoint is given")
     parser.add_argument("--batch_size", type=int, default=16, help="training blocks per step")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (linear warmup 10%%, linear decay)")
-    parser.add_argument("--windows", type=int, nargs="+", help="window sizes (default: limit/8, limit/4, limit - sinks)")
+    parser.add_argument(
+        "--learning_rate", type=float, default=1e-3, help="peak learning rate (linear warmup 10%%, linear decay)"
+    )
+    parser.add_argument(
+        "--windows", type=int, nargs="+", help="window sizes (default: limit/8, limit/4, limit - sinks)"
+    )
     parser.add_argument("--num_sink_tokens", type=int, default=4, help="attention sinks kept")
-    parser.add_argument("--ppl_factor", type=int, default=4, help="tokens streamed per window, in multiples of the limit")
-    parser.add_argument("--length_factor", type=int, default=20, help="tokens streamed at the largest window, in multiples of the limit")
+    parser.add_argument(
+        "--ppl_factor", type=int, default=4, help="tokens streamed per window, in multiples of the limit"
+    )
+    parser.add_argument(
+        "--length_factor", type=int, default=20, help="tokens streamed at the largest window, in multiples of the limit"
+    )
     parser.add_argument("--num_streams", type=int, default=4, help="text segments streamed side by side (batch size)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="dtype (auto: bfloat16 on cuda, float32 on cpu)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (weights, training batches)")
     parser.add_argument("--output_dir", default="bench", help="where streaming.json and streaming.png go")
@@ -101,7 +122,9 @@ def load_models(args: argparse.Namespace) -> dict[str, tuple]:
     for name, path in (("lckv", args.lckv_model), ("llama", args.llama_model)):
         if path is not None:
             config = shared.load_opt_llama_config(f"--{name}_model", path)
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(args.device).eval()
+            model = (
+                AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(args.device).eval()
+            )
             models[name] = (model, AutoTokenizer.from_pretrained(path), [])
             continue
         corpus_tokenizer = corpus_tokenizer or AutoTokenizer.from_pretrained(prepare_corpus().tokenizer)
@@ -135,7 +158,12 @@ def plot(runs: list[dict], limit: int, path: Path) -> None:
             label=f"{run['model']} window {run['window_size']}",
         )
     ax.axvline(limit, color="gray", linestyle=":", label=f"position limit {limit}")
-    ax.set(xlabel="position in the stream (tokens)", ylabel="perplexity", yscale="log", title="Streaming perplexity (sinks + window)")
+    ax.set(
+        xlabel="position in the stream (tokens)",
+        ylabel="perplexity",
+        yscale="log",
+        title="Streaming perplexity (sinks + window)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -157,22 +185,38 @@ def compare(argv: list[str] | None = None) -> None:
         limit = model.config.max_position_embeddings
         windows = sorted(args.windows or [limit // 8, limit // 4, limit - args.num_sink_tokens])
         longest = args.length_factor * limit
-        ids = tokenizer(test_text[: 8 * args.num_streams * longest], return_tensors="pt").input_ids[0]  # ~4 chars a token
+        ids = tokenizer(test_text[: 8 * args.num_streams * longest], return_tensors="pt").input_ids[
+            0
+        ]  # ~4 chars a token
         if len(ids) < args.num_streams * longest:
-            raise UsageError(f"--num_streams: {args.num_streams}; the test text has {len(ids)} tokens, fewer than "
-                             f"{args.num_streams} x {longest}; allowed are fewer streams or a smaller --length_factor")
+            raise UsageError(
+                f"--num_streams: {args.num_streams}; the test text has {len(ids)} tokens, fewer than "
+                f"{args.num_streams} x {longest}; allowed are fewer streams or a smaller --length_factor"
+            )
         ids = ids[: args.num_streams * longest].view(args.num_streams, longest).to(args.device)
         for window in windows:
             length = longest if window == windows[-1] else args.ppl_factor * limit
             cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=args.num_sink_tokens)
-            run = measure_stream(model, ids[:, :length], cache, bucket=max(1, limit // 2), desc=f"{name} window {window}")
-            runs.append(dict(model=name, num_kv_layers=model.config.num_kv_layers, max_position_embeddings=limit, **run))
+            run = measure_stream(
+                model, ids[:, :length], cache, bucket=max(1, limit // 2), desc=f"{name} window {window}"
+            )
+            runs.append(
+                dict(model=name, num_kv_layers=model.config.num_kv_layers, max_position_embeddings=limit, **run)
+            )
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "ppl_by_position"}))
-        training[name] = dict(steps=len(losses), first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
+        training[name] = dict(
+            steps=len(losses), first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None
+        )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if args.device.type == "cuda" else platform.processor() or "cpu"
-    result = dict(device=device, dtype=str(dtype).removeprefix("torch."), num_sink_tokens=args.num_sink_tokens, training=training, runs=runs)
+    result = dict(
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        num_sink_tokens=args.num_sink_tokens,
+        training=training,
+        runs=runs,
+    )
     (out / "streaming.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(runs, runs[0]["max_position_embeddings"], out / "streaming.png")
     print(f"wrote {out / 'streaming.json'} and {out / 'streaming.png'}")

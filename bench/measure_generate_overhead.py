@@ -41,23 +41,44 @@ SMOKE_CONFIGS = ["configs/llama_tiny.json", "configs/llama_tiny_opt.json"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"],
-                   help="model config .json files (a Llama and its LCKV twin); each is built with random weights")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["configs/tinyllama.json", "configs/tinyllama_opt.json"],
+        help="model config .json files (a Llama and its LCKV twin); each is built with random weights",
+    )
     p.add_argument("--batches", default="1", help="comma-separated batch sizes")
     p.add_argument("--context", type=int, default=2048, help="tokens in the cache when decoding starts (the prompt)")
     p.add_argument("--new_tokens", type=int, default=128, help="tokens sampled by the timed generate")
     p.add_argument("--check_tokens", type=int, default=16, help="tokens compared between the two loops")
-    p.add_argument("--attn_implementation", default=SPLIT_KV,
-                   help=f"attention of both models (default {SPLIT_KV}: the decode kernel reading only the filled cache)")
-    p.add_argument("--compile_mode", choices=latency.COMPILE_MODES, default="reduce-overhead",
-                   help="torch.compile mode of the decode step (as test_latency.py --compile_mode)")
-    p.add_argument("--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the roofline (H200: 4.8TB)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device the models are built on (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--attn_implementation",
+        default=SPLIT_KV,
+        help=f"attention of both models (default {SPLIT_KV}: the decode kernel reading only the filled cache)",
+    )
+    p.add_argument(
+        "--compile_mode",
+        choices=latency.COMPILE_MODES,
+        default="reduce-overhead",
+        help="torch.compile mode of the decode step (as test_latency.py --compile_mode)",
+    )
+    p.add_argument(
+        "--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the roofline (H200: 4.8TB)"
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device the models are built on (default: cuda when available, else cpu)",
+    )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens: the same code path")
-    p.add_argument("--output_dir", default="bench/results/generate_overhead",
-                   help="folder of the JSON (one file per set of configs and batches)")
+    p.add_argument(
+        "--output_dir",
+        default="bench/results/generate_overhead",
+        help="folder of the JSON (one file per set of configs and batches)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.device, args.context, args.new_tokens, args.check_tokens = "cpu", 8, 6, 4
@@ -72,15 +93,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_generate(model, cache, batch: int, context: int, loop: str, new_tokens: int, sample: bool = True, timed: bool = False):
+def run_generate(
+    model, cache, batch: int, context: int, loop: str, new_tokens: int, sample: bool = True, timed: bool = False
+):
     """``new_tokens`` tokens for ``batch`` sequences after the ``context`` in ``cache`` (one more prompt token is
     prefilled) with ``loop``; the cache is rewound to ``context`` afterwards. Returns the new tokens
     ``(B, new_tokens)``, and when ``timed`` generate's ms per token (first new token to last) and the captured
     forward's mean ms (None when it was not compiled)."""
     model.generation_config.fast_decode = loop == "fast"
-    ids = torch.randint(3, model.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0)).to(model.device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  pad_token_id=0, do_sample=sample)
+    ids = torch.randint(
+        3, model.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0)
+    ).to(model.device)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids),
+        cache=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+        do_sample=sample,
+    )
     if sample:
         kwargs["top_k"] = 0
     torch.manual_seed(0)
@@ -96,23 +127,42 @@ def run_generate(model, cache, batch: int, context: int, loop: str, new_tokens: 
 
 def measure(model, config, batch: int, args) -> dict:
     """Both loops at ``batch``: warm-up, timed run, tokens compared."""
-    cache = latency.filled_cache(model, SimpleNamespace(cache="static", prompt_len=args.context, gen_len=args.new_tokens,
-                                                             offload=False), batch, args.context)
+    cache = latency.filled_cache(
+        model,
+        SimpleNamespace(cache="static", prompt_len=args.context, gen_len=args.new_tokens, offload=False),
+        batch,
+        args.context,
+    )
     row = {"batch": batch, "context": args.context, "new_tokens": args.new_tokens}
     tokens = {}
     for loop in LOOPS:
         run_generate(model, cache, batch, args.context, loop, 3)  # compile, warm up and capture
         _, ms, captured = run_generate(model, cache, batch, args.context, loop, args.new_tokens, timed=True)
-        row[loop] = {"ms_per_token": ms, "captured_step_ms": captured, "vs_captured": ms / captured if captured else None}
-        tokens[loop] = [run_generate(model, cache, batch, args.context, loop, args.check_tokens, sample=s)[0] for s in (False, True)]
+        row[loop] = {
+            "ms_per_token": ms,
+            "captured_step_ms": captured,
+            "vs_captured": ms / captured if captured else None,
+        }
+        tokens[loop] = [
+            run_generate(model, cache, batch, args.context, loop, args.check_tokens, sample=s)[0] for s in (False, True)
+        ]
     fast, stock = row["fast"], row["transformers"]
-    row["fast_vs_transformers_captured_step"] = fast["ms_per_token"] / stock["captured_step_ms"] if stock["captured_step_ms"] else None
+    row["fast_vs_transformers_captured_step"] = (
+        fast["ms_per_token"] / stock["captured_step_ms"] if stock["captured_step_ms"] else None
+    )
     row["fast_vs_transformers_generate"] = fast["ms_per_token"] / stock["ms_per_token"]
     dtype = next(model.parameters()).dtype
     weights = latency.weight_bytes(config, dtype)
-    row["roofline_ms"] = latency.step_roofline_ms(weights, latency.kv_read_bytes_per_token(config, dtype), batch,
-                                                      args.context + args.new_tokens / 2, args.bandwidth)
-    row["same_tokens"] = {kind: bool(torch.equal(a, b)) for kind, a, b in zip(("greedy", "sampled"), *tokens.values(), strict=True)}
+    row["roofline_ms"] = latency.step_roofline_ms(
+        weights,
+        latency.kv_read_bytes_per_token(config, dtype),
+        batch,
+        args.context + args.new_tokens / 2,
+        args.bandwidth,
+    )
+    row["same_tokens"] = {
+        kind: bool(torch.equal(a, b)) for kind, a, b in zip(("greedy", "sampled"), *tokens.values(), strict=True)
+    }
     del cache
     return row
 
@@ -121,15 +171,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    setting = {k: getattr(args, k) for k in ("context", "new_tokens", "check_tokens", "attn_implementation", "compile_mode",
-                                             "hbm_bandwidth")}
+    setting = {
+        k: getattr(args, k)
+        for k in ("context", "new_tokens", "check_tokens", "attn_implementation", "compile_mode", "hbm_bandwidth")
+    }
     setting["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting["dtype"] = str(dtype)
     results = []
     for path in args.configs:
         config = load_config_for_length(path, args.context + args.new_tokens + 1)
-        latency_args = SimpleNamespace(seed=0, device=args.device, attn_implementation=args.attn_implementation,
-                                       compile_mode=args.compile_mode)
+        latency_args = SimpleNamespace(
+            seed=0, device=args.device, attn_implementation=args.attn_implementation, compile_mode=args.compile_mode
+        )
         model = latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too
         model.generation_config.compile_config = compile_config(args.device)
         for batch in args.batch_list:

@@ -65,8 +65,10 @@ CAP = ["--memory_cap", "79GiB"]  # 80e9 bytes would be 74.5 GiB, less than an 80
 BATCH1_BOUND = 1.5  # the batch-1 prefill may cost this many captured decode steps per prompt token
 STEP_BOUND = 1.5  # a large-batch token step may cost this many times its roofline
 # The smoke run's test_latency: the token step compiled on the CPU, so that TORCH_LOGS=recompiles has something to say.
-SMOKE_LAUNCH = ("import sys; from models import sequential_prefill; sequential_prefill.CPU_COMPILE_BACKEND = 'eager'; "
-                "import test_latency; test_latency.main(sys.argv[1:])")
+SMOKE_LAUNCH = (
+    "import sys; from models import sequential_prefill; sequential_prefill.CPU_COMPILE_BACKEND = 'eager'; "
+    "import test_latency; test_latency.main(sys.argv[1:])"
+)
 
 
 @dataclass(frozen=True)
@@ -105,26 +107,58 @@ class IterativeRun:
 
 def parts(smoke: bool) -> dict[str, list]:
     """Each part's runs; ``smoke``: the same runs on the CPU at tiny sizes."""
+
     def latency(name, config, prompt, gen, batches, prefill, limit, extra=()):
         if smoke:
-            config, prompt, gen, batches = TINY, min(prompt, 150), min(gen, 8), ",".join(str(min(int(b), 3)) for b in batches.split(","))
-        argv = ["--configs", config, "--compile", "--prefill", prefill, "--batches", batches, "--prompt_len", str(prompt),
-                "--gen_len", str(gen), "--steps", str(min(gen, 16) // 2), *extra]
+            config, prompt, gen, batches = (
+                TINY,
+                min(prompt, 150),
+                min(gen, 8),
+                ",".join(str(min(int(b), 3)) for b in batches.split(",")),
+            )
+        argv = [
+            "--configs",
+            config,
+            "--compile",
+            "--prefill",
+            prefill,
+            "--batches",
+            batches,
+            "--prompt_len",
+            str(prompt),
+            "--gen_len",
+            str(gen),
+            "--steps",
+            str(min(gen, 16) // 2),
+            *extra,
+        ]
         return LatencyRun(name, tuple(argv + (["--device", "cpu"] if smoke else CAP)), limit)
 
     paths = "iterative,sequential"
-    steps = (StepsRun(TINY, (2, 3), (2, 70), 64, 4, 160, "cpu") if smoke
-             else StepsRun(TINYLLAMA, (1024, 4096), (64, 1024, 1900), 64, 8, 2048 + 64 + 8, "cuda"))
+    steps = (
+        StepsRun(TINY, (2, 3), (2, 70), 64, 4, 160, "cpu")
+        if smoke
+        else StepsRun(TINYLLAMA, (1024, 4096), (64, 1024, 1900), 64, 8, 2048 + 64 + 8, "cuda")
+    )
     return {
         "batch1": [latency("batch1_sequential", TINYLLAMA, 2048, 32, "1", "sequential", 500)],
-        "paths_tinyllama_small": [latency("tinyllama_b1_b32", TINYLLAMA, 2048, 4, "1,32", paths, 520, ["--prefill_chunk", "64"])],
-        "paths_tinyllama_large": [latency("tinyllama_b256_b512", TINYLLAMA, 2048, 4, "256,512", paths, 520, ["--prefill_chunk", "64"])],
+        "paths_tinyllama_small": [
+            latency("tinyllama_b1_b32", TINYLLAMA, 2048, 4, "1,32", paths, 520, ["--prefill_chunk", "64"])
+        ],
+        "paths_tinyllama_large": [
+            latency("tinyllama_b256_b512", TINYLLAMA, 2048, 4, "256,512", paths, 520, ["--prefill_chunk", "64"])
+        ],
         "paths_33b_b1": [latency("llama33b_b1", LLAMA33B, 2048, 4, "1", paths, 520)],
         "paths_33b_b32": [latency("llama33b_b32", LLAMA33B, 2048, 4, "32", paths, 520, ["--prefill_chunk", "8"])],
-        "paths_33b_b256": [latency("llama33b_p256_b256", LLAMA33B, 256, 4, "256", paths, 520, ["--prefill_chunk", "32"])],
+        "paths_33b_b256": [
+            latency("llama33b_p256_b256", LLAMA33B, 256, 4, "256", paths, 520, ["--prefill_chunk", "32"])
+        ],
         "steps": [steps],
-        "profile_iterative": [IterativeRun(TINY, ((1, 96), (3, 24), (2, 96)), 1, (1, 96), "cpu") if smoke
-                              else IterativeRun(TINYLLAMA, ((1, 2048), (8, 128), (32, 2048)), 3, (1, 2048), "cuda")],
+        "profile_iterative": [
+            IterativeRun(TINY, ((1, 96), (3, 24), (2, 96)), 1, (1, 96), "cpu")
+            if smoke
+            else IterativeRun(TINYLLAMA, ((1, 2048), (8, 128), (32, 2048)), 3, (1, 2048), "cuda")
+        ],
     }
 
 
@@ -142,10 +176,13 @@ def batch1_report(latency: dict, log: str) -> dict:
     step_ms = run.get("compiled_step_ms")
     bound = prompt * BATCH1_BOUND * step_ms / 1e3 if step_ms else None
     return {
-        "prefill_s": run["prefill_s"], "compiled_step_ms": step_ms, "bound_s": bound,
+        "prefill_s": run["prefill_s"],
+        "compiled_step_ms": step_ms,
+        "bound_s": bound,
         "prefill_per_token_in_steps": run["prefill_s"] * 1e3 / (prompt * step_ms) if step_ms else None,
         "within_bound": run["prefill_s"] <= bound if bound else None,
-        "token_step_recompilations": len(recompilations(log, "token_step")), "recompilations": len(recompilations(log)),
+        "token_step_recompilations": len(recompilations(log, "token_step")),
+        "recompilations": len(recompilations(log)),
     }
 
 
@@ -163,11 +200,17 @@ def paths_report(latency: dict) -> list[dict]:
         estimates = next(iter(by_path.values())).get("prefill_cost_model_s")
         auto = min(estimates, key=estimates.get) if estimates else "iterative"
         faster = min(measured, key=measured.get) if len(measured) == 2 else None
-        rows.append({
-            "batch": batch, "measured_prefill_s": measured, "cost_model_s": estimates, "faster": faster, "auto": auto,
-            "auto_is_faster": auto == faster if faster else None,
-            "measured_over_estimate": {p: measured[p] / estimates[p] for p in measured} if estimates else None,
-        })
+        rows.append(
+            {
+                "batch": batch,
+                "measured_prefill_s": measured,
+                "cost_model_s": estimates,
+                "faster": faster,
+                "auto": auto,
+                "auto_is_faster": auto == faster if faster else None,
+                "measured_over_estimate": {p: measured[p] / estimates[p] for p in measured} if estimates else None,
+            }
+        )
     return rows
 
 
@@ -175,9 +218,16 @@ def step_report(measured_ms: float, shape, batch: int, filled: float, hardware, 
     """A token step's measured ms against its roofline (the max of its matrix work and its reads)."""
     cost = token_step_cost(shape, batch, filled, value_bytes)
     roofline_ms = 1e3 * cost.seconds(hardware)
-    return {"batch": batch, "filled": filled, "step_ms": measured_ms, "roofline_ms": roofline_ms,
-            "compute_ms": 1e3 * cost.flops / hardware.peak_flops, "memory_ms": 1e3 * cost.bytes / hardware.hbm_bandwidth,
-            "vs_roofline": measured_ms / roofline_ms, "within_bound": measured_ms <= STEP_BOUND * roofline_ms}
+    return {
+        "batch": batch,
+        "filled": filled,
+        "step_ms": measured_ms,
+        "roofline_ms": roofline_ms,
+        "compute_ms": 1e3 * cost.flops / hardware.peak_flops,
+        "memory_ms": 1e3 * cost.bytes / hardware.hbm_bandwidth,
+        "vs_roofline": measured_ms / roofline_ms,
+        "within_bound": measured_ms <= STEP_BOUND * roofline_ms,
+    }
 
 
 def run_latency(run: LatencyRun, out_dir: Path, smoke: bool) -> dict:
@@ -188,13 +238,23 @@ def run_latency(run: LatencyRun, out_dir: Path, smoke: bool) -> dict:
     env = os.environ | {"TORCH_LOGS": "recompiles", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     with open(run_dir / "log", "w") as log:
         try:
-            code = subprocess.run([*launch, *run.argv, "--output_dir", str(run_dir)], cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=run.limit_s).returncode
+            code = subprocess.run(
+                [*launch, *run.argv, "--output_dir", str(run_dir)],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=run.limit_s,
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     text = (run_dir / "log").read_text()
     result = run_dir / "latency.json"
-    return {"returncode": code, "log": text, "latency": json.loads(result.read_text()) if result.exists() and code == 0 else None}
+    return {
+        "returncode": code,
+        "log": text,
+        "latency": json.loads(result.read_text()) if result.exists() and code == 0 else None,
+    }
 
 
 def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
@@ -202,8 +262,19 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
     compiles it (a new graph during the timed steps is a recompilation), against its roofline; then a profile."""
     from bench.profile_decode import STEP_MARK, step_summary
 
-    argv = ["--configs", spec.config, "--prompt_len", str(spec.cache_len - 8), "--gen_len", "8", "--cache", "static",
-            "--device", spec.device, *([] if spec.device == "cpu" else CAP)]
+    argv = [
+        "--configs",
+        spec.config,
+        "--prompt_len",
+        str(spec.cache_len - 8),
+        "--gen_len",
+        "8",
+        "--cache",
+        "static",
+        "--device",
+        spec.device,
+        *([] if spec.device == "cpu" else CAP),
+    ]
     args = latency.parse_args(argv)
     hardware = latency.roofline_hardware(args)
     latency.apply_memory_cap(args)
@@ -238,19 +309,35 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
         with torch.profiler.record_function(STEP_MARK):
             sequential_prefill.prefill_cache(model, ids, cache)
         synchronize(model.device)
-    rows.append({"profile": {"batch": batch, "filled": fill} | step_summary(profiler.events(), spec.profile_steps, top=20)})
+    rows.append(
+        {"profile": {"batch": batch, "filled": fill} | step_summary(profiler.events(), spec.profile_steps, top=20)}
+    )
     return rows
 
 
 # The SDPA backends one strict attention is timed under (forced one at a time; one that cannot run records why).
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def llama_twin(config) -> LlamaConfig:
     """A Llama with ``config``'s dimensions (every layer its own KVs, no iterations)."""
-    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "head_dim")
+    fields = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_parameters",
+        "head_dim",
+    )
     return LlamaConfig(**{name: getattr(config, name) for name in fields})
 
 
@@ -274,14 +361,24 @@ def time_prefill(model, ids: torch.Tensor, repeats: int) -> list[float]:
     return seconds
 
 
-def prefill_report(seconds: list[float], shape, batch: int, prompt: int, hardware, value_bytes: int, iterative: bool) -> dict:
+def prefill_report(
+    seconds: list[float], shape, batch: int, prompt: int, hardware, value_bytes: int, iterative: bool
+) -> dict:
     """The best of the timed forwards against the roofline of the path (iterative, or a Llama's one pass), and per full
     layer run (``models.roofline.full_layer_runs``)."""
     cost = (iterative_prefill_cost if iterative else parallel_prefill_cost)(shape, batch, prompt, value_bytes)
     roofline_s, best, runs = cost.seconds(hardware), min(seconds), full_layer_runs(shape, prompt)
-    return {"batch": batch, "prompt": prompt, "prefill_s": best, "all_s": seconds, "roofline_s": roofline_s,
-            "vs_roofline": best / roofline_s, "layer_runs": runs, "ms_per_layer_run": 1e3 * best / runs,
-            "roofline_ms_per_layer_run": 1e3 * roofline_s / runs}
+    return {
+        "batch": batch,
+        "prompt": prompt,
+        "prefill_s": best,
+        "all_s": seconds,
+        "roofline_s": roofline_s,
+        "vs_roofline": best / roofline_s,
+        "layer_runs": runs,
+        "ms_per_layer_run": 1e3 * best / runs,
+        "roofline_ms_per_layer_run": 1e3 * roofline_s / runs,
+    }
 
 
 def strict_attention_bench(model, batch: int, prompt: int) -> dict:
@@ -294,20 +391,28 @@ def strict_attention_bench(model, batch: int, prompt: int) -> dict:
     strict_layer = next(i for i, kind in enumerate(model.model.mask_kinds) if kind == "strict")
     module = model.model.layers[strict_layer].self_attn
     query = torch.randn(batch, config.num_attention_heads, prompt, config.head_dim, device=device, dtype=dtype)
-    key, value = (torch.randn(batch, config.num_key_value_heads, prompt, config.head_dim, device=device, dtype=dtype)
-                  for _ in range(2))
+    key, value = (
+        torch.randn(batch, config.num_key_value_heads, prompt, config.head_dim, device=device, dtype=dtype)
+        for _ in range(2)
+    )
     embeds = torch.zeros(batch, prompt, 1, device=device, dtype=dtype)
     positions = torch.arange(prompt, device=device)[None]
     selection = model.model.kernel_selection
-    mask = lckv_masks(config, embeds, None, DynamicCache(config=config), positions, 0, model.model.mask_sizing)["strict"]
+    mask = lckv_masks(config, embeds, None, DynamicCache(config=config), positions, 0, model.model.mask_sizing)[
+        "strict"
+    ]
     attention = selection.attention_interface(config._attn_implementation)
 
     def as_model_calls():
         with torch.no_grad():
             return attention(module, query, key, value, mask, dropout=0.0, scaling=module.scaling)
 
-    row = {"batch": batch, "prompt": prompt, "mask": {"shape": list(mask.shape), "dtype": str(mask.dtype)},
-           "as_model_calls_ms": time_ms(as_model_calls)}
+    row = {
+        "batch": batch,
+        "prompt": prompt,
+        "mask": {"shape": list(mask.shape), "dtype": str(mask.dtype)},
+        "as_model_calls_ms": time_ms(as_model_calls),
+    }
     for name, backend in SDPA_BACKENDS.items():
         try:
             with sdpa_kernel([backend]):
@@ -315,7 +420,8 @@ def strict_attention_bench(model, batch: int, prompt: int) -> dict:
         except RuntimeError as error:
             row[f"{name}_ms"] = f"cannot run: {str(error).splitlines()[0][:200]}"
     row["shifted_causal_ms"] = time_ms(
-        lambda: strict_causal_attention(sdpa_causal_attention, module, query, key, value, 0.0, module.scaling))
+        lambda: strict_causal_attention(sdpa_causal_attention, module, query, key, value, 0.0, module.scaling)
+    )
     with torch.profiler.profile(activities=profiler_activities(device)) as profiler:
         as_model_calls()
         synchronize(device)
@@ -342,8 +448,17 @@ def time_iterative(spec: IterativeRun) -> dict:
     of the same shape, the strict attention per backend and a profile of the ``spec.profiled`` forward."""
 
     longest = max(prompt for _, prompt in spec.shapes)
-    argv = ["--configs", spec.config, "--prompt_len", str(longest), "--gen_len", "1", "--device", spec.device,
-            *([] if spec.device == "cpu" else CAP)]
+    argv = [
+        "--configs",
+        spec.config,
+        "--prompt_len",
+        str(longest),
+        "--gen_len",
+        "1",
+        "--device",
+        spec.device,
+        *([] if spec.device == "cpu" else CAP),
+    ]
     args = latency.parse_args(argv)
     hardware = latency.roofline_hardware(args)
     latency.apply_memory_cap(args)
@@ -356,12 +471,20 @@ def time_iterative(spec: IterativeRun) -> dict:
 
     def rows(model, iterative: bool) -> list[dict]:
         shape = model_shape(model.config, as_llama=not iterative)
-        return [prefill_report(time_prefill(model, inputs[s], spec.repeats), shape, *s, hardware, value_bytes, iterative)
-                for s in spec.shapes]
+        return [
+            prefill_report(time_prefill(model, inputs[s], spec.repeats), shape, *s, hardware, value_bytes, iterative)
+            for s in spec.shapes
+        ]
 
-    report = {"device": str(model.device), "dtype": str(dtype), "attn_implementation": config._attn_implementation,
-              "hardware": hardware.name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-              "flags_as_set": rows(model, True)}
+    report = {
+        "device": str(model.device),
+        "dtype": str(dtype),
+        "attn_implementation": config._attn_implementation,
+        "hardware": hardware.name,
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "flags_as_set": rows(model, True),
+    }
     report["strict_attention"] = strict_attention_bench(model, *spec.profiled)
     report["profile"] = profile_prefill(model, inputs[spec.profiled])
     del model
@@ -392,7 +515,11 @@ def measure_part(part: str, runs: list, out_dir: Path, smoke: bool) -> dict:
         result = run_latency(run, out_dir, smoke)
         entry = {"returncode": result["returncode"], "log": str(out_dir / run.name / "log")}
         if result["latency"] is not None:
-            entry |= batch1_report(result["latency"], result["log"]) if part == "batch1" else {"paths": paths_report(result["latency"])}
+            entry |= (
+                batch1_report(result["latency"], result["log"])
+                if part == "batch1"
+                else {"paths": paths_report(result["latency"])}
+            )
         report["runs"][run.name] = entry
     (out_dir / f"{part}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
@@ -401,7 +528,9 @@ def measure_part(part: str, runs: list, out_dir: Path, smoke: bool) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=[*parts(smoke=False), "all"], help="which measurement (one GPU call each); all: every part")
+    p.add_argument(
+        "part", choices=[*parts(smoke=False), "all"], help="which measurement (one GPU call each); all: every part"
+    )
     p.add_argument("--smoke", action="store_true", help="the same steps on the CPU with tiny configs")
     p.add_argument("--output_dir", default="bench/results/prefill", help="where <part>.json and each run's folder go")
     args = p.parse_args(argv)

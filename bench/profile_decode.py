@@ -37,14 +37,22 @@ from models.tensor_parallel import is_main_process, world_size
 from tools.measure import CompiledStepTimer, build_random_model, load_config_for_length, profiler_activities
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
-SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
-              "aten::item", "cudaMemcpy")
+SYNC_NAMES = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "cudaMemcpy",
+)
 GRAPH_LAUNCH = "cudaGraphLaunch"
 STEP_MARK = "decode_step"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"])
     p.add_argument("--attn_implementation", default=SPLIT_KV, help=f"{SPLIT_KV} (default), {PACKED_SDPA}, sdpa, ...")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
@@ -83,7 +91,11 @@ def step_summary(events, steps: int, top: int) -> dict:
     # host's marks (the profile stops after a synchronize, and after the last step generate only gathers tokens).
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and window[0] <= e.time_range.start]
     busy_us, span_us = merged_busy([(e.time_range.start, e.time_range.end) for e in kernels])
-    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and window[0] <= e.time_range.start <= window[1]]
+    cpu = [
+        e
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CPU and window[0] <= e.time_range.start <= window[1]
+    ]
 
     def per_step(names) -> float:
         return sum(e.name in names for e in cpu) / steps
@@ -140,8 +152,16 @@ def decode(model, ids: torch.Tensor, args, steps: int, profiler=None) -> tuple[f
             if profiler is not None:
                 profiler.start()
             start = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, do_sample=False, max_new_tokens=steps,
-                           min_new_tokens=steps, pad_token_id=0, compile_config=compile_config(args.device))
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                cache=cache,
+                do_sample=False,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                pad_token_id=0,
+                compile_config=compile_config(args.device),
+            )
             if ids.is_cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
@@ -159,8 +179,11 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
     torch._dynamo.reset()
     counters.clear()
     decode(model, ids, args, args.steps)  # compile and capture the decode step
-    compiled = {"dynamo_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-                "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    compiled = {
+        "dynamo_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
     prof = profile(activities=profiler_activities(model.device))
     generate_ms, compiled_ms = decode(model, ids, args, args.steps, profiler=prof)
     name = Path(path).stem
@@ -196,7 +219,11 @@ def attention_bench(config_path: str, args) -> list[dict]:
     share of the heads (tensor parallelism splits them evenly)."""
     config = load_config_for_length(config_path, args.prompt_len + args.gen_len)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    heads, kv_heads, dim = config.num_attention_heads // world_size(), config.num_key_value_heads // world_size(), config.head_dim
+    heads, kv_heads, dim = (
+        config.num_attention_heads // world_size(),
+        config.num_key_value_heads // world_size(),
+        config.head_dim,
+    )
     slots, filled = args.prompt_len + args.gen_len, args.prompt_len
     rows = []
     split_kv = partial(split_kv_sdpa_attention, kernel=load_split_kv_kernel())  # the kernel this process can run
@@ -221,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)  # every process: each may write (rank 0 does)
     if args.device.startswith("cuda"):
         torch._dynamo.config.cache_size_limit = 64
-    setting = {k: getattr(args, k) for k in ("attn_implementation", "batch", "prompt_len", "gen_len", "steps", "device")}
+    setting = {
+        k: getattr(args, k) for k in ("attn_implementation", "batch", "prompt_len", "gen_len", "steps", "device")
+    }
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     setting["tp_size"] = world_size()
     results = {Path(c).stem: profile_model(c, args, out_dir) for c in args.configs}
@@ -231,16 +260,23 @@ def main(argv: list[str] | None = None) -> dict:
     (out_dir / "profile.json").write_text(json.dumps(out, indent=2))
     for name, r in results.items():
         compiled = r["compiled_step_ms"]
-        print(f"== {name}: generate {r['generate_ms_per_step']:.3f} ms/step, compiled call "
-              f"{'n/a' if compiled is None else f'{compiled:.3f}'} ms, GPU busy {r['gpu_busy_ms_per_step']} ms, "
-              f"idle {r['gpu_idle_ms_per_step']} ms, graph launches {r['graph_launches_per_step']}, dynamo graphs "
-              f"{r['dynamo_graphs']}, graph breaks {r['graph_breaks']}, CUDA graphs skipped {r['cudagraph_skips']}, syncs "
-              f"{ {k: v for k, v in r['host_syncs_per_step'].items() if v} }")
+        print(
+            f"== {name}: generate {r['generate_ms_per_step']:.3f} ms/step, compiled call "
+            f"{'n/a' if compiled is None else f'{compiled:.3f}'} ms, GPU busy {r['gpu_busy_ms_per_step']} ms, "
+            f"idle {r['gpu_idle_ms_per_step']} ms, graph launches {r['graph_launches_per_step']}, dynamo graphs "
+            f"{r['dynamo_graphs']}, graph breaks {r['graph_breaks']}, CUDA graphs skipped {r['cudagraph_skips']}, syncs "
+            f"{ {k: v for k, v in r['host_syncs_per_step'].items() if v} }"
+        )
         for row in r["top_kernels"][:8] + r["top_cpu_ops"][:8]:
             print(f"   {row['us_per_step']:9.1f} us x{row['calls_per_step']:5.1f}  {row['name']}")
     for row in out["attention"]:
-        print(f"attention b={row['batch']}: " + ", ".join(
-            f"{k} {row[k]['ms']:.3f} ms ({row[k]['filled_kv_GBps']:.0f} GB/s filled KV)" for k in (SPLIT_KV, PACKED_SDPA)))
+        print(
+            f"attention b={row['batch']}: "
+            + ", ".join(
+                f"{k} {row[k]['ms']:.3f} ms ({row[k]['filled_kv_GBps']:.0f} GB/s filled KV)"
+                for k in (SPLIT_KV, PACKED_SDPA)
+            )
+        )
     print(f"written: {out_dir / 'profile.json'}")
     return out
 

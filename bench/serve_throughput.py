@@ -47,12 +47,18 @@ STARTUP_SECONDS = 300
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="serve,static", help=f"comma-separated: {', '.join(PARTS)}")
-    p.add_argument("--smoke", action="store_true", help="CPU: configs/test_tiny_opt.json, clients 1,2,4, prompt 8 + 4 new tokens")
+    p.add_argument(
+        "--smoke", action="store_true", help="CPU: configs/test_tiny_opt.json, clients 1,2,4, prompt 8 + 4 new tokens"
+    )
     p.add_argument("--config", default="configs/tinyllama_opt.json", help="model config (random weights)")
-    p.add_argument("--clients", default="1,8,64", help="comma-separated numbers of concurrent clients (= static batch sizes)")
+    p.add_argument(
+        "--clients", default="1,8,64", help="comma-separated numbers of concurrent clients (= static batch sizes)"
+    )
     p.add_argument("--prompt_len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--gen_len", type=int, default=128, help="new tokens per request")
-    p.add_argument("--serve_compile", action="store_true", help="`transformers serve --compile` (static cache, torch.compile)")
+    p.add_argument(
+        "--serve_compile", action="store_true", help="`transformers serve --compile` (static cache, torch.compile)"
+    )
     p.add_argument("--output_dir", default="bench/results/serve_throughput")
     args = p.parse_args(argv)
     args.parts = args.part.split(",")
@@ -69,7 +75,9 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(SPECIAL)} | {f"w{i}": i for i in range(len(SPECIAL), vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def build_checkpoint(args, out: Path) -> Path:
@@ -110,8 +118,13 @@ def served_throughput(args, out: Path) -> dict:
     def prompt() -> str:
         return " ".join(f"w{rng.randrange(len(SPECIAL), vocab)}" for _ in range(args.prompt_len))
 
-    options = ["--device", args.device, "--dtype", "bfloat16" if args.device == "cuda" else "float32",
-               *(["--compile"] if args.serve_compile else [])]
+    options = [
+        "--device",
+        args.device,
+        "--dtype",
+        "bfloat16" if args.device == "cuda" else "float32",
+        *(["--compile"] if args.serve_compile else []),
+    ]
     with transformers_server(checkpoint, out, options, STARTUP_SECONDS) as (_, url):
         complete(url, str(checkpoint), prompt(), args.gen_len)  # warm-up: loads the code, first forward
         results = {}
@@ -130,15 +143,33 @@ def served_throughput(args, out: Path) -> dict:
                 "per_client_tokens_per_s": sum(count / seconds for seconds, count in answers) / clients,
                 "mean_latency_s": sum(seconds for seconds, _ in answers) / clients,
             }
-            print(f"serve, {clients} clients: {tokens / wall:.1f} tok/s in all, {results[str(clients)]['per_client_tokens_per_s']:.1f} per client")
+            print(
+                f"serve, {clients} clients: {tokens / wall:.1f} tok/s in all, {results[str(clients)]['per_client_tokens_per_s']:.1f} per client"
+            )
         return results
 
 
 def static_throughput(args, out: Path) -> dict:
     """test_latency.py's end-to-end tokens/s at batch C (static cache, compiled decode step on CUDA)."""
-    command = [sys.executable, str(REPO / "test_latency.py"), "--configs", args.config, "--batches", args.clients,
-               "--prompt_len", str(args.prompt_len), "--gen_len", str(args.gen_len), "--compile", "--prefill", "auto",
-               "--device", args.device, "--output_dir", str(out / "static")]
+    command = [
+        sys.executable,
+        str(REPO / "test_latency.py"),
+        "--configs",
+        args.config,
+        "--batches",
+        args.clients,
+        "--prompt_len",
+        str(args.prompt_len),
+        "--gen_len",
+        str(args.gen_len),
+        "--compile",
+        "--prefill",
+        "auto",
+        "--device",
+        args.device,
+        "--output_dir",
+        str(out / "static"),
+    ]
     subprocess.run(command, check=True, cwd=REPO)
     result = next(iter(json.loads((out / "static" / "latency.json").read_text())["models"].values()))
     runs = {str(r["batch"]): r for r in result["runs"] if not r.get("oom")}
@@ -156,7 +187,8 @@ def merge_into_summary(path: Path, setting: dict, parts: dict) -> dict:
         if "served" in summary and "static_batch" in summary:
             summary["served_share_of_batch"] = {
                 c: summary["served"][c]["tokens_per_s"] / summary["static_batch"][c]["e2e_tokens_per_s"]
-                for c in summary["served"] if c in summary["static_batch"]
+                for c in summary["served"]
+                if c in summary["static_batch"]
             }
         path.write_text(json.dumps(summary, indent=2))
     return summary
@@ -167,7 +199,8 @@ def measure(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setting = {k: getattr(args, k) for k in ("config", "prompt_len", "gen_len", "serve_compile", "device")} | {
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None
+    }
     parts = {}
     if "serve" in args.parts:
         parts["served"] = served_throughput(args, out)

@@ -50,15 +50,27 @@ def wait_until_healthy(server: subprocess.Popen, url: str, log: Path, startup_se
 
 
 @contextmanager
-def transformers_server(checkpoint: Path, workdir: Path, options: list[str], startup_seconds: float,
-                        env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+def transformers_server(
+    checkpoint: Path, workdir: Path, options: list[str], startup_seconds: float, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
     """Serve ``checkpoint`` with the extra command-line ``options`` (e.g. ``--device cpu``); yields the process and
     its base URL once it is healthy, and stops it on exit."""
     port, log = free_port(), workdir / "server.log"
     server_env = environment_without_repo(dict(os.environ))
     server_env |= {"HF_MODULES_CACHE": str(workdir / "hf_modules"), "PYTHONUNBUFFERED": "1", **(env or {})}
-    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(checkpoint), "--trust-remote-code",
-               "--host", "127.0.0.1", "--port", str(port), *options]
+    command = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        str(checkpoint),
+        "--trust-remote-code",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *options,
+    ]
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, cwd=workdir, env=server_env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

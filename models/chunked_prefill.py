@@ -28,7 +28,9 @@ def prefill_in_chunks(model: PreTrainedModel, input_ids: torch.Tensor, cache: St
             if not isinstance(layer, StaticLayer):  # DummyLayer of a condensed layer: nothing stored
                 continue
             if not layer.is_initialized:  # allocates (batch, heads, max_cache_len, head_dim) from the shapes
-                layer.lazy_initialization(source.keys[:1].expand(batch, -1, -1, -1), source.values[:1].expand(batch, -1, -1, -1))
+                layer.lazy_initialization(
+                    source.keys[:1].expand(batch, -1, -1, -1), source.values[:1].expand(batch, -1, -1, -1)
+                )
             layer.keys[start : start + chunk, :, :length].copy_(source.keys)
             layer.values[start : start + chunk, :, :length].copy_(source.values)
         del part

@@ -23,8 +23,13 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def read_config(flag: str, source: str, overrides: Mapping[str, Any] | None = None, overrides_flag: str = "--config_overrides",
-                cache_dir: str | None = None) -> PretrainedConfig:
+def read_config(
+    flag: str,
+    source: str,
+    overrides: Mapping[str, Any] | None = None,
+    overrides_flag: str = "--config_overrides",
+    cache_dir: str | None = None,
+) -> PretrainedConfig:
     """The model config from a ``.json`` file, a checkpoint directory or a hub id, with ``overrides`` applied.
 
     A ValueError naming ``flag`` (or ``overrides_flag``) for a source that is not JSON, has no or an unknown
@@ -37,15 +42,19 @@ def read_config(flag: str, source: str, overrides: Mapping[str, Any] | None = No
         raise ValueError(f"{flag}: cannot read a config from {source} ({one_line(error)})") from None
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"{flag}: {source}: model_type {model_type!r}; allowed are opt-llama, llama and the other "
-                         "transformers model types")
+        raise ValueError(
+            f"{flag}: {source}: model_type {model_type!r}; allowed are opt-llama, llama and the other "
+            "transformers model types"
+        )
     config_class = CONFIG_MAPPING[model_type]
     if overrides:
         unknown = sorted(set(overrides) - set(config_class().to_dict()) - set(config_dict))
         if unknown:
             renamed = getattr(config_class, "FORMAT_NAMES", {})  # lckv-llama's names of fields the model reads
             hints = "".join(f"; {model_type} writes {name} as {renamed[name]}" for name in unknown if name in renamed)
-            raise ValueError(f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}{hints}")
+            raise ValueError(
+                f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}{hints}"
+            )
         config_dict = {**config_dict, **overrides}
     try:
         check_shape_fields(config_dict)

@@ -36,6 +36,8 @@ from .layer_plan import layer_plan, strict_layers, window_cached_layers
 from .prefill_modes import check_prefill_mode
 
 ITERATION_STYLES = ("current", "previous")
+
+
 @strict
 class OptLlamaConfig(LlamaConfig):
     r"""Llama configuration plus the LCKV fields (model_type ``opt-llama``).
@@ -152,10 +154,14 @@ class OptLlamaConfig(LlamaConfig):
             )
         check_prefill_mode(self.prefill)
         if self.iteration_style not in ITERATION_STYLES:
-            raise ValueError(f"iteration_style: {self.iteration_style!r}; allowed values are {', '.join(map(repr, ITERATION_STYLES))}")
+            raise ValueError(
+                f"iteration_style: {self.iteration_style!r}; allowed values are {', '.join(map(repr, ITERATION_STYLES))}"
+            )
         if self.iteration_style == "previous" and not self.force_nodiag:
             # A target reading the previous iteration's KV of its own token would need more iterations than tokens.
-            raise ValueError("iteration_style: 'previous' needs force_nodiag=True (the published code's combination); allowed with force_nodiag=False is 'current'")
+            raise ValueError(
+                "iteration_style: 'previous' needs force_nodiag=True (the published code's combination); allowed with force_nodiag=False is 'current'"
+            )
 
     def original_format(self) -> dict:
         """This config as the original code writes its ``config.json``: the layout string under the name
@@ -192,7 +198,9 @@ class OptLlamaConfig(LlamaConfig):
         A layer gets a window-bounded cache only where every reader of its KVs has the window and the layer is
         outside the cyclic block (whose staged KVs need the full cache layout).
         """
-        windowed = window_cached_layers(self.layer_kv_sources, self.sliding_window_layers, layer_plan(self.layer_kv_sources).block)
+        windowed = window_cached_layers(
+            self.layer_kv_sources, self.sliding_window_layers, layer_plan(self.layer_kv_sources).block
+        )
         return ["sliding_attention" if w else "full_attention" for w in windowed]
 
     @property
@@ -242,7 +250,9 @@ class LckvLlamaConfig(OptLlamaConfig):
             forward = 7 if self.forward_passes is None else self.forward_passes
             backward = 2 if self.backward_passes is None else self.backward_passes
             if backward < 1 or forward < 0:
-                raise ValueError(f"forward_passes/backward_passes: {forward}/{backward}; allowed are forward_passes >= 0 and backward_passes >= 1")
+                raise ValueError(
+                    f"forward_passes/backward_passes: {forward}/{backward}; allowed are forward_passes >= 0 and backward_passes >= 1"
+                )
             self.num_encoders, self.num_trained_encoders = forward + backward - 1, backward - 1
         if self.use_sequential is not None:
             self.sequential_forward = self.use_sequential

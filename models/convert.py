@@ -23,9 +23,25 @@ from .layer_layouts import published_layout
 FORMATS = {"opt-llama": OptLlamaConfig, "lckv-llama": LckvLlamaConfig}
 # Fields that describe the LCKV layout or semantics (rebuilt below) or name the class (set by the target).
 LCKV_FIELDS = {
-    "layer_types", "lckv_layer_types", "target_layer", "kv_sources", "sliding_window", "sliding_window_layers",
-    "num_encoders", "num_trained_encoders", "train_kv", "sequential_forward", "force_nodiag", "iteration_style",
-    "forward_passes", "backward_passes", "use_sequential", "model_type", "architectures", "auto_map", "transformers_version",
+    "layer_types",
+    "lckv_layer_types",
+    "target_layer",
+    "kv_sources",
+    "sliding_window",
+    "sliding_window_layers",
+    "num_encoders",
+    "num_trained_encoders",
+    "train_kv",
+    "sequential_forward",
+    "force_nodiag",
+    "iteration_style",
+    "forward_passes",
+    "backward_passes",
+    "use_sequential",
+    "model_type",
+    "architectures",
+    "auto_map",
+    "transformers_version",
 }
 
 
@@ -50,20 +66,29 @@ def converted_config(config: OptLlamaConfig, to: str) -> OptLlamaConfig:
             )
         window = {"sliding_window": config.sliding_window} if config.sliding_window is not None else {}
         return LckvLlamaConfig(
-            **fields, **window, kv_sources=config.layer_kv_sources, sliding_window_layers=list(config.sliding_window_layers),
+            **fields,
+            **window,
+            kv_sources=config.layer_kv_sources,
+            sliding_window_layers=list(config.sliding_window_layers),
             architectures=["LckvLlamaForCausalLM"],
         )
     if config.sliding_window_layers:
-        raise ValueError(f"sliding_window_layers: {config.sliding_window_layers}; the published opt-llama layout has no sliding windows, allowed is none")
+        raise ValueError(
+            f"sliding_window_layers: {config.sliding_window_layers}; the published opt-llama layout has no sliding windows, allowed is none"
+        )
     layer_types, target_layer = published_layout(config.layer_kv_sources)
-    return OptLlamaConfig(**fields, layer_types=layer_types, target_layer=target_layer, architectures=["OptLlamaForCausalLM"])
+    return OptLlamaConfig(
+        **fields, layer_types=layer_types, target_layer=target_layer, architectures=["OptLlamaForCausalLM"]
+    )
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> None:
     """Write ``source`` in format ``to`` to ``destination`` (which must not exist); nothing is left behind on error."""
     source, destination = Path(source), Path(destination)
     if not source.is_dir():
-        raise ValueError(f"SRC: {source} {'is a file' if source.exists() else 'does not exist'}; allowed is a checkpoint directory")
+        raise ValueError(
+            f"SRC: {source} {'is a file' if source.exists() else 'does not exist'}; allowed is a checkpoint directory"
+        )
     if not (source / "config.json").is_file():
         raise ValueError(f"SRC: {source} has no config.json; allowed is a checkpoint directory")
     if destination.exists():

@@ -42,7 +42,15 @@ AUTO_CLASSES = {
     )
 }
 # Trainer state a checkpoint-NNN directory holds beside the model: not part of a model to share.
-TRAINING_STATE = ("*.py", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json", "training_args.bin", "global_step*")
+TRAINING_STATE = (
+    "*.py",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+    "training_args.bin",
+    "global_step*",
+)
 
 
 def flat_modules(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
@@ -54,7 +62,9 @@ def flat_modules(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
             continue  # `import models` registers the classes; a bundle gets them through auto_map instead
         name = path.parent.name if path.name == "__init__.py" else path.stem
         if name in modules:
-            raise ValueError(f"{path.relative_to(package_dir)} and {modules[name].relative_to(package_dir)} both bundle as {name}.py")
+            raise ValueError(
+                f"{path.relative_to(package_dir)} and {modules[name].relative_to(package_dir)} both bundle as {name}.py"
+            )
         modules[name] = path
     return modules
 
@@ -83,7 +93,9 @@ def bundled_modules(entries: list[str], modules: dict[str, Path]) -> dict[str, P
 
 def auto_map(model_type: str) -> dict[str, str]:
     """``config.json``'s ``auto_map`` for ``model_type``: Auto class -> ``module.Class`` in the bundle."""
-    return {auto: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for auto, cls in AUTO_CLASSES[model_type].items()}
+    return {
+        auto: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for auto, cls in AUTO_CLASSES[model_type].items()
+    }
 
 
 def bundle_code(checkpoint: str | Path) -> list[str]:
@@ -125,8 +137,10 @@ def export_checkpoint(source: str | Path, destination: str | Path) -> list[str]:
         raise ValueError(f"DST: {destination} exists; allowed is a new path")
     config = read_config("SRC", str(source))
     if config.model_type not in AUTO_CLASSES:
-        raise ValueError(f"SRC: {source}: model_type {config.model_type!r}; allowed are {', '.join(AUTO_CLASSES)} "
-                         "(other model types load without this repository already)")
+        raise ValueError(
+            f"SRC: {source}: model_type {config.model_type!r}; allowed are {', '.join(AUTO_CLASSES)} "
+            "(other model types load without this repository already)"
+        )
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
         staged = Path(staging) / "checkpoint"

@@ -67,8 +67,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_STOP_CHECK_INTERVAL = 16
 # Processors that never read the tokens generated so far: the captured step calls them as they are.
 LENGTH_FREE_PROCESSORS = (
-    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,
-    EpsilonLogitsWarper, EtaLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
 )
 # Processors that read only the sequence length: the captured step runs them as an ``EosBlock``.
 MIN_LENGTH_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
@@ -78,8 +83,15 @@ MODEL_INPUTS = {"attention_mask", "position_ids", "cache", "use_cache", "logits_
 DECODING_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
 
-def unsupported_reason(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, generation_config,
-                       synced_gpus: bool, model_kwargs: dict) -> str | None:
+def unsupported_reason(
+    model,
+    input_ids: torch.Tensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool,
+    model_kwargs: dict,
+) -> str | None:
     """Why this ``generate`` call cannot run the captured loop (it then runs plain ``generate``), or None."""
     if not getattr(generation_config, "fast_decode", True):
         return "generation_config.fast_decode is False"
@@ -95,7 +107,11 @@ def unsupported_reason(model, input_ids: torch.Tensor, logits_processor, stoppin
     if generation_config.is_assistant:
         return "assistant model"
     if generation_config.return_dict_in_generate:
-        requested = [name for name in ("scores", "logits", "attentions", "hidden_states") if getattr(generation_config, f"output_{name}")]
+        requested = [
+            name
+            for name in ("scores", "logits", "attentions", "hidden_states")
+            if getattr(generation_config, f"output_{name}")
+        ]
         if requested:
             return f"output_{requested[0]}"
     extra = sorted(key for key, value in model_kwargs.items() if key not in MODEL_INPUTS and value is not None)
@@ -172,7 +188,9 @@ class DecodeState:
     status: torch.Tensor
 
     @classmethod
-    def allocate(cls, batch_size: int, slots: int, positions_shape: tuple, padded: bool, device: torch.device) -> "DecodeState":
+    def allocate(
+        cls, batch_size: int, slots: int, positions_shape: tuple, padded: bool, device: torch.device
+    ) -> "DecodeState":
         state = cls(
             tokens=torch.zeros(batch_size, 1, dtype=torch.long, device=device),
             positions=torch.zeros(positions_shape, dtype=torch.long, device=device),
@@ -205,8 +223,14 @@ class DecodeState:
         self.status[0] = 0
 
 
-def decode_state(model, prompt_length: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, slots: int,
-                 batch_size: int) -> DecodeState:
+def decode_state(
+    model,
+    prompt_length: int,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    slots: int,
+    batch_size: int,
+) -> DecodeState:
     """The model's ``DecodeState`` for this call, restarted. The buffers of the previous call are kept and reused when
     the shapes match (as ``generate`` reuses a static cache): captured graphs read them at the same addresses, so
     a new call replays them instead of recording them anew."""
@@ -239,8 +263,14 @@ class EosBlock:
         return torch.where(is_eos & (length < self.min_length), -math.inf, scores)
 
 
-def select_tokens(logits: torch.Tensor, state: DecodeState, plan: tuple, sampling: bool, pad_token_id: torch.Tensor | None,
-                  eos_token_id: torch.Tensor | None) -> None:
+def select_tokens(
+    logits: torch.Tensor,
+    state: DecodeState,
+    plan: tuple,
+    sampling: bool,
+    pad_token_id: torch.Tensor | None,
+    eos_token_id: torch.Tensor | None,
+) -> None:
     """Choose the next token from ``logits`` ``(B, T, V)`` as one iteration of ``generate``'s loop does, and record it
     in ``state``. ``plan``: the logits processors in order (``EosBlock`` for the length-dependent ones);
     ``eos_token_id`` None when no EOS criterion ends sequences."""
@@ -275,7 +305,11 @@ def select_compile_options(compile_config) -> tuple[object, dict]:
     options = dict(config.get("options") or {})
     if config["backend"] == "inductor":
         mode = config.get("mode")
-        options = (torch._inductor.list_mode_options(mode, config.get("dynamic")) if mode else {}) | options | {"fallback_random": True}
+        options = (
+            (torch._inductor.list_mode_options(mode, config.get("dynamic")) if mode else {})
+            | options
+            | {"fallback_random": True}
+        )
     return config["backend"], options
 
 
@@ -343,7 +377,9 @@ class RngRewind:
     def __init__(self, device: torch.device, keep: int, enabled: bool):
         self.enabled = enabled
         if enabled:
-            self.generator = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+            self.generator = (
+                torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+            )
         self.states: deque = deque(maxlen=keep)
 
     def record(self, steps: int) -> None:
@@ -367,8 +403,16 @@ def stop_check_interval(generation_config) -> int:
     return interval
 
 
-def fast_sample(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config,
-                synced_gpus: bool = False, streamer=None, **model_kwargs):
+def fast_sample(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    **model_kwargs,
+):
     """``GenerationMixin._sample`` (greedy search and sampling) with the captured per-token loop; the same tokens.
 
     A ``custom_generate`` callable as well: ``model.generate(ids, custom_generate=fast_sample)``. transformers hands
@@ -377,22 +421,48 @@ def fast_sample(model, input_ids: torch.LongTensor, logits_processor, stopping_c
     """
     mode = generation_config.get_generation_mode()
     if mode not in DECODING_MODES:
-        raise ValueError(f"custom_generate=fast_sample: generation mode {mode.value}; allowed are greedy search and sampling")
-    reason = unsupported_reason(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
+        raise ValueError(
+            f"custom_generate=fast_sample: generation mode {mode.value}; allowed are greedy search and sampling"
+        )
+    reason = unsupported_reason(
+        model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
+    )
     if reason is not None:
         # A static cache asks for speed: say why it is not had (unless the fast loop was turned off).
-        if getattr(model_kwargs.get("cache"), "is_compileable", False) and getattr(generation_config, "fast_decode", True):
+        if getattr(model_kwargs.get("cache"), "is_compileable", False) and getattr(
+            generation_config, "fast_decode", True
+        ):
             logger.warning("fast decoding falls back to generate's own loop: %s", reason)
-        return GenerationMixin._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                                       synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        return GenerationMixin._sample(
+            model,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            **model_kwargs,
+        )
     return decode(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs)
 
 
-def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs: dict):
+def decode(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    streamer,
+    model_kwargs: dict,
+):
     """The captured loop of ``fast_sample`` (its checks passed)."""
     compiled = model._valid_auto_compile_criteria(model_kwargs, generation_config)
     forward = model.get_compiled_call(generation_config.compile_config) if compiled else model.__call__
-    select = compiled_select(generation_config.compile_config or model._default_compile_config()) if compiled else select_tokens
+    select = (
+        compiled_select(generation_config.compile_config or model._default_compile_config())
+        if compiled
+        else select_tokens
+    )
     interval = stop_check_interval(generation_config)
     batch_size, prompt_length = input_ids.shape
     total = stopping_criteria.max_length - prompt_length  # tokens to generate unless every sequence ends early
@@ -406,9 +476,17 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
     cache = model_kwargs["cache"]
     slots = next(layer.max_cache_len for layer in cache.layers if isinstance(layer, StaticLayer))
-    state = decode_state(model, prompt_length, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], slots, batch_size)
-    inputs = dict(input_ids=state.tokens, position_ids=state.positions, attention_mask=state.padding, cache=cache,
-                  use_cache=True, return_dict=True)
+    state = decode_state(
+        model, prompt_length, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], slots, batch_size
+    )
+    inputs = dict(
+        input_ids=state.tokens,
+        position_ids=state.positions,
+        attention_mask=state.padding,
+        cache=cache,
+        use_cache=True,
+        return_dict=True,
+    )
     if "logits_to_keep" in model_kwargs:
         inputs["logits_to_keep"] = model_kwargs["logits_to_keep"]
     reader = StatusReader(state, prompt_length, streamer)
@@ -434,7 +512,9 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     if steps > taken:  # the steps past the end: plain generate never ran them
         cache.crop(-(steps - taken))
         rng.rewind(taken)
-    sequences = torch.cat([input_ids, state.sequence[:, prompt_length : prompt_length + taken].to(input_ids.dtype)], dim=-1)
+    sequences = torch.cat(
+        [input_ids, state.sequence[:, prompt_length : prompt_length + taken].to(input_ids.dtype)], dim=-1
+    )
     if streamer is not None:
         streamer.end()
     if generation_config.return_dict_in_generate:
@@ -445,9 +525,26 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
 class FastDecodeMixin:
     """Put before ``GenerationMixin``: ``generate``'s greedy search and sampling run ``fast_sample``."""
 
-    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None, **model_kwargs):
-        return fast_sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
-                           streamer=streamer, **model_kwargs)
+    def _sample(
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=False,
+        streamer=None,
+        **model_kwargs,
+    ):
+        return fast_sample(
+            self,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            **model_kwargs,
+        )
 
 
 @memoize

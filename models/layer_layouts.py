@@ -40,9 +40,13 @@ def parse_published_layout(layer_types: str, target_layer: int) -> list[int]:
     num_layers = len(types)
     unknown = sorted({t for t in types if t not in ALLOWED_LAYER_TYPES})
     if unknown:
-        raise ValueError(f"layer_types: unknown layer type(s) {unknown}; allowed values are 0 (standard), 1 (condensed), 2 (target)")
+        raise ValueError(
+            f"layer_types: unknown layer type(s) {unknown}; allowed values are 0 (standard), 1 (condensed), 2 (target)"
+        )
     if not -num_layers <= target_layer < num_layers:
-        raise ValueError(f"target_layer: {target_layer} is out of range; allowed values are -{num_layers}..{num_layers - 1}")
+        raise ValueError(
+            f"target_layer: {target_layer} is out of range; allowed values are -{num_layers}..{num_layers - 1}"
+        )
     target = target_layer % num_layers
     marked = [i for i, t in enumerate(types) if t == TARGET]
     if len(marked) > 1:
@@ -63,13 +67,17 @@ def published_layout(kv_sources: list[int]) -> tuple[str, int]:
     """
     shared = sorted({src for i, src in enumerate(kv_sources) if src != i})
     if len(shared) > 1:
-        raise ValueError(f"kv_sources: {kv_sources} shares the KVs of {len(shared)} layers {shared}; the published layer_types allows one target")
+        raise ValueError(
+            f"kv_sources: {kv_sources} shares the KVs of {len(shared)} layers {shared}; the published layer_types allows one target"
+        )
     if not shared:
         return "_".join([STANDARD] * len(kv_sources)), -2 if len(kv_sources) >= 2 else -1
     target = shared[0]
     below = [i for i, src in enumerate(kv_sources) if src == target and i > target]
     if below:
-        raise ValueError(f"kv_sources: layers {below} read layer {target} from above; the published layer_types only lets layers below the target read it")
+        raise ValueError(
+            f"kv_sources: layers {below} read layer {target} from above; the published layer_types only lets layers below the target read it"
+        )
     types = [TARGET if i == target else CONDENSED if src == target else STANDARD for i, src in enumerate(kv_sources)]
     return "_".join(types), target - len(kv_sources)
 
@@ -102,7 +110,9 @@ def lckv_layout(kv_sources: list[int], window_layers: list[int]) -> str:
 def validate_kv_sources(kv_sources: list[int], num_hidden_layers: int, field: str = "kv_sources") -> None:
     """One entry per layer, each naming a layer that computes its own KVs; errors start with ``field``."""
     if len(kv_sources) != num_hidden_layers:
-        raise ValueError(f"{field}: {len(kv_sources)} entries for num_hidden_layers={num_hidden_layers}; allowed is one entry per layer")
+        raise ValueError(
+            f"{field}: {len(kv_sources)} entries for num_hidden_layers={num_hidden_layers}; allowed is one entry per layer"
+        )
     for i, src in enumerate(kv_sources):
         if not 0 <= src < num_hidden_layers:
             raise ValueError(f"{field}: layer {i} reads layer {src}; allowed values are 0..{num_hidden_layers - 1}")
@@ -116,4 +126,6 @@ def validate_window_layers(window_layers: list[int], num_hidden_layers: int) -> 
     """Distinct layer indices in range."""
     bad = [i for i in window_layers if not 0 <= i < num_hidden_layers]
     if bad or len(set(window_layers)) != len(window_layers):
-        raise ValueError(f"sliding_window_layers: {window_layers}; allowed are distinct layer indices 0..{num_hidden_layers - 1}")
+        raise ValueError(
+            f"sliding_window_layers: {window_layers}; allowed are distinct layer indices 0..{num_hidden_layers - 1}"
+        )

@@ -60,8 +60,7 @@ def window_cached_layers(kv_sources: list[int], window_layers: list[int], block:
     for i, src in enumerate(kv_sources):
         readers.setdefault(src, []).append(i)
     return [
-        kv_sources[j] == j and j not in block and all(r in windows for r in readers[j])
-        for j in range(len(kv_sources))
+        kv_sources[j] == j and j not in block and all(r in windows for r in readers[j]) for j in range(len(kv_sources))
     ]
 
 

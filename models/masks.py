@@ -57,7 +57,9 @@ def reads_window_cache(kind: str) -> bool:
 
 def is_plain_prefill(attention_mask: torch.Tensor | None, cache: Cache | None, query_length: int) -> bool:
     """Several tokens, no padding, no cached or preallocated keys: the strict mask is exactly ``kv < q``, keys = queries."""
-    if query_length < 2 or (cache is not None and (cache.get_seq_length() > 0 or getattr(cache, "is_compileable", False))):
+    if query_length < 2 or (
+        cache is not None and (cache.get_seq_length() > 0 or getattr(cache, "is_compileable", False))
+    ):
         return False
     return attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
 
@@ -77,7 +79,13 @@ def build_masks(
 
     ``allow_is_causal_skip=False`` always materialises the masks (SDPA may otherwise leave a plain causal one out).
     ``strict_as_causal``: the model's attention runs ``STRICT_CAUSAL`` (``KernelSelection.strict_as_causal``)."""
-    kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+    kwargs = dict(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        cache=cache,
+        position_ids=position_ids,
+    )
     plain_prefill = strict_as_causal and is_plain_prefill(attention_mask, cache, inputs_embeds.shape[1])
     masks = {}
     for kind, sizing_layer in mask_sizing.items():
@@ -88,12 +96,17 @@ def build_masks(
         create = create_sliding_window_causal_mask if window else create_causal_mask
         layer_idx = sizing_layer if cache is not None and sizing_layer < len(cache.layers) else None
         masks[kind] = create(
-            **kwargs, and_mask_function=strictly_earlier if strict else None, layer_idx=layer_idx, allow_is_causal_skip=allow_is_causal_skip
+            **kwargs,
+            and_mask_function=strictly_earlier if strict else None,
+            layer_idx=layer_idx,
+            allow_is_causal_skip=allow_is_causal_skip,
         )
     return masks
 
 
-def has_visible_key(attention_mask: torch.Tensor | None, past_length: int | torch.Tensor, query_length: int, batch_size: int, device) -> torch.Tensor:
+def has_visible_key(
+    attention_mask: torch.Tensor | None, past_length: int | torch.Tensor, query_length: int, batch_size: int, device
+) -> torch.Tensor:
     """Which queries see at least one key under the strict mask.
 
     Args:
@@ -128,7 +141,14 @@ def lckv_masks(
     ``(B, T, 1)`` (``has_visible_key``): what ``OptLlamaModel.forward_layers`` takes for ``inputs_embeds`` ``(B, T, H)``."""
     batch_size, query_length = inputs_embeds.shape[:2]
     masks = build_masks(
-        config, inputs_embeds, attention_mask, cache, position_ids, mask_sizing, allow_is_causal_skip, strict_as_causal=strict_as_causal
+        config,
+        inputs_embeds,
+        attention_mask,
+        cache,
+        position_ids,
+        mask_sizing,
+        allow_is_causal_skip,
+        strict_as_causal=strict_as_causal,
     )
     if any(is_strict_kind(kind) for kind in mask_sizing):
         masks["visible"] = has_visible_key(attention_mask, past_length, query_length, batch_size, inputs_embeds.device)

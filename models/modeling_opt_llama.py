@@ -246,7 +246,9 @@ class StackPass:
     kv_store: dict = field(default_factory=dict)
     reported: list | None = None
 
-    def run(self, layer_idx: int, hidden: torch.Tensor, commit: bool, kv_only: bool = False, attend_carried: bool = False):
+    def run(
+        self, layer_idx: int, hidden: torch.Tensor, commit: bool, kv_only: bool = False, attend_carried: bool = False
+    ):
         """Run layer ``layer_idx`` on ``hidden`` ``(B, T, H)``; returns the new hidden states and its new KVs (or None).
 
         ``attend_carried``: the layer's queries read its KVs carried in ``kv_store`` (the previous iteration's)
@@ -334,25 +336,44 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         if not streaming:
             self.check_positions(past_length + query_length)
 
-        sequential = query_length > 1 and not self.training and uses_sequential_prefill(self.config, inputs_embeds, cache)
+        sequential = (
+            query_length > 1 and not self.training and uses_sequential_prefill(self.config, inputs_embeds, cache)
+        )
         reporting = self._reporting(kwargs, sequential)
         kv_loss = None
         if sequential:
-            hidden, reported = sequential_prefill(self, inputs_embeds, attention_mask, position_ids, cache, reporting, **kwargs)
+            hidden, reported = sequential_prefill(
+                self, inputs_embeds, attention_mask, position_ids, cache, reporting, **kwargs
+            )
         else:
-            if isinstance(attention_mask, dict):  # precomputed by `generate` (static cache), see create_masks_for_generate
+            if isinstance(
+                attention_mask, dict
+            ):  # precomputed by `generate` (static cache), see create_masks_for_generate
                 masks = attention_mask
             else:
-                masks = lckv_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.mask_sizing,
-                                   strict_as_causal=self.kernel_selection.strict_as_causal)
-            hidden, kv_loss, reported = self.forward_layers(inputs_embeds, masks, position_ids, cache, reporting, **kwargs)
+                masks = lckv_masks(
+                    self.config,
+                    inputs_embeds,
+                    attention_mask,
+                    cache,
+                    position_ids,
+                    past_length,
+                    self.mask_sizing,
+                    strict_as_causal=self.kernel_selection.strict_as_causal,
+                )
+            hidden, kv_loss, reported = self.forward_layers(
+                inputs_embeds, masks, position_ids, cache, reporting, **kwargs
+            )
         for layer_input, layer_output, attn_weights in reported or ():
             self.layer_outputs(layer_input, layer_output, attn_weights)
         return OptLlamaModelOutput(last_hidden_state=hidden, cache=cache, kv_loss=kv_loss)
 
     def _reporting(self, kwargs: dict, sequential: bool) -> bool:
         """Whether the caller asked for hidden states or attentions; refuses attentions this forward cannot return."""
-        wants = {name: kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False)) for name in ("hidden_states", "attentions")}
+        wants = {
+            name: kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False))
+            for name in ("hidden_states", "attentions")
+        }
         if wants["attentions"]:
             implementation = self.config._attn_implementation
             if implementation != "eager" or self.kernel_selection.strict_as_causal:
@@ -456,7 +477,11 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 for layer_idx in self.plan.block:
                     kv_only = not final and layer_idx == last_layer
                     hidden, new_kv = stack.run(
-                        layer_idx, hidden, commit=False, kv_only=kv_only, attend_carried=attend_carried and layer_idx in carried
+                        layer_idx,
+                        hidden,
+                        commit=False,
+                        kv_only=kv_only,
+                        attend_carried=attend_carried and layer_idx in carried,
                     )
                     if new_kv is not None:
                         new_kvs[layer_idx] = new_kv
@@ -477,12 +502,16 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """A one-line ValueError for empty ``input_ids`` or ids outside ``[0, vocab_size)`` (checked outside compilation)."""
     if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids: shape {tuple(input_ids.shape)}; allowed are 2D (batch >= 1, length >= 1) tensors of token ids")
+        raise ValueError(
+            f"input_ids: shape {tuple(input_ids.shape)}; allowed are 2D (batch >= 1, length >= 1) tensors of token ids"
+        )
     if is_torchdynamo_compiling() or input_ids.device.type == "meta":
         return
     outside = (input_ids < 0) | (input_ids >= vocab_size)
     if outside.any():  # one device-to-host read per forward
-        raise ValueError(f"input_ids: token id {input_ids[outside][0].item()} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}")
+        raise ValueError(
+            f"input_ids: token id {input_ids[outside][0].item()} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}"
+        )
 
 
 def token_weighted(kv_loss: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100):
@@ -515,8 +544,16 @@ class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMi
         recompilation per step); ``attention_mask`` is the 2D padding mask ``(B, P + T)`` or None."""
         query_length = inputs_embeds.shape[1]
         past_length = attention_mask.shape[-1] - query_length if attention_mask is not None else cache.get_seq_length()
-        return lckv_masks(config, inputs_embeds, attention_mask, cache, position_ids, past_length, self.model.mask_sizing,
-                          strict_as_causal=self.model.kernel_selection.strict_as_causal)
+        return lckv_masks(
+            config,
+            inputs_embeds,
+            attention_mask,
+            cache,
+            position_ids,
+            past_length,
+            self.model.mask_sizing,
+            strict_as_causal=self.model.kernel_selection.strict_as_causal,
+        )
 
     def __init__(self, config: OptLlamaConfig, kernel_selection: KernelSelection | None = None):
         super().__init__(config)

@@ -27,19 +27,29 @@ def check_prefill_mode(value: str) -> None:
         raise ValueError(f"prefill: {value!r}; allowed values are {', '.join(PREFILL_MODES)}")
 
 
-def prefill_seconds(config, batch_size: int, prompt_length: int, hardware: Hardware, value_bytes: int = 2,
-                    tp: int = 1) -> dict[str, float]:
+def prefill_seconds(
+    config, batch_size: int, prompt_length: int, hardware: Hardware, value_bytes: int = 2, tp: int = 1
+) -> dict[str, float]:
     """The cost model's seconds of each path (``"iterative"``, ``"sequential"``) for an LCKV ``config``, on one of
     ``tp`` tensor-parallel processes."""
     shape = model_shape(config, tp=tp)
     return {
-        "iterative": ITERATIVE_SLOWDOWN * iterative_prefill_cost(shape, batch_size, prompt_length, value_bytes).seconds(hardware),
+        "iterative": ITERATIVE_SLOWDOWN
+        * iterative_prefill_cost(shape, batch_size, prompt_length, value_bytes).seconds(hardware),
         "sequential": sequential_prefill_seconds(shape, batch_size, prompt_length, hardware, value_bytes),
     }
 
 
-def choose_prefill(mode: str, config, batch_size: int, prompt_length: int, hardware: Hardware | None,
-                   value_bytes: int = 2, captured: bool = True, tp: int = 1) -> str:
+def choose_prefill(
+    mode: str,
+    config,
+    batch_size: int,
+    prompt_length: int,
+    hardware: Hardware | None,
+    value_bytes: int = 2,
+    captured: bool = True,
+    tp: int = 1,
+) -> str:
     """The prefill path, ``"iterative"`` or ``"sequential"``, for ``mode``; ``"auto"`` takes the one
     ``prefill_seconds`` finds cheaper on ``hardware`` (for one of ``tp`` tensor-parallel processes).
 

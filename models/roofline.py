@@ -166,7 +166,8 @@ def iterative_prefill_cost(shape: Shape, batch: int, length: int, value_bytes: i
     if block:
         weights += extra * (sum(shape.layer_weights[i] for i in block[:-1]) + shape.layer_kv_weights[block[-1]])
     return Cost(
-        flops=2 * batch * length * weights + full_layer_runs(shape, length) * attention_flops(shape, batch * length, length / 2),
+        flops=2 * batch * length * weights
+        + full_layer_runs(shape, length) * attention_flops(shape, batch * length, length / 2),
         bytes=value_bytes * weights,
     )
 
@@ -189,6 +190,7 @@ def sum_of_max_linear(a0: float, a1: float, b0: float, b1: float, steps: int) ->
     >>> sum_of_max_linear(0, 2, 5, 0, 5)  # 5 + 5 + 5 + 6 + 8
     29.0
     """
+
     def line_sum(c0: float, c1: float, start: int, stop: int) -> float:  # sum of c0 + c1 t over t in [start, stop)
         return (stop - start) * (c0 + c1 * (start + stop - 1) / 2) if stop > start else 0.0
 
@@ -199,7 +201,9 @@ def sum_of_max_linear(a0: float, a1: float, b0: float, b1: float, steps: int) ->
     return line_sum(*before, 0, split) + line_sum(*after, split, steps)
 
 
-def sequential_prefill_seconds(shape: Shape, batch: int, length: int, hardware: Hardware, value_bytes: int = 2) -> float:
+def sequential_prefill_seconds(
+    shape: Shape, batch: int, length: int, hardware: Hardware, value_bytes: int = 2
+) -> float:
     """``T`` captured token steps, step ``t`` (0-based) reading ``t + 1`` filled tokens, each costing its roofline
     plus the fixed overhead of a captured step: ``sum_t max(FLOPs_t / peak, bytes_t / bandwidth) + T L overhead``
     (``token_step_cost``; both terms are linear in ``t``, so the sum has a closed form)."""
@@ -210,8 +214,9 @@ def sequential_prefill_seconds(shape: Shape, batch: int, length: int, hardware: 
     return steps + length * shape.num_layers * hardware.step_overhead_per_layer
 
 
-def decode_roofline_seconds(weight_bytes: int, kv_bytes_per_token: int, batch: int, prompt_length: int, steps: int,
-                            bandwidth: float) -> float:
+def decode_roofline_seconds(
+    weight_bytes: int, kv_bytes_per_token: int, batch: int, prompt_length: int, steps: int, bandwidth: float
+) -> float:
     """``steps`` decode steps after a prompt, each reading every weight once and, per sequence, the KV of the tokens
     filled so far in every layer: step ``j = 1..steps`` reads ``prompt_length + j`` tokens, so
     ``(steps W + B kv (steps P + steps (steps + 1) / 2)) / bandwidth``."""

@@ -38,9 +38,16 @@ def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | 
         return False
     batch_size, query_length = inputs_embeds.shape[:2]
     device = inputs_embeds.device
-    path = choose_prefill(config.prefill, config, batch_size, query_length, device_hardware(device),
-                          inputs_embeds.element_size(), captured=compile_options(device, cache) is not None,
-                          tp=config_tp_size(config))
+    path = choose_prefill(
+        config.prefill,
+        config,
+        batch_size,
+        query_length,
+        device_hardware(device),
+        inputs_embeds.element_size(),
+        captured=compile_options(device, cache) is not None,
+        tp=config_tp_size(config),
+    )
     return path == "sequential"
 
 
@@ -66,7 +73,13 @@ def compile_options(device: torch.device, cache: Cache) -> dict | None:
 
 
 def token_step(
-    model, inputs_embeds: torch.Tensor, masks: dict, position_ids: torch.Tensor, cache: Cache, reporting: bool = False, **kwargs
+    model,
+    inputs_embeds: torch.Tensor,
+    masks: dict,
+    position_ids: torch.Tensor,
+    cache: Cache,
+    reporting: bool = False,
+    **kwargs,
 ) -> tuple[torch.Tensor, list | None]:
     """One token through every layer: ``(B, 1, H)`` -> final hidden state ``(B, 1, H)``; commits its KVs to ``cache``.
     With ``reporting`` also the layer outputs the model reports (``output_hidden_states``): per layer
@@ -119,7 +132,9 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
     """
     batch_size, query_length = inputs_embeds.shape[:2]
     # A window-only cache layer's mask has as many keys as the queries it was built for need: built per step.
-    per_step = not getattr(cache, "is_compileable", False) or any(reads_window_cache(kind) for kind in model.mask_sizing)
+    per_step = not getattr(cache, "is_compileable", False) or any(
+        reads_window_cache(kind) for kind in model.mask_sizing
+    )
     if isinstance(attention_mask, dict) and not per_step and all(mask is not None for mask in attention_mask.values()):
         for t in range(query_length):
             yield {name: mask_row(mask, t) for name, mask in attention_mask.items()}
@@ -127,15 +142,23 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
     if isinstance(attention_mask, dict):
         attention_mask = None
     if attention_mask is None:  # a static cache must mask its empty slots, so the mask is never left out
-        attention_mask = torch.ones(batch_size, past_length + query_length, dtype=torch.long, device=inputs_embeds.device)
+        attention_mask = torch.ones(
+            batch_size, past_length + query_length, dtype=torch.long, device=inputs_embeds.device
+        )
     # A static cache's masks span all its slots, so the rows of MASK_CHUNK tokens come from one build (the per-step
     # Python cost of building masks would otherwise dominate small batches); a dynamic cache grows each step.
     chunk = 1 if per_step else MASK_CHUNK
     for start in range(0, query_length, chunk):
         stop = min(start + chunk, query_length)
         masks = lckv_masks(
-            model.config, inputs_embeds[:, start:stop], attention_mask[:, : past_length + stop], cache,
-            position_ids[:, start:stop], past_length + start, model.mask_sizing, allow_is_causal_skip=chunk == 1,
+            model.config,
+            inputs_embeds[:, start:stop],
+            attention_mask[:, : past_length + stop],
+            cache,
+            position_ids[:, start:stop],
+            past_length + start,
+            model.mask_sizing,
+            allow_is_causal_skip=chunk == 1,
             strict_as_causal=model.kernel_selection.strict_as_causal,
         )
         if stop - start == 1:
@@ -145,8 +168,17 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
                 yield {name: mask_row(mask, row) for name, mask in masks.items()}
 
 
-def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length: int, attention_mask, position_ids: torch.Tensor,
-               cache: Cache, keep_hidden: bool, reporting: bool = False, **kwargs) -> tuple[torch.Tensor, list | None]:
+def run_tokens(
+    model,
+    token_embeds: Callable[[int], torch.Tensor],
+    query_length: int,
+    attention_mask,
+    position_ids: torch.Tensor,
+    cache: Cache,
+    keep_hidden: bool,
+    reporting: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, list | None]:
     """Run ``query_length`` tokens one at a time through ``model`` (``OptLlamaModel``), committing to ``cache``.
 
     Args:
@@ -183,25 +215,45 @@ def run_tokens(model, token_embeds: Callable[[int], torch.Tensor], query_length:
     if not reporting:
         return hidden, None
     return hidden, [
-        (torch.cat([step[i][0] for step in steps_reported], dim=1), torch.cat([step[i][1] for step in steps_reported], dim=1), None)
+        (
+            torch.cat([step[i][0] for step in steps_reported], dim=1),
+            torch.cat([step[i][1] for step in steps_reported], dim=1),
+            None,
+        )
         for i in range(len(steps_reported[0]))
     ]
 
 
-def sequential_prefill(model, inputs_embeds: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache: Cache | None,
-                       reporting: bool = False, **kwargs) -> tuple[torch.Tensor, list | None]:
+def sequential_prefill(
+    model,
+    inputs_embeds: torch.Tensor,
+    attention_mask,
+    position_ids: torch.Tensor,
+    cache: Cache | None,
+    reporting: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, list | None]:
     """``model.forward_layers`` token by token: ``inputs_embeds`` ``(B, T, H)`` -> the last hidden states ``(B, T, H)``,
     equal to decoding the tokens one by one (the exact semantics), and the reported layer outputs (see ``run_tokens``).
     The tokens' KVs go to ``cache`` (to a scratch cache when it is None)."""
     step_cache = cache if cache is not None else DynamicCache(config=model.config)
     return run_tokens(
-        model, lambda t: inputs_embeds[:, t : t + 1], inputs_embeds.shape[1], attention_mask, position_ids, step_cache,
-        keep_hidden=True, reporting=reporting, **kwargs,
+        model,
+        lambda t: inputs_embeds[:, t : t + 1],
+        inputs_embeds.shape[1],
+        attention_mask,
+        position_ids,
+        step_cache,
+        keep_hidden=True,
+        reporting=reporting,
+        **kwargs,
     )
 
 
 @torch.no_grad()
-def prefill_cache(causal_lm, input_ids: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_cache(
+    causal_lm, input_ids: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Fill ``cache`` with ``input_ids`` ``(B, T)`` token by token, embedding one token per step and keeping only the
     last token's logits ``(B, 1, vocab)``: the prefill of a batch whose ``B x T x H`` prompt activations would not fit.
 
@@ -216,8 +268,15 @@ def prefill_cache(causal_lm, input_ids: torch.Tensor, cache: Cache, attention_ma
     # As generate numbers them: real tokens count from 0, padding gets 1 (its keys are masked anyway).
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, past_length:]
     model.check_positions(past_length + query_length)
-    hidden, _ = run_tokens(model, lambda t: model.embed_tokens(input_ids[:, t : t + 1]), query_length, attention_mask,
-                           position_ids, cache, keep_hidden=False)
+    hidden, _ = run_tokens(
+        model,
+        lambda t: model.embed_tokens(input_ids[:, t : t + 1]),
+        query_length,
+        attention_mask,
+        position_ids,
+        cache,
+        keep_hidden=False,
+    )
     return causal_lm.lm_head(hidden)
 
 

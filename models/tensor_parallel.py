@@ -42,8 +42,9 @@ def build_sharded(config: PretrainedConfig, dtype: torch.dtype, **kwargs) -> Pre
     lets a model larger than one GPU be built: transformers' loading path with an empty state dict.
     """
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    return model_class.from_pretrained(None, config=config, state_dict={}, distributed_config=DistributedConfig(tp_plan="auto"),
-                                       dtype=dtype, **kwargs).eval()
+    return model_class.from_pretrained(
+        None, config=config, state_dict={}, distributed_config=DistributedConfig(tp_plan="auto"), dtype=dtype, **kwargs
+    ).eval()
 
 
 def config_tp_size(config: PretrainedConfig) -> int:

@@ -27,13 +27,17 @@ def tiny_config(name: str = "test_tiny_opt.json", **overrides):
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def tiny_model(config, attn_implementation: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32, **model_kwargs):
+def tiny_model(
+    config, attn_implementation: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32, **model_kwargs
+):
     """A randomly initialised model in eval mode; the weights are drawn in float32 whatever ``dtype`` (a float64 model
     holds the float32 model's values exactly). ``model_kwargs`` go to the model's constructor (``kernel_selection``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32, **model_kwargs)
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.float32, **model_kwargs
+    )
     return model.to(dtype).eval()
 
 
@@ -75,7 +79,9 @@ def interpreted_kernel():
     """The Triton kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the top of this file)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
-        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; tests/test_decode_attention_gpu.py checks it")
+        pytest.skip(
+            "CUDA machine: Triton compiles the kernel for the GPU; tests/test_decode_attention_gpu.py checks it"
+        )
     from models.kernels.decode_attention import load_split_kv_kernel
 
     kernel = load_split_kv_kernel()

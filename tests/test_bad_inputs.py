@@ -39,93 +39,207 @@ class Row:
 
 GEN = ["--config", "{in}/opt.json", "--tokenizer", "{in}/tok"]
 STREAM = GEN
-CLM = ["--config_name", "{in}/opt.json", "--tokenizer_name", "{in}/tok", "--output_dir", "{out}", "--do_train",
-       "--report_to", "none", "--train_file", "{in}/text.txt"]
+CLM = [
+    "--config_name",
+    "{in}/opt.json",
+    "--tokenizer_name",
+    "{in}/tok",
+    "--output_dir",
+    "{out}",
+    "--do_train",
+    "--report_to",
+    "none",
+    "--train_file",
+    "{in}/text.txt",
+]
 HARNESS = ["--model", "{in}/opt.json", "--tokenizer", "{in}/tok", "--device", "cpu"]
 PLAN = ["--plan", "--configs", "{in}/opt.json"]
 LATENCY = ["--configs", "{in}/opt.json", "--device", "cpu", "--output_dir", "{out}"]
 
 ROWS = {
     # --- flags the tools never validated
-    "latency gpu_memory not a size": Row("test_latency", [*PLAN, "--gpu_memory", "abc"], ["--gpu_memory", "abc"], subprocess=SUBPROCESS),
+    "latency gpu_memory not a size": Row(
+        "test_latency", [*PLAN, "--gpu_memory", "abc"], ["--gpu_memory", "abc"], subprocess=SUBPROCESS
+    ),
     "latency gpu_memory negative": Row("test_latency", [*PLAN, "--gpu_memory=-80GB"], ["--gpu_memory", "-80GB"]),
     "latency bandwidth negative": Row("test_latency", [*PLAN, "--hbm_bandwidth=-1TB"], ["--hbm_bandwidth", "-1TB"]),
-    "latency bandwidth negative, separate word": Row("test_latency", [*PLAN, "--hbm_bandwidth", "-1TB"], ["--hbm_bandwidth", "-1TB"]),
-    "latency bandwidth unknown unit": Row("test_latency", [*PLAN, "--hbm_bandwidth", "3PB"], ["--hbm_bandwidth", "3PB"]),
-    "latency bandwidth negative word": Row("test_latency", [*PLAN, "--hbm_bandwidth", "-1TB"], ["--hbm_bandwidth", "-1TB"]),
-    "latency prefill on llama": Row("test_latency", ["--configs", "{in}/llama.json", "--device", "cpu", "--output_dir", "{out}",
-                                                     "--prefill", "sequential"], ["--prefill", "llama"]),
+    "latency bandwidth negative, separate word": Row(
+        "test_latency", [*PLAN, "--hbm_bandwidth", "-1TB"], ["--hbm_bandwidth", "-1TB"]
+    ),
+    "latency bandwidth unknown unit": Row(
+        "test_latency", [*PLAN, "--hbm_bandwidth", "3PB"], ["--hbm_bandwidth", "3PB"]
+    ),
+    "latency bandwidth negative word": Row(
+        "test_latency", [*PLAN, "--hbm_bandwidth", "-1TB"], ["--hbm_bandwidth", "-1TB"]
+    ),
+    "latency prefill on llama": Row(
+        "test_latency",
+        ["--configs", "{in}/llama.json", "--device", "cpu", "--output_dir", "{out}", "--prefill", "sequential"],
+        ["--prefill", "llama"],
+    ),
     "latency plan_lengths zero": Row("test_latency", [*PLAN, "--plan_lengths", "0"], ["--plan_lengths", "0"]),
     "latency memory below the weights": Row("test_latency", [*PLAN, "--gpu_memory", "1KB"], ["--gpu_memory", "1KB"]),
     "latency batches zero": Row("test_latency", [*LATENCY, "--batches", "0"], ["--batches", "0"]),
     "latency steps zero": Row("test_latency", [*LATENCY, "--steps", "0"], ["--steps", "0"]),
     "latency prompt_len zero": Row("test_latency", [*LATENCY, "--prompt_len", "0"], ["--prompt_len", "0"]),
     "latency device nonsense": Row("test_latency", [*LATENCY, "--device", "gpu0"], ["--device", "gpu0"]),
-    "latency attention typo": Row("test_latency", [*LATENCY, "--attn_implementation", "sdap"], ["--attn_implementation", "sdap"]),
+    "latency attention typo": Row(
+        "test_latency", [*LATENCY, "--attn_implementation", "sdap"], ["--attn_implementation", "sdap"]
+    ),
     "harness batch_size not a number": Row("test_harness", [*HARNESS, "--batch_size", "abc"], ["--batch_size", "abc"]),
     "harness limit zero": Row("test_harness", [*HARNESS, "--limit", "0"], ["--limit", "0"]),
-    "harness unknown task": Row("test_harness", [*HARNESS, "--tasks", "lckv_no_such_task"], ["--tasks", "lckv_no_such_task"]),
+    "harness unknown task": Row(
+        "test_harness", [*HARNESS, "--tasks", "lckv_no_such_task"], ["--tasks", "lckv_no_such_task"]
+    ),
     "generation dtype choice": Row("run_generation", [*GEN, "--prompt", "x", "--dtype", "fp8"], ["--dtype", "fp8"]),
-    "generation temperature zero": Row("run_generation", [*GEN, "--prompt", "x", "--do_sample", "--temperature", "0"], ["--temperature"]),
-    "bench_flops seq_len zero": Row("bench.bench_flops", ["--configs", "{in}/opt.json", "--seq_len", "0", "--output_dir", "{out}"], ["--seq_len", "0"]),
-    "bench_offload batch zero": Row("bench.bench_offload", ["--configs", "{in}/opt.json", "--batch_sizes", "0", "--device", "cpu",
-                                                           "--output_dir", "{out}"], ["--batch_sizes", "0"]),
+    "generation temperature zero": Row(
+        "run_generation", [*GEN, "--prompt", "x", "--do_sample", "--temperature", "0"], ["--temperature"]
+    ),
+    "bench_flops seq_len zero": Row(
+        "bench.bench_flops",
+        ["--configs", "{in}/opt.json", "--seq_len", "0", "--output_dir", "{out}"],
+        ["--seq_len", "0"],
+    ),
+    "bench_offload batch zero": Row(
+        "bench.bench_offload",
+        ["--configs", "{in}/opt.json", "--batch_sizes", "0", "--device", "cpu", "--output_dir", "{out}"],
+        ["--batch_sizes", "0"],
+    ),
     # --- values that passed and failed (or silently misbehaved) later
-    "clm kv heads do not divide": Row("run_clm", [*CLM, "--config_overrides", "num_key_value_heads=3"], ["num_key_value_heads", "3"]),
-    "clm zero attention heads": Row("run_clm", [*CLM, "--config_overrides", "num_attention_heads=0"], ["num_attention_heads", "0"]),
+    "clm kv heads do not divide": Row(
+        "run_clm", [*CLM, "--config_overrides", "num_key_value_heads=3"], ["num_key_value_heads", "3"]
+    ),
+    "clm zero attention heads": Row(
+        "run_clm", [*CLM, "--config_overrides", "num_attention_heads=0"], ["num_attention_heads", "0"]
+    ),
     "clm block_size zero": Row("run_clm", [*CLM, "--block_size", "0"], ["--block_size", "0"], subprocess=SUBPROCESS),
     "clm max_steps zero": Row("run_clm", [*CLM, "--max_steps", "0"], ["--max_steps", "0"]),
-    "clm batch size zero": Row("run_clm", [*CLM, "--per_device_train_batch_size", "0"], ["--per_device_train_batch_size", "0"]),
-    "clm output_dir under a file": Row("run_clm", [*CLM[:4], "--output_dir", "{in}/blocker/out", *CLM[6:]], ["--output_dir", "blocker"]),
-    "generation kv heads in --config": Row("run_generation", ["--config", "{in}/bad_kv.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
-                                           ["--config", "num_key_value_heads", "3"]),
-    "streaming output_json under a file": Row("run_streaming", [*STREAM, "--mode", "perplexity", "--text_file", "{in}/text.txt",
-                                                                "--output_json", "{in}/blocker/ppl.json"], ["--output_json", "blocker"],
-                                              subprocess=SUBPROCESS),
-    "streaming num_tokens zero": Row("run_streaming", [*STREAM, "--mode", "perplexity", "--text_file", "{in}/text.txt", "--num_tokens", "0"],
-                                     ["--num_tokens", "0"]),
-    "harness output_path under a file": Row("test_harness", [*HARNESS, "--output_path", "{in}/blocker/eval.json"], ["--output_path", "blocker"]),
-    "latency output_dir under a file": Row("test_latency", [*LATENCY[:4], "--output_dir", "{in}/blocker/x"], ["--output_dir", "blocker"]),
-    "harness sequential on llama": Row("test_harness", ["--model", "{in}/llama.json", "--tokenizer", "{in}/tok", "--device", "cpu",
-                                                        "--sequential"], ["--sequential", "llama"]),
+    "clm batch size zero": Row(
+        "run_clm", [*CLM, "--per_device_train_batch_size", "0"], ["--per_device_train_batch_size", "0"]
+    ),
+    "clm output_dir under a file": Row(
+        "run_clm", [*CLM[:4], "--output_dir", "{in}/blocker/out", *CLM[6:]], ["--output_dir", "blocker"]
+    ),
+    "generation kv heads in --config": Row(
+        "run_generation",
+        ["--config", "{in}/bad_kv.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
+        ["--config", "num_key_value_heads", "3"],
+    ),
+    "streaming output_json under a file": Row(
+        "run_streaming",
+        [*STREAM, "--mode", "perplexity", "--text_file", "{in}/text.txt", "--output_json", "{in}/blocker/ppl.json"],
+        ["--output_json", "blocker"],
+        subprocess=SUBPROCESS,
+    ),
+    "streaming num_tokens zero": Row(
+        "run_streaming",
+        [*STREAM, "--mode", "perplexity", "--text_file", "{in}/text.txt", "--num_tokens", "0"],
+        ["--num_tokens", "0"],
+    ),
+    "harness output_path under a file": Row(
+        "test_harness", [*HARNESS, "--output_path", "{in}/blocker/eval.json"], ["--output_path", "blocker"]
+    ),
+    "latency output_dir under a file": Row(
+        "test_latency", [*LATENCY[:4], "--output_dir", "{in}/blocker/x"], ["--output_dir", "blocker"]
+    ),
+    "harness sequential on llama": Row(
+        "test_harness",
+        ["--model", "{in}/llama.json", "--tokenizer", "{in}/tok", "--device", "cpu", "--sequential"],
+        ["--sequential", "llama"],
+    ),
     # --- bad data
     "clm empty train file": Row("run_clm", [*CLM[:-1], "{in}/empty.txt"], ["--train_file", "empty.txt", "empty"]),
     "clm binary train file": Row("run_clm", [*CLM[:-1], "{in}/binary.txt"], ["--train_file", "binary.txt"]),
-    "clm one-line train file, no validation": Row("run_clm", [*CLM[:-1], "{in}/one_line.txt"], ["--validation_split_percentage", "5"]),
-    "clm one-line train file": Row("run_clm", [*CLM[:-1], "{in}/one_line.txt", "--validation_file", "{in}/one_line.txt"],
-                                   ["--train_file", "one_line.txt", "--block_size 128"]),
-    "clm truncated checkpoint": Row("run_clm", [*CLM[:4], "--output_dir", "{in}/resume", *CLM[6:]], ["model.safetensors"]),
-    "generation binary prompt file": Row("run_generation", [*GEN, "--prompt_file", "{in}/binary.txt"], ["--prompt_file", "binary.txt"]),
-    "streaming empty text file": Row("run_streaming", [*STREAM, "--mode", "perplexity", "--text_file", "{in}/empty.txt"],
-                                     ["--text_file", "empty.txt"]),
+    "clm one-line train file, no validation": Row(
+        "run_clm", [*CLM[:-1], "{in}/one_line.txt"], ["--validation_split_percentage", "5"]
+    ),
+    "clm one-line train file": Row(
+        "run_clm",
+        [*CLM[:-1], "{in}/one_line.txt", "--validation_file", "{in}/one_line.txt"],
+        ["--train_file", "one_line.txt", "--block_size 128"],
+    ),
+    "clm truncated checkpoint": Row(
+        "run_clm", [*CLM[:4], "--output_dir", "{in}/resume", *CLM[6:]], ["model.safetensors"]
+    ),
+    "generation binary prompt file": Row(
+        "run_generation", [*GEN, "--prompt_file", "{in}/binary.txt"], ["--prompt_file", "binary.txt"]
+    ),
+    "streaming empty text file": Row(
+        "run_streaming",
+        [*STREAM, "--mode", "perplexity", "--text_file", "{in}/empty.txt"],
+        ["--text_file", "empty.txt"],
+    ),
     # --- misleading words
-    "harness missing model dir": Row("test_harness", ["--model", "{in}/no_such_checkpoint", "--device", "cpu"],
-                                     ["--model", "no_such_checkpoint", "does not exist"], subprocess=SUBPROCESS),
-    "generation prompt file is a directory": Row("run_generation", [*GEN, "--prompt_file", "{in}/tok"], ["--prompt_file", "is a directory"]),
-    "clm missing checkpoint path": Row("run_clm", ["--model_name_or_path", "{in}/gone/ckpt", *CLM[2:]],
-                                       ["--model_name_or_path", "gone/ckpt", "does not exist"]),
-    "generation missing config": Row("run_generation", ["--config", "{in}/nope.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
-                                     ["--config", "nope.json", "does not exist"]),
+    "harness missing model dir": Row(
+        "test_harness",
+        ["--model", "{in}/no_such_checkpoint", "--device", "cpu"],
+        ["--model", "no_such_checkpoint", "does not exist"],
+        subprocess=SUBPROCESS,
+    ),
+    "generation prompt file is a directory": Row(
+        "run_generation", [*GEN, "--prompt_file", "{in}/tok"], ["--prompt_file", "is a directory"]
+    ),
+    "clm missing checkpoint path": Row(
+        "run_clm",
+        ["--model_name_or_path", "{in}/gone/ckpt", *CLM[2:]],
+        ["--model_name_or_path", "gone/ckpt", "does not exist"],
+    ),
+    "generation missing config": Row(
+        "run_generation",
+        ["--config", "{in}/nope.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
+        ["--config", "nope.json", "does not exist"],
+    ),
     # --- directories that are not what the flag needs, near-miss names
-    "clm resume from a non-checkpoint": Row("run_clm", [*CLM, "--resume_from_checkpoint", "{in}/tok"],
-                                            ["--resume_from_checkpoint", "tok", "trainer_state.json"], subprocess=SUBPROCESS),
-    "clm empty tokenizer directory": Row("run_clm", [*CLM[:2], "--tokenizer_name", "{in}/empty_dir", *CLM[4:]],
-                                         ["--tokenizer_name", "empty_dir", "no tokenizer"]),
-    "generation checkpoint without weights": Row("run_generation", ["--model_name_or_path", "{in}/config_only", "--prompt", "x"],
-                                                 ["--model_name_or_path", "config_only", "no model weights"]),
-    "convert missing source": Row("tools.convert", ["{in}/no_such_checkpoint", "{out}", "--to", "lckv-llama"],
-                                  ["SRC", "no_such_checkpoint", "does not exist"], prog="python -m tools.convert"),
-    "lckv layout entry out of range": Row("run_generation", ["--config", "{in}/lckv_0_9_9.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
-                                          ["--config", "layer_types '0_9_9'", "layer 1 reads layer 9", "0..2"]),
-    "harness checkpoint without weights": Row("test_harness", ["--model", "{in}/config_only", "--tokenizer", "{in}/tok", "--device", "cpu",
-                                                               "--tasks", "lckv_heldout_ppl"], ["--model", "config_only", "no model weights"]),
-    "harness task typo": Row("test_harness", [*HARNESS, "--tasks", "hellaswg"], ["--tasks", "'hellaswg'", "closest: hellaswag"],
-                             subprocess=SUBPROCESS),
+    "clm resume from a non-checkpoint": Row(
+        "run_clm",
+        [*CLM, "--resume_from_checkpoint", "{in}/tok"],
+        ["--resume_from_checkpoint", "tok", "trainer_state.json"],
+        subprocess=SUBPROCESS,
+    ),
+    "clm empty tokenizer directory": Row(
+        "run_clm",
+        [*CLM[:2], "--tokenizer_name", "{in}/empty_dir", *CLM[4:]],
+        ["--tokenizer_name", "empty_dir", "no tokenizer"],
+    ),
+    "generation checkpoint without weights": Row(
+        "run_generation",
+        ["--model_name_or_path", "{in}/config_only", "--prompt", "x"],
+        ["--model_name_or_path", "config_only", "no model weights"],
+    ),
+    "convert missing source": Row(
+        "tools.convert",
+        ["{in}/no_such_checkpoint", "{out}", "--to", "lckv-llama"],
+        ["SRC", "no_such_checkpoint", "does not exist"],
+        prog="python -m tools.convert",
+    ),
+    "lckv layout entry out of range": Row(
+        "run_generation",
+        ["--config", "{in}/lckv_0_9_9.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
+        ["--config", "layer_types '0_9_9'", "layer 1 reads layer 9", "0..2"],
+    ),
+    "harness checkpoint without weights": Row(
+        "test_harness",
+        ["--model", "{in}/config_only", "--tokenizer", "{in}/tok", "--device", "cpu", "--tasks", "lckv_heldout_ppl"],
+        ["--model", "config_only", "no model weights"],
+    ),
+    "harness task typo": Row(
+        "test_harness",
+        [*HARNESS, "--tasks", "hellaswg"],
+        ["--tasks", "'hellaswg'", "closest: hellaswag"],
+        subprocess=SUBPROCESS,
+    ),
     # --- env flags
-    "env flag on run_generation": Row("run_generation", [*GEN, "--prompt", "x"], ["LCKV_FLASH_ATTN", "yes"],
-                                      env={"LCKV_FLASH_ATTN": "yes"}, subprocess=SUBPROCESS),
+    "env flag on run_generation": Row(
+        "run_generation",
+        [*GEN, "--prompt", "x"],
+        ["LCKV_FLASH_ATTN", "yes"],
+        env={"LCKV_FLASH_ATTN": "yes"},
+        subprocess=SUBPROCESS,
+    ),
     "env flag on run_clm": Row("run_clm", CLM, ["LCKV_FUSED_RMSNORM", "true"], env={"LCKV_FUSED_RMSNORM": "true"}),
-    "eval-sequential env flag": Row("run_clm", [*CLM, "--do_eval"], ["LCKV_EVAL_SEQUENTIAL", "yes"], env={"LCKV_EVAL_SEQUENTIAL": "yes"}),
+    "eval-sequential env flag": Row(
+        "run_clm", [*CLM, "--do_eval"], ["LCKV_EVAL_SEQUENTIAL", "yes"], env={"LCKV_EVAL_SEQUENTIAL": "yes"}
+    ),
 }
 
 
@@ -156,7 +270,9 @@ def inputs(tmp_path_factory) -> Path:
     (root / "config_only").mkdir()
     (root / "config_only" / "config.json").write_text((root / "opt.json").read_text())
     lckv = {k: v for k, v in fields.items() if k not in ("layer_types", "target_layer", "architectures")}
-    (root / "lckv_0_9_9.json").write_text(json.dumps({**lckv, "model_type": "lckv-llama", "num_hidden_layers": 3, "layer_types": "0_9_9"}))
+    (root / "lckv_0_9_9.json").write_text(
+        json.dumps({**lckv, "model_type": "lckv-llama", "num_hidden_layers": 3, "layer_types": "0_9_9"})
+    )
     return root
 
 
@@ -181,10 +297,19 @@ def subprocess_runs(inputs, tmp_path_factory) -> dict[str, tuple[int, str, bool]
         if row.subprocess:
             out = tmp_path_factory.mktemp("out")
             command = [sys.executable, "-m", row.tool] if "." in row.tool else [sys.executable, f"{row.tool}.py"]
-            proc = subprocess.Popen(command + fill(row.argv, inputs, out / "out"), cwd=REPO, env={**env, **row.env},
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                command + fill(row.argv, inputs, out / "out"),
+                cwd=REPO,
+                env={**env, **row.env},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             started[name] = (proc, out)
-    results = {name: (proc.wait(timeout=300), proc.stderr.read(), bool(files_under(out))) for name, (proc, out) in started.items()}
+    results = {
+        name: (proc.wait(timeout=300), proc.stderr.read(), bool(files_under(out)))
+        for name, (proc, out) in started.items()
+    }
     inputs_changed = files_under(inputs) != before
     return {name: (status, stderr, wrote or inputs_changed) for name, (status, stderr, wrote) in results.items()}
 
@@ -222,7 +347,13 @@ def test_bad_input_exits_2_with_one_line(name, inputs, subprocess_runs, tmp_path
 def test_the_table_covers_every_tool_and_class():
     """At least 30 rows, every tool, several real subprocesses."""
     assert len(ROWS) >= 30
-    assert {row.tool for row in ROWS.values()} >= {"run_clm", "run_generation", "run_streaming", "test_harness", "test_latency"}
+    assert {row.tool for row in ROWS.values()} >= {
+        "run_clm",
+        "run_generation",
+        "run_streaming",
+        "test_harness",
+        "test_latency",
+    }
     assert sum(row.subprocess for row in ROWS.values()) >= 5
 
 

@@ -10,8 +10,10 @@ from tools import cli
 from tools.cli import UsageError
 
 
-@pytest.mark.parametrize(("text", "expected"), [("80GB", 8e10), ("24GiB", 24 * 2**30), ("3.35TB", 3.35e12), ("1e9", 1e9),
-                                                ("512 mib", 512 * 2**20)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("80GB", 8e10), ("24GiB", 24 * 2**30), ("3.35TB", 3.35e12), ("1e9", 1e9), ("512 mib", 512 * 2**20)],
+)
 def test_parse_size(text, expected):
     assert cli.parse_size("--gpu_memory", text) == pytest.approx(expected)
 
@@ -57,8 +59,13 @@ def test_text_files(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("héllo\n")
     assert cli.read_text_file("--f", text) == "héllo\n"
-    cases = {"missing.txt": "does not exist", "": "is a directory", "empty.txt": "is empty", "nul.txt": "not UTF-8 text",
-             "latin1.txt": "not UTF-8 text"}
+    cases = {
+        "missing.txt": "does not exist",
+        "": "is a directory",
+        "empty.txt": "is empty",
+        "nul.txt": "not UTF-8 text",
+        "latin1.txt": "not UTF-8 text",
+    }
     (tmp_path / "empty.txt").write_text(" \n")
     (tmp_path / "nul.txt").write_bytes(b"abc\0def")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))

@@ -57,8 +57,18 @@ def sdpa_reference(query, key, value, mask) -> torch.Tensor:
 def run_kernel(kernel, query, key, value, mask, splits: int, config: KernelConfig = DEFAULT) -> torch.Tensor:
     """The op on a ``(B, 1, 1, S)`` mask with ``splits`` parts per row and ``config``'s tile, warps and stages."""
     rows = mask[:, 0, 0]
-    return kernel(query, key, value, rows, visible_lengths(rows), query.shape[-1] ** -0.5, splits, config.block_n,
-                  config.num_warps, config.num_stages)
+    return kernel(
+        query,
+        key,
+        value,
+        rows,
+        visible_lengths(rows),
+        query.shape[-1] ** -0.5,
+        splits,
+        config.block_n,
+        config.num_warps,
+        config.num_stages,
+    )
 
 
 def watched_split_kv(monkeypatch, run: Callable) -> KernelSelection:
@@ -86,7 +96,9 @@ def test_kernel_equals_sdpa_with_full_mask(interpreted_kernel, heads, kv_heads, 
 def test_kernel_pads_head_dim(interpreted_kernel, dim):
     query, key, value = decode_inputs(len(SPANS), 4, 2, dim=dim)
     mask = cache_mask(SPANS)
-    out = split_kv_decode_attention(interpreted_kernel, query, key, value, mask, None)  # None: the default 1 / sqrt(dim)
+    out = split_kv_decode_attention(
+        interpreted_kernel, query, key, value, mask, None
+    )  # None: the default 1 / sqrt(dim)
     torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 
@@ -140,7 +152,9 @@ def test_dispatch_only_for_one_token_bool_masks(interpreted_kernel):
     assert not runs_split_kv(kernel, query, key, torch.zeros(mask.shape), 0.0)  # additive float mask
     assert not runs_split_kv(kernel, query, key, mask[..., :-1], 0.0)  # mask shorter than the cache
     assert not runs_split_kv(kernel, torch.cat([query, query], dim=2), key, None, 0.0)  # two query tokens (prefill)
-    assert not runs_split_kv(SplitKvKernel(interpreted_kernel, frozenset({"cuda"})), query, key, mask, 0.0)  # CPU tensors
+    assert not runs_split_kv(
+        SplitKvKernel(interpreted_kernel, frozenset({"cuda"})), query, key, mask, 0.0
+    )  # CPU tensors
     assert not runs_split_kv(None, query, key, mask, 0.0)  # no kernel
 
 
@@ -169,8 +183,15 @@ def test_fast_attention_leaves_decoding_to_split_kv(monkeypatch):
 
 
 def llama_mha_config():
-    return tiny_config("llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=3, vocab_size=256,
-                       num_attention_heads=4, num_key_value_heads=4)
+    return tiny_config(
+        "llama_tiny.json",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        vocab_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
 
 
 @pytest.mark.parametrize("config_fn", [tiny_config, llama_mha_config], ids=["opt-llama-gqa", "llama-mha"])
@@ -183,7 +204,9 @@ def test_generation_equals_dynamic_cache(interpreted_kernel, monkeypatch, config
     ids, mask = left_padded_batch(config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     dynamic = tiny_model(config, attn_implementation="sdpa").generate(ids, **kwargs)
-    static = tiny_model(config, attn_implementation=SPLIT_KV, **model_kwargs).generate(ids, cache_implementation="static", **kwargs)
+    static = tiny_model(config, attn_implementation=SPLIT_KV, **model_kwargs).generate(
+        ids, cache_implementation="static", **kwargs
+    )
     assert len(calls) == (NEW - 1) * config.num_hidden_layers  # every layer of every decoding step
     assert torch.equal(static, dynamic)
 

@@ -26,7 +26,9 @@ def gpu_inputs(dtype: torch.dtype, heads: int, kv_heads: int, strict: bool):
     generator = torch.Generator(device="cuda").manual_seed(0)
     batch, dim = len(SPANS), 64
     query = torch.randn(batch, heads, 1, dim, device="cuda", generator=generator, dtype=dtype)
-    key, value = (torch.randn(batch, kv_heads, SLOTS, dim, device="cuda", generator=generator, dtype=dtype) for _ in range(2))
+    key, value = (
+        torch.randn(batch, kv_heads, SLOTS, dim, device="cuda", generator=generator, dtype=dtype) for _ in range(2)
+    )
     mask = torch.zeros(batch, 1, 1, SLOTS, dtype=torch.bool, device="cuda")
     for row, (pad, filled) in enumerate(SPANS):
         mask[row, ..., pad : filled - 1 if strict else filled] = True
@@ -66,12 +68,17 @@ def test_every_tuning_candidate_agrees(config):
 @pytest.mark.parametrize("name", ["test_tiny_opt.json", "llama_tiny.json"], ids=["opt-llama", "llama"])
 def test_compiled_generation_equals_dynamic_cache(name):
     """generate's compiled decode step (CUDA graph) through the kernel = dynamic cache + SDPA, left padding, fp32."""
-    overrides = {} if name == "test_tiny_opt.json" else {"hidden_size": 64, "intermediate_size": 128,
-                                                         "num_hidden_layers": 3, "vocab_size": 256}
+    overrides = (
+        {}
+        if name == "test_tiny_opt.json"
+        else {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "vocab_size": 256}
+    )
     config = tiny_config(name, **overrides)
     ids, mask = (t.cuda() for t in left_padded_batch(config.vocab_size))
     kwargs = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     dynamic = tiny_model(config, attn_implementation="sdpa").cuda().generate(ids, **kwargs)
     torch._dynamo.reset()
-    compiled = tiny_model(config, attn_implementation=SPLIT_KV).cuda().generate(ids, cache_implementation="static", **kwargs)
+    compiled = (
+        tiny_model(config, attn_implementation=SPLIT_KV).cuda().generate(ids, cache_implementation="static", **kwargs)
+    )
     assert torch.equal(compiled, dynamic)

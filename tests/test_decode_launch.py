@@ -159,6 +159,10 @@ def test_decode_attention_launches_the_table_config(interpreted_kernel, monkeypa
 def test_compiled_decode_step_with_a_table_is_one_graph(interpreted_kernel, monkeypatch):
     """A tuned config is a constant of the traced step: fullgraph, no recompilation as the cache fills."""
     config = tiny_config()
-    key = (config.num_attention_heads // config.num_key_value_heads, config.hidden_size // config.num_attention_heads, 4)
+    key = (
+        config.num_attention_heads // config.num_key_value_heads,
+        config.hidden_size // config.num_attention_heads,
+        4,
+    )
     monkeypatch.setattr(decode_launch, "TUNED", {key: ((1, SMALL),)})
     assert_decode_step_compiles_once(tiny_model(config, attn_implementation=SPLIT_KV))

@@ -37,7 +37,8 @@ def broken_links(path: Path) -> list[str]:
 
 def test_heading_slug():
     assert heading_slug("7. Equivalences the tests pin (float64, random weights, one tolerance)") == (
-        "7-equivalences-the-tests-pin-float64-random-weights-one-tolerance")
+        "7-equivalences-the-tests-pin-float64-random-weights-one-tolerance"
+    )
 
 
 def test_a_missing_file_and_a_missing_heading_are_reported(tmp_path):

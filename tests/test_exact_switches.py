@@ -28,21 +28,40 @@ from tools.cli import UsageError
 from .conftest import CONFIGS
 
 SHAPE = json.loads((CONFIGS / "test_tiny_opt.json").read_text())
-LCKV_FIELDS = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv", "force_nodiag", "iteration_style")
+LCKV_FIELDS = (
+    "layer_types",
+    "target_layer",
+    "num_encoders",
+    "num_trained_encoders",
+    "train_kv",
+    "force_nodiag",
+    "iteration_style",
+)
 # Large random weights (initializer_range 0.5): the iterative and the exact computation differ visibly, greedy texts too.
-COMMON = {k: v for k, v in SHAPE.items() if k not in LCKV_FIELDS} | {"vocab_size": 4096, "max_position_embeddings": 1024, "initializer_range": 0.5}
+COMMON = {k: v for k, v in SHAPE.items() if k not in LCKV_FIELDS} | {
+    "vocab_size": 4096,
+    "max_position_embeddings": 1024,
+    "initializer_range": 0.5,
+}
 # The config.json of each kind as its users write it: two iterations, six layers, a cyclic block of four.
 KINDS = {
     # The published release: the layout string as layer_types, no semantics fields (so the published semantics:
     # force_nodiag, iteration_style previous).
-    "opt-llama-published": COMMON | {"model_type": "opt-llama", "layer_types": "0_1_1_1_2_0", "target_layer": -2,
-                                     "num_encoders": 1, "num_trained_encoders": 0},
+    "opt-llama-published": COMMON
+    | {
+        "model_type": "opt-llama",
+        "layer_types": "0_1_1_1_2_0",
+        "target_layer": -2,
+        "num_encoders": 1,
+        "num_trained_encoders": 0,
+    },
     # This project's general layout: a per-layer KV source list (layers 1-3 read the target 4 above them), read with
     # this project's semantics defaults (force_nodiag False, iteration_style "current").
-    "opt-llama-kv-sources": COMMON | {"model_type": "opt-llama", "kv_sources": [0, 4, 4, 4, 4, 5], "num_encoders": 1,
-                                      "num_trained_encoders": 0},
+    "opt-llama-kv-sources": COMMON
+    | {"model_type": "opt-llama", "kv_sources": [0, 4, 4, 4, 4, 5], "num_encoders": 1, "num_trained_encoders": 0},
     # The later format of the original code: its to_dict has no sequential_forward (use_sequential instead).
-    "lckv-llama": COMMON | {"model_type": "lckv-llama", "layer_types": "0_4_4_4_4_5", "forward_passes": 1, "backward_passes": 1},
+    "lckv-llama": COMMON
+    | {"model_type": "lckv-llama", "layer_types": "0_4_4_4_4_5", "forward_passes": 1, "backward_passes": 1},
 }
 PROMPT = "KING.\nWhat, ho!"  # 7 tokens, more than the 2 iterations
 NEW_TOKENS = 6
@@ -119,8 +138,14 @@ def direct_text(path: Path, exact: bool) -> str:
         new = greedy_token_by_token(model, ids, NEW_TOKENS)
     else:
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
         new = out[:, ids.shape[1] :]
     return tokenizer.batch_decode(new, skip_special_tokens=True)[0]
 
@@ -128,7 +153,10 @@ def direct_text(path: Path, exact: bool) -> str:
 @pytest.fixture(scope="module")
 def texts(checkpoints) -> dict[str, dict[str, str]]:
     """Per kind: the exact and the iterative greedy text; they differ (else the generation tests could not fail)."""
-    out = {kind: {"exact": direct_text(checkpoints[kind], True), "iterative": direct_text(checkpoints[kind], False)} for kind in KINDS}
+    out = {
+        kind: {"exact": direct_text(checkpoints[kind], True), "iterative": direct_text(checkpoints[kind], False)}
+        for kind in KINDS
+    }
     for kind, pair in out.items():
         assert pair["exact"] != pair["iterative"], kind
     return out
@@ -149,9 +177,27 @@ def one_line_error(capsys, main, argv: list[str]) -> str:
 def test_run_clm_eval_sequential_is_the_token_by_token_loss(kind, checkpoints, corpus, tmp_path, capsys):
     validation = tmp_path / "validation.txt"
     validation.write_text(corpus.validation.read_text()[:3000])
-    args = ["--model_name_or_path", str(checkpoints[kind]), "--validation_file", str(validation), "--do_eval",
-            "--block_size", "16", "--max_eval_samples", "4", "--per_device_eval_batch_size", "4", "--output_dir",
-            str(tmp_path / "out"), "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
+    args = [
+        "--model_name_or_path",
+        str(checkpoints[kind]),
+        "--validation_file",
+        str(validation),
+        "--do_eval",
+        "--block_size",
+        "16",
+        "--max_eval_samples",
+        "4",
+        "--per_device_eval_batch_size",
+        "4",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--dataloader_pin_memory",
+        "false",
+    ]
     result = run_clm.main([*args, "--eval_sequential"])
     assert result["eval"]["eval_sequential"] is True
     reported = result["eval"]["eval_loss"]
@@ -160,10 +206,14 @@ def test_run_clm_eval_sequential_is_the_token_by_token_loss(kind, checkpoints, c
     assert ids.shape == (4, 16)
     model = load(checkpoints[kind])
     exact, iterative = mean_nll(token_by_token_logits(model, ids), ids), mean_nll(iterative_logits(model, ids), ids)
-    print(f"{kind}: run_clm --eval_sequential loss {reported:.6f}, token by token {exact:.6f}, iterative {iterative:.6f}")
+    print(
+        f"{kind}: run_clm --eval_sequential loss {reported:.6f}, token by token {exact:.6f}, iterative {iterative:.6f}"
+    )
     assert reported == pytest.approx(exact, rel=1e-5)
     assert abs(reported - iterative) > 1e-3
-    assert run_clm.main(args)["eval"]["eval_loss"] == pytest.approx(iterative, rel=1e-5)  # without the switch: iterative
+    assert run_clm.main(args)["eval"]["eval_loss"] == pytest.approx(
+        iterative, rel=1e-5
+    )  # without the switch: iterative
 
 
 # ----------------------------------------------------------------------------- test_harness.py --sequential
@@ -177,7 +227,9 @@ def short_task(tmp_path_factory, corpus) -> tuple[Path, str]:
     folder.mkdir()
     text = corpus.validation.read_text()[:200].strip()
     task = (test_harness.TASKS_DIR / "lckv_heldout_ppl.yaml").read_text()
-    task = task.replace("task: lckv_heldout_ppl", "task: lckv_short_ppl").replace("lckv_data.heldout_ppl", "short_doc.dataset")
+    task = task.replace("task: lckv_heldout_ppl", "task: lckv_short_ppl").replace(
+        "lckv_data.heldout_ppl", "short_doc.dataset"
+    )
     (folder / "lckv_short_ppl.yaml").write_text(task)
     (folder / "short_doc.py").write_text(
         f"import datasets\n\n\ndef dataset(**kwargs):\n    return datasets.DatasetDict({{'test': datasets.Dataset.from_list([{{'text': {text!r}}}])}})\n"
@@ -192,20 +244,28 @@ def test_harness_sequential_is_the_token_by_token_perplexity(kind, checkpoints, 
     folder, text = short_task
     monkeypatch.setattr(test_harness, "TASKS_DIR", folder)
     # lm-eval's own task index (seconds to build) is of no use here: only the task folder is indexed.
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
-    results = test_harness.main(["--model", str(checkpoints[kind]), "--tasks", "lckv_short_ppl", "--device", "cpu", "--sequential"])
+    monkeypatch.setattr(
+        lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)
+    )
+    results = test_harness.main(
+        ["--model", str(checkpoints[kind]), "--tasks", "lckv_short_ppl", "--device", "cpu", "--sequential"]
+    )
     reported = results["results"]["lckv_short_ppl"]["word_perplexity,none"]
 
     model, tokenizer = load(checkpoints[kind]), AutoTokenizer.from_pretrained(checkpoints[kind])
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    inputs = torch.tensor([[tokenizer.bos_token_id, *ids]])  # lm-eval scores the document after the BOS token, in one window
+    inputs = torch.tensor(
+        [[tokenizer.bos_token_id, *ids]]
+    )  # lm-eval scores the document after the BOS token, in one window
     words = len(re.split(r"\s+", text))
     # Compared as log word perplexities (NLL per word, ~40 nats with these large random weights): float32 sums of a few
     # dozen log-probabilities agree to ~1e-6 relative; the iterative value is off by far more.
     exact = mean_nll(token_by_token_logits(model, inputs), inputs) * len(ids) / words
     iterative = mean_nll(iterative_logits(model, inputs), inputs) * len(ids) / words
-    print(f"{kind}: test_harness --sequential log word perplexity {math.log(reported):.6f}, token by token {exact:.6f}, "
-          f"iterative {iterative:.6f}")
+    print(
+        f"{kind}: test_harness --sequential log word perplexity {math.log(reported):.6f}, token by token {exact:.6f}, "
+        f"iterative {iterative:.6f}"
+    )
     assert math.log(reported) == pytest.approx(exact, rel=1e-6)
     assert abs(math.log(reported) - iterative) > 1e-2
 
@@ -214,7 +274,17 @@ def test_harness_sequential_is_the_token_by_token_perplexity(kind, checkpoints, 
 
 
 def generation_args(path: Path, *extra: str) -> list[str]:
-    return ["--model_name_or_path", str(path), "--prompt", PROMPT, "--max_new_tokens", str(NEW_TOKENS), "--ignore_eos", "--quiet", *extra]
+    return [
+        "--model_name_or_path",
+        str(path),
+        "--prompt",
+        PROMPT,
+        "--max_new_tokens",
+        str(NEW_TOKENS),
+        "--ignore_eos",
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -233,7 +303,9 @@ def test_run_generation_prefill_sequential_is_the_token_by_token_text(kind, cach
     assert iterative["cache"]["text"] == [texts[kind]["iterative"]]
 
 
-@pytest.mark.parametrize("switch", [["--prefill", "sequential"], ["--sequential_forward"]], ids=["prefill", "sequential_forward"])
+@pytest.mark.parametrize(
+    "switch", [["--prefill", "sequential"], ["--sequential_forward"]], ids=["prefill", "sequential_forward"]
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_run_streaming_generate_switches_are_the_token_by_token_text(kind, switch, checkpoints, texts):
     """A window holding the whole text (no eviction): streaming decodes as an ordinary cache."""
@@ -247,8 +319,21 @@ def test_run_streaming_perplexity_is_token_by_token(kind, checkpoints, corpus, t
     """--mode perplexity feeds one token per forward: exact without a switch."""
     text = tmp_path / "text.txt"
     text.write_text(corpus.validation.read_text()[:2000])
-    result = run_streaming.main(["--model_name_or_path", str(checkpoints[kind]), "--mode", "perplexity", "--text_file", str(text),
-                                 "--num_tokens", "40", "--window_size", "60", "--quiet"])
+    result = run_streaming.main(
+        [
+            "--model_name_or_path",
+            str(checkpoints[kind]),
+            "--mode",
+            "perplexity",
+            "--text_file",
+            str(text),
+            "--num_tokens",
+            "40",
+            "--window_size",
+            "60",
+            "--quiet",
+        ]
+    )
     model, tokenizer = load(checkpoints[kind]), AutoTokenizer.from_pretrained(checkpoints[kind])
     ids = tokenizer(text.read_text(), return_tensors="pt").input_ids[:, :40]
     assert result["ppl"] == pytest.approx(math.exp(mean_nll(token_by_token_logits(model, ids), ids)), rel=1e-5)
@@ -265,9 +350,23 @@ def test_latency_prefill_reaches_the_model(kind, checkpoints, tmp_path, monkeypa
 
     calls = []
     original = modeling.sequential_prefill
-    monkeypatch.setattr(modeling, "sequential_prefill", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
-    base = ["--configs", str(checkpoints[kind] / "config.json"), "--prompt_len", "8", "--gen_len", "2", "--batches", "1",
-            "--device", "cpu", "--output_dir", str(tmp_path)]
+    monkeypatch.setattr(
+        modeling, "sequential_prefill", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    )
+    base = [
+        "--configs",
+        str(checkpoints[kind] / "config.json"),
+        "--prompt_len",
+        "8",
+        "--gen_len",
+        "2",
+        "--batches",
+        "1",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     for mode, runs_sequential in (("iterative", False), ("sequential", True)):
         calls.clear()
         out = test_latency.main([*base, "--prefill", mode])
@@ -286,28 +385,76 @@ def test_the_lckv_llama_config_keeps_the_switch_out_of_its_dict(checkpoints):
 
 
 LLAMA_SWITCHES = {
-    "run_clm --eval_sequential": (run_clm.main, lambda ckpt, tmp: ["--model_name_or_path", ckpt, "--validation_file", "VALIDATION",
-                                  "--do_eval", "--output_dir", tmp, "--report_to", "none", "--eval_sequential"], "--eval_sequential"),
-    "test_harness --sequential": (test_harness.main, lambda ckpt, tmp: ["--model", ckpt, "--tasks", "lckv_heldout_ppl", "--device", "cpu",
-                                  "--sequential"], "--sequential"),
-    "run_generation --sequential_forward": (run_generation.main, lambda ckpt, tmp: generation_args(ckpt, "--sequential_forward"),
-                                            "--sequential_forward"),
-    "run_generation --prefill": (run_generation.main, lambda ckpt, tmp: generation_args(ckpt, "--prefill", "sequential"), "--prefill"),
-    "run_streaming --prefill": (run_streaming.main, lambda ckpt, tmp: generation_args(ckpt, "--prefill", "sequential"), "--prefill"),
-    "run_streaming --sequential_forward": (run_streaming.main, lambda ckpt, tmp: generation_args(ckpt, "--sequential_forward"),
-                                           "--sequential_forward"),
-    "test_latency --prefill": (test_latency.main, lambda ckpt, tmp: ["--configs", f"{ckpt}/config.json", "--prefill", "sequential",
-                               "--device", "cpu", "--output_dir", tmp], "--prefill"),
+    "run_clm --eval_sequential": (
+        run_clm.main,
+        lambda ckpt, tmp: [
+            "--model_name_or_path",
+            ckpt,
+            "--validation_file",
+            "VALIDATION",
+            "--do_eval",
+            "--output_dir",
+            tmp,
+            "--report_to",
+            "none",
+            "--eval_sequential",
+        ],
+        "--eval_sequential",
+    ),
+    "test_harness --sequential": (
+        test_harness.main,
+        lambda ckpt, tmp: ["--model", ckpt, "--tasks", "lckv_heldout_ppl", "--device", "cpu", "--sequential"],
+        "--sequential",
+    ),
+    "run_generation --sequential_forward": (
+        run_generation.main,
+        lambda ckpt, tmp: generation_args(ckpt, "--sequential_forward"),
+        "--sequential_forward",
+    ),
+    "run_generation --prefill": (
+        run_generation.main,
+        lambda ckpt, tmp: generation_args(ckpt, "--prefill", "sequential"),
+        "--prefill",
+    ),
+    "run_streaming --prefill": (
+        run_streaming.main,
+        lambda ckpt, tmp: generation_args(ckpt, "--prefill", "sequential"),
+        "--prefill",
+    ),
+    "run_streaming --sequential_forward": (
+        run_streaming.main,
+        lambda ckpt, tmp: generation_args(ckpt, "--sequential_forward"),
+        "--sequential_forward",
+    ),
+    "test_latency --prefill": (
+        test_latency.main,
+        lambda ckpt, tmp: [
+            "--configs",
+            f"{ckpt}/config.json",
+            "--prefill",
+            "sequential",
+            "--device",
+            "cpu",
+            "--output_dir",
+            tmp,
+        ],
+        "--prefill",
+    ),
 }
 
 
 @pytest.mark.parametrize("switch", LLAMA_SWITCHES)
 def test_a_switch_on_a_llama_is_a_one_line_error(switch, checkpoints, corpus, tmp_path, capsys):
     main, argv, flag = LLAMA_SWITCHES[switch]
-    args = [str(corpus.validation) if a == "VALIDATION" else a for a in argv(str(checkpoints["llama"]), str(tmp_path / "out"))]
+    args = [
+        str(corpus.validation) if a == "VALIDATION" else a
+        for a in argv(str(checkpoints["llama"]), str(tmp_path / "out"))
+    ]
     err = one_line_error(capsys, main, args)
-    assert err.endswith(f"error: {flag}: model_type 'llama' has no iterative computation to make exact; allowed only for "
-                        "opt-llama and lckv-llama"), err
+    assert err.endswith(
+        f"error: {flag}: model_type 'llama' has no iterative computation to make exact; allowed only for "
+        "opt-llama and lckv-llama"
+    ), err
     assert not (tmp_path / "out").exists()
 
 
@@ -315,29 +462,50 @@ def test_switches_that_cannot_apply_are_one_line_errors(checkpoints, corpus, tmp
     lckv = checkpoints["lckv-llama"]
     err = one_line_error(capsys, run_generation.main, generation_args(lckv, "--prefill", "sequential", "--no_cache"))
     assert "--prefill: the prompt prefill fills the KV cache, and --no_cache generates without one" in err
-    err = one_line_error(capsys, run_generation.main, generation_args(lckv, "--sequential_forward", "--prefill", "iterative"))
+    err = one_line_error(
+        capsys, run_generation.main, generation_args(lckv, "--sequential_forward", "--prefill", "iterative")
+    )
     assert "--prefill: 'iterative' cannot apply: sequential_forward is on" in err
     perplexity = ["--model_name_or_path", str(lckv), "--mode", "perplexity", "--use_embedded_corpus"]
     err = one_line_error(capsys, run_streaming.main, [*perplexity, "--prefill", "sequential"])
-    assert "--prefill: --mode perplexity feeds one token per forward, exact already; allowed with --mode generate" in err
-    clm = ["--model_name_or_path", str(lckv), "--train_file", str(corpus.validation), "--do_train", "--output_dir",
-           str(tmp_path / "out"), "--report_to", "none"]
+    assert (
+        "--prefill: --mode perplexity feeds one token per forward, exact already; allowed with --mode generate" in err
+    )
+    clm = [
+        "--model_name_or_path",
+        str(lckv),
+        "--train_file",
+        str(corpus.validation),
+        "--do_train",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--report_to",
+        "none",
+    ]
     err = one_line_error(capsys, run_clm.main, [*clm, "--eval_sequential"])
-    assert err.endswith("--eval_sequential: makes the final evaluation exact, and there is none; allowed with --do_eval")
+    assert err.endswith(
+        "--eval_sequential: makes the final evaluation exact, and there is none; allowed with --do_eval"
+    )
     monkeypatch.setenv("LCKV_EVAL_SEQUENTIAL", "1")
     err = one_line_error(capsys, run_clm.main, clm)
-    assert err.endswith("LCKV_EVAL_SEQUENTIAL=1: makes the final evaluation exact, and there is none; allowed with --do_eval")
+    assert err.endswith(
+        "LCKV_EVAL_SEQUENTIAL=1: makes the final evaluation exact, and there is none; allowed with --do_eval"
+    )
     assert not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="^--prefill: model_type 'llama' has no iterative computation"):
         test_latency.check_prefill_applies([config_of(COMMON | {"model_type": "llama"})], ["sequential"], given=True)
-    test_latency.check_prefill_applies([config_of(COMMON | {"model_type": "llama"})], ["auto"], given=False)  # the default: the Llama baseline alone
-
+    test_latency.check_prefill_applies(
+        [config_of(COMMON | {"model_type": "llama"})], ["auto"], given=False
+    )  # the default: the Llama baseline alone
 
 
 def test_a_renamed_lckv_llama_field_is_an_error_naming_its_format_name(checkpoints):
     """An override the format would silently drop (its own field wins in ``adopt_layout``) names the field to use."""
     from tools import cli
 
-    with pytest.raises(UsageError, match=r"unknown config field\(s\) \['sequential_forward'\] .*lckv-llama writes sequential_forward as use_sequential$"):
+    with pytest.raises(
+        UsageError,
+        match=r"unknown config field\(s\) \['sequential_forward'\] .*lckv-llama writes sequential_forward as use_sequential$",
+    ):
         cli.load_config("--config", str(checkpoints["lckv-llama"]), {"sequential_forward": True})
     assert cli.load_config("--config", str(checkpoints["lckv-llama"]), {"use_sequential": True}).sequential_forward

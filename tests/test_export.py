@@ -55,7 +55,14 @@ def run_fresh_process(checkpoints: dict[str, Path], tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
     payload = json.dumps([{k: str(v) for k, v in checkpoints.items()}, PROMPTS.tolist(), NEW_TOKENS, str(out)])
-    proc = subprocess.run([sys.executable, "-I", "-c", FRESH_PROCESS, payload], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", FRESH_PROCESS, payload],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 
@@ -75,9 +82,26 @@ def checkpoints(tmp_path: Path) -> dict[str, Path]:
     published = tiny_config(force_nodiag=None, iteration_style=None)
     assert published.force_nodiag and published.iteration_style == "previous"
     project = tiny_config()
-    window = LckvLlamaConfig(**{k: v for k, v in project.to_dict().items() if k in ("hidden_size", "intermediate_size",
-                             "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings")},
-                             num_hidden_layers=6, layer_types="0s_4_4_4_4_5s", sliding_window=3, forward_passes=5, backward_passes=1)
+    window = LckvLlamaConfig(
+        **{
+            k: v
+            for k, v in project.to_dict().items()
+            if k
+            in (
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "max_position_embeddings",
+            )
+        },
+        num_hidden_layers=6,
+        layer_types="0s_4_4_4_4_5s",
+        sliding_window=3,
+        forward_passes=5,
+        backward_passes=1,
+    )
     paths = {}
     for name, config, save in (
         ("opt-llama published", published, save_published),
@@ -94,7 +118,9 @@ def test_exported_checkpoints_compute_what_the_repo_model_computes(tmp_path):
     exported = {name: tmp_path / "exported" / src.name for name, src in sources.items()}
     for name, src in sources.items():
         export_checkpoint(src, exported[name])
-        assert (exported[name] / "kernels.py").is_file() and "auto_map" in json.loads((exported[name] / "config.json").read_text())
+        assert (exported[name] / "kernels.py").is_file() and "auto_map" in json.loads(
+            (exported[name] / "config.json").read_text()
+        )
 
     fresh = run_fresh_process(exported, tmp_path)
     for name, src in sources.items():
@@ -110,7 +136,15 @@ def test_exported_checkpoints_compute_what_the_repo_model_computes(tmp_path):
 
 def test_bundle_is_what_the_loader_reaches_and_needs_only_torch_and_transformers():
     bundle = bundled_modules(["modeling_opt_llama", "configuration_opt_llama"], flat_modules())
-    assert {"kernels", "attention", "decode_attention", "decode_launch", "triton_decode", "sequential_prefill", "masks"} <= set(bundle)
+    assert {
+        "kernels",
+        "attention",
+        "decode_attention",
+        "decode_launch",
+        "triton_decode",
+        "sequential_prefill",
+        "masks",
+    } <= set(bundle)
     assert not {"cli", "export", "rms_norm", "flash_attention"} & set(bundle)  # tools and optional kernels stay out
     for name, path in bundle.items():
         # transformers' own import scan (check_imports refuses a checkpoint whose code needs a missing package)
@@ -150,7 +184,12 @@ def test_bad_input_is_a_one_line_error(case, match, tmp_path, capsys):
     src.mkdir()
     if case != "no_config":
         model_type = "llama" if case == "llama" else "opt-llama"
-        (src / "config.json").write_text(json.dumps(json.loads((REPO / "configs" / "test_tiny_opt.json").read_text()) | {"model_type": model_type, "layer_types": None}))
+        (src / "config.json").write_text(
+            json.dumps(
+                json.loads((REPO / "configs" / "test_tiny_opt.json").read_text())
+                | {"model_type": model_type, "layer_types": None}
+            )
+        )
     if case == "dst_exists":
         dst.mkdir()
     with pytest.raises(SystemExit) as exit_info:
@@ -165,16 +204,43 @@ def test_run_clm_bundle_code_writes_the_self_contained_form(tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     corpus = prepare_corpus()
     (tmp_path / "train.txt").write_text(corpus.train.read_text()[:4000])
-    common = ["--train_file", str(tmp_path / "train.txt"), "--tokenizer_name", str(corpus.tokenizer), "--do_train", "--max_steps", "1",
-              "--block_size", "16", "--per_device_train_batch_size", "2", "--report_to", "none", "--disable_tqdm", "true", "--bundle_code"]
+    common = [
+        "--train_file",
+        str(tmp_path / "train.txt"),
+        "--tokenizer_name",
+        str(corpus.tokenizer),
+        "--do_train",
+        "--max_steps",
+        "1",
+        "--block_size",
+        "16",
+        "--per_device_train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--bundle_code",
+    ]
     out = tmp_path / "out"
     run_clm.main(["--config_name", str(REPO / "configs" / "test_tiny_opt.json"), "--output_dir", str(out), *common])
     expected = bundled_modules(["modeling_opt_llama", "configuration_opt_llama"], flat_modules())
     assert {p.stem for p in out.glob("*.py")} == set(expected)
     assert all((out / f"{name}.py").read_bytes() == path.read_bytes() for name, path in expected.items())
-    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_opt_llama.OptLlamaForCausalLM"
+    assert (
+        json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+        == "modeling_opt_llama.OptLlamaForCausalLM"
+    )
 
     with pytest.raises(SystemExit) as exit_info:
-        run_clm.main(["--config_name", str(REPO / "configs" / "llama_tiny.json"), "--output_dir", str(tmp_path / "llama"), *common])
+        run_clm.main(
+            [
+                "--config_name",
+                str(REPO / "configs" / "llama_tiny.json"),
+                "--output_dir",
+                str(tmp_path / "llama"),
+                *common,
+            ]
+        )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and "--bundle_code: model_type 'llama'" in err

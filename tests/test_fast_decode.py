@@ -24,8 +24,15 @@ from models.fast_decode import enable_fast_decode, fast_sample, select_compile_o
 from .conftest import tiny_config, tiny_model
 
 PROMPT, NEW, INTERVAL = 7, 11, 4  # 10 decode steps after the prefill's token: intervals of 4, 4 and 2
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=256, max_position_embeddings=128)
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=128,
+)
 CONFIGS = {
     "opt-llama": lambda: tiny_config(),  # published layout string "0_1_1_1_2_0"
     "lckv-llama": lambda: LckvLlamaConfig(layer_types="0_4_4_4_4_5", forward_passes=3, backward_passes=2, **SHAPE),
@@ -116,8 +123,18 @@ def test_any_stop_check_interval(loops, interval):
     assert_same_as_plain(model, loops, eos_token_id=reference[:, 5].tolist(), **SAMPLING)
 
 
-@pytest.mark.parametrize("setting", [dict(min_p=0.05), dict(typical_p=0.9), dict(epsilon_cutoff=3e-3), dict(eta_cutoff=3e-3),
-                                     dict(min_length=PROMPT + 5), dict(temperature=1.5, top_k=5)], ids=str)
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(min_p=0.05),
+        dict(typical_p=0.9),
+        dict(epsilon_cutoff=3e-3),
+        dict(eta_cutoff=3e-3),
+        dict(min_length=PROMPT + 5),
+        dict(temperature=1.5, top_k=5),
+    ],
+    ids=str,
+)
 def test_every_captured_processor(loops, setting):
     model = enable_fast_decode(tiny_model(CONFIGS["llama"]()))
     model.generation_config.stop_check_interval = INTERVAL
@@ -177,7 +194,11 @@ WINDOWED = dict(kv_sources=[0, 4, 4, 4, 4, 5], sliding_window_layers=[0, 5], sli
         ({}, dict(return_dict_in_generate=True, output_scores=True), "output_scores"),
         ({}, dict(stopping_criteria=StoppingCriteriaList([NeverStop()])), "stopping criterion NeverStop"),
         ({}, dict(max_time=60.0), "stopping criterion MaxTimeCriteria"),
-        (WINDOWED, {}, "StaticCache with StaticSlidingWindowLayer layers (allowed: a static cache without sliding layers)"),
+        (
+            WINDOWED,
+            {},
+            "StaticCache with StaticSlidingWindowLayer layers (allowed: a static cache without sliding layers)",
+        ),
         ({}, dict(cache=None), None),  # a dynamic cache: plain generate, nothing to say
     ],
     ids=["repetition_penalty", "output_scores", "stopping_criterion", "max_time", "window_cache", "dynamic_cache"],
@@ -197,10 +218,15 @@ def test_custom_generate_callable_on_a_plain_llama(loops):
     llama = tiny_model(CONFIGS["llama"]())
     assert type(llama) is LlamaForCausalLM
     ids, mask = left_padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, pad_token_id=0, cache_implementation="static", do_sample=False)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=NEW, pad_token_id=0, cache_implementation="static", do_sample=False
+    )
     assert torch.equal(llama.generate(ids, custom_generate=fast_sample, **kwargs), llama.generate(ids, **kwargs))
     assert loops == {"fast": 1, "plain": 1}
-    with pytest.raises(ValueError, match="^custom_generate=fast_sample: generation mode beam_search; allowed are greedy search and sampling$"):
+    with pytest.raises(
+        ValueError,
+        match="^custom_generate=fast_sample: generation mode beam_search; allowed are greedy search and sampling$",
+    ):
         llama.generate(ids, custom_generate=fast_sample, num_beams=2, **kwargs)
 
 
@@ -223,7 +249,9 @@ def test_stop_check_interval_is_checked():
 def test_select_step_compiles_as_the_forward_with_the_same_random_draws():
     assert select_compile_options(CompileConfig()) == ("inductor", {"triton.cudagraphs": True, "fallback_random": True})
     assert select_compile_options(CompileConfig(mode=None, options={"max_autotune": True})) == (
-        "inductor", {"max_autotune": True, "fallback_random": True})
+        "inductor",
+        {"max_autotune": True, "fallback_random": True},
+    )
     assert select_compile_options(CompileConfig(backend="eager")) == ("eager", {})
 
 
@@ -245,9 +273,18 @@ def test_captured_steps_compile_once(loops, name):
             model.generation_config.fast_decode = fast
             model.generation_config.compile_config = compile_config if fast else None
             torch.manual_seed(0)
-            outputs.append(model.generate(ids[:, -prompt:], attention_mask=mask[:, -prompt:], max_new_tokens=new,
-                                          min_new_tokens=new // 2, pad_token_id=0, eos_token_id=None,
-                                          cache=StaticCache(config=model.config, max_cache_len=PROMPT + NEW + 2), **SAMPLING))
+            outputs.append(
+                model.generate(
+                    ids[:, -prompt:],
+                    attention_mask=mask[:, -prompt:],
+                    max_new_tokens=new,
+                    min_new_tokens=new // 2,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                    cache=StaticCache(config=model.config, max_cache_len=PROMPT + NEW + 2),
+                    **SAMPLING,
+                )
+            )
         assert torch.equal(*outputs)
         states.append(model._fast_decode_state)
     assert loops == {"fast": 3, "plain": 3} and counters["stats"]["unique_graphs"] == 2
@@ -265,8 +302,23 @@ def test_latency_tool_decodes_both_models_with_the_captured_loop(loops, tmp_path
 
     llama = tmp_path / "tiny_llama.json"
     llama.write_text(CONFIGS["llama"]().to_json_string())
-    argv = ["--configs", str(llama), str(CONFIG_DIR / "test_tiny_opt.json"), "--prompt_len", "4", "--gen_len", "3",
-            "--batches", "1", "--cache", "static", "--device", "cpu", "--output_dir", str(tmp_path)]
+    argv = [
+        "--configs",
+        str(llama),
+        str(CONFIG_DIR / "test_tiny_opt.json"),
+        "--prompt_len",
+        "4",
+        "--gen_len",
+        "3",
+        "--batches",
+        "1",
+        "--cache",
+        "static",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     out = test_latency.main(argv)
     assert loops == {"fast": 4, "plain": 0}  # each model: the untimed warm-up and the timed run
     assert all(r["runs"][0]["step_ms"] > 0 for r in out["models"].values())
@@ -279,8 +331,17 @@ def test_run_generation_static_cache_streams_from_the_captured_loop(loops, tmp_p
     from .test_generation import make_tiny_files
 
     files = make_tiny_files(tmp_path)
-    argv = ["--config", str(files / config), "--tokenizer", str(files / "tok"), "--prompt", "ROMEO: But soft",
-            "--max_new_tokens", "12", "--ignore_eos"]
+    argv = [
+        "--config",
+        str(files / config),
+        "--tokenizer",
+        str(files / "tok"),
+        "--prompt",
+        "ROMEO: But soft",
+        "--max_new_tokens",
+        "12",
+        "--ignore_eos",
+    ]
     static = run_generation.run(run_generation.parse_args([*argv, "--static_cache"]))
     assert loops == {"fast": 1, "plain": 0}
     assert static["cache"]["text"][0] in capsys.readouterr().out  # streamed, in bursts
@@ -297,6 +358,9 @@ def test_models_that_prepare_their_own_inputs_run_plain_generate():
             raise AssertionError("not called: the forward builds its masks")
 
     config = CONFIGS["llama"]()
-    assert fd.model_hooks_reason(LlamaForCausalLM(config)) is None and fd.model_hooks_reason(tiny_model(tiny_config())) is None
+    assert (
+        fd.model_hooks_reason(LlamaForCausalLM(config)) is None
+        and fd.model_hooks_reason(tiny_model(tiny_config())) is None
+    )
     assert fd.model_hooks_reason(OwnInputs(config)) == "the model's own prepare_inputs_for_generation"
     assert fd.model_hooks_reason(OwnMasks(config)) == "the model's own create_masks_for_generate"

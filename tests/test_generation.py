@@ -20,10 +20,15 @@ def make_tiny_files(root: Path, max_position_embeddings: int = 128) -> Path:
     text = root / "text.txt"
     text.write_text("ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n" * 40)
     train_tokenizer(text, root / "tok", vocab_size=300)
-    fields = {**json.loads((CONFIGS / "test_tiny_opt.json").read_text()), "max_position_embeddings": max_position_embeddings}
+    fields = {
+        **json.loads((CONFIGS / "test_tiny_opt.json").read_text()),
+        "max_position_embeddings": max_position_embeddings,
+    }
     (root / "opt.json").write_text(json.dumps(fields))
     llama = {k: v for k, v in fields.items() if k not in LCKV_ONLY_FIELDS}
-    (root / "llama.json").write_text(json.dumps({**llama, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (root / "llama.json").write_text(
+        json.dumps({**llama, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    )
     return root
 
 
@@ -39,7 +44,17 @@ def run(files: Path, *args: str, config: str = "opt.json") -> dict:
 
 @pytest.mark.parametrize("config, extra", [("opt.json", ["--sequential_forward"]), ("llama.json", [])])
 def test_with_and_without_cache_same_greedy_text(tiny_files, capsys, config, extra):
-    results = run(tiny_files, "--prompt", "ROMEO: But soft", "--max_new_tokens", "24", "--ignore_eos", "--compare_cache", *extra, config=config)
+    results = run(
+        tiny_files,
+        "--prompt",
+        "ROMEO: But soft",
+        "--max_new_tokens",
+        "24",
+        "--ignore_eos",
+        "--compare_cache",
+        *extra,
+        config=config,
+    )
     assert results["cache"]["new_tokens"] == results["no_cache"]["new_tokens"] == 24
     assert results["cache"]["text"] == results["no_cache"]["text"]
     assert results["cache"]["text"][0].strip()
@@ -66,18 +81,48 @@ def test_cache_implementation_from_flags(static, offload, expected):
 
 
 def test_sampling_beams_and_prompt_sources(tiny_files, tmp_path, monkeypatch):
-    sample = ["--prompt", "JULIET:", "--do_sample", "--top_k", "20", "--top_p", "0.9", "--temperature", "0.7", "--num_return_sequences", "2", "--max_new_tokens", "6", "--quiet"]
+    sample = [
+        "--prompt",
+        "JULIET:",
+        "--do_sample",
+        "--top_k",
+        "20",
+        "--top_p",
+        "0.9",
+        "--temperature",
+        "0.7",
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--quiet",
+    ]
     sampled = run(tiny_files, *sample)["cache"]["text"]
     assert len(sampled) == 2
     assert run(tiny_files, *sample)["cache"]["text"] == sampled  # --seed fixes the draws
-    beams = run(tiny_files, "--prompt", "JULIET:", "--num_beams", "3", "--num_return_sequences", "2", "--max_new_tokens", "6", "--no_cache")
+    beams = run(
+        tiny_files,
+        "--prompt",
+        "JULIET:",
+        "--num_beams",
+        "3",
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--no_cache",
+    )
     assert len(beams["no_cache"]["text"]) == 2
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("ROMEO:")
     from_file = run(tiny_files, "--prompt_file", str(prompt_file), "--max_new_tokens", "5", "--quiet")
     monkeypatch.setattr("sys.stdin", io.StringIO("ROMEO:"))
     from_stdin = run(tiny_files, "--max_new_tokens", "5", "--quiet")
-    assert from_file["cache"]["text"] == from_stdin["cache"]["text"] == run(tiny_files, "--prompt", "ROMEO:", "--max_new_tokens", "5", "--quiet")["cache"]["text"]
+    assert (
+        from_file["cache"]["text"]
+        == from_stdin["cache"]["text"]
+        == run(tiny_files, "--prompt", "ROMEO:", "--max_new_tokens", "5", "--quiet")["cache"]["text"]
+    )
 
 
 def test_checkpoint_round_trip(tiny_files, tmp_path):
@@ -88,7 +133,11 @@ def test_checkpoint_round_trip(tiny_files, tmp_path):
     model = tiny_model(tiny_config(vocab_size=300))
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(tiny_files / "tok").save_pretrained(tmp_path)
-    results = run_generation.run(run_generation.parse_args(["--model_name_or_path", str(tmp_path), "--prompt", "ROMEO:", "--max_new_tokens", "5", "--quiet"]))
+    results = run_generation.run(
+        run_generation.parse_args(
+            ["--model_name_or_path", str(tmp_path), "--prompt", "ROMEO:", "--max_new_tokens", "5", "--quiet"]
+        )
+    )
     assert results["cache"]["new_tokens"] == 5
 
 
@@ -96,13 +145,34 @@ def test_checkpoint_round_trip(tiny_files, tmp_path):
     "args, message",
     [
         (["--prompt", ""], "run_generation.py: error: prompt: empty; give some text"),
-        (["--prompt", "x", "--model_name_or_path", "no/such/checkpoint"], "run_generation.py: error: --model_name_or_path / --config: give exactly one of them"),
-        (["--prompt", "x", "--max_new_tokens", "200"], "run_generation.py: error: sequence length: prompt 1 + max_new_tokens 200 tokens exceed max_position_embeddings=128; shorten them or stream with run_streaming.py"),
-        (["--prompt", "x", "--num_beams", "0"], "run_generation.py: error: --num_beams: 0; allowed values are integers >= 1"),
-        (["--prompt_file", "missing.txt"], "run_generation.py: error: --prompt_file: missing.txt does not exist; allowed is an existing file"),
-        (["--prompt", "x", "--offload", "--device", "cpu"], "run_generation.py: error: --offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
-        (["--prompt", "x", "--offload", "--no_cache"], "run_generation.py: error: --offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache"),
-        (["--prompt", "x", "--static_cache", "--no_cache"], "run_generation.py: error: --static_cache: preallocates the KV cache, so it cannot go with --no_cache"),
+        (
+            ["--prompt", "x", "--model_name_or_path", "no/such/checkpoint"],
+            "run_generation.py: error: --model_name_or_path / --config: give exactly one of them",
+        ),
+        (
+            ["--prompt", "x", "--max_new_tokens", "200"],
+            "run_generation.py: error: sequence length: prompt 1 + max_new_tokens 200 tokens exceed max_position_embeddings=128; shorten them or stream with run_streaming.py",
+        ),
+        (
+            ["--prompt", "x", "--num_beams", "0"],
+            "run_generation.py: error: --num_beams: 0; allowed values are integers >= 1",
+        ),
+        (
+            ["--prompt_file", "missing.txt"],
+            "run_generation.py: error: --prompt_file: missing.txt does not exist; allowed is an existing file",
+        ),
+        (
+            ["--prompt", "x", "--offload", "--device", "cpu"],
+            "run_generation.py: error: --offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu",
+        ),
+        (
+            ["--prompt", "x", "--offload", "--no_cache"],
+            "run_generation.py: error: --offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache",
+        ),
+        (
+            ["--prompt", "x", "--static_cache", "--no_cache"],
+            "run_generation.py: error: --static_cache: preallocates the KV cache, so it cannot go with --no_cache",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_files, capsys, args, message):
@@ -116,13 +186,23 @@ def test_missing_checkpoint_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         run_generation.main(["--model_name_or_path", "no/such/checkpoint", "--prompt", "x"])
     err = capsys.readouterr().err.strip()
-    assert err.startswith("run_generation.py: error: --model_name_or_path: no/such/checkpoint does not exist") and "\n" not in err
+    assert (
+        err.startswith("run_generation.py: error: --model_name_or_path: no/such/checkpoint does not exist")
+        and "\n" not in err
+    )
 
 
 @pytest.mark.parametrize("cache_flag", [[], ["--static_cache"]])
 def test_sequential_prefill_flag_gives_the_sequential_forward_text(tiny_files, cache_flag):
     """--prefill sequential (exact prefill only) generates what --sequential_forward (everything exact) does."""
-    args = ("--prompt", "ROMEO: But soft, what light through yonder window breaks?", "--max_new_tokens", "12", "--ignore_eos", "--quiet")
+    args = (
+        "--prompt",
+        "ROMEO: But soft, what light through yonder window breaks?",
+        "--max_new_tokens",
+        "12",
+        "--ignore_eos",
+        "--quiet",
+    )
     sequential = run(tiny_files, *args, "--prefill", "sequential", *cache_flag)["cache"]
     assert sequential["text"] == run(tiny_files, *args, "--sequential_forward", *cache_flag)["cache"]["text"]
 

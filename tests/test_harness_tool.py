@@ -68,5 +68,7 @@ def test_sequential_flag_and_bad_tokenizer(tiny_config, capsys):
     small_path = tiny_config.parent / "small_vocab.json"
     small_path.write_text(json.dumps(small))
     with pytest.raises(SystemExit) as exit_info:
-        test_harness.main(["--model", str(small_path), "--tasks", "lckv_heldout_ppl", "--limit", "1", "--device", "cpu"])
+        test_harness.main(
+            ["--model", str(small_path), "--tasks", "lckv_heldout_ppl", "--limit", "1", "--device", "cpu"]
+        )
     assert exit_info.value.code == 2 and "vocab_size" in capsys.readouterr().err

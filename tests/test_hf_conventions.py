@@ -104,9 +104,15 @@ def test_value_head_client_trains_on_opt_llama():
     [
         (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), r"^input_ids: shape \(0, 5\); allowed are 2D"),
         (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), r"^input_ids: shape \(2, 0\); allowed are 2D"),
-        (dict(input_ids=torch.tensor([[1, 2, 256]])), r"^input_ids: token id 256 is outside the vocabulary; allowed are ids 0..255"),
+        (
+            dict(input_ids=torch.tensor([[1, 2, 256]])),
+            r"^input_ids: token id 256 is outside the vocabulary; allowed are ids 0..255",
+        ),
         (dict(input_ids=torch.tensor([[1, -3, 2]])), r"^input_ids: token id -3 is outside the vocabulary"),
-        (dict(input_ids=torch.tensor([[1, 2]]), output_attentions=True), r"^output_attentions: attn_implementation='sdpa' returns no attention weights"),
+        (
+            dict(input_ids=torch.tensor([[1, 2]]), output_attentions=True),
+            r"^output_attentions: attn_implementation='sdpa' returns no attention weights",
+        ),
     ],
 )
 def test_bad_model_inputs_are_one_line_errors(kwargs, message):

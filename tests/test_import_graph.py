@@ -35,7 +35,9 @@ def imports_of(path: Path, name: str, modules: frozenset[str] = frozenset()) -> 
                 target = f"{base}.{node.module}" if node.module else base
             else:
                 target = node.module
-            names.update(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target for alias in node.names)
+            names.update(
+                f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target for alias in node.names
+            )
     return names
 
 
@@ -86,7 +88,10 @@ def test_cycle_finder_sees_direct_and_indirect_cycles(tmp_path):
     (package / "d.py").write_text("from .sub.e import y\nx = 1\n")
     (package / "sub" / "e.py").write_text("from .c import z\ny = 1\n")
     (package / "leaf.py").write_text("import os\nfrom .a import f\n")
-    assert cycles(import_graph(tmp_path, "pkg")) == [["pkg.a", "pkg.b", "pkg.a"], ["pkg.d", "pkg.sub.c", "pkg.sub.e", "pkg.d"]]
+    assert cycles(import_graph(tmp_path, "pkg")) == [
+        ["pkg.a", "pkg.b", "pkg.a"],
+        ["pkg.d", "pkg.sub.c", "pkg.sub.e", "pkg.d"],
+    ]
 
 
 def test_no_modules_of_the_model_package_import_each_other():

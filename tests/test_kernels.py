@@ -44,7 +44,9 @@ def train_step(config, environ, seed=0, dtype=torch.float32, device="cpu", batch
 
     selection = KernelSelection.from_environ(environ)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa", kernel_selection=selection)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=dtype, attn_implementation="sdpa", kernel_selection=selection
+    )
     model = model.to(device).train()
     if batch is None:
         batch = torch.randint(3, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
@@ -160,7 +162,9 @@ def test_strict_marker_only_for_unpadded_prefill():
     ones = torch.ones(2, 6, dtype=torch.long)
 
     def strict_mask(attention_mask, strict_as_causal=True):
-        return build_masks(config, embeds, attention_mask, None, positions, {"strict": 4}, strict_as_causal=strict_as_causal)["strict"]
+        return build_masks(
+            config, embeds, attention_mask, None, positions, {"strict": 4}, strict_as_causal=strict_as_causal
+        )["strict"]
 
     assert strict_mask(None) is STRICT_CAUSAL and strict_mask(ones) is STRICT_CAUSAL
     assert isinstance(strict_mask(ones.index_fill(1, torch.tensor([0]), 0)), torch.Tensor)  # padded
@@ -193,7 +197,9 @@ def test_model_keeps_the_kernels_it_was_built_with(monkeypatch, no_fast_packages
     before = tiny_model(config)
     monkeypatch.setenv(FLASH_ATTN, "1")
     after, explicit = tiny_model(config), tiny_model(config, kernel_selection=KernelSelection())
-    assert before.model.kernel_selection.causal_attention is None and explicit.model.kernel_selection == KernelSelection()
+    assert (
+        before.model.kernel_selection.causal_attention is None and explicit.model.kernel_selection == KernelSelection()
+    )
     assert after.model.kernel_selection.causal_attention is sdpa_causal_attention
     for model in (before, after, explicit):
         selection = model.model.kernel_selection
@@ -227,7 +233,9 @@ def test_packed_decode_attention_equals_expanded_gqa(mask_kind):
     additive = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
     mask = {"none": None, "bool": visible, "float": additive}[mask_kind]
     reference_mask = None if mask is None else additive
-    expanded, _ = configured_attention("eager")(module, query, key, value, reference_mask, dropout=0.0, scaling=module.scaling)
+    expanded, _ = configured_attention("eager")(
+        module, query, key, value, reference_mask, dropout=0.0, scaling=module.scaling
+    )
     packed = packed_decode_attention(query, key, value, mask, 0.0, module.scaling)
     assert packed.shape == expanded.shape == (2, 1, query.shape[1], query.shape[-1])
     torch.testing.assert_close(packed, expanded, rtol=1e-5, atol=1e-6)
@@ -251,8 +259,15 @@ def test_model_decoding_on_packed_path_equals_plain(monkeypatch, no_fast_package
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", kernel_selection=selection).eval()
         calls.clear()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
         outputs.append((out.sequences, torch.stack(out.scores), len(calls)))
     (plain_ids, plain_scores, plain_calls), (packed_ids, packed_scores, packed_calls) = outputs
     assert plain_calls == 0 and packed_calls == 5 * config.num_hidden_layers  # every layer of each decoding step
@@ -298,8 +313,26 @@ def test_bench_kernels_runs_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
-    main(["--configs", "configs/test_tiny_opt.json", "--device", "cpu", "--dtype", "float32", "--batch_size", "1",
-          "--block_size", "16", "--warmup", "0", "--steps", "1", "--output_dir", str(tmp_path)])
+    main(
+        [
+            "--configs",
+            "configs/test_tiny_opt.json",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--batch_size",
+            "1",
+            "--block_size",
+            "16",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     results = json.loads((tmp_path / "kernels.json").read_text())["results"]
     assert [r["flags"] for r in results] == ["off", *FLAGS, "all"]
     assert all(r["tokens_per_s"] > 0 and r["kernels"]["rms_norm"] == "PlainRMSNorm" for r in results)
@@ -346,7 +379,9 @@ def test_gpu_strict_mask_on_fast_path():
     config._attn_implementation = "sdpa"
     embeds = torch.zeros(2, 64, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     positions = torch.arange(64, device="cuda")[None]
-    masks = build_masks(config, embeds, None, None, positions, {"strict": 4}, strict_as_causal=selection.strict_as_causal)
+    masks = build_masks(
+        config, embeds, None, None, positions, {"strict": 4}, strict_as_causal=selection.strict_as_causal
+    )
     assert masks["strict"] is STRICT_CAUSAL
     module, inputs = strict_attention_inputs(64, "cuda", torch.bfloat16)
     shift = strict_causal_attention(selection.causal_attention, module, *inputs, 0.0, module.scaling)
@@ -366,8 +401,16 @@ def test_gpu_training_steps_all_on_vs_off(config_name):
     losses = {}
     for name, environ in (("off", ALL_OFF), ("on", ALL_ON)):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 kernel_selection=KernelSelection.from_environ(environ)).cuda().train()
+        model = (
+            AutoModelForCausalLM.from_config(
+                config,
+                dtype=torch.bfloat16,
+                attn_implementation="sdpa",
+                kernel_selection=KernelSelection.from_environ(environ),
+            )
+            .cuda()
+            .train()
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses[name] = []
         for _ in range(3):
@@ -395,5 +438,7 @@ def test_gpu_fused_cross_entropy_matches_transformers_loss(num_items_in_batch):
     fused = fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=num_items_in_batch)
     plain = ForCausalLMLoss(hidden @ weight.T, labels, 1000, num_items_in_batch=num_items_in_batch)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
-    for got, want in zip(torch.autograd.grad(fused, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight)), strict=True):
+    for got, want in zip(
+        torch.autograd.grad(fused, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight)), strict=True
+    ):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

@@ -37,8 +37,13 @@ from .conftest import REPO
 from .test_run_clm import base_args, local_args
 
 MAX_STEPS, SAVE_STEPS = 12, 4
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-       "PYTHONUNBUFFERED": "1"}  # one thread: the same arithmetic in every run, and no fight over 2 cores
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}  # one thread: the same arithmetic in every run, and no fight over 2 cores
 LOSS_LINE = re.compile(r"^\{'loss'")
 RESUMED = re.compile(r"resuming from (\S+)")
 
@@ -75,8 +80,16 @@ def data(tmp_path_factory):
 
 def command(data, out: Path) -> list[str]:
     args = base_args("opt-llama", out) + local_args(*data) + ["--do_train", "--max_steps", str(MAX_STEPS)]
-    return args + ["--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--lr_scheduler_type", "constant",
-                   "--save_total_limit", "2"]
+    return args + [
+        "--save_steps",
+        str(SAVE_STEPS),
+        "--logging_steps",
+        "1",
+        "--lr_scheduler_type",
+        "constant",
+        "--save_total_limit",
+        "2",
+    ]
 
 
 def start(command: list[str], log: Path, stdout=subprocess.DEVNULL) -> subprocess.Popen:
@@ -210,8 +223,21 @@ def test_best_model_and_rotation_point_at_published_checkpoints(data, tmp_path):
     out = tmp_path / "out"
     args = command(data, out)
     args[args.index("--save_total_limit") + 1] = "1"
-    args += ["--do_eval", "--eval_strategy", "steps", "--eval_steps", str(SAVE_STEPS), "--max_eval_samples", "8",
-             "--load_best_model_at_end", "true", "--metric_for_best_model", "loss", "--greater_is_better", "false"]
+    args += [
+        "--do_eval",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        str(SAVE_STEPS),
+        "--max_eval_samples",
+        "8",
+        "--load_best_model_at_end",
+        "true",
+        "--metric_for_best_model",
+        "loss",
+        "--greater_is_better",
+        "false",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the subprocesses: tiny matrices, and 2 shared cores
     try:
@@ -248,7 +274,9 @@ def test_resume_skips_and_names_incomplete_checkpoints(tmp_path, caplog):
     assert len(lines) == 1 and "checkpoint-20 (holds checkpoint-is-incomplete.txt)" in lines[0]
     assert "checkpoint-15 (no trainer_state.json)" in lines[0] and "resuming from" in lines[0]
     assert choose_resume_checkpoint(None, tmp_path, auto=False) is None
-    with pytest.raises(UsageError, match="checkpoint-15 is not a complete Trainer checkpoint \\(no trainer_state.json\\)"):
+    with pytest.raises(
+        UsageError, match="checkpoint-15 is not a complete Trainer checkpoint \\(no trainer_state.json\\)"
+    ):
         choose_resume_checkpoint(str(tmp_path / "checkpoint-15"), tmp_path, auto=True)
 
 

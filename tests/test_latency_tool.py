@@ -31,8 +31,20 @@ def configs(tmp_path_factory) -> list[str]:
 
 
 def test_cpu_run_writes_both_models_and_ratios(configs, tmp_path):
-    argv = ["--configs", *configs, "--prompt_len", "8", "--gen_len", "4", "--max_batch", "2", "--device", "cpu",
-            "--output_dir", str(tmp_path)]
+    argv = [
+        "--configs",
+        *configs,
+        "--prompt_len",
+        "8",
+        "--gen_len",
+        "4",
+        "--max_batch",
+        "2",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     test_latency.main(argv)
     out = json.loads((tmp_path / "latency.json").read_text())
     assert (tmp_path / "throughput.png").stat().st_size > 0
@@ -52,10 +64,23 @@ def test_step_roofline_counts_weights_once_and_filled_kv_per_sequence():
 
 def test_plan_equals_measured_cache_bytes(configs):
     planned = test_latency.main(["--plan", "--configs", *configs, "--dtype", "float32", "--plan_lengths", "16"])
-    for name, config in [("tiny_llama", tiny_config("llama_tiny.json", **{"hidden_size": 64, "intermediate_size": 128,
-                                                                          "num_hidden_layers": 6, "num_attention_heads": 4,
-                                                                          "num_key_value_heads": 2, "vocab_size": 256})),
-                         ("test_tiny_opt", tiny_config())]:
+    for name, config in [
+        (
+            "tiny_llama",
+            tiny_config(
+                "llama_tiny.json",
+                **{
+                    "hidden_size": 64,
+                    "intermediate_size": 128,
+                    "num_hidden_layers": 6,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                    "vocab_size": 256,
+                },
+            ),
+        ),
+        ("test_tiny_opt", tiny_config()),
+    ]:
         model = tiny_model(config)
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
@@ -68,8 +93,19 @@ def test_plan_decode_roofline_reads_every_layer(configs):
     """LCKV stores fewer KV layers but every layer still reads one layer's KVs per step: the same read bytes as
     Llama, so at each one's KV-bound batch the bandwidth-bound decode rates are close, LCKV's bigger batch only
     amortising the weights."""
-    argv = ["--plan", "--configs", *configs, "--dtype", "float32", "--plan_lengths", "64", "--gpu_memory", "1GB",
-            "--hbm_bandwidth", "1TB"]
+    argv = [
+        "--plan",
+        "--configs",
+        *configs,
+        "--dtype",
+        "float32",
+        "--plan_lengths",
+        "64",
+        "--gpu_memory",
+        "1GB",
+        "--hbm_bandwidth",
+        "1TB",
+    ]
     planned = test_latency.main(argv)
     llama, lckv = planned["tiny_llama"], planned["test_tiny_opt"]
     assert llama["kv_read_bytes_per_token"] == lckv["kv_read_bytes_per_token"] == llama["kv_bytes_per_token"]
@@ -85,7 +121,9 @@ def test_plan_decode_roofline_reads_every_layer(configs):
 @pytest.mark.parametrize("start, doubled", [(1, {1, 2, 4, 8, 16}), (6, {1, 6, 12})])
 def test_batch_search_bisects_to_first_oom(monkeypatch, start, doubled):
     """Doubling (from --start_batch; batch 1 always) then bisection finds the largest batch below a fake limit of 23."""
-    monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: {"batch": batch} if batch <= 23 else None)
+    monkeypatch.setattr(
+        test_latency, "try_run", lambda model, args, batch, desc: {"batch": batch} if batch <= 23 else None
+    )
     monkeypatch.setattr(test_latency, "asdict", dict)
     args = latency.parse_args(["--max_batch", "1000", "--resolution", "0", "--start_batch", str(start)])
     runs = test_latency.batch_search(None, args, "fake")
@@ -104,7 +142,11 @@ def test_batch_search_stops_when_batch_one_does_not_fit(monkeypatch):
 def test_batches_list_stops_at_the_first_fit_only_when_asked(monkeypatch, first_fit, ran):
     """``--batches 64,48,32 --first_fit`` is a list of fallbacks: 64 does not fit, 48 does, 32 never runs."""
     calls = []
-    monkeypatch.setattr(test_latency, "try_run", lambda model, args, batch, desc: calls.append(batch) or ({"batch": batch} if batch < 64 else None))
+    monkeypatch.setattr(
+        test_latency,
+        "try_run",
+        lambda model, args, batch, desc: calls.append(batch) or ({"batch": batch} if batch < 64 else None),
+    )
     monkeypatch.setattr(test_latency, "asdict", dict)
     args = latency.parse_args(["--batches", "64,48,32", *(["--first_fit"] if first_fit else [])])
     runs = test_latency.batch_search(None, args, "fake")
@@ -114,15 +156,33 @@ def test_batches_list_stops_at_the_first_fit_only_when_asked(monkeypatch, first_
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--first_fit", "--device", "cpu"], "--first_fit: stops a --batches list at its first fitting batch; allowed only with --batches"),
-        (["--offload", "--device", "cpu"], "--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu"),
+        (
+            ["--first_fit", "--device", "cpu"],
+            "--first_fit: stops a --batches list at its first fitting batch; allowed only with --batches",
+        ),
+        (
+            ["--offload", "--device", "cpu"],
+            "--offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu",
+        ),
         (["--offload", "--compile", "--device", "cuda"], "--offload: not with --compile"),
-        (["--start_batch", "2048", "--max_batch", "1024"], "--start_batch: 2048; allowed values are 1 to --max_batch (1024)"),
-        (["--plan", "--hbm_bandwidth", "-1TB"], "--hbm_bandwidth: '-1TB'; allowed is a positive size"),  # a separate word
+        (
+            ["--start_batch", "2048", "--max_batch", "1024"],
+            "--start_batch: 2048; allowed values are 1 to --max_batch (1024)",
+        ),
+        (
+            ["--plan", "--hbm_bandwidth", "-1TB"],
+            "--hbm_bandwidth: '-1TB'; allowed is a positive size",
+        ),  # a separate word
         (["--plan", "--hbm_bandwidth=-1TB"], "--hbm_bandwidth: '-1TB'; allowed is a positive size"),
         (["--plan", "--peak_flops", "989TB"], "--peak_flops: '989TB'; allowed is a positive FLOP/s rate such as 989T"),
-        (["--memory_cap", "80GB", "--device", "cpu"], "--memory_cap: caps CUDA allocations; allowed with a cuda --device, not cpu"),
-        (["--memory_cap", "80GB", "--plan"], "--memory_cap: caps the CUDA allocations of a measurement; not with --plan"),
+        (
+            ["--memory_cap", "80GB", "--device", "cpu"],
+            "--memory_cap: caps CUDA allocations; allowed with a cuda --device, not cpu",
+        ),
+        (
+            ["--memory_cap", "80GB", "--plan"],
+            "--memory_cap: caps the CUDA allocations of a measurement; not with --plan",
+        ),
         (["--memory_cap", "-80GB", "--device", "cpu"], "--memory_cap: '-80GB'; allowed is a positive size"),
     ],
 )
@@ -138,8 +198,12 @@ def fake_card(monkeypatch, name: str = "NVIDIA H200", total: float = 141e9) -> l
     from types import SimpleNamespace
 
     fractions = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name=name, total_memory=int(total)))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append((fraction, device)))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name=name, total_memory=int(total))
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append((fraction, device))
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return fractions
 
@@ -154,7 +218,9 @@ def test_memory_cap_is_a_fraction_of_the_card_and_recorded(monkeypatch):
     assert record == {"memory_cap": "80GB", "memory_cap_bytes": 80 * 10**9, "memory_cap_fraction": 80e9 / 141e9}
     assert fractions == [(80e9 / 141e9, 0)]  # the current device's index: the cap takes an index, "cuda" has none
     args.memory_cap = "160GB"
-    with pytest.raises(UsageError, match=r"^--memory_cap: 160GB is more than the 141.0 GB of the NVIDIA H200; allowed is at most"):
+    with pytest.raises(
+        UsageError, match=r"^--memory_cap: 160GB is more than the 141.0 GB of the NVIDIA H200; allowed is at most"
+    ):
         latency.check_memory_cap(args)
 
 
@@ -176,11 +242,29 @@ def test_auto_prefill_is_priced_in_the_json(configs, tmp_path, monkeypatch):
     """--prefill auto on a CPU with a given bandwidth: each run records the cost model's seconds of both paths and
     runs the cheaper one where the token step is captured (here sequential: the matrix rate is tiny and the bandwidth
     huge), the iterative one where it is not (the CPU's eager step is not priced)."""
-    argv = ["--configs", configs[1], "--prompt_len", "12", "--gen_len", "2", "--batches", "2", "--cache", "static",
-            "--device", "cpu", "--hbm_bandwidth", "1000TB", "--peak_flops", "1G"]
+    argv = [
+        "--configs",
+        configs[1],
+        "--prompt_len",
+        "12",
+        "--gen_len",
+        "2",
+        "--batches",
+        "2",
+        "--cache",
+        "static",
+        "--device",
+        "cpu",
+        "--hbm_bandwidth",
+        "1000TB",
+        "--peak_flops",
+        "1G",
+    ]
     (eager,) = test_latency.main([*argv, "--output_dir", str(tmp_path / "eager")])["models"]["test_tiny_opt"]["runs"]
     monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", "eager")  # the token step compiled: captured
-    (captured,) = test_latency.main([*argv, "--output_dir", str(tmp_path / "compiled")])["models"]["test_tiny_opt"]["runs"]
+    (captured,) = test_latency.main([*argv, "--output_dir", str(tmp_path / "compiled")])["models"]["test_tiny_opt"][
+        "runs"
+    ]
     estimates = captured["prefill_cost_model_s"]
     assert set(estimates) == {"iterative", "sequential"} and min(estimates, key=estimates.get) == "sequential"
     assert (eager["prefill_path"], captured["prefill_path"]) == ("iterative", "sequential")
@@ -190,7 +274,10 @@ def test_auto_prefill_is_priced_in_the_json(configs, tmp_path, monkeypatch):
 
 def test_plot_title_states_the_full_setting():
     args = latency.parse_args(["--prompt_len", "2048", "--gen_len", "2048", "--steps", "16", "--device", "cpu"])
-    assert test_latency.plot_title(args, "NVIDIA H200") == "prompt 2048 + 2048 new tokens (decode from 16 steps at each end), NVIDIA H200"
+    assert (
+        test_latency.plot_title(args, "NVIDIA H200")
+        == "prompt 2048 + 2048 new tokens (decode from 16 steps at each end), NVIDIA H200"
+    )
     args = latency.parse_args(["--prompt_len", "8", "--gen_len", "4", "--device", "cpu"])
     assert test_latency.plot_title(args, "cpu") == "prompt 8 + 4 new tokens (all steps timed), cpu"
 
@@ -226,9 +313,30 @@ def test_prefill_modes_extrapolated_end_to_end(configs, tmp_path):
     prefill_cache; the Llama's entry records its one parallel pass); with --steps below --gen_len each run also times
     steps at the end of the context and reports the extrapolated end-to-end rate over the full gen_len, and that rate
     over the e2e roofline (given bandwidth and matrix rate), computed here by hand."""
-    argv = ["--configs", *configs, "--prompt_len", "12", "--gen_len", "8", "--steps", "2", "--batches", "2",
-            "--cache", "static", "--prefill", "iterative,sequential", "--device", "cpu", "--output_dir", str(tmp_path),
-            "--hbm_bandwidth", "2GB", "--peak_flops", "3G"]
+    argv = [
+        "--configs",
+        *configs,
+        "--prompt_len",
+        "12",
+        "--gen_len",
+        "8",
+        "--steps",
+        "2",
+        "--batches",
+        "2",
+        "--cache",
+        "static",
+        "--prefill",
+        "iterative,sequential",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+        "--hbm_bandwidth",
+        "2GB",
+        "--peak_flops",
+        "3G",
+    ]
     out = test_latency.main(argv)
     assert set(out["models"]) == {"tiny_llama", "test_tiny_opt:iterative", "test_tiny_opt:sequential"}
     assert "end of the context" in out["setting"]["extrapolation"]
@@ -239,7 +347,9 @@ def test_prefill_modes_extrapolated_end_to_end(configs, tmp_path):
     for name, r in out["models"].items():
         (run,) = r["runs"]
         assert run["prefill_path"] == r["prefill"] == (name.split(":")[1] if ":" in name else "parallel")
-        assert run["step_ms_end"] > 0 and run["mean_step_ms"] == pytest.approx((run["step_ms"] + run["step_ms_end"]) / 2)
+        assert run["step_ms_end"] > 0 and run["mean_step_ms"] == pytest.approx(
+            (run["step_ms"] + run["step_ms_end"]) / 2
+        )
         assert run["e2e_s"] == pytest.approx(run["prefill_s"] + 7 * run["mean_step_ms"] / 1e3)
         assert r["max_batch_e2e_throughput"] == pytest.approx(2 * 8 / run["e2e_s"])
         assert run["mean_decode_throughput"] == pytest.approx(2 * 1e3 / run["mean_step_ms"])
@@ -265,7 +375,10 @@ def test_filled_cache_reports_its_length(configs):
 def test_bad_prefill_flag_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         test_latency.main(["--prefill", "iterative,fast"])
-    assert capsys.readouterr().err.strip() == "test_latency.py: error: --prefill: unknown 'fast'; allowed are auto, iterative, sequential"
+    assert (
+        capsys.readouterr().err.strip()
+        == "test_latency.py: error: --prefill: unknown 'fast'; allowed are auto, iterative, sequential"
+    )
 
 
 def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monkeypatch):
@@ -273,19 +386,51 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
     prompt: the extrapolated prefill is reported and the steps after it run as usual."""
     filled = []
     original = test_latency.prefill_cache
-    monkeypatch.setattr(test_latency, "prefill_cache", lambda model, ids, cache: filled.append((int(cache.get_seq_length()), ids.shape[1])) or original(model, ids, cache))
-    argv = ["--configs", configs[1], "--prompt_len", "12", "--gen_len", "4", "--batches", "2", "--cache", "static",
-            "--prefill", "sequential", "--prefill_sample", "2", "--device", "cpu", "--output_dir", str(tmp_path)]
+    monkeypatch.setattr(
+        test_latency,
+        "prefill_cache",
+        lambda model, ids, cache: (
+            filled.append((int(cache.get_seq_length()), ids.shape[1])) or original(model, ids, cache)
+        ),
+    )
+    argv = [
+        "--configs",
+        configs[1],
+        "--prompt_len",
+        "12",
+        "--gen_len",
+        "4",
+        "--batches",
+        "2",
+        "--cache",
+        "static",
+        "--prefill",
+        "sequential",
+        "--prefill_sample",
+        "2",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     out = test_latency.main(argv)
     # The untimed warm-up's 4-token prompt (3 prefilled), then the timed start and end of the 11 prompt tokens before the last.
     assert filled == [(0, 3), (0, 2), (9, 2)]
     (run,) = out["models"]["test_tiny_opt"]["runs"]
-    assert run["prefill_s"] > 0 and run["e2e_throughput"] > 0 and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
+    assert (
+        run["prefill_s"] > 0
+        and run["e2e_throughput"] > 0
+        and "scaled to prompt_len - 1" in out["setting"]["extrapolation"]
+    )
     # Each segment's ms per token step, over the roofline of the step in its middle (1.5 and 10.5 tokens filled).
     shape, hardware = roofline.model_shape(load_config_for_length(configs[1], 16)), roofline.UNKNOWN_GPU
     expected = [1e3 * roofline.token_step_cost(shape, 2, n, 4).seconds(hardware) for n in (1.5, 10.5)]
-    assert run["prefill_sample_roofline_ms"] == pytest.approx(expected) and all(ms > 0 for ms in run["prefill_sample_step_ms"])
-    assert run["prefill_sample_vs_roofline"] == pytest.approx([t / r for t, r in zip(run["prefill_sample_step_ms"], expected, strict=True)])
+    assert run["prefill_sample_roofline_ms"] == pytest.approx(expected) and all(
+        ms > 0 for ms in run["prefill_sample_step_ms"]
+    )
+    assert run["prefill_sample_vs_roofline"] == pytest.approx(
+        [t / r for t, r in zip(run["prefill_sample_step_ms"], expected, strict=True)]
+    )
     with pytest.raises(UsageError, match="^--prefill_sample: 6; allowed"):
         latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
 
@@ -296,15 +441,41 @@ def test_extrapolate_means_start_and_end_steps():
 
 
 @pytest.mark.parametrize("prefill, warm_prompt", [("iterative", 12), ("sequential", 4)])
-def test_untimed_warm_up_runs_the_prefill_path_at_the_measured_shape(configs, tmp_path, monkeypatch, prefill, warm_prompt):
+def test_untimed_warm_up_runs_the_prefill_path_at_the_measured_shape(
+    configs, tmp_path, monkeypatch, prefill, warm_prompt
+):
     """Before the timed run of a batch, one untimed generation runs the prefill path at the measured prompt length
     (the first kernels of a shape stay out of prefill_s); the sequential prefill's step has one shape at any length,
     so 4 tokens warm it up. Without --compile too."""
     prompts = []
     original = test_latency.generate_once
-    monkeypatch.setattr(test_latency, "generate_once", lambda model, args, batch, steps, bar, prompt_len, **k: prompts.append(prompt_len) or original(model, args, batch, steps, bar, prompt_len, **k))
-    test_latency.main(["--configs", configs[1], "--prompt_len", "12", "--gen_len", "4", "--batches", "2", "--cache", "static",
-                       "--prefill", prefill, "--device", "cpu", "--output_dir", str(tmp_path)])
+    monkeypatch.setattr(
+        test_latency,
+        "generate_once",
+        lambda model, args, batch, steps, bar, prompt_len, **k: (
+            prompts.append(prompt_len) or original(model, args, batch, steps, bar, prompt_len, **k)
+        ),
+    )
+    test_latency.main(
+        [
+            "--configs",
+            configs[1],
+            "--prompt_len",
+            "12",
+            "--gen_len",
+            "4",
+            "--batches",
+            "2",
+            "--cache",
+            "static",
+            "--prefill",
+            prefill,
+            "--device",
+            "cpu",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert prompts == [warm_prompt, 12]
 
 
@@ -333,5 +504,7 @@ def test_measured_caches_are_allocated_before_the_prefill(configs):
         model = latency.build_model(load_config_for_length(path, 16), args, torch.float32)
         cache = latency.filled_cache(model, args, 3, 0)
         static = [layer for layer in cache.layers if isinstance(layer, StaticLayer)]
-        assert static and all(layer.is_initialized and layer.keys.shape[0] == 3 and layer.keys.shape[2] == 16 for layer in static)
+        assert static and all(
+            layer.is_initialized and layer.keys.shape[0] == 3 and layer.keys.shape[2] == 16 for layer in static
+        )
         assert int(cache.get_seq_length()) == 0

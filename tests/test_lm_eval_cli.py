@@ -17,8 +17,10 @@ from tests.conftest import REPO, tiny_config, tiny_model
 
 LIMIT = 2
 TASKS = "lckv_heldout_ppl,lckv_next_line"
-METRICS = {"lckv_heldout_ppl": ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"),
-           "lckv_next_line": ("acc,none", "acc_norm,none")}
+METRICS = {
+    "lckv_heldout_ppl": ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"),
+    "lckv_next_line": ("acc,none", "acc_norm,none"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +42,27 @@ def lm_eval_cli(checkpoint: Path, workdir: Path) -> dict:
     (import_path / "corpus").symlink_to(REPO / "corpus")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(PYTHONPATH=str(import_path), HF_MODULES_CACHE=str(workdir / "hf_modules"), HF_HUB_OFFLINE="1")
-    command = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
-               "--model_args", f"pretrained={checkpoint},trust_remote_code=True,dtype=float32",
-               "--tasks", TASKS, "--include_path", str(REPO / "tasks"), "--limit", str(LIMIT), "--device", "cpu",
-               "--batch_size", "1", "--seed", "0", "--output_path", str(workdir / "results")]
+    command = [
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={checkpoint},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        TASKS,
+        "--include_path",
+        str(REPO / "tasks"),
+        "--limit",
+        str(LIMIT),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "1",
+        "--seed",
+        "0",
+        "--output_path",
+        str(workdir / "results"),
+    ]
     proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = (workdir / "results").rglob("results_*.json")
@@ -52,8 +71,22 @@ def lm_eval_cli(checkpoint: Path, workdir: Path) -> dict:
 
 def test_lm_eval_cli_equals_test_harness(exported, tmp_path):
     harness_out = tmp_path / "harness.json"
-    test_harness.main(["--model", str(exported), "--tasks", TASKS, "--limit", str(LIMIT), "--device", "cpu", "--dtype", "float32",
-                       "--output_path", str(harness_out)])
+    test_harness.main(
+        [
+            "--model",
+            str(exported),
+            "--tasks",
+            TASKS,
+            "--limit",
+            str(LIMIT),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--output_path",
+            str(harness_out),
+        ]
+    )
     harness = json.loads(harness_out.read_text())["results"]
     workdir = tmp_path / "cli"
     workdir.mkdir()

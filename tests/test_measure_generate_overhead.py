@@ -10,10 +10,25 @@ from .conftest import CONFIGS, tiny_config
 
 def test_smoke_run_reports_both_loops_for_both_models(tmp_path):
     llama = tmp_path / "tiny_llama.json"
-    llama.write_text(tiny_config("llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 vocab_size=256).to_json_string())
-    out = measure_generate_overhead.main(["--smoke", "--configs", str(llama), str(CONFIGS / "test_tiny_opt.json"),
-                                          "--batches", "2", "--attn_implementation", "sdpa_packed_gqa", "--output_dir", str(tmp_path)])
+    llama.write_text(
+        tiny_config(
+            "llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=3, vocab_size=256
+        ).to_json_string()
+    )
+    out = measure_generate_overhead.main(
+        [
+            "--smoke",
+            "--configs",
+            str(llama),
+            str(CONFIGS / "test_tiny_opt.json"),
+            "--batches",
+            "2",
+            "--attn_implementation",
+            "sdpa_packed_gqa",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert [(r["model_type"], r["batch"]) for r in out["runs"]] == [("llama", 2), ("opt-llama", 2)]
     for run in out["runs"]:
         for loop in ("fast", "transformers"):

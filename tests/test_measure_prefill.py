@@ -21,7 +21,10 @@ def test_recompilations_are_read_from_the_torch_log():
 
 
 def latency_json(runs_by_name: dict[str, list[dict]], prompt_len: int = 2048) -> dict:
-    return {"setting": {"prompt_len": prompt_len}, "models": {name: {"runs": runs} for name, runs in runs_by_name.items()}}
+    return {
+        "setting": {"prompt_len": prompt_len},
+        "models": {name: {"runs": runs} for name, runs in runs_by_name.items()},
+    }
 
 
 def test_batch1_report_bounds_the_prefill_by_captured_steps():
@@ -38,22 +41,40 @@ def test_batch1_report_bounds_the_prefill_by_captured_steps():
 
 def test_paths_report_compares_auto_with_the_faster_measured_path():
     estimates = {"iterative": 2.0, "sequential": 4.0}
-    latency = latency_json({
-        "tinyllama_opt:iterative": [{"batch": 1, "prefill_s": 3.0, "prefill_cost_model_s": estimates},
-                                    {"batch": 32, "prefill_s": 9.0, "prefill_cost_model_s": estimates},
-                                    {"batch": 512, "oom": True}],
-        "tinyllama_opt:sequential": [{"batch": 1, "prefill_s": 5.0, "prefill_cost_model_s": estimates},
-                                     {"batch": 32, "prefill_s": 6.0, "prefill_cost_model_s": estimates}],
-    })
+    latency = latency_json(
+        {
+            "tinyllama_opt:iterative": [
+                {"batch": 1, "prefill_s": 3.0, "prefill_cost_model_s": estimates},
+                {"batch": 32, "prefill_s": 9.0, "prefill_cost_model_s": estimates},
+                {"batch": 512, "oom": True},
+            ],
+            "tinyllama_opt:sequential": [
+                {"batch": 1, "prefill_s": 5.0, "prefill_cost_model_s": estimates},
+                {"batch": 32, "prefill_s": 6.0, "prefill_cost_model_s": estimates},
+            ],
+        }
+    )
     first, second = measure_prefill.paths_report(latency)
-    assert (first["batch"], first["faster"], first["auto"], first["auto_is_faster"]) == (1, "iterative", "iterative", True)
+    assert (first["batch"], first["faster"], first["auto"], first["auto_is_faster"]) == (
+        1,
+        "iterative",
+        "iterative",
+        True,
+    )
     assert first["measured_over_estimate"] == {"iterative": 1.5, "sequential": 1.25}
     assert (second["faster"], second["auto_is_faster"]) == ("sequential", False)
 
 
 def test_step_report_against_the_token_step_roofline():
-    shape = Shape(layer_weights=(10, 10), layer_kv_weights=(2, 2), query_heads=2, kv_heads=1, head_dim=4, block=range(2, 2),
-                  num_iterations=1)
+    shape = Shape(
+        layer_weights=(10, 10),
+        layer_kv_weights=(2, 2),
+        query_heads=2,
+        kv_heads=1,
+        head_dim=4,
+        block=range(2, 2),
+        num_iterations=1,
+    )
     hardware = Hardware("toy", hbm_bandwidth=1e3, peak_flops=1e3)
     cost = token_step_cost(shape, 4, 10, 2)
     report = measure_prefill.step_report(1.2 * 1e3 * cost.seconds(hardware), shape, 4, 10, hardware, 2)
@@ -83,8 +104,15 @@ def test_gpu_parts_without_a_gpu_are_a_one_line_error():
 
 
 def test_prefill_report_per_layer_run_against_the_iterative_roofline():
-    shape = Shape(layer_weights=(10, 10, 10, 10), layer_kv_weights=(2, 0, 2, 2), query_heads=2, kv_heads=1, head_dim=4,
-                  block=range(1, 3), num_iterations=9)
+    shape = Shape(
+        layer_weights=(10, 10, 10, 10),
+        layer_kv_weights=(2, 0, 2, 2),
+        query_heads=2,
+        kv_heads=1,
+        head_dim=4,
+        block=range(1, 3),
+        num_iterations=9,
+    )
     hardware = Hardware("toy", hbm_bandwidth=1e3, peak_flops=1e3)
     report = measure_prefill.prefill_report([3.0, 2.0], shape, 2, 16, hardware, 2, iterative=True)
     assert report["layer_runs"] == 4 + 8 * 1 and report["prefill_s"] == 2.0

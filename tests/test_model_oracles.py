@@ -37,7 +37,9 @@ def _flex_attention_uncompiled(monkeypatch):
 
     monkeypatch.setattr(transformers_flex.WrappedFlexAttention, "__call__", lambda self: torch_flex.flex_attention)
     monkeypatch.setattr(
-        masking_utils, "create_block_mask", lambda *args, _compile=False, **kwargs: torch_flex.create_block_mask(*args, **kwargs)
+        masking_utils,
+        "create_block_mask",
+        lambda *args, _compile=False, **kwargs: torch_flex.create_block_mask(*args, **kwargs),
     )
 
 
@@ -91,8 +93,17 @@ def test_all_standard_layers_equal_llama(backend, num_threads, monkeypatch):
 
 
 def _llama_shape(config) -> dict:
-    keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters"]
+    keys = [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_parameters",
+    ]
     return {k: getattr(config, k) for k in keys}
 
 
@@ -171,7 +182,10 @@ GENERATE_MODES = {
 # Without a cache, generate recomputes the whole sequence each step. The cached path prefills the prompt
 # by iterations and decodes exactly, so the two agree whenever the no-cache forward is exact too: when the
 # iterations cover the sequence, or with the token-by-token `sequential_forward` at any length.
-EXACT_NO_CACHE = {"iterations_cover": dict(num_encoders=13), "sequential_forward": dict(num_encoders=1, sequential_forward=True)}
+EXACT_NO_CACHE = {
+    "iterations_cover": dict(num_encoders=13),
+    "sequential_forward": dict(num_encoders=1, sequential_forward=True),
+}
 
 
 @pytest.mark.parametrize("exact", EXACT_NO_CACHE)
@@ -184,7 +198,16 @@ def test_generate_with_and_without_cache(mode, exact):
     for use_cache in (True, False):
         torch.manual_seed(1)
         with torch.no_grad():
-            outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, use_cache=use_cache, pad_token_id=0, **GENERATE_MODES[mode]))
+            outs.append(
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=8,
+                    use_cache=use_cache,
+                    pad_token_id=0,
+                    **GENERATE_MODES[mode],
+                )
+            )
     assert outs[0].shape[1] == 14
     assert torch.equal(outs[0], outs[1])
 
@@ -203,7 +226,11 @@ def test_greedy_decoding_equals_sequential_recomputation():
 def test_left_padded_batch_equals_each_prompt_alone(mode):
     model = model64(tiny_config(num_encoders=12))
     prompts = [random_ids(1, 7)[0], random_ids(1, 4)[0]]
-    kwargs = dict(max_new_tokens=6, pad_token_id=0, **{k: v for k, v in GENERATE_MODES[mode].items() if k != "num_return_sequences"})
+    kwargs = dict(
+        max_new_tokens=6,
+        pad_token_id=0,
+        **{k: v for k, v in GENERATE_MODES[mode].items() if k != "num_return_sequences"},
+    )
     batch = torch.zeros(2, 7, dtype=torch.long)
     mask = torch.zeros(2, 7, dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -236,14 +263,19 @@ def test_long_prompt_prefill_then_decode_matches_sequential_prefix(capsys):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         prefill = model(ids[:, :prompt_len], cache=cache, use_cache=True).logits
-        decode = torch.cat([model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(prompt_len, ids.shape[1])], dim=1)
+        decode = torch.cat(
+            [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(prompt_len, ids.shape[1])],
+            dim=1,
+        )
     exact = num_encoders + 1
     torch.testing.assert_close(prefill[:, :exact], truth[:, :exact], atol=ATOL, rtol=0)
     gap_prefill = (prefill[:, exact:] - truth[:, exact:prompt_len]).abs().max().item()
     gap_decode = (decode - truth[:, prompt_len:]).abs().max().item()
     agree = (decode.argmax(-1) == truth[:, prompt_len:].argmax(-1)).float().mean().item()
     with capsys.disabled():
-        print(f"\n[oracle 5] exact for {exact} positions; max |logit gap| prefill after that {gap_prefill:.3g}, decode {gap_decode:.3g}, greedy agreement {agree:.0%}")
+        print(
+            f"\n[oracle 5] exact for {exact} positions; max |logit gap| prefill after that {gap_prefill:.3g}, decode {gap_decode:.3g}, greedy agreement {agree:.0%}"
+        )
     assert gap_prefill > 0  # iterations really are truncated here
     assert torch.isfinite(decode).all()
 
@@ -343,7 +375,9 @@ def test_train_kv_adds_kv_loss():
     with torch.no_grad():  # evaluation: perplexity comes from the LM loss alone
         evaluated = model64(tiny_config(train_kv=True, num_encoders=3))(ids, labels=ids)
     assert evaluated.kv_loss is None
-    torch.testing.assert_close(evaluated.loss, model64(tiny_config(num_encoders=3))(ids, labels=ids).loss.detach(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        evaluated.loss, model64(tiny_config(num_encoders=3))(ids, labels=ids).loss.detach(), atol=ATOL, rtol=0
+    )
 
 
 def test_gradient_checkpointing_matches():

@@ -139,7 +139,10 @@ def test_evaluation_without_no_grad_is_evaluation(sequential):
     assert torch.equal(out.logits, reference.logits) and torch.equal(out.loss, reference.loss)
     out.loss.backward()
     block_layer = model.model.layers[model.model.plan.block[0]]
-    assert block_layer.self_attn.q_proj.weight.grad.abs().sum() > 0 and model.model.embed_tokens.weight.grad.abs().sum() > 0
+    assert (
+        block_layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+        and model.model.embed_tokens.weight.grad.abs().sum() > 0
+    )
 
     trained = model.train()(ids, labels=ids)
     lm_loss = model.loss_function(logits=trained.logits, labels=ids, vocab_size=model.config.vocab_size)

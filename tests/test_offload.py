@@ -91,7 +91,10 @@ def test_offloaded_cache_matches_resident_and_keeps_target_offloaded(layout, mon
         target = config.layer_kv_sources[1]
         residency = []
         offloaded = _prefill_and_decode(
-            model, ids, _offloaded_cache(config, monkeypatch), prompt_len=7,
+            model,
+            ids,
+            _offloaded_cache(config, monkeypatch),
+            prompt_len=7,
             on_step=lambda cache: residency.append(cache.layers[target].resident),
         )
     torch.testing.assert_close(offloaded, resident, atol=0, rtol=0)

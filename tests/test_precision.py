@@ -13,7 +13,9 @@ from .numerics import LOW_PRECISION, LowPrecisionSpy
 
 MODEL_TYPES = {
     "opt-llama": dict(layer_types="0_1_1_1_2_0", num_encoders=3),
-    "lckv-llama": dict(model_type="lckv-llama", layer_types="0s_4_4_4_4_5s", sliding_window=3, forward_passes=2, backward_passes=2),
+    "lckv-llama": dict(
+        model_type="lckv-llama", layer_types="0s_4_4_4_4_5s", sliding_window=3, forward_passes=2, backward_passes=2
+    ),
 }
 
 
@@ -62,12 +64,20 @@ def test_below_float64_the_steps_are_llamas_bitwise(dtype):
 
     positions = torch.arange(3, 10)[None].expand(2, -1)
     tables = PlainRotaryEmbedding(_llama_config())(hidden, positions)
-    assert all(torch.equal(a, b) for a, b in zip(tables, LlamaRotaryEmbedding(_llama_config())(hidden, positions), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(tables, LlamaRotaryEmbedding(_llama_config())(hidden, positions), strict=True)
+    )
 
     module = torch.nn.Module().eval()
     module.num_key_value_groups = 2
-    query, key, value = torch.randn(2, 4, 7, 16).to(dtype), torch.randn(2, 2, 7, 16).to(dtype), torch.randn(2, 2, 7, 16).to(dtype)
-    mask = torch.zeros(2, 1, 7, 7, dtype=dtype).masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), torch.finfo(dtype).min)
+    query, key, value = (
+        torch.randn(2, 4, 7, 16).to(dtype),
+        torch.randn(2, 2, 7, 16).to(dtype),
+        torch.randn(2, 2, 7, 16).to(dtype),
+    )
+    mask = torch.zeros(2, 1, 7, 7, dtype=dtype).masked_fill(
+        torch.ones(7, 7, dtype=torch.bool).triu(1), torch.finfo(dtype).min
+    )
     expected = eager_attention_forward(module, query, key, value, mask, scaling=0.25)
     actual = plain_eager_attention(module, query, key, value, mask, scaling=0.25)
     assert all(torch.equal(a, b) for a, b in zip(actual, expected, strict=True))
@@ -80,7 +90,13 @@ def test_float64_steps_are_float64():
     cos, sin = PlainRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float64), positions)
     frequencies = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     angles = positions[0, :, None].double() * frequencies
-    assert cos.dtype == torch.float64 and torch.equal(cos[0, :, :8], angles.cos()) and torch.equal(sin[0, :, 8:], angles.sin())
+    assert (
+        cos.dtype == torch.float64
+        and torch.equal(cos[0, :, :8], angles.cos())
+        and torch.equal(sin[0, :, 8:], angles.sin())
+    )
     hidden = torch.randn(3, 64, dtype=torch.float64) * 1e-3
     normed = PlainRMSNorm(64, eps=1e-5).double()(hidden)
-    torch.testing.assert_close(normed, hidden / (hidden.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt(), atol=1e-15, rtol=1e-14)
+    torch.testing.assert_close(
+        normed, hidden / (hidden.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt(), atol=1e-15, rtol=1e-14
+    )

@@ -22,9 +22,18 @@ class MaskWorkSpy(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-2:] == (self.length, self.length) and out.dtype == torch.bool:
+        if (
+            isinstance(out, torch.Tensor)
+            and out.dim() >= 2
+            and out.shape[-2:] == (self.length, self.length)
+            and out.dtype == torch.bool
+        ):
             self.bool_square[func.overloadpacket.__name__] += 1
-        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) and out.shape[1:] == (self.length, 1):
+        if (
+            func is torch.ops.aten._to_copy.default
+            and isinstance(out, torch.Tensor)
+            and out.shape[1:] == (self.length, 1)
+        ):
             self.visible_casts += 1
         return out
 

@@ -24,8 +24,24 @@ def test_merged_busy(intervals, expected):
 
 def test_cpu_smoke_run(tmp_path):
     """The compiled-call path (dynamo's eager backend on a CPU) is marked and summarised per step."""
-    out = profile_decode.main(["--device", "cpu", "--configs", str(CONFIGS / "test_tiny_opt.json"), "--prompt_len", "6",
-                               "--gen_len", "4", "--steps", "3", "--attention_batches", "1", "--output_dir", str(tmp_path)])
+    out = profile_decode.main(
+        [
+            "--device",
+            "cpu",
+            "--configs",
+            str(CONFIGS / "test_tiny_opt.json"),
+            "--prompt_len",
+            "6",
+            "--gen_len",
+            "4",
+            "--steps",
+            "3",
+            "--attention_batches",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     result = out["models"]["test_tiny_opt"]
     assert result["compiled_step_ms"] > 0 and result["wall_ms_per_step"] > 0
     assert result["gpu_busy_ms_per_step"] is None  # no CUDA events on a CPU

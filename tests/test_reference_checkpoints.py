@@ -68,7 +68,9 @@ def prompt_then_decode(model, ids: torch.Tensor) -> torch.Tensor:
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         steps = [model(ids[:, :PROMPT_LENGTH], cache=cache, use_cache=True).logits]
-        steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(PROMPT_LENGTH, ids.shape[1])]
+        steps += [
+            model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(PROMPT_LENGTH, ids.shape[1])
+        ]
     return torch.cat(steps, dim=1)
 
 
@@ -113,12 +115,16 @@ def test_float32_logits_are_within_the_float32_bound(case, path, num_threads):
     model, reference = load_case(case, torch.float32)
     ours, expected = ours_and_reference(model, reference, path)
     bound = float32_bound(case, path)
-    assert max_difference(ours, expected) <= bound, f"{case} {path}: |float32 - float64| {max_difference(ours, expected):.3g} > bound {bound:.3g}"
+    assert max_difference(ours, expected) <= bound, (
+        f"{case} {path}: |float32 - float64| {max_difference(ours, expected):.3g} > bound {bound:.3g}"
+    )
 
 
 def assert_greedy_equal(model, prompt: torch.Tensor, expected: torch.Tensor) -> None:
     with torch.no_grad():
-        generated = model.generate(prompt, max_new_tokens=expected.shape[1] - prompt.shape[1], do_sample=False, pad_token_id=0)
+        generated = model.generate(
+            prompt, max_new_tokens=expected.shape[1] - prompt.shape[1], do_sample=False, pad_token_id=0
+        )
     assert torch.equal(generated, expected)
 
 
@@ -149,6 +155,7 @@ def test_lckv_llama_generation_is_the_exact_model_not_the_originals_decode(case)
     padding = ended.cumsum(1) - ended > 0  # generate pads (0) a row after its end-of-sequence token
     assert torch.equal(new.masked_fill(padding, 0), chosen.masked_fill(padding, 0))
 
+
 @pytest.mark.parametrize("case", ["w2_gqa", "main_sliding"])
 def test_save_and_reload_keeps_format_and_function(case, tmp_path):
     """Saving writes the checkpoint's own format (model_type, layout string) and reloads to the same logits."""
@@ -159,7 +166,9 @@ def test_save_and_reload_keeps_format_and_function(case, tmp_path):
     saved, original = (json.loads((path / "config.json").read_text()) for path in (tmp_path, FIXTURES / case))
     assert saved["lckv_layer_types"] == original["layer_types"]  # the original's layout string, in its own syntax
     assert (saved["force_nodiag"], saved["iteration_style"]) == (config.force_nodiag, config.iteration_style)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=model.config._attn_implementation).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation=model.config._attn_implementation
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(reference["ids"]).logits, model(reference["ids"]).logits, atol=0, rtol=0)
 
@@ -170,13 +179,20 @@ def test_auto_map_to_remote_code_is_ignored(tmp_path):
     for item in directory.iterdir():
         (tmp_path / item.name).write_bytes(item.read_bytes())
     config_path = tmp_path / "config.json"
-    config_path.write_text(config_path.read_text().replace('"architectures"', '"auto_map": {"AutoConfig": "remote.Config", '
-                                                           '"AutoModelForCausalLM": "remote.Model"},\n  "architectures"', 1))
+    config_path.write_text(
+        config_path.read_text().replace(
+            '"architectures"',
+            '"auto_map": {"AutoConfig": "remote.Config", "AutoModelForCausalLM": "remote.Model"},\n  "architectures"',
+            1,
+        )
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(model).__module__.startswith("models.")
 
 
-@pytest.mark.parametrize(("case", "to"), [("w2_gqa", "lckv-llama"), ("main_w2", "opt-llama"), ("main_cla", "opt-llama")])
+@pytest.mark.parametrize(
+    ("case", "to"), [("w2_gqa", "lckv-llama"), ("main_w2", "opt-llama"), ("main_cla", "opt-llama")]
+)
 def test_convert_between_formats_keeps_the_function(case, to, tmp_path):
     model, reference = load_case(case, torch.float32)
     if to == "lckv-llama":
@@ -195,7 +211,9 @@ def test_convert_between_formats_keeps_the_function(case, to, tmp_path):
     convert_checkpoint(source, tmp_path / "out", to)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["model_type"] == to and isinstance(written["layer_types"], str)  # the original code's own format
-    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, attn_implementation=model.config._attn_implementation).eval()
+    converted = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=torch.float32, attn_implementation=model.config._attn_implementation
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(converted(reference["ids"]).logits, model(reference["ids"]).logits, atol=0, rtol=0)
 
@@ -206,7 +224,10 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
         convert.main([str(FIXTURES / "main_cla"), str(tmp_path / "out"), "--to", "opt-llama"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m tools.convert: error: kv_sources: [0, 0, 2, 2, 4, 4] shares the KVs of 3 layers") and "\n" not in err
+    assert (
+        err.startswith("python -m tools.convert: error: kv_sources: [0, 0, 2, 2, 4, 4] shares the KVs of 3 layers")
+        and "\n" not in err
+    )
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         convert.main([str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "lckv-llama"])

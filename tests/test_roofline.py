@@ -15,10 +15,24 @@ from tools import cli
 from .conftest import CONFIGS, tiny_config
 
 # Layers 0 and 3 standard, layer 1 reads layer 2 (the target) from above: block = layers 1..2, 3 iterations.
-TOY = Shape(layer_weights=(10, 8, 10, 10), layer_kv_weights=(2, 0, 2, 2), query_heads=2, kv_heads=1, head_dim=4,
-            block=range(1, 3), num_iterations=3)
-TOY_LLAMA = Shape(layer_weights=(10, 10, 10, 10), layer_kv_weights=(2, 2, 2, 2), query_heads=2, kv_heads=1, head_dim=4,
-                  block=range(4, 4), num_iterations=1)
+TOY = Shape(
+    layer_weights=(10, 8, 10, 10),
+    layer_kv_weights=(2, 0, 2, 2),
+    query_heads=2,
+    kv_heads=1,
+    head_dim=4,
+    block=range(1, 3),
+    num_iterations=3,
+)
+TOY_LLAMA = Shape(
+    layer_weights=(10, 10, 10, 10),
+    layer_kv_weights=(2, 2, 2, 2),
+    query_heads=2,
+    kv_heads=1,
+    head_dim=4,
+    block=range(4, 4),
+    num_iterations=1,
+)
 
 
 def test_iterative_prefill_cost_by_hand():
@@ -59,7 +73,10 @@ def test_sum_of_max_linear_equals_the_sum():
 
 def test_decode_roofline_by_hand():
     # steps 1..3 after a 5-token prompt read 6, 7, 8 tokens of 10 bytes per sequence, and 100 bytes of weights.
-    assert roofline.decode_roofline_seconds(100, 10, batch=2, prompt_length=5, steps=3, bandwidth=10) == (300 + 2 * 10 * 21) / 10
+    assert (
+        roofline.decode_roofline_seconds(100, 10, batch=2, prompt_length=5, steps=3, bandwidth=10)
+        == (300 + 2 * 10 * 21) / 10
+    )
 
 
 def matrix_and_attention_flops(counter: FlopCounterMode) -> tuple[int, int]:
@@ -108,8 +125,19 @@ def test_token_step_flops_equal_the_counted_decode_step():
 
 def test_llama_shape_of_an_lckv_config_is_the_llama_config_shape():
     lckv = tiny_config()
-    llama = tiny_config("llama_tiny.json", **{field: getattr(lckv, field) for field in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")})
+    llama = tiny_config(
+        "llama_tiny.json",
+        **{
+            field: getattr(lckv, field)
+            for field in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+            )
+        },
+    )
     assert roofline.model_shape(lckv, as_llama=True) == roofline.model_shape(llama) != roofline.model_shape(lckv)
 
 
@@ -132,14 +160,17 @@ def test_tensor_parallel_shape_keeps_one_kv_head_when_heads_are_fewer_than_proce
     assert roofline.model_shape(config, tp=4).kv_heads == 1 and roofline.model_shape(config, tp=2).kv_heads == 1
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("NVIDIA H200", (4.8e12, 989e12)),
-    ("NVIDIA H100 80GB HBM3", (3.35e12, 989e12)),
-    ("NVIDIA H100 PCIe", (2.0e12, 756e12)),
-    ("NVIDIA A100-SXM4-80GB", (2.0e12, 312e12)),
-    ("NVIDIA A100-PCIE-40GB", (1.555e12, 312e12)),
-    ("NVIDIA GeForce RTX 4090", (3.35e12, 989e12)),  # not in the table: H100 SXM figures
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("NVIDIA H200", (4.8e12, 989e12)),
+        ("NVIDIA H100 80GB HBM3", (3.35e12, 989e12)),
+        ("NVIDIA H100 PCIe", (2.0e12, 756e12)),
+        ("NVIDIA A100-SXM4-80GB", (2.0e12, 312e12)),
+        ("NVIDIA A100-PCIE-40GB", (1.555e12, 312e12)),
+        ("NVIDIA GeForce RTX 4090", (3.35e12, 989e12)),  # not in the table: H100 SXM figures
+    ],
+)
 def test_gpu_table_by_device_name(name, expected):
     hardware = roofline.gpu_hardware(name)
     assert (hardware.hbm_bandwidth, hardware.peak_flops) == expected

@@ -124,7 +124,9 @@ def test_eval_sequential_differs_with_few_iterations(tmp_path, small_data, corpu
 
 @pytest.mark.parametrize("train_kv", [True, False])
 def test_train_kv_logs_kv_loss(train_kv, tmp_path, small_data, corpus):
-    args = base_args("opt-llama", tmp_path / "out", f"train_kv={str(train_kv).lower()}") + local_args(small_data, corpus)
+    args = base_args("opt-llama", tmp_path / "out", f"train_kv={str(train_kv).lower()}") + local_args(
+        small_data, corpus
+    )
     result = run_clm.main(args + ["--do_train", "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no"])
     logged = [h["kv_loss"] for h in result["trainer"].state.log_history if "kv_loss" in h]
     if train_kv:
@@ -166,7 +168,17 @@ def test_cli_prints_one_line_error(tmp_path):
 
 def test_streaming_trains_and_evaluates(tmp_path, small_data, corpus):
     args = base_args("opt-llama", tmp_path / "out") + local_args(small_data, corpus)
-    args += ["--streaming", "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "8", "--save_strategy", "no"]
+    args += [
+        "--streaming",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "2",
+        "--max_eval_samples",
+        "8",
+        "--save_strategy",
+        "no",
+    ]
     result = run_clm.main(args)
     assert result["trainer"].state.global_step == 2
     assert result["eval"]["perplexity"] > 1

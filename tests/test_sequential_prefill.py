@@ -20,7 +20,9 @@ NEW = 6
 
 
 def model_with(prefill: str = "sequential", **overrides):
-    return tiny_model(tiny_config(prefill=prefill, **{"num_encoders": NUM_ENCODERS, "num_trained_encoders": 1, **overrides}))
+    return tiny_model(
+        tiny_config(prefill=prefill, **{"num_encoders": NUM_ENCODERS, "num_trained_encoders": 1, **overrides})
+    )
 
 
 def padded_prompts(length: int, vocab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +35,11 @@ def padded_prompts(length: int, vocab: int = 256) -> tuple[torch.Tensor, torch.T
 
 
 def make_cache(kind: str, model, length: int):
-    return StaticCache(config=model.config, max_cache_len=length) if kind == "static" else DynamicCache(config=model.config)
+    return (
+        StaticCache(config=model.config, max_cache_len=length)
+        if kind == "static"
+        else DynamicCache(config=model.config)
+    )
 
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
@@ -44,12 +50,20 @@ def test_sequential_prefill_logits_equal_token_by_token_decoding(cache_kind):
     expected = sequential_logits(model, ids, mask)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, position_ids=position_ids, cache=make_cache(cache_kind, model, LONG + 2), use_cache=True)
+        out = model(
+            ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=make_cache(cache_kind, model, LONG + 2),
+            use_cache=True,
+        )
     for row, start in enumerate([0, 3, 6]):  # padded positions output nothing meaningful
         torch.testing.assert_close(out.logits[row, start:], expected[row, start:], atol=ATOL, rtol=0)
     iterative = model_with("iterative")
     with torch.no_grad():
-        approx = iterative(ids, attention_mask=mask, position_ids=position_ids, cache=DynamicCache(config=iterative.config)).logits
+        approx = iterative(
+            ids, attention_mask=mask, position_ids=position_ids, cache=DynamicCache(config=iterative.config)
+        ).logits
     assert (approx[0, -1] - expected[0, -1]).abs().max() > 1e-3  # the oracle can tell the paths apart
 
 
@@ -136,8 +150,15 @@ def test_prefill_and_decode_steps_compile_once_per_batch_size_at_any_prompt_leng
             ids = torch.randint(3, 256, (batch, length))
             with torch.no_grad():
                 sequential_prefill.prefill_cache(model, ids, StaticCache(config=model.config, max_cache_len=cache_len))
-                model.generate(ids, attention_mask=torch.ones_like(ids), cache=StaticCache(config=model.config, max_cache_len=cache_len),
-                               max_new_tokens=3, do_sample=False, pad_token_id=0, compile_config=decode)
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    cache=StaticCache(config=model.config, max_cache_len=cache_len),
+                    max_new_tokens=3,
+                    do_sample=False,
+                    pad_token_id=0,
+                    compile_config=decode,
+                )
         assert cpu_compiled_step.frame_count == batches  # the token step
         # and generate's captured decode loop (models.fast_decode): its forward step and its token-selection step
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 * batches
@@ -151,8 +172,12 @@ def test_prefill_token_steps_read_only_the_filled_span(interpreted_kernel, monke
     from .test_decode_attention import watched_split_kv
 
     spans = []
-    selection = watched_split_kv(monkeypatch, lambda q, k, v, mask, lengths, *rest: spans.append(
-        (k.shape[2], lengths.tolist())) or interpreted_kernel(q, k, v, mask, lengths, *rest))
+    selection = watched_split_kv(
+        monkeypatch,
+        lambda q, k, v, mask, lengths, *rest: (
+            spans.append((k.shape[2], lengths.tolist())) or interpreted_kernel(q, k, v, mask, lengths, *rest)
+        ),
+    )
     fields = dict(prefill="sequential", num_encoders=NUM_ENCODERS, num_trained_encoders=1)
     model = tiny_model(tiny_config(**fields), attn_implementation=SPLIT_KV, kernel_selection=selection)
     reference = tiny_model(tiny_config(**fields))
@@ -163,14 +188,20 @@ def test_prefill_token_steps_read_only_the_filled_span(interpreted_kernel, monke
     logits = {}
     for name, candidate in (("split_kv", model), ("sdpa", reference)):
         with torch.no_grad():
-            logits[name] = sequential_prefill.prefill_cache(candidate, ids, StaticCache(config=config, max_cache_len=slots), mask)
+            logits[name] = sequential_prefill.prefill_cache(
+                candidate, ids, StaticCache(config=config, max_cache_len=slots), mask
+            )
     torch.testing.assert_close(logits["split_kv"], logits["sdpa"], atol=ATOL, rtol=0)
 
     def span(row: int, t: int, strict: bool) -> int:  # last real key the query at t may see, + 1
         return max((kv + 1 for kv in range(t + 1) if mask[row, kv] and (kv < t or not strict)), default=0)
 
     strict = model.config.layer_strict
-    expected = [(slots, [span(row, t, strict[layer]) for row in range(2)]) for t in range(length) for layer in range(len(strict))]
+    expected = [
+        (slots, [span(row, t, strict[layer]) for row in range(2)])
+        for t in range(length)
+        for layer in range(len(strict))
+    ]
     assert spans == expected and spans[-1] == (slots, [6, 6])
 
 
@@ -204,20 +235,34 @@ def test_auto_in_the_model_follows_the_cost_model(monkeypatch):
     is captured and the tensor-parallel processes (1 here), and runs the path it answers; without a cache (no prefill) always iteratively."""
     ran_sequentially, asked = [], []
     original_prefill, original_choose = modeling_opt_llama.sequential_prefill, sequential_prefill.choose_prefill
-    monkeypatch.setattr(modeling_opt_llama, "sequential_prefill",
-                        lambda model, embeds, *a, **k: ran_sequentially.append(embeds.shape[0]) or original_prefill(model, embeds, *a, **k))
-    monkeypatch.setattr(sequential_prefill, "choose_prefill", lambda *a, **k: asked.append((*a[2:], k)) or original_choose(*a, **k))
+    monkeypatch.setattr(
+        modeling_opt_llama,
+        "sequential_prefill",
+        lambda model, embeds, *a, **k: (
+            ran_sequentially.append(embeds.shape[0]) or original_prefill(model, embeds, *a, **k)
+        ),
+    )
+    monkeypatch.setattr(
+        sequential_prefill, "choose_prefill", lambda *a, **k: asked.append((*a[2:], k)) or original_choose(*a, **k)
+    )
     model = model_with("auto")
     compute_bound = Hardware("compute-bound", hbm_bandwidth=1e15, peak_flops=1e6, step_overhead_per_layer=0)
     with torch.no_grad():
-        model(torch.randint(3, 256, (2, LONG)), cache=DynamicCache(config=model.config), use_cache=True)  # CPU: not priced
+        model(
+            torch.randint(3, 256, (2, LONG)), cache=DynamicCache(config=model.config), use_cache=True
+        )  # CPU: not priced
         monkeypatch.setattr(sequential_prefill, "device_hardware", lambda device: compute_bound)
         model(torch.randint(3, 256, (3, LONG)), cache=DynamicCache(config=model.config), use_cache=True)  # eager steps
         monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", "eager")  # captured: priced
-        model(torch.randint(3, 256, (4, LONG)), cache=StaticCache(config=model.config, max_cache_len=LONG), use_cache=True)
+        model(
+            torch.randint(3, 256, (4, LONG)), cache=StaticCache(config=model.config, max_cache_len=LONG), use_cache=True
+        )
         model(torch.randint(3, 256, (5, LONG)), use_cache=False)
-    assert asked == [(2, LONG, None, 4, {"captured": False, "tp": 1}), (3, LONG, compute_bound, 4, {"captured": False, "tp": 1}),
-                     (4, LONG, compute_bound, 4, {"captured": True, "tp": 1})]
+    assert asked == [
+        (2, LONG, None, 4, {"captured": False, "tp": 1}),
+        (3, LONG, compute_bound, 4, {"captured": False, "tp": 1}),
+        (4, LONG, compute_bound, 4, {"captured": True, "tp": 1}),
+    ]
     assert ran_sequentially == [4]
     sequential_prefill.compiled_token_step.cache_clear()
     torch._dynamo.reset()

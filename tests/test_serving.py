@@ -18,7 +18,9 @@ from tests.conftest import tiny_config, tiny_model
 NEW_TOKENS = 8
 STARTUP_SECONDS = 180
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
-WORDS = "the quick brown fox jumps over a lazy dog while seven tired wizards quietly brew strong coffee near old bridges"
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven tired wizards quietly brew strong coffee near old bridges"
+)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -29,7 +31,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False)
     tokenizer.train_from_iterator([WORDS] * 10, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
 
@@ -51,7 +55,9 @@ def server(checkpoint, tmp_path_factory):
     """`transformers serve` in a fresh process that cannot import this repository; stopped at the end."""
     path, _ = checkpoint
     options = ["--device", "cpu"]
-    with transformers_server(path, tmp_path_factory.mktemp("server"), options, STARTUP_SECONDS, {"HF_HUB_OFFLINE": "1"}) as (process, url):
+    with transformers_server(
+        path, tmp_path_factory.mktemp("server"), options, STARTUP_SECONDS, {"HF_HUB_OFFLINE": "1"}
+    ) as (process, url):
         yield url, process
 
 
@@ -59,7 +65,7 @@ def greedy_text(model, inputs: dict, tokenizer) -> tuple[str, int]:
     """What the server should answer: our greedy generate's new tokens, decoded as the server decodes them."""
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    new = tokens[0, inputs["input_ids"].shape[1]:]
+    new = tokens[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
@@ -93,13 +99,17 @@ def test_served_greedy_completions_equal_generate(checkpoint, server):
         if kind == "completion":
             inputs = tokenizer(text, return_tensors="pt")
         else:
-            inputs = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            inputs = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
         expected.append(greedy_text(model, dict(inputs), tokenizer))
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     with ThreadPoolExecutor(len(requests)) as pool:  # all four in flight at once
         answers = list(pool.map(lambda request: ask(client, str(path), *request), requests))
-    for (kind, text, stream), (want_text, want_count), (got_text, got_count) in zip(requests, expected, answers, strict=True):
+    for (kind, text, stream), (want_text, want_count), (got_text, got_count) in zip(
+        requests, expected, answers, strict=True
+    ):
         assert want_text and got_text == want_text, (kind, text, stream)
         assert stream or got_count == want_count
 

@@ -21,7 +21,9 @@ def sliding_model(backend: str = "sdpa", **overrides):
 
 def test_window_limits_what_a_layer_sees():
     """With one layer, a sliding window layer equals a full layer on the last WINDOW tokens alone."""
-    model = sliding_model(num_hidden_layers=1, kv_sources=[0], sliding_window_layers=[0], num_encoders=0, num_trained_encoders=0)
+    model = sliding_model(
+        num_hidden_layers=1, kv_sources=[0], sliding_window_layers=[0], num_encoders=0, num_trained_encoders=0
+    )
     ids = random_ids(1, 8)
     with torch.no_grad():
         full = model(ids).logits
@@ -49,7 +51,9 @@ def test_generation_with_dynamic_and_static_cache_and_bounded_window_cache():
         static = StaticCache(config=model.config, max_cache_len=16)
         by_static = model.generate(ids, cache=static, **kwargs)
     assert torch.equal(by_dynamic, by_static)
-    assert isinstance(dynamic.layers[0], DynamicSlidingWindowLayer) and isinstance(static.layers[0], StaticSlidingWindowLayer)
+    assert isinstance(dynamic.layers[0], DynamicSlidingWindowLayer) and isinstance(
+        static.layers[0], StaticSlidingWindowLayer
+    )
     assert dynamic.layers[0].keys.shape[-2] == WINDOW - 1  # the window-only layer keeps WINDOW - 1 past tokens
     assert static.layers[0].keys.shape[-2] == WINDOW
     assert dynamic.layers[4].keys.shape[-2] == 15  # the shared target keeps everything its readers need
@@ -75,8 +79,12 @@ def test_streaming_with_sliding_layers():
     kwargs = dict(do_sample=False, pad_token_id=0)
     with torch.no_grad():
         ordinary = model.generate(ids, max_new_tokens=30, **kwargs)
-        streamed = model.generate(ids, cache=SinkWindowCache(model.config, window_size=40, num_sink_tokens=2), max_new_tokens=30, **kwargs)
-        evicting = model.generate(ids, cache=SinkWindowCache(model.config, window_size=8, num_sink_tokens=2), max_new_tokens=30, **kwargs)
+        streamed = model.generate(
+            ids, cache=SinkWindowCache(model.config, window_size=40, num_sink_tokens=2), max_new_tokens=30, **kwargs
+        )
+        evicting = model.generate(
+            ids, cache=SinkWindowCache(model.config, window_size=8, num_sink_tokens=2), max_new_tokens=30, **kwargs
+        )
     assert torch.equal(streamed, ordinary)
     assert evicting.shape == ordinary.shape and torch.equal(evicting[:, :9], ordinary[:, :9])
 

@@ -15,8 +15,11 @@ PROMPT, NEW = 7, 10
 
 @pytest.fixture(params=["test_tiny_opt.json", "llama_tiny.json"], ids=["opt-llama", "llama"])
 def model(request):
-    overrides = {} if request.param == "test_tiny_opt.json" else {"hidden_size": 64, "intermediate_size": 128,
-                                                                   "num_hidden_layers": 3, "vocab_size": 256}
+    overrides = (
+        {}
+        if request.param == "test_tiny_opt.json"
+        else {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "vocab_size": 256}
+    )
     return tiny_model(tiny_config(request.param, **overrides))
 
 
@@ -32,7 +35,14 @@ def left_padded_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_static_matches_dynamic_greedy(model, num_beams):
     ids, mask = left_padded_batch(model.config.vocab_size)
-    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        num_beams=num_beams,
+        pad_token_id=0,
+    )
     dynamic = model.generate(ids, **kwargs)
     static = model.generate(ids, cache_implementation="static", **kwargs)
     assert torch.equal(static, dynamic)
@@ -40,8 +50,16 @@ def test_static_matches_dynamic_greedy(model, num_beams):
 
 def test_static_sampling_runs(model):
     ids, mask = left_padded_batch(model.config.vocab_size)
-    out = model.generate(ids, attention_mask=mask, cache_implementation="static", do_sample=True, top_k=20,
-                         max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        cache_implementation="static",
+        do_sample=True,
+        top_k=20,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        pad_token_id=0,
+    )
     assert out.shape == (3, PROMPT + NEW)
 
 
@@ -80,7 +98,9 @@ def test_packed_sdpa_compiled_decode_reads_gqa_kv_unexpanded(model, monkeypatch)
 
     monkeypatch.setattr(sdpa_attention, "repeat_kv", repeat_kv_outside_compile)
     ids, mask = left_padded_batch(model.config.vocab_size)
-    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, cache_implementation="static")
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, cache_implementation="static"
+    )
     stock = tiny_model(model.config, attn_implementation="sdpa")
     with pytest.raises(Exception, match="repeat_kv inside the compiled decode step"):
         assert_decode_step_compiles_once(stock)
@@ -113,7 +133,9 @@ def assert_decode_step_compiles_once(model) -> None:
         for _ in range(3):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position_ids = mask.cumsum(-1)[:, -1:] - 1
-            inputs = model.prepare_inputs_for_generation(ids[:, -1:], cache=cache, attention_mask=mask, position_ids=position_ids)
+            inputs = model.prepare_inputs_for_generation(
+                ids[:, -1:], cache=cache, attention_mask=mask, position_ids=position_ids
+            )
             step(**inputs)
     assert counter.frame_count == 1
 

@@ -45,7 +45,8 @@ def test_window_larger_than_text_equals_ordinary_cached_decoding(layout):
     with torch.no_grad():
         kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert torch.equal(
-            model.generate(ids, cache=SinkWindowCache(model.config, window_size=60), **kwargs), model.generate(ids, **kwargs)
+            model.generate(ids, cache=SinkWindowCache(model.config, window_size=60), **kwargs),
+            model.generate(ids, **kwargs),
         )
 
 
@@ -71,7 +72,9 @@ def test_cache_stays_within_sinks_plus_window_past_5x_the_limit(layout):
     model = tiny_model(tiny_config(max_position_embeddings=LIMIT, **LAYOUTS[layout]))
     sinks, window = 4, 8
     cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=sinks)
-    assert [isinstance(layer, DummyLayer) for layer in cache.layers] == [m == "reuse" for m in model.config.kv_sharing_modes]
+    assert [isinstance(layer, DummyLayer) for layer in cache.layers] == [
+        m == "reuse" for m in model.config.kv_sharing_modes
+    ]
     ids = random_ids(2, 5 * LIMIT)
     with torch.no_grad():
         model(ids[:, :window], cache=cache, use_cache=True)
@@ -85,7 +88,15 @@ def test_cache_stays_within_sinks_plus_window_past_5x_the_limit(layout):
     for kwargs in (dict(do_sample=True, top_k=20), dict(num_beams=2)):
         cache = SinkWindowCache(model.config, window_size=window, num_sink_tokens=sinks)
         with torch.no_grad():
-            out = model.generate(ids[:, :20], cache=cache, prefill_chunk_size=window, max_new_tokens=2 * LIMIT, min_new_tokens=2 * LIMIT, pad_token_id=0, **kwargs)
+            out = model.generate(
+                ids[:, :20],
+                cache=cache,
+                prefill_chunk_size=window,
+                max_new_tokens=2 * LIMIT,
+                min_new_tokens=2 * LIMIT,
+                pad_token_id=0,
+                **kwargs,
+            )
         assert out.shape[1] == 20 + 2 * LIMIT
         assert cache.get_seq_length() == sinks + window
 
@@ -100,7 +111,11 @@ def test_without_streaming_past_the_limit_is_an_error():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [(dict(window_size=0), "window_size"), (dict(window_size=4, num_sink_tokens=-1), "num_sink_tokens"), (dict(window_size=LIMIT), "window_size")],
+    [
+        (dict(window_size=0), "window_size"),
+        (dict(window_size=4, num_sink_tokens=-1), "num_sink_tokens"),
+        (dict(window_size=LIMIT), "window_size"),
+    ],
 )
 def test_bad_cache_arguments(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -129,22 +144,58 @@ def cli(files, *args: str) -> list[str]:
 
 def test_run_streaming_perplexity_and_generation_past_5x_the_limit(tiny_files, tmp_path, capsys):
     out = tmp_path / "ppl.json"
-    run_streaming.main(cli(tiny_files, "--mode", "perplexity", "--text_file", str(tiny_files / "text.txt"), "--num_tokens", str(5 * LIMIT), "--window_size", "8", "--output_json", str(out)))
+    run_streaming.main(
+        cli(
+            tiny_files,
+            "--mode",
+            "perplexity",
+            "--text_file",
+            str(tiny_files / "text.txt"),
+            "--num_tokens",
+            str(5 * LIMIT),
+            "--window_size",
+            "8",
+            "--output_json",
+            str(out),
+        )
+    )
     result = json.loads(out.read_text())
     assert result["num_tokens"] == 5 * LIMIT and result["max_cache_tokens"] == 4 + 8
     assert 1 < result["ppl"] < float("inf")
     assert [b["start"] for b in result["ppl_by_position"]] == list(range(0, 5 * LIMIT - 1, LIMIT))
-    result = run_streaming.run(run_streaming.parse_args(cli(tiny_files, "--prompt", "ROMEO: But soft, " * 6, "--max_new_tokens", str(3 * LIMIT), "--ignore_eos", "--window_size", "6")))
+    result = run_streaming.run(
+        run_streaming.parse_args(
+            cli(
+                tiny_files,
+                "--prompt",
+                "ROMEO: But soft, " * 6,
+                "--max_new_tokens",
+                str(3 * LIMIT),
+                "--ignore_eos",
+                "--window_size",
+                "6",
+            )
+        )
+    )
     assert result["new_tokens"] == 3 * LIMIT and result["max_cache_tokens"] == 4 + 6
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--window_size", "0", "--prompt", "x"], "run_streaming.py: error: --window_size: 0; allowed values are integers >= 1"),
-        (["--num_sink_tokens", "-1", "--prompt", "x"], "run_streaming.py: error: --num_sink_tokens: -1; allowed values are integers >= 0"),
+        (
+            ["--window_size", "0", "--prompt", "x"],
+            "run_streaming.py: error: --window_size: 0; allowed values are integers >= 1",
+        ),
+        (
+            ["--num_sink_tokens", "-1", "--prompt", "x"],
+            "run_streaming.py: error: --num_sink_tokens: -1; allowed values are integers >= 0",
+        ),
         (["--prompt", "  "], "run_streaming.py: error: prompt: empty; give some text"),
-        (["--mode", "perplexity", "--text_file", "missing.txt"], "run_streaming.py: error: --text_file: missing.txt does not exist; allowed is an existing file"),
+        (
+            ["--mode", "perplexity", "--text_file", "missing.txt"],
+            "run_streaming.py: error: --text_file: missing.txt does not exist; allowed is an existing file",
+        ),
     ],
 )
 def test_run_streaming_bad_input_is_a_one_line_error(tiny_files, capsys, args, message):
@@ -167,7 +218,23 @@ def test_run_streaming_loads_a_llama_checkpoint(tiny_files, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_files / "tok")
     tokenizer.save_pretrained(tmp_path)
     out = tmp_path / "ppl.json"
-    run_streaming.main(["--model_name_or_path", str(tmp_path), "--mode", "perplexity", "--text_file", str(tiny_files / "text.txt"), "--num_tokens", str(LIMIT), "--window_size", "12", "--output_json", str(out), "--quiet"])
+    run_streaming.main(
+        [
+            "--model_name_or_path",
+            str(tmp_path),
+            "--mode",
+            "perplexity",
+            "--text_file",
+            str(tiny_files / "text.txt"),
+            "--num_tokens",
+            str(LIMIT),
+            "--window_size",
+            "12",
+            "--output_json",
+            str(out),
+            "--quiet",
+        ]
+    )
     ids = tokenizer((tiny_files / "text.txt").read_text(), return_tensors="pt").input_ids[:, :LIMIT]
     with torch.no_grad():
         expected = torch.exp(llama(ids, labels=ids).loss).item()
@@ -178,7 +245,29 @@ def test_bench_streaming_runs_on_cpu(tmp_path):
     """The benchmark end to end at toy size: trains both models briefly, streams, writes JSON and the plot."""
     from bench.bench_streaming import main
 
-    main(["--config", str(CONFIGS / "test_tiny_opt.json"), "--max_position_embeddings", "16", "--train_steps", "2", "--batch_size", "2", "--windows", "4", "12", "--num_streams", "1", "--ppl_factor", "2", "--length_factor", "5", "--output_dir", str(tmp_path)])
+    main(
+        [
+            "--config",
+            str(CONFIGS / "test_tiny_opt.json"),
+            "--max_position_embeddings",
+            "16",
+            "--train_steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--windows",
+            "4",
+            "12",
+            "--num_streams",
+            "1",
+            "--ppl_factor",
+            "2",
+            "--length_factor",
+            "5",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "streaming.json").read_text())
     runs = {(run["model"], run["window_size"]): run for run in result["runs"]}
     assert set(runs) == {("lckv", 4), ("lckv", 12), ("llama", 4), ("llama", 12)}

@@ -49,7 +49,9 @@ def test_local_tasks_need_no_index_and_a_typo_lists_local_and_builtin_names(tmp_
     assert task_names.check_task_names("--tasks", ["lckv_next_line"], TASKS_DIR, cache) is True
     assert CountingTaskManager.built == 0
     assert task_names.check_task_names("--tasks", ["hellaswag", "lckv_next_line"], TASKS_DIR, cache) is False
-    with pytest.raises(UsageError, match="^--tasks: unknown 'lckv_next_lin'; allowed are arc_easy, .*, lckv_next_line$"):
+    with pytest.raises(
+        UsageError, match="^--tasks: unknown 'lckv_next_lin'; allowed are arc_easy, .*, lckv_next_line$"
+    ):
         task_names.check_task_names("--tasks", ["lckv_next_lin"], TASKS_DIR, cache)
 
 
@@ -57,7 +59,9 @@ def test_long_choice_lists_are_summarised_by_the_closest_names():
     allowed = [f"task_{i}" for i in range(100)] + ["hellaswag", "hellaswag_ar"]
     with pytest.raises(UsageError) as error:
         check_choices("--tasks", ["hellaswg", "zzzz"], allowed)
-    assert str(error.value) == ("--tasks: unknown 'hellaswg' (closest: hellaswag, hellaswag_ar), 'zzzz' (closest: none); "
-                                "allowed is one of 102 names")
+    assert str(error.value) == (
+        "--tasks: unknown 'hellaswg' (closest: hellaswag, hellaswag_ar), 'zzzz' (closest: none); "
+        "allowed is one of 102 names"
+    )
     with pytest.raises(UsageError, match="^--modes: unknown 'fast'; allowed are slow, static$"):
         check_choices("--modes", ["fast"], ["static", "slow"])

@@ -36,7 +36,13 @@ def single_process(path: Path) -> dict:
     with torch.no_grad():
         result = {"logits": model(prompts).logits}
         for kind in ("dynamic", "static"):
-            output = model.generate(prompts, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation=kind, return_dict_in_generate=True)
+            output = model.generate(
+                prompts,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                cache_implementation=kind,
+                return_dict_in_generate=True,
+            )
             result[f"tokens_{kind}"] = output.sequences
             result[f"keys_{kind}"] = cached_key_shapes(output.past_key_values)
     return result
@@ -49,14 +55,33 @@ def halved_heads(shapes: list) -> list:
 
 def test_sharded_model_computes_the_single_process_model(tmp_path):
     lckv = tiny_config(force_nodiag=None, iteration_style=None)  # published format and semantics, 3 KV layers of 6
-    standard = LckvLlamaConfig(**{k: v for k, v in tiny_config().to_dict().items() if k in ("hidden_size", "intermediate_size",
-                               "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings")},
-                               num_hidden_layers=6, layer_types="0_1_2_3_4_5")
+    standard = LckvLlamaConfig(
+        **{
+            k: v
+            for k, v in tiny_config().to_dict().items()
+            if k
+            in (
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "max_position_embeddings",
+            )
+        },
+        num_hidden_layers=6,
+        layer_types="0_1_2_3_4_5",
+    )
     checkpoints = {"lckv": tmp_path / "lckv", "standard": tmp_path / "standard"}
     for name, config in (("lckv", lckv), ("standard", standard)):
         tiny_model(config).save_pretrained(checkpoints[name])
-    payload = {"checkpoints": {k: str(v) for k, v in checkpoints.items()}, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "out_dir": str(tmp_path),
-               "compiled": ["lckv"]}
+    payload = {
+        "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+        "prompts": PROMPTS,
+        "new_tokens": NEW_TOKENS,
+        "out_dir": str(tmp_path),
+        "compiled": ["lckv"],
+    }
     torchrun(["-m", "tests.tp_worker", json.dumps(payload)], tmp_path)
 
     for name, path in checkpoints.items():
@@ -75,8 +100,26 @@ def test_sharded_model_computes_the_single_process_model(tmp_path):
 
 def test_latency_tool_under_torchrun_writes_from_rank_zero(tmp_path):
     out = tmp_path / "latency"
-    torchrun([str(REPO / "test_latency.py"), "--configs", str(CONFIGS / "test_tiny_opt.json"), "--batches", "1,2", "--prompt_len", "8",
-              "--gen_len", "4", "--device", "cpu", "--prefill", "iterative", "--output_dir", str(out)], tmp_path)
+    torchrun(
+        [
+            str(REPO / "test_latency.py"),
+            "--configs",
+            str(CONFIGS / "test_tiny_opt.json"),
+            "--batches",
+            "1,2",
+            "--prompt_len",
+            "8",
+            "--gen_len",
+            "4",
+            "--device",
+            "cpu",
+            "--prefill",
+            "iterative",
+            "--output_dir",
+            str(out),
+        ],
+        tmp_path,
+    )
     result = json.loads((out / "latency.json").read_text())
     assert result["setting"]["tp_size"] == PROCESSES
     model = result["models"]["test_tiny_opt"]
@@ -94,14 +137,30 @@ def test_compiled_decode_step_is_one_captured_graph_per_model(tmp_path):
     recompilation), and the forward holds the split-KV kernel in every layer (Triton's interpreter), no SDPA fallback,
     and the two all-reduces of every layer (after o_proj and down_proj) inside the graph."""
     llama = tmp_path / "llama.json"
-    llama.write_text(tiny_config("llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=3, vocab_size=256,
-                                 num_attention_heads=4, num_key_value_heads=2).to_json_string())
-    payload = {"configs": {"llama": str(llama), "opt-llama": str(CONFIGS / "test_tiny_opt.json")}, "out_dir": str(tmp_path)}
+    llama.write_text(
+        tiny_config(
+            "llama_tiny.json",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            vocab_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ).to_json_string()
+    )
+    payload = {
+        "configs": {"llama": str(llama), "opt-llama": str(CONFIGS / "test_tiny_opt.json")},
+        "out_dir": str(tmp_path),
+    }
     torchrun(["-m", "tests.tp_decode_worker", json.dumps(payload)], tmp_path)
     for rank in range(PROCESSES):
         for name, got in json.loads((tmp_path / f"decode_rank{rank}.json").read_text()).items():
             layers = got["layers"]
             forward = {"split_kv_decode": layers, "scaled_dot_product_attention": 0, "all_reduce": 2 * layers}
             select = {"split_kv_decode": 0, "scaled_dot_product_attention": 0, "all_reduce": 0}
-            assert got["graph_breaks"] == 0 and sorted(got["graphs"], key=str) == sorted([forward, select], key=str), (name, rank, got)
+            assert got["graph_breaks"] == 0 and sorted(got["graphs"], key=str) == sorted([forward, select], key=str), (
+                name,
+                rank,
+                got,
+            )
             assert got["compiled_step_ms"] > 0, (name, rank)

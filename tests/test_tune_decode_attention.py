@@ -17,8 +17,14 @@ FAST, OTHER = KernelConfig(128, 8, 3, 2), KernelConfig(32, 2, 4, 1)
 def measured(model: str, batch: int, speedup: float, best: KernelConfig) -> dict:
     """A shape's result as tune_shape reports it (only the fields the table reads)."""
     shape = tune.MODELS[model]
-    return {"model": model, "batch": batch, **shape._asdict(), "kv_rows": batch * shape.kv_heads, "speedup": speedup,
-            "best": {"config": best._asdict()}}
+    return {
+        "model": model,
+        "batch": batch,
+        **shape._asdict(),
+        "kv_rows": batch * shape.kv_heads,
+        "speedup": speedup,
+        "best": {"config": best._asdict()},
+    }
 
 
 RESULTS = [
@@ -50,7 +56,9 @@ def test_printed_table_is_what_launch_config_reads():
     for result in RESULTS:  # every measured shape launches its chosen config
         shape = tune.MODELS[result["model"]]
         expected = resolve_launch(tune.chosen_config(result, 0.03), result["batch"], shape.kv_heads, 4096, 132)
-        assert launch_config(result["batch"], shape.kv_heads, shape.group, shape.head_dim, 4096, 2, 132, table) == expected
+        assert (
+            launch_config(result["batch"], shape.kv_heads, shape.group, shape.head_dim, 4096, 2, 132, table) == expected
+        )
 
 
 def test_a_table_of_defaults_is_empty():
@@ -60,7 +68,9 @@ def test_a_table_of_defaults_is_empty():
 
 def test_useful_bytes():
     # tinyllama, batch 512, 2048 filled, bf16: K and V, then q and out (32 query heads)
-    assert tune.useful_bytes(tune.MODELS["tinyllama"], 512, 2048, 2) == 2 * 512 * 4 * 2048 * 64 * 2 + 2 * 512 * 32 * 64 * 2
+    assert (
+        tune.useful_bytes(tune.MODELS["tinyllama"], 512, 2048, 2) == 2 * 512 * 4 * 2048 * 64 * 2 + 2 * 512 * 32 * 64 * 2
+    )
 
 
 def test_kernel_grid_puts_the_default_first_once():

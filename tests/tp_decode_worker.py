@@ -45,9 +45,26 @@ def graph_recorder(graphs: list[dict[str, int]]) -> Callable:
 
 
 def measure(config_path: str, out_dir: str) -> dict:
-    args = latency.parse_args(["--configs", config_path, "--prompt_len", "5", "--gen_len", "4", "--compile",
-                                    "--device", "cpu", "--batches", "2", "--output_dir", out_dir])
-    model = latency.build_model(load_config_for_length(config_path, args.prompt_len + args.gen_len), args, torch.float32)
+    args = latency.parse_args(
+        [
+            "--configs",
+            config_path,
+            "--prompt_len",
+            "5",
+            "--gen_len",
+            "4",
+            "--compile",
+            "--device",
+            "cpu",
+            "--batches",
+            "2",
+            "--output_dir",
+            out_dir,
+        ]
+    )
+    model = latency.build_model(
+        load_config_for_length(config_path, args.prompt_len + args.gen_len), args, torch.float32
+    )
     graphs = []
     compile_config = CompileConfig(backend=graph_recorder(graphs), mode=None)
     compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told otherwise
@@ -55,8 +72,12 @@ def measure(config_path: str, out_dir: str) -> dict:
     torch._dynamo.reset()
     counters.clear()
     result = test_latency.run(model, args, 2, config_path)  # a warm-up generate (1-token prompt), then the timed one
-    return {"graphs": graphs, "graph_breaks": sum(counters["graph_break"].values()), "layers": model.config.num_hidden_layers,
-            "compiled_step_ms": result.compiled_step_ms}
+    return {
+        "graphs": graphs,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "layers": model.config.num_hidden_layers,
+        "compiled_step_ms": result.compiled_step_ms,
+    }
 
 
 def main(payload: dict) -> None:

@@ -34,19 +34,37 @@ def main(payload: dict) -> None:
     prompts = torch.tensor(payload["prompts"])
     results = {}
     for name, path in payload["checkpoints"].items():
-        model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32
+        ).eval()
         with torch.no_grad():
             logits = model(prompts).logits
-            outputs = {kind: model.generate(prompts, max_new_tokens=payload["new_tokens"], do_sample=False, cache_implementation=kind,
-                                            return_dict_in_generate=True) for kind in ("dynamic", "static")}
-        results[name] = {"logits": logits, "q_proj_is_sharded": type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"}
+            outputs = {
+                kind: model.generate(
+                    prompts,
+                    max_new_tokens=payload["new_tokens"],
+                    do_sample=False,
+                    cache_implementation=kind,
+                    return_dict_in_generate=True,
+                )
+                for kind in ("dynamic", "static")
+            }
+        results[name] = {
+            "logits": logits,
+            "q_proj_is_sharded": type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor",
+        }
         for kind, output in outputs.items():
             results[name][f"tokens_{kind}"] = output.sequences
             results[name][f"keys_{kind}"] = cached_key_shapes(output.past_key_values)
         if name in payload["compiled"]:
             with torch.no_grad():
-                results[name]["tokens_compiled"] = model.generate(prompts, max_new_tokens=payload["new_tokens"], do_sample=False,
-                                                                  cache_implementation="static", compile_config=traced_decode_config())
+                results[name]["tokens_compiled"] = model.generate(
+                    prompts,
+                    max_new_tokens=payload["new_tokens"],
+                    do_sample=False,
+                    cache_implementation="static",
+                    compile_config=traced_decode_config(),
+                )
             results[name]["compiled_call"] = getattr(model, "_compiled_call", None) is not None
     torch.save(results, os.path.join(payload["out_dir"], f"rank{os.environ['RANK']}.pt"))
 

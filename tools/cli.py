@@ -35,7 +35,9 @@ SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$"
 # What a directory holds when it is a checkpoint with weights / a tokenizer (fast, sentencepiece, BPE or WordPiece).
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-TEXT_PROBE_BYTES = 1 << 20  # how much of a data file the text check reads: enough to catch binary files, cheap on GB corpora
+TEXT_PROBE_BYTES = (
+    1 << 20
+)  # how much of a data file the text check reads: enough to catch binary files, cheap on GB corpora
 NEGATIVE_VALUE = re.compile(r"^-\.?\d")  # a word no option of these tools starts with
 MAX_CHOICES_SHOWN = 20  # a longer list of allowed values is summarised by the closest ones
 
@@ -96,8 +98,13 @@ def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
 # ----------------------------------------------------------------------------- numbers
 
 
-def check_range(flag: str, value: float | None, minimum: float | None = None, maximum: float | None = None,
-                exclusive_min: bool = False) -> None:
+def check_range(
+    flag: str,
+    value: float | None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_min: bool = False,
+) -> None:
     """``value`` (None: not given, fine) within ``[minimum, maximum]`` (``(minimum, ...`` if ``exclusive_min``)."""
     if value is None:
         return
@@ -136,8 +143,10 @@ def parse_size(flag: str, text: str) -> float:
     """A positive byte count: ``"80GB"`` -> 8e10, ``"24GiB"`` -> 24 * 2**30, ``"3.35TB"``, ``"1e9"`` (bytes)."""
     size = positive_quantity(text, UNITS, "B")
     if size is None:
-        raise UsageError(f"{flag}: {text!r}; allowed is a positive size such as 80GB, 3.35TB or 24GiB "
-                         f"(units {', '.join(sorted(UNITS, key=UNITS.get))})")
+        raise UsageError(
+            f"{flag}: {text!r}; allowed is a positive size such as 80GB, 3.35TB or 24GiB "
+            f"(units {', '.join(sorted(UNITS, key=UNITS.get))})"
+        )
     return size
 
 
@@ -267,13 +276,17 @@ def check_source(flag: str, source: str, required_file: str | None = None) -> No
         return
     if path.is_dir():
         if required_file and not (path / required_file).is_file():
-            raise UsageError(f"{flag}: {source} has no {required_file}; allowed is a checkpoint directory or a config .json")
+            raise UsageError(
+                f"{flag}: {source} has no {required_file}; allowed is a checkpoint directory or a config .json"
+            )
         return
     if looks_like_local_path(source):
         raise UsageError(f"{flag}: {source} does not exist; allowed is a local path or a hub id")
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise UsageError(f"{flag}: {source} does not exist locally, and offline (HF_HUB_OFFLINE=1) it cannot be a hub id; "
-                         "allowed is a local path")
+        raise UsageError(
+            f"{flag}: {source} does not exist locally, and offline (HF_HUB_OFFLINE=1) it cannot be a hub id; "
+            "allowed is a local path"
+        )
 
 
 def check_weights(flag: str, source: str) -> None:
@@ -281,8 +294,10 @@ def check_weights(flag: str, source: str) -> None:
     shard index); a hub id or a config file is not checked here."""
     path = Path(source).expanduser()
     if path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise UsageError(f"{flag}: {source} holds no model weights (none of {', '.join(WEIGHT_FILES)}); allowed is a "
-                         "directory written by save_pretrained or the Trainer")
+        raise UsageError(
+            f"{flag}: {source} holds no model weights (none of {', '.join(WEIGHT_FILES)}); allowed is a "
+            "directory written by save_pretrained or the Trainer"
+        )
 
 
 def check_tokenizer_source(flag: str, source: str) -> None:
@@ -290,8 +305,10 @@ def check_tokenizer_source(flag: str, source: str) -> None:
     check_source(flag, source)
     path = Path(source).expanduser()
     if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise UsageError(f"{flag}: {source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); allowed is a "
-                         "tokenizer directory or a hub id")
+        raise UsageError(
+            f"{flag}: {source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); allowed is a "
+            "tokenizer directory or a hub id"
+        )
 
 
 def load_tokenizer(flag: str, source: str, **kwargs) -> PreTrainedTokenizerBase:
@@ -304,8 +321,13 @@ def load_tokenizer(flag: str, source: str, **kwargs) -> PreTrainedTokenizerBase:
         raise UsageError(f"{flag}: cannot load a tokenizer from {source} ({one_line(error)})") from None
 
 
-def load_config(flag: str, source: str, overrides: Mapping[str, Any] | None = None, overrides_flag: str = "--config_overrides",
-                cache_dir: str | None = None) -> PretrainedConfig:
+def load_config(
+    flag: str,
+    source: str,
+    overrides: Mapping[str, Any] | None = None,
+    overrides_flag: str = "--config_overrides",
+    cache_dir: str | None = None,
+) -> PretrainedConfig:
     """The model config from a ``.json`` file, a checkpoint directory or a hub id, with ``overrides`` applied.
 
     Every failure a user can cause (missing path, not JSON, no or unknown ``model_type``, unknown override field,
@@ -349,8 +371,10 @@ def require_lckv(config: PretrainedConfig, flag: str) -> None:
     Other model types compute no iterations, so an exact switch has nothing to change there.
     """
     if not isinstance(config, OptLlamaConfig):
-        raise UsageError(f"{flag}: model_type {config.model_type!r} has no iterative computation to make exact; "
-                         "allowed only for opt-llama and lckv-llama")
+        raise UsageError(
+            f"{flag}: model_type {config.model_type!r} has no iterative computation to make exact; "
+            "allowed only for opt-llama and lckv-llama"
+        )
 
 
 def set_sequential(config: PretrainedConfig, flag: str) -> None:
@@ -366,8 +390,10 @@ def check_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
     if mode not in PREFILL_MODES:
         raise UsageError(f"{flag}: {mode!r}; allowed values are {', '.join(PREFILL_MODES)}")
     if config.sequential_forward and mode != "sequential":
-        raise UsageError(f"{flag}: {mode!r} cannot apply: sequential_forward is on (every multi-token forward runs token "
-                         "by token); allowed is 'sequential', or leave sequential_forward off")
+        raise UsageError(
+            f"{flag}: {mode!r} cannot apply: sequential_forward is on (every multi-token forward runs token "
+            "by token); allowed is 'sequential', or leave sequential_forward off"
+        )
 
 
 def set_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:

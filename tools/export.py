@@ -23,8 +23,11 @@ def export_main(argv: list[str] | None = None) -> None:
         files = export_checkpoint(args.source, args.destination)
     except ValueError as error:  # a missing or existing path, a model type without LCKV code
         raise UsageError(str(error)) from None
-    print(f"wrote {args.destination} with {len(files)} code files; load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(args.destination)!r}, trust_remote_code=True)", file=sys.stderr)
+    print(
+        f"wrote {args.destination} with {len(files)} code files; load it with "
+        f"AutoModelForCausalLM.from_pretrained({str(args.destination)!r}, trust_remote_code=True)",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

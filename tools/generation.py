@@ -20,10 +20,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_name_or_path", help="checkpoint directory (or hub id) of an opt-llama or llama model")
     parser.add_argument("--config", help="JSON config: a model with random weights instead of a checkpoint")
     parser.add_argument("--tokenizer", help="tokenizer directory (or hub id); default: the checkpoint's")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                        help="model dtype (default float32; auto: bfloat16 on cuda, float32 otherwise)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="model dtype (default float32; auto: bfloat16 on cuda, float32 otherwise)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    parser.add_argument("--attn_implementation", default="sdpa", help="attention backend: sdpa, eager, flex_attention, ...")
+    parser.add_argument(
+        "--attn_implementation", default="sdpa", help="attention backend: sdpa, eager, flex_attention, ..."
+    )
     parser.add_argument("--seed", type=int, default=42, help="random seed for weights (with --config) and sampling")
 
 
@@ -38,21 +44,32 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="number of tokens to generate (default 64)")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy / beam search")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do_sample)")
-    parser.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens; 0 = all (with --do_sample)")
+    parser.add_argument(
+        "--top_k", type=int, default=50, help="sample from the k most likely tokens; 0 = all (with --do_sample)"
+    )
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling probability mass (with --do_sample)")
     parser.add_argument("--num_beams", type=int, default=1, help="beam search width (1 = no beam search)")
     parser.add_argument("--num_return_sequences", type=int, default=1, help="sequences to return per prompt")
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens tokens (for timing)")
-    parser.add_argument("--quiet", action="store_true", help="do not stream tokens; print only the final text and timings")
+    parser.add_argument(
+        "--quiet", action="store_true", help="do not stream tokens; print only the final text and timings"
+    )
 
 
 def add_exact_args(parser: argparse.ArgumentParser) -> None:
     """The LCKV exact switches (run_generation.py and run_streaming.py); for other model types they are an error."""
-    parser.add_argument("--sequential_forward", action="store_true",
-                        help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree")
-    parser.add_argument("--prefill", choices=PREFILL_MODES, default=None,
-                        help="LCKV prompt prefill into the cache (sets config.prefill; default: the checkpoint's own): iterative, "
-                        "sequential (token by token, exact) or auto (the cheaper one for the batch and prompt length)")
+    parser.add_argument(
+        "--sequential_forward",
+        action="store_true",
+        help="LCKV: compute multi-token forwards token by token (exact); with and without cache then agree",
+    )
+    parser.add_argument(
+        "--prefill",
+        choices=PREFILL_MODES,
+        default=None,
+        help="LCKV prompt prefill into the cache (sets config.prefill; default: the checkpoint's own): iterative, "
+        "sequential (token by token, exact) or auto (the cheaper one for the batch and prompt length)",
+    )
 
 
 def apply_exact_switches(args: argparse.Namespace, config) -> None:
@@ -123,7 +140,9 @@ def resolve_device(args: argparse.Namespace) -> None:
     args.device = cli.resolve_device(args.device)
 
 
-def generate_once(model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace, **extra) -> tuple[torch.Tensor, float]:
+def generate_once(
+    model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace, **extra
+) -> tuple[torch.Tensor, float]:
     """Generate from ``input_ids`` ``(1, T)``; return the new tokens ``(num_return_sequences, N)`` and the seconds taken.
 
     ``extra`` goes to ``generate`` as is (``use_cache``, ``cache``, ``prefill_chunk_size``, ...).
@@ -164,4 +183,6 @@ def check_generation_args(args: argparse.Namespace) -> None:
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UsageError("--temperature / --top_p / --top_k: allowed are temperature > 0, 0 < top_p <= 1, top_k >= 0")
     if args.num_return_sequences > args.num_beams and not args.do_sample:
-        raise UsageError("--num_return_sequences: greedy search returns 1 sequence; allowed is <= --num_beams, or --do_sample")
+        raise UsageError(
+            "--num_return_sequences: greedy search returns 1 sequence; allowed is <= --num_beams, or --do_sample"
+        )

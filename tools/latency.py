@@ -23,63 +23,137 @@ COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture the step in 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(prog="test_latency.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["configs/tinyllama.json", "configs/tinyllama_opt.json"],
-                   help="model config .json files; the first Llama (no LCKV fields) is the baseline of the ratios")
+    p = ArgumentParser(
+        prog="test_latency.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["configs/tinyllama.json", "configs/tinyllama_opt.json"],
+        help="model config .json files; the first Llama (no LCKV fields) is the baseline of the ratios",
+    )
     p.add_argument("--prompt_len", type=int, default=2048, help="prompt tokens per sequence")
     p.add_argument("--gen_len", type=int, default=2048, help="new tokens per sequence (sampled); sizes the cache")
-    p.add_argument("--steps", type=int, default=None,
-                   help="decode only this many of the gen_len tokens (cache still sized for prompt_len + gen_len, so the "
-                   "max batch is that of the full setting; throughput then covers the first steps); default gen_len")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="decode only this many of the gen_len tokens (cache still sized for prompt_len + gen_len, so the "
+        "max batch is that of the full setting; throughput then covers the first steps); default gen_len",
+    )
     p.add_argument("--max_batch", type=int, default=1024, help="largest batch the search tries")
-    p.add_argument("--start_batch", type=int, default=1,
-                   help="the search doubles from this batch (e.g. near the --plan estimate; batch 1 is measured too)")
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes to run instead of the search (OOM still caught)")
-    p.add_argument("--first_fit", action="store_true",
-                   help="with --batches: stop at the first batch that fits (list them largest first, as fallbacks)")
-    p.add_argument("--resolution", type=float, default=0.125,
-                   help="bisection stops when the gap between a fitting and a failing batch is at most this fraction")
-    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache: transformers' dynamic or static")
-    p.add_argument("--compile", action="store_true", help="static cache + torch.compile'd decode step (CUDA graphs); "
-                   "the first run per batch is timed separately as compile time (generate compiles on CUDA only)")
-    p.add_argument("--compile_mode", choices=COMPILE_MODES, default="reduce-overhead",
-                   help="torch.compile mode of the decode step (generation_config.compile_config): reduce-overhead "
-                   "(CUDA graphs; generate's default) or max-autotune (CUDA graphs plus autotuned matmul and "
-                   "coordinate-descent-tuned kernels: minutes more compile per batch)")
-    p.add_argument("--offload", action="store_true",
-                   help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only")
-    p.add_argument("--prefill_chunk", type=int, default=0,
-                   help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)")
-    p.add_argument("--prefill", default=None,
-                   help=f"LCKV prefill path(s), comma-separated to measure several: {', '.join(PREFILL_MODES)} (config.prefill; "
-                   "default auto, which resolves per batch by the cost model of models.prefill_modes and is recorded as "
-                   "prefill_path); sequential ignores --prefill_chunk; needs an LCKV config (a Llama prefills in one pass)")
-    p.add_argument("--prefill_sample", type=int, default=0,
-                   help="sequential prefill: run only this many prompt tokens at the start and as many at the end of the "
-                   "prompt (cache filled with zeros up to there) and extrapolate the prefill time linearly (0: whole prompt)")
-    p.add_argument("--attn_implementation", default=SPLIT_KV,
-                   help=f"attention backend of both models; {SPLIT_KV} (default) decodes with a split-KV Triton kernel that "
-                   f"reads only the filled cache slots (CUDA; elsewhere it is {PACKED_SDPA}); {PACKED_SDPA} is transformers' "
-                   "sdpa that also packs GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; "
-                   "sdpa, eager, ...")
+    p.add_argument(
+        "--start_batch",
+        type=int,
+        default=1,
+        help="the search doubles from this batch (e.g. near the --plan estimate; batch 1 is measured too)",
+    )
+    p.add_argument(
+        "--batches", default=None, help="comma-separated batch sizes to run instead of the search (OOM still caught)"
+    )
+    p.add_argument(
+        "--first_fit",
+        action="store_true",
+        help="with --batches: stop at the first batch that fits (list them largest first, as fallbacks)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=float,
+        default=0.125,
+        help="bisection stops when the gap between a fitting and a failing batch is at most this fraction",
+    )
+    p.add_argument(
+        "--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache: transformers' dynamic or static"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="static cache + torch.compile'd decode step (CUDA graphs); "
+        "the first run per batch is timed separately as compile time (generate compiles on CUDA only)",
+    )
+    p.add_argument(
+        "--compile_mode",
+        choices=COMPILE_MODES,
+        default="reduce-overhead",
+        help="torch.compile mode of the decode step (generation_config.compile_config): reduce-overhead "
+        "(CUDA graphs; generate's default) or max-autotune (CUDA graphs plus autotuned matmul and "
+        "coordinate-descent-tuned kernels: minutes more compile per batch)",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep each KV layer on the CPU between uses (transformers' offloaded / offloaded_static cache); CUDA only",
+    )
+    p.add_argument(
+        "--prefill_chunk",
+        type=int,
+        default=0,
+        help="static cache: prefill this many sequences at a time into the preallocated cache (0: whole batch)",
+    )
+    p.add_argument(
+        "--prefill",
+        default=None,
+        help=f"LCKV prefill path(s), comma-separated to measure several: {', '.join(PREFILL_MODES)} (config.prefill; "
+        "default auto, which resolves per batch by the cost model of models.prefill_modes and is recorded as "
+        "prefill_path); sequential ignores --prefill_chunk; needs an LCKV config (a Llama prefills in one pass)",
+    )
+    p.add_argument(
+        "--prefill_sample",
+        type=int,
+        default=0,
+        help="sequential prefill: run only this many prompt tokens at the start and as many at the end of the "
+        "prompt (cache filled with zeros up to there) and extrapolate the prefill time linearly (0: whole prompt)",
+    )
+    p.add_argument(
+        "--attn_implementation",
+        default=SPLIT_KV,
+        help=f"attention backend of both models; {SPLIT_KV} (default) decodes with a split-KV Triton kernel that "
+        f"reads only the filled cache slots (CUDA; elsewhere it is {PACKED_SDPA}); {PACKED_SDPA} is transformers' "
+        "sdpa that also packs GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; "
+        "sdpa, eager, ...",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on cuda and for --plan, float32 on cpu")
-    p.add_argument("--hbm_bandwidth", default=None, help="memory bandwidth per second of the rooflines and of the auto "
-                   "prefill's cost model, e.g. 4.8TB; default: the GPU's from models.roofline.GPUS (H100 SXM's 3.35TB for "
-                   "--plan or an unknown GPU)")
-    p.add_argument("--peak_flops", default=None, help="dense bf16 matrix FLOP/s of the rooflines and of the cost model, e.g. "
-                   "989T; default: the GPU's, as --hbm_bandwidth. On a CPU the cost model prices nothing (auto: iterative) "
-                   "unless one of the two is given")
-    p.add_argument("--memory_cap", default=None, help="cap this process's CUDA allocations at this size (e.g. 79GiB on a "
-                   "141GB card: what an 80 GB H100 gives CUDA), through torch.cuda.set_per_process_memory_fraction")
+    p.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on cuda and for --plan, float32 on cpu"
+    )
+    p.add_argument(
+        "--hbm_bandwidth",
+        default=None,
+        help="memory bandwidth per second of the rooflines and of the auto "
+        "prefill's cost model, e.g. 4.8TB; default: the GPU's from models.roofline.GPUS (H100 SXM's 3.35TB for "
+        "--plan or an unknown GPU)",
+    )
+    p.add_argument(
+        "--peak_flops",
+        default=None,
+        help="dense bf16 matrix FLOP/s of the rooflines and of the cost model, e.g. "
+        "989T; default: the GPU's, as --hbm_bandwidth. On a CPU the cost model prices nothing (auto: iterative) "
+        "unless one of the two is given",
+    )
+    p.add_argument(
+        "--memory_cap",
+        default=None,
+        help="cap this process's CUDA allocations at this size (e.g. 79GiB on a "
+        "141GB card: what an 80 GB H100 gives CUDA), through torch.cuda.set_per_process_memory_fraction",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
     p.add_argument("--output_dir", default="bench/latency", help="where latency.json and throughput.png go")
-    p.add_argument("--plan", action="store_true", help="no GPU: print KV bytes/token, the KV-bound max batch per length "
-                   "and the bandwidth-bound (--hbm_bandwidth) decode tokens/s at that batch")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="no GPU: print KV bytes/token, the KV-bound max batch per length "
+        "and the bandwidth-bound (--hbm_bandwidth) decode tokens/s at that batch",
+    )
     p.add_argument("--gpu_memory", default="80GB", help="--plan: GPU memory, e.g. 80GB, 141GB, 24GiB")
-    p.add_argument("--tp_size", type=int, default=world_size(),
-                   help="--plan: GPUs the model is split over (tensor parallel: weights and KV heads divided); default: torchrun's")
-    p.add_argument("--plan_lengths", default="512,1024,2048,4096,8192,16384", help="--plan: comma-separated sequence lengths")
+    p.add_argument(
+        "--tp_size",
+        type=int,
+        default=world_size(),
+        help="--plan: GPUs the model is split over (tensor parallel: weights and KV heads divided); default: torchrun's",
+    )
+    p.add_argument(
+        "--plan_lengths", default="512,1024,2048,4096,8192,16384", help="--plan: comma-separated sequence lengths"
+    )
     args = p.parse_args(argv)
     if args.compile:
         args.cache = "static"
@@ -113,7 +187,9 @@ def check_args(args: argparse.Namespace) -> None:
         parse_int_list("--batches", args.batches)
     elif args.first_fit:
         raise UsageError("--first_fit: stops a --batches list at its first fitting batch; allowed only with --batches")
-    args.hbm_bandwidth_bytes = parse_size("--hbm_bandwidth", args.hbm_bandwidth) if args.hbm_bandwidth is not None else None
+    args.hbm_bandwidth_bytes = (
+        parse_size("--hbm_bandwidth", args.hbm_bandwidth) if args.hbm_bandwidth is not None else None
+    )
     args.peak_flops_rate = parse_flop_rate("--peak_flops", args.peak_flops) if args.peak_flops is not None else None
     args.gpu_memory_bytes = parse_size("--gpu_memory", args.gpu_memory)
     args.plan_lengths_list = parse_int_list("--plan_lengths", args.plan_lengths)
@@ -131,13 +207,17 @@ def check_memory_cap(args: argparse.Namespace) -> int | None:
         return None
     cap = parse_size("--memory_cap", args.memory_cap)
     if args.plan:
-        raise UsageError("--memory_cap: caps the CUDA allocations of a measurement; not with --plan (which takes --gpu_memory)")
+        raise UsageError(
+            "--memory_cap: caps the CUDA allocations of a measurement; not with --plan (which takes --gpu_memory)"
+        )
     if not args.device.startswith("cuda"):
         raise UsageError(f"--memory_cap: caps CUDA allocations; allowed with a cuda --device, not {args.device}")
     card = torch.cuda.get_device_properties(torch.device(args.device))
     if cap > card.total_memory:
-        raise UsageError(f"--memory_cap: {args.memory_cap} is more than the {card.total_memory / 1e9:.1f} GB of the "
-                         f"{card.name}; allowed is at most the card's memory")
+        raise UsageError(
+            f"--memory_cap: {args.memory_cap} is more than the {card.total_memory / 1e9:.1f} GB of the "
+            f"{card.name}; allowed is at most the card's memory"
+        )
     return int(cap)
 
 
@@ -159,8 +239,12 @@ def roofline_hardware(args: argparse.Namespace) -> Hardware:
     hardware = table or UNKNOWN_GPU
     if args.hbm_bandwidth_bytes is None and args.peak_flops_rate is None:
         return hardware
-    return replace(hardware, name=f"{hardware.name}, given --hbm_bandwidth / --peak_flops",
-                   hbm_bandwidth=args.hbm_bandwidth_bytes or hardware.hbm_bandwidth, peak_flops=args.peak_flops_rate or hardware.peak_flops)
+    return replace(
+        hardware,
+        name=f"{hardware.name}, given --hbm_bandwidth / --peak_flops",
+        hbm_bandwidth=args.hbm_bandwidth_bytes or hardware.hbm_bandwidth,
+        peak_flops=args.peak_flops_rate or hardware.peak_flops,
+    )
 
 
 def pricing_hardware(args: argparse.Namespace) -> Hardware | None:

@@ -50,7 +50,9 @@ def profiler_activities(device: torch.device) -> list[torch.profiler.ProfilerAct
     return [torch.profiler.ProfilerActivity.CPU, *cuda]
 
 
-def build_random_model(config: PretrainedConfig, dtype: torch.dtype, device: str, attn_implementation: str) -> PreTrainedModel:
+def build_random_model(
+    config: PretrainedConfig, dtype: torch.dtype, device: str, attn_implementation: str
+) -> PreTrainedModel:
     """A causal LM of ``config`` with random weights, as the benchmarks decode with it: under ``torchrun`` sharded over
     the processes, each building its shard on its own device (``build_sharded``); else built directly on ``device`` (a
     30B model initialised on the CPU takes minutes). In eval mode, with generate's captured decoding loop
@@ -84,7 +86,9 @@ def kv_bytes(cache: Cache) -> int:
     return sum(t.numel() * t.element_size() for layer in kv_layers_holding(cache) for t in (layer.keys, layer.values))
 
 
-def streaming_nll(model, input_ids: torch.Tensor, cache: SinkWindowCache, desc: str = "streaming ppl", disable: bool = False) -> tuple[torch.Tensor, int]:
+def streaming_nll(
+    model, input_ids: torch.Tensor, cache: SinkWindowCache, desc: str = "streaming ppl", disable: bool = False
+) -> tuple[torch.Tensor, int]:
     """Feed ``input_ids`` ``(B, N)`` one token per step; return the next-token NLL ``(B, N - 1)`` and the peak cache tokens.
 
     The progress bar shows the running perplexity (over the batch and the tokens so far).
@@ -106,12 +110,23 @@ def streaming_nll(model, input_ids: torch.Tensor, cache: SinkWindowCache, desc: 
 def ppl_by_position(nll: torch.Tensor, bucket: int) -> list[dict]:
     """Perplexity of ``nll`` ``(B, N)`` in position buckets of ``bucket`` tokens: ``[{"start", "end", "ppl"}]``."""
     return [
-        {"start": start, "end": min(start + bucket, nll.shape[1]), "ppl": math.exp(nll[:, start : start + bucket].mean().item())}
+        {
+            "start": start,
+            "end": min(start + bucket, nll.shape[1]),
+            "ppl": math.exp(nll[:, start : start + bucket].mean().item()),
+        }
         for start in range(0, nll.shape[1], bucket)
     ]
 
 
-def measure_stream(model, input_ids: torch.Tensor, cache: SinkWindowCache, bucket: int, desc: str = "streaming ppl", disable: bool = False) -> dict:
+def measure_stream(
+    model,
+    input_ids: torch.Tensor,
+    cache: SinkWindowCache,
+    bucket: int,
+    desc: str = "streaming ppl",
+    disable: bool = False,
+) -> dict:
     """Stream ``input_ids`` ``(B, N)`` through ``cache``: perplexity (overall and in buckets of positions), speed, memory."""
     cuda = model.device.type == "cuda"
     if cuda:

@@ -79,8 +79,12 @@ class AtomicCheckpoints:
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
         if self.args.should_save:
             publish(staged, final)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(str(final))
@@ -146,8 +150,10 @@ def check_readable(flag: str, checkpoint: Path) -> None:
             elif file.name == TRAINER_STATE_NAME:
                 json.loads(file.read_text())
         except Exception as err:  # any reader's complaint means the file is damaged
-            raise UsageError(f"{flag}: {file} is unreadable ({one_line(err)}); allowed is a complete checkpoint "
-                             "(delete it, or pass --overwrite_output_dir to start over)") from None
+            raise UsageError(
+                f"{flag}: {file} is unreadable ({one_line(err)}); allowed is a complete checkpoint "
+                "(delete it, or pass --overwrite_output_dir to start over)"
+            ) from None
 
 
 def check_resumable(flag: str, checkpoint: str | os.PathLike) -> None:
@@ -158,8 +164,10 @@ def check_resumable(flag: str, checkpoint: str | os.PathLike) -> None:
         raise UsageError(f"{flag}: {checkpoint} {what}; allowed is a checkpoint-N directory written by the Trainer")
     reason = incomplete_reason(path)
     if reason is not None:
-        raise UsageError(f"{flag}: {checkpoint} is not a complete Trainer checkpoint ({reason}); allowed is a "
-                         "checkpoint-N directory written by the Trainer")
+        raise UsageError(
+            f"{flag}: {checkpoint} is not a complete Trainer checkpoint ({reason}); allowed is a "
+            "checkpoint-N directory written by the Trainer"
+        )
     check_readable(flag, path)
 
 
@@ -186,6 +194,9 @@ def choose_resume_checkpoint(explicit: str | None, output_dir: str | os.PathLike
             return str(checkpoint)
         skipped.append(f"{checkpoint.name} ({reason})")
     if skipped:
-        logger.warning("no complete checkpoint in %s, starting from scratch; skipping the incomplete %s",
-                       output_dir, ", ".join(skipped))
+        logger.warning(
+            "no complete checkpoint in %s, starting from scratch; skipping the incomplete %s",
+            output_dir,
+            ", ".join(skipped),
+        )
     return None

@@ -114,7 +114,11 @@ class KernelSelection:
                 FUSED_ROTARY, "rotary", "fused_apply_rotary_pos_emb", environ, (plain_apply_rotary_pos_emb, PLAIN)
             ),
             fused_linear_cross_entropy=_fused(
-                FUSED_CROSSENTROPY, "cross_entropy", "fused_linear_cross_entropy", environ, (None, "logits + cross-entropy")
+                FUSED_CROSSENTROPY,
+                "cross_entropy",
+                "fused_linear_cross_entropy",
+                environ,
+                (None, "logits + cross-entropy"),
             ),
             causal_attention=_fused(
                 FLASH_ATTN,
@@ -122,7 +126,10 @@ class KernelSelection:
                 "flash_causal_attention",
                 environ,
                 (None, "the configured attention with a dense strict mask"),
-                (sdpa_causal_attention, "torch SDPA (flash/efficient backends) with the strict mask as a shifted causal"),
+                (
+                    sdpa_causal_attention,
+                    "torch SDPA (flash/efficient backends) with the strict mask as a shifted causal",
+                ),
             ),
             split_kv=load_split_kv_kernel(environ),
         )

@@ -117,8 +117,9 @@ def split_kv_decode_attention(
         mask = attention_mask[:, 0, 0, :].expand(batch, slots)
         lengths = visible_lengths(mask)
     kv_heads = key.shape[1]
-    launch = launch_config(batch, kv_heads, query.shape[1] // kv_heads, head_dim, slots, query.dtype.itemsize,
-                           processors(query.device))
+    launch = launch_config(
+        batch, kv_heads, query.shape[1] // kv_heads, head_dim, slots, query.dtype.itemsize, processors(query.device)
+    )
     scale = head_dim**-0.5 if scaling is None else scaling
     return kernel(query, key, value, mask, lengths, scale, *launch)
 

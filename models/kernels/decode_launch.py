@@ -65,7 +65,9 @@ TUNED: dict[tuple[int, int, int], TableRows] = {
 }
 
 
-def num_kv_splits(batch: int, kv_heads: int, slots: int, processors: int, waves: int = WAVES, block_n: int = TILE) -> int:
+def num_kv_splits(
+    batch: int, kv_heads: int, slots: int, processors: int, waves: int = WAVES, block_n: int = TILE
+) -> int:
     """How many parts each row's span is split into: enough programs for ``waves`` per processor, at most one
     tile per part and ``MAX_SPLITS`` parts. Shapes only, so a compiled step keeps one graph as the cache fills."""
     wanted = -(-waves * processors // (batch * kv_heads))

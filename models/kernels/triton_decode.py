@@ -29,14 +29,36 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _partial_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, len_ptr, acc_ptr, max_ptr, sum_ptr,
-    stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_mb, stride_ms,
-    G, D, scale_log2,
-    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    len_ptr,
+    acc_ptr,
+    max_ptr,
+    sum_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_mb,
+    stride_ms,
+    G,
+    D,
+    scale_log2,
+    NUM_SPLITS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # int64: batch x cache strides exceed 2**31 at large batch
     h = tl.program_id(1).to(tl.int64)
@@ -52,8 +74,11 @@ def _partial_kernel(
     g_ok = g < G
     d_ok = d < D
     heads = h * G + g
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
 
@@ -63,7 +88,9 @@ def _partial_kernel(
     for first in range(start, end, BLOCK_N):
         n = first + tl.arange(0, BLOCK_N)
         ok = n < end
-        keys = tl.load(k_base + n[None, :] * stride_ks + d[:, None] * stride_kd, mask=ok[None, :] & d_ok[:, None], other=0.0)
+        keys = tl.load(
+            k_base + n[None, :] * stride_ks + d[:, None] * stride_kd, mask=ok[None, :] & d_ok[:, None], other=0.0
+        )
         logits = tl.dot(q, keys, input_precision=PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N), base-2
         if HAS_MASK:  # left padding and the strict mask: masked slots inside the span
             ok = ok & (tl.load(mask_ptr + b * stride_mb + n * stride_ms, mask=ok, other=0) != 0)
@@ -74,7 +101,9 @@ def _partial_kernel(
         rescale = tl.exp2(running_max - shift)
         p = tl.exp2(logits - shift[:, None])
         running_sum = running_sum * rescale + tl.sum(p, 1)
-        values = tl.load(v_base + n[:, None] * stride_vs + d[None, :] * stride_vd, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        values = tl.load(
+            v_base + n[:, None] * stride_vs + d[None, :] * stride_vd, mask=ok[:, None] & d_ok[None, :], other=0.0
+        )
         acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
         running_max = new_max
 
@@ -86,10 +115,18 @@ def _partial_kernel(
 
 @triton.jit
 def _merge_kernel(
-    acc_ptr, max_ptr, sum_ptr, out_ptr,
-    stride_ob, stride_oh, stride_od,
-    Hq, D,
-    NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    acc_ptr,
+    max_ptr,
+    sum_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    Hq,
+    D,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -109,8 +146,16 @@ def _merge_kernel(
 
 @custom_op("lckv::split_kv_decode", mutates_args=())
 def split_kv_decode(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-    lengths: torch.Tensor, scaling: float, num_splits: int, block_n: int, num_warps: int, num_stages: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    lengths: torch.Tensor,
+    scaling: float,
+    num_splits: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
 ) -> torch.Tensor:
     """``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values -> ``(B, 1, Hq, D)``.
 
@@ -131,18 +176,46 @@ def split_kv_decode(
     mask_strides = mask.stride() if mask is not None else (0, 0)
     block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
     _partial_kernel[(batch, kv_heads, num_splits)](
-        query, key, value, mask_arg, lengths, acc, maxes, sums,
-        query.stride(0), query.stride(1), query.stride(3),
-        *key.stride(), *value.stride(), *mask_strides,
-        group, head_dim, scaling * LOG2E,
-        NUM_SPLITS=num_splits, HAS_MASK=mask is not None,
+        query,
+        key,
+        value,
+        mask_arg,
+        lengths,
+        acc,
+        maxes,
+        sums,
+        query.stride(0),
+        query.stride(1),
+        query.stride(3),
+        *key.stride(),
+        *value.stride(),
+        *mask_strides,
+        group,
+        head_dim,
+        scaling * LOG2E,
+        NUM_SPLITS=num_splits,
+        HAS_MASK=mask is not None,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # exact fp32; bf16/fp16 ignore it
-        BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _merge_kernel[(batch, num_heads)](
-        acc, maxes, sums, out, out.stride(0), out.stride(2), out.stride(3), num_heads, head_dim,
-        NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1,
+        acc,
+        maxes,
+        sums,
+        out,
+        out.stride(0),
+        out.stride(2),
+        out.stride(3),
+        num_heads,
+        head_dim,
+        NUM_SPLITS=num_splits,
+        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        BLOCK_D=block_d,
+        num_warps=1,
     )
     return out
 
