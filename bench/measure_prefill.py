@@ -29,8 +29,9 @@ call, each under 9 minutes:
   the model's call runs; and a profile of the batch-1 / 2048 forward (top CUDA kernels and CPU ops with their total
   time, GPU busy vs wall, number of kernels, host syncs).
 
-Every GPU call runs under ``--memory_cap 79GiB`` (the memory an 80 GB H100 gives CUDA, on a larger card); the GPU's bandwidth and matrix
-rate come from ``models.roofline.GPUS``. Each part writes ``<part>.json`` (its checks) and one folder per run.
+Every GPU call runs under ``--memory_cap 79GiB`` (the memory an 80 GB H100 gives CUDA, on a larger card); the GPU's
+bandwidth and matrix rate come from ``models.roofline.GPUS``. Each part writes ``<part>.json`` (its checks) and one
+folder per run.
 ``--smoke`` runs the same steps on the CPU with tiny configs, the token step compiled by dynamo's eager backend
 (``sequential_prefill.CPU_COMPILE_BACKEND``), so recompilations show up as on a GPU.
 """
@@ -169,7 +170,8 @@ def recompilations(log: str, function: str | None = None) -> list[str]:
 
 
 def batch1_report(latency: dict, log: str) -> dict:
-    """The batch-1 sequential prefill against ``prompt_len x BATCH1_BOUND x compiled_step_ms``, and its recompilations."""
+    """The batch-1 sequential prefill against ``prompt_len x BATCH1_BOUND x compiled_step_ms``, and its
+    recompilations."""
     prompt = latency["setting"]["prompt_len"]
     (model,) = latency["models"].values()
     (run,) = model["runs"]
@@ -431,7 +433,8 @@ def strict_attention_bench(model, batch: int, prompt: int) -> dict:
 
 
 def profile_prefill(model, ids: torch.Tensor, top: int = 25) -> dict:
-    """One prefill forward under the profiler (after a warm-up): ``bench.profile_decode.step_summary`` of it as one step."""
+    """One prefill forward under the profiler (after a warm-up): ``bench.profile_decode.step_summary`` of it as one
+    step."""
     from bench.profile_decode import STEP_MARK, step_summary
 
     prefill_forward(model, ids)

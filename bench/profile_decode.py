@@ -3,11 +3,13 @@
     python -m bench.profile_decode --output_dir bench/results/profile_decode            # GPU: tinyllama(_opt), bf16
     python -m bench.profile_decode --device cpu --configs configs/test_tiny_opt.json \\
         --prompt_len 16 --gen_len 8 --steps 3 --attention_batches 1 --output_dir /tmp/p  # CPU smoke run
-    torchrun --nproc_per_node 2 -m bench.profile_decode --configs configs/llama65b.json --batch 12 ...  # tensor parallel
+    torchrun --nproc_per_node 2 -m bench.profile_decode --configs configs/llama65b.json \\
+        --batch 12 ...                                                                   # tensor parallel
 
 Per model: random bf16 weights, built as test_latency.py builds them (``build_random_model``: generate's captured
-decoding loop; under ``torchrun`` sharded over the processes, figures per process, rank 0 writes), a static cache of ``prompt_len + gen_len`` slots prefilled with ``prompt_len - 1``
-tokens (outside the profile), then ``generate`` (greedy, compiled decode step on CUDA) of ``--steps`` tokens, once
+decoding loop; under ``torchrun`` sharded over the processes, figures per process, rank 0 writes), a static cache of
+``prompt_len + gen_len`` slots prefilled with ``prompt_len - 1`` tokens (outside the profile), then ``generate``
+(greedy, compiled decode step on CUDA) of ``--steps`` tokens, once
 to compile and capture, once under the profiler. Reported per decode step: generate's wall time, the compiled call
 alone (CUDA events), the GPU busy time (union of kernel intervals) and the GPU idle time inside the decode window,
 host-sync calls (``cudaStreamSynchronize``, ``.item()``...), CUDA graph launches, the top GPU kernels and CPU ops;
@@ -70,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def merged_busy(intervals: list[tuple[float, float]]) -> tuple[float, float]:
-    """(busy, span) of ``(start, end)`` intervals: the length of their union and from the first start to the last end."""
+    """(busy, span) of ``(start, end)`` intervals: the length of their union and from the first start to the last
+    end."""
     if not intervals:
         return 0.0, 0.0
     ordered = sorted(intervals)
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"== {name}: generate {r['generate_ms_per_step']:.3f} ms/step, compiled call "
             f"{'n/a' if compiled is None else f'{compiled:.3f}'} ms, GPU busy {r['gpu_busy_ms_per_step']} ms, "
             f"idle {r['gpu_idle_ms_per_step']} ms, graph launches {r['graph_launches_per_step']}, dynamo graphs "
-            f"{r['dynamo_graphs']}, graph breaks {r['graph_breaks']}, CUDA graphs skipped {r['cudagraph_skips']}, syncs "
+            f"{r['dynamo_graphs']}, graph breaks {r['graph_breaks']}, CUDA graphs skipped {r['cudagraph_skips']}, "
+            "syncs "
             f"{ {k: v for k, v in r['host_syncs_per_step'].items() if v} }"
         )
         for row in r["top_kernels"][:8] + r["top_cpu_ops"][:8]:

@@ -144,7 +144,8 @@ def served_throughput(args, out: Path) -> dict:
                 "mean_latency_s": sum(seconds for seconds, _ in answers) / clients,
             }
             print(
-                f"serve, {clients} clients: {tokens / wall:.1f} tok/s in all, {results[str(clients)]['per_client_tokens_per_s']:.1f} per client"
+                f"serve, {clients} clients: {tokens / wall:.1f} tok/s in all, "
+                f"{results[str(clients)]['per_client_tokens_per_s']:.1f} per client"
             )
         return results
 

@@ -492,7 +492,10 @@ def summary_line(result: dict) -> str:
         )
 
     speedup = f"{result['speedup']:.2f}x" if result["speedup"] else "-"
-    return f"{result['model']} batch {result['batch']}: default {describe(result['default'])}; best {describe(result['best'])}; {speedup}"
+    return (
+        f"{result['model']} batch {result['batch']}: default {describe(result['default'])}; "
+        f"best {describe(result['best'])}; {speedup}"
+    )
 
 
 if __name__ == "__main__":

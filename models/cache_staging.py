@@ -64,5 +64,6 @@ def staged_kv(
             return keys, values
         return torch.cat([layer.keys, keys], dim=-2), torch.cat([layer.values, values], dim=-2)
     raise TypeError(
-        f"cache layer {type(layer).__name__} cannot stage KVs; supported: DynamicLayer, StaticLayer, layers with .stage()"
+        f"cache layer {type(layer).__name__} cannot stage KVs; "
+        "supported: DynamicLayer, StaticLayer, layers with .stage()"
     )

@@ -10,9 +10,10 @@ RoPE never leaves the trained range. Before each forward the model calls :meth:`
 evicts the oldest window tokens to make room for the new ones and returns the new tokens' slots as ``position_ids``;
 the model rotates their queries and keys there, as usual. Keys are stored as the model rotated them, together with the
 slot they were rotated at. Eviction shifts later keys to lower slots; a read rotates each key by ``slot now - slot
-written`` (RoPE rotations compose), in fp32 (fp64 for a fp64 model), from the stored key. So rounding never accumulates over a long stream
-(re-rotating the stored keys at every eviction would, in bf16), and a cache that has not evicted yet returns its keys
-untouched: with a window longer than the text the cache is exactly the ordinary cached decoding.
+written`` (RoPE rotations compose), in fp32 (fp64 for a fp64 model), from the stored key. So rounding never
+accumulates over a long stream (re-rotating the stored keys at every eviction would, in bf16), and a cache that has
+not evicted yet returns its keys untouched: with a window longer than the text the cache is exactly the ordinary
+cached decoding.
 
 Shapes: ``B`` batch, ``Hkv`` KV heads, ``n`` cached tokens, ``T`` new tokens, ``D`` head dim.
 """

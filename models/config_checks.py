@@ -35,7 +35,8 @@ def check_shape_fields(fields: Mapping[str, Any]) -> None:
     )
     if heads and kv_heads and heads % kv_heads:
         raise ValueError(
-            f"num_key_value_heads: {kv_heads} does not divide num_attention_heads={heads}; allowed are divisors of {heads}"
+            f"num_key_value_heads: {kv_heads} does not divide num_attention_heads={heads}; "
+            f"allowed are divisors of {heads}"
         )
     if heads and hidden and hidden % heads:
         raise ValueError(

@@ -133,7 +133,8 @@ class OptLlamaConfig(LlamaConfig):
             num_types = len(self.lckv_layer_types.split("_"))
             if num_types != self.num_hidden_layers:
                 raise ValueError(
-                    f"layer_types: {num_types} entries for num_hidden_layers={self.num_hidden_layers}; allowed is one entry per layer"
+                    f"layer_types: {num_types} entries for num_hidden_layers={self.num_hidden_layers}; "
+                    "allowed is one entry per layer"
                 )
         kv_sources = self.layer_kv_sources
         validate_kv_sources(kv_sources, self.num_hidden_layers, self.kv_sources_field)
@@ -144,23 +145,27 @@ class OptLlamaConfig(LlamaConfig):
             if not isinstance(self.sliding_window, int) or self.sliding_window < smallest:
                 raise ValueError(
                     f"sliding_window: {self.sliding_window!r}; allowed are integers >= {smallest} when layers "
-                    f"{self.sliding_window_layers} use a sliding window{' (a strict layer then still sees one earlier token)' if smallest == 2 else ''}"
+                    f"{self.sliding_window_layers} use a sliding window"
+                    f"{' (a strict layer then still sees one earlier token)' if smallest == 2 else ''}"
                 )
         if self.num_encoders < 0:
             raise ValueError(f"num_encoders: {self.num_encoders}; allowed values are integers >= 0")
         if not 0 <= self.num_trained_encoders <= self.num_encoders:
             raise ValueError(
-                f"num_trained_encoders: {self.num_trained_encoders}; allowed values are 0..num_encoders ({self.num_encoders})"
+                f"num_trained_encoders: {self.num_trained_encoders}; "
+                f"allowed values are 0..num_encoders ({self.num_encoders})"
             )
         check_prefill_mode(self.prefill)
         if self.iteration_style not in ITERATION_STYLES:
             raise ValueError(
-                f"iteration_style: {self.iteration_style!r}; allowed values are {', '.join(map(repr, ITERATION_STYLES))}"
+                f"iteration_style: {self.iteration_style!r}; "
+                f"allowed values are {', '.join(map(repr, ITERATION_STYLES))}"
             )
         if self.iteration_style == "previous" and not self.force_nodiag:
             # A target reading the previous iteration's KV of its own token would need more iterations than tokens.
             raise ValueError(
-                "iteration_style: 'previous' needs force_nodiag=True (the published code's combination); allowed with force_nodiag=False is 'current'"
+                "iteration_style: 'previous' needs force_nodiag=True (the published code's combination); "
+                "allowed with force_nodiag=False is 'current'"
             )
 
     def original_format(self) -> dict:
@@ -251,7 +256,8 @@ class LckvLlamaConfig(OptLlamaConfig):
             backward = 2 if self.backward_passes is None else self.backward_passes
             if backward < 1 or forward < 0:
                 raise ValueError(
-                    f"forward_passes/backward_passes: {forward}/{backward}; allowed are forward_passes >= 0 and backward_passes >= 1"
+                    f"forward_passes/backward_passes: {forward}/{backward}; "
+                    "allowed are forward_passes >= 0 and backward_passes >= 1"
                 )
             self.num_encoders, self.num_trained_encoders = forward + backward - 1, backward - 1
         if self.use_sequential is not None:

@@ -46,7 +46,8 @@ LCKV_FIELDS = {
 
 
 def converted_config(config: OptLlamaConfig, to: str) -> OptLlamaConfig:
-    """``config`` (either format) as a config of format ``to`` computing the same function; ValueError where it cannot."""
+    """``config`` (either format) as a config of format ``to`` computing the same function; ValueError where it
+    cannot."""
     if to not in FORMATS:
         raise ValueError(f"--to: {to!r}; allowed values are {', '.join(FORMATS)}")
     fields = {k: v for k, v in config.to_dict().items() if k not in LCKV_FIELDS}
@@ -61,7 +62,8 @@ def converted_config(config: OptLlamaConfig, to: str) -> OptLlamaConfig:
     if to == "lckv-llama":
         if config.iteration_style != "current":
             raise ValueError(
-                f"iteration_style: {config.iteration_style!r} has no lckv-llama form (its iterations let the target attend to "
+                f"iteration_style: {config.iteration_style!r} has no lckv-llama form "
+                "(its iterations let the target attend to "
                 "the KVs it has just computed); allowed for lckv-llama is 'current'"
             )
         window = {"sliding_window": config.sliding_window} if config.sliding_window is not None else {}
@@ -74,7 +76,8 @@ def converted_config(config: OptLlamaConfig, to: str) -> OptLlamaConfig:
         )
     if config.sliding_window_layers:
         raise ValueError(
-            f"sliding_window_layers: {config.sliding_window_layers}; the published opt-llama layout has no sliding windows, allowed is none"
+            f"sliding_window_layers: {config.sliding_window_layers}; "
+            "the published opt-llama layout has no sliding windows, allowed is none"
         )
     layer_types, target_layer = published_layout(config.layer_kv_sources)
     return OptLlamaConfig(

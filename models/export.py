@@ -84,7 +84,8 @@ def bundled_modules(entries: list[str], modules: dict[str, Path]) -> dict[str, P
         for imported in get_relative_imports(modules[name]):
             if imported not in modules:
                 raise ValueError(
-                    f"{modules[name].parent.name}/{modules[name].name}: 'from .{imported} import': allowed in bundled code are "
+                    f"{modules[name].parent.name}/{modules[name].name}: 'from .{imported} import': "
+                    "allowed in bundled code are "
                     f"imports of sibling modules by their flat names ({', '.join(sorted(modules))})"
                 )
             pending.append(imported)

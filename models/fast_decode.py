@@ -141,7 +141,8 @@ def unsupported_reason(
 def model_hooks_reason(model) -> str | None:
     """The loop feeds the forward itself, as ``GenerationMixin``'s own input preparation would: a model that prepares
     its inputs its own way, or builds generate's masks otherwise than its forward builds them from a 2D padding mask
-    (``forward_builds_generate_masks``: the LCKV models, whose two paths call the same function), runs plain generate."""
+    (``forward_builds_generate_masks``: the LCKV models, whose two paths call the same function), runs plain
+    generate."""
     for hook in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation"):
         if getattr(type(model), hook) is not getattr(GenerationMixin, hook):
             return f"the model's own {hook}"
@@ -160,7 +161,10 @@ def cache_reason(cache, max_length: int | None) -> str | None:
     layers = [layer for layer in getattr(cache, "layers", ()) if not isinstance(layer, DummyLayer)]
     kinds = sorted({type(layer).__name__ for layer in layers if type(layer) is not StaticLayer})
     if not layers or kinds:
-        return f"{type(cache).__name__} with {', '.join(kinds) or 'no'} layers (allowed: a static cache without sliding layers)"
+        return (
+            f"{type(cache).__name__} with {', '.join(kinds) or 'no'} layers "
+            "(allowed: a static cache without sliding layers)"
+        )
     if max_length is not None and layers[0].max_cache_len < max_length - 1:
         return f"a static cache of {layers[0].max_cache_len} slots for max_length {max_length}"
     return None
@@ -549,7 +553,8 @@ class FastDecodeMixin:
 
 @memoize
 def _fast_class(cls: type) -> type:
-    # Same name, module and qualified name: saved configs name the original architecture, pickles load the original class.
+    # Same name, module and qualified name: saved configs name the original architecture, pickles load the original
+    # class.
     return type(cls.__name__, (FastDecodeMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 

@@ -55,7 +55,8 @@ def parse_published_layout(layer_types: str, target_layer: int) -> list[int]:
         raise ValueError("layer_types: condensed layers (type 1) need one target layer (type 2)")
     if marked and marked[0] != target:
         raise ValueError(
-            f"target_layer: {target_layer} (layer {target}) is not the layer marked 2 in layer_types; allowed values are {marked[0]} or {marked[0] - num_layers}"
+            f"target_layer: {target_layer} (layer {target}) is not the layer marked 2 in layer_types; "
+            f"allowed values are {marked[0]} or {marked[0] - num_layers}"
         )
     return [target if t == CONDENSED else i for i, t in enumerate(types)]
 
@@ -68,7 +69,8 @@ def published_layout(kv_sources: list[int]) -> tuple[str, int]:
     shared = sorted({src for i, src in enumerate(kv_sources) if src != i})
     if len(shared) > 1:
         raise ValueError(
-            f"kv_sources: {kv_sources} shares the KVs of {len(shared)} layers {shared}; the published layer_types allows one target"
+            f"kv_sources: {kv_sources} shares the KVs of {len(shared)} layers {shared}; "
+            "the published layer_types allows one target"
         )
     if not shared:
         return "_".join([STANDARD] * len(kv_sources)), -2 if len(kv_sources) >= 2 else -1
@@ -76,7 +78,8 @@ def published_layout(kv_sources: list[int]) -> tuple[str, int]:
     below = [i for i, src in enumerate(kv_sources) if src == target and i > target]
     if below:
         raise ValueError(
-            f"kv_sources: layers {below} read layer {target} from above; the published layer_types only lets layers below the target read it"
+            f"kv_sources: layers {below} read layer {target} from above; "
+            "the published layer_types only lets layers below the target read it"
         )
     types = [TARGET if i == target else CONDENSED if src == target else STANDARD for i, src in enumerate(kv_sources)]
     return "_".join(types), target - len(kv_sources)
@@ -93,7 +96,8 @@ def parse_lckv_layout(layer_types: str) -> tuple[list[int], list[int]]:
         match = LCKV_ENTRY.match(entry)
         if match is None:
             raise ValueError(
-                f"layer_types: entry {i} is {entry!r}; allowed is a layer index, optionally followed by 's' (sliding window), e.g. '0_4_4_4_4_5s'"
+                f"layer_types: entry {i} is {entry!r}; "
+                "allowed is a layer index, optionally followed by 's' (sliding window), e.g. '0_4_4_4_4_5s'"
             )
         kv_sources.append(int(match.group(1)))
         if match.group(2):
@@ -111,14 +115,16 @@ def validate_kv_sources(kv_sources: list[int], num_hidden_layers: int, field: st
     """One entry per layer, each naming a layer that computes its own KVs; errors start with ``field``."""
     if len(kv_sources) != num_hidden_layers:
         raise ValueError(
-            f"{field}: {len(kv_sources)} entries for num_hidden_layers={num_hidden_layers}; allowed is one entry per layer"
+            f"{field}: {len(kv_sources)} entries for num_hidden_layers={num_hidden_layers}; "
+            "allowed is one entry per layer"
         )
     for i, src in enumerate(kv_sources):
         if not 0 <= src < num_hidden_layers:
             raise ValueError(f"{field}: layer {i} reads layer {src}; allowed values are 0..{num_hidden_layers - 1}")
         if kv_sources[src] != src:
             raise ValueError(
-                f"{field}: layer {i} reads layer {src}, which reads layer {kv_sources[src]}; allowed sources are layers with their own KVs (whose entry is their own index)"
+                f"{field}: layer {i} reads layer {src}, which reads layer {kv_sources[src]}; "
+                "allowed sources are layers with their own KVs (whose entry is their own index)"
             )
 
 

@@ -14,7 +14,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from .kernels import STRICT_CAUSAL
 
-# Kind names: "causal" / "strict", "+window" for a sliding-window layer, "@window_cache" when it reads a window-only cache.
+# Kind names: "causal" / "strict", "+window" for a sliding-window layer, "@window_cache" when it reads a window-only
+# cache.
 STRICT, CAUSAL, WINDOW, WINDOW_CACHE = "strict", "causal", "+window", "@window_cache"
 
 
@@ -32,9 +33,10 @@ def layer_mask_kinds(
     layer it reads keeps only the window in its cache (transformers' ``sliding_attention`` cache layer).
 
     >>> layer_mask_kinds([0, 4, 4, 4, 4, 5], [False, True, True, True, False, False], [0, 5],
-    ...                  ["sliding_attention", "full_attention", "full_attention", "full_attention", "full_attention", "sliding_attention"])
+    ...                  ["sliding_attention", "full_attention", "full_attention", "full_attention", "full_attention",
+    ...                   "sliding_attention"])
     (['causal+window@window_cache', 'strict', 'strict', 'strict', 'causal', 'causal+window@window_cache'], {'causal+window@window_cache': 0, 'strict': 4, 'causal': 4})
-    """
+    """  # noqa: E501 (the doctest's expected output is one line)
     windows = set(window_layers)
     kinds, sizing = [], {}
     for i, source in enumerate(kv_sources):
@@ -56,7 +58,8 @@ def reads_window_cache(kind: str) -> bool:
 
 
 def is_plain_prefill(attention_mask: torch.Tensor | None, cache: Cache | None, query_length: int) -> bool:
-    """Several tokens, no padding, no cached or preallocated keys: the strict mask is exactly ``kv < q``, keys = queries."""
+    """Several tokens, no padding, no cached or preallocated keys: the strict mask is exactly ``kv < q``, keys =
+    queries."""
     if query_length < 2 or (
         cache is not None and (cache.get_seq_length() > 0 or getattr(cache, "is_compileable", False))
     ):
@@ -138,7 +141,8 @@ def lckv_masks(
     strict_as_causal: bool = False,
 ) -> dict[str, object]:
     """The masks of every kind the layers use (``build_masks``) and, when some layer is strict, ``visible``
-    ``(B, T, 1)`` (``has_visible_key``): what ``OptLlamaModel.forward_layers`` takes for ``inputs_embeds`` ``(B, T, H)``."""
+    ``(B, T, 1)`` (``has_visible_key``): what ``OptLlamaModel.forward_layers`` takes for ``inputs_embeds``
+    ``(B, T, H)``."""
     batch_size, query_length = inputs_embeds.shape[:2]
     masks = build_masks(
         config,

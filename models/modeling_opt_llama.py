@@ -172,7 +172,8 @@ class OptLlamaDecoderLayer(GradientCheckpointingLayer):
         kv_only: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, KV | None, KV | None]:
-        """``hidden_states`` ``(B, T, H)`` -> same shape, plus the attention's weights and KVs (see ``OptLlamaAttention``).
+        """``hidden_states`` ``(B, T, H)`` -> same shape, plus the attention's weights and KVs (see
+        ``OptLlamaAttention``).
 
         With ``kv_only`` the layer only computes its KVs and returns ``hidden_states`` unchanged.
         """
@@ -378,12 +379,14 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             implementation = self.config._attn_implementation
             if implementation != "eager" or self.kernel_selection.strict_as_causal:
                 raise ValueError(
-                    f"output_attentions: attn_implementation={implementation!r}{' with LCKV_FLASH_ATTN' if implementation == 'eager' else ''} "
+                    f"output_attentions: attn_implementation={implementation!r}"
+                    f"{' with LCKV_FLASH_ATTN' if implementation == 'eager' else ''} "
                     "returns no attention weights; allowed is attn_implementation='eager' without LCKV_FLASH_ATTN"
                 )
             if sequential:
                 raise ValueError(
-                    "output_attentions: not available from a token-by-token forward (sequential_forward or a sequential "
+                    "output_attentions: not available from a token-by-token forward "
+                    "(sequential_forward or a sequential "
                     "prefill: each token attends to a different number of keys); allowed with the iterative forward"
                 )
         return bool(wants["hidden_states"] or wants["attentions"])
@@ -408,8 +411,9 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         reporting: bool = False,
         **kwargs,
     ) -> "LayerStackOutput":
-        """One pass of ``inputs_embeds`` ``(B, T, H)`` through the layer stack (the iterative block included), committing
-        the new KVs to ``cache``; the masks are ``lckv_masks``' (or ``generate``'s precomputed ones) for these tokens.
+        """One pass of ``inputs_embeds`` ``(B, T, H)`` through the layer stack (the iterative block included),
+        committing the new KVs to ``cache``; the masks are ``lckv_masks``' (or ``generate``'s precomputed ones) for
+        these tokens.
 
         This is the whole model below the embeddings and above the caller's bookkeeping: ``forward`` runs it once over
         all tokens, the sequential prefill once per token. ``reporting``: collect each layer's final
@@ -500,7 +504,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """A one-line ValueError for empty ``input_ids`` or ids outside ``[0, vocab_size)`` (checked outside compilation)."""
+    """A one-line ValueError for empty ``input_ids`` or ids outside ``[0, vocab_size)`` (checked outside
+    compilation)."""
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(
             f"input_ids: shape {tuple(input_ids.shape)}; allowed are 2D (batch >= 1, length >= 1) tensors of token ids"
@@ -510,7 +515,8 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     outside = (input_ids < 0) | (input_ids >= vocab_size)
     if outside.any():  # one device-to-host read per forward
         raise ValueError(
-            f"input_ids: token id {input_ids[outside][0].item()} is outside the vocabulary; allowed are ids 0..{vocab_size - 1}"
+            f"input_ids: token id {input_ids[outside][0].item()} is outside the vocabulary; "
+            f"allowed are ids 0..{vocab_size - 1}"
         )
 
 
@@ -576,7 +582,8 @@ class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMi
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> OptLlamaCausalLMOutput:
-        """Logits ``(B, T', vocab)`` for the last ``logits_to_keep`` positions (all when 0); ``loss`` with ``labels``."""
+        """Logits ``(B, T', vocab)`` for the last ``logits_to_keep`` positions (all when 0); ``loss`` with
+        ``labels``."""
         outputs: OptLlamaModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

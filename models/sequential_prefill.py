@@ -7,9 +7,10 @@ large batch are full GPU steps. With a static cache on CUDA every step is the sa
 function (masks and positions are built outside and passed in as tensors, the cache's fill position is a tensor),
 so the loop replays one graph instead of launching eager layers.
 
-``config.prefill`` picks the path of evaluation-mode (``model.eval()``) multi-token forwards that fill a cache: ``"iterative"`` (default),
-``"sequential"`` or ``"auto"`` (``choose_prefill``). ``config.sequential_forward`` forces this path for every
-evaluation-mode multi-token forward, cache or not. Training mode (``model.train()``) always runs the iterations.
+``config.prefill`` picks the path of evaluation-mode (``model.eval()``) multi-token forwards that fill a cache:
+``"iterative"`` (default), ``"sequential"`` or ``"auto"`` (``choose_prefill``). ``config.sequential_forward`` forces
+this path for every evaluation-mode multi-token forward, cache or not. Training mode (``model.train()``) always runs
+the iterations.
 
 Shapes: ``B`` batch, ``T`` prompt tokens, ``P`` tokens already cached, ``S`` key slots (static cache length),
 ``H`` hidden size.

@@ -107,8 +107,9 @@ def split_kv_decode_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None,
 ) -> torch.Tensor:
-    """``kernel`` (``SplitKvKernel.run``) on ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask ``(B or 1, 1, 1, S)`` or None
-    (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key outputs zeros."""
+    """``kernel`` (``SplitKvKernel.run``) on ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask
+    ``(B or 1, 1, 1, S)`` or None (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key
+    outputs zeros."""
     batch, _, _, head_dim = query.shape
     slots = key.shape[2]
     if attention_mask is None:
