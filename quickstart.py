@@ -95,7 +95,8 @@ def run_clm_argv(args: argparse.Namespace, folder: str, config: str, lckv: bool)
     overrides = args.shape + (f",num_encoders={args.num_encoders}" if lckv else "")
     return [
         "--use_embedded_corpus", "--config_name", config, "--config_overrides", overrides,
-        "--output_dir", str(Path(args.output_dir) / folder), "--overwrite_output_dir", "--cache_dir", str(DATASETS_CACHE),
+        "--output_dir", str(Path(args.output_dir) / folder), "--overwrite_output_dir",
+        "--cache_dir", str(DATASETS_CACHE),
         "--do_train", "--do_eval",
         "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.batch_size),
         "--per_device_eval_batch_size", str(args.batch_size), "--max_eval_samples", str(args.eval_blocks),
@@ -213,7 +214,8 @@ def quickstart(argv: list[str] | None = None) -> list[dict]:
     print(table(rows))
     lckv, llama = rows
     print(
-        f"Validation perplexity on the same {args.eval_blocks} validation blocks of {args.block_size} tokens; LCKV's computed "
+        f"Validation perplexity on the same {args.eval_blocks} validation blocks of {args.block_size} tokens; "
+        "LCKV's computed "
         "token by token (--eval_sequential: the exact semantics, as the paper reports). "
         f"LCKV caches KVs of {lckv['kv'] / llama['kv']:.0%} of the Llama's bytes per token; its training runs "
         f"{args.num_encoders + 1} iterations of its condensed layers, hence its longer training."

@@ -4,7 +4,8 @@ Examples:
     python run_clm.py --use_embedded_corpus --config_name configs/llama_tiny_opt.json \\
         --output_dir outputs/tiny --do_train --do_eval --max_steps 200
     python run_clm.py --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \\
-        --tokenizer_name TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T --config_name configs/llama_tiny_opt.json \\
+        --tokenizer_name TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T \\
+        --config_name configs/llama_tiny_opt.json \\
         --block_size 1024 --output_dir outputs/wt103 --do_train --do_eval
 
 Run ``python run_clm.py --help`` for every flag. Bad input exits with a one-line error naming the flag.
@@ -62,7 +63,8 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated config fields to override, 'k=v,k2=v2' (e.g. 'num_hidden_layers=4,train_kv=true'); "
+            "help": "Comma-separated config fields to override, 'k=v,k2=v2' "
+            "(e.g. 'num_hidden_layers=4,train_kv=true'); "
             "values are parsed as JSON when possible, else kept as strings. An unknown field is an error."
         },
     )
@@ -77,8 +79,9 @@ class ModelArguments:
     eval_sequential: bool = field(
         default=False,
         metadata={
-            "help": "Run the final evaluation (--do_eval) token by token (sets config.sequential_forward=True): the exact LCKV "
-            "semantics the paper reports, slower than the default parallel iterations (evaluations during training stay "
+            "help": "Run the final evaluation (--do_eval) token by token (sets config.sequential_forward=True): "
+            "the exact LCKV semantics the paper reports, slower than the default parallel iterations "
+            "(evaluations during training stay "
             "iterative). Env LCKV_EVAL_SEQUENTIAL=1 too. An error for model types without iterations (llama)."
         },
     )
@@ -90,7 +93,8 @@ class ModelArguments:
         default=False,
         metadata={
             "help": "Write the final model self-contained (python -m tools.export's form): the modeling code in "
-            "output_dir and an auto_map in its config.json, so it loads with trust_remote_code=True without this repository."
+            "output_dir and an auto_map in its config.json, so it loads with trust_remote_code=True "
+            "without this repository."
         },
     )
 
@@ -471,7 +475,8 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_training_config(margs)
     if margs.bundle_code and config.model_type not in AUTO_CLASSES:
         raise UsageError(
-            f"--bundle_code: model_type {config.model_type!r} has no code here to bundle; allowed are {', '.join(AUTO_CLASSES)}"
+            f"--bundle_code: model_type {config.model_type!r} has no code here to bundle; "
+            f"allowed are {', '.join(AUTO_CLASSES)}"
         )
     if margs.eval_sequential:  # refused before any work where it cannot apply; set just before the final evaluation
         if not targs.do_eval:

@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Generate as the flags say; return ``{mode: {"text": [...], "new_tokens": n, "seconds": s, "tokens_per_s": r}}``."""
+    """Generate as the flags say; return
+    ``{mode: {"text": [...], "new_tokens": n, "seconds": s, "tokens_per_s": r}}``."""
     resolve_device(args)
     check_generation_args(args)
     check_cache_flags(args)
@@ -135,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[compare] cache is {speedup:.2f}x faster; same text: {'yes' if same else 'no'}", file=sys.stderr)
         if not same and isinstance(model.config, OptLlamaConfig) and not model.config.sequential_forward:
             print(
-                "[compare] LCKV: the no-cache forward is exact only for num_encoders + 1 tokens; use --sequential_forward",
+                "[compare] LCKV: the no-cache forward is exact only for num_encoders + 1 tokens; "
+                "use --sequential_forward",
                 file=sys.stderr,
             )
     return results

@@ -95,7 +95,8 @@ def run_perplexity(model, tokenizer, cache: SinkWindowCache, text: str, args: ar
 
 
 def run_generate(model, tokenizer, cache: SinkWindowCache, prompt: str, args: argparse.Namespace) -> dict:
-    """Generate ``max_new_tokens`` tokens (any number) with the streaming cache; long prompts are prefilled in chunks."""
+    """Generate ``max_new_tokens`` tokens (any number) with the streaming cache; long prompts are prefilled in
+    chunks."""
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     transformers.logging.set_verbosity_error()  # generate warns past max_position_embeddings; streaming goes there
     print(prompt, end="", flush=True)
@@ -107,7 +108,8 @@ def run_generate(model, tokenizer, cache: SinkWindowCache, prompt: str, args: ar
         print("\n".join(texts))
     count = new_tokens.numel()
     print(
-        f"\n[streaming] {count} new tokens in {seconds:.3f} s: {count / seconds:.1f} tokens/s; cache holds {cache_tokens(cache)} tokens per KV layer",
+        f"\n[streaming] {count} new tokens in {seconds:.3f} s: {count / seconds:.1f} tokens/s; "
+        f"cache holds {cache_tokens(cache)} tokens per KV layer",
         file=sys.stderr,
     )
     return dict(

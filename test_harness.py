@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """One-line errors for flags out of range, before anything is loaded; ``args.batch_size`` becomes an int or 'auto'."""
+    """One-line errors for flags out of range, before anything is loaded; ``args.batch_size`` becomes an int or
+    'auto'."""
     if args.batch_size != "auto":
         try:
             args.batch_size = int(args.batch_size)

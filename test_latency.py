@@ -360,7 +360,8 @@ def measure_model(path: str, args, dtype: torch.dtype, hardware: Hardware) -> di
 def summarize(
     path: str, config: PretrainedConfig, args, dtype: torch.dtype, hardware: Hardware, runs: list[dict]
 ) -> dict:
-    """The runs of one model (and prefill mode) with their max-batch figures, their rooflines and the batch-1 roofline."""
+    """The runs of one model (and prefill mode) with their max-batch figures, their rooflines and the batch-1
+    roofline."""
     fitting = [r for r in runs if not r.get("oom")]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
     weights, kv_read = (
@@ -585,7 +586,8 @@ def measure(argv: list[str] | None = None) -> dict:
     setting["extrapolation"] = (
         "none: all gen_len decode steps ran"
         if args.steps >= args.gen_len
-        else f"decode steps timed at the start ({args.steps} after the prompt) and at the end of the context ({args.steps} "
+        else f"decode steps timed at the start ({args.steps} after the prompt) "
+        f"and at the end of the context ({args.steps} "
         "from a cache filled to prompt_len + gen_len - steps - 1 zero tokens); mean_step_ms is their mean, e2e_s = "
         "prefill_s + (gen_len - 1) * mean_step_ms, e2e_throughput = batch * gen_len / e2e_s; throughput and "
         "decode_throughput cover the first steps only"
@@ -606,7 +608,8 @@ def measure(argv: list[str] | None = None) -> dict:
         "gpu": hardware.name,
         "hbm_bandwidth_bytes_per_s": hardware.hbm_bandwidth,
         "peak_bf16_flops_per_s": hardware.peak_flops,
-        "e2e": "e2e_roofline_throughput = batch * gen_len / (T_prefill + T_decode): T_prefill a Llama's parallel prefill "
+        "e2e": "e2e_roofline_throughput = batch * gen_len / (T_prefill + T_decode): "
+        "T_prefill a Llama's parallel prefill "
         "of the prompt at the peak matrix rate, T_decode the gen_len - 1 decode steps at the bandwidth, each "
         "reading the weights and the filled KV of every layer; e2e_vs_roofline = e2e_throughput over it",
         "prefill": "prefill_roofline_s: the path that ran, at its roofline (a sequential token step: the max of its "
@@ -628,8 +631,10 @@ def measure(argv: list[str] | None = None) -> dict:
             f" ({r['max_batch_e2e_vs_roofline']:.2f} of the roofline)" if r["max_batch_e2e_vs_roofline"] else ""
         )
         print(
-            f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s{vs_roofline}, first steps {r['max_batch_throughput']:.1f} tok/s "
-            f"(decode {r['max_batch_decode_throughput']:.1f}), batch-1 step {r['batch1_step_ms'] or float('nan'):.3f} ms "
+            f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s{vs_roofline}, "
+            f"first steps {r['max_batch_throughput']:.1f} tok/s "
+            f"(decode {r['max_batch_decode_throughput']:.1f}), "
+            f"batch-1 step {r['batch1_step_ms'] or float('nan'):.3f} ms "
             f"vs roofline {r['batch1_roofline_ms']:.3f} ms"
         )
     print(json.dumps(out["ratios"], indent=2))

@@ -1,4 +1,5 @@
-"""What the command-line tools share: usage errors, argument checks, dtype, device, config loading, the sequential switch.
+"""What the command-line tools share: usage errors, argument checks, dtype, device, config loading, the sequential
+switch.
 
 Every error a user can cause is a ``UsageError`` whose message is one line naming the flag (or field), the bad
 value and what is allowed. ``run_cli`` turns it into ``prog: error: <line>`` on stderr and exit status 2, the
@@ -131,7 +132,8 @@ def parse_int_list(flag: str, text: str, minimum: int = 1) -> list[int]:
 
 
 def positive_quantity(text: str, units: Mapping[str, float], default_unit: str, suffix: str = "") -> float | None:
-    """``text`` as a positive number times its unit (upper-cased, ``suffix`` dropped; none: ``default_unit``), or None."""
+    """``text`` as a positive number times its unit (upper-cased, ``suffix`` dropped; none: ``default_unit``), or
+    None."""
     match = SIZE.match(text)
     unit = (match.group(2).upper().removesuffix(suffix) or default_unit) if match else None
     if match is None or unit not in units or float(match.group(1)) <= 0:

@@ -143,7 +143,8 @@ def resolve_device(args: argparse.Namespace) -> None:
 def generate_once(
     model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace, **extra
 ) -> tuple[torch.Tensor, float]:
-    """Generate from ``input_ids`` ``(1, T)``; return the new tokens ``(num_return_sequences, N)`` and the seconds taken.
+    """Generate from ``input_ids`` ``(1, T)``; return the new tokens ``(num_return_sequences, N)`` and the seconds
+    taken.
 
     ``extra`` goes to ``generate`` as is (``use_cache``, ``cache``, ``prefill_chunk_size``, ...).
     """

@@ -149,7 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tp_size",
         type=int,
         default=world_size(),
-        help="--plan: GPUs the model is split over (tensor parallel: weights and KV heads divided); default: torchrun's",
+        help="--plan: GPUs the model is split over (tensor parallel: weights and KV heads divided); "
+        "default: torchrun's",
     )
     p.add_argument(
         "--plan_lengths", default="512,1024,2048,4096,8192,16384", help="--plan: comma-separated sequence lengths"

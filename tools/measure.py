@@ -1,4 +1,5 @@
-"""Measurement helpers the tools and the benchmarks share: a per-token timer, the baseline of ratios, streaming perplexity."""
+"""Measurement helpers the tools and the benchmarks share: a per-token timer, the baseline of ratios, streaming
+perplexity."""
 
 import math
 import sys
@@ -89,7 +90,8 @@ def kv_bytes(cache: Cache) -> int:
 def streaming_nll(
     model, input_ids: torch.Tensor, cache: SinkWindowCache, desc: str = "streaming ppl", disable: bool = False
 ) -> tuple[torch.Tensor, int]:
-    """Feed ``input_ids`` ``(B, N)`` one token per step; return the next-token NLL ``(B, N - 1)`` and the peak cache tokens.
+    """Feed ``input_ids`` ``(B, N)`` one token per step; return the next-token NLL ``(B, N - 1)`` and the peak cache
+    tokens.
 
     The progress bar shows the running perplexity (over the batch and the tokens so far).
     """
@@ -127,7 +129,8 @@ def measure_stream(
     desc: str = "streaming ppl",
     disable: bool = False,
 ) -> dict:
-    """Stream ``input_ids`` ``(B, N)`` through ``cache``: perplexity (overall and in buckets of positions), speed, memory."""
+    """Stream ``input_ids`` ``(B, N)`` through ``cache``: perplexity (overall and in buckets of positions), speed,
+    memory."""
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
