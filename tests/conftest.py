@@ -76,7 +76,8 @@ def corpus():
 
 @pytest.fixture
 def interpreted_kernel():
-    """The Triton kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the top of this file)."""
+    """The Triton kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the top of this
+    file)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip(

@@ -99,7 +99,8 @@ def test_resolve_dtype_and_device():
     ({"hidden_size": 64.5}, "hidden_size: 64.5; allowed values are integers >= 1"),
     ({"num_key_value_heads": 3}, "num_key_value_heads: 3 does not divide num_attention_heads=4"),
     ({"hidden_size": 66}, "hidden_size: 66 is not a multiple of num_attention_heads=4"),
-    ({"hidden_size": 66, "head_dim": 16}, "hidden_size: 66 is not a multiple of num_attention_heads=4"),  # as transformers' Llama
+    # as transformers' Llama:
+    ({"hidden_size": 66, "head_dim": 16}, "hidden_size: 66 is not a multiple of num_attention_heads=4"),
     ({"head_dim": 15}, "head_dim: 15 is odd"),
 ])  # fmt: skip
 def test_shape_fields(fields, message):

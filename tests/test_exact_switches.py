@@ -37,7 +37,8 @@ LCKV_FIELDS = (
     "force_nodiag",
     "iteration_style",
 )
-# Large random weights (initializer_range 0.5): the iterative and the exact computation differ visibly, greedy texts too.
+# Large random weights (initializer_range 0.5): the iterative and the exact computation differ visibly, greedy texts
+# too.
 COMMON = {k: v for k, v in SHAPE.items() if k not in LCKV_FIELDS} | {
     "vocab_size": 4096,
     "max_position_embeddings": 1024,
@@ -117,7 +118,8 @@ def mean_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 @torch.no_grad()
 def greedy_token_by_token(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy continuation of ``ids`` ``(1, T)``, every token (prompt included) fed alone; EOS suppressed (--ignore_eos)."""
+    """Greedy continuation of ``ids`` ``(1, T)``, every token (prompt included) fed alone; EOS suppressed
+    (--ignore_eos)."""
     cache = DynamicCache(config=model.config)
     for t in range(ids.shape[1]):
         logits = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
@@ -232,7 +234,8 @@ def short_task(tmp_path_factory, corpus) -> tuple[Path, str]:
     )
     (folder / "lckv_short_ppl.yaml").write_text(task)
     (folder / "short_doc.py").write_text(
-        f"import datasets\n\n\ndef dataset(**kwargs):\n    return datasets.DatasetDict({{'test': datasets.Dataset.from_list([{{'text': {text!r}}}])}})\n"
+        "import datasets\n\n\ndef dataset(**kwargs):\n"
+        f"    return datasets.DatasetDict({{'test': datasets.Dataset.from_list([{{'text': {text!r}}}])}})\n"
     )
     return folder, text
 
@@ -505,7 +508,10 @@ def test_a_renamed_lckv_llama_field_is_an_error_naming_its_format_name(checkpoin
 
     with pytest.raises(
         UsageError,
-        match=r"unknown config field\(s\) \['sequential_forward'\] .*lckv-llama writes sequential_forward as use_sequential$",
+        match=(
+            r"unknown config field\(s\) \['sequential_forward'\] "
+            r".*lckv-llama writes sequential_forward as use_sequential$"
+        ),
     ):
         cli.load_config("--config", str(checkpoints["lckv-llama"]), {"sequential_forward": True})
     assert cli.load_config("--config", str(checkpoints["lckv-llama"]), {"use_sequential": True}).sequential_forward

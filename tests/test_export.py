@@ -1,5 +1,6 @@
-"""Self-contained checkpoints (models/export.py, python -m tools.export, run_clm.py --bundle_code): they load in a fresh process where this
-repository is not importable, through transformers' remote-code loader, and compute what the in-repo model computes."""
+"""Self-contained checkpoints (models/export.py, python -m tools.export, run_clm.py --bundle_code): they load in a
+fresh process where this repository is not importable, through transformers' remote-code loader, and compute what the
+in-repo model computes."""
 
 import json
 import os

@@ -20,7 +20,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "pre_fidelity_outputs"
 
 @pytest.mark.parametrize("name", json.loads(FIXTURE.with_suffix(".json").read_text()))
 def test_project_configs_compute_as_before(name):
-    """Same weights, same inputs, in float64: the logits, padded logits and greedy tokens of the code before this change."""
+    """Same weights, same inputs, in float64: the logits, padded logits and greedy tokens of the code before this
+    change."""
     stored = load_file(FIXTURE.with_suffix(".safetensors"))
     overrides = json.loads(FIXTURE.with_suffix(".json").read_text())[name]["overrides"]
     model = tiny_model(tiny_config(**overrides), "eager", dtype=torch.float64)
@@ -39,7 +40,8 @@ def test_project_configs_compute_as_before(name):
 
 
 def test_every_project_config_states_its_semantics():
-    """configs/ keep this project's semantics explicitly (a published-format layout string alone means the published ones)."""
+    """configs/ keep this project's semantics explicitly (a published-format layout string alone means the published
+    ones)."""
     for path in CONFIGS.glob("*_opt*.json"):
         fields = json.loads(path.read_text())
         assert (fields["force_nodiag"], fields["iteration_style"]) == (False, "current"), path.name

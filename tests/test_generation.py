@@ -151,7 +151,8 @@ def test_checkpoint_round_trip(tiny_files, tmp_path):
         ),
         (
             ["--prompt", "x", "--max_new_tokens", "200"],
-            "run_generation.py: error: sequence length: prompt 1 + max_new_tokens 200 tokens exceed max_position_embeddings=128; shorten them or stream with run_streaming.py",
+            "run_generation.py: error: sequence length: prompt 1 + max_new_tokens 200 tokens exceed "
+            "max_position_embeddings=128; shorten them or stream with run_streaming.py",
         ),
         (
             ["--prompt", "x", "--num_beams", "0"],
@@ -163,11 +164,13 @@ def test_checkpoint_round_trip(tiny_files, tmp_path):
         ),
         (
             ["--prompt", "x", "--offload", "--device", "cpu"],
-            "run_generation.py: error: --offload: moves the KV cache between GPU and CPU, so it needs a cuda --device, not cpu",
+            "run_generation.py: error: --offload: moves the KV cache between GPU and CPU, "
+            "so it needs a cuda --device, not cpu",
         ),
         (
             ["--prompt", "x", "--offload", "--no_cache"],
-            "run_generation.py: error: --offload: offloads the KV cache, so it cannot go with --no_cache or --compare_cache",
+            "run_generation.py: error: --offload: offloads the KV cache, "
+            "so it cannot go with --no_cache or --compare_cache",
         ),
         (
             ["--prompt", "x", "--static_cache", "--no_cache"],

@@ -123,7 +123,8 @@ def test_bad_model_inputs_are_one_line_errors(kwargs, message):
 
 
 def test_hidden_states_selected_by_index():
-    """transformers' index selection (``output_hidden_states=[0, -1]``) picks the embeddings and the normed last state."""
+    """transformers' index selection (``output_hidden_states=[0, -1]``) picks the embeddings and the normed last
+    state."""
     model = tiny_model(tiny_config(**LCKV), "eager")
     ids = random_ids(2, 5)
     with torch.no_grad():

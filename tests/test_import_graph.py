@@ -11,7 +11,8 @@ SCRIPTS = ("run_clm", "run_generation", "run_streaming", "test_harness", "test_l
 
 
 def module_names(root: Path, package: str) -> dict[str, Path]:
-    """Dotted module name -> file, for every ``.py`` under ``root / package`` (a package's ``__init__.py`` by its name)."""
+    """Dotted module name -> file, for every ``.py`` under ``root / package`` (a package's ``__init__.py`` by its
+    name)."""
     modules = {}
     for path in sorted((root / package).rglob("*.py")):
         parts = path.relative_to(root).with_suffix("").parts

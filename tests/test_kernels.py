@@ -1,5 +1,5 @@
-"""Env-flag kernels: flag parsing, fallbacks, the selection a model keeps, the strict mask as a shifted causal attention,
-fused vs plain (GPU)."""
+"""Env-flag kernels: flag parsing, fallbacks, the selection a model keeps, the strict mask as a shifted causal
+attention, fused vs plain (GPU)."""
 
 import dataclasses
 import json

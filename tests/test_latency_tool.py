@@ -414,7 +414,8 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
         str(tmp_path),
     ]
     out = test_latency.main(argv)
-    # The untimed warm-up's 4-token prompt (3 prefilled), then the timed start and end of the 11 prompt tokens before the last.
+    # The untimed warm-up's 4-token prompt (3 prefilled), then the timed start and end of the 11 prompt tokens before
+    # the last.
     assert filled == [(0, 3), (0, 2), (9, 2)]
     (run,) = out["models"]["test_tiny_opt"]["runs"]
     assert (

@@ -1,5 +1,6 @@
-"""The `lm_eval` command line on an exported checkpoint (`--model hf --model_args pretrained=DIR,trust_remote_code=True`,
-the local tasks through `--include_path tasks`) reports the numbers test_harness.py reports for the same checkpoint."""
+"""The `lm_eval` command line on an exported checkpoint
+(`--model hf --model_args pretrained=DIR,trust_remote_code=True`, the local tasks through `--include_path tasks`)
+reports the numbers test_harness.py reports for the same checkpoint."""
 
 import json
 import os

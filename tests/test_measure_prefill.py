@@ -5,12 +5,16 @@ import pytest
 from bench import measure_prefill
 from models.roofline import Hardware, Shape, iterative_prefill_cost, parallel_prefill_cost, token_step_cost
 
-RECOMPILE_LOG = """\
-V1130 02:31:05.324000 9064 torch/_dynamo/guards.py:5396] [0/1] [__recompiles] Recompiling function token_step in /r/models/sequential_prefill.py:50
-V1130 02:31:05.324000 9064 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     triggered by the following guard failure(s):
-V1130 02:31:05.324000 9064 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     - 0/0: tensor 'masks['causal']' stride mismatch at index 0. expected 1000, actual 12800
-V1130 02:32:55.260000 10349 torch/_dynamo/guards.py:5396] [1/1] [__recompiles] Recompiling function wrapped_func in /t/utils/deprecation.py:121
-"""
+RECOMPILE_LOG = (
+    "V1130 02:31:05.324000 9064 torch/_dynamo/guards.py:5396] [0/1] [__recompiles] "
+    "Recompiling function token_step in /r/models/sequential_prefill.py:50\n"
+    "V1130 02:31:05.324000 9064 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     "
+    "triggered by the following guard failure(s):\n"
+    "V1130 02:31:05.324000 9064 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     "
+    "- 0/0: tensor 'masks['causal']' stride mismatch at index 0. expected 1000, actual 12800\n"
+    "V1130 02:32:55.260000 10349 torch/_dynamo/guards.py:5396] [1/1] [__recompiles] "
+    "Recompiling function wrapped_func in /t/utils/deprecation.py:121\n"
+)
 
 
 def test_recompilations_are_read_from_the_torch_log():

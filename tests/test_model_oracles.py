@@ -274,7 +274,8 @@ def test_long_prompt_prefill_then_decode_matches_sequential_prefix(capsys):
     agree = (decode.argmax(-1) == truth[:, prompt_len:].argmax(-1)).float().mean().item()
     with capsys.disabled():
         print(
-            f"\n[oracle 5] exact for {exact} positions; max |logit gap| prefill after that {gap_prefill:.3g}, decode {gap_decode:.3g}, greedy agreement {agree:.0%}"
+            f"\n[oracle 5] exact for {exact} positions; max |logit gap| prefill after that {gap_prefill:.3g}, "
+            f"decode {gap_decode:.3g}, greedy agreement {agree:.0%}"
         )
     assert gap_prefill > 0  # iterations really are truncated here
     assert torch.isfinite(decode).all()
@@ -320,7 +321,8 @@ def test_layouts_reading_from_below_are_exact_and_cache_only_their_sources(layou
 
 
 def test_gradient_reaches_target_kv_through_condensed_layers():
-    """Oracle 7: the target's k_proj/v_proj get gradient through the condensed layers only with >= 2 trained iterations."""
+    """Oracle 7: the target's k_proj/v_proj get gradient through the condensed layers only with >= 2 trained
+    iterations."""
     ids = random_ids(2, 8)
     grads = {}
     for trained in (0, 1):

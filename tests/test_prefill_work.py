@@ -1,5 +1,6 @@
 """The iterative prefill's per-forward work outside the attention kernels does not grow with the iterations: the
-masks are built and cast once per forward, not per layer run (the cyclic block runs up to ``num_encoders + 1`` times)."""
+masks are built and cast once per forward, not per layer run (the cyclic block runs up to ``num_encoders + 1``
+times)."""
 
 from collections import Counter
 

@@ -1,5 +1,5 @@
-"""README command 1: ``bash quickstart.sh`` runs end to end (with ``--smoke``'s seconds of training), prints the table of
-both models, and writes nothing outside the clone and its output folder."""
+"""README command 1: ``bash quickstart.sh`` runs end to end (with ``--smoke``'s seconds of training), prints the table
+of both models, and writes nothing outside the clone and its output folder."""
 
 import os
 import re

@@ -148,7 +148,8 @@ def test_lckv_llama_generation_is_the_exact_model_not_the_originals_decode(case)
     prompt = reference["short_prompt"]  # 3 tokens: the iterative prefill is exact for prompts <= num_encoders + 1
     with torch.no_grad():
         generated = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    # The exact model is causal: its logits at position t of the generated sequence are the greedy choice of token t + 1.
+    # The exact model is causal: its logits at position t of the generated sequence are the greedy choice of token
+    # t + 1.
     chosen = exact_logits(model, generated)[:, prompt.shape[1] - 1 : -1].argmax(-1)
     new = generated[:, prompt.shape[1] :]
     ended = (new == model.generation_config.eos_token_id).long()

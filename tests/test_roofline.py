@@ -48,7 +48,8 @@ def test_iterative_prefill_cost_by_hand():
 def test_parallel_prefill_and_token_step_cost_by_hand():
     cost = roofline.parallel_prefill_cost(TOY_LLAMA, batch=2, length=5, value_bytes=2)
     assert (cost.flops, cost.bytes) == (2 * 2 * 5 * 40 + 4 * 32 * 25, 80)
-    # B = 2, 3 filled tokens: 2 x (2 x 38 weights + 4 layers x 32 x 3 keys); weights 76 bytes + 2 x 3 x 4 layers x 2 Hkv D b
+    # B = 2, 3 filled tokens: 2 x (2 x 38 weights + 4 layers x 32 x 3 keys); weights 76 bytes + 2 x 3 x 4 layers x 2
+    # Hkv D b
     step = roofline.token_step_cost(TOY, batch=2, filled=3, value_bytes=2)
     assert (step.flops, step.bytes) == (2 * (76 + 4 * 32 * 3), 76 + 2 * 3 * 4 * 2 * 1 * 4 * 2)
     assert step.seconds(Hardware("toy", hbm_bandwidth=10, peak_flops=100)) == max(920 / 100, 460 / 10)

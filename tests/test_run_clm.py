@@ -140,9 +140,11 @@ def test_train_kv_logs_kv_loss(train_kv, tmp_path, small_data, corpus):
     [
         (["--train_file", "missing.txt"], "--train_file: missing.txt does not exist"),
         (["--validation_file", "nowhere.jsonl"], "--validation_file: nowhere.jsonl does not exist"),
-        (["--config_overrides", "hidden_size=64,no_such_field=3"], r"--config_overrides: unknown config field\(s\) \['no_such_field'\]"),
+        (["--config_overrides", "hidden_size=64,no_such_field=3"],
+         r"--config_overrides: unknown config field\(s\) \['no_such_field'\]"),
         (["--block_size", "4096"], r"--block_size: 4096 exceeds the model's max_position_embeddings \(128\)"),
-        (["--tokenizer_name", "someone/tokenizer-on-the-hub"], "--tokenizer_name: someone/tokenizer-on-the-hub does not exist locally, and offline"),
+        (["--tokenizer_name", "someone/tokenizer-on-the-hub"],
+         "--tokenizer_name: someone/tokenizer-on-the-hub does not exist locally, and offline"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_one_line_error(extra, match, tmp_path, corpus, capsys):

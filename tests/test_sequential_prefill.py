@@ -232,7 +232,8 @@ def test_chunked_prefill_composes_with_sequential_prefill():
 def test_auto_in_the_model_follows_the_cost_model(monkeypatch):
     """prefill="auto" in a forward that fills a cache asks choose_prefill (models.prefill_modes, tested in
     tests/test_roofline.py) with the batch, prompt length, value size, the device's GPU, whether the token step
-    is captured and the tensor-parallel processes (1 here), and runs the path it answers; without a cache (no prefill) always iteratively."""
+    is captured and the tensor-parallel processes (1 here), and runs the path it answers; without a cache (no prefill)
+    always iteratively."""
     ran_sequentially, asked = [], []
     original_prefill, original_choose = modeling_opt_llama.sequential_prefill, sequential_prefill.choose_prefill
     monkeypatch.setattr(

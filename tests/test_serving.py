@@ -17,7 +17,10 @@ from tests.conftest import tiny_config, tiny_model
 
 NEW_TOKENS = 8
 STARTUP_SECONDS = 180
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven tired wizards quietly brew strong coffee near old bridges"
 )

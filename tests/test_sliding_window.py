@@ -73,7 +73,8 @@ def test_training_step_reaches_sliding_layers():
 
 
 def test_streaming_with_sliding_layers():
-    """A stream window larger than the text changes nothing; a smaller one streams past it, equal until its first eviction."""
+    """A stream window larger than the text changes nothing; a smaller one streams past it, equal until its first
+    eviction."""
     model = sliding_model()
     ids = random_ids(1, 6)
     kwargs = dict(do_sample=False, pad_token_id=0)

@@ -1,5 +1,6 @@
 """bench/tune_decode_attention.py: the table it prints is the table launch_config reads (a round trip over measured
-shapes), its byte count and candidate counts, bad flags, and a CPU smoke run of the whole path (Triton's interpreter)."""
+shapes), its byte count and candidate counts, bad flags, and a CPU smoke run of the whole path (Triton's
+interpreter)."""
 
 import json
 

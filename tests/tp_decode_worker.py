@@ -1,6 +1,7 @@
 """One process of the tensor-parallel decode-step test (tests/test_tensor_parallel.py), started by ``torchrun``.
 
-    torchrun --standalone --nproc_per_node 2 -m tests.tp_decode_worker '{"configs": {"name": "config.json"}, "out_dir": "..."}'
+    torchrun --standalone --nproc_per_node 2 -m tests.tp_decode_worker \\
+        '{"configs": {"name": "config.json"}, "out_dir": "..."}'
 
 Each config is built as test_latency.py builds it under ``torchrun`` (``build_model``: sharded, ``sdpa_split_kv``) and
 measured by ``test_latency.run`` with ``--compile`` on the CPU: generate compiles the decode step with its
