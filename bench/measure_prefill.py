@@ -259,6 +259,15 @@ def run_latency(run: LatencyRun, out_dir: Path, smoke: bool) -> dict:
     }
 
 
+def latency_setup(argv: list[str]) -> tuple:
+    """test_latency's flags for an in-process measurement: the parsed args (memory cap applied), the hardware its
+    rooflines use, the dtype."""
+    args = latency.parse_args(argv)
+    hardware = latency.roofline_hardware(args)
+    latency.apply_memory_cap(args)
+    return args, hardware, latency.resolve_dtype(args)
+
+
 def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
     """The captured token step at each batch and fill level, timed over ``spec.steps`` steps after a warm-up that
     compiles it (a new graph during the timed steps is a recompilation), against its roofline; then a profile."""
@@ -277,10 +286,7 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
         spec.device,
         *([] if spec.device == "cpu" else CAP),
     ]
-    args = latency.parse_args(argv)
-    hardware = latency.roofline_hardware(args)
-    latency.apply_memory_cap(args)
-    dtype = latency.resolve_dtype(args)
+    args, hardware, dtype = latency_setup(argv)
     model = latency.build_model(load_config_for_length(spec.config, spec.cache_len), args, dtype)
     shape = model_shape(model.config)
 
@@ -462,10 +468,7 @@ def time_iterative(spec: IterativeRun) -> dict:
         spec.device,
         *([] if spec.device == "cpu" else CAP),
     ]
-    args = latency.parse_args(argv)
-    hardware = latency.roofline_hardware(args)
-    latency.apply_memory_cap(args)
-    dtype = latency.resolve_dtype(args)
+    args, hardware, dtype = latency_setup(argv)
     config = load_config_for_length(spec.config, longest + 1)
     config.prefill = "iterative"
     model = latency.build_model(config, args, dtype)
