@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # no
 from corpus import prepare_corpus  # noqa: E402
 from corpus.source import PACKAGE  # noqa: E402
 from tools.cli import ArgumentParser, UsageError, check_range, run_cli, set_prefill  # noqa: E402
+from tools.measure import kv_bytes  # noqa: E402
 
 SHAPE = "hidden_size=128,intermediate_size=384,num_attention_heads=4,num_key_value_heads=2"
 MODELS = (  # (name in the table, output folder, config, whether it is the LCKV one)
@@ -124,13 +125,7 @@ def kv_bytes_per_token(model, tokens: int = 8) -> int:
     """Bytes the model's KV cache holds per token, measured: the tensors a ``DynamicCache`` holds after ``tokens``."""
     cache = DynamicCache(config=model.config)
     model(torch.full((1, tokens), 3, device=model.device), cache=cache, use_cache=True)
-    held = sum(
-        t.numel() * t.element_size()
-        for layer in cache.layers
-        if layer.keys is not None
-        for t in (layer.keys, layer.values)
-    )
-    return held // tokens
+    return kv_bytes(cache) // tokens
 
 
 def table(rows: list[dict]) -> str:

@@ -18,7 +18,7 @@ import sys
 
 from models import OptLlamaConfig  # import models registers model_types "opt-llama" and "lckv-llama"
 from models.fast_decode import enable_fast_decode
-from tools.cli import ArgumentParser, UsageError, run_cli
+from tools.cli import ArgumentParser, UsageError, resolve_device, run_cli
 from tools.generation import (
     add_exact_args,
     add_generation_args,
@@ -31,7 +31,6 @@ from tools.generation import (
     load_model,
     load_tokenizer,
     read_prompt,
-    resolve_device,
 )
 
 
@@ -95,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     """Generate as the flags say; return
     ``{mode: {"text": [...], "new_tokens": n, "seconds": s, "tokens_per_s": r}}``."""
-    resolve_device(args)
+    args.device = resolve_device(args.device)
     check_generation_args(args)
     check_cache_flags(args)
     prompt = read_prompt(args)

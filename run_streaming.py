@@ -34,6 +34,7 @@ from tools.cli import (
     check_range,
     opt_llama_config,
     read_text_file,
+    resolve_device,
     run_cli,
 )
 from tools.generation import (
@@ -48,7 +49,6 @@ from tools.generation import (
     load_model,
     load_tokenizer,
     read_prompt,
-    resolve_device,
 )
 from tools.measure import cache_tokens, measure_stream
 
@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the chosen mode; return its result dict."""
-    resolve_device(args)
+    args.device = resolve_device(args.device)
     check_generation_args(args)
     check_range("--num_tokens", args.num_tokens, minimum=2)
     if args.output_json:

@@ -151,10 +151,10 @@ def generate_once(
             cache, start, segments = sampled_prefill(model, args, input_ids, bar)
             if record is not None:
                 record["prefill_sample_s"] = segments
-        elif (
-            sequential and prompt_len > 1 and not context
-        ):  # whole batch, one token at a time, only the last logits kept
-            prefill_cache(model, input_ids[:, :-1], cache)
+        elif sequential and prompt_len > 1 and not context:
+            prefill_cache(
+                model, input_ids[:, :-1], cache
+            )  # whole batch, one token at a time, only the last logits kept
         elif args.prefill_chunk and prompt_len > 1 and not context:
             prefill_in_chunks(model, input_ids[:, :-1], cache, args.prefill_chunk)
         model.generate(

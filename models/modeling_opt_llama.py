@@ -347,9 +347,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 self, inputs_embeds, attention_mask, position_ids, cache, reporting, **kwargs
             )
         else:
-            if isinstance(
-                attention_mask, dict
-            ):  # precomputed by `generate` (static cache), see create_masks_for_generate
+            # A dict: precomputed by `generate` (static cache), see create_masks_for_generate.
+            if isinstance(attention_mask, dict):
                 masks = attention_mask
             else:
                 masks = lckv_masks(

@@ -86,7 +86,7 @@ class Shape:
     def num_layers(self) -> int:
         return len(self.layer_weights)
 
-    def kv_bytes_per_token(self, value_bytes: int) -> int:
+    def kv_read_bytes_per_token(self, value_bytes: int) -> int:
         """KV bytes all layers read per cached token: each layer reads one layer's ``2 Hkv D b`` (L x that)."""
         return self.num_layers * 2 * self.kv_heads * self.head_dim * value_bytes
 
@@ -179,7 +179,7 @@ def token_step_cost(shape: Shape, batch: int, filled: float, value_bytes: int = 
     weights = sum(shape.layer_weights)
     return Cost(
         flops=batch * (2 * weights + shape.num_layers * attention_flops(shape, 1, filled)),
-        bytes=value_bytes * weights + batch * filled * shape.kv_bytes_per_token(value_bytes),
+        bytes=value_bytes * weights + batch * filled * shape.kv_read_bytes_per_token(value_bytes),
     )
 
 

@@ -1,5 +1,6 @@
-"""Every link in README.md and docs/*.md resolves inside the repository: the file exists, and a ``#fragment`` names a
-heading of the linked Markdown file (GitHub's heading slugs); nothing points outside the clone."""
+"""README.md and docs/*.md: every link resolves inside the repository (the file exists, and a ``#fragment`` names a
+heading of the linked Markdown file, by GitHub's heading slugs; nothing points outside the clone), and every code
+fence closes."""
 
 import re
 from pathlib import Path
@@ -50,3 +51,31 @@ def test_a_missing_file_and_a_missing_heading_are_reported(tmp_path):
 
 def test_every_link_resolves():
     assert {str(p.relative_to(REPO)): broken_links(p) for p in DOCS if broken_links(p)} == {}
+
+
+def unbalanced_fences(text: str) -> list[int]:
+    """Line numbers where a code fence is wrong: one with a language tag while a block is open (it would show as
+    text, and everything up to the next fence as code), or a block left open at the end."""
+    wrong, open_at = [], None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.startswith("```"):
+            continue
+        if open_at is None:
+            open_at = number
+        elif line.strip() == "```":
+            open_at = None
+        else:
+            wrong.append(number)
+    return wrong + ([open_at] if open_at is not None else [])
+
+
+def test_unbalanced_fences_are_found():
+    assert unbalanced_fences("```bash\nx\n```python\ny\n```\n") == [3]
+    assert unbalanced_fences("```\nx\n```\n```python\ny\n") == [4]
+    assert unbalanced_fences("```bash\nx\n```\n\n```python\ny\n```\n") == []
+
+
+def test_every_code_fence_closes():
+    assert {
+        str(p.relative_to(REPO)): unbalanced_fences(p.read_text()) for p in DOCS if unbalanced_fences(p.read_text())
+    } == {}

@@ -1,5 +1,6 @@
 """The import graph (read from the sources with ``ast``, nothing imported): no two modules of ``models/`` import each
-other, directly or through a longer cycle, and no top-level tool script imports another one."""
+other, directly or through a longer cycle, none imports the tools' package ``tools/``, and no top-level tool script
+imports another one."""
 
 import ast
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 from .conftest import REPO
 
 PACKAGE = "models"
-SCRIPTS = ("run_clm", "run_generation", "run_streaming", "test_harness", "test_latency")
+SCRIPTS = ("run_clm", "run_generation", "run_streaming", "test_harness", "test_latency", "quickstart")
 
 
 def module_names(root: Path, package: str) -> dict[str, Path]:
@@ -106,3 +107,13 @@ def test_no_top_level_script_imports_another():
     for script in SCRIPTS:
         imported = {name.split(".")[0] for name in imports_of(REPO / f"{script}.py", script)}
         assert not imported & (set(SCRIPTS) - {script}), f"{script}.py imports {sorted(imported & set(SCRIPTS))}"
+
+
+def test_the_model_package_does_not_import_the_tools():
+    """``tools/`` builds on ``models/``, never the other way: the model (and the code a self-contained checkpoint
+    bundles) stands without the command-line tools."""
+    modules = module_names(REPO, PACKAGE)
+    importing = {
+        name: sorted(i for i in imports_of(path, name) if i.split(".")[0] == "tools") for name, path in modules.items()
+    }
+    assert {name: found for name, found in importing.items() if found} == {}

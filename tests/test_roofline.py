@@ -153,7 +153,7 @@ def test_tensor_parallel_shape_is_one_process_share(name):
     for cost in (roofline.token_step_cost, roofline.parallel_prefill_cost):
         assert cost(half, 8, 100).flops * 2 == cost(whole, 8, 100).flops
         assert cost(half, 8, 100).bytes * 2 == cost(whole, 8, 100).bytes
-    assert half.kv_bytes_per_token(2) * 2 == whole.kv_bytes_per_token(2)
+    assert half.kv_read_bytes_per_token(2) * 2 == whole.kv_read_bytes_per_token(2)
 
 
 def test_tensor_parallel_shape_keeps_one_kv_head_when_heads_are_fewer_than_processes():

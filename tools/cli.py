@@ -380,7 +380,7 @@ def require_lckv(config: PretrainedConfig, flag: str) -> None:
 
 
 def set_sequential(config: PretrainedConfig, flag: str) -> None:
-    """The sequential switch: every no-grad multi-token forward of an LCKV model runs token by token (exact)."""
+    """The sequential switch: every evaluation-mode multi-token forward of an LCKV model runs token by token (exact)."""
     require_lckv(config, flag)
     config.sequential_forward = True
 
@@ -405,7 +405,8 @@ def set_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
 
 
 def is_sequential(config: PretrainedConfig) -> bool:
-    """Whether every no-grad multi-token forward of ``config``'s model runs token by token (an LCKV switch is on)."""
+    """Whether every evaluation-mode multi-token forward of ``config``'s model runs token by token (an LCKV switch
+    is on)."""
     return isinstance(config, OptLlamaConfig) and config.sequential_forward
 
 

@@ -135,11 +135,6 @@ def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
     return model.to(args.device).eval()
 
 
-def resolve_device(args: argparse.Namespace) -> None:
-    """Fill in and check ``args.device``: cuda when available, else cpu."""
-    args.device = cli.resolve_device(args.device)
-
-
 def generate_once(
     model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace, **extra
 ) -> tuple[torch.Tensor, float]:

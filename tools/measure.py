@@ -1,5 +1,6 @@
-"""Measurement helpers the tools and the benchmarks share: a per-token timer, the baseline of ratios, streaming
-perplexity."""
+"""Measurement helpers the tools and the benchmarks share: per-token and compiled-step timers, the random model the
+benchmarks decode with, KV bytes a cache holds, streaming perplexity, the baseline of ratios, configs sized for a
+length."""
 
 import math
 import sys
