@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tools import cli as shared  # its import of models registers opt-llama with the Auto classes
 from tools.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_choices, check_range, run_cli, set_sequential
+from tools.generation import instantiate
 from tools.task_names import check_task_names, local_task_names
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -95,12 +96,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, sequential: bool, see
     config = shared.load_config("--model", path)
     if sequential:
         set_sequential(config, "--sequential")
-    if path.endswith(".json"):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-    return model.to(device).eval()
+    return instantiate(config, None if path.endswith(".json") else path, device, seed, dtype=dtype)
 
 
 def load_tokenizer(name: str | None, model_path: str) -> PreTrainedTokenizerBase:

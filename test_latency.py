@@ -77,6 +77,7 @@ from tools.measure import (
     StepTimer,
     baseline_name,
     load_config_for_length,
+    synchronize,
 )
 
 
@@ -183,12 +184,10 @@ def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[ob
     for context in (0, length - sample):
         bar.set_postfix_str(f"prefill sample at {context}")
         cache = filled_cache(model, args, input_ids.shape[0], context)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
+        synchronize(model.device)
         begin = time.perf_counter()
         prefill_cache(model, input_ids[:, context : context + sample], cache)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
+        synchronize(model.device)
         seconds.append(time.perf_counter() - begin)
         if not context:
             del cache

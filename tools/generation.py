@@ -13,6 +13,7 @@ from models.prefill_modes import PREFILL_MODES
 
 from . import cli
 from .cli import DTYPE_CHOICES, UsageError, read_text_file, resolve_dtype, set_prefill, set_sequential
+from .measure import synchronize
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -125,14 +126,24 @@ def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
 
     With random weights the vocabulary is sized to the tokenizer.
     """
-    kwargs = dict(dtype=resolve_dtype(args.dtype, args.device), attn_implementation=args.attn_implementation)
     if args.config is not None:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
-        torch.manual_seed(args.seed)
+    checkpoint = None if args.config is not None else args.model_name_or_path
+    dtype = resolve_dtype(args.dtype, args.device)
+    return instantiate(
+        config, checkpoint, args.device, args.seed, dtype=dtype, attn_implementation=args.attn_implementation
+    )
+
+
+def instantiate(config, checkpoint: str | None, device: str, seed: int, **kwargs) -> PreTrainedModel:
+    """The model of ``config`` in eval mode on ``device``: ``checkpoint``'s weights, or (None) random weights of
+    ``seed``; ``kwargs`` go to ``from_pretrained`` / ``from_config`` (dtype, attention implementation)."""
+    if checkpoint is None:
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, **kwargs)
-    return model.to(args.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, config=config, **kwargs)
+    return model.to(device).eval()
 
 
 def generate_once(
@@ -160,13 +171,11 @@ def generate_once(
         generation.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.ignore_eos:
         generation.update(min_new_tokens=args.max_new_tokens)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(model.device)
     start = time.perf_counter()
     with torch.no_grad():
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **generation)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(model.device)
     return output[:, input_ids.shape[1] :], time.perf_counter() - start
 
 

@@ -133,13 +133,12 @@ def measure_stream(
     """Stream ``input_ids`` ``(B, N)`` through ``cache``: perplexity (overall and in buckets of positions), speed,
     memory."""
     cuda = model.device.type == "cuda"
+    synchronize(model.device)
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     nll, peak_tokens = streaming_nll(model, input_ids, cache, desc=desc, disable=disable)
-    if cuda:
-        torch.cuda.synchronize()
+    synchronize(model.device)
     seconds = time.perf_counter() - start
     return dict(
         window_size=cache.window_size,
