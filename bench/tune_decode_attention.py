@@ -275,19 +275,14 @@ class Bench:
         TinyLlama batch 128 was 173 us, 2x the best candidate, while 22 such calls would exceed the whole decode
         step)."""
         first = self.measure(config)
-        if first["status"] != "ok" or time.monotonic() > self.deadline:
+        if first["status"] != "ok":
             return first
-        again = self._time(LaunchConfig(**first["launch"]))
+        again = self._time(LaunchConfig(**first["launch"]))  # "skipped" past the deadline, like any launch
         if again["status"] != "ok":
             return first
         faster = again if again["us"] < first["us"] else first
-        return {
-            **first,
-            "us": faster["us"],
-            "GBps": faster["GBps"],
-            **{k: faster[k] for k in ("hbm_fraction",) if k in faster},
-            "us_timings": [first["us"], again["us"]],
-        }
+        timing = {k: faster[k] for k in ("us", "GBps", "hbm_fraction") if k in faster}
+        return first | timing | {"us_timings": [first["us"], again["us"]]}
 
     def _time(self, launch: LaunchConfig) -> dict:
         if time.monotonic() > self.deadline:
