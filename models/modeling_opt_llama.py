@@ -479,19 +479,19 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
                 previous_kvs, new_kvs = new_kvs, {}
                 for layer_idx in self.plan.block:
                     kv_only = not final and layer_idx == last_layer
+                    # The last iteration commits each layer's KVs as it computes them: the same values a commit after
+                    # the block would write, but a second write of the staged slots there made inductor copy the whole
+                    # cache layer in a compiled step (docs/design.md section 6).
                     hidden, new_kv = stack.run(
                         layer_idx,
                         hidden,
-                        commit=False,
+                        commit=final,
                         kv_only=kv_only,
                         attend_carried=attend_carried and layer_idx in carried,
                     )
                     if new_kv is not None:
                         new_kvs[layer_idx] = new_kv
 
-        if stack.cache is not None:
-            for layer_idx, (keys, values) in new_kvs.items():
-                stack.cache.update(keys, values, layer_idx)
         kv_loss = None
         if config.train_kv and training and previous_kvs:  # a training regulariser: evaluation loss stays the LM loss
             kv_loss = sum(

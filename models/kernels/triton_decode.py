@@ -8,7 +8,9 @@ Shapes: ``B`` batch, ``Hq``/``Hkv`` query/KV heads, ``G = Hq / Hkv``, ``S`` cach
 query heads that share it, over the ``s``-th of ``NS`` equal parts of ``[0, lengths[b])``: slots at or after
 the row's length (the unfilled cache) are never loaded. Its partial result is the unnormalised output,
 running max and sum (base-2 logits, fp32). The second kernel merges the ``NS`` parts per query head; a row
-with no visible key (a strict-mask query on the first real token) merges to exactly zero.
+with no visible key (a strict-mask query on the first real token) merges to exactly zero. With one split (large
+batches) the first kernel normalises and writes the output itself, the merge's arithmetic for one part, and the
+second kernel does not run.
 """
 
 import torch
@@ -37,6 +39,7 @@ def _partial_kernel(
     acc_ptr,
     max_ptr,
     sum_ptr,
+    out_ptr,
     stride_qb,
     stride_qh,
     stride_qd,
@@ -50,6 +53,9 @@ def _partial_kernel(
     stride_vd,
     stride_mb,
     stride_ms,
+    stride_ob,
+    stride_oh,
+    stride_od,
     G,
     D,
     scale_log2,
@@ -107,10 +113,15 @@ def _partial_kernel(
         acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
         running_max = new_max
 
-    part = (b * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NS[, D])
-    tl.store(max_ptr + part, running_max, mask=g_ok)
-    tl.store(sum_ptr + part, running_sum, mask=g_ok)
-    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS == 1:  # the merge of one part: weight 1, no visible key gives 0 / 1 = 0
+        out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+        out_offsets = b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        part = (b * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NS[, D])
+        tl.store(max_ptr + part, running_max, mask=g_ok)
+        tl.store(sum_ptr + part, running_sum, mask=g_ok)
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -167,11 +178,14 @@ def split_kv_decode(
     batch, num_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     group = num_heads // kv_heads
-    parts = (batch, num_heads, num_splits)
-    acc = query.new_empty((*parts, head_dim), dtype=torch.float32)
-    maxes = query.new_empty(parts, dtype=torch.float32)
-    sums = query.new_empty(parts, dtype=torch.float32)
     out = query.new_empty((batch, 1, num_heads, head_dim))
+    if num_splits == 1:  # the first kernel writes ``out`` itself: no partials (their pointers are never used)
+        acc = maxes = sums = out
+    else:
+        parts = (batch, num_heads, num_splits)
+        acc = query.new_empty((*parts, head_dim), dtype=torch.float32)
+        maxes = query.new_empty(parts, dtype=torch.float32)
+        sums = query.new_empty(parts, dtype=torch.float32)
     mask_arg = mask if mask is not None else lengths  # never read when HAS_MASK is off
     mask_strides = mask.stride() if mask is not None else (0, 0)
     block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
@@ -184,12 +198,16 @@ def split_kv_decode(
         acc,
         maxes,
         sums,
+        out,
         query.stride(0),
         query.stride(1),
         query.stride(3),
         *key.stride(),
         *value.stride(),
         *mask_strides,
+        out.stride(0),
+        out.stride(2),
+        out.stride(3),
         group,
         head_dim,
         scaling * LOG2E,
@@ -202,6 +220,8 @@ def split_kv_decode(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits == 1:
+        return out
     _merge_kernel[(batch, num_heads)](
         acc,
         maxes,
