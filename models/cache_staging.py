@@ -2,7 +2,8 @@
 
 During the iterative computation the source layer's KVs of the current tokens change each iteration,
 so they are staged (visible to the readers) until the last iteration, in which each layer
-commits its own KVs with ``Cache.update`` as it computes them. The layer's index stays the model's; the cache classes are transformers' own.
+commits its own KVs with ``Cache.update`` as it computes them. The layer's index stays the
+model's; the cache classes are transformers' own.
 
 With an offloaded cache (``cache_implementation="offloaded"`` / ``"offloaded_static"``) transformers
 prefetches, in ``Cache.update`` of layer ``i``, the next KV-holding layer and sends layer ``i`` back to
