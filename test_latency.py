@@ -143,12 +143,14 @@ def generate_once(
     ``record`` gets ``prefill_sample_s``, the seconds of the two timed segments of a sampled prefill."""
     device = model.device
     input_ids = torch.randint(3, model.config.vocab_size, (batch, context + prompt_len), device=device)
-    cache = filled_cache(model, args, batch, context)
     timer = StepTimer(bar)
     sequential = getattr(model.config, "prefill", None) == "sequential" and args.cache == "static"
+    sampled = sequential and prompt_len > 1 and not context and args.prefill_sample and prompt_len == args.prompt_len
+    # The sampled prefill allocates its own caches, one at a time: a cache made here as well would double the memory.
+    cache = None if sampled else filled_cache(model, args, batch, context)
     with torch.no_grad():
         start = time.perf_counter()
-        if sequential and prompt_len > 1 and not context and args.prefill_sample and prompt_len == args.prompt_len:
+        if sampled:
             cache, start, segments = sampled_prefill(model, args, input_ids, bar)
             if record is not None:
                 record["prefill_sample_s"] = segments

@@ -383,7 +383,20 @@ def test_bad_prefill_flag_is_a_one_line_error(capsys):
 
 def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monkeypatch):
     """--prefill_sample times 2 tokens at each end of the prompt, then decoding continues from a cache holding the
-    prompt: the extrapolated prefill is reported and the steps after it run as usual."""
+    prompt: the extrapolated prefill is reported and the steps after it run as usual. One cache is alive at a time
+    (each is allocated whole up front: a second one doubles the memory, and LCKV batch 4096 did not fit)."""
+    import weakref
+
+    alive, alive_at_creation = weakref.WeakSet(), []
+    make_cache = test_latency.filled_cache
+
+    def counted_cache(*args, **kwargs):
+        alive_at_creation.append(len(alive))
+        cache = make_cache(*args, **kwargs)
+        alive.add(cache)
+        return cache
+
+    monkeypatch.setattr(test_latency, "filled_cache", counted_cache)
     filled = []
     original = test_latency.prefill_cache
     monkeypatch.setattr(
@@ -417,6 +430,7 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
     # The untimed warm-up's 4-token prompt (3 prefilled), then the timed start and end of the 11 prompt tokens before
     # the last.
     assert filled == [(0, 3), (0, 2), (9, 2)]
+    assert alive_at_creation and set(alive_at_creation) == {0}, alive_at_creation
     (run,) = out["models"]["test_tiny_opt"]["runs"]
     assert (
         run["prefill_s"] > 0
