@@ -6,8 +6,8 @@
 # part, each under 9 minutes (every step has its own time limit):
 #
 #   bash bench/tensor_parallel_65b.sh plan  OUT   # no GPU: --plan for both settings (max batch, roofline), seconds
-#   bash bench/tensor_parallel_65b.sh p256  OUT   # P256 + G768: Llama (~4 min), then LCKV (~4.5 min)
-#   bash bench/tensor_parallel_65b.sh p2k   OUT   # P2048 + G2048: Llama (~4 min), then LCKV (~4.5 min)
+#   bash bench/tensor_parallel_65b.sh p256  OUT   # P256 + G768: Llama (~4 min), then LCKV (~5.5 min)
+#   bash bench/tensor_parallel_65b.sh p2k   OUT   # P2048 + G2048: Llama (~4 min), then LCKV (~5.5 min)
 #   bash bench/tensor_parallel_65b.sh profile OUT # where a decode step's time goes (bench/profile_decode.py): Llama
 #                                                 # batch 12 at P2048 + G2048, LCKV batch 768 at P256 + G768
 #   bash bench/tensor_parallel_65b.sh smoke OUT   # CPU, 2 gloo processes: every step on tiny configs (same code paths)
@@ -97,7 +97,7 @@ plan)
     ;;
 p256)
     want llama && tp_lat llama65b_p256_llama 230 --configs "$L65" --compile "${P256[@]}" "${STEPS[@]}" --batches "$B256L"
-    want lckv && tp_lat llama65b_p256_lckv 300 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
+    want lckv && tp_lat llama65b_p256_lckv 340 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
         --batches "$B256O"
     ratios llama65b_p256 llama65b_p256_llama llama65b_p256_lckv
     ;;

@@ -14,7 +14,7 @@ Search per shape: stage 1 tries every tile x warps x stages of the grid at the d
 waves value for the ``--top`` fastest of stage 1 (only where waves change the number of splits). Candidates whose
 launch repeats one already timed are not timed twice; one that needs more shared memory than the GPU has is recorded
 as ``out_of_resources``; one whose output differs from the default config's is recorded as ``mismatch`` and never
-chosen. Timing on CUDA as the decode step runs the kernel: ``GRAPH_CALLS`` calls captured in one CUDA graph (no
+chosen. Timing on CUDA as the decode step runs the kernel: up to ``GRAPH_CALLS`` calls captured in one CUDA graph (no
 host launch cost, which would dominate a batch-1 call of a few microseconds), each call on the next of enough input
 copies that together exceed twice the L2 cache (every call reads its KV from HBM, as each layer of a step does);
 ``triton.testing.do_bench`` over graph replays, median, divided by the calls. Wall time on a CPU.
@@ -29,6 +29,7 @@ per shape where it beats the default by ``--min_gain`` (docs/fast_decode.md says
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import time
@@ -87,7 +88,8 @@ SMOKE = dict(
     dtype="float32",
 )
 CPU_TIMED_CALLS = 2  # the interpreter is slow: a warm-up call and two timed ones
-GRAPH_CALLS = 64  # kernel calls per captured graph on CUDA: the graph's own launch is amortised over them
+GRAPH_CALLS = 64  # at most this many kernel calls per captured graph on CUDA (the graph's launch amortised)...
+GRAPH_MS = 2.0  # ...or fewer, as long as the graph runs this long: a large shape's calls take milliseconds each
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -238,22 +240,26 @@ def input_copies(inputs_bytes: int, l2_bytes: int) -> int:
 
 
 def time_ms(calls: list[Callable[[], object]], device: str, warmup_ms: float, rep_ms: float) -> float:
-    """Median milliseconds per call of ``calls`` (the same launch on rotating inputs). On CUDA: ``GRAPH_CALLS``
-    calls, cycling through ``calls``, captured in one CUDA graph after one eager round (compilation happens there,
-    untimed), then do_bench over replays. On a CPU: wall time of ``CPU_TIMED_CALLS`` calls after one."""
+    """Median milliseconds per call of ``calls`` (the same launch on rotating inputs, compiled already). On CUDA:
+    after one eager round, up to ``GRAPH_CALLS`` calls (at least one round, fewer where the eager round says the graph
+    would run past ``GRAPH_MS``), cycling through ``calls``, captured in one CUDA graph, then do_bench over replays.
+    On a CPU: wall time of ``CPU_TIMED_CALLS`` calls after one."""
     if torch.device(device).type == "cuda":
         import triton.testing
 
+        start = time.perf_counter()
         for call in calls:
             call()
         torch.cuda.synchronize(device)
+        eager_ms = (time.perf_counter() - start) * 1e3 / len(calls)  # launch cost included: an upper bound
+        graph_calls = max(len(calls), min(GRAPH_CALLS, math.ceil(GRAPH_MS / eager_ms)))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for index in range(GRAPH_CALLS):
+            for index in range(graph_calls):
                 calls[index % len(calls)]()
         replay_ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
         del graph
-        return replay_ms / GRAPH_CALLS
+        return replay_ms / graph_calls
     call = calls[0]
     call()
     times = []
