@@ -63,12 +63,14 @@ from tools.latency import (
     kv_bytes_and_slots,
     kv_bytes_per_token,
     kv_read_bytes_per_token,
+    matmul_parameters,
     new_cache,
     num_kv_layers,
     parse_args,
     pricing_hardware,
     resolve_dtype,
     roofline_hardware,
+    step_matmul_floor_ms,
     step_roofline_ms,
     weight_bytes,
 )
@@ -372,9 +374,11 @@ def summarize(
     bandwidth = hardware.hbm_bandwidth
     # A decode step reads every weight once plus, per sequence and in every layer, the KV of the average context.
     avg_context = args.prompt_len + args.steps / 2
+    multiplied = matmul_parameters(config) / world_size()
     for r in fitting:
         r["roofline_ms"] = step_roofline_ms(weights, kv_read, r["batch"], avg_context, bandwidth)
         r["compiled_step_vs_roofline"] = r["compiled_step_ms"] / r["roofline_ms"] if r["compiled_step_ms"] else None
+        r["matmul_floor_ms"] = step_matmul_floor_ms(multiplied, r["batch"], hardware.peak_flops)
         r |= run_rooflines(r, config, args, hardware, weights, kv_read, dtype.itemsize)
     roofline_ms = step_roofline_ms(weights, kv_read, 1, avg_context, bandwidth)
     batch1 = next((r for r in fitting if r["batch"] == 1), None)

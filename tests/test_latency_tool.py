@@ -53,6 +53,7 @@ def test_cpu_run_writes_both_models_and_ratios(configs, tmp_path):
         assert r["max_batch"] == 2 and r["max_batch_throughput"] > 0 and [x["batch"] for x in r["runs"]] == [1, 2]
         assert all(x["kv_bytes_per_token"] == r["kv_bytes_per_token_formula"] for x in r["runs"])
         assert r["runs"][1]["roofline_ms"] > r["runs"][0]["roofline_ms"] == r["batch1_roofline_ms"]
+        assert r["runs"][1]["matmul_floor_ms"] == pytest.approx(2 * r["runs"][0]["matmul_floor_ms"])  # batch 2 vs 1
     ratio = out["ratios"]["test_tiny_opt/tiny_llama"]
     assert ratio["kv_bytes_per_token_formula"] == pytest.approx(3 / 6)  # 3 KV layers of 6
 
@@ -60,6 +61,19 @@ def test_cpu_run_writes_both_models_and_ratios(configs, tmp_path):
 def test_step_roofline_counts_weights_once_and_filled_kv_per_sequence():
     # 1 GB of weights + 4 sequences x 100 B/token x 2500 tokens = 1.001 GB at 1 TB/s: 1.001 ms
     assert latency.step_roofline_ms(10**9, 100, 4, 2500, 1e12) == pytest.approx(1.001)
+
+
+def test_step_matmul_floor_is_two_flops_per_parameter_per_sequence():
+    # 1e9 parameters x 2 FLOPs x 512 sequences at 1e15 FLOP/s: 1.024 ms
+    assert latency.step_matmul_floor_ms(1e9, 512, 1e15) == pytest.approx(1.024)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_matmul_parameters_leave_out_an_untied_input_embedding(tied):
+    config = tiny_config("llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=256)
+    config.tie_word_embeddings = tied
+    total = latency.weight_bytes(config, torch.float32) // 4
+    assert latency.matmul_parameters(config) == total - (0 if tied else 256 * 64)
 
 
 def test_plan_equals_measured_cache_bytes(configs):

@@ -282,11 +282,32 @@ def step_roofline_ms(weights: int, kv_read_per_token: int, batch: int, context: 
     return 1e3 * (weights + batch * kv_read_per_token * context) / bandwidth
 
 
+def step_matmul_floor_ms(matmul_parameters: float, batch: int, peak_flops: float) -> float:
+    """Milliseconds a decode step's weight matmuls take at ``peak_flops``: 2 FLOPs per parameter per sequence. At a
+    large batch this bound exceeds the bytes roofline (``step_roofline_ms``); attention is left out (its reads bound
+    it)."""
+    return 1e3 * 2 * matmul_parameters * batch / peak_flops
+
+
 def weight_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
     """Parameter bytes, counted on the meta device (no memory, no GPU)."""
+    return parameter_counts(config)[0] * dtype.itemsize
+
+
+def matmul_parameters(config: PretrainedConfig) -> int:
+    """Parameters a decode step multiplies with: all but the input embedding table, which it only indexes (a tied
+    table counts: the LM head multiplies with it)."""
+    return parameter_counts(config)[1]
+
+
+def parameter_counts(config: PretrainedConfig) -> tuple[int, int]:
+    """``(all parameters, all but an untied input embedding table)``, counted on the meta device."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    return total, total - (0 if tied else embedding.numel())
 
 
 def kv_bytes_and_slots(cache) -> tuple[int, int]:
