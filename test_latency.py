@@ -513,9 +513,10 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
 
 
 def plot_title(args, device: str) -> str:
-    """The plot's setting: the full prompt and generation, and how the decode rate over gen_len was measured."""
+    """The plot's setting: the full prompt and generation, the device, and how the decode rate over gen_len was
+    measured (a second line: one line overflowed the figure with a GPU's name)."""
     decode = "all steps timed" if args.steps >= args.gen_len else f"decode from {args.steps} steps at each end"
-    return f"prompt {args.prompt_len} + {args.gen_len} new tokens ({decode}), {device}"
+    return f"prompt {args.prompt_len} + {args.gen_len} new tokens, {device}\n({decode})"
 
 
 def check_prefill_applies(configs: list[PretrainedConfig], modes: list[str], given: bool) -> None:

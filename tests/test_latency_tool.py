@@ -290,10 +290,10 @@ def test_plot_title_states_the_full_setting():
     args = latency.parse_args(["--prompt_len", "2048", "--gen_len", "2048", "--steps", "16", "--device", "cpu"])
     assert (
         test_latency.plot_title(args, "NVIDIA H200")
-        == "prompt 2048 + 2048 new tokens (decode from 16 steps at each end), NVIDIA H200"
+        == "prompt 2048 + 2048 new tokens, NVIDIA H200\n(decode from 16 steps at each end)"
     )
     args = latency.parse_args(["--prompt_len", "8", "--gen_len", "4", "--device", "cpu"])
-    assert test_latency.plot_title(args, "cpu") == "prompt 8 + 4 new tokens (all steps timed), cpu"
+    assert test_latency.plot_title(args, "cpu") == "prompt 8 + 4 new tokens, cpu\n(all steps timed)"
 
 
 def test_compiled_step_timer_times_the_compiled_call_and_restores_it():
