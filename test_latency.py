@@ -63,9 +63,9 @@ from tools.latency import (
     kv_bytes_and_slots,
     kv_bytes_per_token,
     kv_read_bytes_per_token,
-    matmul_parameters,
     new_cache,
     num_kv_layers,
+    parameter_counts,
     parse_args,
     pricing_hardware,
     resolve_dtype,
@@ -367,14 +367,11 @@ def summarize(
     roofline."""
     fitting = [r for r in runs if not r.get("oom")]
     best = max(fitting, key=lambda r: r["batch"]) if fitting else None
-    weights, kv_read = (
-        weight_bytes(config, dtype) / world_size(),
-        kv_read_bytes_per_token(config, dtype) / world_size(),
-    )  # per process
+    parameters, multiplied = (count / world_size() for count in parameter_counts(config))  # per process
+    weights, kv_read = parameters * dtype.itemsize, kv_read_bytes_per_token(config, dtype) / world_size()
     bandwidth = hardware.hbm_bandwidth
     # A decode step reads every weight once plus, per sequence and in every layer, the KV of the average context.
     avg_context = args.prompt_len + args.steps / 2
-    multiplied = matmul_parameters(config) / world_size()
     for r in fitting:
         r["roofline_ms"] = step_roofline_ms(weights, kv_read, r["batch"], avg_context, bandwidth)
         r["compiled_step_vs_roofline"] = r["compiled_step_ms"] / r["roofline_ms"] if r["compiled_step_ms"] else None

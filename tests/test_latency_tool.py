@@ -69,11 +69,11 @@ def test_step_matmul_floor_is_two_flops_per_parameter_per_sequence():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_matmul_parameters_leave_out_an_untied_input_embedding(tied):
+def test_multiplied_parameters_leave_out_an_untied_input_embedding(tied):
     config = tiny_config("llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=256)
     config.tie_word_embeddings = tied
     total = latency.weight_bytes(config, torch.float32) // 4
-    assert latency.matmul_parameters(config) == total - (0 if tied else 256 * 64)
+    assert latency.parameter_counts(config) == (total, total - (0 if tied else 256 * 64))
 
 
 def test_plan_equals_measured_cache_bytes(configs):
@@ -395,6 +395,15 @@ def test_bad_prefill_flag_is_a_one_line_error(capsys):
     )
 
 
+def tiny_opt_static_argv(config: str, prefill: str, out_dir, *extra: str) -> list[str]:
+    """test_latency.py's arguments for ``config`` at batch 2, prompt 12 + 4 new tokens, a static cache, ``--prefill
+    prefill``, on the CPU, then ``extra``."""
+    return [
+        *("--configs", config, "--prompt_len", "12", "--gen_len", "4", "--batches", "2", "--cache", "static"),
+        *("--prefill", prefill, "--device", "cpu", "--output_dir", str(out_dir), *extra),
+    ]
+
+
 def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monkeypatch):
     """--prefill_sample times 2 tokens at each end of the prompt, then decoding continues from a cache holding the
     prompt: the extrapolated prefill is reported and the steps after it run as usual. One cache is alive at a time
@@ -420,27 +429,7 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
             filled.append((int(cache.get_seq_length()), ids.shape[1])) or original(model, ids, cache)
         ),
     )
-    argv = [
-        "--configs",
-        configs[1],
-        "--prompt_len",
-        "12",
-        "--gen_len",
-        "4",
-        "--batches",
-        "2",
-        "--cache",
-        "static",
-        "--prefill",
-        "sequential",
-        "--prefill_sample",
-        "2",
-        "--device",
-        "cpu",
-        "--output_dir",
-        str(tmp_path),
-    ]
-    out = test_latency.main(argv)
+    out = test_latency.main(tiny_opt_static_argv(configs[1], "sequential", tmp_path, "--prefill_sample", "2"))
     # The untimed warm-up's 4-token prompt (3 prefilled), then the timed start and end of the 11 prompt tokens before
     # the last.
     assert filled == [(0, 3), (0, 2), (9, 2)]
@@ -485,26 +474,7 @@ def test_untimed_warm_up_runs_the_prefill_path_at_the_measured_shape(
             prompts.append(prompt_len) or original(model, args, batch, steps, bar, prompt_len, **k)
         ),
     )
-    test_latency.main(
-        [
-            "--configs",
-            configs[1],
-            "--prompt_len",
-            "12",
-            "--gen_len",
-            "4",
-            "--batches",
-            "2",
-            "--cache",
-            "static",
-            "--prefill",
-            prefill,
-            "--device",
-            "cpu",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
+    test_latency.main(tiny_opt_static_argv(configs[1], prefill, tmp_path))
     assert prompts == [warm_prompt, 12]
 
 

@@ -294,14 +294,9 @@ def weight_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
     return parameter_counts(config)[0] * dtype.itemsize
 
 
-def matmul_parameters(config: PretrainedConfig) -> int:
-    """Parameters a decode step multiplies with: all but the input embedding table, which it only indexes (a tied
-    table counts: the LM head multiplies with it)."""
-    return parameter_counts(config)[1]
-
-
 def parameter_counts(config: PretrainedConfig) -> tuple[int, int]:
-    """``(all parameters, all but an untied input embedding table)``, counted on the meta device."""
+    """``(all parameters, the ones a decode step multiplies with)``, counted on the meta device: the second leaves out
+    the input embedding table, which a step only indexes, unless the LM head shares it."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
