@@ -23,7 +23,8 @@ Bandwidth: filled K + V bytes plus q and out bytes over the time, as a fraction 
 
 Writes ``tune_decode_attention.json`` (every candidate's time) after each shape, so a run cut short keeps what it
 measured, and ``launch_table.txt``: the ``TUNED`` assignment for ``models/kernels/decode_launch.py``, the best config
-per shape where it beats the default by ``--min_gain`` (docs/fast_decode.md says how to apply it).
+per shape where it beats the default by ``--min_gain``, over the current table's rows for the shapes it did not
+measure (``--from_scratch``: this run's shapes alone). ``--apply`` writes it into ``decode_launch.py``.
 """
 
 import argparse
@@ -42,9 +43,10 @@ from typing import NamedTuple
 import torch
 
 import models  # noqa: F401  (loads the decode kernel where it can run)
-from models.kernels import decode_attention
+from models.kernels import decode_attention, decode_launch
 from models.kernels.decode_launch import (
     DEFAULT,
+    TUNED,
     WAVES,
     KernelConfig,
     LaunchConfig,
@@ -87,6 +89,7 @@ SMOKE = dict(
     top=1,
     dtype="float32",
 )
+DECODE_LAUNCH = Path(decode_launch.__file__)  # where --apply writes the table
 CPU_TIMED_CALLS = 2  # the interpreter is slow: a warm-up call and two timed ones
 GRAPH_CALLS = 64  # at most this many kernel calls per captured graph on CUDA (the graph's launch amortised)...
 GRAPH_MS = 2.0  # ...or fewer, as long as the graph runs this long: a large shape's calls take milliseconds each
@@ -144,6 +147,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="SM count the splits are computed for, e.g. 132 for an H200 in --dry_run (default: the "
         "device's; 4 on the interpreter)",
+    )
+    p.add_argument(
+        "--from_scratch",
+        action="store_true",
+        help="build the table from this run's shapes alone (default: the current TUNED table of decode_launch.py "
+        "with the rows of this run's shapes replaced, so a run over a few batches refines it)",
+    )
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="also write the table into models/kernels/decode_launch.py (its TUNED assignment) at the end",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dry_run", action="store_true", help="print the shapes and candidate counts, time nothing")
@@ -382,18 +396,33 @@ def chosen_config(result: dict, min_gain: float) -> KernelConfig:
     return KernelConfig(**result["best"]["config"])
 
 
-def table_rows(results: list[dict], value_bytes: int, min_gain: float) -> dict[tuple[int, int, int], TableRows]:
+def table_rows(
+    results: list[dict],
+    value_bytes: int,
+    min_gain: float,
+    current: dict[tuple[int, int, int], TableRows] | None = None,
+) -> dict[tuple[int, int, int], TableRows]:
     """``decode_launch.TUNED`` from measured shapes: per ``(G, D, value_bytes)`` the chosen config from each
-    shape's KV rows on, ascending; a row equal to the one before it is dropped, a key that is all default too."""
-    by_key: dict[tuple[int, int, int], list[tuple[int, KernelConfig]]] = {}
+    shape's KV rows on, ascending, over the rows of ``current`` (a measured shape replaces the row at its KV row count,
+    the rows of shapes not measured are kept); a row equal to the one before it is dropped, a key that is all default
+    too."""
+    points = {key: dict(rows) for key, rows in (current or {}).items()}  # key -> {first KV row count: config}
+    measured: set[tuple[tuple[int, int, int], int]] = set()
     for result in sorted(results, key=lambda r: r["kv_rows"]):
-        rows = by_key.setdefault((result["group"], result["head_dim"], value_bytes), [])
-        config = chosen_config(result, min_gain)
-        if rows and rows[-1][0] == result["kv_rows"]:
+        key = (result["group"], result["head_dim"], value_bytes)
+        if (key, result["kv_rows"]) in measured:
             continue  # two models with one KV row count: the first measured stays
-        if not rows or rows[-1][1] != config:
-            rows.append((result["kv_rows"], config))
-    return {key: tuple(rows) for key, rows in by_key.items() if any(config != DEFAULT for _, config in rows)}
+        measured.add((key, result["kv_rows"]))
+        points.setdefault(key, {})[result["kv_rows"]] = chosen_config(result, min_gain)
+    table = {}
+    for key, by_first in points.items():
+        rows: list[tuple[int, KernelConfig]] = []
+        for first, config in sorted(by_first.items()):
+            if not rows or rows[-1][1] != config:
+                rows.append((first, config))
+        if any(config != DEFAULT for _, config in rows):
+            table[key] = tuple(rows)
+    return table
 
 
 def table_literal(table: dict[tuple[int, int, int], TableRows], comment: str) -> str:
@@ -404,6 +433,19 @@ def table_literal(table: dict[tuple[int, int, int], TableRows], comment: str) ->
         lines += [f"        ({first}, {config!r})," for first, config in rows]
         lines.append("    ),")
     return "\n".join([*lines, "}"]) + "\n"
+
+
+def replace_table(source: str, literal: str) -> str:
+    """``decode_launch.py``'s source with its ``TUNED`` assignment and the comment line right above it (which run
+    measured it) replaced by ``literal`` (``table_literal``'s output)."""
+    lines = source.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith("TUNED:")), None)
+    if start is None or start == 0 or not lines[start - 1].startswith("# "):
+        raise ValueError("decode_launch.py: no comment line followed by a `TUNED:` assignment")
+    end = next((i for i in range(start, len(lines)) if lines[i].rstrip("\n") == "}"), None)
+    if end is None:
+        raise ValueError("decode_launch.py: the `TUNED` assignment has no closing `}` line")
+    return "".join(lines[: start - 1]) + literal + "".join(lines[end + 1 :])
 
 
 def write_outputs(out_dir: Path, report: dict, table: str) -> None:
@@ -493,7 +535,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     deadline = time.monotonic() + args.time_budget_s
     value_bytes = DTYPES[args.dtype].itemsize
-    comment = f"{name}, {processors} SMs, {args.dtype}: bench/tune_decode_attention.py (min_gain {args.min_gain})"
+    kept = "" if args.from_scratch else "; the rows of shapes it did not measure kept from the table before"
+    comment = f"{name}, {processors} SMs, {args.dtype}: bench/tune_decode_attention.py (min_gain {args.min_gain}){kept}"
     for model, shape, batch in planned_shapes(args):
         bench = Bench(args, shape, batch, processors, deadline)
         result = {"model": model, **tune_shape(bench, args.grid, args.top)}
@@ -502,12 +545,16 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
         report["shapes"].append(result)
         print(summary_line(result), flush=True)
-        table = table_rows(report["shapes"], value_bytes, args.min_gain)
+        table = table_rows(report["shapes"], value_bytes, args.min_gain, None if args.from_scratch else TUNED)
         report["table"] = {
             repr(key): [[first, config._asdict()] for first, config in rows] for key, rows in table.items()
         }
         write_outputs(out_dir, report, table_literal(table, comment))
-    print((out_dir / "launch_table.txt").read_text())
+    literal = (out_dir / "launch_table.txt").read_text()
+    print(literal)
+    if args.apply:
+        DECODE_LAUNCH.write_text(replace_table(DECODE_LAUNCH.read_text(), literal))
+        print(f"written into {DECODE_LAUNCH}")
     if args.hbm_bytes_per_s is not None:
         try:
             plot(report["shapes"], out_dir / "tune_decode_attention.png")

@@ -62,6 +62,38 @@ def test_printed_table_is_what_launch_config_reads():
         )
 
 
+def test_measured_rows_replace_the_current_tables_and_keep_the_rest():
+    current = {(8, 64, 2): ((4, OTHER), (128, FAST), (512, OTHER)), (1, 128, 2): ((32, FAST),)}
+    # batch 32 (128 rows) measured: the default now wins there, and from 128 rows to the 512 row too; batch 128 (512
+    # rows) measured as the row before it: dropped. The 7B key is not measured: kept.
+    results = [measured("tinyllama", 32, 1.0, FAST), measured("tinyllama", 128, 1.0, FAST)]
+    assert tune.table_rows(results, 2, 0.03, current) == {
+        (8, 64, 2): ((4, OTHER), (128, DEFAULT)),
+        (1, 128, 2): ((32, FAST),),
+    }
+    # batch 1 (4 rows) measured FAST: the 128 row, equal to the one before it now, is dropped
+    assert tune.table_rows([measured("tinyllama", 1, 1.5, FAST)], 2, 0.03, current)[(8, 64, 2)] == (
+        (4, FAST),
+        (512, OTHER),
+    )
+    assert tune.table_rows([], 2, 0.03, current) == current
+
+
+def test_replace_table_rewrites_only_the_assignment_and_its_comment():
+    source = tune.DECODE_LAUNCH.read_text()
+    table = {(8, 64, 2): ((4, FAST),)}
+    rewritten = tune.replace_table(source, tune.table_literal(table, "a new run"))
+    namespace: dict = {}
+    exec(rewritten, namespace)
+    assert namespace["TUNED"] == table
+    before, after = source.split("TUNED:")[0], rewritten.split("TUNED:")[0]
+    assert after == before.rsplit("# ", 1)[0] + "# a new run\n"  # the comment above the assignment replaced
+    tail = source.split("\n}\n", 1)[1]
+    assert rewritten.endswith(tail)  # everything after the table kept
+    with pytest.raises(ValueError, match="TUNED"):
+        tune.replace_table("x = 1\n", "TUNED = {}\n")
+
+
 def test_a_table_of_defaults_is_empty():
     assert tune.table_rows([measured("tinyllama", 1, 1.01, FAST), measured("tinyllama", 32, None, FAST)], 2, 0.03) == {}
     assert load_literal(tune.table_literal({}, "nothing beat the default")) == {}
@@ -129,8 +161,11 @@ def test_candidates_that_differ_fail_or_run_late_are_recorded(interpreted_kernel
     assert late.measure(DEFAULT)["status"] == "skipped (time budget)"
 
 
-def test_smoke_run(interpreted_kernel, tmp_path):
-    report = tune.main(["--smoke", "--output_dir", str(tmp_path), "--hbm_bandwidth", "50GB"])
+def test_smoke_run(interpreted_kernel, tmp_path, monkeypatch):
+    target = tmp_path / "decode_launch.py"  # --apply writes here, not into the repository
+    target.write_text(tune.DECODE_LAUNCH.read_text())
+    monkeypatch.setattr(tune, "DECODE_LAUNCH", target)
+    report = tune.main(["--smoke", "--output_dir", str(tmp_path), "--hbm_bandwidth", "50GB", "--apply"])
     assert [(r["model"], r["batch"]) for r in report["shapes"]] == [("smoke", 3), ("smoke", 1)]
     for result in report["shapes"]:
         assert result["default"]["config"] == DEFAULT._asdict() and result["default"]["status"] == "ok"
@@ -141,7 +176,12 @@ def test_smoke_run(interpreted_kernel, tmp_path):
     saved = json.loads((tmp_path / "tune_decode_attention.json").read_text())
     assert saved["shapes"] == json.loads(json.dumps(report["shapes"]))
     table = load_literal((tmp_path / "launch_table.txt").read_text())
-    assert table == tune.table_rows(report["shapes"], 4, 0.03)  # fp32: 4 bytes per value
+    # fp32 (4 bytes per value): a key of its own, over the current table's keys
+    assert table == tune.table_rows(report["shapes"], 4, 0.03, decode_launch.TUNED)
+    assert decode_launch.TUNED.items() <= table.items()
+    applied: dict = {}
+    exec(target.read_text(), applied)
+    assert applied["TUNED"] == table
 
 
 def test_the_default_is_timed_again_and_keeps_the_faster(interpreted_kernel, tmp_path, monkeypatch):
