@@ -6,8 +6,8 @@
 # part, each under 9 minutes (every step has its own time limit):
 #
 #   bash bench/tensor_parallel_65b.sh plan  OUT   # no GPU: --plan for both settings (max batch, roofline), seconds
-#   bash bench/tensor_parallel_65b.sh p256  OUT   # P256 + G768: Llama (~4 min), then LCKV (~5.5 min)
-#   bash bench/tensor_parallel_65b.sh p2k   OUT   # P2048 + G2048: Llama (~4 min), then LCKV (~5.5 min)
+#   bash bench/tensor_parallel_65b.sh p256  OUT   # P256 + G768: Llama (~4-5 min), then LCKV (~5.5 min)
+#   bash bench/tensor_parallel_65b.sh p2k   OUT   # P2048 + G2048: Llama (~4-5 min), then LCKV (~5.5 min)
 #   bash bench/tensor_parallel_65b.sh profile OUT # where a decode step's time goes (bench/profile_decode.py): Llama
 #                                                 # batch 12 at P2048 + G2048, LCKV batch 768 at P256 + G768
 #   bash bench/tensor_parallel_65b.sh smoke OUT   # CPU, 2 gloo processes: every step on tiny configs (same code paths)
@@ -41,6 +41,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     $py -m bench.smoke_llama_config "$out"
     L65=$out/smoke_llama.json L65O=configs/test_tiny_opt.json
     P256=(--prompt_len 10 --gen_len 6) P2K=(--prompt_len 12 --gen_len 8) STEPS=(--steps 2) SAMPLE=(--prefill_sample 2)
+    CHUNK=(--prefill_chunk 1)
     B256L=2,1 B256O=3,2 B2KL=2,1 B2KO=3,2
     PROFILE=(--device cpu --steps 3 --attention_batches 1) PROFILE_LLAMA=2 PROFILE_LCKV=3
     common=(--device cpu)
@@ -49,6 +50,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     L65=configs/llama65b.json L65O=configs/llama65b_opt.json
     P256=(--prompt_len 256 --gen_len 768) P2K=(--prompt_len 2048 --gen_len 2048) STEPS=(--steps 16) SAMPLE=(--prefill_sample 64)
+    # The Llama prefills 4 sequences at a time into its cache: at the KV-bound batch the cache leaves no room for a
+    # whole batch's prefill activations (batch 14 at P2048 ran out of memory in the one-pass prefill, 140.5 GB allocated).
+    CHUNK=(--prefill_chunk 4)
     # From the KV-bound --plan batch (Llama 56 / 14, LCKV 1,709 / 427 per GPU at 141 GB) down to what fitted on two
     # H200s (Llama 48 / 12, LCKV 768 / 256): the first that fits is the largest of the list. A batch that does not fit
     # fails at once: test_latency allocates the whole cache before any forward.
@@ -96,13 +100,15 @@ plan)
         --plan_lengths 4096 "${common[@]}"
     ;;
 p256)
-    want llama && tp_lat llama65b_p256_llama 230 --configs "$L65" --compile "${P256[@]}" "${STEPS[@]}" --batches "$B256L"
+    want llama && tp_lat llama65b_p256_llama 300 --configs "$L65" --compile "${CHUNK[@]}" "${P256[@]}" "${STEPS[@]}" \
+        --batches "$B256L"
     want lckv && tp_lat llama65b_p256_lckv 340 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
         --batches "$B256O"
     ratios llama65b_p256 llama65b_p256_llama llama65b_p256_lckv
     ;;
 p2k)
-    want llama && tp_lat llama65b_p2k_llama 230 --configs "$L65" --compile "${P2K[@]}" "${STEPS[@]}" --batches "$B2KL"
+    want llama && tp_lat llama65b_p2k_llama 300 --configs "$L65" --compile "${CHUNK[@]}" "${P2K[@]}" "${STEPS[@]}" \
+        --batches "$B2KL"
     want lckv && tp_lat llama65b_p2k_lckv 320 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P2K[@]}" "${STEPS[@]}" \
         --batches "$B2KO"
     ratios llama65b_p2k llama65b_p2k_llama llama65b_p2k_lckv
