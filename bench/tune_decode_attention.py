@@ -535,8 +535,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     deadline = time.monotonic() + args.time_budget_s
     value_bytes = DTYPES[args.dtype].itemsize
-    kept = "" if args.from_scratch else "; the rows of shapes it did not measure kept from the table before"
-    comment = f"{name}, {processors} SMs, {args.dtype}: bench/tune_decode_attention.py (min_gain {args.min_gain}){kept}"
+    # one line (replace_table swaps it); the rows of the shapes a run did not measure come from the table before
+    kept = "" if args.from_scratch else ", over the table before"
+    comment = f"{name} ({processors} SMs), {args.dtype}, min_gain {args.min_gain}{kept}"
     for model, shape, batch in planned_shapes(args):
         bench = Bench(args, shape, batch, processors, deadline)
         result = {"model": model, **tune_shape(bench, args.grid, args.top)}
