@@ -48,10 +48,10 @@ from unittest import mock
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import LlamaConfig
 from transformers.cache_utils import DynamicCache
 
 from models import sequential_prefill
+from models.config_loading import llama_twin
 from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
 from models.kernels.flags import FLASH_ATTN
 from models.masks import lckv_masks
@@ -330,23 +330,6 @@ SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
-
-
-def llama_twin(config) -> LlamaConfig:
-    """A Llama with ``config``'s dimensions (every layer its own KVs, no iterations)."""
-    fields = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "vocab_size",
-        "max_position_embeddings",
-        "rms_norm_eps",
-        "rope_parameters",
-        "head_dim",
-    )
-    return LlamaConfig(**{name: getattr(config, name) for name in fields})
 
 
 def prefill_forward(model, ids: torch.Tensor) -> None:

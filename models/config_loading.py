@@ -1,6 +1,6 @@
-"""A model config read from a ``.json`` file, a checkpoint directory or a hub id, and a Llama config viewed as an
-opt-llama one: the library half of the tools' config loading (``tools.cli.load_config`` adds the path and hub checks
-and turns these ValueErrors into one-line usage errors).
+"""A model config read from a ``.json`` file, a checkpoint directory or a hub id, a Llama config viewed as an
+opt-llama one, and an LCKV config's Llama twin: the library half of the tools' config loading
+(``tools.cli.load_config`` adds the path and hub checks and turns these ValueErrors into one-line usage errors).
 
 Every failure a caller's input can cause is a one-line ValueError naming the flag (or field), the value and what is
 allowed.
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
-from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers import CONFIG_MAPPING, LlamaConfig, PretrainedConfig
 
 from .config_checks import check_shape_fields
 from .configuration_opt_llama import OptLlamaConfig
@@ -71,3 +71,12 @@ def as_opt_llama(config: PretrainedConfig) -> OptLlamaConfig:
         raise ValueError(f"model_type: {config.model_type!r}; allowed are opt-llama, lckv-llama and llama")
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "layer_types")}
     return OptLlamaConfig(**fields, lckv_layer_types="_".join(["0"] * config.num_hidden_layers))
+
+
+def llama_twin(config: PretrainedConfig) -> LlamaConfig:
+    """The Llama of ``config``'s dimensions and settings: every field a ``LlamaConfig`` has, none of LCKV's (layer
+    layout, iterations, prefill), so every layer computes its own KVs. The baseline an LCKV model is measured
+    against."""
+    llama_fields = LlamaConfig().to_dict().keys() - {"model_type", "architectures", "transformers_version"}
+    values = {k: v for k, v in config.to_dict().items() if k in llama_fields}
+    return LlamaConfig(**values, architectures=["LlamaForCausalLM"])

@@ -5,15 +5,15 @@ import json
 import pytest
 
 from bench import bench_flops
+from models import OptLlamaConfig
+from models.config_loading import llama_twin
 
 from .conftest import CONFIGS
-
-LCKV_FIELDS = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv")
 
 
 def test_flops_json_with_ratios_and_all_standard_equals_llama(tmp_path):
     fields = json.loads((CONFIGS / "test_tiny_opt.json").read_text())
-    llama = {k: v for k, v in fields.items() if k not in LCKV_FIELDS} | {"model_type": "llama"}
+    llama = llama_twin(OptLlamaConfig(**fields)).to_dict()
     standard = fields | {"layer_types": "0_0_0_0_0_0"}  # opt-llama without condensed layers: Llama's function
     paths = []
     for name, config in [("llama", llama), ("lckv", fields), ("standard", standard)]:

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from models.config_loading import llama_twin
+
 from .conftest import tiny_config, tiny_model
-from .test_model_oracles import _llama_shape, random_ids
+from .test_model_oracles import random_ids
 
 LCKV = dict(layer_types="0_1_1_1_2_0")
 
@@ -15,7 +17,7 @@ LCKV = dict(layer_types="0_1_1_1_2_0")
 def test_hidden_states_and_attentions_equal_llama_when_every_layer_is_standard():
     config = tiny_config(layer_types="0_0_0_0_0_0")
     ours = tiny_model(config, "eager")
-    llama = LlamaForCausalLM(tiny_config("llama_tiny.json", **_llama_shape(config))).eval()
+    llama = LlamaForCausalLM(llama_twin(config)).eval()
     llama.config._attn_implementation = "eager"
     llama.load_state_dict(ours.state_dict())
     ids = random_ids(2, 9)

@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from models import roofline, sequential_prefill
+from models.config_loading import llama_twin
 from tools import latency
 from tools.cli import UsageError
 from tools.measure import CompiledStepTimer, load_config_for_length
@@ -17,16 +18,12 @@ from .conftest import CONFIGS, tiny_config, tiny_model
 sys.path.insert(0, str(CONFIGS.parent))
 import test_latency  # noqa: E402
 
-LCKV_FIELDS = ("layer_types", "target_layer", "num_encoders", "num_trained_encoders", "train_kv")
-
 
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory) -> list[str]:
     """A tiny Llama and the tiny opt-llama of the same shape."""
-    fields = json.loads((CONFIGS / "test_tiny_opt.json").read_text())
-    llama = {k: v for k, v in fields.items() if k not in LCKV_FIELDS} | {"model_type": "llama"}
     path = tmp_path_factory.mktemp("latency") / "tiny_llama.json"
-    path.write_text(json.dumps(llama))
+    llama_twin(tiny_config()).to_json_file(path)
     return [str(path), str(CONFIGS / "test_tiny_opt.json")]
 
 

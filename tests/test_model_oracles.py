@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
+from models.config_loading import llama_twin
 from models.kernels.plain import PlainRMSNorm, PlainRotaryEmbedding, plain_eager_attention
 from tools.measure import kv_bytes
 
@@ -78,7 +79,7 @@ def test_all_standard_layers_equal_llama(backend, num_threads, monkeypatch):
     """Oracle 1: every layer standard => logits equal transformers' Llama with the same weights."""
     config = tiny_config(layer_types="0_0_0_0_0_0")
     ours = model64(config, backend)
-    llama = LlamaForCausalLM(tiny_config("llama_tiny.json", **_llama_shape(config))).eval()
+    llama = LlamaForCausalLM(llama_twin(config)).eval()
     llama.config._attn_implementation = backend
     llama.load_state_dict(ours.state_dict(), strict=True)
     llama = llama_in_float64(llama, monkeypatch)
@@ -92,26 +93,11 @@ def test_all_standard_layers_equal_llama(backend, num_threads, monkeypatch):
     torch.testing.assert_close(actual[1, 3:], expected[1, 3:], atol=ATOL, rtol=0)
 
 
-def _llama_shape(config) -> dict:
-    keys = [
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "vocab_size",
-        "max_position_embeddings",
-        "rms_norm_eps",
-        "rope_parameters",
-    ]
-    return {k: getattr(config, k) for k in keys}
-
-
 def test_llama_state_dict_loads_and_condensed_layers_have_no_kv():
     """Parameter names follow Llama: a Llama state dict loads; condensed layers just lack k_proj/v_proj."""
     config = tiny_config()
     ours = tiny_model(config)
-    llama = LlamaForCausalLM(tiny_config("llama_tiny.json", **_llama_shape(config)))
+    llama = LlamaForCausalLM(llama_twin(config))
     result = ours.load_state_dict(llama.state_dict(), strict=False)
     assert result.missing_keys == []
     condensed = [i for i, src in enumerate(config.layer_kv_sources) if src != i]
@@ -285,7 +271,7 @@ def test_cache_holds_only_kv_layers():
     """The cache after generating holds n_kv_layers / num_hidden_layers of a same-shape Llama's bytes."""
     config = tiny_config()
     model = tiny_model(config)
-    llama = LlamaForCausalLM(tiny_config("llama_tiny.json", **_llama_shape(config))).eval()
+    llama = LlamaForCausalLM(llama_twin(config)).eval()
     ids = random_ids(2, 6)
     caches = []
     for m in (model, llama):
