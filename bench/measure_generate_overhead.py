@@ -15,16 +15,20 @@ captured graphs). Each samples ``--new_tokens`` tokens as test_latency.py does (
 test_latency's ``step_ms``), ``captured_step_ms`` (the compiled forward alone, CUDA events: test_latency's
 ``compiled_step_ms``) and their ratio; then the fast loop's cost over transformers' captured step and over its whole
 loop, the step's HBM roofline (weights + the context's KV in every layer, ``--hbm_bandwidth``), and whether both loops
-give the same ``--check_tokens`` tokens (greedy, and sampling from one seed). Writes
+give the same ``--check_tokens`` tokens (greedy, and sampling from one seed); where the greedy tokens differ,
+``greedy_divergence`` says where and how far apart the two tokens' logits were (in ulps of the model's dtype: bf16
+forwards compiled into different graphs round differently, and break a near tie either way). Writes
 ``<output_dir>/generate_overhead_<config names>_b<batches>.json``. ``--smoke`` runs the same code on the CPU (dynamo's
 eager backend standing in for inductor) with configs/llama_tiny*.json.
 """
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -93,13 +97,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class GenerateRun(NamedTuple):
+    """What ``run_generate`` returns: the new tokens ``(B, n)``; when timed, generate's ms per token (first new token
+    to last) and the captured forward's mean ms (None when it was not compiled); when asked, the logits ``(B, n, V)``
+    that chose the tokens."""
+
+    tokens: torch.Tensor
+    ms: float | None = None
+    captured_ms: float | None = None
+    logits: torch.Tensor | None = None
+
+
 def run_generate(
-    model, cache, batch: int, context: int, loop: str, new_tokens: int, sample: bool = True, timed: bool = False
-):
+    model,
+    cache,
+    batch: int,
+    context: int,
+    loop: str,
+    new_tokens: int,
+    sample: bool = True,
+    timed: bool = False,
+    logits: bool = False,
+) -> GenerateRun:
     """``new_tokens`` tokens for ``batch`` sequences after the ``context`` in ``cache`` (one more prompt token is
-    prefilled) with ``loop``; the cache is rewound to ``context`` afterwards. Returns the new tokens
-    ``(B, new_tokens)``, and when ``timed`` generate's ms per token (first new token to last) and the captured
-    forward's mean ms (None when it was not compiled)."""
+    prefilled) with ``loop``; the cache is rewound to ``context`` afterwards. ``logits`` (transformers' loop only:
+    the fast loop returns tokens alone) also keeps the logits of every step."""
     model.generation_config.fast_decode = loop == "fast"
     ids = torch.randint(
         3, model.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0)
@@ -114,6 +136,8 @@ def run_generate(
     )
     if sample:
         kwargs["top_k"] = 0
+    if logits:
+        kwargs |= dict(output_logits=True, return_dict_in_generate=True)
     torch.manual_seed(0)
     with tqdm(total=new_tokens, disable=True) as bar, CompiledStepTimer(model) as step_timer, torch.no_grad():
         timer = StepTimer(bar)
@@ -121,8 +145,46 @@ def run_generate(
         out = model.generate(ids, streamer=timer if timed else None, **kwargs)
         synchronize(model.device)
     cache.crop(-(int(cache.get_seq_length()) - context))
-    ms = 1e3 * (timer.times[-1] - timer.times[1]) / (len(timer.times) - 2) if timed else None
-    return out[:, context + 1 :], ms, step_timer.mean_ms() if timed else None
+    sequences, step_logits = (out.sequences, torch.stack(out.logits, 1)) if logits else (out, None)
+    if not timed:
+        return GenerateRun(sequences[:, context + 1 :], logits=step_logits)
+    ms = 1e3 * (timer.times[-1] - timer.times[1]) / (len(timer.times) - 2)
+    return GenerateRun(sequences[:, context + 1 :], ms, step_timer.mean_ms(), step_logits)
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
+    """``(row, step)`` of the earliest step at which two ``(B, n)`` token tensors differ (its first such row), or
+    None when they are equal."""
+    steps = (a != b).any(0).nonzero()
+    if len(steps) == 0:
+        return None
+    step = int(steps[0])
+    return int((a[:, step] != b[:, step]).nonzero()[0]), step
+
+
+def logit_tie(logits: torch.Tensor, chosen: int, other: int, dtype: torch.dtype) -> dict:
+    """How close ``other`` came to ``chosen`` in one row's logits ``(V,)`` (values of the forward's ``dtype``, which
+    generate hands out as float32): their gap, and one ulp of ``dtype`` at the chosen logit's magnitude. A gap of a
+    few ulps is a tie that two forwards compiled differently may break either way."""
+    top = float(logits[chosen])
+    ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(abs(top))) if top else torch.finfo(dtype).tiny
+    gap = top - float(logits[other])
+    return {"logit_gap": gap, "ulp": ulp, "gap_in_ulps": gap / ulp}
+
+
+def greedy_divergence(model, cache, batch: int, context: int, greedy: dict[str, torch.Tensor]) -> dict | None:
+    """Where the loops' greedy tokens ``(B, n)`` first differ (None where they agree): the row, the step, each loop's
+    token, and ``logit_tie`` of the two tokens in transformers' loop's logits at that step (its run repeated up to
+    there, the prefix being the same in both loops)."""
+    divergence = first_difference(greedy["fast"], greedy["transformers"])
+    if divergence is None:
+        return None
+    row, step = divergence
+    tokens = {loop: int(new[row, step]) for loop, new in greedy.items()}
+    stock = run_generate(model, cache, batch, context, "transformers", step + 1, sample=False, logits=True)
+    dtype = next(model.parameters()).dtype
+    tie = logit_tie(stock.logits[row, step], tokens["transformers"], tokens["fast"], dtype)
+    return {"row": row, "step": step, "tokens": tokens} | tie
 
 
 def measure(model, config, batch: int, args) -> dict:
@@ -137,14 +199,15 @@ def measure(model, config, batch: int, args) -> dict:
     tokens = {}
     for loop in LOOPS:
         run_generate(model, cache, batch, args.context, loop, 3)  # compile, warm up and capture
-        _, ms, captured = run_generate(model, cache, batch, args.context, loop, args.new_tokens, timed=True)
+        _, ms, captured, _ = run_generate(model, cache, batch, args.context, loop, args.new_tokens, timed=True)
         row[loop] = {
             "ms_per_token": ms,
             "captured_step_ms": captured,
             "vs_captured": ms / captured if captured else None,
         }
         tokens[loop] = [
-            run_generate(model, cache, batch, args.context, loop, args.check_tokens, sample=s)[0] for s in (False, True)
+            run_generate(model, cache, batch, args.context, loop, args.check_tokens, sample=s).tokens
+            for s in (False, True)
         ]
     fast, stock = row["fast"], row["transformers"]
     row["fast_vs_transformers_captured_step"] = (
@@ -163,6 +226,8 @@ def measure(model, config, batch: int, args) -> dict:
     row["same_tokens"] = {
         kind: bool(torch.equal(a, b)) for kind, a, b in zip(("greedy", "sampled"), *tokens.values(), strict=True)
     }
+    greedy = {loop: new[0] for loop, new in tokens.items()}
+    row["greedy_divergence"] = greedy_divergence(model, cache, batch, args.context, greedy)
     del cache
     return row
 
