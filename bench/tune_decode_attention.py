@@ -553,8 +553,10 @@ def main(argv: list[str] | None = None) -> dict:
         write_outputs(out_dir, report, table_literal(table, comment))
     literal = (out_dir / "launch_table.txt").read_text()
     print(literal)
-    if args.apply:
-        DECODE_LAUNCH.write_text(replace_table(DECODE_LAUNCH.read_text(), literal))
+    if args.apply:  # through a temporary file: decode_launch.py is never half written
+        staged = DECODE_LAUNCH.with_name(DECODE_LAUNCH.name + ".partial")
+        staged.write_text(replace_table(DECODE_LAUNCH.read_text(), literal))
+        os.replace(staged, DECODE_LAUNCH)
         print(f"written into {DECODE_LAUNCH}")
     if args.hbm_bytes_per_s is not None:
         try:
