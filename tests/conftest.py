@@ -27,6 +27,16 @@ def tiny_config(name: str = "test_tiny_opt.json", **overrides):
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
+def tiny_lckv_llama_config(layer_types: str, **fields):
+    """An lckv-llama config (the original code's later format) of test_tiny_opt.json's dimensions and 6 layers:
+    ``layer_types`` and any other lckv-llama ``fields`` (iterations, sliding window)."""
+    from models import LckvLlamaConfig
+
+    dimensions = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    shape = {k: v for k, v in tiny_config().to_dict().items() if k in (*dimensions, "max_position_embeddings")}
+    return LckvLlamaConfig(**shape, num_hidden_layers=6, layer_types=layer_types, **fields)
+
+
 def tiny_model(
     config, attn_implementation: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32, **model_kwargs
 ):

@@ -17,9 +17,8 @@ from transformers.dynamic_module_utils import get_imports
 
 import run_clm
 from corpus import prepare_corpus
-from models.configuration_opt_llama import LckvLlamaConfig
 from models.export import bundled_modules, export_checkpoint, flat_modules
-from tests.conftest import REPO, tiny_config, tiny_model
+from tests.conftest import REPO, tiny_config, tiny_lckv_llama_config, tiny_model
 from tools.export import main
 
 PROMPTS = torch.tensor([[1, 17, 33, 5, 250, 9, 41, 77, 8, 19, 23, 3], [1, 60, 2, 99, 14, 14, 200, 7, 31, 45, 6, 11]])
@@ -83,26 +82,7 @@ def checkpoints(tmp_path: Path) -> dict[str, Path]:
     published = tiny_config(force_nodiag=None, iteration_style=None)
     assert published.force_nodiag and published.iteration_style == "previous"
     project = tiny_config()
-    window = LckvLlamaConfig(
-        **{
-            k: v
-            for k, v in project.to_dict().items()
-            if k
-            in (
-                "hidden_size",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "vocab_size",
-                "max_position_embeddings",
-            )
-        },
-        num_hidden_layers=6,
-        layer_types="0s_4_4_4_4_5s",
-        sliding_window=3,
-        forward_passes=5,
-        backward_passes=1,
-    )
+    window = tiny_lckv_llama_config("0s_4_4_4_4_5s", sliding_window=3, forward_passes=5, backward_passes=1)
     paths = {}
     for name, config, save in (
         ("opt-llama published", published, save_published),

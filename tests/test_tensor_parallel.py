@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from models.configuration_opt_llama import LckvLlamaConfig
-from tests.conftest import CONFIGS, REPO, tiny_config, tiny_model
+from tests.conftest import CONFIGS, REPO, tiny_config, tiny_lckv_llama_config, tiny_model
 from tests.tp_worker import cached_key_shapes
 
 PROCESSES = 2
@@ -55,23 +54,7 @@ def halved_heads(shapes: list) -> list:
 
 def test_sharded_model_computes_the_single_process_model(tmp_path):
     lckv = tiny_config(force_nodiag=None, iteration_style=None)  # published format and semantics, 3 KV layers of 6
-    standard = LckvLlamaConfig(
-        **{
-            k: v
-            for k, v in tiny_config().to_dict().items()
-            if k
-            in (
-                "hidden_size",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "vocab_size",
-                "max_position_embeddings",
-            )
-        },
-        num_hidden_layers=6,
-        layer_types="0_1_2_3_4_5",
-    )
+    standard = tiny_lckv_llama_config("0_1_2_3_4_5")
     checkpoints = {"lckv": tmp_path / "lckv", "standard": tmp_path / "standard"}
     for name, config in (("lckv", lckv), ("standard", standard)):
         tiny_model(config).save_pretrained(checkpoints[name])
