@@ -18,10 +18,14 @@
 # Each step writes OUT/<step>/{log,latency.json,...}; setting.tp_size is 2 and every figure is per GPU (weights, KV
 # bytes, roofline); OUT/llama65b_<part>.json holds both models and their ratios. Decode steps are timed on --steps tokens at the start and at the end of the context and
 # extrapolated over gen_len; the LCKV sequential prefill is timed on --prefill_sample tokens at each end of the prompt.
-# Batches: from the --plan max batch (141 GB per GPU: Llama 56 at 1,024 tokens, 14 at 4,096) down, largest first: a batch that does not fit is recorded as {"oom": true} and the next one in the list
-# runs, and the first that fits ends the list (--first_fit; both processes run out at the same allocation, the
-# cache's; a hang would end at the step's time limit). Measured on two H200s: loading and compiling take ~2 min
-# (Llama) and ~4 min (LCKV) of each step.
+# Batches, largest first: a batch that does not fit is recorded as {"oom": true} and the next one in the list runs, and
+# the first that fits ends the list (--first_fit). Under tensor parallelism this recovers only from running out in the
+# cache's allocation, where both processes fail at the same point: one that runs out inside a forward leaves the other
+# waiting in a collective until the step's time limit. LCKV's lists start at its --plan bound (1,709 / 427 per GPU at
+# 141 GB), which fits whole. The Llama's start at its largest batch measured to fit (52 / 12): its plan bound (56 / 14)
+# counts the cache and the weights only, and 56 ran out in the decode step's sampling, 14 and 13 in the prefill, even
+# prefilling 4 sequences at a time (logs in bench/results/tensor_parallel_65b/llama_batch_probe_chunk4/).
+# Measured on two H200s: loading and compiling take ~2 min (Llama) and ~4 min (LCKV) of each step.
 set -uo pipefail
 part=${1:?plan, p256, p2k, profile or smoke}
 out=${2:-bench/results/tensor_parallel_65b}
@@ -41,7 +45,6 @@ if [ "${SMOKE:-0}" = 1 ]; then
     $py -m bench.smoke_llama_config "$out"
     L65=$out/smoke_llama.json L65O=configs/test_tiny_opt.json
     P256=(--prompt_len 10 --gen_len 6) P2K=(--prompt_len 12 --gen_len 8) STEPS=(--steps 2) SAMPLE=(--prefill_sample 2)
-    CHUNK=(--prefill_chunk 1)
     B256L=2,1 B256O=3,2 B2KL=2,1 B2KO=3,2
     PROFILE=(--device cpu --steps 3 --attention_batches 1) PROFILE_LLAMA=2 PROFILE_LCKV=3
     common=(--device cpu)
@@ -50,13 +53,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     L65=configs/llama65b.json L65O=configs/llama65b_opt.json
     P256=(--prompt_len 256 --gen_len 768) P2K=(--prompt_len 2048 --gen_len 2048) STEPS=(--steps 16) SAMPLE=(--prefill_sample 64)
-    # The Llama prefills 4 sequences at a time into its cache: at the KV-bound batch the cache leaves no room for a
-    # whole batch's prefill activations (batch 14 at P2048 ran out of memory in the one-pass prefill, 140.5 GB allocated).
-    CHUNK=(--prefill_chunk 4)
-    # From the KV-bound --plan batch (Llama 56 / 14, LCKV 1,709 / 427 per GPU at 141 GB) down to what fitted on two
-    # H200s (Llama 48 / 12, LCKV 768 / 256): the first that fits is the largest of the list. A batch that does not fit
-    # fails at once: test_latency allocates the whole cache before any forward.
-    B256L=56,52,48 B256O=1664,1536,1280,1024,768 B2KL=14,13,12 B2KO=416,384,352,320,288,256
+    B256L=52,48 B256O=1664,1536,1280,1024,768 B2KL=12,10 B2KO=416,384,352,320,288,256
     # The two settings furthest above the roofline on two H200s (compiled step 2.5x and 2.2x).
     PROFILE=(--steps 8 --attention_batches 12,256,768) PROFILE_LLAMA=12 PROFILE_LCKV=768
     common=(--hbm_bandwidth 4.8TB)
@@ -100,14 +97,14 @@ plan)
         --plan_lengths 4096 "${common[@]}"
     ;;
 p256)
-    want llama && tp_lat llama65b_p256_llama 300 --configs "$L65" --compile "${CHUNK[@]}" "${P256[@]}" "${STEPS[@]}" \
+    want llama && tp_lat llama65b_p256_llama 300 --configs "$L65" --compile "${P256[@]}" "${STEPS[@]}" \
         --batches "$B256L"
     want lckv && tp_lat llama65b_p256_lckv 340 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P256[@]}" "${STEPS[@]}" \
         --batches "$B256O"
     ratios llama65b_p256 llama65b_p256_llama llama65b_p256_lckv
     ;;
 p2k)
-    want llama && tp_lat llama65b_p2k_llama 300 --configs "$L65" --compile "${CHUNK[@]}" "${P2K[@]}" "${STEPS[@]}" \
+    want llama && tp_lat llama65b_p2k_llama 300 --configs "$L65" --compile "${P2K[@]}" "${STEPS[@]}" \
         --batches "$B2KL"
     want lckv && tp_lat llama65b_p2k_lckv 320 --configs "$L65O" --compile --prefill sequential "${SAMPLE[@]}" "${P2K[@]}" "${STEPS[@]}" \
         --batches "$B2KO"

@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--first_fit",
         action="store_true",
-        help="with --batches: stop at the first batch that fits (list them largest first, as fallbacks)",
+        help="with --batches: stop at the first batch that fits (list them largest first, as fallbacks); under "
+        "torchrun only running out in the cache's allocation is recovered (a process out of memory inside a "
+        "forward leaves the others waiting in a collective)",
     )
     p.add_argument(
         "--resolution",
