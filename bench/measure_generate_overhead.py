@@ -37,7 +37,7 @@ import models  # noqa: F401  (registers opt-llama and the attention backends)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
 from models import SPLIT_KV
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
-from tools.cli import parse_int_list, parse_size
+from tools.cli import SMALL_BATCH_GEMV_HELP, parse_int_list, parse_size
 from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
 
 LOOPS = ("fast", "transformers")
@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="device the models are built on (default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--small_batch_gemv",
+        action="store_true",
+        help=SMALL_BATCH_GEMV_HELP,
     )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens: the same code path")
     p.add_argument(
@@ -238,7 +243,15 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     setting = {
         k: getattr(args, k)
-        for k in ("context", "new_tokens", "check_tokens", "attn_implementation", "compile_mode", "hbm_bandwidth")
+        for k in (
+            "context",
+            "new_tokens",
+            "check_tokens",
+            "attn_implementation",
+            "compile_mode",
+            "hbm_bandwidth",
+            "small_batch_gemv",
+        )
     }
     setting["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting["dtype"] = str(dtype)
@@ -246,7 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
     for path in args.configs:
         config = load_config_for_length(path, args.context + args.new_tokens + 1)
         latency_args = SimpleNamespace(
-            seed=0, device=args.device, attn_implementation=args.attn_implementation, compile_mode=args.compile_mode
+            seed=0,
+            device=args.device,
+            attn_implementation=args.attn_implementation,
+            compile_mode=args.compile_mode,
+            small_batch_gemv=args.small_batch_gemv,
         )
         model = latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too
         model.generation_config.compile_config = compile_config(args.device)

@@ -436,16 +436,27 @@ def table_literal(table: dict[tuple[int, int, int], TableRows], comment: str) ->
 
 
 def replace_table(source: str, literal: str) -> str:
-    """``decode_launch.py``'s source with its ``TUNED`` assignment and the comment line right above it (which run
-    measured it) replaced by ``literal`` (``table_literal``'s output)."""
+    """A module's source (``decode_launch.py``, ``small_batch_linear.py``) with its ``TUNED`` assignment and the
+    comment line right above it (which run measured it) replaced by ``literal`` (``table_literal``'s output)."""
     lines = source.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.startswith("TUNED:")), None)
     if start is None or start == 0 or not lines[start - 1].startswith("# "):
-        raise ValueError("decode_launch.py: no comment line followed by a `TUNED:` assignment")
-    end = next((i for i in range(start, len(lines)) if lines[i].rstrip("\n") == "}"), None)
+        raise ValueError("no comment line followed by a `TUNED:` assignment")
+    if lines[start].rstrip().endswith("{}"):  # an empty table on one line
+        end = start
+    else:
+        end = next((i for i in range(start, len(lines)) if lines[i].rstrip("\n") == "}"), None)
     if end is None:
-        raise ValueError("decode_launch.py: the `TUNED` assignment has no closing `}` line")
+        raise ValueError("the `TUNED` assignment has no closing `}` line")
     return "".join(lines[: start - 1]) + literal + "".join(lines[end + 1 :])
+
+
+def apply_table(path: Path, literal: str) -> None:
+    """``replace_table`` in the file ``path``, through a temporary file: the module is never half written."""
+    staged = path.with_name(path.name + ".partial")
+    staged.write_text(replace_table(path.read_text(), literal))
+    os.replace(staged, path)
+    print(f"written into {path}")
 
 
 def write_outputs(out_dir: Path, report: dict, table: str) -> None:
@@ -553,11 +564,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_outputs(out_dir, report, table_literal(table, comment))
     literal = (out_dir / "launch_table.txt").read_text()
     print(literal)
-    if args.apply:  # through a temporary file: decode_launch.py is never half written
-        staged = DECODE_LAUNCH.with_name(DECODE_LAUNCH.name + ".partial")
-        staged.write_text(replace_table(DECODE_LAUNCH.read_text(), literal))
-        os.replace(staged, DECODE_LAUNCH)
-        print(f"written into {DECODE_LAUNCH}")
+    if args.apply:
+        apply_table(DECODE_LAUNCH, literal)
     if args.hbm_bytes_per_s is not None:
         try:
             plot(report["shapes"], out_dir / "tune_decode_attention.png")

@@ -32,6 +32,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--attn_implementation", default="sdpa", help="attention backend: sdpa, eager, flex_attention, ..."
     )
     parser.add_argument("--seed", type=int, default=42, help="random seed for weights (with --config) and sampling")
+    parser.add_argument("--small_batch_gemv", action="store_true", help=cli.SMALL_BATCH_GEMV_HELP)
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -130,9 +131,12 @@ def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
     checkpoint = None if args.config is not None else args.model_name_or_path
     dtype = resolve_dtype(args.dtype, args.device)
-    return instantiate(
+    model = instantiate(
         config, checkpoint, args.device, args.seed, dtype=dtype, attn_implementation=args.attn_implementation
     )
+    if args.small_batch_gemv:
+        cli.set_small_batch_gemv(model, "--small_batch_gemv")
+    return model
 
 
 def instantiate(config, checkpoint: str | None, device: str, seed: int, **kwargs) -> PreTrainedModel:

@@ -1,0 +1,123 @@
+"""Linear layers at one row through a Triton GEMV (``triton_gemv.py``): ``SmallBatchLinear``.
+
+Decoding at batch 1 multiplies each weight matrix by one row, so a step's time is the weights' bytes over the
+memory bandwidth; cuBLAS's kernels for these shapes leave most multiprocessors idle on hidden sizes of 2048-8192
+(docs/performance.md, "Where the step goes"). ``use_small_batch_linear(model)`` turns the model's bias-free
+``nn.Linear`` layers into ``SmallBatchLinear`` in place, for any causal LM (an LCKV model or a transformers Llama):
+same parameters, same state dict, and ``F.linear`` for everything the GEMV does not cover (more than ``MAX_ROWS``
+rows, training, a device or dtype it does not run on, a sharded weight). The launch is a pure function of the shapes
+(``gemv_launch``: a measured table, else a rule), so a compiled decode step captures one kernel per layer.
+
+The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
+``load_gemv_kernel()`` (tests run the real kernel that way). Its float32 sums run in another order than cuBLAS's:
+results agree to rounding, not bit for bit.
+
+Shapes: ``M`` rows (batch x tokens), ``K`` in features, ``N`` out features.
+"""
+
+import os
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers.utils.import_utils import is_triton_available
+
+# Rows the GEMV takes; more run F.linear. Program p computes row p % M, so every row's programs read the weight again:
+# at 8 rows it ran 2.5-4x slower than cuBLAS on an H200, at one row up to 1.5x faster (docs/fast_decode.md).
+MAX_ROWS = 1
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The rule for shapes the table does not hold, from the H200 sweep of bench/measure_small_batch_gemv.py: long steps
+# along K (BLOCK_K columns), few features per program (many programs: several per multiprocessor), and fewer threads
+# for the wider block.
+BLOCK_K = 1024
+WIDE_FEATURES = 4096  # from this many out features, blocks of 4 (else 2)
+
+
+class GemvLaunch(NamedTuple):
+    """The ints ``small_batch_gemv`` takes after the tensors, in its argument order."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+# (N, K, bytes per value) -> the launch measured best at one row, written by bench/measure_small_batch_gemv.py
+# --apply (docs/fast_decode.md, "The small-batch GEMV"). Shapes without a key get the rule of ``gemv_launch``.
+# no measurement yet
+TUNED: dict[tuple[int, int, int], GemvLaunch] = {}
+
+
+def gemv_launch(rows: int, out_features: int, in_features: int, value_bytes: int) -> GemvLaunch:
+    """The launch for an ``(rows, in_features) @ (out_features, in_features)^T`` product of ``value_bytes`` values:
+    ``TUNED``'s at one row, else the rule."""
+    tuned = TUNED.get((out_features, in_features, value_bytes)) if rows == 1 else None
+    if tuned is not None:
+        return tuned
+    block_k = min(BLOCK_K, max(16, 1 << (in_features - 1).bit_length()))
+    wide = out_features >= WIDE_FEATURES
+    return GemvLaunch(block_n=4 if wide else 2, block_k=block_k, num_warps=2 if wide else 4)
+
+
+class GemvKernel(NamedTuple):
+    """The GEMV op (``triton_gemv.small_batch_gemv``) and the device types it runs on."""
+
+    run: Callable
+    devices: frozenset[str]
+
+
+def load_gemv_kernel(environ: Mapping[str, str] | None = None) -> GemvKernel | None:
+    """The GEMV for the devices it can run on: CUDA, and the CPU under ``TRITON_INTERPRET=1`` of ``environ`` (default
+    ``os.environ``); None without Triton or without either."""
+    environ = os.environ if environ is None else environ
+    devices = {"cuda"} if torch.cuda.is_available() else set()
+    if environ.get("TRITON_INTERPRET") == "1":
+        devices.add("cpu")
+    if not devices or not is_triton_available():  # the check triton_gemv.py guards its import with
+        return None
+    from .triton_gemv import small_batch_gemv
+
+    return GemvKernel(small_batch_gemv, frozenset(devices))
+
+
+class SmallBatchLinear(nn.Linear):
+    """``nn.Linear`` whose products of at most ``MAX_ROWS`` rows run the Triton GEMV: ``(..., K) -> (..., N)``."""
+
+    gemv: GemvKernel | None = None  # set by use_small_batch_linear (loaded once, outside any compiled region)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.gemv
+        rows = x.numel() // self.in_features
+        if (
+            kernel is None
+            or x.device.type not in kernel.devices
+            or rows > MAX_ROWS
+            or x.dtype not in DTYPES
+            or x.dtype != self.weight.dtype
+            or isinstance(self.weight, DTensor)
+            or not self.weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))  # no backward here
+        ):
+            return super().forward(x)
+        flat = x.reshape(rows, self.in_features)
+        if flat.stride(1) != 1:
+            flat = flat.contiguous()
+        launch = gemv_launch(rows, self.out_features, self.in_features, x.dtype.itemsize)
+        out = kernel.run(flat, self.weight, *launch).view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def use_small_batch_linear(model: nn.Module, kernel: GemvKernel | None = None) -> int:
+    """Make every plain ``nn.Linear`` of ``model`` a ``SmallBatchLinear`` running ``kernel`` (default
+    ``load_gemv_kernel()``), in place; the number of layers changed (0 where no kernel can run)."""
+    kernel = kernel or load_gemv_kernel()
+    if kernel is None:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = SmallBatchLinear
+            module.gemv = kernel
+            changed += 1
+    return changed
