@@ -31,7 +31,7 @@ from bench.tune_decode_attention import apply_table, input_copies, time_ms
 from models.kernels import small_batch_linear
 from models.kernels.decode_attention import processors
 from models.kernels.small_batch_linear import TUNED, GemvLaunch, gemv_launch, load_gemv_kernel
-from tools.cli import load_config, parse_int_list, parse_size
+from tools.cli import ArgumentParser, load_config, parse_int_list, parse_size
 
 SMOKE_CONFIGS = ["configs/test_tiny_opt.json"]
 SMOKE_SEARCH = 2  # launches of SEARCH the interpreter times with --smoke --search
@@ -46,9 +46,7 @@ L2_BYTES = 50 * 2**20  # an H100/H200's L2: the weight copies of one shape excee
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--configs",
         nargs="+",

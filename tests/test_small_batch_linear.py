@@ -188,15 +188,29 @@ def test_benchmark_smoke_and_apply(gemv, tmp_path, monkeypatch):
             in (measure_small_batch_gemv.SEARCH[: measure_small_batch_gemv.SMOKE_SEARCH])
         )
         assert row["current"]["speedup_vs_cublas"] == pytest.approx(row["cublas_ms"] / row["current"]["ms"])
-    # --min_gain -1: every searched shape's best launch enters the table, written into the module's copy
-    namespace: dict = {}
-    exec(module.read_text(), namespace)
-    expected = {
+    # --min_gain -1: every searched shape's best launch enters the table (over the current one's rows), written into
+    # the module's copy; the rest of the module is kept
+    source, original = module.read_text(), Path(small_batch_linear.__file__).read_text()
+    assignment = source_table(source)
+    namespace: dict = {"GemvLaunch": GemvLaunch}
+    exec(assignment, namespace)
+    head, tail = source.split(assignment)
+    assert head.rsplit("# ", 1)[0] == original.split(source_table(original))[0].rsplit("# ", 1)[0]
+    assert head.endswith("# cpu (4 SMs), torch.float32, min_gain -1.0\n")  # the comment names the run
+    assert tail == original.split(source_table(original))[1]
+    expected = small_batch_linear.TUNED | {
         (row["N"], row["K"], 4): GemvLaunch(row["best"]["block_n"], row["best"]["block_k"], row["best"]["num_warps"])
         for row in written["shapes"]
     }
     assert namespace["TUNED"] == expected
     assert written["table"] == {repr(key): launch._asdict() for key, launch in expected.items()}
+
+
+def source_table(source: str) -> str:
+    """The ``TUNED`` assignment of ``small_batch_linear.py``'s source, from ``TUNED:`` to its closing line."""
+    start = source.index("TUNED:")
+    line = source[start : source.index("\n", start) + 1]
+    return line if line.rstrip().endswith("{}") else source[start : source.index("\n}\n", start) + 3]
 
 
 def test_table_keeps_unmeasured_rows_and_needs_the_gain():

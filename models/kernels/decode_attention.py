@@ -14,7 +14,6 @@ The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` 
 ``load_split_kv_kernel()`` loads it (tests run the real kernel that way).
 """
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -23,10 +22,10 @@ import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.import_utils import is_triton_available
 
 from .attention import packed_sdpa_attention
 from .decode_launch import launch_config
+from .flags import triton_devices
 
 SPLIT_KV = "sdpa_split_kv"
 CPU_PROCESSORS = 4  # the interpreter's stand-in for the SM count (tests only)
@@ -43,15 +42,12 @@ class SplitKvKernel:
 def load_split_kv_kernel(environ: Mapping[str, str] | None = None) -> SplitKvKernel | None:
     """The Triton kernel for the devices it can run on: CUDA, and the CPU under ``TRITON_INTERPRET=1`` of ``environ``
     (default ``os.environ``); None without Triton or without either (the backend then decodes through SDPA)."""
-    environ = os.environ if environ is None else environ
-    devices = {"cuda"} if torch.cuda.is_available() else set()
-    if environ.get("TRITON_INTERPRET") == "1":
-        devices.add("cpu")
-    if not devices or not is_triton_available():  # the check triton_decode.py guards its import with
+    devices = triton_devices(environ)
+    if not devices:
         return None
     from .triton_decode import split_kv_decode
 
-    return SplitKvKernel(split_kv_decode, frozenset(devices))
+    return SplitKvKernel(split_kv_decode, devices)
 
 
 # Streaming multiprocessors per CUDA device index: a hardware fact, looked up on first use (not at import, which would

@@ -4,6 +4,9 @@ import logging
 import os
 from collections.abc import Mapping
 
+import torch
+from transformers.utils.import_utils import is_triton_available
+
 FLASH_ATTN = "LCKV_FLASH_ATTN"
 FUSED_RMSNORM = "LCKV_FUSED_RMSNORM"
 FUSED_ROTARY = "LCKV_FUSED_ROTARY"
@@ -26,3 +29,14 @@ def flag_enabled(name: str, environ: Mapping[str, str] | None = None) -> bool:
 def warn_fallback(name: str, reason: str, fallback: str) -> None:
     """One warning line: which flag, why it cannot take effect, what runs instead."""
     logger.warning("%s=1 falls back: %s; using %s", name, reason, fallback)
+
+
+def triton_devices(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The device types this repository's Triton kernels run on here: CUDA when there is a GPU, the CPU when
+    ``TRITON_INTERPRET=1`` in ``environ`` (default ``os.environ``; Triton's interpreter); none without Triton (the
+    check the kernel modules guard their Triton import with)."""
+    environ = os.environ if environ is None else environ
+    devices = {"cuda"} if torch.cuda.is_available() else set()
+    if environ.get("TRITON_INTERPRET") == "1":
+        devices.add("cpu")
+    return frozenset(devices) if is_triton_available() else frozenset()

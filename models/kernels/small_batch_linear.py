@@ -15,14 +15,14 @@ results agree to rounding, not bit for bit.
 Shapes: ``M`` rows (batch x tokens), ``K`` in features, ``N`` out features.
 """
 
-import os
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers.utils.import_utils import is_triton_available
+
+from .flags import triton_devices
 
 # Rows the GEMV takes; more run F.linear. Program p computes row p % M, so every row's programs read the weight again:
 # at 8 rows it ran 2.5-4x slower than cuBLAS on an H200, at one row up to 1.5x faster (docs/fast_decode.md).
@@ -72,15 +72,12 @@ class GemvKernel(NamedTuple):
 def load_gemv_kernel(environ: Mapping[str, str] | None = None) -> GemvKernel | None:
     """The GEMV for the devices it can run on: CUDA, and the CPU under ``TRITON_INTERPRET=1`` of ``environ`` (default
     ``os.environ``); None without Triton or without either."""
-    environ = os.environ if environ is None else environ
-    devices = {"cuda"} if torch.cuda.is_available() else set()
-    if environ.get("TRITON_INTERPRET") == "1":
-        devices.add("cpu")
-    if not devices or not is_triton_available():  # the check triton_gemv.py guards its import with
+    devices = triton_devices(environ)
+    if not devices:
         return None
     from .triton_gemv import small_batch_gemv
 
-    return GemvKernel(small_batch_gemv, frozenset(devices))
+    return GemvKernel(small_batch_gemv, devices)
 
 
 class SmallBatchLinear(nn.Linear):
