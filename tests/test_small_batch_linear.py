@@ -2,13 +2,13 @@
 float64 product (run on the CPU by Triton's interpreter), the layer swap on an LCKV model and a transformers Llama
 (same state dict, same logits and greedy tokens), where it falls back to ``F.linear``, and its benchmark's smoke run."""
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
 
 from bench import measure_small_batch_gemv
 from models.config_loading import llama_twin
@@ -42,6 +42,25 @@ def gemv() -> GemvKernel:
     kernel = load_gemv_kernel()
     assert kernel is not None and "cpu" in kernel.devices
     return kernel
+
+
+class Counting:
+    """The real GEMV, counting its calls by row count: a test of the swap must see the kernel run."""
+
+    def __init__(self, kernel: GemvKernel):
+        self.kernel, self.rows = kernel, []
+
+    def __call__(self, x, weight, *launch):
+        self.rows.append(x.shape[0])
+        return self.kernel.run(x, weight, *launch)
+
+
+@pytest.fixture
+def counting(gemv, monkeypatch) -> Counting:
+    """``gemv`` wrapped in a counter, and what ``load_gemv_kernel`` returns (the tools' path)."""
+    counter = Counting(gemv)
+    monkeypatch.setattr(small_batch_linear, "load_gemv_kernel", lambda: GemvKernel(counter, gemv.devices))
+    return counter
 
 
 @pytest.mark.parametrize(
@@ -90,7 +109,7 @@ def models_under_test():
 
 
 @pytest.mark.parametrize("name", ["opt-llama", "llama"])
-def test_swapped_model_keeps_its_state_and_its_outputs(gemv, name):
+def test_swapped_model_keeps_its_state_and_its_outputs(counting, name):
     model = models_under_test()[name]
     linears = sum(type(m) is nn.Linear for m in model.modules())
     state = model.state_dict()
@@ -98,15 +117,17 @@ def test_swapped_model_keeps_its_state_and_its_outputs(gemv, name):
     with torch.no_grad():
         logits = model(ids).logits
         tokens = model.generate(ids[:1], max_new_tokens=3, do_sample=False)
-        assert use_small_batch_linear(model, gemv) == linears > 0
+        assert use_small_batch_linear(model) == linears > 0
         assert all(type(m) is not nn.Linear for m in model.modules())
         assert model.state_dict().keys() == state.keys()
         assert all(model.state_dict()[k] is not None and model.state_dict()[k].equal(v) for k, v in state.items())
         # 14 rows: F.linear (above MAX_ROWS); the generate's decode steps: one row each, the GEMV
         torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=0)
         assert model.generate(ids[:1], max_new_tokens=3, do_sample=False).equal(tokens)
+        assert counting.rows and set(counting.rows) == {1}  # the decode steps ran the GEMV, only at one row
         one_row = model(ids[:1, :1]).logits
     torch.testing.assert_close(one_row, logits[:1, :1], rtol=1e-5, atol=1e-5)
+    assert type(copy.deepcopy(model).lm_head) is SmallBatchLinear  # a swapped model copies (the op is shared)
 
 
 class Recorder:
@@ -156,18 +177,20 @@ def test_no_kernel_changes_nothing(monkeypatch):
     assert use_small_batch_linear(layer) == 0 and type(layer) is nn.Linear
 
 
+def test_model_off_the_kernels_devices_or_sharded_changes_nothing(monkeypatch):
+    cuda_only = GemvKernel(Recorder(), frozenset({"cuda"}))
+    layer = nn.Linear(4, 4)  # on the CPU
+    assert use_small_batch_linear(layer, cuda_only) == 0 and type(layer) is nn.Linear
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: transformers' TP keeps nn.Linear's forward
+    assert use_small_batch_linear(layer, GemvKernel(Recorder(), frozenset({"cpu"}))) == 0
+
+
 def test_loader_follows_the_environment():
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("CUDA machine: the kernel loads for CUDA whatever the environment")
     assert load_gemv_kernel({}) is None
     assert load_gemv_kernel({"TRITON_INTERPRET": "1"}).devices == {"cpu"}
-
-
-def test_llama_layers_are_plain_linears():
-    """The swap's precondition for a transformers Llama: its projections are ``nn.Linear`` exactly."""
-    model = LlamaForCausalLM(llama_twin(tiny_config()))
-    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear and type(model.lm_head) is nn.Linear
 
 
 def test_benchmark_smoke_and_apply(gemv, tmp_path, monkeypatch):
@@ -233,16 +256,21 @@ def tiny_files(tmp_path_factory):
     return make_tiny_files(tmp_path_factory.mktemp("gemv_generation"))
 
 
-@pytest.mark.parametrize("config", ["opt.json", "llama.json"])
-def test_run_generation_flag_gives_the_same_greedy_text(gemv, tiny_files, config):
-    """``--small_batch_gemv`` in run_generation.py: every decode step through the GEMV, the text of ``F.linear``."""
-    args = ("--prompt", "ROMEO: But soft", "--max_new_tokens", "4", "--ignore_eos", "--quiet", "--static_cache")
+@pytest.mark.parametrize(
+    "config, extra", [("opt.json", []), ("opt.json", ["--prefill", "sequential"]), ("llama.json", [])]
+)
+def test_run_generation_flag_gives_the_same_greedy_text(counting, tiny_files, config, extra):
+    """``--small_batch_gemv`` in run_generation.py: every decode step (and each token of LCKV's sequential prefill at
+    batch 1) through the GEMV, the text of ``F.linear``."""
+    args = ("--prompt", "ROMEO: But soft", "--max_new_tokens", "4", "--ignore_eos", "--quiet", "--static_cache", *extra)
     plain = run_generation_with(tiny_files, *args, config=config)
+    assert not counting.rows
     gemv_run = run_generation_with(tiny_files, *args, "--small_batch_gemv", config=config)
     assert gemv_run["cache"]["text"] == plain["cache"]["text"]
+    assert counting.rows and set(counting.rows) == {1}
 
 
-def test_latency_flag_swaps_the_layers_and_is_recorded(gemv):
+def test_latency_flag_swaps_the_layers(counting):
     args = latency.parse_args(["--small_batch_gemv", "--device", "cpu", "--prompt_len", "8", "--gen_len", "8"])
     model = latency.build_model(load_config_for_length("configs/test_tiny_opt.json", 16), args, torch.float32)
     assert any(isinstance(m, SmallBatchLinear) for m in model.modules())
@@ -251,5 +279,18 @@ def test_latency_flag_swaps_the_layers_and_is_recorded(gemv):
 
 def test_flag_without_a_kernel_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(small_batch_linear, "load_gemv_kernel", lambda: None)
-    with pytest.raises(UsageError, match="--small_batch_gemv: no GEMV kernel on this machine; allowed with Triton"):
+    with pytest.raises(UsageError, match=r"--small_batch_gemv: no layer can run the GEMV here \(model on cpu\)"):
         set_small_batch_gemv(nn.Linear(4, 4), "--small_batch_gemv")
+
+
+def test_swapped_layer_traces_into_one_graph(counting):
+    """Under dynamo (the compiled decode step) the forward's checks are constants of the trace: one graph, no break."""
+    layer = nn.Linear(64, 32, bias=False)
+    use_small_batch_linear(layer)
+    x = torch.randn(1, 64)
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), x @ layer.weight.T, rtol=1e-5, atol=1e-5)
+    assert 1 in counting.rows

@@ -2,11 +2,12 @@
 
 Decoding at batch 1 multiplies each weight matrix by one row, so a step's time is the weights' bytes over the
 memory bandwidth; cuBLAS's kernels for these shapes leave most multiprocessors idle on hidden sizes of 2048-8192
-(docs/performance.md). ``use_small_batch_linear(model)`` turns the model's bias-free
-``nn.Linear`` layers into ``SmallBatchLinear`` in place, for any causal LM (an LCKV model or a transformers Llama):
-same parameters, same state dict, and ``F.linear`` for everything the GEMV does not cover (more than ``MAX_ROWS``
-rows, training, a device or dtype it does not run on, a sharded weight). The launch is a pure function of the shapes
-(``gemv_launch``: a measured table, else a rule), so a compiled decode step captures one kernel per layer.
+(docs/performance.md). ``use_small_batch_linear(model)`` turns the model's plain ``nn.Linear`` layers into
+``SmallBatchLinear`` in place, for any causal LM (an LCKV model or a transformers Llama): same parameters, same state
+dict, and ``F.linear`` for everything the GEMV does not cover (more than ``MAX_ROWS`` rows, training, autocast, a
+device or dtype it does not run on). One process only: not under tensor parallelism. The launch is a pure function
+of the shapes (``gemv_launch``: a measured table, else a rule), so a compiled decode step captures one kernel per
+layer.
 
 The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
 ``load_gemv_kernel()`` (tests run the real kernel that way). Its float32 sums run in another order than cuBLAS's:
@@ -22,10 +23,12 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..tensor_parallel import world_size
 from .flags import triton_devices
 
 # Rows the GEMV takes; more run F.linear. Program p computes row p % M, so every row's programs read the weight again:
-# at 8 rows it ran 2.5-4x slower than cuBLAS on an H200, at one row up to 1.5x faster (docs/fast_decode.md).
+# on an H200 it ran 1.1-2.0x faster than cuBLAS at one row, 2-4x slower at 8 on all but the K/V projection (2-7 rows
+# not measured; docs/fast_decode.md).
 MAX_ROWS = 1
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The rule for shapes the table does not hold, from the H200 sweep of bench/measure_small_batch_gemv.py: long steps
@@ -45,10 +48,8 @@ class GemvLaunch(NamedTuple):
 
 # (N, K, bytes per value) -> the launch measured best at one row, written by bench/measure_small_batch_gemv.py
 # --apply (docs/fast_decode.md, "The small-batch GEMV"). Shapes without a key get the rule of ``gemv_launch``.
-# NVIDIA H200 (132 SMs), torch.bfloat16, min_gain 0.03
-TUNED: dict[tuple[int, int, int], GemvLaunch] = {
-    (2048, 5632, 2): GemvLaunch(block_n=4, block_k=1024, num_warps=8),
-}
+# NVIDIA H200 (132 SMs), torch.bfloat16: the rule's launch within timing noise of the best everywhere
+TUNED: dict[tuple[int, int, int], GemvLaunch] = {}
 
 
 def gemv_launch(rows: int, out_features: int, in_features: int, value_bytes: int) -> GemvLaunch:
@@ -63,10 +64,17 @@ def gemv_launch(rows: int, out_features: int, in_features: int, value_bytes: int
 
 
 class GemvKernel(NamedTuple):
-    """The GEMV op (``triton_gemv.small_batch_gemv``) and the device types it runs on."""
+    """The GEMV op (``triton_gemv.small_batch_gemv``) and the device types it runs on. A swapped model holds it per
+    layer: copied as itself, pickled as "load it again" (a compiled op does not pickle)."""
 
     run: Callable
     devices: frozenset[str]
+
+    def __deepcopy__(self, memo: dict) -> "GemvKernel":
+        return self
+
+    def __reduce__(self):
+        return load_gemv_kernel, ()
 
 
 def load_gemv_kernel(environ: Mapping[str, str] | None = None) -> GemvKernel | None:
@@ -94,9 +102,9 @@ class SmallBatchLinear(nn.Linear):
             or rows > MAX_ROWS
             or x.dtype not in DTYPES
             or x.dtype != self.weight.dtype
-            or isinstance(self.weight, DTensor)
             or not self.weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))  # no backward here
+            or torch.is_autocast_enabled(x.device.type)  # F.linear casts; the GEMV would not
         ):
             return super().forward(x)
         flat = x.reshape(rows, self.in_features)
@@ -109,13 +117,15 @@ class SmallBatchLinear(nn.Linear):
 
 def use_small_batch_linear(model: nn.Module, kernel: GemvKernel | None = None) -> int:
     """Make every plain ``nn.Linear`` of ``model`` a ``SmallBatchLinear`` running ``kernel`` (default
-    ``load_gemv_kernel()``), in place; the number of layers changed (0 where no kernel can run)."""
+    ``load_gemv_kernel()``), in place; the number of layers changed: 0 where no kernel runs on the model's device, and
+    under tensor parallelism (its sharded layers keep ``nn.Linear``'s forward whatever their class)."""
     kernel = kernel or load_gemv_kernel()
-    if kernel is None:
+    device = next(model.parameters()).device
+    if kernel is None or device.type not in kernel.devices or world_size() > 1:
         return 0
     changed = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and not isinstance(module.weight, DTensor):
             module.__class__ = SmallBatchLinear
             module.gemv = kernel
             changed += 1

@@ -11,6 +11,8 @@ programs, several per multiprocessor at the launches ``small_batch_linear.gemv_l
 float32 over each program's ``BLOCK_K`` columns and are summed once at the end.
 """
 
+import contextlib
+
 import torch
 from torch.library import custom_op
 from transformers.utils.import_utils import is_triton_available
@@ -62,9 +64,18 @@ def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_
     The launch (``small_batch_linear.GemvLaunch``, fixed by the shapes): ``block_n`` output features and ``block_k``
     columns per program step (powers of two), ``num_warps``.
     """
+    torch._check(x.stride(1) == 1 and weight.stride(1) == 1, lambda: "small_batch_gemv: K must be the unit stride")
     rows, columns = x.shape
     features = weight.shape[0]
     out = x.new_empty((rows, features))
+    # Triton launches on the current CUDA device: make it the tensors' one (a model on cuda:1, eager)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _launch(x, weight, out, rows, features, columns, block_n, block_k, num_warps)
+    return out
+
+
+def _launch(x, weight, out, rows: int, features: int, columns: int, block_n: int, block_k: int, num_warps: int):
+    """The kernel over ``rows * ceil(features / block_n)`` programs."""
     _gemv_kernel[(rows * triton.cdiv(features, block_n),)](
         x,
         weight,
@@ -79,7 +90,6 @@ def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
-    return out
 
 
 @small_batch_gemv.register_fake
