@@ -1,5 +1,5 @@
 """The linear layers of a decode step at a few rows: cuBLAS (``F.linear``) against the Triton GEMV of
-``models/kernels/small_batch_linear.py``, per weight shape of each config and per row count, as fractions of the
+``models/kernels/gemv_launch.py``, per weight shape of each config and per row count, as fractions of the
 memory bandwidth.
 
     python -m bench.measure_small_batch_gemv --configs configs/tinyllama.json configs/llama2_7b.json --search \\
@@ -9,7 +9,7 @@ memory bandwidth.
 Per shape ``(N, K)`` (the Q, K/V, O, gate/up, down and LM-head weights of the configs, each shape once) and row count
 ``M``: milliseconds per call of cuBLAS and of the GEMV at the launch ``gemv_launch`` picks now (``current``: the
 table's or the rule's), and with ``--search`` of every launch in ``SEARCH`` (``best``). The table of the one-row
-shapes (``TUNED`` of models/kernels/small_batch_linear.py: per measured shape the best launch where it beats the
+shapes (``TUNED`` of models/kernels/gemv_launch.py: per measured shape the best launch where it beats the
 current one by ``--min_gain``, the unmeasured shapes' rows kept) is printed, and written into that module with
 ``--apply``. Timing as bench/tune_decode_attention.py times its
 kernel: calls captured in one CUDA graph, cycling through copies of the weight whose bytes exceed twice the L2, so that
@@ -27,16 +27,17 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from bench.tune_decode_attention import apply_table, input_copies, time_ms
-from models.kernels import small_batch_linear
+from bench.kernel_tuning import apply_table, input_copies, time_ms
+from models.kernels import gemv_launch as launch_module
 from models.kernels.decode_attention import processors
-from models.kernels.small_batch_linear import TUNED, GemvLaunch, gemv_launch, load_gemv_kernel
+from models.kernels.gemv_launch import TUNED, GemvLaunch, gemv_launch
+from models.kernels.small_batch_linear import load_gemv_kernel
 from tools.cli import ArgumentParser, load_config, parse_int_list, parse_size
 
 SMOKE_CONFIGS = ["configs/test_tiny_opt.json"]
 SMOKE_SEARCH = 2  # launches of SEARCH the interpreter times with --smoke --search
 MAX_TILE = 8192  # float32 accumulators per program, at most
-SMALL_BATCH_LINEAR = Path(small_batch_linear.__file__)  # where --apply writes the table
+GEMV_LAUNCH = Path(launch_module.__file__)  # where --apply writes the table
 SEARCH = [
     GemvLaunch(block_n, block_k, num_warps)
     for block_n, block_k, num_warps in itertools.product((2, 4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8))
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--apply",
         action="store_true",
-        help="with --search: write the table into models/kernels/small_batch_linear.py (TUNED)",
+        help="with --search: write the table into models/kernels/gemv_launch.py (TUNED)",
     )
     p.add_argument(
         "--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the fractions (H200: 4.8TB)"
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.search:
         print(literal)
     if args.apply:
-        apply_table(SMALL_BATCH_LINEAR, literal)
+        apply_table(GEMV_LAUNCH, literal)
     return out
 
 
@@ -198,7 +199,7 @@ def gemv_table(
 
 
 def table_literal(table: dict[tuple[int, int, int], GemvLaunch], comment: str) -> str:
-    """Python source of the ``TUNED`` assignment in ``models/kernels/small_batch_linear.py`` (as ruff formats it)."""
+    """Python source of the ``TUNED`` assignment in ``models/kernels/gemv_launch.py`` (as ruff formats it)."""
     head = f"# {comment}\nTUNED: dict[tuple[int, int, int], GemvLaunch] = {{"
     if not table:
         return head + "}\n"

@@ -14,10 +14,8 @@ Search per shape: stage 1 tries every tile x warps x stages of the grid at the d
 waves value for the ``--top`` fastest of stage 1 (only where waves change the number of splits). Candidates whose
 launch repeats one already timed are not timed twice; one that needs more shared memory than the GPU has is recorded
 as ``out_of_resources``; one whose output differs from the default config's is recorded as ``mismatch`` and never
-chosen. Timing on CUDA as the decode step runs the kernel: up to ``GRAPH_CALLS`` calls captured in one CUDA graph (no
-host launch cost, which would dominate a batch-1 call of a few microseconds), each call on the next of enough input
-copies that together exceed twice the L2 cache (every call reads its KV from HBM, as each layer of a step does);
-``triton.testing.do_bench`` over graph replays, median, divided by the calls. Wall time on a CPU.
+chosen. Timing as the decode step runs the kernel (bench/kernel_tuning.py): calls captured in one CUDA graph, each on
+the next of enough input copies to exceed twice the L2 cache (every call reads its KV from HBM); wall time on a CPU.
 Bandwidth: filled K + V bytes plus q and out bytes over the time, as a fraction of the GPU's HBM bandwidth
 (``models.roofline``; ``--hbm_bandwidth`` overrides it).
 
@@ -30,11 +28,10 @@ measure (``--from_scratch``: this run's shapes alone). ``--apply`` writes it int
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -43,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 import models  # noqa: F401  (loads the decode kernel where it can run)
+from bench.kernel_tuning import apply_table, input_copies, time_ms
 from models.kernels import decode_attention, decode_launch
 from models.kernels.decode_launch import (
     DEFAULT,
@@ -90,9 +88,6 @@ SMOKE = dict(
     dtype="float32",
 )
 DECODE_LAUNCH = Path(decode_launch.__file__)  # where --apply writes the table
-CPU_TIMED_CALLS = 2  # the interpreter is slow: a warm-up call and two timed ones
-GRAPH_CALLS = 64  # at most this many kernel calls per captured graph on CUDA (the graph's launch amortised)...
-GRAPH_MS = 2.0  # ...or fewer, as long as the graph runs this long: a large shape's calls take milliseconds each
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,47 +236,6 @@ def decode_inputs(shape: Attention, batch: int, slots: int, filled: int, dtype: 
     mask[:, :filled] = True
     lengths = torch.full((batch,), filled, device=device, dtype=torch.int32)
     return query, key, value, mask, lengths
-
-
-def input_copies(inputs_bytes: int, l2_bytes: int) -> int:
-    """How many copies of a call's inputs make a rotation that no L2 cache of ``l2_bytes`` holds: their bytes exceed
-    twice the L2, so a call never finds its KV still cached from its last turn.
-
-    >>> input_copies(2 * 2**20, 50 * 2**20), input_copies(4 * 2**30, 50 * 2**20)
-    (51, 1)
-    """
-    return 2 * l2_bytes // max(inputs_bytes, 1) + 1
-
-
-def time_ms(calls: list[Callable[[], object]], device: str, warmup_ms: float, rep_ms: float) -> float:
-    """Median milliseconds per call of ``calls`` (the same launch on rotating inputs, compiled already). On CUDA:
-    after one eager round, up to ``GRAPH_CALLS`` calls (at least one round, fewer where the eager round says the graph
-    would run past ``GRAPH_MS``), cycling through ``calls``, captured in one CUDA graph, then do_bench over replays.
-    On a CPU: wall time of ``CPU_TIMED_CALLS`` calls after one."""
-    if torch.device(device).type == "cuda":
-        import triton.testing
-
-        start = time.perf_counter()
-        for call in calls:
-            call()
-        torch.cuda.synchronize(device)
-        eager_ms = (time.perf_counter() - start) * 1e3 / len(calls)  # launch cost included: an upper bound
-        graph_calls = max(len(calls), min(GRAPH_CALLS, math.ceil(GRAPH_MS / eager_ms)))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for index in range(graph_calls):
-                calls[index % len(calls)]()
-        replay_ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-        del graph
-        return replay_ms / graph_calls
-    call = calls[0]
-    call()
-    times = []
-    for _ in range(CPU_TIMED_CALLS):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def out_of_resources_errors() -> tuple[type[BaseException], ...]:
@@ -433,30 +387,6 @@ def table_literal(table: dict[tuple[int, int, int], TableRows], comment: str) ->
         lines += [f"        ({first}, {config!r})," for first, config in rows]
         lines.append("    ),")
     return "\n".join([*lines, "}"]) + "\n"
-
-
-def replace_table(source: str, literal: str) -> str:
-    """A module's source (``decode_launch.py``, ``small_batch_linear.py``) with its ``TUNED`` assignment and the
-    comment line right above it (which run measured it) replaced by ``literal`` (``table_literal``'s output)."""
-    lines = source.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.startswith("TUNED:")), None)
-    if start is None or start == 0 or not lines[start - 1].startswith("# "):
-        raise ValueError("no comment line followed by a `TUNED:` assignment")
-    if lines[start].rstrip().endswith("{}"):  # an empty table on one line
-        end = start
-    else:
-        end = next((i for i in range(start, len(lines)) if lines[i].rstrip("\n") == "}"), None)
-    if end is None:
-        raise ValueError("the `TUNED` assignment has no closing `}` line")
-    return "".join(lines[: start - 1]) + literal + "".join(lines[end + 1 :])
-
-
-def apply_table(path: Path, literal: str) -> None:
-    """``replace_table`` in the file ``path``, through a temporary file: the module is never half written."""
-    staged = path.with_name(path.name + ".partial")
-    staged.write_text(replace_table(path.read_text(), literal))
-    os.replace(staged, path)
-    print(f"written into {path}")
 
 
 def write_outputs(out_dir: Path, report: dict, table: str) -> None:

@@ -12,13 +12,13 @@ from torch import nn
 
 from bench import measure_small_batch_gemv
 from models.config_loading import llama_twin
+from models.kernels import gemv_launch as gemv_launch_module
 from models.kernels import small_batch_linear
+from models.kernels.gemv_launch import GemvLaunch, gemv_launch
 from models.kernels.small_batch_linear import (
     MAX_ROWS,
     GemvKernel,
-    GemvLaunch,
     SmallBatchLinear,
-    gemv_launch,
     load_gemv_kernel,
     use_small_batch_linear,
 )
@@ -73,13 +73,13 @@ def counting(gemv, monkeypatch) -> Counting:
     ],
 )
 def test_launch_rule(monkeypatch, features, columns, value_bytes, expected):
-    monkeypatch.setattr(small_batch_linear, "TUNED", {})
+    monkeypatch.setattr(gemv_launch_module, "TUNED", {})
     assert gemv_launch(1, features, columns, value_bytes) == expected
 
 
 def test_launch_table_wins_at_one_row_only(monkeypatch):
     tuned = GemvLaunch(8, 256, 8)
-    monkeypatch.setattr(small_batch_linear, "TUNED", {(2048, 2048, 2): tuned})
+    monkeypatch.setattr(gemv_launch_module, "TUNED", {(2048, 2048, 2): tuned})
     assert gemv_launch(1, 2048, 2048, 2) == tuned
     assert gemv_launch(1, 2048, 2048, 4) == GemvLaunch(2, 1024, 4)  # another dtype: the rule
     assert gemv_launch(2, 2048, 2048, 2) == GemvLaunch(2, 1024, 4)
@@ -194,9 +194,9 @@ def test_loader_follows_the_environment():
 
 
 def test_benchmark_smoke_and_apply(gemv, tmp_path, monkeypatch):
-    module = tmp_path / "small_batch_linear.py"
-    module.write_text(Path(small_batch_linear.__file__).read_text())
-    monkeypatch.setattr(measure_small_batch_gemv, "SMALL_BATCH_LINEAR", module)
+    module = tmp_path / "gemv_launch.py"
+    module.write_text(Path(gemv_launch_module.__file__).read_text())
+    monkeypatch.setattr(measure_small_batch_gemv, "GEMV_LAUNCH", module)
     out = measure_small_batch_gemv.main(
         ["--smoke", "--search", "--min_gain", "-1", "--apply", "--output_dir", str(tmp_path)]
     )
@@ -213,7 +213,7 @@ def test_benchmark_smoke_and_apply(gemv, tmp_path, monkeypatch):
         assert row["current"]["speedup_vs_cublas"] == pytest.approx(row["cublas_ms"] / row["current"]["ms"])
     # --min_gain -1: every searched shape's best launch enters the table (over the current one's rows), written into
     # the module's copy; the rest of the module is kept
-    source, original = module.read_text(), Path(small_batch_linear.__file__).read_text()
+    source, original = module.read_text(), Path(gemv_launch_module.__file__).read_text()
     assignment = source_table(source)
     namespace: dict = {"GemvLaunch": GemvLaunch}
     exec(assignment, namespace)
@@ -221,7 +221,7 @@ def test_benchmark_smoke_and_apply(gemv, tmp_path, monkeypatch):
     assert head.rsplit("# ", 1)[0] == original.split(source_table(original))[0].rsplit("# ", 1)[0]
     assert head.endswith("# cpu (4 SMs), torch.float32, min_gain -1.0\n")  # the comment names the run
     assert tail == original.split(source_table(original))[1]
-    expected = small_batch_linear.TUNED | {
+    expected = gemv_launch_module.TUNED | {
         (row["N"], row["K"], 4): GemvLaunch(row["best"]["block_n"], row["best"]["block_k"], row["best"]["num_warps"])
         for row in written["shapes"]
     }
@@ -230,7 +230,7 @@ def test_benchmark_smoke_and_apply(gemv, tmp_path, monkeypatch):
 
 
 def source_table(source: str) -> str:
-    """The ``TUNED`` assignment of ``small_batch_linear.py``'s source, from ``TUNED:`` to its closing line."""
+    """The ``TUNED`` assignment of ``gemv_launch.py``'s source, from ``TUNED:`` to its closing line."""
     start = source.index("TUNED:")
     line = source[start : source.index("\n", start) + 1]
     return line if line.rstrip().endswith("{}") else source[start : source.index("\n}\n", start) + 3]

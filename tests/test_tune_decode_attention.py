@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from bench import kernel_tuning
 from bench import tune_decode_attention as tune
 from models.kernels import decode_launch
 from models.kernels.decode_launch import DEFAULT, KernelConfig, check_table, launch_config, resolve_launch
@@ -82,7 +83,7 @@ def test_measured_rows_replace_the_current_tables_and_keep_the_rest():
 def test_replace_table_rewrites_only_the_assignment_and_its_comment():
     source = tune.DECODE_LAUNCH.read_text()
     table = {(8, 64, 2): ((4, FAST),)}
-    rewritten = tune.replace_table(source, tune.table_literal(table, "a new run"))
+    rewritten = kernel_tuning.replace_table(source, tune.table_literal(table, "a new run"))
     namespace: dict = {}
     exec(rewritten, namespace)
     assert namespace["TUNED"] == table
@@ -91,7 +92,7 @@ def test_replace_table_rewrites_only_the_assignment_and_its_comment():
     tail = source.split("\n}\n", 1)[1]
     assert rewritten.endswith(tail)  # everything after the table kept
     with pytest.raises(ValueError, match="TUNED"):
-        tune.replace_table("x = 1\n", "TUNED = {}\n")
+        kernel_tuning.replace_table("x = 1\n", "TUNED = {}\n")
 
 
 def test_a_table_of_defaults_is_empty():
