@@ -62,7 +62,7 @@ def time_ms(calls: list[Callable[[], object]], device: str, warmup_ms: float, re
 
 
 def replace_table(source: str, literal: str) -> str:
-    """A module's source (``decode_launch.py``, ``small_batch_linear.py``) with its ``TUNED`` assignment and the
+    """A module's source (``decode_launch.py``, ``gemv_launch.py``) with its ``TUNED`` assignment and the
     comment line right above it (which run measured it) replaced by ``literal`` (``table_literal``'s output)."""
     lines = source.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.startswith("TUNED:")), None)

@@ -1,5 +1,5 @@
 """The linear layers of a decode step at a few rows: cuBLAS (``F.linear``) against the Triton GEMV of
-``models/kernels/gemv_launch.py``, per weight shape of each config and per row count, as fractions of the
+``models/kernels/small_batch_linear.py``, per weight shape of each config and per row count, as fractions of the
 memory bandwidth.
 
     python -m bench.measure_small_batch_gemv --configs configs/tinyllama.json configs/llama2_7b.json --search \\
@@ -11,8 +11,8 @@ Per shape ``(N, K)`` (the Q, K/V, O, gate/up, down and LM-head weights of the co
 table's or the rule's), and with ``--search`` of every launch in ``SEARCH`` (``best``). The table of the one-row
 shapes (``TUNED`` of models/kernels/gemv_launch.py: per measured shape the best launch where it beats the
 current one by ``--min_gain``, the unmeasured shapes' rows kept) is printed, and written into that module with
-``--apply``. Timing as bench/tune_decode_attention.py times its
-kernel: calls captured in one CUDA graph, cycling through copies of the weight whose bytes exceed twice the L2, so that
+``--apply``. Timing by bench/kernel_tuning.py, as the decode kernel's tuner times:
+calls captured in one CUDA graph, cycling through copies of the weight whose bytes exceed twice the L2, so that
 every call reads its weight from HBM as a decode step does. ``bandwidth_fraction`` = weight bytes / time /
 ``--hbm_bandwidth``.
 Writes ``<output_dir>/small_batch_gemv.json``; prints one line per shape.
@@ -31,7 +31,7 @@ from bench.kernel_tuning import apply_table, input_copies, time_ms
 from models.kernels import gemv_launch as launch_module
 from models.kernels.decode_attention import processors
 from models.kernels.gemv_launch import TUNED, GemvLaunch, gemv_launch
-from models.kernels.small_batch_linear import load_gemv_kernel
+from models.kernels.small_batch_linear import GemvKernel, load_gemv_kernel
 from tools.cli import ArgumentParser, load_config, parse_int_list, parse_size
 
 SMOKE_CONFIGS = ["configs/test_tiny_opt.json"]
@@ -43,7 +43,6 @@ SEARCH = [
     for block_n, block_k, num_warps in itertools.product((2, 4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8))
     if block_n * block_k <= MAX_TILE
 ]
-L2_BYTES = 50 * 2**20  # an H100/H200's L2: the weight copies of one shape exceed twice this
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,11 +105,13 @@ def weight_shapes(config) -> list[tuple[str, int, int]]:
     return shapes
 
 
-def measure_shape(n: int, k: int, rows: int, args, device: torch.device, dtype: torch.dtype) -> dict:
-    """cuBLAS, the rule's launch and (``--search``) the best of SEARCH for one ``(rows, K) @ (N, K)^T``."""
-    kernel = load_gemv_kernel()
+def measure_shape(
+    kernel: GemvKernel, n: int, k: int, rows: int, args, device: torch.device, dtype: torch.dtype
+) -> dict:
+    """cuBLAS, the current launch and (``--search``) the best of SEARCH for one ``(rows, K) @ (N, K)^T``."""
     weight_bytes = n * k * dtype.itemsize
-    copies = input_copies(weight_bytes, L2_BYTES) if device.type == "cuda" else 1
+    on_gpu = device.type == "cuda"
+    copies = input_copies(weight_bytes, torch.cuda.get_device_properties(device).L2_cache_size) if on_gpu else 1
     weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
     x = torch.randn(rows, k, device=device, dtype=dtype)
 
@@ -142,14 +143,15 @@ def measure_shape(n: int, k: int, rows: int, args, device: torch.device, dtype: 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if load_gemv_kernel() is None:
+    kernel = load_gemv_kernel()
+    if kernel is None:
         raise SystemExit("no GEMV kernel: needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on a CPU)")
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = {(n, k): name for path in args.configs for name, n, k in weight_shapes(load_config("--configs", path))}
     rows = []
     for ((n, k), name), count in tqdm(list(itertools.product(shapes.items(), args.row_list)), desc="shapes"):
-        row = {"layer": name} | measure_shape(n, k, count, args, device, dtype)
+        row = {"layer": name} | measure_shape(kernel, n, k, count, args, device, dtype)
         best = row.get("best", row["current"])
         tqdm.write(
             f"{name:18s} N={n:6d} K={k:6d} M={count}: cuBLAS {row['cublas_ms'] * 1e3:7.1f} us "
