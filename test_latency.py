@@ -584,6 +584,7 @@ def measure(argv: list[str] | None = None) -> dict:
         "max_batch",
         "batches",
         "attn_implementation",
+        "fused_projections",
         "small_batch_gemv",
     )
     setting = {k: getattr(args, k) for k in keys}

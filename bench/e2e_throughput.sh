@@ -3,9 +3,11 @@
 # 79 GiB, set here), in parts that each fit a 9-minute call. Every step has its own timeout and writes OUT_DIR/<step>/{log,latency.json,throughput.png}.
 #
 #   bash bench/e2e_throughput.sh partA1 OUT   # tinyllama: stock dynamic-cache Llama generate (batch search), compiled Llama at max batch
+#                                             # (partA1a / partA1b: each half alone)
 #   bash bench/e2e_throughput.sh partA2 OUT   # tinyllama pair at batch 512: Llama, LCKV iterative and sequential prefill
 #   bash bench/e2e_throughput.sh partA3 OUT   # tinyllama LCKV at its largest batches, sequential prefill (sampled)
 #   bash bench/e2e_throughput.sh partB1 OUT   # LLaMA-33B shape, Llama at its max batch: P256+G768 and P2048+G2048
+#                                             # (partB1a / partB1b: each half alone)
 #   bash bench/e2e_throughput.sh partB2 OUT   # LLaMA-33B LCKV, P256+G768 at max batch: sequential prefill
 #   bash bench/e2e_throughput.sh partB3 OUT   # LLaMA-33B LCKV, P256+G768 at max batch: iterative prefill (the old path)
 #   bash bench/e2e_throughput.sh partB4 OUT   # LLaMA-33B LCKV, P2048+G2048 at max batch: sequential prefill (sampled)
@@ -18,6 +20,8 @@
 # prompt (both documented in each latency.json, setting.extrapolation). The largest batches come from
 # `python test_latency.py --plan --gpu_memory 80GB` (KV-bound) times ~0.9; a batch that does not fit is recorded
 # as {"oom": true} and the next smaller one in --batches still runs.
+# EXTRA_FLAGS adds test_latency.py flags to every step, e.g. EXTRA_FLAGS="--fused_projections --small_batch_gemv"
+# (the GEMV needs CUDA); each latency.json records them in its setting.
 set -uo pipefail
 part=${1:?part: partA1..partC2 or smoke}
 out=${2:-bench/results/e2e_throughput}
@@ -47,6 +51,8 @@ else
     echo "device: $gpu_name, roofline bandwidth $hbm, ${cap[*]:-no memory cap}"
     common=(--hbm_bandwidth "$hbm" "${cap[@]}")
 fi
+# shellcheck disable=SC2206  # several flags in one variable on purpose
+common+=(${EXTRA_FLAGS:-})
 
 lat() {  # lat NAME SECONDS ARGS...: test_latency.py with a time limit, log and JSON under OUT/NAME
     local name=$1 limit=$2
@@ -63,7 +69,15 @@ lat() {  # lat NAME SECONDS ARGS...: test_latency.py with a time limit, log and 
 # shellcheck disable=SC2086  # $P2K, $STEPS, ... are several flags each
 partA1() {  # ~8 min: stock generate search (~4 min), compiled Llama near its KV bound (843 by --plan; 640 fitted
     # under the 79 GiB cap on an H200, 768 did not)
+    partA1a
+    partA1b
+}
+# shellcheck disable=SC2086
+partA1a() {  # ~4 min: the first half of partA1, stock generate
     lat tinyllama_stock 280 --configs $TL --attn_implementation sdpa --cache dynamic $P2K $STEPS $SEARCH
+}
+# shellcheck disable=SC2086
+partA1b() {  # ~4 min: the second half of partA1, the compiled Llama at its largest batch
     lat tinyllama_llama_max 220 --configs $TL --compile $CHUNK $P2K $STEPS --batches "$(b 768),$(b 704),$(b 640)" --first_fit
 }
 # shellcheck disable=SC2086
@@ -76,7 +90,15 @@ partA3() {  # ~6 min: LCKV near its KV bound (6,186 by --plan), sequential prefi
 }
 # shellcheck disable=SC2086
 partB1() {  # ~8 min: two 33B compiles; Llama fits 9 / 2 sequences by --plan
+    partB1a
+    partB1b
+}
+# shellcheck disable=SC2086
+partB1a() {  # ~4 min: the first half of partB1, P256+G768
     lat llama33b_p256_llama 260 --configs $L33 --compile $P256 $STEPS --batches "$(b 4),$(b 8)"
+}
+# shellcheck disable=SC2086
+partB1b() {  # ~4 min: the second half of partB1, P2048+G2048 (batch 1: where --small_batch_gemv applies)
     lat llama33b_p2048_llama 260 --configs $L33 --compile $P2K $STEPS --batches "$(b 1),$(b 2)"
 }
 # shellcheck disable=SC2086
@@ -103,10 +125,10 @@ partC2() {  # ~8 min: 7B pair at P2048+G2048 (--plan: 30 and 340)
 }
 
 case "$part" in
-partA1 | partA2 | partA3 | partB1 | partB2 | partB3 | partB4 | partC1 | partC2) "$part" ;;
+partA1 | partA1a | partA1b | partA2 | partA3 | partB1 | partB1a | partB1b | partB2 | partB3 | partB4 | partC1 | partC2) "$part" ;;
 smoke) for p in partA1 partA2 partA3 partB1 partB2 partB3 partB4 partC1 partC2; do "$p"; done ;;
 *)
-    echo "part: $part; allowed values are partA1, partA2, partA3, partB1, partB2, partB3, partB4, partC1, partC2, smoke" >&2
+    echo "part: $part; allowed values are partA1 (partA1a, partA1b), partA2, partA3, partB1 (partB1a, partB1b), partB2, partB3, partB4, partC1, partC2, smoke" >&2
     exit 2
     ;;
 esac

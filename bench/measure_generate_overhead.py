@@ -37,7 +37,7 @@ import models  # noqa: F401  (registers opt-llama and the attention backends)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
 from models import SPLIT_KV
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
-from tools.cli import SMALL_BATCH_GEMV_HELP, parse_int_list, parse_size
+from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, parse_int_list, parse_size
 from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
 
 LOOPS = ("fast", "transformers")
@@ -77,11 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="device the models are built on (default: cuda when available, else cpu)",
     )
-    p.add_argument(
-        "--small_batch_gemv",
-        action="store_true",
-        help=SMALL_BATCH_GEMV_HELP,
-    )
+    p.add_argument("--fused_projections", action="store_true", help=FUSED_PROJECTIONS_HELP)
+    p.add_argument("--small_batch_gemv", action="store_true", help=SMALL_BATCH_GEMV_HELP)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens: the same code path")
     p.add_argument(
         "--output_dir",
@@ -250,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             "attn_implementation",
             "compile_mode",
             "hbm_bandwidth",
+            "fused_projections",
             "small_batch_gemv",
         )
     }
@@ -263,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
             device=args.device,
             attn_implementation=args.attn_implementation,
             compile_mode=args.compile_mode,
+            fused_projections=args.fused_projections,
             small_batch_gemv=args.small_batch_gemv,
         )
         model = latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too

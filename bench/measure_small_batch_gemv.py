@@ -86,16 +86,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def weight_shapes(config) -> list[tuple[str, int, int]]:
-    """``(name, N, K)`` of a Llama-shaped config's linear layers, one entry per distinct shape (first name kept)."""
+    """``(name, N, K)`` of a Llama-shaped config's linear layers, and of its fused Q/K/V and gate/up products
+    (``models/fused_projections.py``), one entry per distinct shape (first name kept)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden, inter = config.hidden_size, config.intermediate_size
+    queries, keys = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     named = [
-        ("q_proj", config.num_attention_heads * head_dim, hidden),
-        ("k_proj/v_proj", config.num_key_value_heads * head_dim, hidden),
-        ("o_proj", hidden, config.num_attention_heads * head_dim),
+        ("q_proj", queries, hidden),
+        ("k_proj/v_proj", keys, hidden),
+        ("o_proj", hidden, queries),
         ("gate_proj/up_proj", inter, hidden),
         ("down_proj", hidden, inter),
         ("lm_head", config.vocab_size, hidden),
+        ("qkv_proj (fused)", queries + 2 * keys, hidden),
+        ("gate_up_proj (fused)", 2 * inter, hidden),
     ]
     seen, shapes = set(), []
     for name, n, k in named:

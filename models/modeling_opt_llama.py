@@ -26,6 +26,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
+from .fused_projections import QKV_GROUP, grouped_products
 from .kernels import KernelSelection, PlainRotaryEmbedding
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import layer_mask_kinds, lckv_masks
@@ -55,7 +56,10 @@ class OptLlamaAttention(nn.Module):
     A layer with its own KVs (``kv_source == layer_idx``) has ``k_proj``/``v_proj``; a condensed layer has
     none and attends to the KVs handed to it by the model. A strict layer (``config.layer_strict``) attends
     only to positions before the query; a window layer only to the last ``config.sliding_window`` positions.
+    ``fused_projections.fuse_projections`` may give a layer with its own KVs one product for Q, K and V (``qkv_proj``).
     """
+
+    fused_groups = QKV_GROUP
 
     def __init__(self, config: OptLlamaConfig, layer_idx: int, kernel_selection: KernelSelection):
         super().__init__()
@@ -78,6 +82,7 @@ class OptLlamaAttention(nn.Module):
             self.k_proj = nn.Linear(hidden, config.num_key_value_heads * self.head_dim, bias=bias)
             self.v_proj = nn.Linear(hidden, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, hidden, bias=bias)
+        self.qkv_proj: nn.Linear | None = None
 
     def forward(
         self,
@@ -110,12 +115,13 @@ class OptLlamaAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
-        query_states = None if kv_only else self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states, key_states, value_states = (
+            None if product is None else product.view(hidden_shape).transpose(1, 2)
+            for product in self._project(hidden_states, kv_only)
+        )
 
         new_kv = own_kv = None
         if self.has_own_kv:
-            key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             query_states, key_states = self.kernel_selection.apply_rotary_pos_emb(query_states, key_states, cos, sin)
             new_kv = (key_states, value_states)
             if given_keys is None:
@@ -146,6 +152,17 @@ class OptLlamaAttention(nn.Module):
             # Stored only after the read: a static cache stages into the very slots the given KVs view.
             own_kv = self._store(*new_kv, cache, commit)
         return attn_output, attn_weights, own_kv, new_kv
+
+    def _project(
+        self, hidden_states: torch.Tensor, kv_only: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Queries (None with ``kv_only``), keys and values (None for a condensed layer) of ``hidden_states``
+        ``(B, T, H)``, each ``(B, T, heads * D)``: one product where Q, K and V are fused and all three are wanted."""
+        if not self.has_own_kv:
+            return None if kv_only else self.q_proj(hidden_states), None, None
+        if kv_only:
+            return None, self.k_proj(hidden_states), self.v_proj(hidden_states)
+        return grouped_products(hidden_states, self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj))
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor, cache: Cache | None, commit: bool) -> KV:
         """Commit (``cache.update``) or stage this layer's new KVs; returns cached + new ``(B, Hkv, S, D)``."""

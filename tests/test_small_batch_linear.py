@@ -26,7 +26,7 @@ from tests.conftest import tiny_config, tiny_model
 from tests.test_generation import make_tiny_files
 from tests.test_generation import run as run_generation_with
 from tools import latency
-from tools.cli import UsageError, set_small_batch_gemv
+from tools.cli import UsageError, set_linear_options
 from tools.measure import load_config_for_length
 
 # float32 sums of K products in another order than the float64 reference: a few ulps of the largest partial sum
@@ -280,7 +280,7 @@ def test_latency_flag_swaps_the_layers(counting):
 def test_flag_without_a_kernel_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(small_batch_linear, "load_gemv_kernel", lambda: None)
     with pytest.raises(UsageError, match=r"--small_batch_gemv: no layer can run the GEMV here \(model on cpu\)"):
-        set_small_batch_gemv(nn.Linear(4, 4), "--small_batch_gemv")
+        set_linear_options(nn.Linear(4, 4), fused_projections=False, small_batch_gemv=True)
 
 
 def test_swapped_layer_traces_into_one_graph(counting):

@@ -24,6 +24,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 from models.config_checks import looks_like_local_path
 from models.config_loading import as_opt_llama, one_line, read_config
 from models.configuration_opt_llama import OptLlamaConfig
+from models.fused_projections import fuse_projections
 from models.kernels.flags import FLAGS, flag_enabled
 from models.kernels.small_batch_linear import use_small_batch_linear
 from models.prefill_modes import PREFILL_MODES
@@ -409,16 +410,26 @@ SMALL_BATCH_GEMV_HELP = (
     "linear layers run a Triton GEMV at one row, i.e. batch-1 decoding (models/kernels/small_batch_linear.py; CUDA, "
     "one process): the captured batch-1 step 11-21%% faster on an H200 (docs/fast_decode.md)"
 )
+FUSED_PROJECTIONS_HELP = (
+    "each attention's Q/K/V and each MLP's gate/up projections run as one matrix product (models/"
+    "fused_projections.py; same parameters and state dict, results equal to rounding; one process): fewer, larger "
+    "products per decode step (docs/fast_decode.md)"
+)
 
 
-def set_small_batch_gemv(model: torch.nn.Module, flag: str) -> None:
-    """``flag`` given: the model's linear layers run the GEMV at one row; a usage error where none can (a benchmark
-    must not measure another path than the one asked for)."""
-    if not use_small_batch_linear(model):
-        device = next(model.parameters()).device
+def set_linear_options(model: torch.nn.Module, fused_projections: bool, small_batch_gemv: bool) -> None:
+    """``--fused_projections`` then ``--small_batch_gemv`` (so the GEMV also runs the fused products); a usage error
+    where an option given changes nothing (a benchmark must not measure another path than the one asked for)."""
+    device = next(model.parameters()).device
+    if fused_projections and not fuse_projections(model):
         raise UsageError(
-            f"{flag}: no layer can run the GEMV here (model on {device}); allowed on one process with Triton and the "
-            "model on a CUDA GPU"
+            "--fused_projections: no attention or MLP of this model has projections to fuse here; allowed on one "
+            "process, with Llama or LCKV layers"
+        )
+    if small_batch_gemv and not use_small_batch_linear(model):
+        raise UsageError(
+            f"--small_batch_gemv: no layer can run the GEMV here (model on {device}); allowed on one process with "
+            "Triton and the model on a CUDA GPU"
         )
 
 

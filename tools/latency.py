@@ -114,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sdpa that also packs GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; "
         "sdpa, eager, ...",
     )
+    p.add_argument("--fused_projections", action="store_true", help=shared.FUSED_PROJECTIONS_HELP)
     p.add_argument("--small_batch_gemv", action="store_true", help=shared.SMALL_BATCH_GEMV_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument(
@@ -345,12 +346,11 @@ def filled_cache(model, args, batch: int, length: int):
 def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
     """Random weights of ``--seed`` on ``--device`` (each process its shard under torchrun), ``--attn_implementation``,
     generate's captured decoding loop (``tools.measure.build_random_model``) compiled in ``--compile_mode``, with
-    ``--small_batch_gemv`` the batch-1 GEMV."""
+    ``--fused_projections`` and ``--small_batch_gemv`` (``tools.cli.set_linear_options``)."""
     torch.manual_seed(args.seed)
     model = build_random_model(config, dtype, args.device, args.attn_implementation)
     model.generation_config.compile_config = CompileConfig(mode=args.compile_mode)
-    if args.small_batch_gemv:
-        shared.set_small_batch_gemv(model, "--small_batch_gemv")
+    shared.set_linear_options(model, args.fused_projections, args.small_batch_gemv)
     return model
 
 

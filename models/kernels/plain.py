@@ -11,6 +11,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, repeat_kv
 
+from ..fused_projections import GATE_UP_GROUP, grouped_products
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of Llama's float32 steps for a model in ``dtype``: at least float32, float64 for float64."""
@@ -37,7 +39,10 @@ class PlainRMSNorm(nn.Module):
 
 
 class PlainSwiGLUMLP(nn.Module):
-    """Llama's gated MLP: ``down(act(gate(x)) * up(x))``. Input and output ``(..., hidden_size)``."""
+    """Llama's gated MLP: ``down(act(gate(x)) * up(x))``. Input and output ``(..., hidden_size)``.
+    ``fused_projections.fuse_projections`` may give it one product for gate and up (``gate_up_proj``)."""
+
+    fused_groups = GATE_UP_GROUP
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -45,9 +50,11 @@ class PlainSwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.gate_up_proj: nn.Linear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = grouped_products(x, self.gate_up_proj, (self.gate_proj, self.up_proj))
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Fused SwiGLU activation (liger-kernel, Triton): ``silu(gate) * up`` in one kernel. Needs CUDA and liger-kernel."""
 
 import torch
+from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
 from liger_kernel.transformers.functional import liger_swiglu
 
+from ..fused_projections import runs_fused
 from .flags import FUSED_SWIGLU
 from .plain import PlainSwiGLUMLP
 
@@ -10,7 +12,8 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
 class FusedSwiGLUMLP(PlainSwiGLUMLP):
-    """``PlainSwiGLUMLP`` (same parameters) with the gate activation and product fused. ``(..., H)`` -> ``(..., H)``."""
+    """``PlainSwiGLUMLP`` (same parameters) with the gate activation and product fused. ``(..., H)`` -> ``(..., H)``.
+    With gate and up as one product (``gate_up_proj``) the kernel reads both halves of it in place."""
 
     def __init__(self, config) -> None:
         if config.hidden_act not in SUPPORTED_ACTIVATIONS:
@@ -21,4 +24,6 @@ class FusedSwiGLUMLP(PlainSwiGLUMLP):
         super().__init__(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_fused(self.gate_up_proj, self.gate_proj):
+            return self.down_proj(LigerFusedGateUpSiLUMulFunction.apply(self.gate_up_proj(x)))
         return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
