@@ -26,8 +26,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
-from .fused_projections import QKV_GROUP, grouped_products
-from .kernels import KernelSelection, PlainRotaryEmbedding
+from .kernels import QKV_GROUP, KernelSelection, PlainRotaryEmbedding, grouped_products
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import layer_mask_kinds, lckv_masks
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill

@@ -1,7 +1,7 @@
-"""Fused Q/K/V and gate/up projections (models/fused_projections.py): the concatenated matrix and its views, which
-layers fuse (LCKV condensed layers keep their Q alone), unchanged parameters, state dict and saved checkpoints, the
-same logits (float64: equal to float64 rounding) and greedy tokens for opt-llama and a transformers Llama, the
-gradient fallback, the GEMV on the fused products, and the tools' flag."""
+"""Fused Q/K/V and gate/up projections (models/fused_projections.py, models/kernels/grouped_linear.py): the
+concatenated matrix and its views, which layers fuse (LCKV condensed layers keep their Q alone), unchanged parameters,
+state dict and saved checkpoints, the same logits (float64: equal to float64 rounding) and greedy tokens for opt-llama
+and a transformers Llama, the gradient fallback, the GEMV on the fused products, and the tools' flag."""
 
 import copy
 
@@ -12,16 +12,9 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from models.config_loading import llama_twin
-from models.fused_projections import (
-    FusedProjectionLlamaAttention,
-    FusedProjectionLlamaMLP,
-    can_concatenate,
-    concatenated_linear,
-    fuse_projections,
-    grouped_products,
-    runs_fused,
-)
+from models.fused_projections import FusedProjectionLlamaAttention, FusedProjectionLlamaMLP, fuse_projections
 from models.kernels import small_batch_linear
+from models.kernels.grouped_linear import can_concatenate, concatenated_linear, grouped_products, runs_fused
 from models.kernels.small_batch_linear import GemvKernel, SmallBatchLinear
 from tests.conftest import tiny_config, tiny_model
 from tests.test_generation import make_tiny_files

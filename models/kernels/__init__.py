@@ -37,6 +37,7 @@ from .flags import (
     flag_enabled,
     warn_fallback,
 )
+from .grouped_linear import QKV_GROUP, grouped_products
 from .plain import PlainRMSNorm, PlainRotaryEmbedding, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
 
 INSTALL_HINT = "see requirements-gpu.txt"
@@ -157,8 +158,10 @@ class KernelSelection:
 
 __all__ = [
     "FLAGS",
+    "QKV_GROUP",
     "STRICT_CAUSAL",
     "KernelSelection",
     "PlainRotaryEmbedding",
     "flag_enabled",
+    "grouped_products",
 ]

@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, repeat_kv
 
-from ..fused_projections import GATE_UP_GROUP, grouped_products
+from .grouped_linear import GATE_UP_GROUP, grouped_products
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

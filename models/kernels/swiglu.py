@@ -4,8 +4,8 @@ import torch
 from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
 from liger_kernel.transformers.functional import liger_swiglu
 
-from ..fused_projections import runs_fused
 from .flags import FUSED_SWIGLU
+from .grouped_linear import runs_fused
 from .plain import PlainSwiGLUMLP
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
