@@ -6,7 +6,8 @@ memory bandwidth.
         --apply --output_dir bench/results/small_batch_gemv_h200        # GPU, bf16
     python -m bench.measure_small_batch_gemv --smoke --output_dir /tmp/gemv   # CPU (Triton's interpreter): same code
 
-Per shape ``(N, K)`` (the Q, K/V, O, gate/up, down and LM-head weights of the configs, each shape once) and row count
+Per shape ``(N, K)`` (the Q, K/V, O, gate/up, down and LM-head weights of the configs and their fused Q/K/V and
+gate/up matrices, ``models/fused_projections.py``, each shape once) and row count
 ``M``: milliseconds per call of cuBLAS and of the GEMV at the launch ``gemv_launch`` picks now (``current``: the
 table's or the rule's), and with ``--search`` of every launch in ``SEARCH`` (``best``). The table of the one-row
 shapes (``TUNED`` of models/kernels/gemv_launch.py: per measured shape the best launch where it beats the
