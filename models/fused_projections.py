@@ -15,9 +15,11 @@ swapped to the subclasses below, whose forward runs the fused product. Layers wh
 condensed layer has no K/V) or differ in device, dtype, input size or bias keep their separate products.
 
 The fused matrix is a buffer, not a parameter, so parameters are counted once; autograd therefore cannot reach the
-parts through it, and a forward that needs gradients for them runs the parts (``runs_fused``). Fuse after the model
-has its final device and dtype: ``.to()`` copies the parts and the buffer apart (values stay equal, the memory
-doubles). One process only: tensor-parallel shards are left alone.
+parts through it, and a forward that needs gradients for any of them runs the parts (``runs_fused``). Writing into a
+part (``load_state_dict``, an optimiser step) writes the fused matrix; ``.to()``, ``.half()`` and ``copy.deepcopy``
+keep the parts views of it (``FusedGroupsMixin``). A part replaced after fusion (an adapter wrapping it) or given new
+tensors (``load_state_dict(assign=True)``) is no longer a view: an eager forward sees that and runs the parts, a
+compiled one does not check (fuse last). One process only: tensor-parallel shards are left alone.
 """
 
 from collections.abc import Callable
@@ -32,17 +34,26 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils.deprecation import deprecate_kwarg
 
-from .kernels.grouped_linear import GATE_UP_GROUP, QKV_GROUP, can_concatenate, concatenated_linear, grouped_products
+from .kernels.grouped_linear import (
+    GATE_UP_GROUP,
+    QKV_GROUP,
+    FusedGroupsMixin,
+    can_concatenate,
+    concatenated_linear,
+    grouped_products,
+)
 from .tensor_parallel import world_size
 
 
-class FusedProjectionLlamaAttention(LlamaAttention):
+class FusedProjectionLlamaAttention(FusedGroupsMixin, LlamaAttention):
     """transformers' ``LlamaAttention`` with Q, K and V from one product (``qkv_proj``, set by ``fuse_projections``);
     the rest as in ``LlamaAttention``: rotary, cache update, the configured attention, output projection."""
 
     fused_groups = QKV_GROUP
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as LlamaAttention.forward
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -78,13 +89,14 @@ class FusedProjectionLlamaAttention(LlamaAttention):
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
 
-class FusedProjectionLlamaMLP(LlamaMLP):
+class FusedProjectionLlamaMLP(FusedGroupsMixin, LlamaMLP):
     """transformers' ``LlamaMLP`` with gate and up from one product (``gate_up_proj``, set by ``fuse_projections``):
     ``(..., H) -> (..., H)``."""
 
     fused_groups = GATE_UP_GROUP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(..., H)`` -> ``(..., H)``."""
         gate, up = grouped_products(x, self.gate_up_proj, (self.gate_proj, self.up_proj))
         return self.down_proj(self.act_fn(gate) * up)
 

@@ -26,7 +26,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
-from .kernels import QKV_GROUP, KernelSelection, PlainRotaryEmbedding, grouped_products
+from .kernels import QKV_GROUP, FusedGroupsMixin, KernelSelection, PlainRotaryEmbedding, grouped_products
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import layer_mask_kinds, lckv_masks
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
@@ -49,7 +49,7 @@ class OptLlamaCausalLMOutput(CausalLMOutputWithPast):
     kv_loss: torch.Tensor | None = None
 
 
-class OptLlamaAttention(nn.Module):
+class OptLlamaAttention(FusedGroupsMixin, nn.Module):
     """Multi-head attention whose keys/values come from layer ``kv_source``.
 
     A layer with its own KVs (``kv_source == layer_idx``) has ``k_proj``/``v_proj``; a condensed layer has

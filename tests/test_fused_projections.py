@@ -14,12 +14,18 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 from models.config_loading import llama_twin
 from models.fused_projections import FusedProjectionLlamaAttention, FusedProjectionLlamaMLP, fuse_projections
 from models.kernels import small_batch_linear
-from models.kernels.grouped_linear import can_concatenate, concatenated_linear, grouped_products, runs_fused
+from models.kernels.grouped_linear import (
+    are_views_of,
+    can_concatenate,
+    concatenated_linear,
+    grouped_products,
+    runs_fused,
+)
 from models.kernels.small_batch_linear import GemvKernel, SmallBatchLinear
 from tests.conftest import tiny_config, tiny_model
 from tests.test_generation import make_tiny_files
 from tests.test_generation import run as run_generation_with
-from tools import latency
+from tools import cli, latency
 from tools.cli import UsageError, set_linear_options
 from tools.measure import load_config_for_length
 
@@ -27,7 +33,7 @@ from tools.measure import load_config_for_length
 FP64 = dict(rtol=1e-12, atol=1e-12)
 
 
-def parts(sizes=(8, 4, 4), in_features=16, bias=False) -> list[nn.Linear]:
+def parts(sizes=(8, 4, 4), in_features=12, bias=False) -> list[nn.Linear]:
     torch.manual_seed(0)
     return [nn.Linear(in_features, n, bias=bias) for n in sizes]
 
@@ -36,10 +42,12 @@ def parts(sizes=(8, 4, 4), in_features=16, bias=False) -> list[nn.Linear]:
 def test_concatenated_linear_is_the_parts_side_by_side(bias):
     layers = parts(bias=bias)
     before = [(layer.weight.clone(), layer.bias.clone() if bias else None) for layer in layers]
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 12)
     expected = torch.cat([layer(x) for layer in layers], -1)
+    parameters = [layer.weight for layer in layers]
     fused = concatenated_linear(layers)
-    assert fused.weight.shape == (16, 16) and not isinstance(fused.weight, nn.Parameter)
+    assert fused.weight.shape == (16, 12) and not isinstance(fused.weight, nn.Parameter)
+    assert all(layer.weight is parameter for layer, parameter in zip(layers, parameters, strict=True))  # same objects
     assert dict(fused.named_parameters()) == {} and fused.state_dict() == {}  # counted once: in the parts
     torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
     for layer, (weight, layer_bias), rows in zip(layers, before, fused.weight.split([8, 4, 4]), strict=True):
@@ -55,7 +63,7 @@ def test_concatenated_linear_is_the_parts_side_by_side(bias):
 def test_which_parts_can_share_a_matrix():
     assert can_concatenate(parts())
     assert not can_concatenate([*parts(), None])  # a condensed layer has no k_proj / v_proj
-    assert not can_concatenate(parts(in_features=16) + parts(in_features=8))
+    assert not can_concatenate(parts(in_features=12) + parts(in_features=8))
     assert not can_concatenate(parts() + parts(bias=True))
     mixed = parts()
     mixed[0].double()
@@ -63,15 +71,51 @@ def test_which_parts_can_share_a_matrix():
 
 
 def test_gradients_run_the_parts():
-    layers = parts()
+    layers = parts(bias=True)
     fused = concatenated_linear(layers)
-    x = torch.randn(2, 16)
-    assert not runs_fused(fused, layers[0])  # grad mode on, parameters that want gradients
+    x = torch.randn(2, 12)
+    assert not runs_fused(fused, layers)  # grad mode on, parameters that want gradients
     sum(out.sum() for out in grouped_products(x, fused, layers)).backward()
     assert all(layer.weight.grad is not None for layer in layers)
     with torch.no_grad():
-        assert runs_fused(fused, layers[0])
-    assert not runs_fused(None, layers[0])
+        assert runs_fused(fused, layers)
+    assert not runs_fused(None, layers)
+
+
+@pytest.mark.parametrize("trained", ["k and v only", "biases only"])
+def test_a_gradient_wanted_by_any_part_runs_the_parts(trained):
+    layers = parts(bias=True)
+    fused = concatenated_linear(layers)
+    for layer in layers:
+        layer.requires_grad_(False)
+    wanted = [layer.weight for layer in layers[1:]] if trained == "k and v only" else [layer.bias for layer in layers]
+    for parameter in wanted:
+        parameter.requires_grad_(True)
+    assert not runs_fused(fused, layers)
+    sum(out.sum() for out in grouped_products(torch.randn(2, 12), fused, layers)).backward()
+    assert all(parameter.grad is not None for parameter in wanted)
+
+
+def test_a_replaced_part_is_run_instead_of_the_stale_matrix():
+    layers = parts()
+    fused = concatenated_linear(layers)
+    x = torch.randn(2, 12)
+    layers[1] = nn.Linear(12, 4, bias=False)  # e.g. an adapter put in its place after fusion
+    with torch.no_grad():
+        assert not runs_fused(fused, layers)
+        torch.testing.assert_close(grouped_products(x, fused, layers)[1], layers[1](x), rtol=0, atol=0)
+        layers[1].weight.data = torch.randn(4, 12)  # load_state_dict(assign=True)
+        assert not runs_fused(fused, layers)
+
+
+def fused_groups_of(model: nn.Module) -> list[tuple[nn.Linear, list[nn.Linear]]]:
+    """Every fused matrix of ``model`` with its parts."""
+    return [
+        (getattr(module, fused_name), [getattr(module, name) for name in names])
+        for module in model.modules()
+        for fused_name, names in getattr(type(module), "fused_groups", {}).items()
+        if getattr(module, fused_name, None) is not None
+    ]
 
 
 def models_under_test(dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
@@ -103,9 +147,26 @@ def test_fused_model_keeps_its_state_and_its_outputs(name):
         assert all(type(m) is FusedProjectionLlamaAttention for m in fused_attentions)
         assert sum(type(m) is FusedProjectionLlamaMLP for m in model.modules()) == layers
         assert not any(type(m) in (LlamaAttention, LlamaMLP) for m in model.modules())
-    copied = copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("conversion", ["deepcopy", "double"])
+@pytest.mark.parametrize("name", ["opt-llama", "llama"])
+def test_a_converted_or_copied_model_reads_the_weights_it_loads(name, conversion):
+    """``.to()`` and copies convert parameters and buffers apart; the parts must become views of the fused matrix
+    again, so weights loaded afterwards are the ones the fused forward reads."""
+    model = models_under_test()[name]
+    other = tiny_model(model.config, seed=1)
+    ids = torch.randint(3, 256, (2, 5))
+    fuse_projections(model)
+    if conversion == "deepcopy":
+        model = copy.deepcopy(model)
+    else:
+        model, other = model.double(), other.double()
+    model.load_state_dict(other.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(copied(ids).logits, logits, **FP64)
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=1e-5, atol=1e-5)
+    groups = fused_groups_of(model)
+    assert groups and all(are_views_of(fused, group) for fused, group in groups)  # the fused path ran
 
 
 @pytest.mark.parametrize("name", ["opt-llama", "llama"])
@@ -118,14 +179,7 @@ def test_decode_step_runs_the_fused_products(name, monkeypatch):
         step = model(ids[:, -1:], cache=model(ids[:, :-1]).cache).logits
         fuse_projections(model)
         cache = model(ids[:, :-1]).cache
-        fused_parts = [
-            getattr(module, part)
-            for module in model.modules()
-            for fused_name, names in getattr(type(module), "fused_groups", {}).items()
-            if getattr(module, fused_name, None) is not None
-            for part in names
-        ]
-        for part in fused_parts:
+        for part in (part for _, group in fused_groups_of(model) for part in group):
             monkeypatch.setattr(part, "forward", lambda x: pytest.fail("a fused part ran alone"))
         torch.testing.assert_close(model(ids[:, -1:], cache=cache).logits, step, rtol=1e-5, atol=1e-5)
 
@@ -210,11 +264,15 @@ def tiny_files(tmp_path_factory):
 @pytest.mark.parametrize(
     "config, extra", [("opt.json", []), ("opt.json", ["--prefill", "sequential"]), ("llama.json", [])]
 )
-def test_run_generation_flag_gives_the_same_greedy_text(tiny_files, config, extra):
+def test_run_generation_flag_gives_the_same_greedy_text(tiny_files, config, extra, monkeypatch):
+    fused_groups = []
+    monkeypatch.setattr(cli, "fuse_projections", lambda model: fused_groups.append(fuse_projections(model)) or 1)
     args = ("--prompt", "ROMEO: But soft", "--max_new_tokens", "4", "--ignore_eos", "--quiet", "--static_cache", *extra)
     plain = run_generation_with(tiny_files, *args, config=config)
+    assert not fused_groups
     fused = run_generation_with(tiny_files, *args, "--fused_projections", config=config)
     assert fused["cache"]["text"] == plain["cache"]["text"]
+    assert fused_groups and all(count > 0 for count in fused_groups)  # the flag fused the model that generated
 
 
 def test_latency_flag_fuses_the_projections():

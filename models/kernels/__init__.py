@@ -37,7 +37,7 @@ from .flags import (
     flag_enabled,
     warn_fallback,
 )
-from .grouped_linear import QKV_GROUP, grouped_products
+from .grouped_linear import QKV_GROUP, FusedGroupsMixin, grouped_products
 from .plain import PlainRMSNorm, PlainRotaryEmbedding, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
 
 INSTALL_HINT = "see requirements-gpu.txt"
@@ -159,6 +159,7 @@ class KernelSelection:
 __all__ = [
     "FLAGS",
     "QKV_GROUP",
+    "FusedGroupsMixin",
     "STRICT_CAUSAL",
     "KernelSelection",
     "PlainRotaryEmbedding",

@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, repeat_kv
 
-from .grouped_linear import GATE_UP_GROUP, grouped_products
+from .grouped_linear import GATE_UP_GROUP, FusedGroupsMixin, grouped_products
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,7 +38,7 @@ class PlainRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-class PlainSwiGLUMLP(nn.Module):
+class PlainSwiGLUMLP(FusedGroupsMixin, nn.Module):
     """Llama's gated MLP: ``down(act(gate(x)) * up(x))``. Input and output ``(..., hidden_size)``.
     ``fused_projections.fuse_projections`` may give it one product for gate and up (``gate_up_proj``)."""
 

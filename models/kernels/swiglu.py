@@ -24,6 +24,6 @@ class FusedSwiGLUMLP(PlainSwiGLUMLP):
         super().__init__(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if runs_fused(self.gate_up_proj, self.gate_proj):
+        if runs_fused(self.gate_up_proj, (self.gate_proj, self.up_proj)):
             return self.down_proj(LigerFusedGateUpSiLUMulFunction.apply(self.gate_up_proj(x)))
         return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
