@@ -84,6 +84,15 @@ def corpus():
     return prepare_corpus()
 
 
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tokenizer and tiny opt-llama / llama configs (``tests/test_generation.py``'s ``make_tiny_files``), once per
+    test module."""
+    from .test_generation import make_tiny_files
+
+    return make_tiny_files(tmp_path_factory.mktemp("generation"))
+
+
 @pytest.fixture
 def interpreted_kernel():
     """The Triton kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the top of this

@@ -23,7 +23,6 @@ from models.kernels.grouped_linear import (
 )
 from models.kernels.small_batch_linear import GemvKernel, SmallBatchLinear
 from tests.conftest import tiny_config, tiny_model
-from tests.test_generation import make_tiny_files
 from tests.test_generation import run as run_generation_with
 from tools import cli, latency
 from tools.cli import UsageError, set_linear_options
@@ -253,12 +252,6 @@ def test_the_gemv_runs_the_fused_products(monkeypatch):
     assert recorder.shapes.count((2 * config.intermediate_size, config.hidden_size)) == config.num_hidden_layers
     assert (config.intermediate_size, config.hidden_size) not in recorder.shapes  # no gate or up alone
     assert isinstance(model.model.layers[0].self_attn.qkv_proj, SmallBatchLinear)
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    """A tokenizer and tiny opt-llama / llama configs (tests/test_generation.py's)."""
-    return make_tiny_files(tmp_path_factory.mktemp("fused_generation"))
 
 
 @pytest.mark.parametrize(

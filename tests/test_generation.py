@@ -32,11 +32,6 @@ def make_tiny_files(root: Path, max_position_embeddings: int = 128) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    return make_tiny_files(tmp_path_factory.mktemp("generation"))
-
-
 def run(files: Path, *args: str, config: str = "opt.json") -> dict:
     argv = ["--config", str(files / config), "--tokenizer", str(files / "tok"), *args]
     return run_generation.run(run_generation.parse_args(argv))

@@ -23,7 +23,6 @@ from models.kernels.small_batch_linear import (
     use_small_batch_linear,
 )
 from tests.conftest import tiny_config, tiny_model
-from tests.test_generation import make_tiny_files
 from tests.test_generation import run as run_generation_with
 from tools import latency
 from tools.cli import UsageError, set_linear_options
@@ -248,12 +247,6 @@ def test_table_keeps_unmeasured_rows_and_needs_the_gain():
     # 2: 10% faster, replaced; 3: 1% faster, kept as it was; 4: new; 5: the rule stays (no row); 1: not measured
     assert table == {(1, 64, 2): kept, (2, 64, 2): fast, (3, 64, 2): old, (4, 64, 2): fast}
     assert "{}" in measure_small_batch_gemv.table_literal({}, "nothing measured")
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    """A tokenizer and tiny opt-llama / llama configs (tests/test_generation.py's)."""
-    return make_tiny_files(tmp_path_factory.mktemp("gemv_generation"))
 
 
 @pytest.mark.parametrize(
