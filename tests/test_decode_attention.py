@@ -257,3 +257,15 @@ def test_compiled_decode_step_writes_the_cache_in_place(interpreted_kernel, conf
     layer_elements = 2 * config.num_key_value_heads * slots * config.head_dim  # batch 2
     sizes = compiled_step_kernel_sizes(tiny_model(config, attn_implementation=SPLIT_KV), slots)
     assert sizes and max(sizes) < layer_elements, (max(sizes), layer_elements)
+
+
+def test_a_model_holding_the_kernel_pickles(interpreted_kernel, tmp_path):
+    """``torch.save`` of a whole opt-llama model with the split-KV kernel selected: the kernel is loaded again."""
+    model = tiny_model(tiny_config(), attn_implementation=SPLIT_KV)
+    assert model.model.kernel_selection.split_kv is not None
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded.model.kernel_selection.split_kv.devices == model.model.kernel_selection.split_kv.devices
+    ids = torch.randint(3, 256, (1, 6))
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(loaded.generate(ids, **kwargs), model.generate(ids, **kwargs))

@@ -33,10 +33,15 @@ CPU_PROCESSORS = 4  # the interpreter's stand-in for the SM count (tests only)
 
 @dataclass(frozen=True)
 class SplitKvKernel:
-    """The split-KV decode op (``triton_decode.split_kv_decode``'s signature) and the device types it runs on."""
+    """The split-KV decode op (``triton_decode.split_kv_decode``'s signature) and the device types it runs on. A model
+    holds it in its ``KernelSelection``; pickled as "load it again" (``torch.save`` of a whole model), since the
+    compiled op does not pickle."""
 
     run: Callable
     devices: frozenset[str]
+
+    def __reduce__(self):
+        return load_split_kv_kernel, ()
 
 
 def load_split_kv_kernel(environ: Mapping[str, str] | None = None) -> SplitKvKernel | None:
