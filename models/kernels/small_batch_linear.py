@@ -1,16 +1,18 @@
-"""Linear layers at one row through a Triton GEMV (``triton_gemv.py``): ``SmallBatchLinear``.
+"""Linear layers of decode steps through Triton kernels: ``SmallBatchLinear``. One row runs the GEMV
+(``triton_gemv.py``); more rows run the skinny GEMM (``triton_skinny_gemm.py``) only for the shapes its measured table
+names (``skinny_gemm_launch.TUNED``), and cuBLAS otherwise.
 
 Decoding at batch 1 multiplies each weight matrix by one row, so a step's time is the weights' bytes over the
 memory bandwidth; cuBLAS's kernels for these shapes leave most multiprocessors idle on hidden sizes of 2048-8192
 (docs/performance.md). ``use_small_batch_linear(model)`` turns the model's plain ``nn.Linear`` layers into
 ``SmallBatchLinear`` in place, for any causal LM (an LCKV model or a transformers Llama): same parameters, same state
-dict, and ``F.linear`` for everything the GEMV does not cover (more than ``MAX_ROWS`` rows, training, autocast, a
-device or dtype it does not run on). One process only: not under tensor parallelism. The launch is a pure function
-of the shapes (``gemv_launch``: a measured table, else a rule), so a compiled decode step captures one kernel per
-layer.
+dict, and ``F.linear`` for everything the kernels do not cover (more than ``MAX_ROWS`` rows outside the GEMM's table,
+training, autocast, a device or dtype they do not run on). One process only: not under tensor parallelism. The
+launch is a pure function of the shapes (``gemv_launch``: a measured table, else a rule; ``skinny_gemm_launch``: a
+measured table), so a compiled decode step captures one kernel per layer.
 
-The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
-``load_gemv_kernel()`` (tests run the real kernel that way). Its float32 sums run in another order than cuBLAS's:
+The kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
+``load_gemv_kernel()`` (tests run the real kernels that way). Their float32 sums run in another order than cuBLAS's:
 results agree to rounding, not bit for bit.
 
 Shapes: ``M`` rows (batch x tokens), ``K`` in features, ``N`` out features.
@@ -26,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from ..tensor_parallel import world_size
 from .flags import triton_devices
 from .gemv_launch import gemv_launch
+from .skinny_gemm_launch import skinny_gemm_launch
 
 # Rows the GEMV takes; more run F.linear. Program p computes row p % M, so every row's programs read the weight again:
 # on an H200 it ran 1.1-2.0x faster than cuBLAS at one row, 2-4x slower at 8 on all but the K/V projection (2-7 rows
@@ -35,11 +38,13 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class GemvKernel(NamedTuple):
-    """The GEMV op (``triton_gemv.small_batch_gemv``) and the device types it runs on. A swapped model holds it per
-    layer: copied as itself, pickled as "load it again" (a compiled op does not pickle)."""
+    """The GEMV op (``triton_gemv.small_batch_gemv``), the device types it runs on, and the skinny GEMM op for more
+    rows (``triton_skinny_gemm.skinny_gemm``; None: cuBLAS). A swapped model holds it per layer: copied as itself,
+    pickled as "load it again" (a compiled op does not pickle)."""
 
     run: Callable
     devices: frozenset[str]
+    skinny_gemm: Callable | None = None
 
     def __deepcopy__(self, memo: dict) -> "GemvKernel":
         return self
@@ -55,35 +60,45 @@ def load_gemv_kernel(environ: Mapping[str, str] | None = None) -> GemvKernel | N
     if not devices:
         return None
     from .triton_gemv import small_batch_gemv
+    from .triton_skinny_gemm import skinny_gemm
 
-    return GemvKernel(small_batch_gemv, devices)
+    return GemvKernel(small_batch_gemv, devices, skinny_gemm)
 
 
 class SmallBatchLinear(nn.Linear):
-    """``nn.Linear`` whose products of at most ``MAX_ROWS`` rows run the Triton GEMV: ``(..., K) -> (..., N)``."""
+    """``nn.Linear`` whose products of at most ``MAX_ROWS`` rows run the Triton GEMV, and of more rows the skinny GEMM
+    where its measured table names the shape (``skinny_gemm_launch``): ``(..., K) -> (..., N)``."""
 
     gemv: GemvKernel | None = None  # set by use_small_batch_linear (loaded once, outside any compiled region)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.gemv
         rows = x.numel() // self.in_features
+        product = None if kernel is None else self._product(kernel, rows, x.dtype.itemsize)
         if (
-            kernel is None
+            product is None
             or x.device.type not in kernel.devices
-            or rows > MAX_ROWS
             or x.dtype not in DTYPES
             or x.dtype != self.weight.dtype
             or not self.weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))  # no backward here
-            or torch.is_autocast_enabled(x.device.type)  # F.linear casts; the GEMV would not
+            or torch.is_autocast_enabled(x.device.type)  # F.linear casts; the Triton kernels would not
         ):
             return super().forward(x)
         flat = x.reshape(rows, self.in_features)
         if flat.stride(1) != 1:
             flat = flat.contiguous()
-        launch = gemv_launch(rows, self.out_features, self.in_features, x.dtype.itemsize)
-        out = kernel.run(flat, self.weight, *launch).view(*x.shape[:-1], self.out_features)
+        op, launch = product
+        out = op(flat, self.weight, *launch).view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
+
+    def _product(self, kernel: GemvKernel, rows: int, value_bytes: int) -> tuple[Callable, tuple[int, ...]] | None:
+        """The Triton op and launch for ``rows`` rows: the GEMV up to ``MAX_ROWS``, else the skinny GEMM where its
+        table names the shape; None: ``F.linear``."""
+        if rows <= MAX_ROWS:
+            return kernel.run, gemv_launch(rows, self.out_features, self.in_features, value_bytes)
+        launch = skinny_gemm_launch(rows, self.out_features, self.in_features, value_bytes)
+        return None if launch is None or kernel.skinny_gemm is None else (kernel.skinny_gemm, launch)
 
 
 def use_small_batch_linear(model: nn.Module, kernel: GemvKernel | None = None) -> int:

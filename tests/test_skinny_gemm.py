@@ -1,0 +1,149 @@
+"""The skinny GEMM (models/kernels/triton_skinny_gemm.py, run on the CPU by Triton's interpreter): against a float64
+product over tile, slice and ragged shapes; the routing of ``SmallBatchLinear`` (one row: the GEMV; more rows: the
+GEMM where its measured table names the shape, else ``F.linear``); its tuner's smoke run and table."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench import measure_skinny_gemm
+from models.config_loading import llama_twin
+from models.kernels import skinny_gemm_launch as launch_module
+from models.kernels.skinny_gemm_launch import SkinnyGemmLaunch
+from models.kernels.small_batch_linear import GemvKernel, load_gemv_kernel, use_small_batch_linear
+from tests.conftest import tiny_config, tiny_model
+
+# float32 sums of K products in another order than the float64 reference: a few ulps of the largest partial sum
+FP32_BOUND = 64 * torch.finfo(torch.float32).eps
+
+
+@pytest.fixture
+def gemm():
+    """The skinny GEMM on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; bench/measure_skinny_gemm.py checks it")
+    kernel = load_gemv_kernel()
+    assert kernel is not None and kernel.skinny_gemm is not None
+    return kernel.skinny_gemm
+
+
+@pytest.mark.parametrize(
+    "rows, features, columns, launch",
+    [
+        (32, 64, 128, SkinnyGemmLaunch(16, 32, 32, 1, 4, 1)),  # whole tiles, one slice
+        (37, 50, 100, SkinnyGemmLaunch(16, 32, 32, 1, 4, 1)),  # ragged in every dimension
+        (37, 50, 100, SkinnyGemmLaunch(32, 16, 16, 3, 4, 1)),  # K in slices of 2 steps, the last short
+        (5, 24, 64, SkinnyGemmLaunch(16, 16, 16, 8, 4, 1)),  # more slices than steps: empty slices add zeros
+    ],
+    ids=str,
+)
+def test_kernel_equals_float64_product(gemm, rows, features, columns, launch):
+    x, weight = torch.randn(rows, columns), torch.randn(features, columns)
+    expected = x.double() @ weight.double().T
+    out = gemm(x, weight, *launch)
+    assert out.shape == (rows, features) and out.dtype == torch.float32
+    bound = FP32_BOUND * (x.double().abs() @ weight.double().abs().T).max().item()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=bound)
+
+
+def test_kernel_reads_strided_rows(gemm):
+    wide, weight = torch.randn(20, 96), torch.randn(24, 64)
+    x = wide[:, :64]
+    torch.testing.assert_close(gemm(x, weight, *SkinnyGemmLaunch(16, 16, 32, 2, 4, 1)), x @ weight.T)
+
+
+class Recorder:
+    """An op recording the rows it was called with: ``op``'s product (the real kernel), else ``x @ weight.T``."""
+
+    def __init__(self, op=None):
+        self.rows, self.op = [], op
+
+    def __call__(self, x, weight, *launch):
+        self.rows.append(x.shape[0])
+        return x @ weight.T if self.op is None else self.op(x, weight, *launch)
+
+
+def test_routing_follows_the_measured_table(monkeypatch):
+    gemv, gemm = Recorder(), Recorder()
+    layer = nn.Linear(16, 8, bias=True)
+    assert use_small_batch_linear(layer, GemvKernel(gemv, frozenset({"cpu"}), gemm)) == 1
+    monkeypatch.setattr(launch_module, "TUNED", {(4, 8, 16, 4): SkinnyGemmLaunch(16, 16, 16, 1, 4, 1)})
+    with torch.no_grad():
+        x = torch.randn(4, 16)
+        torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)  # in the table: the GEMM, bias added
+        layer(torch.randn(1, 16))  # one row: the GEMV
+        layer(torch.randn(3, 16))  # not in the table: F.linear
+        layer(torch.randn(2, 2, 16))  # 4 rows again, as (batch, tokens)
+    assert gemm.rows == [4, 4] and gemv.rows == [1]
+
+
+def test_without_the_gemm_op_the_table_is_not_used(monkeypatch):
+    gemv = Recorder()
+    layer = nn.Linear(16, 8, bias=False)
+    use_small_batch_linear(layer, GemvKernel(gemv, frozenset({"cpu"})))
+    monkeypatch.setattr(launch_module, "TUNED", {(4, 8, 16, 4): SkinnyGemmLaunch(16, 16, 16, 1, 4, 1)})
+    with torch.no_grad():
+        x = torch.randn(4, 16)
+        torch.testing.assert_close(layer(x), x @ layer.weight.T)
+    assert gemv.rows == []
+
+
+def test_benchmark_smoke_and_apply(gemm, tmp_path, monkeypatch):
+    module = tmp_path / "skinny_gemm_launch.py"
+    module.write_text(Path(launch_module.__file__).read_text())
+    monkeypatch.setattr(measure_skinny_gemm, "LAUNCH_MODULE", module)
+    out = measure_skinny_gemm.main(["--smoke", "--apply", "--min_gain", "-1e9", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "skinny_gemm.json").exists()
+    shapes = out["shapes"]
+    assert shapes and all(row["max_abs_error_vs_fp32"] < 1e-3 for row in shapes)
+    assert all(row["best"]["ms"] > 0 and row["cublas_ms"] > 0 for row in shapes)
+    # --min_gain -1e9 takes every measured shape (the interpreter is far slower than cuBLAS): the table names each
+    written = module.read_text()
+    assert all(f"({row['rows']}, {row['N']}, {row['K']}, 4)" in written for row in shapes)
+
+
+def test_table_takes_a_launch_only_where_it_beats_cublas():
+    launch = SkinnyGemmLaunch(16, 16, 16, 1, 4, 1)
+    rows = [
+        {"rows": 8, "N": 64, "K": 32, "cublas_ms": 1.0, "best": launch._asdict() | {"ms": 0.8}},  # 20% faster
+        {"rows": 8, "N": 96, "K": 32, "cublas_ms": 1.0, "best": launch._asdict() | {"ms": 0.95}},  # 5%: not enough
+    ]
+    kept = {(16, 1, 1, 4): launch}  # a measured row of another shape stays
+    table = measure_skinny_gemm.gemm_table(rows, 4, 0.1, kept)
+    assert table == {(8, 64, 32, 4): launch, (16, 1, 1, 4): launch}
+
+
+def test_gemm_layer_traces_into_one_graph(gemm, monkeypatch):
+    """Under dynamo (the compiled decode step) the table lookup is a constant of the trace: one graph, no break."""
+    layer = nn.Linear(64, 32, bias=False)
+    use_small_batch_linear(layer, GemvKernel(Recorder(), frozenset({"cpu"}), gemm))
+    monkeypatch.setattr(launch_module, "TUNED", {(4, 32, 64, 4): SkinnyGemmLaunch(16, 16, 32, 2, 4, 1)})
+    x = torch.randn(4, 64)
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), x @ layer.weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["opt-llama", "llama"])
+def test_batch_decoding_through_the_gemm_gives_the_same_tokens(gemm, monkeypatch, name):
+    """A table naming every product of a batch-3 decode step: the steps run the GEMM, the greedy tokens are those of
+    ``F.linear``."""
+    config = tiny_config()
+    model = tiny_model(config if name == "opt-llama" else llama_twin(config))
+    ids = torch.randint(3, 256, (3, 6))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)}
+    launch = SkinnyGemmLaunch(16, 32, 32, 2, 4, 1)
+    monkeypatch.setattr(launch_module, "TUNED", {(3, n, k, 4): launch for n, k in shapes})
+    calls = Recorder(gemm)
+    use_small_batch_linear(model, GemvKernel(Recorder(), frozenset({"cpu"}), calls))
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kwargs), expected)
+    assert calls.rows and set(calls.rows) == {3}
