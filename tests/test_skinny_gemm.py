@@ -35,7 +35,7 @@ def gemm():
     [
         (32, 64, 128, SkinnyGemmLaunch(16, 32, 32, 1, 4, 1)),  # whole tiles, one slice
         (37, 50, 100, SkinnyGemmLaunch(16, 32, 32, 1, 4, 1)),  # ragged in every dimension
-        (37, 50, 100, SkinnyGemmLaunch(32, 16, 16, 3, 4, 1)),  # K in slices of 2 steps, the last short
+        (37, 50, 100, SkinnyGemmLaunch(32, 16, 16, 3, 4, 1)),  # 7 steps of K in slices of 3, 3 and 1
         (5, 24, 64, SkinnyGemmLaunch(16, 16, 16, 8, 4, 1)),  # more slices than steps: empty slices add zeros
     ],
     ids=str,
@@ -47,6 +47,14 @@ def test_kernel_equals_float64_product(gemm, rows, features, columns, launch):
     assert out.shape == (rows, features) and out.dtype == torch.float32
     bound = FP32_BOUND * (x.double().abs() @ weight.double().abs().T).max().item()
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=bound)
+
+
+def test_kernel_in_half_precision(gemm):
+    """fp16 tiles (the interpreter computes fp16 dots right; its bf16 dot does not, so bf16 is the GPU tests')."""
+    x, weight = torch.randn(37, 100).half(), (torch.randn(50, 100) / 10).half()
+    out = gemm(x, weight, *SkinnyGemmLaunch(16, 16, 32, 2, 4, 1))
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), x.float() @ weight.float().T, rtol=2e-3, atol=2e-3)
 
 
 def test_kernel_reads_strided_rows(gemm):
@@ -98,7 +106,7 @@ def test_benchmark_smoke_and_apply(gemm, tmp_path, monkeypatch):
     out = measure_skinny_gemm.main(["--smoke", "--apply", "--min_gain", "-1e9", "--output_dir", str(tmp_path)])
     assert (tmp_path / "skinny_gemm.json").exists()
     shapes = out["shapes"]
-    assert shapes and all(row["max_abs_error_vs_fp32"] < 1e-3 for row in shapes)
+    assert shapes and all(entry["max_abs_error_vs_fp32"] < 1e-3 for row in shapes for entry in row["search"])
     assert all(row["best"]["ms"] > 0 and row["cublas_ms"] > 0 for row in shapes)
     # --min_gain -1e9 takes every measured shape (the interpreter is far slower than cuBLAS): the table names each
     written = module.read_text()
@@ -117,16 +125,18 @@ def test_table_takes_a_launch_only_where_it_beats_cublas():
 
 
 def test_gemm_layer_traces_into_one_graph(gemm, monkeypatch):
-    """Under dynamo (the compiled decode step) the table lookup is a constant of the trace: one graph, no break."""
+    """Under dynamo (the compiled decode step) the routing traces into one graph with no break, and runs the GEMM."""
     layer = nn.Linear(64, 32, bias=False)
-    use_small_batch_linear(layer, GemvKernel(Recorder(), frozenset({"cpu"}), gemm))
+    calls = Recorder(gemm)
+    use_small_batch_linear(layer, GemvKernel(Recorder(), frozenset({"cpu"}), calls))
     monkeypatch.setattr(launch_module, "TUNED", {(4, 32, 64, 4): SkinnyGemmLaunch(16, 16, 32, 2, 4, 1)})
     x = torch.randn(4, 64)
-    explained = torch._dynamo.explain(layer)(x)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0
     with torch.no_grad():
+        explained = torch._dynamo.explain(layer)(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0
         compiled = torch.compile(layer, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), x @ layer.weight.T, rtol=1e-5, atol=1e-5)
+    assert calls.rows and set(calls.rows) == {4}
 
 
 @pytest.mark.parametrize("name", ["opt-llama", "llama"])
@@ -147,3 +157,17 @@ def test_batch_decoding_through_the_gemm_gives_the_same_tokens(gemm, monkeypatch
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **kwargs), expected)
     assert calls.rows and set(calls.rows) == {3}
+
+
+def test_a_wrong_launch_is_never_timed():
+    """A launch whose product is off by more than the output's rounding is recorded untimed: it cannot win."""
+    wrong = measure_skinny_gemm.SMOKE_SEARCH[0]
+
+    def gemm(x, weight, *launch):
+        return x @ weight.T + (1.0 if SkinnyGemmLaunch(*launch) == wrong else 0.0)
+
+    args = measure_skinny_gemm.parse_args(["--smoke"])
+    row = measure_skinny_gemm.measure_shape(gemm, 24, 32, 8, args, torch.device("cpu"), torch.float32)
+    first, second = row["search"]
+    assert "ms" not in first and first["max_abs_error_vs_fp32"] == pytest.approx(1.0)
+    assert "ms" in second and row["best"]["block_n"] == measure_skinny_gemm.SMOKE_SEARCH[1].block_n

@@ -21,7 +21,8 @@ class SkinnyGemmLaunch(NamedTuple):
 
 
 # (M, N, K, bytes per value) -> the launch measured fastest where it beat cuBLAS, written by
-# bench/measure_skinny_gemm.py --apply (docs/fast_decode.md, "The skinny GEMM"). No shape measured yet
+# bench/measure_skinny_gemm.py --apply (docs/fast_decode.md, "The skinny GEMM"); the line below says which run.
+# No shape measured yet
 TUNED: dict[tuple[int, int, int, int], SkinnyGemmLaunch] = {}
 
 

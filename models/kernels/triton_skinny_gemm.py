@@ -57,7 +57,9 @@ def _skinny_gemm_kernel(
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # float32 inputs: no TF32 rounding
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    out_ptrs = out_ptr + tl.program_id(2) * stride_os + rows[:, None].to(tl.int64) * stride_om + features[None, :]
+    out_ptrs = (
+        out_ptr + tl.program_id(2).to(tl.int64) * stride_os + rows[:, None].to(tl.int64) * stride_om + features[None, :]
+    )
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (features[None, :] < N))
 
 
