@@ -17,20 +17,23 @@ written into that module with ``--apply``; ``SmallBatchLinear`` runs the GEMM fo
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from bench.kernel_tuning import apply_table, input_copies, time_ms
-from bench.measure_small_batch_gemv import SMOKE_CONFIGS, weight_shapes
+from bench.kernel_tuning import (
+    WeightTimer,
+    add_shape_arguments,
+    check_shape_arguments,
+    measure_config_shapes,
+    tuning_device,
+    write_tuning,
+)
 from models.kernels import skinny_gemm_launch as launch_module
-from models.kernels.decode_attention import processors
 from models.kernels.skinny_gemm_launch import TUNED, SkinnyGemmLaunch
 from models.kernels.small_batch_linear import load_gemv_kernel
-from tools.cli import ArgumentParser, load_config, parse_int_list, parse_size
+from tools.cli import ArgumentParser, parse_int_list
 
 LAUNCH_MODULE = Path(launch_module.__file__)  # where --apply writes the table
 MAX_BLOCK_M = 128
@@ -63,12 +66,7 @@ SMOKE_SEARCH = [SkinnyGemmLaunch(16, 32, 32, 1, 4, 1), SkinnyGemmLaunch(16, 16, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--configs",
-        nargs="+",
-        default=["configs/tinyllama.json", "configs/llama2_7b.json"],
-        help="model config .json files whose weight shapes are measured",
-    )
+    add_shape_arguments(p, "bench/results/skinny_gemm", warmup_ms=10.0, rep_ms=30.0)
     p.add_argument("--rows", default="128", help="comma-separated row counts (the batch of a decode step), each > 1")
     p.add_argument(
         "--min_gain",
@@ -79,21 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--apply", action="store_true", help="write the table into models/kernels/skinny_gemm_launch.py (TUNED)"
     )
-    p.add_argument(
-        "--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the fractions (H200: 4.8TB)"
-    )
-    p.add_argument("--warmup_ms", type=float, default=10.0, help="do_bench warm-up per timing (CUDA)")
-    p.add_argument("--rep_ms", type=float, default=30.0, help="do_bench repetition time per timing (CUDA)")
-    p.add_argument("--smoke", action="store_true", help="CPU through Triton's interpreter, a tiny config, 2 launches")
-    p.add_argument("--output_dir", default="bench/results/skinny_gemm", help="folder of the JSON")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.configs = SMOKE_CONFIGS if args.configs == p.get_default("configs") else args.configs
-        args.rows = "8" if args.rows == p.get_default("rows") else args.rows
+    check_shape_arguments(p, args)
+    if args.smoke and args.rows == p.get_default("rows"):
+        args.rows = "8"
     args.row_list = parse_int_list("--rows", args.rows)
     if min(args.row_list) < 2:
         p.error(f"--rows: {args.rows}; allowed are row counts > 1 (one row is the GEMV's)")
-    args.bandwidth = parse_size("--hbm_bandwidth", args.hbm_bandwidth)
     return args
 
 
@@ -101,34 +91,25 @@ def measure_shape(gemm, n: int, k: int, rows: int, args, device: torch.device, d
     """cuBLAS and every launch of the search for one ``(rows, K) @ (N, K)^T``: a launch whose tiles do not fit the
     GPU is recorded with its error, and one whose product is off the float32 product by more than the output's
     rounding is recorded untimed (so it never enters the table)."""
-    weight_bytes = n * k * dtype.itemsize
-    on_gpu = device.type == "cuda"
-    copies = input_copies(weight_bytes, torch.cuda.get_device_properties(device).L2_cache_size) if on_gpu else 1
-    weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
-    x = torch.randn(rows, k, device=device, dtype=dtype)
-
-    def timed(fn) -> float:
-        return time_ms([lambda w=w: fn(w) for w in weights], device.type, args.warmup_ms, args.rep_ms)
-
-    def fraction(ms: float) -> float:
-        return weight_bytes / (ms / 1e3) / args.bandwidth
-
-    row = {"N": n, "K": k, "rows": rows, "weight_bytes": weight_bytes, "cublas_ms": timed(lambda w: F.linear(x, w))}
-    expected = F.linear(x.float(), weights[0].float())
+    timer = WeightTimer.build(n, k, rows, device, dtype, args)
+    x, weight = timer.x, timer.weights[0]
+    row = {"N": n, "K": k, "rows": rows, "weight_bytes": timer.weight_bytes}
+    row["cublas_ms"] = timer.ms(lambda w: F.linear(x, w))
+    expected = F.linear(x.float(), weight.float())
     # The output's rounding (a unit in the last place of the largest output) plus float32 sums of K products in
     # another order (K units of float32 of the largest sum of absolute products).
-    magnitude = F.linear(x.float().abs(), weights[0].float().abs()).max().item()
+    magnitude = F.linear(x.float().abs(), weight.float().abs()).max().item()
     tolerance = (2 * torch.finfo(dtype).eps + k * torch.finfo(torch.float32).eps) * magnitude
     search = []
     for launch in SMOKE_SEARCH if args.smoke else search_launches(rows):
         try:
-            error = (gemm(x, weights[0], *launch).float() - expected).abs().max().item()
+            error = (gemm(x, weight, *launch).float() - expected).abs().max().item()
         except OutOfResources as failure:  # this launch's tiles do not fit the GPU's shared memory
             search.append(launch._asdict() | {"error": str(failure)})
             continue
         entry = launch._asdict() | {"max_abs_error_vs_fp32": error}
         if error <= tolerance:
-            entry["ms"] = timed(lambda w, c=launch: gemm(x, w, *c))
+            entry["ms"] = timer.ms(lambda w, c=launch: gemm(x, w, *c))
         search.append(entry)
     row["search"] = search
     timed_launches = [entry for entry in search if "ms" in entry]
@@ -136,10 +117,10 @@ def measure_shape(gemm, n: int, k: int, rows: int, args, device: torch.device, d
         raise SystemExit(f"N={n} K={k} M={rows}: no launch of the search ran and agreed with the float32 product")
     row["best"] = dict(min(timed_launches, key=lambda entry: entry["ms"]))
     row["best"] |= {
-        "bandwidth_fraction": fraction(row["best"]["ms"]),
+        "bandwidth_fraction": timer.fraction(row["best"]["ms"]),
         "speedup_vs_cublas": row["cublas_ms"] / row["best"]["ms"],
     }
-    row["cublas_bandwidth_fraction"] = fraction(row["cublas_ms"])
+    row["cublas_bandwidth_fraction"] = timer.fraction(row["cublas_ms"])
     return row
 
 
@@ -172,40 +153,23 @@ def main(argv: list[str] | None = None) -> dict:
     kernel = load_gemv_kernel()
     if kernel is None or kernel.skinny_gemm is None:
         raise SystemExit("no skinny GEMM: needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on a CPU)")
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = {(n, k): name for path in args.configs for name, n, k in weight_shapes(load_config("--configs", path))}
-    rows = []
-    for ((n, k), name), count in tqdm(list(itertools.product(shapes.items(), args.row_list)), desc="shapes"):
-        row = {"layer": name} | measure_shape(kernel.skinny_gemm, n, k, count, args, device, dtype)
+    device, dtype = tuning_device(args.smoke)
+
+    def line(row: dict) -> str:
         best = row["best"]
-        tqdm.write(
-            f"{name:22s} N={n:6d} K={k:6d} M={count}: cuBLAS {row['cublas_ms'] * 1e3:7.1f} us "
-            f"({row['cublas_bandwidth_fraction']:.2f}), best {best['ms'] * 1e3:7.1f} us "
+        return (
+            f"best {best['ms'] * 1e3:7.1f} us "
             f"({best['bandwidth_fraction']:.2f}) {SkinnyGemmLaunch(*(best[f] for f in SkinnyGemmLaunch._fields))}"
         )
-        rows.append(row)
-    setting = {
-        "configs": args.configs,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype),
-        "hbm_bandwidth": args.hbm_bandwidth,
-        "multiprocessors": processors(device),
-    }
-    table = gemm_table(rows, dtype.itemsize, args.min_gain, TUNED)
-    literal = table_literal(
-        table, f"{setting['device']} ({setting['multiprocessors']} SMs), {dtype}, min_gain {args.min_gain}"
+
+    rows = measure_config_shapes(
+        args.configs,
+        args.row_list,
+        lambda n, k, count: measure_shape(kernel.skinny_gemm, n, k, count, args, device, dtype),
+        line,
     )
-    out = {"setting": setting, "shapes": rows, "table": {repr(key): launch._asdict() for key, launch in table.items()}}
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "skinny_gemm.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"written: {path}")
-    print(literal)
-    if args.apply:
-        apply_table(LAUNCH_MODULE, literal)
-    return out
+    table = gemm_table(rows, dtype.itemsize, args.min_gain, TUNED)
+    return write_tuning(args, device, dtype, rows, table, table_literal, "skinny_gemm", LAUNCH_MODULE)
 
 
 if __name__ == "__main__":

@@ -21,21 +21,24 @@ Writes ``<output_dir>/small_batch_gemv.json``; prints one line per shape.
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from bench.kernel_tuning import apply_table, input_copies, time_ms
+from bench.kernel_tuning import (
+    WeightTimer,
+    add_shape_arguments,
+    check_shape_arguments,
+    measure_config_shapes,
+    tuning_device,
+    write_tuning,
+)
 from models.kernels import gemv_launch as launch_module
-from models.kernels.decode_attention import processors
 from models.kernels.gemv_launch import TUNED, GemvLaunch, gemv_launch
 from models.kernels.small_batch_linear import GemvKernel, load_gemv_kernel
-from tools.cli import ArgumentParser, load_config, parse_int_list, parse_size
+from tools.cli import ArgumentParser, parse_int_list
 
-SMOKE_CONFIGS = ["configs/test_tiny_opt.json"]
 SMOKE_SEARCH = 2  # launches of SEARCH the interpreter times with --smoke --search
 MAX_TILE = 8192  # float32 accumulators per program, at most
 GEMV_LAUNCH = Path(launch_module.__file__)  # where --apply writes the table
@@ -48,12 +51,7 @@ SEARCH = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--configs",
-        nargs="+",
-        default=["configs/tinyllama.json", "configs/llama2_7b.json"],
-        help="model config .json files whose weight shapes are measured",
-    )
+    add_shape_arguments(p, "bench/results/small_batch_gemv", warmup_ms=25.0, rep_ms=100.0)
     p.add_argument("--rows", default="1", help="comma-separated row counts (batch x tokens of a step)")
     p.add_argument("--search", action="store_true", help="also time every launch of SEARCH and report the best")
     p.add_argument(
@@ -68,81 +66,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --search: write the table into models/kernels/gemv_launch.py (TUNED)",
     )
-    p.add_argument(
-        "--hbm_bandwidth", default="4.8TB", help="memory bandwidth per second for the fractions (H200: 4.8TB)"
-    )
-    p.add_argument("--warmup_ms", type=float, default=25.0, help="do_bench warm-up per timing (CUDA)")
-    p.add_argument("--rep_ms", type=float, default=100.0, help="do_bench repetition time per timing (CUDA)")
-    p.add_argument("--smoke", action="store_true", help="CPU through Triton's interpreter, a tiny config")
-    p.add_argument("--output_dir", default="bench/results/small_batch_gemv", help="folder of the JSON")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.configs = SMOKE_CONFIGS if args.configs == p.get_default("configs") else args.configs
+    check_shape_arguments(p, args)
     args.search_launches = SEARCH[:SMOKE_SEARCH] if args.smoke else SEARCH
     args.row_list = parse_int_list("--rows", args.rows)
     if args.apply and not args.search:
         p.error("--apply: writes the table of a --search; allowed only with --search")
-    args.bandwidth = parse_size("--hbm_bandwidth", args.hbm_bandwidth)
     return args
-
-
-def weight_shapes(config) -> list[tuple[str, int, int]]:
-    """``(name, N, K)`` of a Llama-shaped config's linear layers, and of its fused Q/K/V and gate/up products
-    (``models/fused_projections.py``), one entry per distinct shape (first name kept)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    hidden, inter = config.hidden_size, config.intermediate_size
-    queries, keys = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    named = [
-        ("q_proj", queries, hidden),
-        ("k_proj/v_proj", keys, hidden),
-        ("o_proj", hidden, queries),
-        ("gate_proj/up_proj", inter, hidden),
-        ("down_proj", hidden, inter),
-        ("lm_head", config.vocab_size, hidden),
-        ("qkv_proj (fused)", queries + 2 * keys, hidden),
-        ("gate_up_proj (fused)", 2 * inter, hidden),
-    ]
-    seen, shapes = set(), []
-    for name, n, k in named:
-        if (n, k) not in seen:
-            seen.add((n, k))
-            shapes.append((name, n, k))
-    return shapes
 
 
 def measure_shape(
     kernel: GemvKernel, n: int, k: int, rows: int, args, device: torch.device, dtype: torch.dtype
 ) -> dict:
     """cuBLAS, the current launch and (``--search``) the best of SEARCH for one ``(rows, K) @ (N, K)^T``."""
-    weight_bytes = n * k * dtype.itemsize
-    on_gpu = device.type == "cuda"
-    copies = input_copies(weight_bytes, torch.cuda.get_device_properties(device).L2_cache_size) if on_gpu else 1
-    weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
-    x = torch.randn(rows, k, device=device, dtype=dtype)
-
-    def timed(fn) -> float:
-        return time_ms([lambda w=w: fn(w) for w in weights], device.type, args.warmup_ms, args.rep_ms)
-
-    def fraction(ms: float) -> float:
-        return weight_bytes / (ms / 1e3) / args.bandwidth
-
+    timer = WeightTimer.build(n, k, rows, device, dtype, args)
+    x, weight = timer.x, timer.weights[0]
     current = gemv_launch(rows, n, k, dtype.itemsize)
-    expected = F.linear(x.float(), weights[0].float())
-    error = (kernel.run(x, weights[0], *current).float() - expected).abs().max().item()
-    row = {"N": n, "K": k, "rows": rows, "weight_bytes": weight_bytes, "max_abs_error_vs_fp32": error}
-    row["cublas_ms"] = timed(lambda w: F.linear(x, w))
-    row["current"] = current._asdict() | {"ms": timed(lambda w: kernel.run(x, w, *current))}
+    expected = F.linear(x.float(), weight.float())
+    error = (kernel.run(x, weight, *current).float() - expected).abs().max().item()
+    row = {"N": n, "K": k, "rows": rows, "weight_bytes": timer.weight_bytes, "max_abs_error_vs_fp32": error}
+    row["cublas_ms"] = timer.ms(lambda w: F.linear(x, w))
+    row["current"] = current._asdict() | {"ms": timer.ms(lambda w: kernel.run(x, w, *current))}
     if args.search:
         launches = args.search_launches
         row["search"] = [
-            launch._asdict() | {"ms": timed(lambda w, c=launch: kernel.run(x, w, *c))} for launch in launches
+            launch._asdict() | {"ms": timer.ms(lambda w, c=launch: kernel.run(x, w, *c))} for launch in launches
         ]
         row["best"] = dict(min(row["search"], key=lambda r: r["ms"]))
     for key in ("current", "best"):
         if key in row:
-            row[key]["bandwidth_fraction"] = fraction(row[key]["ms"])
+            row[key]["bandwidth_fraction"] = timer.fraction(row[key]["ms"])
             row[key]["speedup_vs_cublas"] = row["cublas_ms"] / row[key]["ms"]
-    row["cublas_bandwidth_fraction"] = fraction(row["cublas_ms"])
+    row["cublas_bandwidth_fraction"] = timer.fraction(row["cublas_ms"])
     return row
 
 
@@ -151,42 +106,21 @@ def main(argv: list[str] | None = None) -> dict:
     kernel = load_gemv_kernel()
     if kernel is None:
         raise SystemExit("no GEMV kernel: needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on a CPU)")
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = {(n, k): name for path in args.configs for name, n, k in weight_shapes(load_config("--configs", path))}
-    rows = []
-    for ((n, k), name), count in tqdm(list(itertools.product(shapes.items(), args.row_list)), desc="shapes"):
-        row = {"layer": name} | measure_shape(kernel, n, k, count, args, device, dtype)
+    device, dtype = tuning_device(args.smoke)
+
+    def line(row: dict) -> str:
         best = row.get("best", row["current"])
-        tqdm.write(
-            f"{name:18s} N={n:6d} K={k:6d} M={count}: cuBLAS {row['cublas_ms'] * 1e3:7.1f} us "
-            f"({row['cublas_bandwidth_fraction']:.2f}), current {row['current']['ms'] * 1e3:7.1f} us "
+        return (
+            f"current {row['current']['ms'] * 1e3:7.1f} us "
             f"({row['current']['bandwidth_fraction']:.2f}), best {best['ms'] * 1e3:7.1f} us "
             f"({best['bandwidth_fraction']:.2f}) {best['block_n']}x{best['block_k']}/{best['num_warps']}w"
         )
-        rows.append(row)
-    setting = {
-        "configs": args.configs,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype),
-        "hbm_bandwidth": args.hbm_bandwidth,
-        "multiprocessors": processors(device),
-    }
-    table = gemv_table(rows, dtype.itemsize, args.min_gain, TUNED)
-    literal = table_literal(
-        table, f"{setting['device']} ({setting['multiprocessors']} SMs), {dtype}, min_gain {args.min_gain}"
+
+    rows = measure_config_shapes(
+        args.configs, args.row_list, lambda n, k, count: measure_shape(kernel, n, k, count, args, device, dtype), line
     )
-    out = {"setting": setting, "shapes": rows, "table": {repr(key): launch._asdict() for key, launch in table.items()}}
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "small_batch_gemv.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"written: {path}")
-    if args.search:
-        print(literal)
-    if args.apply:
-        apply_table(GEMV_LAUNCH, literal)
-    return out
+    table = gemv_table(rows, dtype.itemsize, args.min_gain, TUNED)
+    return write_tuning(args, device, dtype, rows, table, table_literal, "small_batch_gemv", GEMV_LAUNCH)
 
 
 def gemv_table(

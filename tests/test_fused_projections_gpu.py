@@ -5,11 +5,11 @@ the fused gate/up product gives the unfused MLP's output."""
 import pytest
 import torch
 
-from models import SPLIT_KV
 from models.fused_projections import fuse_projections
 from models.kernels.small_batch_linear import use_small_batch_linear
 
-from .conftest import tiny_config, tiny_model
+from .conftest import tiny_config
+from .test_small_batch_linear_gpu import GENERATE, captured_generation
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -17,17 +17,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("gemv", [False, True], ids=["cublas", "gemv"])
 @pytest.mark.parametrize("name", ["test_tiny_opt.json", "llama_tiny.json"], ids=["opt-llama", "llama"])
 def test_captured_generation_fused_equals_unfused(name, gemv):
-    llama = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "vocab_size": 256}
-    config = tiny_config(name, **({} if name == "test_tiny_opt.json" else llama))
-    ids = torch.randint(3, config.vocab_size, (1 if gemv else 2, 9), device="cuda")  # the GEMV takes one row
-    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
-    model = tiny_model(config, attn_implementation=SPLIT_KV).cuda()
-    plain = model.generate(ids, **kwargs)
-    torch._dynamo.reset()
+    model, ids, plain = captured_generation(name, 1 if gemv else 2)  # the GEMV takes one row
     assert fuse_projections(model) > 0
     if gemv:
         assert use_small_batch_linear(model) > 0
-    assert torch.equal(model.generate(ids, **kwargs), plain)
+    assert torch.equal(model.generate(ids, **GENERATE), plain)
 
 
 def test_liger_swiglu_reads_the_fused_product():

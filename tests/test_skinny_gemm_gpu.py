@@ -8,13 +8,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.measure_skinny_gemm import search_launches
-from models import SPLIT_KV
 from models.kernels import skinny_gemm_launch as launch_module
 from models.kernels.skinny_gemm_launch import SkinnyGemmLaunch
 from models.kernels.small_batch_linear import load_gemv_kernel, use_small_batch_linear
 
-from .conftest import tiny_config, tiny_model
 from .test_skinny_gemm import Recorder
+from .test_small_batch_linear_gpu import GENERATE, captured_generation
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -54,17 +53,11 @@ def test_a_sample_of_the_search_agrees(launch):
 def test_captured_generation_with_the_gemm_equals_without(name, monkeypatch):
     """generate's captured batch-4 decode step with every product through the GEMM (a table naming them all) gives
     the tokens of the same model without it (fp32), and the kernel runs inside the step."""
-    llama = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "vocab_size": 256}
-    config = tiny_config(name, **({} if name == "test_tiny_opt.json" else llama))
-    ids = torch.randint(3, config.vocab_size, (4, 9), device="cuda")
-    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
-    model = tiny_model(config, attn_implementation=SPLIT_KV).cuda()
-    plain = model.generate(ids, **kwargs)
-    torch._dynamo.reset()
+    model, ids, plain = captured_generation(name, 4)
     shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)}
     launch = SkinnyGemmLaunch(16, 32, 64, 2, 4, 3)
     monkeypatch.setattr(launch_module, "TUNED", {(4, n, k, 4): launch for n, k in shapes})
     counter = Recorder(KERNEL.skinny_gemm)
     assert use_small_batch_linear(model, KERNEL._replace(skinny_gemm=counter)) > 0
-    assert torch.equal(model.generate(ids, **kwargs), plain)
+    assert torch.equal(model.generate(ids, **GENERATE), plain)
     assert counter.rows and set(counter.rows) == {4}

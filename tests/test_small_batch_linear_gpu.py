@@ -55,18 +55,28 @@ def test_every_search_launch_agrees(launch):
     torch.testing.assert_close(KERNEL.run(x, weight, *launch).float(), expected, **TOLERANCE[torch.bfloat16])
 
 
+GENERATE = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+
+def captured_generation(name: str, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny fp32 model of configs/``name`` on the GPU (split-KV attention), ``batch`` random prompts, and the tokens
+    ``generate(**GENERATE)`` gives through its captured decode step; dynamo is reset, so the next generate compiles
+    the model as it is then."""
+    llama = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "vocab_size": 256}
+    config = tiny_config(name, **({} if name == "test_tiny_opt.json" else llama))
+    ids = torch.randint(3, config.vocab_size, (batch, 9), device="cuda")
+    model = tiny_model(config, attn_implementation=SPLIT_KV).cuda()
+    plain = model.generate(ids, **GENERATE)
+    torch._dynamo.reset()
+    return model, ids, plain
+
+
 @pytest.mark.parametrize("name", ["test_tiny_opt.json", "llama_tiny.json"], ids=["opt-llama", "llama"])
 def test_captured_generation_with_the_gemv_equals_without(name):
     """generate's captured batch-1 decode step (static cache, CUDA graphs) with the GEMV in every linear layer gives
     the tokens of the same model without it (fp32), and the kernel does run inside the step."""
-    llama = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "vocab_size": 256}
-    config = tiny_config(name, **({} if name == "test_tiny_opt.json" else llama))
-    ids = torch.randint(3, config.vocab_size, (1, 9), device="cuda")
-    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
-    model = tiny_model(config, attn_implementation=SPLIT_KV).cuda()
-    plain = model.generate(ids, **kwargs)
-    torch._dynamo.reset()
+    model, ids, plain = captured_generation(name, 1)
     counter = Counting(KERNEL)
     assert use_small_batch_linear(model, KERNEL._replace(run=counter)) > 0
-    assert torch.equal(model.generate(ids, **kwargs), plain)
+    assert torch.equal(model.generate(ids, **GENERATE), plain)
     assert counter.rows and set(counter.rows) == {1}

@@ -57,6 +57,11 @@ def _gemv_kernel(
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + features, y.to(y_ptr.dtype.element_ty), mask=feature_ok)
 
 
+def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``tensor``'s for the launch (a model on cuda:1, eager)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 @custom_op("lckv::small_batch_gemv", mutates_args=())
 def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
     """``x (M, K)`` (unit stride along K) times ``weight (N, K)`` (contiguous) transposed -> ``(M, N)`` in x's dtype.
@@ -68,8 +73,7 @@ def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_
     rows, columns = x.shape
     features = weight.shape[0]
     out = x.new_empty((rows, features))
-    # Triton launches on the current CUDA device: make it the tensors' one (a model on cuda:1, eager)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device_of(x):
         _launch(x, weight, out, rows, features, columns, block_n, block_k, num_warps)
     return out
 

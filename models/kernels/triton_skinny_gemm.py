@@ -11,11 +11,11 @@ tile, with several each slice writes float32 partial sums that are added afterwa
 programs without reading the weight twice.
 """
 
-import contextlib
-
 import torch
 from torch.library import custom_op
 from transformers.utils.import_utils import is_triton_available
+
+from .triton_gemv import on_device_of
 
 # Always true where this module is imported; the guard keeps transformers' remote-code import check (which skips
 # `if is_..._available()` blocks) from requiring Triton where an exported checkpoint is loaded.
@@ -86,8 +86,7 @@ def skinny_gemm(
     # One slice writes the output; several write float32 partial sums (split_k, M, N), added below.
     out = x.new_empty((rows, features)) if split_k == 1 else x.new_empty((split_k, rows, features), dtype=torch.float32)
     grid = (triton.cdiv(features, block_n), triton.cdiv(rows, block_m), split_k)
-    # Triton launches on the current CUDA device: make it the tensors' one (a model on cuda:1, eager)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device_of(x):
         _skinny_gemm_kernel[grid](
             x,
             weight,
