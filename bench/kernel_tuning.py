@@ -208,9 +208,22 @@ def write_tuning(
     return out
 
 
+def launch_table_literal(table: dict[tuple[int, ...], tuple], comment: str, key_type: str, launch_type: type) -> str:
+    """Python source of a ``TUNED`` table of ``launch_type`` NamedTuples (``gemv_launch.py``,
+    ``skinny_gemm_launch.py``) as ruff formats it: ``comment`` above, keys of type ``key_type``, launches by
+    position, so that a row stays under 120 columns."""
+    name = launch_type.__name__
+    head = f"# {comment}\nTUNED: dict[{key_type}, {name}] = {{"
+    if not table:
+        return head + "}\n"
+    rows = (f"    {key!r}: {name}{tuple(launch)!r}," for key, launch in table.items())
+    return "\n".join([head, *rows, "}"]) + "\n"
+
+
 def replace_table(source: str, literal: str) -> str:
-    """A module's source (``decode_launch.py``, ``gemv_launch.py``) with its ``TUNED`` assignment and the
-    comment line right above it (which run measured it) replaced by ``literal`` (``table_literal``'s output)."""
+    """A module's source (``decode_launch.py``, ``gemv_launch.py``, ``skinny_gemm_launch.py``) with its ``TUNED``
+    assignment and the comment line right above it (which run measured it) replaced by ``literal`` (a table
+    literal's output)."""
     lines = source.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.startswith("TUNED:")), None)
     if start is None or start == 0 or not lines[start - 1].startswith("# "):

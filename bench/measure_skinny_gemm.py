@@ -26,6 +26,7 @@ from bench.kernel_tuning import (
     WeightTimer,
     add_shape_arguments,
     check_shape_arguments,
+    launch_table_literal,
     measure_config_shapes,
     tuning_device,
     write_tuning,
@@ -139,13 +140,8 @@ def gemm_table(
 
 
 def table_literal(table: dict[tuple[int, int, int, int], SkinnyGemmLaunch], comment: str) -> str:
-    """Python source of the ``TUNED`` assignment in ``models/kernels/skinny_gemm_launch.py`` (as ruff formats it;
-    launches by position, so that a row stays under 120 columns)."""
-    head = f"# {comment}\nTUNED: dict[tuple[int, int, int, int], SkinnyGemmLaunch] = {{"
-    if not table:
-        return head + "}\n"
-    rows = (f"    {key!r}: SkinnyGemmLaunch{tuple(launch)!r}," for key, launch in table.items())
-    return "\n".join([head, *rows, "}"]) + "\n"
+    """Python source of the ``TUNED`` assignment in ``models/kernels/skinny_gemm_launch.py``."""
+    return launch_table_literal(table, comment, "tuple[int, int, int, int]", SkinnyGemmLaunch)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,6 +30,7 @@ from bench.kernel_tuning import (
     WeightTimer,
     add_shape_arguments,
     check_shape_arguments,
+    launch_table_literal,
     measure_config_shapes,
     tuning_device,
     write_tuning,
@@ -140,11 +141,8 @@ def gemv_table(
 
 
 def table_literal(table: dict[tuple[int, int, int], GemvLaunch], comment: str) -> str:
-    """Python source of the ``TUNED`` assignment in ``models/kernels/gemv_launch.py`` (as ruff formats it)."""
-    head = f"# {comment}\nTUNED: dict[tuple[int, int, int], GemvLaunch] = {{"
-    if not table:
-        return head + "}\n"
-    return "\n".join([head, *(f"    {key!r}: {launch!r}," for key, launch in table.items()), "}"]) + "\n"
+    """Python source of the ``TUNED`` assignment in ``models/kernels/gemv_launch.py``."""
+    return launch_table_literal(table, comment, "tuple[int, int, int]", GemvLaunch)
 
 
 if __name__ == "__main__":

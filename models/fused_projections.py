@@ -44,6 +44,7 @@ from .kernels.grouped_linear import (
     concatenated_linear,
     grouped_products,
 )
+from .kernels.plain import PlainSwiGLUMLP
 from .tensor_parallel import world_size
 
 
@@ -94,11 +95,7 @@ class FusedProjectionLlamaMLP(FusedGroupsMixin, LlamaMLP):
     ``(..., H) -> (..., H)``."""
 
     fused_groups = GATE_UP_GROUP
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(..., H)`` -> ``(..., H)``."""
-        gate, up = grouped_products(x, self.gate_up_proj, (self.gate_proj, self.up_proj))
-        return self.down_proj(self.act_fn(gate) * up)
+    forward = PlainSwiGLUMLP.forward  # the same module attributes: the pure PyTorch MLP's grouped forward
 
 
 # transformers' classes whose forward calls each projection separately -> the subclass running the fused product.

@@ -24,6 +24,7 @@ from models.kernels.grouped_linear import (
 from models.kernels.small_batch_linear import GemvKernel, SmallBatchLinear
 from tests.conftest import tiny_config, tiny_model
 from tests.test_generation import run as run_generation_with
+from tests.test_small_batch_linear import Recorder
 from tools import cli, latency
 from tools.cli import UsageError, set_linear_options
 from tools.measure import load_config_for_length
@@ -223,17 +224,6 @@ def test_sharded_model_is_left_alone(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert fuse_projections(model) == 0
     assert not any(isinstance(m, FusedProjectionLlamaAttention) for m in model.modules())
-
-
-class Recorder:
-    """A stand-in GEMV recording the weight shapes it ran, computing the product."""
-
-    def __init__(self):
-        self.shapes = []
-
-    def __call__(self, x, weight, *launch):
-        self.shapes.append(tuple(weight.shape))
-        return x @ weight.T
 
 
 def test_the_gemv_runs_the_fused_products(monkeypatch):

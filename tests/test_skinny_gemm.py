@@ -14,6 +14,7 @@ from models.kernels import skinny_gemm_launch as launch_module
 from models.kernels.skinny_gemm_launch import SkinnyGemmLaunch
 from models.kernels.small_batch_linear import GemvKernel, load_gemv_kernel, use_small_batch_linear
 from tests.conftest import tiny_config, tiny_model
+from tests.test_small_batch_linear import Recorder
 
 # float32 sums of K products in another order than the float64 reference: a few ulps of the largest partial sum
 FP32_BOUND = 64 * torch.finfo(torch.float32).eps
@@ -61,17 +62,6 @@ def test_kernel_reads_strided_rows(gemm):
     wide, weight = torch.randn(20, 96), torch.randn(24, 64)
     x = wide[:, :64]
     torch.testing.assert_close(gemm(x, weight, *SkinnyGemmLaunch(16, 16, 32, 2, 4, 1)), x @ weight.T)
-
-
-class Recorder:
-    """An op recording the rows it was called with: ``op``'s product (the real kernel), else ``x @ weight.T``."""
-
-    def __init__(self, op=None):
-        self.rows, self.op = [], op
-
-    def __call__(self, x, weight, *launch):
-        self.rows.append(x.shape[0])
-        return x @ weight.T if self.op is None else self.op(x, weight, *launch)
 
 
 def test_routing_follows_the_measured_table(monkeypatch):

@@ -12,7 +12,7 @@ from models.kernels import skinny_gemm_launch as launch_module
 from models.kernels.skinny_gemm_launch import SkinnyGemmLaunch
 from models.kernels.small_batch_linear import load_gemv_kernel, use_small_batch_linear
 
-from .test_skinny_gemm import Recorder
+from .test_small_batch_linear import Recorder
 from .test_small_batch_linear_gpu import GENERATE, captured_generation
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -43,21 +43,23 @@ def gemv() -> GemvKernel:
     return kernel
 
 
-class Counting:
-    """The real GEMV, counting its calls by row count: a test of the swap must see the kernel run."""
+class Recorder:
+    """An op in a swapped layer's place recording each call's rows and weight shape: ``op``'s product (the real
+    kernel: a test of the swap must see it run), else ``x @ weight.T``."""
 
-    def __init__(self, kernel: GemvKernel):
-        self.kernel, self.rows = kernel, []
+    def __init__(self, op=None):
+        self.op, self.rows, self.shapes = op, [], []
 
     def __call__(self, x, weight, *launch):
         self.rows.append(x.shape[0])
-        return self.kernel.run(x, weight, *launch)
+        self.shapes.append(tuple(weight.shape))
+        return x @ weight.T if self.op is None else self.op(x, weight, *launch)
 
 
 @pytest.fixture
-def counting(gemv, monkeypatch) -> Counting:
-    """``gemv`` wrapped in a counter, and what ``load_gemv_kernel`` returns (the tools' path)."""
-    counter = Counting(gemv)
+def counting(gemv, monkeypatch) -> Recorder:
+    """``gemv`` wrapped in a recorder, and what ``load_gemv_kernel`` returns (the tools' path)."""
+    counter = Recorder(gemv.run)
     monkeypatch.setattr(small_batch_linear, "load_gemv_kernel", lambda: GemvKernel(counter, gemv.devices))
     return counter
 
@@ -127,17 +129,6 @@ def test_swapped_model_keeps_its_state_and_its_outputs(counting, name):
         one_row = model(ids[:1, :1]).logits
     torch.testing.assert_close(one_row, logits[:1, :1], rtol=1e-5, atol=1e-5)
     assert type(copy.deepcopy(model).lm_head) is SmallBatchLinear  # a swapped model copies (the op is shared)
-
-
-class Recorder:
-    """A stand-in GEMV that records the rows it was called with and computes the product."""
-
-    def __init__(self):
-        self.rows = []
-
-    def __call__(self, x, weight, block_n, block_k, num_warps):
-        self.rows.append(x.shape[0])
-        return x @ weight.T
 
 
 def recording_layer(bias: bool = False) -> tuple[SmallBatchLinear, Recorder]:

@@ -12,7 +12,7 @@ from models.kernels.gemv_launch import gemv_launch
 from models.kernels.small_batch_linear import load_gemv_kernel, use_small_batch_linear
 
 from .conftest import tiny_config, tiny_model
-from .test_small_batch_linear import Counting
+from .test_small_batch_linear import Recorder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -76,7 +76,7 @@ def test_captured_generation_with_the_gemv_equals_without(name):
     """generate's captured batch-1 decode step (static cache, CUDA graphs) with the GEMV in every linear layer gives
     the tokens of the same model without it (fp32), and the kernel does run inside the step."""
     model, ids, plain = captured_generation(name, 1)
-    counter = Counting(KERNEL)
+    counter = Recorder(KERNEL.run)
     assert use_small_batch_linear(model, KERNEL._replace(run=counter)) > 0
     assert torch.equal(model.generate(ids, **GENERATE), plain)
     assert counter.rows and set(counter.rows) == {1}

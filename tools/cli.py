@@ -421,13 +421,13 @@ FUSED_PROJECTIONS_HELP = (
 def set_linear_options(model: torch.nn.Module, fused_projections: bool, small_batch_gemv: bool) -> None:
     """``--fused_projections`` then ``--small_batch_gemv`` (so the GEMV also runs the fused products); a usage error
     where an option given changes nothing (a benchmark must not measure another path than the one asked for)."""
-    device = next(model.parameters()).device
     if fused_projections and not fuse_projections(model):
         raise UsageError(
             "--fused_projections: no attention or MLP of this model has projections to fuse here; allowed on one "
             "process, with Llama or LCKV layers"
         )
     if small_batch_gemv and not use_small_batch_linear(model):
+        device = next(model.parameters()).device
         raise UsageError(
             f"--small_batch_gemv: no layer can run the GEMV here (model on {device}); allowed on one process with "
             "Triton and the model on a CUDA GPU"

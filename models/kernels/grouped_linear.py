@@ -3,8 +3,8 @@
 ``concatenated_linear(parts)`` is a plain ``nn.Linear`` over the parts' weights stacked along the out features; the
 parts' weights become views of its rows, and ``FusedGroupsMixin`` keeps them so through conversions and copies.
 ``grouped_products`` is what a module's forward calls: the fused product split into the parts' outputs where it may
-run (``runs_fused``), else each part's own product. Here, in the kernels'
-package, because the pure PyTorch and liger MLPs call it and a checkpoint's bundled code imports only sibling modules.
+run (``runs_fused``), else each part's own product. Here, in the kernels' package, because the pure PyTorch and liger
+MLPs call it and a checkpoint's bundled code imports only sibling modules.
 """
 
 from collections.abc import Sequence

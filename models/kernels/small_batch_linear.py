@@ -30,9 +30,9 @@ from .flags import triton_devices
 from .gemv_launch import gemv_launch
 from .skinny_gemm_launch import skinny_gemm_launch
 
-# Rows the GEMV takes; more run F.linear. Program p computes row p % M, so every row's programs read the weight again:
-# on an H200 it ran 1.1-2.0x faster than cuBLAS at one row, 2-4x slower at 8 on all but the K/V projection (2-7 rows
-# not measured; docs/fast_decode.md).
+# Rows the GEMV takes; more run the skinny GEMM where its table names the shape, else F.linear. Program p computes
+# row p % M, so every row's programs read the weight again: on an H200 it ran 1.1-2.0x faster than cuBLAS at one row,
+# 2-4x slower at 8 on all but the K/V projection (2-7 rows not measured; docs/fast_decode.md).
 MAX_ROWS = 1
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
