@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, StaticCache
 
 from models import (  # import models registers opt-llama and both decoding attentions
     OptLlamaConfig,
@@ -137,23 +137,32 @@ class RunResult:
 
 
 def generate_once(
-    model, args, batch: int, steps: int, bar: tqdm, prompt_len: int, context: int = 0, record: dict | None = None
+    model,
+    args,
+    batch: int,
+    steps: int,
+    bar: tqdm,
+    prompt_len: int,
+    context: int = 0,
+    record: dict | None = None,
+    reuse: StaticCache | None = None,
 ) -> tuple[StepTimer, object, float]:
     """One sampled generation of ``steps`` tokens for ``batch`` random prompts of ``prompt_len`` tokens, with the cache
     sized for ``--prompt_len + --gen_len``; returns the timer, the cache and the start time. ``context > 0``: the
     cache already holds ``context`` (zero) tokens and the prompt is one more token (decode steps at that context).
-    ``record`` gets ``prefill_sample_s``, the seconds of the two timed segments of a sampled prefill."""
+    ``record`` gets ``prefill_sample_s``, the seconds of the two timed segments of a sampled prefill. ``reuse``: the
+    batch's static cache, rewound instead of a new one (``filled_cache``)."""
     device = model.device
     input_ids = torch.randint(3, model.config.vocab_size, (batch, context + prompt_len), device=device)
     timer = StepTimer(bar)
     sequential = getattr(model.config, "prefill", None) == "sequential" and args.cache == "static"
     sampled = sequential and prompt_len > 1 and not context and args.prefill_sample and prompt_len == args.prompt_len
     # The sampled prefill allocates its own caches, one at a time: a cache made here as well would double the memory.
-    cache = None if sampled else filled_cache(model, args, batch, context)
+    cache = None if sampled else filled_cache(model, args, batch, context, reuse)
     with torch.no_grad():
         start = time.perf_counter()
         if sampled:
-            cache, start, segments = sampled_prefill(model, args, input_ids, bar)
+            cache, start, segments = sampled_prefill(model, args, input_ids, bar, reuse)
             if record is not None:
                 record["prefill_sample_s"] = segments
         elif sequential and prompt_len > 1 and not context:
@@ -177,9 +186,12 @@ def generate_once(
     return timer, cache, start
 
 
-def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[object, float, list[float]]:
+def sampled_prefill(
+    model, args, input_ids: torch.Tensor, bar: tqdm, reuse: StaticCache | None = None
+) -> tuple[object, float, list[float]]:
     """The sequential prefill of ``input_ids[:, :-1]`` timed on ``--prefill_sample`` tokens at its start and as many at
-    its end (a cache filled with zeros up to there; one cache at a time, so the batch fits as in a full prefill),
+    its end (a cache filled with zeros up to there, ``reuse`` rewound or one new cache at a time, so the batch fits as
+    in a full prefill),
     extrapolated linearly to the whole prompt. Returns the cache, now holding ``prompt_len - 1`` tokens, a start
     time set back by the extrapolated prefill, so that ``times[1] - start`` is the prefill as a full run reports it,
     and the seconds of the two timed segments."""
@@ -187,7 +199,7 @@ def sampled_prefill(model, args, input_ids: torch.Tensor, bar: tqdm) -> tuple[ob
     seconds = []
     for context in (0, length - sample):
         bar.set_postfix_str(f"prefill sample at {context}")
-        cache = filled_cache(model, args, input_ids.shape[0], context)
+        cache = filled_cache(model, args, input_ids.shape[0], context, reuse)
         synchronize(model.device)
         begin = time.perf_counter()
         prefill_cache(model, input_ids[:, context : context + sample], cache)
@@ -249,17 +261,25 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     # one shape at any length: 4 prompt tokens compile and capture it.
     warm_prompt = min(4, args.prompt_len) if prefill_path == "sequential" else args.prompt_len
     warm_steps = 3 if args.compile else 1
+    # One static cache serves every generation of this batch, rewound each time: the graphs captured in the warm-up
+    # read it at the same addresses in the timed runs (a new cache would record them again inside the timed window),
+    # and one cache is alive at a time (two need not fit).
+    reuse = filled_cache(model, args, batch, 0) if args.cache == "static" else None
     with tqdm(
         total=warm_steps, desc=f"{desc} {'compile' if args.compile else 'warm-up'} b={batch}", leave=False
     ) as bar:
-        timer, warm_cache, start = generate_once(model, args, batch, warm_steps, bar, prompt_len=warm_prompt)
+        timer, warm_cache, start = generate_once(
+            model, args, batch, warm_steps, bar, prompt_len=warm_prompt, reuse=reuse
+        )
     compile_s = timer.times[-1] - start if args.compile else None
-    del warm_cache  # freed before the measured run allocates its own (two caches need not fit)
+    del warm_cache  # a dynamic cache: freed before the measured run allocates its own
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
     with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar, CompiledStepTimer(model) as step_timer:
         record = {}
-        timer, cache, start = generate_once(model, args, batch, args.steps, bar, args.prompt_len, record=record)
+        timer, cache, start = generate_once(
+            model, args, batch, args.steps, bar, args.prompt_len, record=record, reuse=reuse
+        )
     times = timer.times
     kv, slots = kv_bytes_and_slots(cache)
     del cache
@@ -268,10 +288,18 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     if args.steps < args.gen_len:  # the same steps with the context near its end
         with tqdm(total=args.steps, desc=f"{desc} b={batch} end", leave=False) as bar:
             end_timer, end_cache, _ = generate_once(
-                model, args, batch, args.steps, bar, 1, context=args.prompt_len + args.gen_len - args.steps - 1
+                model,
+                args,
+                batch,
+                args.steps,
+                bar,
+                1,
+                context=args.prompt_len + args.gen_len - args.steps - 1,
+                reuse=reuse,
             )
         end_ms = step_ms(end_timer)
         del end_cache
+    del reuse
     mean_ms, e2e_s = extrapolate(times[1] - start, step_ms(timer), end_ms, args.gen_len)
     return RunResult(
         batch=batch,

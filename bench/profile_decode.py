@@ -36,7 +36,13 @@ from models.chunked_prefill import prefill_in_chunks
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import load_split_kv_kernel, split_kv_sdpa_attention
 from models.tensor_parallel import is_main_process, world_size
-from tools.measure import CompiledStepTimer, build_random_model, load_config_for_length, profiler_activities
+from tools.measure import (
+    CompiledStepTimer,
+    build_random_model,
+    load_config_for_length,
+    profiler_activities,
+    rewind_static_cache,
+)
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
 SYNC_NAMES = (
@@ -143,10 +149,12 @@ def compile_config(device: str) -> CompileConfig | None:
     return config
 
 
-def decode(model, ids: torch.Tensor, args, steps: int, profiler=None) -> tuple[float, float | None]:
-    """Prefill ``ids[:, :-1]`` into a fresh static cache, then ``generate`` ``steps`` greedy tokens (under
-    ``profiler`` if given); returns generate's wall ms per decode step and the compiled call's ms (None on CPU)."""
-    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + args.gen_len)
+def decode(model, ids: torch.Tensor, args, steps: int, cache: StaticCache, profiler=None) -> tuple[float, float | None]:
+    """Prefill ``ids[:, :-1]`` into ``cache``, rewound to empty (the same cache as the warm-up's, so the profiled
+    call replays the captured graphs instead of recording them again), then ``generate`` ``steps`` greedy tokens
+    (under ``profiler`` if given); returns generate's wall ms per decode step and the compiled call's ms (None on
+    CPU)."""
+    rewind_static_cache(cache, 0)
     with torch.no_grad():
         prefill_in_chunks(model, ids[:, :-1], cache, max(1, min(ids.shape[0], 32)))
         if ids.is_cuda:
@@ -181,14 +189,16 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
     ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt_len), device=model.device)
     torch._dynamo.reset()
     counters.clear()
-    decode(model, ids, args, args.steps)  # compile and capture the decode step
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + args.gen_len)
+    decode(model, ids, args, args.steps, cache)  # compile and capture the decode step
     compiled = {
         "dynamo_graphs": counters["stats"]["unique_graphs"],
         "graph_breaks": sum(counters["graph_break"].values()),
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
     }
     prof = profile(activities=profiler_activities(model.device))
-    generate_ms, compiled_ms = decode(model, ids, args, args.steps, profiler=prof)
+    generate_ms, compiled_ms = decode(model, ids, args, args.steps, cache, profiler=prof)
+    del cache
     name = Path(path).stem
     if is_main_process():
         prof.export_chrome_trace(str(out_dir / f"trace_{name}.json"))

@@ -403,34 +403,33 @@ def tiny_opt_static_argv(config: str, prefill: str, out_dir, *extra: str) -> lis
 
 def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monkeypatch):
     """--prefill_sample times 2 tokens at each end of the prompt, then decoding continues from a cache holding the
-    prompt: the extrapolated prefill is reported and the steps after it run as usual. One cache is alive at a time
-    (each is allocated whole up front: a second one doubles the memory, and LCKV batch 4096 did not fit)."""
-    import weakref
-
-    alive, alive_at_creation = weakref.WeakSet(), []
+    prompt: the extrapolated prefill is reported and the steps after it run as usual. One static cache serves the
+    batch's every generation, rewound each time (a second one doubles the memory, and LCKV batch 4096 did not fit;
+    a new one makes the captured steps record their CUDA graphs again inside the timed window)."""
+    made, used = [], []
     make_cache = test_latency.filled_cache
 
-    def counted_cache(*args, **kwargs):
-        alive_at_creation.append(len(alive))
-        cache = make_cache(*args, **kwargs)
-        alive.add(cache)
+    def counted_cache(model, args, batch, length, reuse=None):
+        cache = make_cache(model, args, batch, length, reuse)
+        if reuse is None:
+            made.append(cache)
         return cache
 
     monkeypatch.setattr(test_latency, "filled_cache", counted_cache)
     filled = []
     original = test_latency.prefill_cache
-    monkeypatch.setattr(
-        test_latency,
-        "prefill_cache",
-        lambda model, ids, cache: (
-            filled.append((int(cache.get_seq_length()), ids.shape[1])) or original(model, ids, cache)
-        ),
-    )
+
+    def recorded_prefill(model, ids, cache):
+        filled.append((int(cache.get_seq_length()), ids.shape[1]))
+        used.append(cache)
+        return original(model, ids, cache)
+
+    monkeypatch.setattr(test_latency, "prefill_cache", recorded_prefill)
     out = test_latency.main(tiny_opt_static_argv(configs[1], "sequential", tmp_path, "--prefill_sample", "2"))
     # The untimed warm-up's 4-token prompt (3 prefilled), then the timed start and end of the 11 prompt tokens before
     # the last.
     assert filled == [(0, 3), (0, 2), (9, 2)]
-    assert alive_at_creation and set(alive_at_creation) == {0}, alive_at_creation
+    assert len(made) == 1 and all(cache is made[0] for cache in used)
     (run,) = out["models"]["test_tiny_opt"]["runs"]
     assert (
         run["prefill_s"] > 0
@@ -448,6 +447,34 @@ def test_sampled_sequential_prefill_leaves_a_full_cache(configs, tmp_path, monke
     )
     with pytest.raises(UsageError, match="^--prefill_sample: 6; allowed"):
         latency.parse_args(["--prefill_sample", "6", "--prompt_len", "12"])
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_one_static_cache_serves_every_generation_of_a_batch(configs, tmp_path, monkeypatch, cache_kind):
+    """The warm-up, the timed run and the run at the end of the context (--steps < --gen_len) of one batch all use
+    the same static cache, rewound: the CUDA graphs captured in the warm-up replay in the timed runs instead of being
+    recorded again there. A dynamic cache is new each time (nothing is captured)."""
+    made, returned = [], []
+    make_cache = test_latency.filled_cache
+
+    def counted_cache(model, args, batch, length, reuse=None):
+        cache = make_cache(model, args, batch, length, reuse)
+        made.extend([cache] if reuse is None else [])
+        returned.append(cache)
+        assert int(cache.get_seq_length()) == length
+        return cache
+
+    monkeypatch.setattr(test_latency, "filled_cache", counted_cache)
+    argv = [*tiny_opt_static_argv(configs[0], "auto", tmp_path, "--steps", "2"), "--configs", *configs]
+    argv[argv.index("static")] = cache_kind
+    test_latency.main(argv)
+    generations = 3  # warm-up, timed, end of the context: per model
+    if cache_kind == "static":
+        assert len(made) == 2 and len(returned) == 2 + 2 * generations
+        assert {id(c) for c in returned[: 1 + generations]} == {id(made[0])}
+        assert {id(c) for c in returned[1 + generations :]} == {id(made[1])}
+    else:
+        assert len(made) == len(returned) == 2 * generations
 
 
 def test_extrapolate_means_start_and_end_steps():

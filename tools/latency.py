@@ -16,7 +16,7 @@ from models.tensor_parallel import kv_heads_per_process, world_size
 
 from . import cli as shared
 from .cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, parse_flop_rate, parse_int_list, parse_size
-from .measure import build_random_model, kv_bytes, kv_layers_holding
+from .measure import build_random_model, kv_bytes, kv_layers_holding, rewind_static_cache
 
 DESCRIPTION = "Latency, throughput and memory of LCKV (opt-llama) against a standard Llama of the same shape."
 COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture the step in CUDA graphs
@@ -321,14 +321,19 @@ def new_cache(model, args):
     return DynamicCache(config=model.config, offloading=args.offload)
 
 
-def filled_cache(model, args, batch: int, length: int):
+def filled_cache(model, args, batch: int, length: int, reuse: StaticCache | None = None):
     """A cache that reports ``length`` cached tokens (zeros): a decode step's work depends on the context length, not
     on the values, so this times steps at the end of the context without decoding up to there. A static cache is
     allocated whole here, also at ``length`` 0, before any forward, as serving engines allocate theirs. Allocated
     layer by layer inside a large prefill (transformers' lazy initialisation), a Llama at batch 576, prompt 2048 ran
     out of memory with 32 GB allocated under a 79 GiB cap on an H200, where batch 640 had fitted when the cache was
     allocated before that prefill; the likely cause is the cache's blocks carved out of segments the prefill's
-    activations left free (fragmentation), not measured."""
+    activations left free (fragmentation), not measured.
+
+    ``reuse``: a static cache this made for ``batch``, rewound to ``length`` instead of a new one
+    (``rewind_static_cache``: the captured steps replay their CUDA graphs instead of recording them again)."""
+    if reuse is not None:
+        return rewind_static_cache(reuse, length)
     cache = new_cache(model, args)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     shape = (batch, kv_heads_per_process(model), length, head_dim)
