@@ -36,6 +36,7 @@ from models.chunked_prefill import prefill_in_chunks
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import load_split_kv_kernel, split_kv_sdpa_attention
 from models.tensor_parallel import is_main_process, world_size
+from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, set_linear_options
 from tools.measure import (
     CompiledStepTimer,
     build_random_model,
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="decode steps profiled")
     p.add_argument("--attention_batches", default="1,128,512", help="comma-separated batches of the attention bench")
     p.add_argument("--top", type=int, default=15, help="rows of the kernel and CPU-op tables")
+    p.add_argument("--fused_projections", action="store_true", help=FUSED_PROJECTIONS_HELP)
+    p.add_argument("--small_batch_gemv", action="store_true", help=SMALL_BATCH_GEMV_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output_dir", default="bench/results/profile_decode")
     args = p.parse_args(argv)
@@ -186,6 +189,7 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     model = build_random_model(config, dtype, args.device, args.attn_implementation)
+    set_linear_options(model, args.fused_projections, args.small_batch_gemv)
     ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt_len), device=model.device)
     torch._dynamo.reset()
     counters.clear()
@@ -262,7 +266,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device.startswith("cuda"):
         torch._dynamo.config.cache_size_limit = 64
     setting = {
-        k: getattr(args, k) for k in ("attn_implementation", "batch", "prompt_len", "gen_len", "steps", "device")
+        k: getattr(args, k)
+        for k in (
+            "attn_implementation",
+            "batch",
+            "prompt_len",
+            "gen_len",
+            "steps",
+            "device",
+            "fused_projections",
+            "small_batch_gemv",
+        )
     }
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     setting["tp_size"] = world_size()

@@ -22,26 +22,21 @@ def test_merged_busy(intervals, expected):
     assert profile_decode.merged_busy(intervals) == expected
 
 
+def smoke_argv(out_dir, *extra: str) -> list[str]:
+    return [
+        *("--device", "cpu", "--configs", str(CONFIGS / "test_tiny_opt.json"), "--prompt_len", "6", "--gen_len", "4"),
+        *("--steps", "3", "--attention_batches", "1", "--top", "200", "--output_dir", str(out_dir), *extra),
+    ]
+
+
+def linear_calls_per_step(out: dict) -> float:
+    rows = out["models"]["test_tiny_opt"]["top_cpu_ops"]
+    return next(row["calls_per_step"] for row in rows if row["name"] == "aten::linear")
+
+
 def test_cpu_smoke_run(tmp_path):
     """The compiled-call path (dynamo's eager backend on a CPU) is marked and summarised per step."""
-    out = profile_decode.main(
-        [
-            "--device",
-            "cpu",
-            "--configs",
-            str(CONFIGS / "test_tiny_opt.json"),
-            "--prompt_len",
-            "6",
-            "--gen_len",
-            "4",
-            "--steps",
-            "3",
-            "--attention_batches",
-            "1",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
+    out = profile_decode.main(smoke_argv(tmp_path))
     result = out["models"]["test_tiny_opt"]
     assert result["compiled_step_ms"] > 0 and result["wall_ms_per_step"] > 0
     assert result["gpu_busy_ms_per_step"] is None  # no CUDA events on a CPU
@@ -50,3 +45,11 @@ def test_cpu_smoke_run(tmp_path):
     assert {"lckv::split_kv_decode", "aten::scaled_dot_product_attention"} & names
     assert json.loads((tmp_path / "profile.json").read_text())["attention"][0]["batch"] == 1
     assert (tmp_path / "trace_test_tiny_opt.json").stat().st_size > 0
+
+
+def test_fused_projections_reach_the_profiled_model(tmp_path):
+    """--fused_projections profiles the fused model (fewer matrix products per step) and is recorded."""
+    plain = profile_decode.main(smoke_argv(tmp_path / "plain"))
+    fused = profile_decode.main(smoke_argv(tmp_path / "fused", "--fused_projections"))
+    assert fused["setting"]["fused_projections"] and not plain["setting"]["fused_projections"]
+    assert linear_calls_per_step(fused) < linear_calls_per_step(plain)
