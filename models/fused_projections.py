@@ -96,6 +96,7 @@ class FusedProjectionLlamaMLP(FusedGroupsMixin, LlamaMLP):
 
     fused_groups = GATE_UP_GROUP
     forward = PlainSwiGLUMLP.forward  # the same module attributes: the pure PyTorch MLP's grouped forward
+    activate_halves = PlainSwiGLUMLP.activate_halves
 
 
 # transformers' classes whose forward calls each projection separately -> the subclass running the fused product.

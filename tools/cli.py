@@ -409,7 +409,8 @@ def set_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
 SMALL_BATCH_GEMV_HELP = (
     "linear layers run a Triton GEMV at one row, i.e. batch-1 decoding (models/kernels/small_batch_linear.py; CUDA, "
     "one process): the captured batch-1 step 11-21%% faster on an H200 (docs/fast_decode.md); at more rows a Triton "
-    "GEMM where its measured table names the shape (on an H200 only the TinyLlama LM head at batch 128)"
+    "GEMM where its measured table names the shape (on an H200 only the TinyLlama LM head at batch 128); with "
+    "--fused_projections the down projection's GEMV also computes SwiGLU as it reads its input"
 )
 FUSED_PROJECTIONS_HELP = (
     "each attention's Q/K/V and each MLP's gate/up projections run as one matrix product (models/"

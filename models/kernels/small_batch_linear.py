@@ -38,13 +38,15 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class GemvKernel(NamedTuple):
-    """The GEMV op (``triton_gemv.small_batch_gemv``), the device types it runs on, and the skinny GEMM op for more
-    rows (``triton_skinny_gemm.skinny_gemm``; None: cuBLAS). A swapped model holds it per layer: copied as itself,
+    """The GEMV op (``triton_gemv.small_batch_gemv``), the device types it runs on, the skinny GEMM op for more rows
+    (``triton_skinny_gemm.skinny_gemm``; None: cuBLAS) and the GEMV of SwiGLU's output
+    (``triton_gemv.small_batch_swiglu_gemv``; None: none). A swapped model holds it per layer: copied as itself,
     pickled as "load it again" (a compiled op does not pickle)."""
 
     run: Callable
     devices: frozenset[str]
     skinny_gemm: Callable | None = None
+    swiglu: Callable | None = None
 
     def __deepcopy__(self, memo: dict) -> "GemvKernel":
         return self
@@ -59,10 +61,10 @@ def load_gemv_kernel(environ: Mapping[str, str] | None = None) -> GemvKernel | N
     devices = triton_devices(environ)
     if not devices:
         return None
-    from .triton_gemv import small_batch_gemv
+    from .triton_gemv import small_batch_gemv, small_batch_swiglu_gemv
     from .triton_skinny_gemm import skinny_gemm
 
-    return GemvKernel(small_batch_gemv, devices, skinny_gemm)
+    return GemvKernel(small_batch_gemv, devices, skinny_gemm, small_batch_swiglu_gemv)
 
 
 class SmallBatchLinear(nn.Linear):
@@ -72,29 +74,53 @@ class SmallBatchLinear(nn.Linear):
     gemv: GemvKernel | None = None  # set by use_small_batch_linear (loaded once, outside any compiled region)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.gemv
         rows = x.numel() // self.in_features
-        product = None if kernel is None else self._product(kernel, rows, x.dtype.itemsize)
+        product = self._product(rows, x) if self._runs_kernels(x) else None
+        if product is None:
+            return super().forward(x)
+        op, launch = product
+        return self._run(op, launch, x, rows)
+
+    def swiglu_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """``forward(silu(gate) * up)`` of a fused gate/up product ``(..., 2K)`` (gate then up) as one GEMV that applies
+        SwiGLU as it reads the row; None where that kernel does not run (the caller computes SwiGLU itself)."""
+        kernel = self.gemv
+        rows = gate_up.numel() // (2 * self.in_features)
         if (
-            product is None
+            not self._runs_kernels(gate_up)
+            or kernel.swiglu is None
+            or rows > MAX_ROWS
+            or gate_up.shape[-1] != 2 * self.in_features
+        ):
+            return None
+        launch = gemv_launch(rows, self.out_features, self.in_features, gate_up.dtype.itemsize)
+        return self._run(kernel.swiglu, launch, gate_up, rows)
+
+    def _runs_kernels(self, x: torch.Tensor) -> bool:
+        """Whether a Triton kernel may compute this layer's product of ``x`` (else ``F.linear``)."""
+        kernel = self.gemv
+        return not (
+            kernel is None
             or x.device.type not in kernel.devices
             or x.dtype not in DTYPES
             or x.dtype != self.weight.dtype
             or not self.weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))  # no backward here
             or torch.is_autocast_enabled(x.device.type)  # F.linear casts; the Triton kernels would not
-        ):
-            return super().forward(x)
-        flat = x.reshape(rows, self.in_features)
+        )
+
+    def _run(self, op: Callable, launch: tuple[int, ...], x: torch.Tensor, rows: int) -> torch.Tensor:
+        """``op`` on ``x`` as ``(rows, x's last dim)`` with unit stride along it, ``(..., N)`` back, plus the bias."""
+        flat = x.reshape(rows, x.shape[-1])
         if flat.stride(1) != 1:
             flat = flat.contiguous()
-        op, launch = product
         out = op(flat, self.weight, *launch).view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
-    def _product(self, kernel: GemvKernel, rows: int, value_bytes: int) -> tuple[Callable, tuple[int, ...]] | None:
-        """The Triton op and launch for ``rows`` rows: the GEMV up to ``MAX_ROWS``, else the skinny GEMM where its
-        table names the shape; None: ``F.linear``."""
+    def _product(self, rows: int, x: torch.Tensor) -> tuple[Callable, tuple[int, ...]] | None:
+        """The Triton op and launch for ``rows`` rows of ``x``: the GEMV up to ``MAX_ROWS``, else the skinny GEMM where
+        its table names the shape; None: ``F.linear``."""
+        kernel, value_bytes = self.gemv, x.dtype.itemsize
         if rows <= MAX_ROWS:
             return kernel.run, gemv_launch(rows, self.out_features, self.in_features, value_bytes)
         launch = skinny_gemm_launch(rows, self.out_features, self.in_features, value_bytes)

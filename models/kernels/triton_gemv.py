@@ -9,6 +9,11 @@ H200's 132 multiprocessors idle on a 2048-feature layer. Here program ``p`` comp
 ``BLOCK_N`` output features, reading ``BLOCK_N`` weight rows whole in ``BLOCK_K`` steps: ``M * ceil(N / BLOCK_N)``
 programs, several per multiprocessor at the launches ``small_batch_linear.gemv_launch`` picks. Products accumulate in
 float32 over each program's ``BLOCK_K`` columns and are summed once at the end.
+
+``small_batch_swiglu_gemv`` is the same product whose input is SwiGLU of a fused gate/up product, computed as the row
+is read: ``silu(gate) * up`` in float32, rounded once to the input dtype (as the compiled step's fused kernel rounds
+it). At one row that elementwise kernel costs more than its bytes (about 1.1 us of a 1.1 ms TinyLlama step per layer,
+docs/fast_decode.md); here each program recomputes the few thousand values it reads, from L2.
 """
 
 import contextlib
@@ -37,6 +42,7 @@ def _gemv_kernel(
     stride_ym,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWIGLU: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = pid % M
@@ -50,6 +56,10 @@ def _gemv_kernel(
         column_ok = columns < K - step * BLOCK_K
         w = tl.load(w_ptrs, mask=feature_ok[:, None] & column_ok[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=column_ok, other=0.0)
+        if SWIGLU:  # x_ptr holds gate, and up K columns further along the row
+            gate = x.to(tl.float32)
+            up = tl.load(x_ptrs + K, mask=column_ok, other=0.0).to(tl.float32)
+            x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -69,34 +79,47 @@ def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_
     The launch (``small_batch_linear.GemvLaunch``, fixed by the shapes): ``block_n`` output features and ``block_k``
     columns per program step (powers of two), ``num_warps``.
     """
+    return _launch(x, weight, x.shape[1], block_n, block_k, num_warps, swiglu=False)
+
+
+@custom_op("lckv::small_batch_swiglu_gemv", mutates_args=())
+def small_batch_swiglu_gemv(
+    gate_up: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int
+) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up (M, 2K)`` (gate then up, unit stride along the row) times ``weight (N, K)``
+    transposed -> ``(M, N)`` in gate_up's dtype; the launch as ``small_batch_gemv``'s for ``(N, K)``."""
+    return _launch(gate_up, weight, gate_up.shape[1] // 2, block_n, block_k, num_warps, swiglu=True)
+
+
+def _launch(
+    x: torch.Tensor, weight: torch.Tensor, columns: int, block_n: int, block_k: int, num_warps: int, swiglu: bool
+) -> torch.Tensor:
+    """The kernel over ``rows * ceil(features / block_n)`` programs, into a new ``(rows, features)`` output."""
     torch._check(x.stride(1) == 1 and weight.stride(1) == 1, lambda: "small_batch_gemv: K must be the unit stride")
-    rows, columns = x.shape
-    features = weight.shape[0]
+    torch._check(weight.shape[1] == columns, lambda: f"small_batch_gemv: weight {tuple(weight.shape)}, K={columns}")
+    rows, features = x.shape[0], weight.shape[0]
     out = x.new_empty((rows, features))
     with on_device_of(x):
-        _launch(x, weight, out, rows, features, columns, block_n, block_k, num_warps)
+        _gemv_kernel[(rows * triton.cdiv(features, block_n),)](
+            x,
+            weight,
+            out,
+            rows,
+            features,
+            columns,
+            x.stride(0),
+            weight.stride(0),
+            out.stride(0),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            SWIGLU=swiglu,
+            num_warps=num_warps,
+        )
     return out
 
 
-def _launch(x, weight, out, rows: int, features: int, columns: int, block_n: int, block_k: int, num_warps: int):
-    """The kernel over ``rows * ceil(features / block_n)`` programs."""
-    _gemv_kernel[(rows * triton.cdiv(features, block_n),)](
-        x,
-        weight,
-        out,
-        rows,
-        features,
-        columns,
-        x.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
-
-
 @small_batch_gemv.register_fake
+@small_batch_swiglu_gemv.register_fake
 def _(x, weight, block_n, block_k, num_warps):
     """Shapes for tracing (torch.compile): an opaque op, captured whole in the step's CUDA graph."""
     return x.new_empty((x.shape[0], weight.shape[0]))
