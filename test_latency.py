@@ -149,7 +149,8 @@ def generate_once(
 ) -> tuple[StepTimer, object, float]:
     """One sampled generation of ``steps`` tokens for ``batch`` random prompts of ``prompt_len`` tokens, with the cache
     sized for ``--prompt_len + --gen_len``; returns the timer, the cache and the start time. ``context > 0``: the
-    cache already holds ``context`` (zero) tokens and the prompt is one more token (decode steps at that context).
+    cache already holds ``context`` tokens (zeros, or what earlier runs left in ``reuse``: a step's work depends on
+    the length only) and the prompt is one more token (decode steps at that context).
     ``record`` gets ``prefill_sample_s``, the seconds of the two timed segments of a sampled prefill. ``reuse``: the
     batch's static cache, rewound instead of a new one (``filled_cache``)."""
     device = model.device
@@ -157,7 +158,8 @@ def generate_once(
     timer = StepTimer(bar)
     sequential = getattr(model.config, "prefill", None) == "sequential" and args.cache == "static"
     sampled = sequential and prompt_len > 1 and not context and args.prefill_sample and prompt_len == args.prompt_len
-    # The sampled prefill allocates its own caches, one at a time: a cache made here as well would double the memory.
+    # The sampled prefill sets up its own cache for each segment (``reuse`` rewound, or a new one at a time with a
+    # dynamic cache): a cache made here as well would double the memory.
     cache = None if sampled else filled_cache(model, args, batch, context, reuse)
     with torch.no_grad():
         start = time.perf_counter()
@@ -190,11 +192,10 @@ def sampled_prefill(
     model, args, input_ids: torch.Tensor, bar: tqdm, reuse: StaticCache | None = None
 ) -> tuple[object, float, list[float]]:
     """The sequential prefill of ``input_ids[:, :-1]`` timed on ``--prefill_sample`` tokens at its start and as many at
-    its end (a cache filled with zeros up to there, ``reuse`` rewound or one new cache at a time, so the batch fits as
-    in a full prefill),
-    extrapolated linearly to the whole prompt. Returns the cache, now holding ``prompt_len - 1`` tokens, a start
-    time set back by the extrapolated prefill, so that ``times[1] - start`` is the prefill as a full run reports it,
-    and the seconds of the two timed segments."""
+    its end (a cache filled up to there: ``reuse`` rewound, else one new cache at a time, so the batch fits as in a
+    full prefill), extrapolated linearly to the whole prompt. Returns the cache, now holding ``prompt_len - 1``
+    tokens, a start time set back by the extrapolated prefill, so that ``times[1] - start`` is the prefill as a full
+    run reports it, and the seconds of the two timed segments."""
     sample, length = args.prefill_sample, input_ids.shape[1] - 1
     seconds = []
     for context in (0, length - sample):

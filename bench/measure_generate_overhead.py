@@ -37,7 +37,7 @@ import models  # noqa: F401  (registers opt-llama and the attention backends)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
 from models import SPLIT_KV
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
-from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, parse_int_list, parse_size
+from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, parse_int_list, parse_size, run_cli
 from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
 
 LOOPS = ("fast", "transformers")
@@ -287,4 +287,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="measure_generate_overhead")  # a usage error: one line, exit status 2

@@ -32,18 +32,12 @@ from transformers import CompileConfig, StaticCache
 
 import models  # noqa: F401  (registers opt-llama and the attention backends)
 from models import PACKED_SDPA, SPLIT_KV
-from models.chunked_prefill import prefill_in_chunks
+from models.chunked_prefill import prefill_in_chunks, set_cached_length
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import load_split_kv_kernel, split_kv_sdpa_attention
 from models.tensor_parallel import is_main_process, world_size
-from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, set_linear_options
-from tools.measure import (
-    CompiledStepTimer,
-    build_random_model,
-    load_config_for_length,
-    profiler_activities,
-    rewind_static_cache,
-)
+from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, run_cli, set_linear_options
+from tools.measure import CompiledStepTimer, build_random_model, load_config_for_length, profiler_activities
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
 SYNC_NAMES = (
@@ -157,7 +151,7 @@ def decode(model, ids: torch.Tensor, args, steps: int, cache: StaticCache, profi
     call replays the captured graphs instead of recording them again), then ``generate`` ``steps`` greedy tokens
     (under ``profiler`` if given); returns generate's wall ms per decode step and the compiled call's ms (None on
     CPU)."""
-    rewind_static_cache(cache, 0)
+    set_cached_length(cache, 0)
     with torch.no_grad():
         prefill_in_chunks(model, ids[:, :-1], cache, max(1, min(ids.shape[0], 32)))
         if ids.is_cuda:
@@ -310,4 +304,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="profile_decode")  # a usage error: one line, exit status 2

@@ -8,7 +8,26 @@ whole-batch prefill would have written.
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import Cache, StaticIndexedLayer, StaticLayer, StaticSlidingWindowLayer
+
+
+def set_cached_length(cache: Cache, length: int) -> Cache:
+    """Make every static layer of ``cache`` report ``length`` cached tokens, in place; the values stay (a step's work
+    depends on the length, not on them). Every counter a layer keeps is set: the length tensor, the sliding-window
+    layer's Python int (its masks and updates read that), and an indexed layer's indexer length. Returns ``cache``.
+
+    Timing runs rewind one cache with it instead of allocating another: the captured steps read a static cache at
+    fixed addresses, and a new cache makes the next compiled call record its CUDA graphs again, as transformers
+    avoids by keeping ``cache_implementation="static"``'s cache from one ``generate`` to the next."""
+    for layer in cache.layers:
+        if not isinstance(layer, StaticLayer):  # DummyLayer of a condensed layer, or a dynamic layer
+            continue
+        layer.cumulative_length.fill_(length)
+        if isinstance(layer, StaticSlidingWindowLayer):
+            layer.cumulative_length_int = length
+        if isinstance(layer, StaticIndexedLayer) and layer.indexer_cumulative_length is not None:
+            layer.indexer_cumulative_length.fill_(length)
+    return cache
 
 
 @torch.no_grad()
@@ -34,6 +53,4 @@ def prefill_in_chunks(model: PreTrainedModel, input_ids: torch.Tensor, cache: St
             layer.keys[start : start + chunk, :, :length].copy_(source.keys)
             layer.values[start : start + chunk, :, :length].copy_(source.values)
         del part
-    for layer in cache.layers:
-        if isinstance(layer, StaticLayer):
-            layer.cumulative_length.fill_(length)
+    set_cached_length(cache, length)

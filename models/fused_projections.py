@@ -44,7 +44,7 @@ from .kernels.grouped_linear import (
     concatenated_linear,
     grouped_products,
 )
-from .kernels.plain import PlainSwiGLUMLP
+from .kernels.plain import GatedMLPForward
 from .tensor_parallel import world_size
 
 
@@ -90,13 +90,11 @@ class FusedProjectionLlamaAttention(FusedGroupsMixin, LlamaAttention):
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
 
-class FusedProjectionLlamaMLP(FusedGroupsMixin, LlamaMLP):
+class FusedProjectionLlamaMLP(GatedMLPForward, FusedGroupsMixin, LlamaMLP):
     """transformers' ``LlamaMLP`` with gate and up from one product (``gate_up_proj``, set by ``fuse_projections``):
-    ``(..., H) -> (..., H)``."""
+    ``(..., H) -> (..., H)``; the same module attributes, so the pure PyTorch MLP's forward."""
 
     fused_groups = GATE_UP_GROUP
-    forward = PlainSwiGLUMLP.forward  # the same module attributes: the pure PyTorch MLP's grouped forward
-    activate_halves = PlainSwiGLUMLP.activate_halves
 
 
 # transformers' classes whose forward calls each projection separately -> the subclass running the fused product.

@@ -30,20 +30,6 @@ def test_captured_generation_fused_equals_unfused(name, gemv):
     assert torch.equal(model.generate(ids, **GENERATE), plain)
 
 
-def test_liger_swiglu_reads_the_fused_product():
-    pytest.importorskip("liger_kernel")
-    from models.kernels.swiglu import FusedSwiGLUMLP
-
-    config = tiny_config(intermediate_size=96)
-    torch.manual_seed(0)
-    mlp = FusedSwiGLUMLP(config).cuda()
-    x = torch.randn(3, 5, config.hidden_size, device="cuda")
-    with torch.no_grad():
-        expected = mlp(x)
-        assert fuse_projections(mlp) == 1
-        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("features, columns", [(2048, 5632), (4096, 11008), (100, 300)], ids=str)
 def test_swiglu_gemv_equals_float32_reference(dtype, features, columns):
@@ -69,18 +55,22 @@ def test_captured_generation_runs_the_swiglu_gemv(name):
     assert counter.rows and set(counter.rows) == {1}
 
 
-def test_liger_swiglu_mlp_takes_the_swiglu_gemv_at_one_row():
+@pytest.mark.parametrize("gemv", [False, True], ids=["liger", "swiglu-gemv"])
+def test_liger_swiglu_mlp_with_the_fused_product(gemv):
+    """liger's SwiGLU reads the fused gate/up product in place; at one row under the GEMV, the down projection's
+    SwiGLU GEMV runs instead. Both give the unfused MLP's output."""
     pytest.importorskip("liger_kernel")
     from models.kernels.swiglu import FusedSwiGLUMLP
 
     config = tiny_config(intermediate_size=96)
     torch.manual_seed(0)
     mlp = FusedSwiGLUMLP(config).cuda()
-    x = torch.randn(1, 1, config.hidden_size, device="cuda")
+    x = torch.randn(*((1, 1) if gemv else (3, 5)), config.hidden_size, device="cuda")
     counter = Recorder(KERNEL.swiglu)
     with torch.no_grad():
         expected = mlp(x)
         assert fuse_projections(mlp) == 1
-        assert use_small_batch_linear(mlp, KERNEL._replace(swiglu=counter)) == 4  # the three parts and gate_up
+        if gemv:
+            assert use_small_batch_linear(mlp, KERNEL._replace(swiglu=counter)) == 4  # the three parts and gate_up
         torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
-    assert counter.rows == [1]
+    assert counter.rows == ([1] if gemv else [])

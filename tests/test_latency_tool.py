@@ -465,7 +465,8 @@ def test_one_static_cache_serves_every_generation_of_a_batch(configs, tmp_path, 
         return cache
 
     monkeypatch.setattr(test_latency, "filled_cache", counted_cache)
-    argv = [*tiny_opt_static_argv(configs[0], "auto", tmp_path, "--steps", "2"), "--configs", *configs]
+    argv = tiny_opt_static_argv(configs[0], "auto", tmp_path, "--steps", "2")
+    argv.insert(argv.index(configs[0]) + 1, configs[1])  # both models, the Llama first
     argv[argv.index("static")] = cache_kind
     test_latency.main(argv)
     generations = 3  # warm-up, timed, end of the context: per model

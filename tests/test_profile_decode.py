@@ -53,3 +53,29 @@ def test_fused_projections_reach_the_profiled_model(tmp_path):
     fused = profile_decode.main(smoke_argv(tmp_path / "fused", "--fused_projections"))
     assert fused["setting"]["fused_projections"] and not plain["setting"]["fused_projections"]
     assert linear_calls_per_step(fused) < linear_calls_per_step(plain)
+
+
+def test_small_batch_gemv_reaches_the_profiled_model(tmp_path):
+    """--small_batch_gemv (Triton's interpreter on the CPU) with --fused_projections: the decode steps run the GEMV
+    and the down projections' SwiGLU GEMV."""
+    out = profile_decode.main(smoke_argv(tmp_path, "--fused_projections", "--small_batch_gemv"))
+    assert out["setting"]["small_batch_gemv"]
+    names = {row["name"] for row in out["models"]["test_tiny_opt"]["top_cpu_ops"]}
+    assert {"lckv::small_batch_gemv", "lckv::small_batch_swiglu_gemv"} <= names
+
+
+def test_warm_up_and_profiled_call_share_one_cache(tmp_path, monkeypatch):
+    """The profiled generate reads the cache its warm-up captured the step on (rewound), so the profile holds no
+    re-recording of the CUDA graphs."""
+    caches = []
+    original = profile_decode.prefill_in_chunks
+    monkeypatch.setattr(
+        profile_decode,
+        "prefill_in_chunks",
+        lambda model, ids, cache, chunk: (
+            caches.append((cache, int(cache.get_seq_length()))) or original(model, ids, cache, chunk)
+        ),
+    )
+    profile_decode.main(smoke_argv(tmp_path))
+    assert len(caches) == 2 and caches[0][0] is caches[1][0]
+    assert [length for _, length in caches] == [0, 0]  # each prefill starts from an empty (rewound) cache

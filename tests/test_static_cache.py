@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from models import PACKED_SDPA
-from models.chunked_prefill import prefill_in_chunks
+from models.chunked_prefill import prefill_in_chunks, set_cached_length
 
 from .conftest import tiny_config, tiny_model
 
@@ -120,6 +121,35 @@ def test_chunked_prefill_into_static_cache_matches_generate(model):
     assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
     with pytest.raises(ValueError, match="chunk: 0; allowed values are integers >= 1"):
         prefill_in_chunks(model, ids, cache, chunk=0)
+
+
+def assert_rewound_cache_generates_as_a_new_one(model) -> None:
+    """``set_cached_length(cache, 0)`` on a cache holding another prompt's KVs: generation from it equals generation
+    from a new cache (the timing tools reuse one cache this way), every layer reporting the length it was set to."""
+    ids, other = (torch.randint(3, model.config.vocab_size, (2, PROMPT)) for _ in range(2))
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, cache=StaticCache(config=model.config, max_cache_len=PROMPT + NEW), **kwargs)
+        cache = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
+        model.generate(other, cache=cache, **kwargs)
+        assert set_cached_length(cache, 2) is cache
+        assert {int(layer.get_seq_length()) for layer in cache.layers if isinstance(layer, StaticLayer)} == {2}
+        set_cached_length(cache, 0)
+        assert model.generate(ids, cache=cache, **kwargs).equal(expected)
+
+
+def test_a_rewound_static_cache_generates_as_a_new_one(model):
+    assert_rewound_cache_generates_as_a_new_one(model)
+
+
+def test_a_rewound_sliding_window_cache_generates_as_a_new_one():
+    """Sliding-window layers 0 and 5 (window 3) around layers reading layer 4: their static layers keep the length
+    in a tensor and in a Python int, both set."""
+    config = dict(kv_sources=[0, 4, 4, 4, 4, 5], sliding_window_layers=[0, 5], sliding_window=3, num_encoders=12)
+    model = tiny_model(tiny_config(**config))
+    layers = StaticCache(config=model.config, max_cache_len=8).layers
+    assert any(isinstance(layer, StaticSlidingWindowLayer) for layer in layers)
+    assert_rewound_cache_generates_as_a_new_one(model)
 
 
 def assert_decode_step_compiles_once(model) -> None:

@@ -38,12 +38,14 @@ def test_kernel_equals_float64_product(gemv, rows, features, columns):  # noqa: 
 
 
 def test_half_precision_input_is_rounded_once(gemv):  # noqa: F811
-    """fp16: SwiGLU in float32 rounded once to fp16 (as the compiled step's fused kernel), then the product in float32
-    rounded to fp16."""
-    gate_up, weight = torch.randn(1, 2 * 160).half(), (torch.randn(24, 160) / 160**0.5).half()
-    out = gemv.swiglu(gate_up, weight, *GemvLaunch(4, 64, 4))
-    assert out.dtype == torch.float16
-    torch.testing.assert_close(out.double(), swiglu_reference(gate_up, weight, torch.float16), rtol=1e-3, atol=1e-3)
+    """fp16: SwiGLU in float32 rounded once to fp16 (as the compiled step's fused kernel), not after the activation
+    too (eager PyTorch's two roundings): through an identity weight the output is exactly that rounded input."""
+    columns = 160
+    gate_up = torch.randn(1, 2 * columns).half()
+    out = gemv.swiglu(gate_up, torch.eye(columns).half(), *GemvLaunch(4, 64, 4))
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    assert out.dtype == torch.float16 and out.equal((F.silu(gate) * up).half())
+    assert not out.equal(F.silu(gate).half() * up.half())  # the two roundings differ somewhere on 160 values
 
 
 def test_kernel_reads_a_strided_row(gemv):  # noqa: F811
@@ -107,13 +109,21 @@ def test_unfused_or_non_silu_mlps_compute_swiglu_apart(recorded, config, fused):
     assert plain.rows and not swiglu.rows
 
 
-def test_more_rows_or_a_gradient_compute_swiglu_apart(recorded):
+def test_more_rows_a_gradient_or_autocast_compute_swiglu_apart(recorded):
+    """Two rows; a gradient wanted by the weights (the parts run: the fused matrix is a buffer) or by the input
+    alone (frozen weights); autocast: never the SwiGLU GEMV."""
     mlp = swapped(tiny_model(tiny_config())).model.layers[0].mlp
     hidden = mlp.down_proj.out_features
     with torch.no_grad():
         mlp(torch.randn(2, 1, hidden))  # two rows: F.linear
     mlp.requires_grad_(True)
     mlp(torch.randn(1, 1, hidden)).sum().backward()  # training runs the parts (F.linear), no kernel
+    mlp.requires_grad_(False)
+    x = torch.randn(1, 1, hidden, requires_grad=True)
+    mlp(x).sum().backward()  # frozen weights, a gradient for the input
+    assert x.grad is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp(torch.randn(1, 1, hidden))
     assert not recorded[1].rows
 
 

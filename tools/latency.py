@@ -10,13 +10,14 @@ from transformers import AutoModelForCausalLM, CompileConfig, DynamicCache, Pret
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from models import PACKED_SDPA, SPLIT_KV
+from models.chunked_prefill import set_cached_length
 from models.prefill_modes import PREFILL_MODES
 from models.roofline import UNKNOWN_GPU, Hardware, device_hardware
 from models.tensor_parallel import kv_heads_per_process, world_size
 
 from . import cli as shared
 from .cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, parse_flop_rate, parse_int_list, parse_size
-from .measure import build_random_model, kv_bytes, kv_layers_holding, rewind_static_cache
+from .measure import build_random_model, kv_bytes, kv_layers_holding
 
 DESCRIPTION = "Latency, throughput and memory of LCKV (opt-llama) against a standard Llama of the same shape."
 COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture the step in CUDA graphs
@@ -321,19 +322,20 @@ def new_cache(model, args):
     return DynamicCache(config=model.config, offloading=args.offload)
 
 
-def filled_cache(model, args, batch: int, length: int, reuse: StaticCache | None = None):
-    """A cache that reports ``length`` cached tokens (zeros): a decode step's work depends on the context length, not
-    on the values, so this times steps at the end of the context without decoding up to there. A static cache is
-    allocated whole here, also at ``length`` 0, before any forward, as serving engines allocate theirs. Allocated
-    layer by layer inside a large prefill (transformers' lazy initialisation), a Llama at batch 576, prompt 2048 ran
-    out of memory with 32 GB allocated under a 79 GiB cap on an H200, where batch 640 had fitted when the cache was
-    allocated before that prefill; the likely cause is the cache's blocks carved out of segments the prefill's
-    activations left free (fragmentation), not measured.
+def filled_cache(model, args, batch: int, length: int, reuse: StaticCache | None = None) -> StaticCache | DynamicCache:
+    """A cache that reports ``length`` cached tokens (zeros in a new one): a decode step's work depends on the context
+    length, not on the values, so this times steps at the end of the context without decoding up to there. A static
+    cache is allocated whole here, also at ``length`` 0, before any forward, as serving engines allocate theirs.
+    Allocated layer by layer inside a large prefill (transformers' lazy initialisation), a Llama at batch 576, prompt
+    2048 ran out of memory with 32 GB allocated under a 79 GiB cap on an H200, where batch 640 had fitted when the
+    cache was allocated before that prefill; the likely cause is the cache's blocks carved out of segments the
+    prefill's activations left free (fragmentation), not measured.
 
-    ``reuse``: a static cache this made for ``batch``, rewound to ``length`` instead of a new one
-    (``rewind_static_cache``: the captured steps replay their CUDA graphs instead of recording them again)."""
+    ``reuse``: a static cache this made for ``batch``, set to ``length`` in place (``set_cached_length``; its values
+    are what earlier runs left) instead of a new one, so the captured steps replay their CUDA graphs instead of
+    recording them again."""
     if reuse is not None:
-        return rewind_static_cache(reuse, length)
+        return set_cached_length(reuse, length)
     cache = new_cache(model, args)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     shape = (batch, kv_heads_per_process(model), length, head_dim)
@@ -341,11 +343,10 @@ def filled_cache(model, args, batch: int, length: int, reuse: StaticCache | None
         if isinstance(layer, StaticLayer):
             one = torch.zeros(*shape[:2], 1, head_dim, dtype=model.dtype, device=model.device)
             layer.lazy_initialization(one, one)
-            layer.cumulative_length.fill_(length)
         elif isinstance(layer, DynamicLayer) and length:  # not DummyLayer (condensed layers store nothing)
             zeros = torch.zeros(shape, dtype=model.dtype, device=model.device)
             cache.update(zeros, zeros.clone(), layer_idx)
-    return cache
+    return set_cached_length(cache, length)
 
 
 def build_model(config: PretrainedConfig, args, dtype: torch.dtype):

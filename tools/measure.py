@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, Cache, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import CacheLayerMixin, StaticLayer
+from transformers.cache_utils import CacheLayerMixin
 from transformers.generation.streamers import BaseStreamer
 
 from models.cache_streaming import SinkWindowCache
@@ -81,17 +81,6 @@ def cache_tokens(cache: SinkWindowCache) -> int:
 def kv_layers_holding(cache: Cache) -> list[CacheLayerMixin]:
     """The layers of ``cache`` (any transformers ``Cache``) that hold key/value tensors now."""
     return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
-
-
-def rewind_static_cache(cache: Cache, length: int) -> Cache:
-    """Set every static layer of ``cache`` to hold ``length`` tokens, in place (the values stay; a step's work depends
-    on the fill level, not on them). Timing runs rewind one cache instead of allocating another: the captured steps
-    read a static cache at fixed addresses, and a new cache makes the next compiled call record its CUDA graphs again,
-    as transformers avoids by keeping ``cache_implementation="static"``'s cache from one ``generate`` to the next."""
-    for layer in cache.layers:
-        if isinstance(layer, StaticLayer):
-            layer.cumulative_length.fill_(length)
-    return cache
 
 
 def kv_bytes(cache: Cache) -> int:

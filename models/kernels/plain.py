@@ -38,7 +38,24 @@ class PlainRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-class PlainSwiGLUMLP(FusedGroupsMixin, nn.Module):
+class GatedMLPForward:
+    """The forward of Llama's gated MLP, ``down(act(gate(x)) * up(x))``, for a module holding ``gate_proj``,
+    ``up_proj``, ``down_proj``, ``act_fn`` and ``gate_up_proj`` (the fused gate/up product, or None): shared by the
+    pure PyTorch MLP and transformers' Llama MLP once fused (``fused_projections``). Input and output
+    ``(..., hidden_size)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not runs_fused(self.gate_up_proj, (self.gate_proj, self.up_proj)):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu_down(self.down_proj, self.gate_up_proj(x), self.activate_halves, is_silu(self.act_fn))
+
+    def activate_halves(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` of a fused product ``(..., 2I)`` -> ``(..., I)``."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+class PlainSwiGLUMLP(GatedMLPForward, FusedGroupsMixin, nn.Module):
     """Llama's gated MLP: ``down(act(gate(x)) * up(x))``. Input and output ``(..., hidden_size)``.
     ``fused_projections.fuse_projections`` may give it one product for gate and up (``gate_up_proj``)."""
 
@@ -51,16 +68,6 @@ class PlainSwiGLUMLP(FusedGroupsMixin, nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
         self.gate_up_proj: nn.Linear | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not runs_fused(self.gate_up_proj, (self.gate_proj, self.up_proj)):
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        return swiglu_down(self.down_proj, self.gate_up_proj(x), self.activate_halves, is_silu(self.act_fn))
-
-    def activate_halves(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``act(gate) * up`` of a fused product ``(..., 2I)`` -> ``(..., I)``."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
 
 
 def is_silu(activation: nn.Module) -> bool:

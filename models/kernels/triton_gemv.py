@@ -88,7 +88,11 @@ def small_batch_swiglu_gemv(
 ) -> torch.Tensor:
     """``silu(gate) * up`` of ``gate_up (M, 2K)`` (gate then up, unit stride along the row) times ``weight (N, K)``
     transposed -> ``(M, N)`` in gate_up's dtype; the launch as ``small_batch_gemv``'s for ``(N, K)``."""
-    return _launch(gate_up, weight, gate_up.shape[1] // 2, block_n, block_k, num_warps, swiglu=True)
+    torch._check(
+        gate_up.shape[1] == 2 * weight.shape[1],
+        lambda: f"small_batch_swiglu_gemv: gate_up {tuple(gate_up.shape)} is not gate and up of K={weight.shape[1]}",
+    )
+    return _launch(gate_up, weight, weight.shape[1], block_n, block_k, num_warps, swiglu=True)
 
 
 def _launch(
@@ -96,7 +100,6 @@ def _launch(
 ) -> torch.Tensor:
     """The kernel over ``rows * ceil(features / block_n)`` programs, into a new ``(rows, features)`` output."""
     torch._check(x.stride(1) == 1 and weight.stride(1) == 1, lambda: "small_batch_gemv: K must be the unit stride")
-    torch._check(weight.shape[1] == columns, lambda: f"small_batch_gemv: weight {tuple(weight.shape)}, K={columns}")
     rows, features = x.shape[0], weight.shape[0]
     out = x.new_empty((rows, features))
     with on_device_of(x):
