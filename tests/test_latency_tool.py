@@ -532,3 +532,16 @@ def test_measured_caches_are_allocated_before_the_prefill(configs):
             layer.is_initialized and layer.keys.shape[0] == 3 and layer.keys.shape[2] == 16 for layer in static
         )
         assert int(cache.get_seq_length()) == 0
+
+
+def test_sliding_window_model_times_the_end_of_the_context(tmp_path):
+    """A model with sliding-window layers (their static layers keep the length in a Python int too) runs the steps at
+    the end of the context from the one rewound cache (it used to fail there, writing past the window)."""
+    config = tiny_config(kv_sources=[0, 4, 4, 4, 4, 5], sliding_window_layers=[0, 5], sliding_window=3, num_encoders=12)
+    path = tmp_path / "windowed.json"
+    config.to_json_file(path)
+    out = test_latency.main(
+        [*tiny_opt_static_argv(str(path), "sequential", tmp_path / "out"), "--steps", "2", "--gen_len", "8"]
+    )
+    (run,) = out["models"]["windowed"]["runs"]
+    assert run["step_ms"] > 0 and run["step_ms_end"] > 0 and run["e2e_throughput"] > 0
