@@ -30,6 +30,18 @@ def set_cached_length(cache: Cache, length: int) -> Cache:
     return cache
 
 
+def static_slots(slots: int, stored: int, length: int) -> slice:
+    """Where the ``stored`` KVs a dynamic layer kept of ``length`` prefilled tokens go in a static layer of ``slots``
+    slots. All of them kept (a full layer, or a window not yet exceeded): the first ``stored`` slots. A sliding
+    window layer keeps only its last ``window - 1``; the static one, full (``slots`` = window), rolls its slots left
+    before it writes the next token at the end, so they go in the last ``stored`` slots.
+
+    >>> static_slots(16, 7, 7), static_slots(3, 2, 7)
+    (slice(0, 7, None), slice(1, 3, None))
+    """
+    return slice(0, stored) if stored == length else slice(slots - stored, slots)
+
+
 @torch.no_grad()
 def prefill_in_chunks(model: PreTrainedModel, input_ids: torch.Tensor, cache: StaticCache, chunk: int) -> None:
     """Prefill ``input_ids`` ``(B, P)`` (unpadded) ``chunk`` sequences at a time into rows of ``cache``.
@@ -50,7 +62,8 @@ def prefill_in_chunks(model: PreTrainedModel, input_ids: torch.Tensor, cache: St
                 layer.lazy_initialization(
                     source.keys[:1].expand(batch, -1, -1, -1), source.values[:1].expand(batch, -1, -1, -1)
                 )
-            layer.keys[start : start + chunk, :, :length].copy_(source.keys)
-            layer.values[start : start + chunk, :, :length].copy_(source.values)
+            slots = static_slots(layer.max_cache_len, source.keys.shape[-2], length)
+            layer.keys[start : start + chunk, :, slots].copy_(source.keys)
+            layer.values[start : start + chunk, :, slots].copy_(source.values)
         del part
     set_cached_length(cache, length)

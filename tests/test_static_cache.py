@@ -12,6 +12,9 @@ from models.chunked_prefill import prefill_in_chunks, set_cached_length
 from .conftest import tiny_config, tiny_model
 
 PROMPT, NEW = 7, 10
+# opt-llama with sliding-window layers 0 and 5 (window 3) around layers reading layer 4: its static cache holds
+# StaticSlidingWindowLayers, which keep their length in a tensor and a Python int, their window rolling.
+WINDOWED = dict(kv_sources=[0, 4, 4, 4, 4, 5], sliding_window_layers=[0, 5], sliding_window=3, num_encoders=12)
 
 
 @pytest.fixture(params=["test_tiny_opt.json", "llama_tiny.json"], ids=["opt-llama", "llama"])
@@ -143,13 +146,31 @@ def test_a_rewound_static_cache_generates_as_a_new_one(model):
 
 
 def test_a_rewound_sliding_window_cache_generates_as_a_new_one():
-    """Sliding-window layers 0 and 5 (window 3) around layers reading layer 4: their static layers keep the length
-    in a tensor and in a Python int, both set."""
-    config = dict(kv_sources=[0, 4, 4, 4, 4, 5], sliding_window_layers=[0, 5], sliding_window=3, num_encoders=12)
-    model = tiny_model(tiny_config(**config))
+    model = tiny_model(tiny_config(**WINDOWED))
     layers = StaticCache(config=model.config, max_cache_len=8).layers
     assert any(isinstance(layer, StaticSlidingWindowLayer) for layer in layers)
     assert_rewound_cache_generates_as_a_new_one(model)
+
+
+@pytest.mark.parametrize("prompt", [3, 4, PROMPT], ids=["within-window", "window", "past-window"])
+def test_chunked_prefill_of_sliding_window_layers(prompt):
+    """A window layer's per-chunk dynamic cache keeps its last window - 1 KVs; in the static cache they go where its
+    rolling layout expects them: the next token's logits and the greedy tokens are a whole-batch prefill's, for
+    prompts within, at and past the window (prefilled: the prompt without its last token)."""
+    model = tiny_model(tiny_config(**WINDOWED))
+    ids = torch.randint(3, model.config.vocab_size, (5, prompt))
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        reference = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
+        model(ids[:, :-1], cache=reference)
+        cache = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
+        prefill_in_chunks(model, ids[:, :-1], cache, chunk=2)
+        torch.testing.assert_close(
+            model(ids[:, -1:], cache=cache).logits, model(ids[:, -1:], cache=reference).logits, rtol=0, atol=1e-5
+        )
+        set_cached_length(cache, 0)
+        prefill_in_chunks(model, ids[:, :-1], cache, chunk=2)
+        assert model.generate(ids, cache=cache, **kwargs).equal(model.generate(ids, **kwargs))
 
 
 def assert_decode_step_compiles_once(model) -> None:
