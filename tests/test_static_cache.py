@@ -7,7 +7,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from models import PACKED_SDPA
-from models.chunked_prefill import prefill_in_chunks, set_cached_length
+from models.chunked_prefill import prefill_in_chunks, set_cached_length, static_slots
 
 from .conftest import tiny_config, tiny_model
 
@@ -150,6 +150,12 @@ def test_a_rewound_sliding_window_cache_generates_as_a_new_one():
     layers = StaticCache(config=model.config, max_cache_len=8).layers
     assert any(isinstance(layer, StaticSlidingWindowLayer) for layer in layers)
     assert_rewound_cache_generates_as_a_new_one(model)
+
+
+def test_static_slots_of_kept_kvs():
+    assert static_slots(16, 7, 7) == slice(0, 7)  # a full layer keeps every token: the first slots
+    assert static_slots(3, 2, 2) == slice(0, 2)  # a window not yet exceeded: the same
+    assert static_slots(3, 2, 7) == slice(1, 3)  # past the window: the last window - 1 slots
 
 
 @pytest.mark.parametrize("prompt", [3, 4, PROMPT], ids=["within-window", "window", "past-window"])
