@@ -18,8 +18,9 @@ call, each under 9 minutes:
 - ``paths_*``: ``test_latency.py --prefill iterative,sequential`` at the tinyllama and LLaMA-33B shapes, batches 1,
   32 and >= 256: which path was faster, against what ``auto`` chooses (the cost model's estimates are in each run).
 - ``steps``: in this process, the captured token step at batches 1024 and 4096 at three fill levels (64 steps each,
-  timed after a warm-up, no new graph allowed) against its roofline (``models.roofline.token_step_cost``), then a
-  profile of a few steps (top kernels, GPU busy and idle time).
+  timed after a warm-up, no new graph allowed) against its roofline (``models.roofline.token_step_cost``), with the
+  fused projections, then a profile of a few steps at the lowest and the middle fill level of the largest batch
+  (top kernels, GPU busy and idle time).
 - ``profile_iterative``: in this process, the iterative prefill (one forward into a ``DynamicCache``, as
   ``prefill_in_chunks`` runs it) at the tinyllama shape, batch 1 / prompt 2048, batch 8 / 128 and batch 32 / 2048,
   timed after a warm-up against its roofline (``models.roofline.iterative_prefill_cost``), in ms per full layer run
@@ -270,7 +271,8 @@ def latency_setup(argv: list[str]) -> tuple:
 
 def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
     """The captured token step at each batch and fill level, timed over ``spec.steps`` steps after a warm-up that
-    compiles it (a new graph during the timed steps is a recompilation), against its roofline; then a profile."""
+    compiles it (a new graph during the timed steps is a recompilation), against its roofline; then profiles at the
+    lowest and the middle fill level of the largest batch."""
     from bench.profile_decode import STEP_MARK, step_summary
 
     argv = [
@@ -284,6 +286,7 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
         "static",
         "--device",
         spec.device,
+        "--fused_projections",  # as the end-to-end runs of bench/e2e_throughput.sh with EXTRA_FLAGS
         *([] if spec.device == "cpu" else CAP),
     ]
     args, hardware, dtype = latency_setup(argv)
@@ -311,15 +314,16 @@ def time_steps(spec: StepsRun, out_dir: Path) -> list[dict]:
             row = step_report(step_ms, shape, batch, fill + 3 + (spec.steps + 1) / 2, hardware, dtype.itemsize)
             rows.append(row | {"new_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs})
             del cache, ids
-    batch, fill = spec.batches[-1], spec.fills[len(spec.fills) // 2]
-    cache, ids = warm_cache(batch, fill, spec.profile_steps)
-    with torch.profiler.profile(activities=profiler_activities(model.device)) as profiler:
-        with torch.profiler.record_function(STEP_MARK):
-            sequential_prefill.prefill_cache(model, ids, cache)
-        synchronize(model.device)
-    rows.append(
-        {"profile": {"batch": batch, "filled": fill} | step_summary(profiler.events(), spec.profile_steps, top=20)}
-    )
+    batch = spec.batches[-1]
+    for fill in (spec.fills[0], spec.fills[len(spec.fills) // 2]):  # matmul-bound near the start, KV-bound later
+        cache, ids = warm_cache(batch, fill, spec.profile_steps)
+        with torch.profiler.profile(activities=profiler_activities(model.device)) as profiler:
+            with torch.profiler.record_function(STEP_MARK):
+                sequential_prefill.prefill_cache(model, ids, cache)
+            synchronize(model.device)
+        summary = step_summary(profiler.events(), spec.profile_steps, top=20)
+        rows.append({"profile": {"batch": batch, "filled": fill} | summary})
+        del cache, ids
     return rows
 
 

@@ -138,3 +138,19 @@ def test_profile_iterative_runs_on_the_cpu(tmp_path):
     assert attention["mask"]["dtype"] == "torch.bool" and attention["as_model_calls_ms"] > 0
     assert "aten::scaled_dot_product_attention" in attention["as_model_calls_runs"]
     assert report["profile"]["top_cpu_ops"] and report["profile"]["wall_ms_per_step"] > 0
+
+
+def test_token_steps_run_on_the_cpu(tmp_path, monkeypatch):
+    """The steps part at tiny sizes: every fill level timed without a new graph, with the fused projections (the
+    end-to-end runs' setting), and a profile at the lowest and the middle fill level of the largest batch."""
+    built = []
+    build = measure_prefill.latency.build_model
+    monkeypatch.setattr(measure_prefill.latency, "build_model", lambda *a: built.append(build(*a)) or built[-1])
+    spec = measure_prefill.StepsRun(measure_prefill.TINY, (2,), (2, 30, 70), 4, 2, 160, "cpu")
+    rows = measure_prefill.time_steps(spec, tmp_path)
+    assert all(layer.mlp.gate_up_proj is not None for layer in built[0].model.layers)
+    steps = [row for row in rows if "profile" not in row]
+    assert [row["new_graphs"] for row in steps] == [0, 0, 0] and all(row["step_ms"] > 0 for row in steps)
+    assert [row["profile"]["filled"] for row in rows if "profile" in row] == [2, 30]
+    names = {op["name"] for row in rows if "profile" in row for op in row["profile"]["top_cpu_ops"]}
+    assert names and "aten::linear" in names
