@@ -1,6 +1,7 @@
 """Linear layers of decode steps through Triton kernels: ``SmallBatchLinear``. One row runs the GEMV
-(``triton_gemv.py``); more rows run the skinny GEMM (``triton_skinny_gemm.py``) only for the shapes its measured table
-names (``skinny_gemm_launch.TUNED``), and cuBLAS otherwise.
+(``triton_gemv.py``; a down projection's one row may be SwiGLU of the fused gate/up product, applied by the GEMV as it
+reads: ``SmallBatchLinear.swiglu_forward``); more rows run the skinny GEMM (``triton_skinny_gemm.py``) only for the
+shapes its measured table names (``skinny_gemm_launch.TUNED``), and cuBLAS otherwise.
 
 Decoding at batch 1 multiplies each weight matrix by one row, so a step's time is the weights' bytes over the
 memory bandwidth; cuBLAS's kernels for these shapes leave most multiprocessors idle on hidden sizes of 2048-8192
@@ -69,7 +70,8 @@ def load_gemv_kernel(environ: Mapping[str, str] | None = None) -> GemvKernel | N
 
 class SmallBatchLinear(nn.Linear):
     """``nn.Linear`` whose products of at most ``MAX_ROWS`` rows run the Triton GEMV, and of more rows the skinny GEMM
-    where its measured table names the shape (``skinny_gemm_launch``): ``(..., K) -> (..., N)``."""
+    where its measured table names the shape (``skinny_gemm_launch``): ``(..., K) -> (..., N)``. As a down
+    projection it also offers ``swiglu_forward``: the GEMV of SwiGLU of a fused gate/up product, applied as it reads."""
 
     gemv: GemvKernel | None = None  # set by use_small_batch_linear (loaded once, outside any compiled region)
 
