@@ -381,6 +381,10 @@ def test_filled_cache_reports_its_length(configs):
         assert int(cache.get_seq_length()) == 11
         total, slots = latency.kv_bytes_and_slots(cache)
         assert slots == (16 if kind == "static" else 11) and total == 3 * 2 * 2 * 2 * 16 * slots * 4  # 3 KV layers
+        if kind == "static":  # rewound in place, for its own batch only
+            assert latency.filled_cache(model, args, 2, 5, reuse=cache) is cache and int(cache.get_seq_length()) == 5
+            with pytest.raises(ValueError, match=r"^reuse: a cache of batch \[2\]; allowed: one made for batch 3$"):
+                latency.filled_cache(model, args, 3, 5, reuse=cache)
 
 
 def test_bad_prefill_flag_is_a_one_line_error(capsys):

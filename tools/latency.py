@@ -335,6 +335,10 @@ def filled_cache(model, args, batch: int, length: int, reuse: StaticCache | None
     are what earlier runs left) instead of a new one, so the captured steps replay their CUDA graphs instead of
     recording them again."""
     if reuse is not None:
+        static = [layer for layer in reuse.layers if isinstance(layer, StaticLayer) and layer.is_initialized]
+        held = {layer.keys.shape[0] for layer in static}
+        if held != {batch}:
+            raise ValueError(f"reuse: a cache of batch {sorted(held)}; allowed: one made for batch {batch}")
         return set_cached_length(reuse, length)
     cache = new_cache(model, args)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
