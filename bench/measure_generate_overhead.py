@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import models  # noqa: F401  (registers opt-llama and the attention backends)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
 from models import SPLIT_KV
+from models.chunked_prefill import set_cached_length
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
 from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, parse_int_list, parse_size, run_cli
 from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
@@ -146,7 +147,7 @@ def run_generate(
         synchronize(model.device)
         out = model.generate(ids, streamer=timer if timed else None, **kwargs)
         synchronize(model.device)
-    cache.crop(-(int(cache.get_seq_length()) - context))
+    set_cached_length(cache, context)
     sequences, step_logits = (out.sequences, torch.stack(out.logits, 1)) if logits else (out, None)
     if not timed:
         return GenerateRun(sequences[:, context + 1 :], logits=step_logits)
