@@ -615,6 +615,7 @@ def measure(argv: list[str] | None = None) -> dict:
         "attn_implementation",
         "fused_projections",
         "small_batch_gemv",
+        "dependent_launch",
     )
     setting = {k: getattr(args, k) for k in keys}
     setting["extrapolation"] = (

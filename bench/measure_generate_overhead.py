@@ -38,7 +38,7 @@ from bench.profile_decode import compile_config  # generate's own on CUDA; dynam
 from models import SPLIT_KV
 from models.chunked_prefill import set_cached_length
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
-from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, parse_int_list, parse_size, run_cli
+from tools.cli import add_decode_kernel_options, parse_int_list, parse_size, run_cli
 from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
 
 LOOPS = ("fast", "transformers")
@@ -78,8 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="device the models are built on (default: cuda when available, else cpu)",
     )
-    p.add_argument("--fused_projections", action="store_true", help=FUSED_PROJECTIONS_HELP)
-    p.add_argument("--small_batch_gemv", action="store_true", help=SMALL_BATCH_GEMV_HELP)
+    add_decode_kernel_options(p)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens: the same code path")
     p.add_argument(
         "--output_dir",
@@ -250,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
             "hbm_bandwidth",
             "fused_projections",
             "small_batch_gemv",
+            "dependent_launch",
         )
     }
     setting["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             compile_mode=args.compile_mode,
             fused_projections=args.fused_projections,
             small_batch_gemv=args.small_batch_gemv,
+            dependent_launch=args.dependent_launch,
         )
         model = latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too
         model.generation_config.compile_config = compile_config(args.device)

@@ -36,7 +36,7 @@ from models.chunked_prefill import prefill_in_chunks, set_cached_length
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import load_split_kv_kernel, split_kv_sdpa_attention
 from models.tensor_parallel import is_main_process, world_size
-from tools.cli import FUSED_PROJECTIONS_HELP, SMALL_BATCH_GEMV_HELP, run_cli, set_linear_options
+from tools.cli import add_decode_kernel_options, run_cli, set_decode_kernel_options
 from tools.measure import CompiledStepTimer, build_random_model, load_config_for_length, profiler_activities
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
@@ -64,8 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="decode steps profiled")
     p.add_argument("--attention_batches", default="1,128,512", help="comma-separated batches of the attention bench")
     p.add_argument("--top", type=int, default=15, help="rows of the kernel and CPU-op tables")
-    p.add_argument("--fused_projections", action="store_true", help=FUSED_PROJECTIONS_HELP)
-    p.add_argument("--small_batch_gemv", action="store_true", help=SMALL_BATCH_GEMV_HELP)
+    add_decode_kernel_options(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output_dir", default="bench/results/profile_decode")
     args = p.parse_args(argv)
@@ -183,7 +182,7 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     model = build_random_model(config, dtype, args.device, args.attn_implementation)
-    set_linear_options(model, args.fused_projections, args.small_batch_gemv)
+    set_decode_kernel_options(model, args)
     ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt_len), device=model.device)
     torch._dynamo.reset()
     counters.clear()
@@ -270,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device",
             "fused_projections",
             "small_batch_gemv",
+            "dependent_launch",
         )
     }
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device

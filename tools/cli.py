@@ -25,6 +25,7 @@ from models.config_checks import looks_like_local_path
 from models.config_loading import as_opt_llama, one_line, read_config
 from models.configuration_opt_llama import OptLlamaConfig
 from models.fused_projections import fuse_projections
+from models.kernels.dependent_launch import enable_dependent_launch, supports_dependent_launch
 from models.kernels.flags import FLAGS, flag_enabled
 from models.kernels.small_batch_linear import use_small_batch_linear
 from models.prefill_modes import PREFILL_MODES
@@ -409,14 +410,42 @@ def set_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
 SMALL_BATCH_GEMV_HELP = (
     "linear layers run a Triton GEMV at one row, i.e. batch-1 decoding (models/kernels/small_batch_linear.py; CUDA, "
     "one process): the captured batch-1 step 11-21%% faster on an H200 (docs/fast_decode.md); at more rows a Triton "
-    "GEMM where its measured table names the shape (on an H200 only the TinyLlama LM head at batch 128); with "
-    "--fused_projections the down projection's GEMV also computes SwiGLU as it reads its input"
+    "GEMM where its measured table names the shape (on an H200 only the TinyLlama LM head at batch 128)"
 )
 FUSED_PROJECTIONS_HELP = (
     "each attention's Q/K/V and each MLP's gate/up projections run as one matrix product (models/"
     "fused_projections.py; same parameters and state dict, results equal to rounding; one process): fewer, larger "
     "products per decode step (docs/fast_decode.md)"
 )
+
+
+DEPENDENT_LAUNCH_HELP = (
+    "programmatic dependent launch (models/kernels/dependent_launch.py; CUDA compute capability 9.0+, i.e. Hopper): "
+    "each kernel of a compiled step starts while the one before it finishes, inductor's kernels "
+    "(TORCHINDUCTOR_ENABLE_PDL) and this repository's Triton kernels alike; the captured batch-1 TinyLlama step 11%% "
+    "faster on an H200 (docs/fast_decode.md)"
+)
+
+
+def add_decode_kernel_options(parser: argparse.ArgumentParser) -> None:
+    """``--fused_projections``, ``--small_batch_gemv`` and ``--dependent_launch`` (``set_decode_kernel_options``)."""
+    parser.add_argument("--fused_projections", action="store_true", help=FUSED_PROJECTIONS_HELP)
+    parser.add_argument("--small_batch_gemv", action="store_true", help=SMALL_BATCH_GEMV_HELP)
+    parser.add_argument("--dependent_launch", action="store_true", help=DEPENDENT_LAUNCH_HELP)
+
+
+def set_decode_kernel_options(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """The options of ``add_decode_kernel_options`` for ``model``: its linear layers (``set_linear_options``), then
+    programmatic dependent launch for this process; a usage error where an option given cannot apply."""
+    set_linear_options(model, args.fused_projections, args.small_batch_gemv)
+    if args.dependent_launch:
+        device = next(model.parameters()).device
+        if not supports_dependent_launch(device):
+            raise UsageError(
+                f"--dependent_launch: not supported for a model on {device}; allowed on a CUDA GPU of compute "
+                "capability 9.0 or more (Hopper) with a torch whose inductor has triton.enable_pdl"
+            )
+        enable_dependent_launch()
 
 
 def set_linear_options(model: torch.nn.Module, fused_projections: bool, small_batch_gemv: bool) -> None:

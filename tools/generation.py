@@ -32,8 +32,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--attn_implementation", default="sdpa", help="attention backend: sdpa, eager, flex_attention, ..."
     )
     parser.add_argument("--seed", type=int, default=42, help="random seed for weights (with --config) and sampling")
-    parser.add_argument("--fused_projections", action="store_true", help=cli.FUSED_PROJECTIONS_HELP)
-    parser.add_argument("--small_batch_gemv", action="store_true", help=cli.SMALL_BATCH_GEMV_HELP)
+    cli.add_decode_kernel_options(parser)
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +134,7 @@ def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
     model = instantiate(
         config, checkpoint, args.device, args.seed, dtype=dtype, attn_implementation=args.attn_implementation
     )
-    cli.set_linear_options(model, args.fused_projections, args.small_batch_gemv)
+    cli.set_decode_kernel_options(model, args)
     return model
 
 

@@ -115,8 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sdpa that also packs GQA heads inside a compiled decode step instead of expanding KVs with repeat_kv; "
         "sdpa, eager, ...",
     )
-    p.add_argument("--fused_projections", action="store_true", help=shared.FUSED_PROJECTIONS_HELP)
-    p.add_argument("--small_batch_gemv", action="store_true", help=shared.SMALL_BATCH_GEMV_HELP)
+    shared.add_decode_kernel_options(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on cuda and for --plan, float32 on cpu"
@@ -356,11 +355,12 @@ def filled_cache(model, args, batch: int, length: int, reuse: StaticCache | None
 def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
     """Random weights of ``--seed`` on ``--device`` (each process its shard under torchrun), ``--attn_implementation``,
     generate's captured decoding loop (``tools.measure.build_random_model``) compiled in ``--compile_mode``, with
-    ``--fused_projections`` and ``--small_batch_gemv`` (``tools.cli.set_linear_options``)."""
+    ``--fused_projections``, ``--small_batch_gemv`` and ``--dependent_launch``
+    (``tools.cli.set_decode_kernel_options``)."""
     torch.manual_seed(args.seed)
     model = build_random_model(config, dtype, args.device, args.attn_implementation)
     model.generation_config.compile_config = CompileConfig(mode=args.compile_mode)
-    shared.set_linear_options(model, args.fused_projections, args.small_batch_gemv)
+    shared.set_decode_kernel_options(model, args)
     return model
 
 

@@ -7,7 +7,7 @@ run (``runs_fused``), else each part's own product. Here, in the kernels' packag
 MLPs call it and a checkpoint's bundled code imports only sibling modules.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -92,18 +92,6 @@ def grouped_products(x: torch.Tensor, fused: nn.Linear | None, parts: Sequence[n
     if runs_fused(fused, parts):
         return fused(x).split([part.out_features for part in parts], dim=-1)
     return tuple(part(x) for part in parts)
-
-
-def swiglu_down(
-    down: nn.Module, gate_up: torch.Tensor, activate: Callable[[torch.Tensor], torch.Tensor], silu: bool
-) -> torch.Tensor:
-    """``down(activate(gate_up))`` for a fused gate/up product ``(..., 2I)`` (gate then up), ``activate`` giving
-    ``act(gate) * up``. With a SiLU gate (``silu``), a down projection that applies SwiGLU as it reads its input
-    (``swiglu_forward``, as the small-batch GEMV's ``SmallBatchLinear`` offers: None where it does not run) runs
-    instead: one kernel, no intermediate tensor."""
-    swiglu_forward = getattr(down, "swiglu_forward", None) if silu else None
-    out = None if swiglu_forward is None else swiglu_forward(gate_up)
-    return down(activate(gate_up)) if out is None else out
 
 
 class FusedGroupsMixin:

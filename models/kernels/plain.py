@@ -7,11 +7,11 @@ eager attention's softmax) run here in ``compute_dtype(dtype)``: float32 for flo
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN, SiLUActivation
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, repeat_kv
 
-from .grouped_linear import GATE_UP_GROUP, FusedGroupsMixin, runs_fused, swiglu_down
+from .grouped_linear import GATE_UP_GROUP, FusedGroupsMixin, runs_fused
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,7 +47,7 @@ class GatedMLPForward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not runs_fused(self.gate_up_proj, (self.gate_proj, self.up_proj)):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        return swiglu_down(self.down_proj, self.gate_up_proj(x), self.activate_halves, is_silu(self.act_fn))
+        return self.down_proj(self.activate_halves(self.gate_up_proj(x)))
 
     def activate_halves(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``act(gate) * up`` of a fused product ``(..., 2I)`` -> ``(..., I)``."""
@@ -68,11 +68,6 @@ class PlainSwiGLUMLP(GatedMLPForward, FusedGroupsMixin, nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
         self.gate_up_proj: nn.Linear | None = None
-
-
-def is_silu(activation: nn.Module) -> bool:
-    """Whether ``activation`` (an ``ACT2FN`` entry) is SiLU: "silu" and "swish"."""
-    return isinstance(activation, (nn.SiLU, SiLUActivation))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

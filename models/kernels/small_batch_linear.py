@@ -1,6 +1,5 @@
 """Linear layers of decode steps through Triton kernels: ``SmallBatchLinear``. One row runs the GEMV
-(``triton_gemv.py``; a down projection's one row may be SwiGLU of the fused gate/up product, applied by the GEMV as it
-reads: ``SmallBatchLinear.swiglu_forward``); more rows run the skinny GEMM (``triton_skinny_gemm.py``) only for the
+(``triton_gemv.py``); more rows run the skinny GEMM (``triton_skinny_gemm.py``) only for the
 shapes its measured table names (``skinny_gemm_launch.TUNED``), and cuBLAS otherwise.
 
 Decoding at batch 1 multiplies each weight matrix by one row, so a step's time is the weights' bytes over the
@@ -39,15 +38,13 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class GemvKernel(NamedTuple):
-    """The GEMV op (``triton_gemv.small_batch_gemv``), the device types it runs on, the skinny GEMM op for more rows
-    (``triton_skinny_gemm.skinny_gemm``; None: cuBLAS) and the GEMV of SwiGLU's output
-    (``triton_gemv.small_batch_swiglu_gemv``; None: none). A swapped model holds it per layer: copied as itself,
+    """The GEMV op (``triton_gemv.small_batch_gemv``), the device types it runs on and the skinny GEMM op for more rows
+    (``triton_skinny_gemm.skinny_gemm``; None: cuBLAS). A swapped model holds it per layer: copied as itself,
     pickled as "load it again" (a compiled op does not pickle)."""
 
     run: Callable
     devices: frozenset[str]
     skinny_gemm: Callable | None = None
-    swiglu: Callable | None = None
 
     def __deepcopy__(self, memo: dict) -> "GemvKernel":
         return self
@@ -62,16 +59,15 @@ def load_gemv_kernel(environ: Mapping[str, str] | None = None) -> GemvKernel | N
     devices = triton_devices(environ)
     if not devices:
         return None
-    from .triton_gemv import small_batch_gemv, small_batch_swiglu_gemv
+    from .triton_gemv import small_batch_gemv
     from .triton_skinny_gemm import skinny_gemm
 
-    return GemvKernel(small_batch_gemv, devices, skinny_gemm, small_batch_swiglu_gemv)
+    return GemvKernel(small_batch_gemv, devices, skinny_gemm)
 
 
 class SmallBatchLinear(nn.Linear):
     """``nn.Linear`` whose products of at most ``MAX_ROWS`` rows run the Triton GEMV, and of more rows the skinny GEMM
-    where its measured table names the shape (``skinny_gemm_launch``): ``(..., K) -> (..., N)``. As a down
-    projection it also offers ``swiglu_forward``: the GEMV of SwiGLU of a fused gate/up product, applied as it reads."""
+    where its measured table names the shape (``skinny_gemm_launch``): ``(..., K) -> (..., N)``."""
 
     gemv: GemvKernel | None = None  # set by use_small_batch_linear (loaded once, outside any compiled region)
 
@@ -82,21 +78,6 @@ class SmallBatchLinear(nn.Linear):
             return super().forward(x)
         op, launch = product
         return self._run(op, launch, x, rows)
-
-    def swiglu_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """``forward(silu(gate) * up)`` of a fused gate/up product ``(..., 2K)`` (gate then up) as one GEMV that applies
-        SwiGLU as it reads the row; None where that kernel does not run (the caller computes SwiGLU itself)."""
-        kernel = self.gemv
-        rows = gate_up.numel() // (2 * self.in_features)
-        if (
-            not self._runs_kernels(gate_up)
-            or kernel.swiglu is None
-            or rows > MAX_ROWS
-            or gate_up.shape[-1] != 2 * self.in_features
-        ):
-            return None
-        launch = gemv_launch(rows, self.out_features, self.in_features, gate_up.dtype.itemsize)
-        return self._run(kernel.swiglu, launch, gate_up, rows)
 
     def _runs_kernels(self, x: torch.Tensor) -> bool:
         """Whether a Triton kernel may compute this layer's product of ``x`` (else ``F.linear``)."""

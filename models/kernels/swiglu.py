@@ -5,7 +5,7 @@ from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
 from liger_kernel.transformers.functional import liger_swiglu
 
 from .flags import FUSED_SWIGLU
-from .grouped_linear import runs_fused, swiglu_down
+from .grouped_linear import runs_fused
 from .plain import PlainSwiGLUMLP
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
@@ -13,8 +13,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 class FusedSwiGLUMLP(PlainSwiGLUMLP):
     """``PlainSwiGLUMLP`` (same parameters) with the gate activation and product fused. ``(..., H)`` -> ``(..., H)``.
-    With gate and up as one product (``gate_up_proj``) the kernel reads both halves of it in place (or, at one row
-    under the small-batch GEMV, the down projection's GEMV does: ``swiglu_down``)."""
+    With gate and up as one product (``gate_up_proj``) the kernel reads both halves of it in place."""
 
     def __init__(self, config) -> None:
         if config.hidden_act not in SUPPORTED_ACTIVATIONS:
@@ -26,6 +25,5 @@ class FusedSwiGLUMLP(PlainSwiGLUMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if runs_fused(self.gate_up_proj, (self.gate_proj, self.up_proj)):
-            gate_up = self.gate_up_proj(x)
-            return swiglu_down(self.down_proj, gate_up, LigerFusedGateUpSiLUMulFunction.apply, silu=True)
+            return self.down_proj(LigerFusedGateUpSiLUMulFunction.apply(self.gate_up_proj(x)))
         return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -25,6 +25,7 @@ if is_triton_available():
     import triton.language as tl
 
 from .decode_launch import MIN_DOT  # query heads and head dim are padded to it
+from .dependent_launch import dependent_launch
 
 LOG2E = 1.4426950408889634
 
@@ -65,10 +66,14 @@ def _partial_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # int64: batch x cache strides exceed 2**31 at large batch
     h = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
+    if PDL:  # everything read here is written by the kernels before (the query, the cache, the lengths)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     length = tl.load(len_ptr + b)
     # Equal parts of the filled span, whole tiles each: the grid is fixed by shapes, the work follows the length.
     chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -138,9 +143,13 @@ def _merge_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    if PDL:  # the partials are the previous kernel's
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.arange(0, BLOCK_SPLITS)
     d = tl.arange(0, BLOCK_D)
     s_ok = s < NUM_SPLITS
@@ -189,6 +198,7 @@ def split_kv_decode(
     mask_arg = mask if mask is not None else lengths  # never read when HAS_MASK is off
     mask_strides = mask.stride() if mask is not None else (0, 0)
     block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    pdl = dependent_launch(query.device)
     _partial_kernel[(batch, kv_heads, num_splits)](
         query,
         key,
@@ -217,8 +227,10 @@ def split_kv_decode(
         BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=pdl,
     )
     if num_splits == 1:
         return out
@@ -235,7 +247,9 @@ def split_kv_decode(
         NUM_SPLITS=num_splits,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         BLOCK_D=block_d,
+        PDL=pdl,
         num_warps=1,
+        launch_pdl=pdl,
     )
     return out
 

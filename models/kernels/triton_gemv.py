@@ -10,10 +10,8 @@ H200's 132 multiprocessors idle on a 2048-feature layer. Here program ``p`` comp
 programs, several per multiprocessor at the launches ``small_batch_linear.gemv_launch`` picks. Products accumulate in
 float32 over each program's ``BLOCK_K`` columns and are summed once at the end.
 
-``small_batch_swiglu_gemv`` is the same product whose input is SwiGLU of a fused gate/up product, computed as the row
-is read: ``silu(gate) * up`` in float32, rounded once to the input dtype (as the compiled step's fused kernel rounds
-it). At one row that elementwise kernel costs more than its bytes (about 1.1 us of a 1.1 ms TinyLlama step per layer,
-docs/fast_decode.md); here each program recomputes the few thousand values it reads, from L2.
+Under programmatic dependent launch (``dependent_launch.py``) a program reads its first weight tile before it waits for
+the previous kernel's output (its input row): the weights never depend on it.
 """
 
 import contextlib
@@ -27,6 +25,8 @@ from transformers.utils.import_utils import is_triton_available
 if is_triton_available():
     import triton
     import triton.language as tl
+
+from .dependent_launch import dependent_launch
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _gemv_kernel(
     stride_ym,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SWIGLU: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = pid % M
@@ -52,17 +52,19 @@ def _gemv_kernel(
     w_ptrs = w_ptr + features[:, None].to(tl.int64) * stride_wn + columns[None, :]
     x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + columns
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # Each step multiplies the weight tile read one step earlier: the first is read before the input is waited for.
+    w = tl.load(w_ptrs, mask=feature_ok[:, None] & (columns < K)[None, :], other=0.0)
+    if PDL:  # the weights never depend on the previous kernel, the input does
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         column_ok = columns < K - step * BLOCK_K
-        w = tl.load(w_ptrs, mask=feature_ok[:, None] & column_ok[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=column_ok, other=0.0)
-        if SWIGLU:  # x_ptr holds gate, and up K columns further along the row
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptrs + K, mask=column_ok, other=0.0).to(tl.float32)
-            x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        current = w
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        w = tl.load(w_ptrs, mask=feature_ok[:, None] & (columns < K - (step + 1) * BLOCK_K)[None, :], other=0.0)
+        acc += current.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + features, y.to(y_ptr.dtype.element_ty), mask=feature_ok)
 
@@ -79,29 +81,11 @@ def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_
     The launch (``small_batch_linear.GemvLaunch``, fixed by the shapes): ``block_n`` output features and ``block_k``
     columns per program step (powers of two), ``num_warps``.
     """
-    return _launch(x, weight, x.shape[1], block_n, block_k, num_warps, swiglu=False)
-
-
-@custom_op("lckv::small_batch_swiglu_gemv", mutates_args=())
-def small_batch_swiglu_gemv(
-    gate_up: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int
-) -> torch.Tensor:
-    """``silu(gate) * up`` of ``gate_up (M, 2K)`` (gate then up, unit stride along the row) times ``weight (N, K)``
-    transposed -> ``(M, N)`` in gate_up's dtype; the launch as ``small_batch_gemv``'s for ``(N, K)``."""
-    torch._check(
-        gate_up.shape[1] == 2 * weight.shape[1],
-        lambda: f"small_batch_swiglu_gemv: gate_up {tuple(gate_up.shape)} is not gate and up of K={weight.shape[1]}",
-    )
-    return _launch(gate_up, weight, weight.shape[1], block_n, block_k, num_warps, swiglu=True)
-
-
-def _launch(
-    x: torch.Tensor, weight: torch.Tensor, columns: int, block_n: int, block_k: int, num_warps: int, swiglu: bool
-) -> torch.Tensor:
-    """The kernel over ``rows * ceil(features / block_n)`` programs, into a new ``(rows, features)`` output."""
     torch._check(x.stride(1) == 1 and weight.stride(1) == 1, lambda: "small_batch_gemv: K must be the unit stride")
-    rows, features = x.shape[0], weight.shape[0]
+    rows, columns = x.shape
+    features = weight.shape[0]
     out = x.new_empty((rows, features))
+    pdl = dependent_launch(x.device)
     with on_device_of(x):
         _gemv_kernel[(rows * triton.cdiv(features, block_n),)](
             x,
@@ -115,14 +99,14 @@ def _launch(
             out.stride(0),
             BLOCK_N=block_n,
             BLOCK_K=block_k,
-            SWIGLU=swiglu,
+            PDL=pdl,
             num_warps=num_warps,
+            launch_pdl=pdl,
         )
     return out
 
 
 @small_batch_gemv.register_fake
-@small_batch_swiglu_gemv.register_fake
 def _(x, weight, block_n, block_k, num_warps):
     """Shapes for tracing (torch.compile): an opaque op, captured whole in the step's CUDA graph."""
     return x.new_empty((x.shape[0], weight.shape[0]))

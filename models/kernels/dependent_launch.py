@@ -1,0 +1,42 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for this repository's Triton kernels.
+
+A decode step at batch 1 is some 300 short kernels in a row (docs/fast_decode.md); each pays a ramp-up before its
+first bytes arrive and a tail while its last programs finish. Under PDL a kernel is launched while the one before it
+in the stream is still running: it reads what does not depend on its predecessor (a GEMV's weights) and then waits
+(``gdc_wait``) for the predecessor's writes; a kernel that has issued its dependent reads lets the next one launch
+(``gdc_launch_dependents``). torch's inductor generates the same for the compiled step's own kernels under
+``torch._inductor.config.triton.enable_pdl`` (``TORCHINDUCTOR_ENABLE_PDL=1``); this repository's kernels follow that
+one switch, so a step is either PDL throughout or not at all.
+"""
+
+import torch
+from torch._inductor import config as inductor_config
+
+PDL_CAPABILITY = 9  # Hopper: griddepcontrol
+
+
+# Compute capability per CUDA device index, looked up on first use (not at import) and kept.
+_CAPABILITY: dict[int, int] = {}
+
+
+def supports_dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can launch as programmatic dependents: a CUDA device of compute capability 9 or
+    more, with a torch whose inductor has the switch (``enable_pdl``). Never the CPU (Triton's interpreter)."""
+    if device.type != "cuda" or not hasattr(inductor_config.triton, "enable_pdl"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
+    return _CAPABILITY[index] >= PDL_CAPABILITY
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch as programmatic dependents now: inductor's switch is on and the device
+    supports it."""
+    return getattr(inductor_config.triton, "enable_pdl", False) and supports_dependent_launch(device)
+
+
+def enable_dependent_launch() -> None:
+    """Programmatic dependent launch for this process's compiled steps (inductor's switch, read when a step is
+    compiled) and this repository's Triton kernels (which read it at each launch, so also in eager forwards)."""
+    inductor_config.triton.enable_pdl = True
