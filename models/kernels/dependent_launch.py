@@ -4,9 +4,9 @@ A decode step at batch 1 is some 300 short kernels in a row (docs/fast_decode.md
 first bytes arrive and a tail while its last programs finish. Under PDL a kernel is launched while the one before it
 in the stream is still running: it reads what does not depend on its predecessor (a GEMV's weights) and then waits
 (``gdc_wait``) for the predecessor to complete; once every program of a kernel is past its wait, the next kernel may
-launch (``gdc_launch_dependents``), so its start overlaps this one's tail. torch's inductor generates the same for the compiled step's own kernels under
-``torch._inductor.config.triton.enable_pdl`` (``TORCHINDUCTOR_ENABLE_PDL=1``); this repository's kernels follow that
-one switch, so a step is either PDL throughout or not at all.
+launch (``gdc_launch_dependents``), so its start overlaps this one's tail. torch's inductor generates the same for
+the compiled step's own kernels under ``torch._inductor.config.triton.enable_pdl`` (``TORCHINDUCTOR_ENABLE_PDL=1``);
+this repository's kernels follow that one switch, so a step is either PDL throughout or not at all.
 """
 
 import torch
