@@ -20,6 +20,9 @@ part (``load_state_dict``, an optimiser step) writes the fused matrix; ``.to()``
 keep the parts views of it (``FusedGroupsMixin``). A part replaced after fusion (an adapter wrapping it) or given new
 tensors (``load_state_dict(assign=True)``) is no longer a view: an eager forward sees that and runs the parts, a
 compiled one does not check (fuse last). One process only: tensor-parallel shards are left alone.
+
+An attention so fused also gets the kernel that rotates a decode step's query and key and writes its keys and values
+into a static cache at once (``kernels/rotary_cache.py``): one launch where the compiled step ran three.
 """
 
 from collections.abc import Callable
@@ -45,14 +48,17 @@ from .kernels.grouped_linear import (
     grouped_products,
 )
 from .kernels.plain import GatedMLPForward
+from .kernels.rotary_cache import RotaryCacheKernel, load_rotary_cache_kernel, rotate_and_cache
 from .tensor_parallel import world_size
 
 
 class FusedProjectionLlamaAttention(FusedGroupsMixin, LlamaAttention):
     """transformers' ``LlamaAttention`` with Q, K and V from one product (``qkv_proj``, set by ``fuse_projections``);
-    the rest as in ``LlamaAttention``: rotary, cache update, the configured attention, output projection."""
+    the rest as in ``LlamaAttention``: rotary and cache update (one kernel at a decode step, ``rotate_and_cache``), the
+    configured attention, output projection."""
 
     fused_groups = QKV_GROUP
+    rotary_cache: RotaryCacheKernel | None = None  # set by fuse_projections
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as LlamaAttention.forward
     def forward(
@@ -71,9 +77,14 @@ class FusedProjectionLlamaAttention(FusedGroupsMixin, LlamaAttention):
             product.view(heads_shape).transpose(1, 2)  # (B, heads, T, D)
             for product in grouped_products(hidden_states, self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj))
         )
-        queries, keys = apply_rotary_pos_emb(queries, keys, *position_embeddings)
-        if cache is not None:
-            keys, values = cache.update(keys, values, self.layer_idx, kwargs=kwargs)
+        cos, sin = position_embeddings
+        written = rotate_and_cache(self.rotary_cache, cache, self.layer_idx, queries, keys, values, cos, sin)
+        if written is not None:
+            queries, _, keys, values = written
+        else:
+            queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
+            if cache is not None:
+                keys, values = cache.update(keys, values, self.layer_idx, kwargs=kwargs)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -105,11 +116,13 @@ FUSED_SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Give every attention and MLP of ``model`` one product per group of projections (see the module docstring), in
-    place; returns the number of groups fused: 0 under tensor parallelism."""
+    """Give every attention and MLP of ``model`` one product per group of projections (see the module docstring), and
+    an attention so fused the decode step's RoPE + cache-write kernel (``rotary_cache``, where Triton runs), in place;
+    returns the number of groups fused: 0 under tensor parallelism."""
     if world_size() > 1:
         return 0
     fused = 0
+    rotary_cache = load_rotary_cache_kernel()
     for module in list(model.modules()):
         module_class = FUSED_SUBCLASSES.get(type(module), type(module))
         for fused_name, part_names in getattr(module_class, "fused_groups", {}).items():
@@ -118,5 +131,7 @@ def fuse_projections(model: nn.Module) -> int:
                 continue
             module.__class__ = module_class
             setattr(module, fused_name, concatenated_linear(parts))
+            if hasattr(module_class, "rotary_cache"):
+                module.rotary_cache = rotary_cache
             fused += 1
     return fused

@@ -26,7 +26,15 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .cache_staging import staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
-from .kernels import QKV_GROUP, FusedGroupsMixin, KernelSelection, PlainRotaryEmbedding, grouped_products
+from .kernels import (
+    QKV_GROUP,
+    FusedGroupsMixin,
+    KernelSelection,
+    PlainRotaryEmbedding,
+    RotaryCacheKernel,
+    grouped_products,
+    rotate_and_cache,
+)
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import layer_mask_kinds, lckv_masks
 from .sequential_prefill import sequential_prefill, uses_sequential_prefill
@@ -59,6 +67,7 @@ class OptLlamaAttention(FusedGroupsMixin, nn.Module):
     """
 
     fused_groups = QKV_GROUP
+    rotary_cache: RotaryCacheKernel | None = None  # set by fuse_projections: RoPE + cache write in one decode kernel
 
     def __init__(self, config: OptLlamaConfig, layer_idx: int, kernel_selection: KernelSelection):
         super().__init__()
@@ -121,7 +130,18 @@ class OptLlamaAttention(FusedGroupsMixin, nn.Module):
 
         new_kv = own_kv = None
         if self.has_own_kv:
-            query_states, key_states = self.kernel_selection.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            written = None
+            if given_keys is None and commit and query_states is not None:
+                written = rotate_and_cache(
+                    self.rotary_cache, cache, self.layer_idx, query_states, key_states, value_states, cos, sin
+                )
+            if written is None:
+                query_states, key_states = self.kernel_selection.apply_rotary_pos_emb(
+                    query_states, key_states, cos, sin
+                )
+            else:  # rotated and committed to the cache by one kernel (kernels/rotary_cache.py)
+                query_states, key_states, *cached = written
+                own_kv = given_keys, given_values = tuple(cached)
             new_kv = (key_states, value_states)
             if given_keys is None:
                 own_kv = given_keys, given_values = self._store(key_states, value_states, cache, commit)
@@ -130,19 +150,23 @@ class OptLlamaAttention(FusedGroupsMixin, nn.Module):
 
         attn_output = attn_weights = None
         if not kv_only:
-            attn_output, attn_weights = self.kernel_selection.attention_interface(self.config._attn_implementation)(
+            implementation = self.config._attn_implementation
+            dropout = 0.0 if not self.training else self.attention_dropout
+            attn_output, attn_weights = self.kernel_selection.attention_interface(implementation)(
                 self,
                 query_states,
                 given_keys,
                 given_values,
                 attention_mask,
-                dropout=0.0 if not self.training else self.attention_dropout,
+                dropout=dropout,
                 scaling=self.scaling,
                 **kwargs,
             )
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-            if self.is_strict:
-                # Eager softmax over an all-masked row is uniform, not zero: zero it for every backend.
+            if self.is_strict and not self.kernel_selection.zeroes_keyless_queries(
+                implementation, query_states, given_keys, attention_mask, dropout
+            ):
+                # Eager softmax over an all-masked row is uniform, not zero: zero it for every other backend.
                 attn_output = attn_output * visible.to(attn_output.dtype)
                 if attn_weights is not None:
                     attn_weights = attn_weights * visible[:, None].to(attn_weights.dtype)

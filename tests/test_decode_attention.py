@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from models import SPLIT_KV
+from models.fused_projections import fuse_projections
 from models.kernels import KernelSelection
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import (
@@ -158,6 +159,20 @@ def test_dispatch_only_for_one_token_bool_masks(interpreted_kernel):
     assert not runs_split_kv(None, query, key, mask, 0.0)  # no kernel
 
 
+def test_only_the_kernel_spares_a_strict_layer_its_zeroing(interpreted_kernel):
+    """``KernelSelection.zeroes_keyless_queries``: the split-KV kernel outputs zero for a query without a visible key
+    (``test_kernel_strict_mask_first_token_outputs_exact_zero``), so a strict layer skips its own zeroing exactly where
+    the kernel runs."""
+    query, key, _ = decode_inputs(2, 8, 2)
+    mask = cache_mask([(0, 10), (0, 20)], strict=True)
+    selection = KernelSelection(split_kv=SplitKvKernel(interpreted_kernel, frozenset({"cpu"})))
+    assert selection.zeroes_keyless_queries(SPLIT_KV, query, key, mask, 0.0)
+    assert not selection.zeroes_keyless_queries("sdpa", query, key, mask, 0.0)
+    assert not selection.zeroes_keyless_queries(SPLIT_KV, torch.cat([query, query], dim=2), key, mask, 0.0)
+    assert not selection.zeroes_keyless_queries(SPLIT_KV, query, key, mask, 0.1)
+    assert not KernelSelection().zeroes_keyless_queries(SPLIT_KV, query, key, mask, 0.0)
+
+
 def test_without_kernel_it_is_the_packed_sdpa_fallback():
     """No Triton kernel for CPU tensors (no interpreter): every call is sdpa_packed_gqa, bit for bit."""
     from models.kernels.decode_attention import load_split_kv_kernel
@@ -247,15 +262,20 @@ def compiled_step_kernel_sizes(model, slots: int) -> list[int]:
     return [math.prod(int(size) for size in torch.utils._pytree.tree_leaves(node.group[1])) for node in generated]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-projections"])
 @pytest.mark.parametrize("config_fn", [tiny_config, llama_mha_config], ids=["opt-llama", "llama"])
-def test_compiled_decode_step_writes_the_cache_in_place(interpreted_kernel, config_fn):
-    """No kernel of the compiled decode step runs over a whole cache layer: the new token's KVs are written in place.
-    An LCKV step that staged its target's KVs and committed them after the block copied that layer whole (two K/V
-    buffers read and written per step: 0.5 of 3.8 ms at TinyLlama batch 128 on an H200)."""
+def test_compiled_decode_step_writes_the_cache_in_place(interpreted_kernel, config_fn, fused):
+    """No kernel of the compiled decode step runs over a whole cache layer: the new token's KVs are written in place,
+    by ``index_copy_`` or (fused projections) by the RoPE + cache-write op, which inductor must not turn into a copy of
+    the buffers it mutates. An LCKV step that staged its target's KVs and committed them after the block copied that
+    layer whole (two K/V buffers read and written per step: 0.5 of 3.8 ms at TinyLlama batch 128 on an H200)."""
     config = config_fn()
     slots = 512
     layer_elements = 2 * config.num_key_value_heads * slots * config.head_dim  # batch 2
-    sizes = compiled_step_kernel_sizes(tiny_model(config, attn_implementation=SPLIT_KV), slots)
+    model = tiny_model(config, attn_implementation=SPLIT_KV)
+    if fused:
+        assert fuse_projections(model) > 0 and model.model.layers[0].self_attn.rotary_cache is not None
+    sizes = compiled_step_kernel_sizes(model, slots)
     assert sizes and max(sizes) < layer_elements, (max(sizes), layer_elements)
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from bench import measure_small_batch_gemv
 from models.config_loading import llama_twin
 from models.kernels import gemv_launch as gemv_launch_module
 from models.kernels import small_batch_linear
 from models.kernels.gemv_launch import GemvLaunch, gemv_launch
+from models.kernels.grouped_linear import gated_product
 from models.kernels.small_batch_linear import (
     MAX_ROWS,
     GemvKernel,
@@ -102,6 +104,50 @@ def test_kernel_reads_strided_rows(gemv):
     x = wide[:, :64]
     out = gemv.run(x, weight, *GemvLaunch(4, 64, 4))
     torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def silu_gated_reference(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu(gate) * up`` of ``x (M, K)`` and a fused ``weight (2I, K)`` in float64, and a bound on a float32
+    kernel's error per output: the products' bound (``FP32_BOUND`` of the largest partial sum) carried through
+    ``silu(g) * u`` (|silu'| <= 1.1), plus the float32 rounding of the result."""
+    gate, up = (x.double() @ weight.double().T).chunk(2, dim=-1)
+    silu = gate * torch.sigmoid(gate)
+    scale = (x.double().abs() @ weight.double().abs().T).max()
+    bound = FP32_BOUND * scale * (1.1 * up.abs() + silu.abs()) + FP32_BOUND * (silu * up).abs()
+    return silu * up, bound
+
+
+@pytest.mark.parametrize("launch", [GemvLaunch(2, 64, 4), GemvLaunch(4, 32, 4), GemvLaunch(8, 64, 2)], ids=str)
+@pytest.mark.parametrize("rows, half, columns", [(1, 48, 64), (1, 37, 200), (3, 5, 33)])
+def test_silu_gated_kernel_equals_float64_reference(gemv, launch, rows, half, columns):
+    """Gate row j and up row j side by side in each program, ragged sizes included: ``silu(gate) * up``."""
+    x, weight = torch.randn(rows, columns), torch.randn(2 * half, columns)
+    expected, bound = silu_gated_reference(x, weight)
+    out = gemv.silu_gated(x, weight, *launch)
+    assert out.dtype == torch.float32 and out.shape == (rows, half)
+    assert ((out.double() - expected).abs() <= bound).all()
+
+
+def test_one_row_of_a_fused_gate_up_layer_runs_the_gated_kernel(gemv):
+    """``gated_product``: one row of a ``SmallBatchLinear`` gate/up layer with SiLU is one gated GEMV; more rows, a
+    bias or another activation split the product (``F.linear`` / the plain GEMV) instead; the same values."""
+    gated = Recorder(gemv.silu_gated)
+    layer = nn.Linear(40, 2 * 24, bias=False)
+    assert use_small_batch_linear(layer, gemv._replace(silu_gated=gated)) == 1
+    silu, gelu = ACT2FN["silu"], ACT2FN["gelu"]
+    with torch.no_grad():
+        for x, activation, calls in [
+            (torch.randn(1, 1, 40), silu, 1),
+            (torch.randn(2, 40), silu, 0),
+            (torch.randn(1, 40), gelu, 0),
+        ]:
+            before = len(gated.rows)
+            out = gated_product(x, layer, activation)
+            gate, up = nn.functional.linear(x, layer.weight).chunk(2, dim=-1)
+            torch.testing.assert_close(out, activation(gate) * up, rtol=1e-5, atol=1e-5)
+            assert len(gated.rows) - before == calls
+        layer.bias = nn.Parameter(torch.randn(48))
+        assert layer.silu_gated(torch.randn(1, 40)) is None
 
 
 def models_under_test():

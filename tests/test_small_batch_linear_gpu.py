@@ -1,6 +1,6 @@
 """GPU checks of the small-batch GEMV (skipped without CUDA): the compiled Triton kernel against a float32 product in
-bf16 and fp32 at ragged and model shapes, every launch of the tuner's search grid, and batch-1 generation through
-the captured decode step with the GEMV equal to it without (fp32)."""
+bf16 and fp32 at ragged and model shapes (its SiLU-gated variant as well), every launch of the tuner's search grid,
+and batch-1 generation through the captured decode step with the GEMV equal to it without (fp32)."""
 
 import pytest
 import torch
@@ -46,6 +46,18 @@ def test_kernel_reads_a_row_of_a_wider_tensor():
     wide[1, 7:] = x[0]
     out = KERNEL.run(wide[1:2, 7:], weight, *gemv_launch(1, 2048, 2048, 2))
     torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float()), **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("half, columns", [(5632, 2048), (11008, 4096), (37, 513)], ids=str)
+def test_silu_gated_kernel_equals_float32_reference(dtype, half, columns):
+    """The gated GEMV of a fused gate/up weight (TinyLlama's, 7B's, ragged) against ``silu(gate) * up`` of a float32
+    product, at the launch ``SmallBatchLinear.silu_gated`` picks."""
+    x, weight, product_fp32 = product(2 * half, columns, dtype)
+    gate, up = product_fp32.chunk(2, dim=-1)
+    out = KERNEL.silu_gated(x, weight, *gemv_launch(1, 2 * half, columns, dtype.itemsize))
+    assert out.dtype == dtype and out.shape == (1, half)
+    torch.testing.assert_close(out.float(), F.silu(gate) * up, **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("launch", SEARCH, ids=str)

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from .attention import STRICT_CAUSAL, configured_attention, fast_attention, sdpa_causal_attention
-from .decode_attention import SPLIT_KV, SplitKvKernel, load_split_kv_kernel, split_kv_sdpa_attention
+from .decode_attention import SPLIT_KV, SplitKvKernel, load_split_kv_kernel, runs_split_kv, split_kv_sdpa_attention
 from .flags import (
     FLAGS,
     FLASH_ATTN,
@@ -39,6 +39,7 @@ from .flags import (
 )
 from .grouped_linear import QKV_GROUP, FusedGroupsMixin, grouped_products
 from .plain import PlainRMSNorm, PlainRotaryEmbedding, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
+from .rotary_cache import RotaryCacheKernel, rotate_and_cache
 
 INSTALL_HINT = "see requirements-gpu.txt"
 
@@ -144,6 +145,19 @@ class KernelSelection:
         """Whether the mask builder may hand ``STRICT_CAUSAL`` to the attention instead of a dense strict mask."""
         return self.causal_attention is not None
 
+    def zeroes_keyless_queries(
+        self,
+        implementation: str,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: object,
+        dropout: float,
+    ) -> bool:
+        """Whether ``attention_interface(implementation)`` outputs exactly zero for a query that sees no key, for these
+        inputs: the split-KV decode kernel does (its merge divides by a zero sum as by one), so a strict layer need not
+        zero such queries itself; every other path is assumed not to."""
+        return implementation == SPLIT_KV and runs_split_kv(self.split_kv, query, key, attention_mask, dropout)
+
     def attention_interface(self, implementation: str) -> Callable:
         """The attention function (transformers' interface signature) for ``config._attn_implementation``."""
         if implementation == SPLIT_KV:
@@ -163,6 +177,8 @@ __all__ = [
     "STRICT_CAUSAL",
     "KernelSelection",
     "PlainRotaryEmbedding",
+    "RotaryCacheKernel",
     "flag_enabled",
     "grouped_products",
+    "rotate_and_cache",
 ]

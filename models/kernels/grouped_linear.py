@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from transformers.activations import SiLUActivation
 
 QKV_GROUP = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 GATE_UP_GROUP = {"gate_up_proj": ("gate_proj", "up_proj")}
@@ -84,6 +85,24 @@ def runs_fused(fused: nn.Linear | None, parts: Sequence[nn.Module]) -> bool:
     if torch.is_grad_enabled() and any(p.requires_grad for part in parts for p in part.parameters()):
         return False
     return torch.compiler.is_compiling() or are_views_of(fused, parts)
+
+
+def is_silu(activation: nn.Module) -> bool:
+    """Whether ``activation`` (an ``ACT2FN`` entry) is SiLU: "silu" and "swish"."""
+    return isinstance(activation, (nn.SiLU, SiLUActivation))
+
+
+def gated_product(x: torch.Tensor, gate_up: nn.Linear, activation: nn.Module) -> torch.Tensor:
+    """``act(gate) * up`` of a fused gate/up layer's product of ``x`` ``(..., K)`` -> ``(..., I)``: one kernel where the
+    layer offers it (``silu_gated``: a one-row GEMV of ``SmallBatchLinear`` with SiLU), else the product split in
+    halves."""
+    gated = getattr(gate_up, "silu_gated", None)
+    if gated is not None and is_silu(activation):
+        out = gated(x)
+        if out is not None:
+            return out
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    return activation(gate) * up
 
 
 def grouped_products(x: torch.Tensor, fused: nn.Linear | None, parts: Sequence[nn.Linear]) -> tuple[torch.Tensor, ...]:

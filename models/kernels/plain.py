@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, repeat_kv
 
-from .grouped_linear import GATE_UP_GROUP, FusedGroupsMixin, runs_fused
+from .grouped_linear import GATE_UP_GROUP, FusedGroupsMixin, gated_product, runs_fused
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,12 +47,7 @@ class GatedMLPForward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not runs_fused(self.gate_up_proj, (self.gate_proj, self.up_proj)):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.activate_halves(self.gate_up_proj(x)))
-
-    def activate_halves(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``act(gate) * up`` of a fused product ``(..., 2I)`` -> ``(..., I)``."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+        return self.down_proj(gated_product(x, self.gate_up_proj, self.act_fn))
 
 
 class PlainSwiGLUMLP(GatedMLPForward, FusedGroupsMixin, nn.Module):

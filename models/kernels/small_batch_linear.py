@@ -1,5 +1,6 @@
 """Linear layers of decode steps through Triton kernels: ``SmallBatchLinear``. One row runs the GEMV
-(``triton_gemv.py``); more rows run the skinny GEMM (``triton_skinny_gemm.py``) only for the
+(``triton_gemv.py``; as a fused gate/up projection, one row may also come out as ``silu(gate) * up`` from the same
+kernel: ``SmallBatchLinear.silu_gated``); more rows run the skinny GEMM (``triton_skinny_gemm.py``) only for the
 shapes its measured table names (``skinny_gemm_launch.TUNED``), and cuBLAS otherwise.
 
 Decoding at batch 1 multiplies each weight matrix by one row, so a step's time is the weights' bytes over the
@@ -38,13 +39,15 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class GemvKernel(NamedTuple):
-    """The GEMV op (``triton_gemv.small_batch_gemv``), the device types it runs on and the skinny GEMM op for more rows
-    (``triton_skinny_gemm.skinny_gemm``; None: cuBLAS). A swapped model holds it per layer: copied as itself,
+    """The GEMV op (``triton_gemv.small_batch_gemv``), the device types it runs on, the skinny GEMM op for more rows
+    (``triton_skinny_gemm.skinny_gemm``; None: cuBLAS) and the SiLU-gated GEMV of a fused gate/up weight
+    (``triton_gemv.small_batch_silu_gated_gemv``; None: none). A swapped model holds it per layer: copied as itself,
     pickled as "load it again" (a compiled op does not pickle)."""
 
     run: Callable
     devices: frozenset[str]
     skinny_gemm: Callable | None = None
+    silu_gated: Callable | None = None
 
     def __deepcopy__(self, memo: dict) -> "GemvKernel":
         return self
@@ -59,10 +62,10 @@ def load_gemv_kernel(environ: Mapping[str, str] | None = None) -> GemvKernel | N
     devices = triton_devices(environ)
     if not devices:
         return None
-    from .triton_gemv import small_batch_gemv
+    from .triton_gemv import small_batch_gemv, small_batch_silu_gated_gemv
     from .triton_skinny_gemm import skinny_gemm
 
-    return GemvKernel(small_batch_gemv, devices, skinny_gemm)
+    return GemvKernel(small_batch_gemv, devices, skinny_gemm, small_batch_silu_gated_gemv)
 
 
 class SmallBatchLinear(nn.Linear):
@@ -79,6 +82,16 @@ class SmallBatchLinear(nn.Linear):
         op, launch = product
         return self._run(op, launch, x, rows)
 
+    def silu_gated(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of this layer's product of ``x`` ``(..., K)``, whose out features are a fused gate/up
+        pair (gate rows, then up rows, no bias) -> ``(..., N / 2)`` from one GEMV; None where that kernel does not run
+        (the caller splits ``forward(x)`` itself)."""
+        rows = x.numel() // self.in_features
+        if not self._runs_kernels(x) or self.gemv.silu_gated is None or rows > MAX_ROWS or self.bias is not None:
+            return None
+        launch = gemv_launch(rows, self.out_features, self.in_features, x.dtype.itemsize)
+        return None if launch.block_n % 2 else self._run(self.gemv.silu_gated, launch, x, rows)
+
     def _runs_kernels(self, x: torch.Tensor) -> bool:
         """Whether a Triton kernel may compute this layer's product of ``x`` (else ``F.linear``)."""
         kernel = self.gemv
@@ -93,11 +106,12 @@ class SmallBatchLinear(nn.Linear):
         )
 
     def _run(self, op: Callable, launch: tuple[int, ...], x: torch.Tensor, rows: int) -> torch.Tensor:
-        """``op`` on ``x`` as ``(rows, x's last dim)`` with unit stride along it, ``(..., N)`` back, plus the bias."""
+        """``op`` on ``x`` as ``(rows, x's last dim)`` with unit stride along it, ``(..., op's out width)`` back, plus
+        the bias."""
         flat = x.reshape(rows, x.shape[-1])
         if flat.stride(1) != 1:
             flat = flat.contiguous()
-        out = op(flat, self.weight, *launch).view(*x.shape[:-1], self.out_features)
+        out = op(flat, self.weight, *launch).view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
     def _product(self, rows: int, x: torch.Tensor) -> tuple[Callable, tuple[int, ...]] | None:

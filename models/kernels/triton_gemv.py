@@ -12,6 +12,10 @@ float32 over each program's ``BLOCK_K`` columns and are summed once at the end.
 
 Under programmatic dependent launch (``dependent_launch.py``) a program reads its first weight tile before it waits for
 the previous kernel's output (its input row): the weights never depend on it.
+
+The gated variant (``small_batch_silu_gated_gemv``) multiplies a fused gate/up weight ``(2I, K)`` (gate rows, then up
+rows) and writes ``silu(gate) * up`` ``(M, I)``: each program reads gate row ``j`` next to up row ``j`` (its
+``BLOCK_N`` rows interleave them), so SwiGLU is applied to its own sums, with no extra bytes read and no kernel after.
 """
 
 import contextlib
@@ -42,36 +46,76 @@ def _gemv_kernel(
     stride_ym,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SILU_GATED: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = pid % M
-    features = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    feature_ok = features < N
+    local = tl.arange(0, BLOCK_N)
+    if SILU_GATED:  # N outputs from 2N weight rows: local rows 2i and 2i+1 are gate row j and up row j (= N + j)
+        outputs = (pid // M) * (BLOCK_N // 2) + local // 2
+        rows = outputs + (local % 2) * N
+    else:
+        outputs = (pid // M) * BLOCK_N + local
+        rows = outputs
+    row_ok = outputs < N
     columns = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + features[:, None].to(tl.int64) * stride_wn + columns[None, :]
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + columns[None, :]
     x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + columns
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    # Each step multiplies the weight tile read one step earlier: the first is read before the input is waited for.
-    w = tl.load(w_ptrs, mask=feature_ok[:, None] & (columns < K)[None, :], other=0.0)
+    # The first step is peeled: its weight tile is read before the input is waited for.
+    w = tl.load(w_ptrs, mask=row_ok[:, None] & (columns < K)[None, :], other=0.0)
     if PDL:  # the weights never depend on the previous kernel, the input does
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    for step in range(0, tl.cdiv(K, BLOCK_K)):
+    x = tl.load(x_ptrs, mask=columns < K, other=0.0)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for step in range(1, tl.cdiv(K, BLOCK_K)):
         column_ok = columns < K - step * BLOCK_K
-        x = tl.load(x_ptrs, mask=column_ok, other=0.0)
-        current = w
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        w = tl.load(w_ptrs, mask=feature_ok[:, None] & (columns < K - (step + 1) * BLOCK_K)[None, :], other=0.0)
-        acc += current.to(tl.float32) * x.to(tl.float32)[None, :]
+        x = tl.load(x_ptrs + step * BLOCK_K, mask=column_ok, other=0.0)
+        w = tl.load(w_ptrs + step * BLOCK_K, mask=row_ok[:, None] & column_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + features, y.to(y_ptr.dtype.element_ty), mask=feature_ok)
+    if SILU_GATED:
+        gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+        y = gate * tl.sigmoid(gate) * up
+        outputs = (pid // M) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        row_ok = outputs < N
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + outputs, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it ``tensor``'s for the launch (a model on cuda:1, eager)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def launch_gemv(
+    x: torch.Tensor, weight: torch.Tensor, outputs: int, block_n: int, block_k: int, num_warps: int, silu_gated: bool
+) -> torch.Tensor:
+    """``_gemv_kernel`` on ``x (M, K)`` and ``weight (N, K)`` -> ``(M, outputs)`` in x's dtype; ``block_n`` weight rows
+    per program."""
+    torch._check(x.stride(1) == 1 and weight.stride(1) == 1, lambda: "small_batch_gemv: K must be the unit stride")
+    rows, columns = x.shape
+    out = x.new_empty((rows, outputs))
+    pdl = dependent_launch(x.device)
+    with on_device_of(x):
+        _gemv_kernel[(rows * triton.cdiv(weight.shape[0], block_n),)](
+            x,
+            weight,
+            out,
+            rows,
+            outputs,
+            columns,
+            x.stride(0),
+            weight.stride(0),
+            out.stride(0),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            SILU_GATED=silu_gated,
+            PDL=pdl,
+            num_warps=num_warps,
+            launch_pdl=pdl,
+        )
+    return out
 
 
 @custom_op("lckv::small_batch_gemv", mutates_args=())
@@ -81,32 +125,25 @@ def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_
     The launch (``small_batch_linear.GemvLaunch``, fixed by the shapes): ``block_n`` output features and ``block_k``
     columns per program step (powers of two), ``num_warps``.
     """
-    torch._check(x.stride(1) == 1 and weight.stride(1) == 1, lambda: "small_batch_gemv: K must be the unit stride")
-    rows, columns = x.shape
-    features = weight.shape[0]
-    out = x.new_empty((rows, features))
-    pdl = dependent_launch(x.device)
-    with on_device_of(x):
-        _gemv_kernel[(rows * triton.cdiv(features, block_n),)](
-            x,
-            weight,
-            out,
-            rows,
-            features,
-            columns,
-            x.stride(0),
-            weight.stride(0),
-            out.stride(0),
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            PDL=pdl,
-            num_warps=num_warps,
-            launch_pdl=pdl,
-        )
-    return out
+    return launch_gemv(x, weight, weight.shape[0], block_n, block_k, num_warps, silu_gated=False)
 
 
 @small_batch_gemv.register_fake
 def _(x, weight, block_n, block_k, num_warps):
     """Shapes for tracing (torch.compile): an opaque op, captured whole in the step's CUDA graph."""
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@custom_op("lckv::small_batch_silu_gated_gemv", mutates_args=())
+def small_batch_silu_gated_gemv(
+    x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int
+) -> torch.Tensor:
+    """``silu(x @ gate^T) * (x @ up^T)`` for ``x (M, K)`` and a fused ``weight (2I, K)`` (gate rows, then up rows;
+    contiguous) -> ``(M, I)`` in x's dtype, the sums in float32 up to the product. The launch as
+    ``small_batch_gemv``'s for ``weight``, ``block_n`` (even) counting gate and up rows together."""
+    return launch_gemv(x, weight, weight.shape[0] // 2, block_n, block_k, num_warps, silu_gated=True)
+
+
+@small_batch_silu_gated_gemv.register_fake
+def _(x, weight, block_n, block_k, num_warps):
+    return x.new_empty((x.shape[0], weight.shape[0] // 2))

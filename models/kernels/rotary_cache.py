@@ -1,0 +1,93 @@
+"""A decode step's RoPE and cache write in one kernel (``triton_rotary_cache.py``): ``rotate_and_cache``.
+
+An attention layer with its own KVs, at one token per row, rotates its queries and keys and then updates its cache
+layer (``StaticLayer.update``: the new keys and values written at the layer's fill level ``cumulative_length``, which
+then grows by one). ``rotate_and_cache`` does both with one kernel where the cache layer is transformers' plain
+``StaticLayer`` (the static cache of a compiled decode step), and returns None everywhere else, where the caller
+rotates and calls ``cache.update`` as before: several tokens, another cache layer (dynamic, sliding window,
+offloaded, staged LCKV layers), a gradient wanted, float64 (the kernel computes in float32), a device the kernel does
+not run on. ``fused_projections.fuse_projections`` gives the attention modules it fuses the kernel
+(``rotary_cache``), so ``--fused_projections`` turns it on for an LCKV model and a Llama alike.
+
+The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
+``load_rotary_cache_kernel()`` (tests run the real kernel that way).
+"""
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+from .flags import triton_devices
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class RotaryCacheKernel(NamedTuple):
+    """The op (``triton_rotary_cache.rotary_cache_write``) and the device types it runs on. A module holds it: copied
+    as itself, pickled as "load it again" (a compiled op does not pickle)."""
+
+    run: Callable
+    devices: frozenset[str]
+
+    def __deepcopy__(self, memo: dict) -> "RotaryCacheKernel":
+        return self
+
+    def __reduce__(self):
+        return load_rotary_cache_kernel, ()
+
+
+def load_rotary_cache_kernel(environ: Mapping[str, str] | None = None) -> RotaryCacheKernel | None:
+    """The kernel for the devices it can run on: CUDA, and the CPU under ``TRITON_INTERPRET=1`` of ``environ`` (default
+    ``os.environ``); None without Triton or without either."""
+    devices = triton_devices(environ)
+    if not devices:
+        return None
+    from .triton_rotary_cache import rotary_cache_write
+
+    return RotaryCacheKernel(rotary_cache_write, devices)
+
+
+def writable_layer(
+    kernel: RotaryCacheKernel | None, cache: Cache | None, layer_idx: int, keys: torch.Tensor
+) -> StaticLayer | None:
+    """Layer ``layer_idx`` of ``cache`` when ``kernel`` may write ``keys`` ``(B, Hkv, T, D)`` into it itself: one token,
+    a plain initialized ``StaticLayer`` of the same dtype and device in a cache that is not offloaded, no gradient
+    wanted; else None."""
+    if kernel is None or cache is None or keys.device.type not in kernel.devices or keys.shape[-2] != 1:
+        return None
+    if keys.dtype not in DTYPES or keys.shape[-1] % 2 or getattr(cache, "offloading", False):
+        return None
+    if torch.is_grad_enabled() and keys.requires_grad:
+        return None
+    layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+    if type(layer) is not StaticLayer or not layer.is_initialized:
+        return None
+    if layer.keys.dtype != keys.dtype or layer.keys.device != keys.device:
+        return None
+    return layer
+
+
+def rotate_and_cache(
+    kernel: RotaryCacheKernel | None,
+    cache: Cache | None,
+    layer_idx: int,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """RoPE on ``queries`` ``(B, Hq, 1, D)`` and ``keys`` ``(B, Hkv, 1, D)`` (``cos``/``sin`` ``(B, 1, D)``) and
+    ``cache.update(keys, values, layer_idx)`` in one kernel; returns the rotated queries and keys and the layer's
+    cached keys and values ``(B, Hkv, S, D)``, as the two steps would. None where ``writable_layer`` says no: nothing
+    is done, the caller runs the two steps."""
+    layer = writable_layer(kernel, cache, layer_idx, keys)
+    if layer is None:
+        return None
+    rotated_queries, rotated_keys = kernel.run(
+        queries, keys, values, cos, sin, layer.keys, layer.values, layer.cumulative_length
+    )
+    layer.cumulative_length.add_(keys.shape[-2])  # the rest of StaticLayer.update
+    return rotated_queries, rotated_keys, layer.keys, layer.values

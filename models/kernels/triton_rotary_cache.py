@@ -1,0 +1,161 @@
+"""RoPE on one token's queries and keys and its write into a static KV cache, in one Triton kernel.
+
+Imported only where Triton can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, which must be set before
+this module is first imported); ``rotary_cache.py`` decides, and rotates and updates the cache as before otherwise.
+
+A decode step's attention layer with its own KVs rotates its query and key and writes key and value into the cache:
+compiled, that is three kernels of a few kilobytes each (rotary of Q; rotary of K and its write; the write of V), each
+costing its launch. Here program ``(b, h)`` handles head ``h`` of row ``b``: a query head (``h < Hq``) is rotated
+into the returned queries; a KV head is rotated into the returned keys and into the cache's slot ``slot`` (the cache
+layer's fill level, read on the device), and its value is copied there. Shapes: ``B`` batch, ``Hq``/``Hkv`` query/KV
+heads, ``D`` head dim (even), ``S`` cache slots. RoPE as Llama's ``x * cos + rotate_half(x) * sin``, in float32.
+"""
+
+import torch
+from torch.library import custom_op
+from transformers.utils.import_utils import is_triton_available
+
+# Always true where this module is imported; the guard keeps transformers' remote-code import check (which skips
+# `if is_..._available()` blocks) from requiring Triton where an exported checkpoint is loaded.
+if is_triton_available():
+    import triton
+    import triton.language as tl
+
+from .dependent_launch import dependent_launch
+from .triton_gemv import on_device_of
+
+
+@triton.jit
+def _rotate(x_ptr, cos, sin, d, partner, sign, ok):
+    """``x * cos + rotate_half(x) * sin`` of the head at ``x_ptr`` (unit stride along D), in float32."""
+    x = tl.load(x_ptr + d, mask=ok, other=0.0).to(tl.float32)
+    rotated_half = sign * tl.load(x_ptr + partner, mask=ok, other=0.0).to(tl.float32)
+    return x * cos + rotated_half * sin
+
+
+@triton.jit
+def _rotary_cache_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_cos_b,
+    stride_sin_b,
+    stride_kcb,
+    stride_kch,
+    stride_kcs,
+    stride_vcb,
+    stride_vch,
+    stride_vcs,
+    stride_qob,
+    stride_qoh,
+    stride_kob,
+    stride_koh,
+    Hq,
+    D,
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    if PDL:  # the query, key and value are the previous kernel's product
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    d = tl.arange(0, BLOCK_D)
+    ok = d < D
+    half = D // 2
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + b * stride_cos_b + d, mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * stride_sin_b + d, mask=ok, other=0.0).to(tl.float32)
+    # A query head or a KV head, by masks rather than a branch: the other side's loads and stores are all masked off.
+    head = tl.full((BLOCK_D,), 0, tl.int32) + h  # as a block: a mask of one dtype, compiled or interpreted
+    query_ok = ok & (head < Hq)
+    query = _rotate(q_ptr + b * stride_qb + h * stride_qh, cos, sin, d, partner, sign, query_ok)
+    tl.store(q_out_ptr + b * stride_qob + h * stride_qoh + d, query.to(q_out_ptr.dtype.element_ty), mask=query_ok)
+    j = h - Hq
+    kv_ok = ok & (head >= Hq)
+    key = _rotate(k_ptr + b * stride_kb + j * stride_kh, cos, sin, d, partner, sign, kv_ok)
+    key = key.to(k_out_ptr.dtype.element_ty)
+    slot = tl.load(slot_ptr)
+    tl.store(k_out_ptr + b * stride_kob + j * stride_koh + d, key, mask=kv_ok)
+    tl.store(key_cache_ptr + b * stride_kcb + j * stride_kch + slot * stride_kcs + d, key, mask=kv_ok)
+    value = tl.load(v_ptr + b * stride_vb + j * stride_vh + d, mask=kv_ok)
+    tl.store(value_cache_ptr + b * stride_vcb + j * stride_vch + slot * stride_vcs + d, value, mask=kv_ok)
+
+
+@custom_op("lckv::rotary_cache_write", mutates_args=("key_cache", "value_cache"))
+def rotary_cache_write(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on ``query (B, Hq, 1, D)`` and ``key (B, Hkv, 1, D)`` with ``cos``/``sin`` ``(B or 1, 1, D)``; the rotated
+    key and ``value (B, Hkv, 1, D)`` written into ``key_cache``/``value_cache`` ``(B, Hkv, S, D)`` at slot ``slot``
+    (a 0-d integer tensor). Every last dim has unit stride. Returns the rotated queries and keys, ``(B, Hq, 1, D)`` and
+    ``(B, Hkv, 1, D)``."""
+    torch._check(
+        all(t.stride(-1) == 1 for t in (query, key, value, cos, sin, key_cache, value_cache)),
+        lambda: "rotary_cache_write: D must be the unit stride",
+    )
+    batch, query_heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    query_out, key_out = query.new_empty(query.shape), key.new_empty(key.shape)
+    pdl = dependent_launch(query.device)
+    with on_device_of(query):
+        _rotary_cache_kernel[(batch, query_heads + kv_heads)](
+            query,
+            key,
+            value,
+            cos,
+            sin,
+            key_cache,
+            value_cache,
+            slot,
+            query_out,
+            key_out,
+            query.stride(0),
+            query.stride(1),
+            key.stride(0),
+            key.stride(1),
+            value.stride(0),
+            value.stride(1),
+            cos.stride(0) if cos.shape[0] > 1 else 0,
+            sin.stride(0) if sin.shape[0] > 1 else 0,
+            *key_cache.stride()[:3],
+            *value_cache.stride()[:3],
+            query_out.stride(0),
+            query_out.stride(1),
+            key_out.stride(0),
+            key_out.stride(1),
+            query_heads,
+            head_dim,
+            BLOCK_D=triton.next_power_of_2(head_dim),
+            PDL=pdl,
+            num_warps=1,
+            launch_pdl=pdl,
+        )
+    return query_out, key_out
+
+
+@rotary_cache_write.register_fake
+def _(query, key, value, cos, sin, key_cache, value_cache, slot):
+    """Shapes for tracing (torch.compile): an opaque op that writes the two cache tensors in place."""
+    return query.new_empty(query.shape), key.new_empty(key.shape)

@@ -1,0 +1,156 @@
+"""The decode step's RoPE + cache-write kernel (models/kernels/rotary_cache.py, triton_rotary_cache.py), on the CPU
+through Triton's interpreter: against the plain rotary and ``StaticLayer.update`` it replaces, where it applies and
+where it leaves the two steps to the caller, through a compiled (functionalized) trace, and in fused LCKV and Llama
+models (same greedy tokens as unfused, the kernel run at each decode step)."""
+
+import copy
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
+
+from models.config_loading import llama_twin
+from models.fused_projections import fuse_projections
+from models.kernels import rotary_cache
+from models.kernels.plain import PlainRotaryEmbedding, plain_rotate
+from models.kernels.rotary_cache import RotaryCacheKernel, load_rotary_cache_kernel, rotate_and_cache, writable_layer
+from tests.conftest import tiny_config, tiny_model
+
+# float32 RoPE of values about 1: a product and a sum per element, rounded once (float32 against float32 reference
+# computed in another order: a few ulps)
+FP32 = dict(rtol=4 * torch.finfo(torch.float32).eps, atol=4 * torch.finfo(torch.float32).eps)
+CONFIG = llama_twin(tiny_config())  # 4 query heads, 2 KV heads of 16 dims, 6 layers
+B, HQ, HKV, D, SLOTS, FILLED = 2, 4, 2, 16, 6, 3
+
+
+@pytest.fixture
+def kernel() -> RotaryCacheKernel:
+    """The kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; the GPU tests cover it there")
+    loaded = load_rotary_cache_kernel()
+    assert loaded is not None and "cpu" in loaded.devices
+    return loaded
+
+
+def decode_inputs(dtype: torch.dtype = torch.float32, batch_cos: bool = True):
+    """One token's queries, keys and values as views of one fused product (as the attention makes them), RoPE tables
+    at each row's position, and a static cache layer holding ``FILLED`` tokens of ``SLOTS``."""
+    product = torch.randn(B, 1, (HQ + 2 * HKV) * D, dtype=dtype)
+    queries, keys, values = (
+        part.view(B, 1, -1, D).transpose(1, 2) for part in product.split([HQ * D, HKV * D, HKV * D], dim=-1)
+    )
+    rotary = PlainRotaryEmbedding(config=CONFIG)
+    positions = torch.tensor([[FILLED], [FILLED + 5]])[: B if batch_cos else 1]
+    cos, sin = rotary(product, positions)
+    cache = StaticCache(config=CONFIG, max_cache_len=SLOTS)
+    layer = cache.layers[0]
+    layer.lazy_initialization(keys, values)
+    layer.keys.normal_()
+    layer.values.normal_()
+    layer.cumulative_length.fill_(FILLED)
+    return cache, queries, keys, values, cos, sin
+
+
+def two_steps(cache, queries, keys, values, cos, sin):
+    """What the kernel replaces: the plain rotary, then ``cache.update``."""
+    rotated_queries, rotated_keys = plain_rotate(queries, cos, sin), plain_rotate(keys, cos, sin)
+    cached_keys, cached_values = cache.update(rotated_keys, values, 0)
+    return rotated_queries, rotated_keys, cached_keys, cached_values
+
+
+@pytest.mark.parametrize("batch_cos", [True, False], ids=["cos-per-row", "cos-broadcast"])
+def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos):
+    cache, *inputs = decode_inputs(batch_cos=batch_cos)
+    expected_cache = copy.deepcopy(cache)
+    expected = two_steps(expected_cache, *inputs)
+    written = rotate_and_cache(kernel, cache, 0, *inputs)
+    assert written is not None
+    for out, reference in zip(written, expected, strict=True):
+        assert out.shape == reference.shape
+        torch.testing.assert_close(out, reference, **FP32)
+    layer, expected_layer = cache.layers[0], expected_cache.layers[0]
+    assert int(layer.cumulative_length) == int(expected_layer.cumulative_length) == FILLED + 1
+    others = [s for s in range(SLOTS) if s != FILLED]
+    assert layer.keys[:, :, others].equal(expected_layer.keys[:, :, others])  # nothing else written
+    assert layer.values[:, :, FILLED].equal(inputs[2][:, :, 0])  # values copied as they are
+    assert written[2] is layer.keys and written[3] is layer.values  # the cache's own tensors, as update returns
+
+
+def test_where_the_kernel_applies(kernel):
+    cache, queries, keys, values, cos, sin = decode_inputs()
+    layer = cache.layers[0]
+    assert writable_layer(kernel, cache, 0, keys) is layer
+    assert writable_layer(None, cache, 0, keys) is None
+    assert writable_layer(kernel, None, 0, keys) is None
+    assert writable_layer(kernel, cache, 0, torch.cat([keys, keys], dim=2)) is None  # two tokens
+    assert writable_layer(kernel, cache, 0, keys.double()) is None  # float64: the plain path's precision
+    assert writable_layer(kernel, cache, 0, keys.half()) is None  # another dtype than the cache's
+    assert writable_layer(kernel, cache, 1, keys) is None  # not initialized: update's lazy path
+    assert writable_layer(kernel, cache, 99, keys) is None  # no such layer
+    assert writable_layer(kernel._replace(devices=frozenset({"cuda"})), cache, 0, keys) is None
+    assert writable_layer(kernel, DynamicCache(config=CONFIG), 0, keys) is None
+    subclassed = copy.deepcopy(cache)
+    subclassed.layers[0].__class__ = type("Sliding", (StaticLayer,), {})
+    assert writable_layer(kernel, subclassed, 0, keys) is None
+    offloaded = copy.deepcopy(cache)
+    offloaded.offloading = True
+    assert writable_layer(kernel, offloaded, 0, keys) is None
+    with torch.enable_grad():
+        assert writable_layer(kernel, cache, 0, keys.clone().requires_grad_()) is None
+    before = layer.keys.clone()
+    assert rotate_and_cache(kernel, cache, 0, queries, torch.cat([keys, keys], dim=2), values, cos, sin) is None
+    assert layer.keys.equal(before) and int(layer.cumulative_length) == FILLED  # nothing done
+
+
+def test_compiled_trace_writes_the_cache(kernel):
+    """Through dynamo and functionalization (``aot_eager``), as in a compiled decode step: one graph, the same
+    outputs and cache writes as eager."""
+    cache, *inputs = decode_inputs()
+    eager_cache = copy.deepcopy(cache)
+    expected = rotate_and_cache(kernel, eager_cache, 0, *inputs)
+
+    def step(queries, keys, values, cos, sin):
+        return rotate_and_cache(kernel, cache, 0, queries, keys, values, cos, sin)
+
+    with torch.no_grad():
+        out = torch.compile(step, backend="aot_eager", fullgraph=True)(*inputs)
+    for got, reference in zip(out[:2], expected[:2], strict=True):
+        torch.testing.assert_close(got, reference, rtol=0, atol=0)
+    layer, eager_layer = cache.layers[0], eager_cache.layers[0]
+    assert layer.keys.equal(eager_layer.keys) and layer.values.equal(eager_layer.values)
+    assert int(layer.cumulative_length) == FILLED + 1
+
+
+class Counting:
+    """The kernel's op, counting its calls."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+@pytest.mark.parametrize("name", ["opt-llama", "llama"])
+def test_fused_model_decodes_as_before(kernel, monkeypatch, name):
+    """Greedy generation through a static cache gives the unfused model's tokens; every decode step of every layer
+    with its own KVs ran the kernel (the prefill, several tokens, did not)."""
+    counting = Counting(kernel.run)
+    monkeypatch.setattr(rotary_cache, "load_rotary_cache_kernel", lambda: kernel._replace(run=counting))
+    monkeypatch.setattr("models.fused_projections.load_rotary_cache_kernel", lambda: kernel._replace(run=counting))
+    config = tiny_config()
+    model = tiny_model(config if name == "opt-llama" else llama_twin(config))
+    ids = torch.randint(3, 256, (2, 5))
+    generate = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        plain = model.generate(ids, **generate)
+        assert fuse_projections(model) > 0
+        fused = model.generate(ids, **generate)
+    assert fused.equal(plain)
+    kv_layers = sum(
+        getattr(layer.self_attn, "has_own_kv", True) for layer in model.model.layers
+    )  # a Llama layer has its own KVs
+    assert counting.calls == 3 * kv_layers  # 4 new tokens: the first from the prefill, 3 decode steps

@@ -1,0 +1,54 @@
+"""GPU checks of the RoPE + cache-write kernel (skipped without CUDA): the compiled Triton kernel against the plain
+rotary and ``StaticLayer.update`` at TinyLlama's and 7B's head shapes in bf16 and fp32 (captured generation with it is
+``test_fused_projections_gpu.py``)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.cache_utils import StaticCache
+
+from models.kernels.plain import PlainRotaryEmbedding, plain_rotate
+from models.kernels.rotary_cache import load_rotary_cache_kernel, rotate_and_cache
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+KERNEL = load_rotary_cache_kernel()  # compiled for the GPU (None without Triton: every test here fails loudly)
+# float32 RoPE rounded once to the dtype, against the plain rotary (in the dtype for bf16: up to three roundings)
+TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 4, 64), (32, 32, 128)], ids=["tinyllama", "7b"])
+def test_kernel_equals_rotary_then_cache_update(dtype, heads, kv_heads, head_dim):
+    config = LlamaConfig(
+        hidden_size=heads * head_dim,
+        intermediate_size=64,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=1,
+        vocab_size=256,
+    )
+    batch, slots, filled = 3, 64, 17
+    product = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
+    queries, keys, values = (
+        part.view(batch, 1, -1, head_dim).transpose(1, 2)
+        for part in product.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    )
+    cos, sin = PlainRotaryEmbedding(config=config).cuda()(product, torch.tensor([[filled], [filled + 3], [40]]).cuda())
+    cache = StaticCache(config=config, max_cache_len=slots)
+    cache.layers[0].lazy_initialization(keys, values)
+    cache.layers[0].keys.normal_()
+    cache.layers[0].cumulative_length.fill_(filled)
+    reference = copy.deepcopy(cache)
+    rotated_queries, rotated_keys = plain_rotate(queries, cos, sin), plain_rotate(keys, cos, sin)
+    expected_keys, expected_values = reference.update(rotated_keys, values, 0)
+
+    written = rotate_and_cache(KERNEL, cache, 0, queries, keys, values, cos, sin)
+    assert written is not None
+    torch.testing.assert_close(written[0], rotated_queries, **TOLERANCE[dtype])
+    torch.testing.assert_close(written[1], rotated_keys, **TOLERANCE[dtype])
+    torch.testing.assert_close(written[2], expected_keys, **TOLERANCE[dtype])
+    assert written[3].equal(expected_values)
+    assert int(cache.layers[0].cumulative_length) == filled + 1
