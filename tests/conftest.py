@@ -95,15 +95,18 @@ def tiny_files(tmp_path_factory):
 
 @pytest.fixture
 def interpreted_kernel():
-    """The Triton kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the top of this
-    file)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip(
-            "CUDA machine: Triton compiles the kernel for the GPU; tests/test_decode_attention_gpu.py checks it"
-        )
+    """The split-KV op on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the top of this file)."""
     from models.kernels.decode_attention import load_split_kv_kernel
 
-    kernel = load_split_kv_kernel()
+    return load_interpreted(load_split_kv_kernel, "tests/test_decode_attention_gpu.py").run
+
+
+def load_interpreted(loader, gpu_tests: str):
+    """``loader()``'s kernel for CPU tensors (Triton's interpreter); skips on a CUDA machine, where Triton compiles the
+    kernel for the GPU and ``gpu_tests`` check it."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip(f"CUDA machine: Triton compiles the kernel for the GPU; {gpu_tests} checks it")
+    kernel = loader()
     assert kernel is not None and "cpu" in kernel.devices
-    return kernel.run
+    return kernel

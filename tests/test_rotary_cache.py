@@ -14,7 +14,7 @@ from models.fused_projections import fuse_projections
 from models.kernels import rotary_cache
 from models.kernels.plain import PlainRotaryEmbedding, plain_rotate
 from models.kernels.rotary_cache import RotaryCacheKernel, load_rotary_cache_kernel, rotate_and_cache, writable_layer
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import load_interpreted, tiny_config, tiny_model
 
 # float32 RoPE of values about 1: a product and a sum per element, rounded once (float32 against float32 reference
 # computed in another order: a few ulps)
@@ -26,12 +26,7 @@ B, HQ, HKV, D, SLOTS, FILLED = 2, 4, 2, 16, 6, 3
 @pytest.fixture
 def kernel() -> RotaryCacheKernel:
     """The kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; the GPU tests cover it there")
-    loaded = load_rotary_cache_kernel()
-    assert loaded is not None and "cpu" in loaded.devices
-    return loaded
+    return load_interpreted(load_rotary_cache_kernel, "tests/test_rotary_cache_gpu.py")
 
 
 def decode_inputs(dtype: torch.dtype = torch.float32, batch_cos: bool = True):

@@ -24,7 +24,7 @@ from models.kernels.small_batch_linear import (
     load_gemv_kernel,
     use_small_batch_linear,
 )
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import load_interpreted, tiny_config, tiny_model
 from tests.test_generation import run as run_generation_with
 from tools import latency
 from tools.cli import UsageError, set_linear_options
@@ -37,12 +37,7 @@ FP32_BOUND = 64 * torch.finfo(torch.float32).eps
 @pytest.fixture
 def gemv() -> GemvKernel:
     """The kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA machine: Triton compiles the kernel for the GPU; bench/measure_small_batch_gemv.py checks it")
-    kernel = load_gemv_kernel()
-    assert kernel is not None and "cpu" in kernel.devices
-    return kernel
+    return load_interpreted(load_gemv_kernel, "tests/test_small_batch_linear_gpu.py")
 
 
 class Recorder:

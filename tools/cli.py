@@ -409,13 +409,15 @@ def set_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
 
 SMALL_BATCH_GEMV_HELP = (
     "linear layers run a Triton GEMV at one row, i.e. batch-1 decoding (models/kernels/small_batch_linear.py; CUDA, "
-    "one process): the captured batch-1 step 11-21%% faster on an H200 (docs/fast_decode.md); at more rows a Triton "
-    "GEMM where its measured table names the shape (on an H200 only the TinyLlama LM head at batch 128)"
+    "one process): the captured batch-1 step 11-21%% faster on an H200 (docs/fast_decode.md); with "
+    "--fused_projections the MLP's gate/up GEMV also applies SwiGLU; at more rows a Triton GEMM where its measured "
+    "table names the shape (on an H200 only the TinyLlama LM head at batch 128)"
 )
 FUSED_PROJECTIONS_HELP = (
     "each attention's Q/K/V and each MLP's gate/up projections run as one matrix product (models/"
     "fused_projections.py; same parameters and state dict, results equal to rounding; one process): fewer, larger "
-    "products per decode step (docs/fast_decode.md)"
+    "products per decode step, and a decode step's RoPE and static-cache write as one Triton kernel per attention "
+    "(docs/fast_decode.md)"
 )
 
 
