@@ -15,6 +15,7 @@ from functools import cache as memoize
 
 import torch
 
+from .kernels import cuda_index
 from .layer_plan import layer_plan
 
 # What a CUDA-graph-captured token step costs per layer beyond its roofline (kernel launch gaps and tails): the
@@ -66,7 +67,7 @@ def device_hardware(device: torch.device) -> Hardware | None:
     """The GPU behind ``device`` (looked up once per device), None for a device that is not CUDA."""
     if device.type != "cuda":
         return None
-    return _cuda_hardware(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_hardware(cuda_index(device))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from tools.cli import UsageError, add_decode_kernel_options, set_decode_kernel_o
 
 @pytest.mark.parametrize("capability, expected", [(8, False), (9, True), (10, True)])
 def test_cuda_devices_from_hopper_on_support_it(monkeypatch, capability, expected):
-    monkeypatch.setitem(pdl._CAPABILITY, 0, capability)  # no GPU here: the looked-up capability, as kept
+    monkeypatch.setattr(pdl, "compute_capability", lambda index: capability)  # no GPU here
     assert pdl.supports_dependent_launch(torch.device("cuda", 0)) is expected
     with inductor_config.patch({"triton.enable_pdl": True}):
         assert pdl.dependent_launch(torch.device("cuda", 0)) is expected

@@ -27,6 +27,7 @@ import torch
 
 from .attention import STRICT_CAUSAL, configured_attention, fast_attention, sdpa_causal_attention
 from .decode_attention import SPLIT_KV, SplitKvKernel, load_split_kv_kernel, runs_split_kv, split_kv_sdpa_attention
+from .device_properties import cuda_index
 from .flags import (
     FLAGS,
     FLASH_ATTN,
@@ -175,6 +176,7 @@ __all__ = [
     "QKV_GROUP",
     "FusedGroupsMixin",
     "STRICT_CAUSAL",
+    "cuda_index",
     "KernelSelection",
     "PlainRotaryEmbedding",
     "RotaryCacheKernel",

@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import packed_sdpa_attention
 from .decode_launch import launch_config
+from .device_properties import cuda_index, multiprocessor_count
 from .flags import triton_devices
 
 SPLIT_KV = "sdpa_split_kv"
@@ -55,19 +56,9 @@ def load_split_kv_kernel(environ: Mapping[str, str] | None = None) -> SplitKvKer
     return SplitKvKernel(split_kv_decode, devices)
 
 
-# Streaming multiprocessors per CUDA device index: a hardware fact, looked up on first use (not at import, which would
-# create a CUDA context before a process picks its GPU) and kept, so a compiled step reads it as a constant.
-_MULTIPROCESSORS: dict[int, int] = {}
-
-
 def processors(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; the interpreter's stand-in on the CPU."""
-    if device.type != "cuda":
-        return CPU_PROCESSORS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _MULTIPROCESSORS:
-        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _MULTIPROCESSORS[index]
+    return multiprocessor_count(cuda_index(device)) if device.type == "cuda" else CPU_PROCESSORS
 
 
 def visible_lengths(mask: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,9 @@ this repository's kernels follow that one switch, so a step is either PDL throug
 import torch
 from torch._inductor import config as inductor_config
 
+from .device_properties import compute_capability, cuda_index
+
 PDL_CAPABILITY = 9  # Hopper: griddepcontrol
-
-
-# Compute capability per CUDA device index, looked up on first use (not at import) and kept.
-_CAPABILITY: dict[int, int] = {}
 
 
 def supports_dependent_launch(device: torch.device) -> bool:
@@ -24,10 +22,7 @@ def supports_dependent_launch(device: torch.device) -> bool:
     more, with a torch whose inductor has the switch (``enable_pdl``). Never the CPU (Triton's interpreter)."""
     if device.type != "cuda" or not hasattr(inductor_config.triton, "enable_pdl"):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
-    return _CAPABILITY[index] >= PDL_CAPABILITY
+    return compute_capability(cuda_index(device)) >= PDL_CAPABILITY
 
 
 def dependent_launch(device: torch.device) -> bool:
