@@ -28,11 +28,13 @@ from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
 from .kernels import (
     QKV_GROUP,
+    SPLIT_KV,
     FusedGroupsMixin,
     KernelSelection,
     PlainRotaryEmbedding,
     RotaryCacheKernel,
     grouped_products,
+    mask_lengths,
     rotate_and_cache,
 )
 from .layer_plan import iteration_schedule, layer_plan
@@ -284,7 +286,9 @@ class StackPass:
     cache: Cache | None
     layer_kwargs: dict
     visible: torch.Tensor | None = None  # the masks' "visible" (B, T, 1), in the hidden states' dtype
+    split_kv_decode: bool = False  # one token per row through sdpa_split_kv's kernel: key lengths once per mask
     kv_store: dict = field(default_factory=dict)
+    key_lengths: dict = field(default_factory=dict)  # mask kind -> its mask_lengths, for the split-KV kernel
     reported: list | None = None
 
     def run(
@@ -297,16 +301,18 @@ class StackPass:
         """
         source = self.kv_sources[layer_idx]
         given = self.kv_store[source] if source != layer_idx or attend_carried else (None, None)
+        kind = self.mask_kinds[layer_idx]
         layer_input = hidden
         hidden, attn_weights, own_kv, new_kv = self.layers[layer_idx](
             hidden,
             *given,
             position_embeddings=self.position_embeddings,
-            attention_mask=self.masks[self.mask_kinds[layer_idx]],
+            attention_mask=self.masks[kind],
             cache=self.cache,
             commit=commit,
             visible=self.visible,
             kv_only=kv_only,
+            **self.lengths_of(kind, hidden.shape[0]),
             **self.layer_kwargs,
         )
         if own_kv is not None:
@@ -314,6 +320,18 @@ class StackPass:
         if self.reported is not None and not kv_only:
             self.reported.append((layer_input, hidden, attn_weights))
         return hidden, new_kv
+
+    def lengths_of(self, kind: str, batch: int) -> dict:
+        """``{"key_lengths": ...}`` for the split-KV kernel of a layer with mask kind ``kind`` (a bool ``(B or 1, 1, 1,
+        S)`` mask), computed once per kind: many layers share a mask, and inductor does not merge the identical
+        reductions each would run. ``{}`` otherwise."""
+        mask = self.masks[kind]
+        is_bool_mask = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+        if not (self.split_kv_decode and is_bool_mask):
+            return {}
+        if kind not in self.key_lengths:
+            self.key_lengths[kind] = mask_lengths(mask, batch, mask.shape[-1], mask.device)
+        return {"key_lengths": self.key_lengths[kind]}
 
 
 class OptLlamaModel(OptLlamaPreTrainedModel):
@@ -470,6 +488,9 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             layer_kwargs=kwargs,
             # Cast once per forward, not in each of the (many, under iterations) strict layer runs.
             visible=None if visible is None else visible.to(inputs_embeds.dtype),
+            split_kv_decode=inputs_embeds.shape[1] == 1
+            and self.config._attn_implementation == SPLIT_KV
+            and self.kernel_selection.split_kv is not None,
             reported=[] if reporting else None,
         )
         hidden = inputs_embeds

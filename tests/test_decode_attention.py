@@ -14,7 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from models import SPLIT_KV
 from models.fused_projections import fuse_projections
-from models.kernels import KernelSelection
+from models.kernels import KernelSelection, decode_attention
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import (
     SplitKvKernel,
@@ -224,6 +224,35 @@ def test_generation_equals_dynamic_cache(interpreted_kernel, monkeypatch, config
     )
     assert len(calls) == (NEW - 1) * config.num_hidden_layers  # every layer of every decoding step
     assert torch.equal(static, dynamic)
+
+
+def test_an_lckv_step_computes_each_masks_key_lengths_once(interpreted_kernel, monkeypatch):
+    """Layers sharing a mask share its key lengths: one ``mask_lengths`` per mask kind and decoding step (a compiled
+    step ran one reduction per layer on a GPU, 18 in a TinyLlama LCKV step), and every layer's kernel gets the lengths
+    of its own mask; the tokens stay those of the dynamic cache."""
+    from models import modeling_opt_llama
+
+    config = tiny_config()
+    lengths_calls, kernel_lengths = [], []
+    monkeypatch.setattr(
+        modeling_opt_llama,
+        "mask_lengths",
+        lambda *args: lengths_calls.append(1) or decode_attention.mask_lengths(*args),
+    )
+
+    def run(query, key, value, mask, lengths, *launch):
+        kernel_lengths.append(lengths.tolist())
+        return interpreted_kernel(query, key, value, mask, lengths, *launch)
+
+    selection = watched_split_kv(monkeypatch, run)
+    model = tiny_model(config, attn_implementation=SPLIT_KV, kernel_selection=selection)
+    ids, mask = left_padded_batch(config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert static.equal(tiny_model(config, attn_implementation="sdpa").generate(ids, **kwargs))
+    kinds = len(set(model.model.mask_kinds))
+    assert kinds < config.num_hidden_layers and len(lengths_calls) == (NEW - 1) * kinds
+    assert len(kernel_lengths) == (NEW - 1) * config.num_hidden_layers
 
 
 def test_compiled_decode_step_is_one_graph(interpreted_kernel):

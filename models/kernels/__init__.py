@@ -26,7 +26,14 @@ from functools import partial
 import torch
 
 from .attention import STRICT_CAUSAL, configured_attention, fast_attention, sdpa_causal_attention
-from .decode_attention import SPLIT_KV, SplitKvKernel, load_split_kv_kernel, runs_split_kv, split_kv_sdpa_attention
+from .decode_attention import (
+    SPLIT_KV,
+    SplitKvKernel,
+    load_split_kv_kernel,
+    mask_lengths,
+    runs_split_kv,
+    split_kv_sdpa_attention,
+)
 from .device_properties import cuda_index
 from .flags import (
     FLAGS,
@@ -174,6 +181,7 @@ class KernelSelection:
 __all__ = [
     "FLAGS",
     "QKV_GROUP",
+    "SPLIT_KV",
     "FusedGroupsMixin",
     "STRICT_CAUSAL",
     "cuda_index",
@@ -182,5 +190,6 @@ __all__ = [
     "RotaryCacheKernel",
     "flag_enabled",
     "grouped_products",
+    "mask_lengths",
     "rotate_and_cache",
 ]

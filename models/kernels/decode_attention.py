@@ -74,6 +74,14 @@ def visible_lengths(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, slots, 0).amax(-1).to(torch.int32)
 
 
+def mask_lengths(attention_mask: torch.Tensor | None, batch: int, slots: int, device: torch.device) -> torch.Tensor:
+    """The kernel's ``lengths`` for a bool mask ``(B or 1, 1, 1, S)`` (``visible_lengths`` per row) or None (every
+    slot): ``(batch,)`` int32."""
+    if attention_mask is None:
+        return torch.full((batch,), slots, device=device, dtype=torch.int32)
+    return visible_lengths(attention_mask[:, 0, 0, :].expand(batch, slots))
+
+
 def runs_split_kv(
     kernel: SplitKvKernel | None, query: torch.Tensor, key: torch.Tensor, attention_mask: object, dropout: float
 ) -> bool:
@@ -98,23 +106,23 @@ def split_kv_decode_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None,
+    key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``kernel`` (``SplitKvKernel.run``) on ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask
     ``(B or 1, 1, 1, S)`` or None (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key
-    outputs zeros."""
+    outputs zeros. ``key_lengths``: ``mask_lengths`` of the mask when the caller has it already (a model computes it
+    once per mask for all its layers), else computed here."""
     batch, _, _, head_dim = query.shape
     slots = key.shape[2]
-    if attention_mask is None:
-        mask, lengths = None, torch.full((batch,), slots, device=query.device, dtype=torch.int32)
-    else:
-        mask = attention_mask[:, 0, 0, :].expand(batch, slots)
-        lengths = visible_lengths(mask)
+    mask = None if attention_mask is None else attention_mask[:, 0, 0, :].expand(batch, slots)
+    if key_lengths is None:
+        key_lengths = mask_lengths(attention_mask, batch, slots, query.device)
     kv_heads = key.shape[1]
     launch = launch_config(
         batch, kv_heads, query.shape[1] // kv_heads, head_dim, slots, query.dtype.itemsize, processors(query.device)
     )
     scale = head_dim**-0.5 if scaling is None else scaling
-    return kernel(query, key, value, mask, lengths, scale, *launch)
+    return kernel(query, key, value, mask, key_lengths, scale, *launch)
 
 
 def split_kv_sdpa_attention(
@@ -127,12 +135,14 @@ def split_kv_sdpa_attention(
     scaling: float | None = None,
     *,
     kernel: SplitKvKernel | None,
+    key_lengths: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature (with ``kernel`` bound): the split-KV kernel for decoding,
-    ``sdpa_packed_gqa`` otherwise."""
+    ``sdpa_packed_gqa`` otherwise. ``key_lengths``: the mask's ``mask_lengths``, where the caller computed them once
+    for several layers."""
     if runs_split_kv(kernel, query, key, attention_mask, dropout):
-        return split_kv_decode_attention(kernel.run, query, key, value, attention_mask, scaling), None
+        return split_kv_decode_attention(kernel.run, query, key, value, attention_mask, scaling, key_lengths), None
     return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
