@@ -34,8 +34,8 @@ from .kernels import (
     PlainRotaryEmbedding,
     RotaryCacheKernel,
     grouped_products,
-    mask_lengths,
     rotate_and_cache,
+    split_kv_mask,
 )
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import layer_mask_kinds, lckv_masks
@@ -286,9 +286,9 @@ class StackPass:
     cache: Cache | None
     layer_kwargs: dict
     visible: torch.Tensor | None = None  # the masks' "visible" (B, T, 1), in the hidden states' dtype
-    split_kv_decode: bool = False  # one token per row through sdpa_split_kv's kernel: key lengths once per mask
+    split_kv_decode: bool = False  # one token per row through sdpa_split_kv's kernel: its mask made once per kind
     kv_store: dict = field(default_factory=dict)
-    key_lengths: dict = field(default_factory=dict)  # mask kind -> its mask_lengths, for the split-KV kernel
+    shared_masks: dict = field(default_factory=dict)  # mask kind -> its split_kv_mask, shared by the kind's layers
     reported: list | None = None
 
     def run(
@@ -312,7 +312,7 @@ class StackPass:
             commit=commit,
             visible=self.visible,
             kv_only=kv_only,
-            **self.lengths_of(kind, hidden.shape[0]),
+            **self.shared_mask_of(kind, hidden.shape[0]),
             **self.layer_kwargs,
         )
         if own_kv is not None:
@@ -321,17 +321,19 @@ class StackPass:
             self.reported.append((layer_input, hidden, attn_weights))
         return hidden, new_kv
 
-    def lengths_of(self, kind: str, batch: int) -> dict:
-        """``{"key_lengths": ...}`` for the split-KV kernel of a layer with mask kind ``kind`` (a bool ``(B or 1, 1, 1,
-        S)`` mask), computed once per kind: many layers share a mask, and inductor does not merge the identical
-        reductions each would run. ``{}`` otherwise."""
+    def shared_mask_of(self, kind: str, batch: int) -> dict:
+        """``{"shared_mask": ...}`` for the split-KV kernel of a layer with mask kind ``kind`` (a bool ``(B or 1, 1, 1,
+        S)`` mask): its rows realized once, and their key lengths, for all the kind's layers. Many layers share a mask,
+        and inductor otherwise ran the lengths' reduction and the rows' copy in each of them (18 of each in a compiled
+        TinyLlama LCKV step). ``{}`` otherwise."""
         mask = self.masks[kind]
         is_bool_mask = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
         if not (self.split_kv_decode and is_bool_mask):
             return {}
-        if kind not in self.key_lengths:
-            self.key_lengths[kind] = mask_lengths(mask, batch, mask.shape[-1], mask.device)
-        return {"key_lengths": self.key_lengths[kind]}
+        if kind not in self.shared_masks:
+            rows = mask.expand(batch, *mask.shape[1:]).contiguous()  # one buffer every layer's kernel reads
+            self.shared_masks[kind] = split_kv_mask(rows, batch, mask.shape[-1], mask.device)
+        return {"shared_mask": self.shared_masks[kind]}
 
 
 class OptLlamaModel(OptLlamaPreTrainedModel):

@@ -226,18 +226,18 @@ def test_generation_equals_dynamic_cache(interpreted_kernel, monkeypatch, config
     assert torch.equal(static, dynamic)
 
 
-def test_an_lckv_step_computes_each_masks_key_lengths_once(interpreted_kernel, monkeypatch):
-    """Layers sharing a mask share its key lengths: one ``mask_lengths`` per mask kind and decoding step (a compiled
-    step ran one reduction per layer on a GPU, 18 in a TinyLlama LCKV step), and every layer's kernel gets the lengths
-    of its own mask; the tokens stay those of the dynamic cache."""
+def test_an_lckv_step_makes_each_masks_kernel_view_once(interpreted_kernel, monkeypatch):
+    """Layers sharing a mask share the kernel's view of it: one ``split_kv_mask`` per mask kind and decoding step (a
+    compiled step ran its reduction and copy per layer on a GPU, 18 of each in a TinyLlama LCKV step), and every
+    layer's kernel gets the lengths of its own mask; the tokens stay those of the dynamic cache."""
     from models import modeling_opt_llama
 
     config = tiny_config()
     lengths_calls, kernel_lengths = [], []
     monkeypatch.setattr(
         modeling_opt_llama,
-        "mask_lengths",
-        lambda *args: lengths_calls.append(1) or decode_attention.mask_lengths(*args),
+        "split_kv_mask",
+        lambda *args: lengths_calls.append(1) or decode_attention.split_kv_mask(*args),
     )
 
     def run(query, key, value, mask, lengths, *launch):

@@ -30,8 +30,8 @@ from .decode_attention import (
     SPLIT_KV,
     SplitKvKernel,
     load_split_kv_kernel,
-    mask_lengths,
     runs_split_kv,
+    split_kv_mask,
     split_kv_sdpa_attention,
 )
 from .device_properties import cuda_index
@@ -190,6 +190,6 @@ __all__ = [
     "RotaryCacheKernel",
     "flag_enabled",
     "grouped_products",
-    "mask_lengths",
+    "split_kv_mask",
     "rotate_and_cache",
 ]

@@ -17,6 +17,7 @@ The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -74,12 +75,20 @@ def visible_lengths(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, slots, 0).amax(-1).to(torch.int32)
 
 
-def mask_lengths(attention_mask: torch.Tensor | None, batch: int, slots: int, device: torch.device) -> torch.Tensor:
-    """The kernel's ``lengths`` for a bool mask ``(B or 1, 1, 1, S)`` (``visible_lengths`` per row) or None (every
-    slot): ``(batch,)`` int32."""
+class SplitKvMask(NamedTuple):
+    """What the split-KV kernel reads of a bool mask ``(B or 1, 1, 1, S)``: its rows ``(B, S)`` (None: every slot
+    visible) and each row's length, its last visible slot + 1 (``(B,)`` int32)."""
+
+    rows: torch.Tensor | None
+    lengths: torch.Tensor
+
+
+def split_kv_mask(attention_mask: torch.Tensor | None, batch: int, slots: int, device: torch.device) -> SplitKvMask:
+    """The kernel's view of ``attention_mask`` (bool ``(B or 1, 1, 1, S)``, or None) for ``batch`` rows."""
     if attention_mask is None:
-        return torch.full((batch,), slots, device=device, dtype=torch.int32)
-    return visible_lengths(attention_mask[:, 0, 0, :].expand(batch, slots))
+        return SplitKvMask(None, torch.full((batch,), slots, device=device, dtype=torch.int32))
+    rows = attention_mask[:, 0, 0, :].expand(batch, slots)
+    return SplitKvMask(rows, visible_lengths(rows))
 
 
 def runs_split_kv(
@@ -106,23 +115,22 @@ def split_kv_decode_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None,
-    key_lengths: torch.Tensor | None = None,
+    shared_mask: SplitKvMask | None = None,
 ) -> torch.Tensor:
     """``kernel`` (``SplitKvKernel.run``) on ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask
     ``(B or 1, 1, 1, S)`` or None (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key
-    outputs zeros. ``key_lengths``: ``mask_lengths`` of the mask when the caller has it already (a model computes it
-    once per mask for all its layers), else computed here."""
+    outputs zeros. ``shared_mask``: ``split_kv_mask`` of the mask when the caller has it already (a model makes it once
+    per mask for all its layers), else made here."""
     batch, _, _, head_dim = query.shape
     slots = key.shape[2]
-    mask = None if attention_mask is None else attention_mask[:, 0, 0, :].expand(batch, slots)
-    if key_lengths is None:
-        key_lengths = mask_lengths(attention_mask, batch, slots, query.device)
+    if shared_mask is None:
+        shared_mask = split_kv_mask(attention_mask, batch, slots, query.device)
     kv_heads = key.shape[1]
     launch = launch_config(
         batch, kv_heads, query.shape[1] // kv_heads, head_dim, slots, query.dtype.itemsize, processors(query.device)
     )
     scale = head_dim**-0.5 if scaling is None else scaling
-    return kernel(query, key, value, mask, key_lengths, scale, *launch)
+    return kernel(query, key, value, *shared_mask, scale, *launch)
 
 
 def split_kv_sdpa_attention(
@@ -135,14 +143,14 @@ def split_kv_sdpa_attention(
     scaling: float | None = None,
     *,
     kernel: SplitKvKernel | None,
-    key_lengths: torch.Tensor | None = None,
+    shared_mask: SplitKvMask | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature (with ``kernel`` bound): the split-KV kernel for decoding,
-    ``sdpa_packed_gqa`` otherwise. ``key_lengths``: the mask's ``mask_lengths``, where the caller computed them once
-    for several layers."""
+    ``sdpa_packed_gqa`` otherwise. ``shared_mask``: the mask's ``split_kv_mask``, where the caller made it once for
+    several layers."""
     if runs_split_kv(kernel, query, key, attention_mask, dropout):
-        return split_kv_decode_attention(kernel.run, query, key, value, attention_mask, scaling, key_lengths), None
+        return split_kv_decode_attention(kernel.run, query, key, value, attention_mask, scaling, shared_mask), None
     return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
