@@ -11,7 +11,7 @@ programs, several per multiprocessor at the launches ``small_batch_linear.gemv_l
 float32 over each program's ``BLOCK_K`` columns and are summed once at the end.
 
 Under programmatic dependent launch (``dependent_launch.py``) a program reads its first weight tile before it waits for
-the previous kernel's output (its input row): the weights never depend on it.
+the previous kernel's output (its input row): the weights never depend on it. Without it, the plain loop.
 
 The gated variant (``small_batch_silu_gated_gemv``) multiplies a fused gate/up weight ``(2I, K)`` (gate rows, then up
 rows) and writes ``silu(gate) * up`` ``(M, I)``: each program reads gate row ``j`` next to up row ``j`` (its
@@ -62,14 +62,17 @@ def _gemv_kernel(
     columns = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + columns[None, :]
     x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + columns
-    # The first step is peeled: its weight tile is read before the input is waited for.
-    w = tl.load(w_ptrs, mask=row_ok[:, None] & (columns < K)[None, :], other=0.0)
-    if PDL:  # the weights never depend on the previous kernel, the input does
+    if PDL:  # the first step peeled: its weight tile is read before the wait for the input (the previous kernel's)
+        w = tl.load(w_ptrs, mask=row_ok[:, None] & (columns < K)[None, :], other=0.0)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    x = tl.load(x_ptrs, mask=columns < K, other=0.0)
-    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
-    for step in range(1, tl.cdiv(K, BLOCK_K)):
+        x = tl.load(x_ptrs, mask=columns < K, other=0.0)
+        acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+        first_step = 1
+    else:  # the plain loop pipelines its loads better than the peeled one (docs/fast_decode.md)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        first_step = 0
+    for step in range(first_step, tl.cdiv(K, BLOCK_K)):
         column_ok = columns < K - step * BLOCK_K
         x = tl.load(x_ptrs + step * BLOCK_K, mask=column_ok, other=0.0)
         w = tl.load(w_ptrs + step * BLOCK_K, mask=row_ok[:, None] & column_ok[None, :], other=0.0)
