@@ -323,16 +323,15 @@ class StackPass:
 
     def shared_mask_of(self, kind: str, batch: int) -> dict:
         """``{"shared_mask": ...}`` for the split-KV kernel of a layer with mask kind ``kind`` (a bool ``(B or 1, 1, 1,
-        S)`` mask): its rows realized once, and their key lengths, for all the kind's layers. Many layers share a mask,
-        and inductor otherwise ran the lengths' reduction and the rows' copy in each of them (18 of each in a compiled
-        TinyLlama LCKV step). ``{}`` otherwise."""
+        S)`` mask): its rows and their key lengths, made once for all the kind's layers. Many layers share a mask, and
+        inductor otherwise ran the lengths' reduction in each of them (18 in a compiled TinyLlama LCKV step).
+        ``{}`` otherwise."""
         mask = self.masks[kind]
         is_bool_mask = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
         if not (self.split_kv_decode and is_bool_mask):
             return {}
         if kind not in self.shared_masks:
-            rows = mask.expand(batch, *mask.shape[1:]).contiguous()  # one buffer every layer's kernel reads
-            self.shared_masks[kind] = split_kv_mask(rows, batch, mask.shape[-1], mask.device)
+            self.shared_masks[kind] = split_kv_mask(mask, batch, mask.shape[-1], mask.device)
         return {"shared_mask": self.shared_masks[kind]}
 
 
