@@ -242,6 +242,7 @@ def test_an_lckv_step_makes_each_masks_kernel_view_once(interpreted_kernel, monk
 
     def run(query, key, value, mask, lengths, *launch):
         kernel_lengths.append(lengths.tolist())
+        assert mask is not None and lengths.equal(visible_lengths(mask))  # the lengths of this layer's own mask
         return interpreted_kernel(query, key, value, mask, lengths, *launch)
 
     selection = watched_split_kv(monkeypatch, run)

@@ -1,8 +1,9 @@
-"""A CUDA device's fixed facts (models/kernels/device_properties.py) are constants to a compiled step: the step that
-reads them is traced once, and its first run does not make the next one recompile (a cached lookup in a module dict
-did: dynamo guarded on the dict, which the first run filled). No GPU here: torch's lookups are stood in for."""
+"""A CUDA device's fixed facts (models/kernels/device_properties.py) are constants to a compiled step: the lookup is
+run, not traced (the stand-in below is code dynamo cannot trace), and the step that reads them is compiled once (a
+cached lookup in a module dict was not: dynamo guarded on the dict, which the first run filled). No GPU here: torch's
+lookups are stood in for."""
 
-from typing import NamedTuple
+from types import SimpleNamespace
 
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -10,16 +11,12 @@ from torch._dynamo.testing import CompileCounter
 from models.kernels import decode_attention
 
 
-class Properties(NamedTuple):
-    multi_processor_count: int
-
-
 def test_a_step_reading_the_device_is_compiled_once(monkeypatch):
     lookups = []
 
     def properties(index):
         lookups.append(index)
-        return Properties(132)
+        return SimpleNamespace(multi_processor_count=132)  # dynamo cannot trace this: it must be run
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -76,27 +76,47 @@ def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos):
 def test_where_the_kernel_applies(kernel):
     cache, queries, keys, values, cos, sin = decode_inputs()
     layer = cache.layers[0]
-    assert writable_layer(kernel, cache, 0, keys) is layer
-    assert writable_layer(None, cache, 0, keys) is None
-    assert writable_layer(kernel, None, 0, keys) is None
-    assert writable_layer(kernel, cache, 0, torch.cat([keys, keys], dim=2)) is None  # two tokens
-    assert writable_layer(kernel, cache, 0, keys.double()) is None  # float64: the plain path's precision
-    assert writable_layer(kernel, cache, 0, keys.half()) is None  # another dtype than the cache's
-    assert writable_layer(kernel, cache, 1, keys) is None  # not initialized: update's lazy path
-    assert writable_layer(kernel, cache, 99, keys) is None  # no such layer
-    assert writable_layer(kernel._replace(devices=frozenset({"cuda"})), cache, 0, keys) is None
-    assert writable_layer(kernel, DynamicCache(config=CONFIG), 0, keys) is None
+
+    def writable(keys=keys, values=values, queries=queries, cache=cache, layer_idx=0, kernel=kernel):
+        return writable_layer(kernel, cache, layer_idx, queries, keys, values)
+
+    assert writable() is layer
+    assert writable(kernel=None) is None
+    assert writable(cache=None) is None
+    assert writable(keys=torch.cat([keys, keys], dim=2)) is None  # two tokens
+    assert writable(keys=keys.double()) is None  # float64: the plain path's precision
+    assert writable(keys=keys.half()) is None  # another dtype than the cache's
+    assert writable(values=values.half()) is None
+    assert writable(keys=keys[:1], values=values[:1]) is None  # another batch than the cache's
+    assert writable(keys=keys[:, :1], values=values[:, :1]) is None  # other heads
+    assert writable(layer_idx=1) is None  # not initialized: update's lazy path
+    assert writable(layer_idx=99) is None  # no such layer
+    assert writable(kernel=kernel._replace(devices=frozenset({"cuda"}))) is None
+    assert writable(cache=DynamicCache(config=CONFIG)) is None
     subclassed = copy.deepcopy(cache)
     subclassed.layers[0].__class__ = type("Sliding", (StaticLayer,), {})
-    assert writable_layer(kernel, subclassed, 0, keys) is None
+    assert writable(cache=subclassed) is None
     offloaded = copy.deepcopy(cache)
     offloaded.offloading = True
-    assert writable_layer(kernel, offloaded, 0, keys) is None
-    with torch.enable_grad():
-        assert writable_layer(kernel, cache, 0, keys.clone().requires_grad_()) is None
+    assert writable(cache=offloaded) is None
+    with torch.enable_grad():  # a gradient wanted for any input: the op has no backward
+        for name in ("queries", "keys", "values"):
+            assert writable(**{name: locals()[name].clone().requires_grad_()}) is None
+    full = copy.deepcopy(cache)
+    full.layers[0].cumulative_length.fill_(SLOTS)
+    assert writable(cache=full) is None  # StaticLayer.update raises there
     before = layer.keys.clone()
     assert rotate_and_cache(kernel, cache, 0, queries, torch.cat([keys, keys], dim=2), values, cos, sin) is None
     assert layer.keys.equal(before) and int(layer.cumulative_length) == FILLED  # nothing done
+
+
+def test_kernel_writes_nothing_past_the_last_slot(kernel):
+    """Inside a compiled step the fill level is not read on the host: a full cache is left as it is."""
+    cache, queries, keys, values, cos, sin = decode_inputs()
+    layer = cache.layers[0]
+    before = layer.keys.clone(), layer.values.clone()
+    kernel.run(queries, keys, values, cos, sin, layer.keys, layer.values, torch.tensor(SLOTS))
+    assert layer.keys.equal(before[0]) and layer.values.equal(before[1])
 
 
 def test_compiled_trace_writes_the_cache(kernel):

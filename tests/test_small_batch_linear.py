@@ -145,6 +145,14 @@ def test_one_row_of_a_fused_gate_up_layer_runs_the_gated_kernel(gemv):
         assert layer.silu_gated(torch.randn(1, 40)) is None
 
 
+def test_an_empty_batch_gives_an_empty_product(gemv):
+    layer = nn.Linear(16, 8, bias=False)
+    use_small_batch_linear(layer, gemv)
+    with torch.no_grad():
+        assert layer(torch.randn(0, 16)).shape == (0, 8)
+        assert gated_product(torch.randn(0, 1, 16), layer, ACT2FN["silu"]).shape == (0, 1, 4)
+
+
 def models_under_test():
     config = tiny_config()
     return {"opt-llama": tiny_model(config), "llama": tiny_model(llama_twin(config))}

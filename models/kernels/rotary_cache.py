@@ -50,22 +50,33 @@ def load_rotary_cache_kernel(environ: Mapping[str, str] | None = None) -> Rotary
 
 
 def writable_layer(
-    kernel: RotaryCacheKernel | None, cache: Cache | None, layer_idx: int, keys: torch.Tensor
+    kernel: RotaryCacheKernel | None,
+    cache: Cache | None,
+    layer_idx: int,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
 ) -> StaticLayer | None:
-    """Layer ``layer_idx`` of ``cache`` when ``kernel`` may write ``keys`` ``(B, Hkv, T, D)`` into it itself: one token,
-    a plain initialized ``StaticLayer`` of the same dtype and device in a cache that is not offloaded, no gradient
-    wanted; else None."""
+    """Layer ``layer_idx`` of ``cache`` when ``kernel`` may rotate ``queries`` and ``keys`` and write ``keys`` and
+    ``values`` ``(B, Hkv, T, D)`` into it itself: one token, no gradient wanted, a plain initialized ``StaticLayer``
+    of the same shape, dtype and device in a cache that is not offloaded, with a free slot (checked on the host outside
+    a compiled step; inside one, the kernel writes nothing past the last slot); else None."""
     if kernel is None or cache is None or keys.device.type not in kernel.devices or keys.shape[-2] != 1:
         return None
     if keys.dtype not in DTYPES or keys.shape[-1] % 2 or getattr(cache, "offloading", False):
         return None
-    if torch.is_grad_enabled() and keys.requires_grad:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, values)):
         return None
     layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
     if type(layer) is not StaticLayer or not layer.is_initialized:
         return None
-    if layer.keys.dtype != keys.dtype or layer.keys.device != keys.device:
-        return None
+    for new, cached in ((keys, layer.keys), (values, layer.values)):
+        if new.dtype != cached.dtype or new.device != cached.device:
+            return None
+        if new.shape[:2] != cached.shape[:2] or new.shape[-1] != cached.shape[-1]:
+            return None
+    if not torch.compiler.is_compiling() and int(layer.cumulative_length) >= layer.max_cache_len:
+        return None  # full: StaticLayer.update raises
     return layer
 
 
@@ -83,7 +94,7 @@ def rotate_and_cache(
     ``cache.update(keys, values, layer_idx)`` in one kernel; returns the rotated queries and keys and the layer's
     cached keys and values ``(B, Hkv, S, D)``, as the two steps would. None where ``writable_layer`` says no: nothing
     is done, the caller runs the two steps."""
-    layer = writable_layer(kernel, cache, layer_idx, keys)
+    layer = writable_layer(kernel, cache, layer_idx, queries, keys, values)
     if layer is None:
         return None
     rotated_queries, rotated_keys = kernel.run(

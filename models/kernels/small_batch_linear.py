@@ -111,7 +111,8 @@ class SmallBatchLinear(nn.Linear):
         flat = x.reshape(rows, x.shape[-1])
         if flat.stride(1) != 1:
             flat = flat.contiguous()
-        out = op(flat, self.weight, *launch).view(*x.shape[:-1], -1)
+        out = op(flat, self.weight, *launch)
+        out = out.view(*x.shape[:-1], out.shape[-1])
         return out if self.bias is None else out + self.bias
 
     def _product(self, rows: int, x: torch.Tensor) -> tuple[Callable, tuple[int, ...]] | None:

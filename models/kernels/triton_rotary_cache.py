@@ -65,6 +65,7 @@ def _rotary_cache_kernel(
     stride_koh,
     Hq,
     D,
+    S,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -87,13 +88,14 @@ def _rotary_cache_kernel(
     tl.store(q_out_ptr + b * stride_qob + h * stride_qoh + d, query.to(q_out_ptr.dtype.element_ty), mask=query_ok)
     j = h - Hq
     kv_ok = ok & (head >= Hq)
+    slot = tl.load(slot_ptr + 0 * d)  # the fill level in every lane: a block, as the masks are
+    write_ok = kv_ok & (slot < S)  # never past the cache's last slot
     key = _rotate(k_ptr + b * stride_kb + j * stride_kh, cos, sin, d, partner, sign, kv_ok)
     key = key.to(k_out_ptr.dtype.element_ty)
-    slot = tl.load(slot_ptr)
     tl.store(k_out_ptr + b * stride_kob + j * stride_koh + d, key, mask=kv_ok)
-    tl.store(key_cache_ptr + b * stride_kcb + j * stride_kch + slot * stride_kcs + d, key, mask=kv_ok)
+    tl.store(key_cache_ptr + b * stride_kcb + j * stride_kch + slot * stride_kcs + d, key, mask=write_ok)
     value = tl.load(v_ptr + b * stride_vb + j * stride_vh + d, mask=kv_ok)
-    tl.store(value_cache_ptr + b * stride_vcb + j * stride_vch + slot * stride_vcs + d, value, mask=kv_ok)
+    tl.store(value_cache_ptr + b * stride_vcb + j * stride_vch + slot * stride_vcs + d, value, mask=write_ok)
 
 
 @custom_op("lckv::rotary_cache_write", mutates_args=("key_cache", "value_cache"))
@@ -109,8 +111,8 @@ def rotary_cache_write(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on ``query (B, Hq, 1, D)`` and ``key (B, Hkv, 1, D)`` with ``cos``/``sin`` ``(B or 1, 1, D)``; the rotated
     key and ``value (B, Hkv, 1, D)`` written into ``key_cache``/``value_cache`` ``(B, Hkv, S, D)`` at slot ``slot``
-    (a 0-d integer tensor). Every last dim has unit stride. Returns the rotated queries and keys, ``(B, Hq, 1, D)`` and
-    ``(B, Hkv, 1, D)``."""
+    (a 0-d integer tensor; at ``S`` or beyond nothing is written). Every last dim has unit stride. Returns the rotated
+    queries and keys, ``(B, Hq, 1, D)`` and ``(B, Hkv, 1, D)``."""
     torch._check(
         all(t.stride(-1) == 1 for t in (query, key, value, cos, sin, key_cache, value_cache)),
         lambda: "rotary_cache_write: D must be the unit stride",
@@ -147,6 +149,7 @@ def rotary_cache_write(
             key_out.stride(1),
             query_heads,
             head_dim,
+            key_cache.shape[2],
             BLOCK_D=triton.next_power_of_2(head_dim),
             PDL=pdl,
             num_warps=1,
