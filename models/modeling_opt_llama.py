@@ -34,6 +34,7 @@ from .kernels import (
     PlainRotaryEmbedding,
     RotaryCacheKernel,
     grouped_products,
+    is_decode_mask,
     rotate_and_cache,
     split_kv_mask,
 )
@@ -137,16 +138,16 @@ class OptLlamaAttention(FusedGroupsMixin, nn.Module):
                 written = rotate_and_cache(
                     self.rotary_cache, cache, self.layer_idx, query_states, key_states, value_states, cos, sin
                 )
-            if written is None:
+            if written is not None:  # rotated and committed to the cache by one kernel (kernels/rotary_cache.py)
+                query_states, key_states, given_keys, given_values = written
+                own_kv = (given_keys, given_values)
+            else:
                 query_states, key_states = self.kernel_selection.apply_rotary_pos_emb(
                     query_states, key_states, cos, sin
                 )
-            else:  # rotated and committed to the cache by one kernel (kernels/rotary_cache.py)
-                query_states, key_states, *cached = written
-                own_kv = given_keys, given_values = tuple(cached)
+                if given_keys is None:
+                    own_kv = given_keys, given_values = self._store(key_states, value_states, cache, commit)
             new_kv = (key_states, value_states)
-            if given_keys is None:
-                own_kv = given_keys, given_values = self._store(key_states, value_states, cache, commit)
         else:
             query_states, _ = self.kernel_selection.apply_rotary_pos_emb(query_states, None, cos, sin)
 
@@ -327,8 +328,7 @@ class StackPass:
         inductor otherwise ran the lengths' reduction in each of them (18 in a compiled TinyLlama LCKV step).
         ``{}`` otherwise."""
         mask = self.masks[kind]
-        is_bool_mask = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
-        if not (self.split_kv_decode and is_bool_mask):
+        if not (self.split_kv_decode and is_decode_mask(mask)):
             return {}
         if kind not in self.shared_masks:
             self.shared_masks[kind] = split_kv_mask(mask, batch, mask.shape[-1], mask.device)

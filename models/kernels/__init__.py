@@ -29,6 +29,7 @@ from .attention import STRICT_CAUSAL, configured_attention, fast_attention, sdpa
 from .decode_attention import (
     SPLIT_KV,
     SplitKvKernel,
+    is_decode_mask,
     load_split_kv_kernel,
     runs_split_kv,
     split_kv_mask,
@@ -190,6 +191,7 @@ __all__ = [
     "RotaryCacheKernel",
     "flag_enabled",
     "grouped_products",
+    "is_decode_mask",
     "split_kv_mask",
     "rotate_and_cache",
 ]

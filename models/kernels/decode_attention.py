@@ -97,15 +97,12 @@ def runs_split_kv(
     """One query token on a device with the kernel, no dropout, and no mask or a bool ``(B or 1, 1, 1, S)`` mask."""
     if kernel is None or query.shape[2] != 1 or dropout != 0.0 or query.device.type not in kernel.devices:
         return False
-    if attention_mask is None:
-        return True
-    return (
-        isinstance(attention_mask, torch.Tensor)
-        and attention_mask.dtype == torch.bool
-        and attention_mask.dim() == 4
-        and attention_mask.shape[1:3] == (1, 1)
-        and attention_mask.shape[-1] == key.shape[2]
-    )
+    return attention_mask is None or (is_decode_mask(attention_mask) and attention_mask.shape[-1] == key.shape[2])
+
+
+def is_decode_mask(mask: object) -> bool:
+    """Whether ``mask`` is one the kernel reads: a bool ``(B or 1, 1, 1, S)`` tensor."""
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
 
 
 def split_kv_decode_attention(
