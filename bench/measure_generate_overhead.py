@@ -102,12 +102,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class GenerateRun(NamedTuple):
     """What ``run_generate`` returns: the new tokens ``(B, n)``; when timed, generate's ms per token (first new token
     to last) and the captured forward's mean ms (None when it was not compiled); when asked, the logits ``(B, n, V)``
-    that chose the tokens."""
+    that chose the tokens; when timed, the captured forward's fastest, median and slowest call
+    (``CompiledStepTimer.spread_ms``)."""
 
     tokens: torch.Tensor
     ms: float | None = None
     captured_ms: float | None = None
     logits: torch.Tensor | None = None
+    captured_spread: dict | None = None
 
 
 def run_generate(
@@ -151,7 +153,7 @@ def run_generate(
     if not timed:
         return GenerateRun(sequences[:, context + 1 :], logits=step_logits)
     ms = 1e3 * (timer.times[-1] - timer.times[1]) / (len(timer.times) - 2)
-    return GenerateRun(sequences[:, context + 1 :], ms, step_timer.mean_ms(), step_logits)
+    return GenerateRun(sequences[:, context + 1 :], ms, step_timer.mean_ms(), step_logits, step_timer.spread_ms())
 
 
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
@@ -201,10 +203,11 @@ def measure(model, config, batch: int, args) -> dict:
     tokens = {}
     for loop in LOOPS:
         run_generate(model, cache, batch, args.context, loop, 3)  # compile, warm up and capture
-        _, ms, captured, _ = run_generate(model, cache, batch, args.context, loop, args.new_tokens, timed=True)
+        _, ms, captured, _, spread = run_generate(model, cache, batch, args.context, loop, args.new_tokens, timed=True)
         row[loop] = {
             "ms_per_token": ms,
             "captured_step_ms": captured,
+            "captured_step_ms_spread": spread,
             "vs_captured": ms / captured if captured else None,
         }
         tokens[loop] = [

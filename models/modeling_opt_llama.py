@@ -33,6 +33,7 @@ from .kernels import (
     KernelSelection,
     PlainRotaryEmbedding,
     RotaryCacheKernel,
+    SplitKvKernel,
     grouped_products,
     is_decode_mask,
     rotate_and_cache,
@@ -287,7 +288,7 @@ class StackPass:
     cache: Cache | None
     layer_kwargs: dict
     visible: torch.Tensor | None = None  # the masks' "visible" (B, T, 1), in the hidden states' dtype
-    split_kv_decode: bool = False  # one token per row through sdpa_split_kv's kernel: its mask made once per kind
+    split_kv: SplitKvKernel | None = None  # decoding one token per row through sdpa_split_kv's kernel: its mask views
     kv_store: dict = field(default_factory=dict)
     shared_masks: dict = field(default_factory=dict)  # mask kind -> its split_kv_mask, shared by the kind's layers
     reported: list | None = None
@@ -324,14 +325,14 @@ class StackPass:
 
     def shared_mask_of(self, kind: str, batch: int) -> dict:
         """``{"shared_mask": ...}`` for the split-KV kernel of a layer with mask kind ``kind`` (a bool ``(B or 1, 1, 1,
-        S)`` mask): its rows and their key lengths, made once for all the kind's layers. Many layers share a mask, and
-        inductor otherwise ran the lengths' reduction in each of them (18 in a compiled TinyLlama LCKV step).
-        ``{}`` otherwise."""
+        S)`` mask): its rows and their key lengths, made once by the kernel's ``view_mask`` op for all the kind's
+        layers. Many layers share a mask; a compiled TinyLlama LCKV step had otherwise made the rows in each of 18
+        layers (one kernel each). ``{}`` otherwise."""
         mask = self.masks[kind]
-        if not (self.split_kv_decode and is_decode_mask(mask)):
+        if self.split_kv is None or not is_decode_mask(mask):
             return {}
         if kind not in self.shared_masks:
-            self.shared_masks[kind] = split_kv_mask(mask, batch, mask.shape[-1], mask.device)
+            self.shared_masks[kind] = split_kv_mask(mask, batch, mask.shape[-1], mask.device, self.split_kv)
         return {"shared_mask": self.shared_masks[kind]}
 
 
@@ -489,9 +490,9 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             layer_kwargs=kwargs,
             # Cast once per forward, not in each of the (many, under iterations) strict layer runs.
             visible=None if visible is None else visible.to(inputs_embeds.dtype),
-            split_kv_decode=inputs_embeds.shape[1] == 1
-            and self.config._attn_implementation == SPLIT_KV
-            and self.kernel_selection.split_kv is not None,
+            split_kv=self.kernel_selection.split_kv
+            if inputs_embeds.shape[1] == 1 and self.config._attn_implementation == SPLIT_KV
+            else None,
             reported=[] if reporting else None,
         )
         hidden = inputs_embeds

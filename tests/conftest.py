@@ -94,11 +94,18 @@ def tiny_files(tmp_path_factory):
 
 
 @pytest.fixture
-def interpreted_kernel():
-    """The split-KV op on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the top of this file)."""
+def interpreted_split_kv():
+    """The split-KV ops (decode, mask view) on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set at the
+    top of this file)."""
     from models.kernels.decode_attention import load_split_kv_kernel
 
-    return load_interpreted(load_split_kv_kernel, "tests/test_decode_attention_gpu.py").run
+    return load_interpreted(load_split_kv_kernel, "tests/test_decode_attention_gpu.py")
+
+
+@pytest.fixture
+def interpreted_kernel(interpreted_split_kv):
+    """The split-KV decode op on CPU tensors through Triton's interpreter."""
+    return interpreted_split_kv.run
 
 
 def load_interpreted(loader, gpu_tests: str):

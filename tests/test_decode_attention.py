@@ -72,10 +72,10 @@ def run_kernel(kernel, query, key, value, mask, splits: int, config: KernelConfi
     )
 
 
-def watched_split_kv(monkeypatch, run: Callable) -> KernelSelection:
-    """``run`` as the split-KV kernel on the CPU: in the returned selection (pass it to an LCKV model as
+def watched_split_kv(monkeypatch, kernel: SplitKvKernel, run: Callable) -> KernelSelection:
+    """``kernel`` with ``run`` as its decode op on the CPU: in the returned selection (pass it to an LCKV model as
     ``kernel_selection``) and, for other models (Llama), in transformers' ``sdpa_split_kv`` registration."""
-    kernel = SplitKvKernel(run, frozenset({"cpu"}))
+    kernel = dataclasses.replace(kernel, run=run)
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, SPLIT_KV, partial(split_kv_sdpa_attention, kernel=kernel))
     return dataclasses.replace(KernelSelection.from_environ(), split_kv=kernel)
 
@@ -129,10 +129,9 @@ def test_kernel_never_reads_slots_past_the_last_visible_one(interpreted_kernel):
         torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 
-def test_no_mask_reads_every_slot(interpreted_kernel):
+def test_no_mask_reads_every_slot(interpreted_split_kv):
     query, key, value = decode_inputs(2, 8, 2)
-    kernel = SplitKvKernel(interpreted_kernel, frozenset({"cpu"}))
-    out, _ = split_kv_sdpa_attention(None, query, key, value, None, scaling=DIM**-0.5, kernel=kernel)
+    out, _ = split_kv_sdpa_attention(None, query, key, value, None, scaling=DIM**-0.5, kernel=interpreted_split_kv)
     torch.testing.assert_close(out, sdpa_reference(query, key, value, None), rtol=1e-5, atol=1e-6)
 
 
@@ -143,29 +142,50 @@ def test_visible_lengths_is_last_visible_slot_plus_one():
     assert visible_lengths(mask).dtype == torch.int32
 
 
-def test_dispatch_only_for_one_token_bool_masks(interpreted_kernel):
+@pytest.mark.parametrize("slots", [150, 2500], ids=["one-block", "three-blocks"])  # 1,024 slots per block
+def test_mask_view_op_equals_its_pytorch_twin(interpreted_split_kv, slots):
+    """``split_kv_mask`` through the kernel's ``view_mask`` op (rows copied, lengths reduced in one kernel) equals
+    the PyTorch view, for a mask per row (left padding, a hole, no visible slot, the last slot visible) and for one
+    mask broadcast over the batch."""
+    mask = torch.zeros(4, 1, 1, slots, dtype=torch.bool)
+    mask[0, ..., :100] = True
+    mask[1, ..., 5:slots] = True
+    mask[1, ..., 1500 % slots] = False  # a hole inside the span does not shorten it
+    mask[3, ..., slots - 1] = True
+    for batch, attention_mask in ((4, mask), (3, mask[1:2])):
+        viewed = decode_attention.split_kv_mask(attention_mask, batch, slots, mask.device, interpreted_split_kv)
+        expected = decode_attention.split_kv_mask(attention_mask, batch, slots, mask.device)
+        assert viewed.rows.dtype == torch.bool and viewed.rows.is_contiguous() and viewed.rows.equal(expected.rows)
+        assert viewed.lengths.dtype == torch.int32 and viewed.lengths.equal(expected.lengths)
+    assert decode_attention.split_kv_mask(mask, 4, slots, mask.device, interpreted_split_kv).lengths.tolist() == [
+        100,
+        slots,
+        0,
+        slots,
+    ]
+
+
+def test_dispatch_only_for_one_token_bool_masks(interpreted_split_kv):
     query, key, _ = decode_inputs(2, 8, 2)
     mask = cache_mask([(0, 10), (0, 20)])
-    kernel = SplitKvKernel(interpreted_kernel, frozenset({"cpu"}))
+    kernel = interpreted_split_kv
     assert runs_split_kv(kernel, query, key, mask, 0.0) and runs_split_kv(kernel, query, key, None, 0.0)
     assert runs_split_kv(kernel, query, key, mask[:1], 0.0)  # a batch-broadcast mask
     assert not runs_split_kv(kernel, query, key, mask, 0.1)  # dropout
     assert not runs_split_kv(kernel, query, key, torch.zeros(mask.shape), 0.0)  # additive float mask
     assert not runs_split_kv(kernel, query, key, mask[..., :-1], 0.0)  # mask shorter than the cache
     assert not runs_split_kv(kernel, torch.cat([query, query], dim=2), key, None, 0.0)  # two query tokens (prefill)
-    assert not runs_split_kv(
-        SplitKvKernel(interpreted_kernel, frozenset({"cuda"})), query, key, mask, 0.0
-    )  # CPU tensors
+    assert not runs_split_kv(dataclasses.replace(kernel, devices=frozenset({"cuda"})), query, key, mask, 0.0)  # CPU
     assert not runs_split_kv(None, query, key, mask, 0.0)  # no kernel
 
 
-def test_only_the_kernel_spares_a_strict_layer_its_zeroing(interpreted_kernel):
+def test_only_the_kernel_spares_a_strict_layer_its_zeroing(interpreted_split_kv):
     """``KernelSelection.zeroes_keyless_queries``: the split-KV kernel outputs zero for a query without a visible key
     (``test_kernel_strict_mask_first_token_outputs_exact_zero``), so a strict layer skips its own zeroing exactly where
     the kernel runs."""
     query, key, _ = decode_inputs(2, 8, 2)
     mask = cache_mask([(0, 10), (0, 20)], strict=True)
-    selection = KernelSelection(split_kv=SplitKvKernel(interpreted_kernel, frozenset({"cpu"})))
+    selection = KernelSelection(split_kv=interpreted_split_kv)
     assert selection.zeroes_keyless_queries(SPLIT_KV, query, key, mask, 0.0)
     assert not selection.zeroes_keyless_queries("sdpa", query, key, mask, 0.0)
     assert not selection.zeroes_keyless_queries(SPLIT_KV, torch.cat([query, query], dim=2), key, mask, 0.0)
@@ -210,11 +230,12 @@ def llama_mha_config():
 
 
 @pytest.mark.parametrize("config_fn", [tiny_config, llama_mha_config], ids=["opt-llama-gqa", "llama-mha"])
-def test_generation_equals_dynamic_cache(interpreted_kernel, monkeypatch, config_fn):
+def test_generation_equals_dynamic_cache(interpreted_split_kv, monkeypatch, config_fn):
     """Greedy tokens through the kernel (static cache, left padding) = the dynamic cache with transformers' sdpa."""
     config = config_fn()
     calls = []
-    selection = watched_split_kv(monkeypatch, lambda *a: calls.append(1) or interpreted_kernel(*a))
+    run = interpreted_split_kv.run
+    selection = watched_split_kv(monkeypatch, interpreted_split_kv, lambda *a: calls.append(1) or run(*a))
     model_kwargs = {"kernel_selection": selection} if config.model_type == "opt-llama" else {}
     ids, mask = left_padded_batch(config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
@@ -226,7 +247,7 @@ def test_generation_equals_dynamic_cache(interpreted_kernel, monkeypatch, config
     assert torch.equal(static, dynamic)
 
 
-def test_an_lckv_step_makes_each_masks_kernel_view_once(interpreted_kernel, monkeypatch):
+def test_an_lckv_step_makes_each_masks_kernel_view_once(interpreted_split_kv, monkeypatch):
     """Layers sharing a mask share the kernel's view of it: one ``split_kv_mask`` per mask kind and decoding step (a
     compiled step ran its reduction and copy per layer on a GPU, 18 of each in a TinyLlama LCKV step), and every
     layer's kernel gets the lengths of its own mask; the tokens stay those of the dynamic cache."""
@@ -243,9 +264,9 @@ def test_an_lckv_step_makes_each_masks_kernel_view_once(interpreted_kernel, monk
     def run(query, key, value, mask, lengths, *launch):
         kernel_lengths.append(lengths.tolist())
         assert mask is not None and lengths.equal(visible_lengths(mask))  # the lengths of this layer's own mask
-        return interpreted_kernel(query, key, value, mask, lengths, *launch)
+        return interpreted_split_kv.run(query, key, value, mask, lengths, *launch)
 
-    selection = watched_split_kv(monkeypatch, run)
+    selection = watched_split_kv(monkeypatch, interpreted_split_kv, run)
     model = tiny_model(config, attn_implementation=SPLIT_KV, kernel_selection=selection)
     ids, mask = left_padded_batch(config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
@@ -307,6 +328,19 @@ def test_compiled_decode_step_writes_the_cache_in_place(interpreted_kernel, conf
         assert fuse_projections(model) > 0 and model.model.layers[0].self_attn.rotary_cache is not None
     sizes = compiled_step_kernel_sizes(model, slots)
     assert sizes and max(sizes) < layer_elements, (max(sizes), layer_elements)
+
+
+def test_compiled_decode_step_has_no_kernel_per_layer_for_shared_inputs(interpreted_kernel):
+    """What every layer reads the same of in a step is made once: an LCKV step runs no kernel over its masks' slots
+    beyond one per mask kind (the copy of the mask its view op reads; each layer's copy of the rows had been a kernel
+    of its own), and with the RoPE + cache-write kernel no layer runs a kernel to advance its cache's fill level."""
+    slots = 512
+    lckv = tiny_model(tiny_config(), attn_implementation=SPLIT_KV)
+    fuse_projections(lckv)
+    sizes = compiled_step_kernel_sizes(lckv, slots)
+    kinds = len(set(lckv.model.mask_kinds))
+    assert sum(size >= slots for size in sizes) <= kinds < lckv.config.num_hidden_layers, sorted(sizes)
+    assert 1 not in sizes, sorted(sizes)
 
 
 def test_a_model_holding_the_kernel_pickles(interpreted_kernel, tmp_path):

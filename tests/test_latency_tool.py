@@ -299,19 +299,21 @@ def test_compiled_step_timer_times_the_compiled_call_and_restores_it():
     from types import SimpleNamespace
 
     def compiled_call(**kwargs):
-        time.sleep(0.02)
+        time.sleep(0.02 * (1 + kwargs["step"] % 2))  # 20 ms, then 40 ms
         return kwargs["step"]
 
     model = SimpleNamespace(_compiled_call=compiled_call, device=torch.device("cpu"))
     with CompiledStepTimer(model) as timer:
-        assert [model._compiled_call(step=i) for i in range(3)] == [0, 1, 2]
-    assert model._compiled_call is compiled_call and len(timer.spans) == 3
-    assert 20 <= timer.mean_ms() < 200  # two timed calls (the first one is warm-up)
+        assert [model._compiled_call(step=i) for i in range(4)] == [0, 1, 2, 3]
+    assert model._compiled_call is compiled_call and len(timer.spans) == 4
+    assert 20 <= timer.mean_ms() < 200  # three timed calls (the first one is warm-up)
+    spread = timer.spread_ms()
+    assert spread["calls"] == 3 and 40 <= spread["max"] < 200 and 20 <= spread["min"] < 40 <= spread["median"]
 
     uncompiled = SimpleNamespace(device=torch.device("cpu"))  # generate compiled nothing (CPU)
     with CompiledStepTimer(uncompiled) as timer:
         pass
-    assert not hasattr(uncompiled, "_compiled_call") and timer.mean_ms() is None
+    assert not hasattr(uncompiled, "_compiled_call") and timer.mean_ms() is None and timer.spread_ms() is None
 
 
 # The tiny configs' shape: 6 layers, hidden 64, MLP 128, 4 query heads and 2 KV heads of 16 dims; float32 on a CPU.

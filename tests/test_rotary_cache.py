@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
 from models.config_loading import llama_twin
 from models.fused_projections import fuse_projections
 from models.kernels import rotary_cache
+from models.kernels.arrival_counters import arrival_counters
 from models.kernels.plain import PlainRotaryEmbedding, plain_rotate
 from models.kernels.rotary_cache import RotaryCacheKernel, load_rotary_cache_kernel, rotate_and_cache, writable_layer
 from tests.conftest import load_interpreted, tiny_config, tiny_model
@@ -57,6 +58,8 @@ def two_steps(cache, queries, keys, values, cos, sin):
 
 @pytest.mark.parametrize("batch_cos", [True, False], ids=["cos-per-row", "cos-broadcast"])
 def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos):
+    """The outputs, the one slot written, and the level advanced once, by the last of the 4 KV programs (programs that
+    each advanced it would each write at a later slot), which leaves its counter at zero."""
     cache, *inputs = decode_inputs(batch_cos=batch_cos)
     expected_cache = copy.deepcopy(cache)
     expected = two_steps(expected_cache, *inputs)
@@ -71,6 +74,25 @@ def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos):
     assert layer.keys[:, :, others].equal(expected_layer.keys[:, :, others])  # nothing else written
     assert layer.values[:, :, FILLED].equal(inputs[2][:, :, 0])  # values copied as they are
     assert written[2] is layer.keys and written[3] is layer.values  # the cache's own tensors, as update returns
+    assert arrival_counters(layer.keys.device, 1).item() == 0
+
+
+def test_consecutive_steps_write_consecutive_slots(kernel):
+    """The counter is back at zero after each launch: three steps fill three slots and advance the level by three."""
+    cache, *inputs = decode_inputs()
+    expected_cache = copy.deepcopy(cache)
+    for _ in range(3):
+        expected = two_steps(expected_cache, *inputs)
+        written = rotate_and_cache(kernel, cache, 0, *inputs)
+        torch.testing.assert_close(written[2], expected[2], **FP32)
+    assert int(cache.layers[0].cumulative_length) == FILLED + 3
+
+
+def test_arrival_counters_are_kept_per_device_and_count():
+    counters = arrival_counters(torch.device("cpu"), 3)
+    assert counters.dtype == torch.int32 and counters.tolist() == [0, 0, 0]
+    assert arrival_counters(torch.device("cpu"), 3) is counters  # one address for the process: a graph keeps it
+    assert arrival_counters(torch.device("cpu"), 2) is not counters
 
 
 def test_where_the_kernel_applies(kernel):
@@ -111,12 +133,14 @@ def test_where_the_kernel_applies(kernel):
 
 
 def test_kernel_writes_nothing_past_the_last_slot(kernel):
-    """Inside a compiled step the fill level is not read on the host: a full cache is left as it is."""
+    """Inside a compiled step the fill level is not read on the host: a full cache is left as it is (the level still
+    grows, as ``StaticLayer.update``'s does before its write fails)."""
     cache, queries, keys, values, cos, sin = decode_inputs()
     layer = cache.layers[0]
     before = layer.keys.clone(), layer.values.clone()
-    kernel.run(queries, keys, values, cos, sin, layer.keys, layer.values, torch.tensor(SLOTS))
-    assert layer.keys.equal(before[0]) and layer.values.equal(before[1])
+    level = torch.tensor(SLOTS)
+    kernel.run(queries, keys, values, cos, sin, layer.keys, layer.values, level)
+    assert layer.keys.equal(before[0]) and layer.values.equal(before[1]) and level.item() == SLOTS + 1
 
 
 def test_compiled_trace_writes_the_cache(kernel):

@@ -52,3 +52,27 @@ def test_kernel_equals_rotary_then_cache_update(dtype, heads, kv_heads, head_dim
     torch.testing.assert_close(written[2], expected_keys, **TOLERANCE[dtype])
     assert written[3].equal(expected_values)
     assert int(cache.layers[0].cumulative_length) == filled + 1
+
+
+def test_many_programs_advance_the_level_once_per_step():
+    """Batch 256 x 4 KV heads: 1,024 programs count themselves in each launch; over 16 steps every row's values land
+    in the slot of their step, and the level grows by exactly 16."""
+    config = LlamaConfig(
+        hidden_size=2048, intermediate_size=64, num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=1
+    )
+    batch, slots, steps = 256, 32, 16
+    cache = StaticCache(config=config, max_cache_len=slots)
+    rotary = PlainRotaryEmbedding(config=config).cuda()
+    written_values = []
+    for step in range(steps):
+        queries = torch.randn(batch, 32, 1, 64, device="cuda", dtype=torch.bfloat16)
+        keys, values = (torch.randn(batch, 4, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        if step == 0:
+            cache.layers[0].lazy_initialization(keys, values)
+        cos, sin = rotary(queries, torch.full((batch, 1), step, device="cuda"))
+        assert rotate_and_cache(KERNEL, cache, 0, queries, keys, values, cos, sin) is not None
+        written_values.append(values[:, :, 0])
+    layer = cache.layers[0]
+    assert int(layer.cumulative_length) == steps
+    assert layer.values[:, :, :steps].equal(torch.stack(written_values, dim=2))
+    assert not layer.values[:, :, steps:].any()

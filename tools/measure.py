@@ -190,12 +190,24 @@ class CompiledStepTimer:
         event.record()
         return event
 
-    def mean_ms(self) -> float | None:
-        """Mean milliseconds per call, the first (warm-up) call left out; None when nothing was compiled."""
+    def span_ms(self) -> list[float]:
+        """Milliseconds of each call, the first (warm-up) call left out."""
         if self.cuda and self.spans:
             torch.cuda.synchronize(self.model.device)
-        spans = [start.elapsed_time(end) if self.cuda else 1e3 * (end - start) for start, end in self.spans[1:]]
+        return [start.elapsed_time(end) if self.cuda else 1e3 * (end - start) for start, end in self.spans[1:]]
+
+    def mean_ms(self) -> float | None:
+        """Mean milliseconds per call, the first (warm-up) call left out; None when nothing was compiled."""
+        spans = self.span_ms()
         return sum(spans) / len(spans) if spans else None
+
+    def spread_ms(self) -> dict | None:
+        """The fastest, median and slowest call in milliseconds and the number of calls, the first (warm-up) call
+        left out: whether a mean hides a slow stretch. None when nothing was compiled."""
+        spans = sorted(self.span_ms())
+        if not spans:
+            return None
+        return {"min": spans[0], "median": spans[len(spans) // 2], "max": spans[-1], "calls": len(spans)}
 
 
 def load_config_for_length(path: str, total_len: int) -> PretrainedConfig:

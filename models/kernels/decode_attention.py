@@ -35,11 +35,13 @@ CPU_PROCESSORS = 4  # the interpreter's stand-in for the SM count (tests only)
 
 @dataclass(frozen=True)
 class SplitKvKernel:
-    """The split-KV decode op (``triton_decode.split_kv_decode``'s signature) and the device types it runs on. A model
-    holds it in its ``KernelSelection``; pickled as "load it again" (``torch.save`` of a whole model), since the
-    compiled op does not pickle."""
+    """The split-KV decode op (``triton_decode.split_kv_decode``'s signature), the op making its view of a mask
+    (``triton_decode.split_kv_mask_view``) and the device types they run on. A model holds it in its
+    ``KernelSelection``; pickled as "load it again" (``torch.save`` of a whole model), since a compiled op does not
+    pickle."""
 
     run: Callable
+    view_mask: Callable
     devices: frozenset[str]
 
     def __reduce__(self):
@@ -52,9 +54,9 @@ def load_split_kv_kernel(environ: Mapping[str, str] | None = None) -> SplitKvKer
     devices = triton_devices(environ)
     if not devices:
         return None
-    from .triton_decode import split_kv_decode
+    from .triton_decode import split_kv_decode, split_kv_mask_view
 
-    return SplitKvKernel(split_kv_decode, devices)
+    return SplitKvKernel(split_kv_decode, split_kv_mask_view, devices)
 
 
 def processors(device: torch.device) -> int:
@@ -83,10 +85,21 @@ class SplitKvMask(NamedTuple):
     lengths: torch.Tensor
 
 
-def split_kv_mask(attention_mask: torch.Tensor | None, batch: int, slots: int, device: torch.device) -> SplitKvMask:
-    """The kernel's view of ``attention_mask`` (bool ``(B or 1, 1, 1, S)``, or None) for ``batch`` rows."""
+def split_kv_mask(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    slots: int,
+    device: torch.device,
+    kernel: SplitKvKernel | None = None,
+) -> SplitKvMask:
+    """The kernel's view of ``attention_mask`` (bool ``(B or 1, 1, 1, S)``, or None) for ``batch`` rows. With
+    ``kernel`` (where it runs on the mask's device), made by its ``view_mask`` op: one kernel whose outputs any number
+    of layers read, for a caller that shares the view (``StackPass``); else in PyTorch, where a compiled step fuses it
+    into the kernels around it."""
     if attention_mask is None:
         return SplitKvMask(None, torch.full((batch,), slots, device=device, dtype=torch.int32))
+    if kernel is not None and attention_mask.device.type in kernel.devices:
+        return SplitKvMask(*kernel.view_mask(attention_mask, batch))
     rows = attention_mask[:, 0, 0, :].expand(batch, slots)
     return SplitKvMask(rows, visible_lengths(rows))
 

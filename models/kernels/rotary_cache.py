@@ -2,7 +2,7 @@
 
 An attention layer with its own KVs, at one token per row, rotates its queries and keys and then updates its cache
 layer (``StaticLayer.update``: the new keys and values written at the layer's fill level ``cumulative_length``, which
-then grows by one). ``rotate_and_cache`` does both with one kernel where the cache layer is transformers' plain
+then grows by one). ``rotate_and_cache`` does all of it with one kernel where the cache layer is transformers' plain
 ``StaticLayer`` (the static cache of a compiled decode step), and returns None everywhere else, where the caller
 rotates and calls ``cache.update`` as before: several tokens, another cache layer (dynamic, sliding window,
 offloaded, staged LCKV layers), a gradient wanted, float64 (the kernel computes in float32), a device the kernel does
@@ -99,6 +99,5 @@ def rotate_and_cache(
         return None
     rotated_queries, rotated_keys = kernel.run(
         queries, keys, values, cos, sin, layer.keys, layer.values, layer.cumulative_length
-    )
-    layer.cumulative_length.add_(keys.shape[-2])  # the rest of StaticLayer.update
+    )  # the fill level advanced too
     return rotated_queries, rotated_keys, layer.keys, layer.values

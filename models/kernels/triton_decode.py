@@ -11,6 +11,10 @@ running max and sum (base-2 logits, fp32). The second kernel merges the ``NS`` p
 with no visible key (a strict-mask query on the first real token) merges to exactly zero. With one split (large
 batches) the first kernel normalises and writes the output itself, the merge's arithmetic for one part, and the
 second kernel does not run.
+
+``split_kv_mask_view`` makes what the first kernel reads of a bool mask, its rows and their lengths, in one more
+kernel: a model hands the result to all the layers sharing that mask (a compiled step otherwise copied the rows of a
+mask made inside the step into each layer's input: inductor recomputes an unrealized input for every op it feeds).
 """
 
 import torch
@@ -162,6 +166,52 @@ def _merge_kernel(
     total = tl.sum(weights * sums, 0)
     out = tl.sum(weights[:, None] * accs, 0) / tl.where(total > 0, total, 1.0)  # no visible key: 0 / 1 = 0
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _mask_view_kernel(mask_ptr, rows_ptr, len_ptr, stride_mb, stride_ms, S, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    if PDL:  # the mask is the previous kernel's
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    n = tl.arange(0, BLOCK)
+    length = tl.zeros((BLOCK,), tl.int32)  # per lane: the last visible slot + 1 it saw
+    for start in range(0, S, BLOCK):
+        slots = start + n
+        ok = slots < S
+        visible = tl.load(mask_ptr + b * stride_mb + slots * stride_ms, mask=ok, other=0) != 0
+        tl.store(rows_ptr + b * S + slots, visible, mask=ok)
+        length = tl.maximum(length, tl.where(visible, slots + 1, 0))
+    tl.store(len_ptr + b + 0 * n, tl.max(length, 0) + 0 * n, mask=n == 0)
+
+
+@custom_op("lckv::split_kv_mask_view", mutates_args=())
+def split_kv_mask_view(mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``split_kv_decode`` reads of ``mask``, a bool ``(B or 1, 1, 1, S)`` mask, for ``batch`` rows: its rows
+    ``(B, S)`` bool, contiguous, and each row's length ``(B,)`` int32 (the last visible slot + 1, 0 when none)."""
+    slots = mask.shape[-1]
+    rows = mask.new_empty((batch, slots))
+    lengths = torch.empty(batch, dtype=torch.int32, device=mask.device)
+    pdl = dependent_launch(mask.device)
+    _mask_view_kernel[(batch,)](
+        mask,
+        rows,
+        lengths,
+        mask.stride(0) if mask.shape[0] > 1 else 0,
+        mask.stride(3),
+        slots,
+        BLOCK=min(1024, triton.next_power_of_2(slots)),
+        PDL=pdl,
+        num_warps=4,
+        launch_pdl=pdl,
+    )
+    return rows, lengths
+
+
+@split_kv_mask_view.register_fake
+def _(mask, batch):
+    """Shapes for tracing (torch.compile)."""
+    return mask.new_empty((batch, mask.shape[-1])), mask.new_empty((batch,), dtype=torch.int32)
 
 
 @custom_op("lckv::split_kv_decode", mutates_args=())

@@ -6,9 +6,12 @@ this module is first imported); ``rotary_cache.py`` decides, and rotates and upd
 A decode step's attention layer with its own KVs rotates its query and key and writes key and value into the cache:
 compiled, that is three kernels of a few kilobytes each (rotary of Q; rotary of K and its write; the write of V), each
 costing its launch. Here program ``(b, h)`` handles head ``h`` of row ``b``: a query head (``h < Hq``) is rotated
-into the returned queries; a KV head is rotated into the returned keys and into the cache's slot ``slot`` (the cache
-layer's fill level, read on the device), and its value is copied there. Shapes: ``B`` batch, ``Hq``/``Hkv`` query/KV
-heads, ``D`` head dim (even), ``S`` cache slots. RoPE as Llama's ``x * cos + rotate_half(x) * sin``, in float32.
+into the returned queries; a KV head is rotated into the returned keys and into the cache's slot ``level`` (the cache
+layer's fill level, read on the device), and its value is copied there. The last KV program to finish advances the
+level by one, as ``StaticLayer.update`` does after its write (``arrival_counters.py``: each KV program counts itself
+after it has read the level): that saves the compiled step a kernel per layer, the level's ``add_``. Shapes: ``B``
+batch, ``Hq``/``Hkv`` query/KV heads, ``D`` head dim (even), ``S`` cache slots. RoPE as Llama's
+``x * cos + rotate_half(x) * sin``, in float32.
 """
 
 import torch
@@ -21,6 +24,7 @@ if is_triton_available():
     import triton
     import triton.language as tl
 
+from .arrival_counters import arrival_counters
 from .dependent_launch import dependent_launch
 from .triton_gemv import on_device_of
 
@@ -42,7 +46,8 @@ def _rotary_cache_kernel(
     sin_ptr,
     key_cache_ptr,
     value_cache_ptr,
-    slot_ptr,
+    level_ptr,
+    arrivals_ptr,
     q_out_ptr,
     k_out_ptr,
     stride_qb,
@@ -67,6 +72,7 @@ def _rotary_cache_kernel(
     D,
     S,
     BLOCK_D: tl.constexpr,
+    ADVANCE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -88,17 +94,24 @@ def _rotary_cache_kernel(
     tl.store(q_out_ptr + b * stride_qob + h * stride_qoh + d, query.to(q_out_ptr.dtype.element_ty), mask=query_ok)
     j = h - Hq
     kv_ok = ok & (head >= Hq)
-    slot = tl.load(slot_ptr + 0 * d)  # the fill level in every lane: a block, as the masks are
-    write_ok = kv_ok & (slot < S)  # never past the cache's last slot
+    level = tl.load(level_ptr + 0 * d)  # the fill level in every lane: a block, as the masks are
+    write_ok = kv_ok & (level < S)  # never past the cache's last slot
     key = _rotate(k_ptr + b * stride_kb + j * stride_kh, cos, sin, d, partner, sign, kv_ok)
     key = key.to(k_out_ptr.dtype.element_ty)
     tl.store(k_out_ptr + b * stride_kob + j * stride_koh + d, key, mask=kv_ok)
-    tl.store(key_cache_ptr + b * stride_kcb + j * stride_kch + slot * stride_kcs + d, key, mask=write_ok)
+    tl.store(key_cache_ptr + b * stride_kcb + j * stride_kch + level * stride_kcs + d, key, mask=write_ok)
     value = tl.load(v_ptr + b * stride_vb + j * stride_vh + d, mask=kv_ok)
-    tl.store(value_cache_ptr + b * stride_vcb + j * stride_vch + slot * stride_vcs + d, value, mask=write_ok)
+    tl.store(value_cache_ptr + b * stride_vcb + j * stride_vch + level * stride_vcs + d, value, mask=write_ok)
+    if ADVANCE:  # the level grows once every KV program has read it: the last to arrive advances it
+        tl.debug_barrier()  # every lane's read of the level comes before the program's count (acq_rel orders the rest)
+        counted = kv_ok & (d == 0)
+        arrived = tl.atomic_add(arrivals_ptr + 0 * d, 1, mask=counted, sem="acq_rel")
+        last = counted & (arrived == tl.num_programs(0) * (tl.num_programs(1) - Hq) - 1)
+        tl.store(level_ptr + 0 * d, level + 1, mask=last)
+        tl.store(arrivals_ptr + 0 * d, 0, mask=last)
 
 
-@custom_op("lckv::rotary_cache_write", mutates_args=("key_cache", "value_cache"))
+@custom_op("lckv::rotary_cache_write", mutates_args=("key_cache", "value_cache", "level"))
 def rotary_cache_write(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -107,12 +120,13 @@ def rotary_cache_write(
     sin: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    slot: torch.Tensor,
+    level: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on ``query (B, Hq, 1, D)`` and ``key (B, Hkv, 1, D)`` with ``cos``/``sin`` ``(B or 1, 1, D)``; the rotated
-    key and ``value (B, Hkv, 1, D)`` written into ``key_cache``/``value_cache`` ``(B, Hkv, S, D)`` at slot ``slot``
-    (a 0-d integer tensor; at ``S`` or beyond nothing is written). Every last dim has unit stride. Returns the rotated
-    queries and keys, ``(B, Hq, 1, D)`` and ``(B, Hkv, 1, D)``."""
+    key and ``value (B, Hkv, 1, D)`` written into ``key_cache``/``value_cache`` ``(B, Hkv, S, D)`` at slot ``level``
+    (a 0-d int64 tensor, the cache layer's fill level; at ``S`` or beyond nothing is written), which then grows by
+    one. Every last dim has unit stride. Returns the rotated queries and keys, ``(B, Hq, 1, D)`` and
+    ``(B, Hkv, 1, D)``."""
     torch._check(
         all(t.stride(-1) == 1 for t in (query, key, value, cos, sin, key_cache, value_cache)),
         lambda: "rotary_cache_write: D must be the unit stride",
@@ -121,6 +135,7 @@ def rotary_cache_write(
     kv_heads = key.shape[1]
     query_out, key_out = query.new_empty(query.shape), key.new_empty(key.shape)
     pdl = dependent_launch(query.device)
+    arrivals = arrival_counters(query.device, 1)
     with on_device_of(query):
         _rotary_cache_kernel[(batch, query_heads + kv_heads)](
             query,
@@ -130,7 +145,8 @@ def rotary_cache_write(
             sin,
             key_cache,
             value_cache,
-            slot,
+            level,
+            level if arrivals is None else arrivals,  # never read without ADVANCE
             query_out,
             key_out,
             query.stride(0),
@@ -151,14 +167,17 @@ def rotary_cache_write(
             head_dim,
             key_cache.shape[2],
             BLOCK_D=triton.next_power_of_2(head_dim),
+            ADVANCE=arrivals is not None,
             PDL=pdl,
             num_warps=1,
             launch_pdl=pdl,
         )
+    if arrivals is None:
+        level.add_(1)
     return query_out, key_out
 
 
 @rotary_cache_write.register_fake
-def _(query, key, value, cos, sin, key_cache, value_cache, slot):
-    """Shapes for tracing (torch.compile): an opaque op that writes the two cache tensors in place."""
+def _(query, key, value, cos, sin, key_cache, value_cache, level):
+    """Shapes for tracing (torch.compile): an opaque op that writes the cache tensors and the level in place."""
     return query.new_empty(query.shape), key.new_empty(key.shape)
