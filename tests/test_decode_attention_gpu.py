@@ -6,7 +6,7 @@ import torch
 
 from bench import tune_decode_attention as tune
 from models import SPLIT_KV
-from models.kernels.decode_attention import load_split_kv_kernel, split_kv_decode_attention
+from models.kernels.decode_attention import load_split_kv_kernel, split_kv_decode_attention, split_kv_mask
 from models.kernels.decode_launch import MAX_SPLITS, WAVES
 
 from .conftest import tiny_config, tiny_model
@@ -45,6 +45,17 @@ def test_kernel_equals_sdpa(dtype, heads, kv_heads, strict):
     seen = mask.any(-1).flatten()  # the strict one-token row sees nothing: exactly zero (SDPA gives NaN)
     assert torch.equal(out[~seen], torch.zeros_like(out[~seen]))
     torch.testing.assert_close(out[seen].float(), expected[seen], **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
+def test_mask_view_op_equals_its_pytorch_twin(strict):
+    """The mask view op (rows copied, lengths reduced: one kernel) equals the PyTorch view, per row and broadcast."""
+    mask = gpu_inputs(torch.bfloat16, 8, 8, strict)[3]
+    mask[2, ..., 1000] = False  # a hole inside the span
+    for batch, attention_mask in ((len(SPANS), mask), (3, mask[:1])):
+        viewed = split_kv_mask(attention_mask, batch, SLOTS, mask.device, KERNEL)
+        expected = split_kv_mask(attention_mask, batch, SLOTS, mask.device)
+        assert viewed.rows.equal(expected.rows) and viewed.lengths.equal(expected.lengths)
 
 
 @pytest.mark.parametrize("splits", [1, 7, MAX_SPLITS])
