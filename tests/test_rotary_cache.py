@@ -22,6 +22,7 @@ from tests.conftest import load_interpreted, tiny_config, tiny_model
 FP32 = dict(rtol=4 * torch.finfo(torch.float32).eps, atol=4 * torch.finfo(torch.float32).eps)
 CONFIG = llama_twin(tiny_config())  # 4 query heads, 2 KV heads of 16 dims, 6 layers
 B, HQ, HKV, D, SLOTS, FILLED = 2, 4, 2, 16, 6, 3
+LAYER = 1  # a layer whose fill level the kernel advances (layer 0's is advanced after it)
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def kernel() -> RotaryCacheKernel:
     return load_interpreted(load_rotary_cache_kernel, "tests/test_rotary_cache_gpu.py")
 
 
-def decode_inputs(dtype: torch.dtype = torch.float32, batch_cos: bool = True):
+def decode_inputs(dtype: torch.dtype = torch.float32, batch_cos: bool = True, layer_idx: int = LAYER):
     """One token's queries, keys and values as views of one fused product (as the attention makes them), RoPE tables
     at each row's position, and a static cache layer holding ``FILLED`` tokens of ``SLOTS``."""
     product = torch.randn(B, 1, (HQ + 2 * HKV) * D, dtype=dtype)
@@ -41,7 +42,7 @@ def decode_inputs(dtype: torch.dtype = torch.float32, batch_cos: bool = True):
     positions = torch.tensor([[FILLED], [FILLED + 5]])[: B if batch_cos else 1]
     cos, sin = rotary(product, positions)
     cache = StaticCache(config=CONFIG, max_cache_len=SLOTS)
-    layer = cache.layers[0]
+    layer = cache.layers[layer_idx]
     layer.lazy_initialization(keys, values)
     layer.keys.normal_()
     layer.values.normal_()
@@ -49,26 +50,28 @@ def decode_inputs(dtype: torch.dtype = torch.float32, batch_cos: bool = True):
     return cache, queries, keys, values, cos, sin
 
 
-def two_steps(cache, queries, keys, values, cos, sin):
+def two_steps(cache, queries, keys, values, cos, sin, layer_idx: int = LAYER):
     """What the kernel replaces: the plain rotary, then ``cache.update``."""
     rotated_queries, rotated_keys = plain_rotate(queries, cos, sin), plain_rotate(keys, cos, sin)
-    cached_keys, cached_values = cache.update(rotated_keys, values, 0)
+    cached_keys, cached_values = cache.update(rotated_keys, values, layer_idx)
     return rotated_queries, rotated_keys, cached_keys, cached_values
 
 
+@pytest.mark.parametrize("layer_idx", [0, LAYER], ids=["level-after", "level-in-kernel"])
 @pytest.mark.parametrize("batch_cos", [True, False], ids=["cos-per-row", "cos-broadcast"])
-def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos):
-    """The outputs, the one slot written, and the level advanced once, by the last of the 4 KV programs (programs that
-    each advanced it would each write at a later slot), which leaves its counter at zero."""
-    cache, *inputs = decode_inputs(batch_cos=batch_cos)
+def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos, layer_idx):
+    """The outputs, the one slot written, and the level advanced once: after the kernel for layer 0, else by the last
+    of the kernel's 4 KV programs (programs that each advanced it would each write at a later slot), which leaves its
+    counter at zero."""
+    cache, *inputs = decode_inputs(batch_cos=batch_cos, layer_idx=layer_idx)
     expected_cache = copy.deepcopy(cache)
-    expected = two_steps(expected_cache, *inputs)
-    written = rotate_and_cache(kernel, cache, 0, *inputs)
+    expected = two_steps(expected_cache, *inputs, layer_idx=layer_idx)
+    written = rotate_and_cache(kernel, cache, layer_idx, *inputs)
     assert written is not None
     for out, reference in zip(written, expected, strict=True):
         assert out.shape == reference.shape
         torch.testing.assert_close(out, reference, **FP32)
-    layer, expected_layer = cache.layers[0], expected_cache.layers[0]
+    layer, expected_layer = cache.layers[layer_idx], expected_cache.layers[layer_idx]
     assert int(layer.cumulative_length) == int(expected_layer.cumulative_length) == FILLED + 1
     others = [s for s in range(SLOTS) if s != FILLED]
     assert layer.keys[:, :, others].equal(expected_layer.keys[:, :, others])  # nothing else written
@@ -83,9 +86,9 @@ def test_consecutive_steps_write_consecutive_slots(kernel):
     expected_cache = copy.deepcopy(cache)
     for _ in range(3):
         expected = two_steps(expected_cache, *inputs)
-        written = rotate_and_cache(kernel, cache, 0, *inputs)
+        written = rotate_and_cache(kernel, cache, LAYER, *inputs)
         torch.testing.assert_close(written[2], expected[2], **FP32)
-    assert int(cache.layers[0].cumulative_length) == FILLED + 3
+    assert int(cache.layers[LAYER].cumulative_length) == FILLED + 3
 
 
 def test_arrival_counters_are_kept_per_device_and_count():
@@ -97,9 +100,9 @@ def test_arrival_counters_are_kept_per_device_and_count():
 
 def test_where_the_kernel_applies(kernel):
     cache, queries, keys, values, cos, sin = decode_inputs()
-    layer = cache.layers[0]
+    layer = cache.layers[LAYER]
 
-    def writable(keys=keys, values=values, queries=queries, cache=cache, layer_idx=0, kernel=kernel):
+    def writable(keys=keys, values=values, queries=queries, cache=cache, layer_idx=LAYER, kernel=kernel):
         return writable_layer(kernel, cache, layer_idx, queries, keys, values)
 
     assert writable() is layer
@@ -111,12 +114,12 @@ def test_where_the_kernel_applies(kernel):
     assert writable(values=values.half()) is None
     assert writable(keys=keys[:1], values=values[:1]) is None  # another batch than the cache's
     assert writable(keys=keys[:, :1], values=values[:, :1]) is None  # other heads
-    assert writable(layer_idx=1) is None  # not initialized: update's lazy path
+    assert writable(layer_idx=2) is None  # not initialized: update's lazy path
     assert writable(layer_idx=99) is None  # no such layer
     assert writable(kernel=kernel._replace(devices=frozenset({"cuda"}))) is None
     assert writable(cache=DynamicCache(config=CONFIG)) is None
     subclassed = copy.deepcopy(cache)
-    subclassed.layers[0].__class__ = type("Sliding", (StaticLayer,), {})
+    subclassed.layers[LAYER].__class__ = type("Sliding", (StaticLayer,), {})
     assert writable(cache=subclassed) is None
     offloaded = copy.deepcopy(cache)
     offloaded.offloading = True
@@ -125,10 +128,10 @@ def test_where_the_kernel_applies(kernel):
         for name in ("queries", "keys", "values"):
             assert writable(**{name: locals()[name].clone().requires_grad_()}) is None
     full = copy.deepcopy(cache)
-    full.layers[0].cumulative_length.fill_(SLOTS)
+    full.layers[LAYER].cumulative_length.fill_(SLOTS)
     assert writable(cache=full) is None  # StaticLayer.update raises there
     before = layer.keys.clone()
-    assert rotate_and_cache(kernel, cache, 0, queries, torch.cat([keys, keys], dim=2), values, cos, sin) is None
+    assert rotate_and_cache(kernel, cache, LAYER, queries, torch.cat([keys, keys], dim=2), values, cos, sin) is None
     assert layer.keys.equal(before) and int(layer.cumulative_length) == FILLED  # nothing done
 
 
@@ -136,10 +139,12 @@ def test_kernel_writes_nothing_past_the_last_slot(kernel):
     """Inside a compiled step the fill level is not read on the host: a full cache is left as it is (the level still
     grows, as ``StaticLayer.update``'s does before its write fails)."""
     cache, queries, keys, values, cos, sin = decode_inputs()
-    layer = cache.layers[0]
+    layer = cache.layers[LAYER]
     before = layer.keys.clone(), layer.values.clone()
     level = torch.tensor(SLOTS)
     kernel.run(queries, keys, values, cos, sin, layer.keys, layer.values, level)
+    assert layer.keys.equal(before[0]) and layer.values.equal(before[1]) and level.item() == SLOTS
+    kernel.run_advancing(queries, keys, values, cos, sin, layer.keys, layer.values, level)
     assert layer.keys.equal(before[0]) and layer.values.equal(before[1]) and level.item() == SLOTS + 1
 
 
@@ -148,38 +153,42 @@ def test_compiled_trace_writes_the_cache(kernel):
     outputs and cache writes as eager."""
     cache, *inputs = decode_inputs()
     eager_cache = copy.deepcopy(cache)
-    expected = rotate_and_cache(kernel, eager_cache, 0, *inputs)
+    expected = rotate_and_cache(kernel, eager_cache, LAYER, *inputs)
 
     def step(queries, keys, values, cos, sin):
-        return rotate_and_cache(kernel, cache, 0, queries, keys, values, cos, sin)
+        return rotate_and_cache(kernel, cache, LAYER, queries, keys, values, cos, sin)
 
     with torch.no_grad():
         out = torch.compile(step, backend="aot_eager", fullgraph=True)(*inputs)
     for got, reference in zip(out[:2], expected[:2], strict=True):
         torch.testing.assert_close(got, reference, rtol=0, atol=0)
-    layer, eager_layer = cache.layers[0], eager_cache.layers[0]
+    layer, eager_layer = cache.layers[LAYER], eager_cache.layers[LAYER]
     assert layer.keys.equal(eager_layer.keys) and layer.values.equal(eager_layer.values)
     assert int(layer.cumulative_length) == FILLED + 1
 
 
 class Counting:
-    """The kernel's op, counting its calls."""
+    """Counts the calls of the ops it wraps, together."""
 
-    def __init__(self, op):
-        self.op, self.calls = op, 0
+    def __init__(self):
+        self.calls = 0
 
-    def __call__(self, *args):
-        self.calls += 1
-        return self.op(*args)
+    def wrap(self, op):
+        def counted(*args):
+            self.calls += 1
+            return op(*args)
+
+        return counted
 
 
 @pytest.mark.parametrize("name", ["opt-llama", "llama"])
 def test_fused_model_decodes_as_before(kernel, monkeypatch, name):
     """Greedy generation through a static cache gives the unfused model's tokens; every decode step of every layer
     with its own KVs ran the kernel (the prefill, several tokens, did not)."""
-    counting = Counting(kernel.run)
-    monkeypatch.setattr(rotary_cache, "load_rotary_cache_kernel", lambda: kernel._replace(run=counting))
-    monkeypatch.setattr("models.fused_projections.load_rotary_cache_kernel", lambda: kernel._replace(run=counting))
+    counting = Counting()
+    counted = kernel._replace(run=counting.wrap(kernel.run), run_advancing=counting.wrap(kernel.run_advancing))
+    monkeypatch.setattr(rotary_cache, "load_rotary_cache_kernel", lambda: counted)
+    monkeypatch.setattr("models.fused_projections.load_rotary_cache_kernel", lambda: counted)
     config = tiny_config()
     model = tiny_model(config if name == "opt-llama" else llama_twin(config))
     ids = torch.randint(3, 256, (2, 5))

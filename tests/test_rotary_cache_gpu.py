@@ -19,15 +19,16 @@ KERNEL = load_rotary_cache_kernel()  # compiled for the GPU (None without Triton
 TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["level-after", "level-in-kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 4, 64), (32, 32, 128)], ids=["tinyllama", "7b"])
-def test_kernel_equals_rotary_then_cache_update(dtype, heads, kv_heads, head_dim):
+def test_kernel_equals_rotary_then_cache_update(dtype, heads, kv_heads, head_dim, layer_idx):
     config = LlamaConfig(
         hidden_size=heads * head_dim,
         intermediate_size=64,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        num_hidden_layers=1,
+        num_hidden_layers=2,
         vocab_size=256,
     )
     batch, slots, filled = 3, 64, 17
@@ -38,27 +39,28 @@ def test_kernel_equals_rotary_then_cache_update(dtype, heads, kv_heads, head_dim
     )
     cos, sin = PlainRotaryEmbedding(config=config).cuda()(product, torch.tensor([[filled], [filled + 3], [40]]).cuda())
     cache = StaticCache(config=config, max_cache_len=slots)
-    cache.layers[0].lazy_initialization(keys, values)
-    cache.layers[0].keys.normal_()
-    cache.layers[0].cumulative_length.fill_(filled)
+    layer = cache.layers[layer_idx]
+    layer.lazy_initialization(keys, values)
+    layer.keys.normal_()
+    layer.cumulative_length.fill_(filled)
     reference = copy.deepcopy(cache)
     rotated_queries, rotated_keys = plain_rotate(queries, cos, sin), plain_rotate(keys, cos, sin)
-    expected_keys, expected_values = reference.update(rotated_keys, values, 0)
+    expected_keys, expected_values = reference.update(rotated_keys, values, layer_idx)
 
-    written = rotate_and_cache(KERNEL, cache, 0, queries, keys, values, cos, sin)
+    written = rotate_and_cache(KERNEL, cache, layer_idx, queries, keys, values, cos, sin)
     assert written is not None
     torch.testing.assert_close(written[0], rotated_queries, **TOLERANCE[dtype])
     torch.testing.assert_close(written[1], rotated_keys, **TOLERANCE[dtype])
     torch.testing.assert_close(written[2], expected_keys, **TOLERANCE[dtype])
     assert written[3].equal(expected_values)
-    assert int(cache.layers[0].cumulative_length) == filled + 1
+    assert int(layer.cumulative_length) == filled + 1
 
 
 def test_many_programs_advance_the_level_once_per_step():
     """Batch 256 x 4 KV heads: 1,024 programs count themselves in each launch; over 16 steps every row's values land
     in the slot of their step, and the level grows by exactly 16."""
     config = LlamaConfig(
-        hidden_size=2048, intermediate_size=64, num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=1
+        hidden_size=2048, intermediate_size=64, num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=2
     )
     batch, slots, steps = 256, 32, 16
     cache = StaticCache(config=config, max_cache_len=slots)
@@ -68,11 +70,11 @@ def test_many_programs_advance_the_level_once_per_step():
         queries = torch.randn(batch, 32, 1, 64, device="cuda", dtype=torch.bfloat16)
         keys, values = (torch.randn(batch, 4, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         if step == 0:
-            cache.layers[0].lazy_initialization(keys, values)
+            cache.layers[1].lazy_initialization(keys, values)
         cos, sin = rotary(queries, torch.full((batch, 1), step, device="cuda"))
-        assert rotate_and_cache(KERNEL, cache, 0, queries, keys, values, cos, sin) is not None
+        assert rotate_and_cache(KERNEL, cache, 1, queries, keys, values, cos, sin) is not None  # level in the kernel
         written_values.append(values[:, :, 0])
-    layer = cache.layers[0]
+    layer = cache.layers[1]
     assert int(layer.cumulative_length) == steps
     assert layer.values[:, :, :steps].equal(torch.stack(written_values, dim=2))
     assert not layer.values[:, :, steps:].any()

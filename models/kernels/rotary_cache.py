@@ -2,12 +2,12 @@
 
 An attention layer with its own KVs, at one token per row, rotates its queries and keys and then updates its cache
 layer (``StaticLayer.update``: the new keys and values written at the layer's fill level ``cumulative_length``, which
-then grows by one). ``rotate_and_cache`` does all of it with one kernel where the cache layer is transformers' plain
-``StaticLayer`` (the static cache of a compiled decode step), and returns None everywhere else, where the caller
-rotates and calls ``cache.update`` as before: several tokens, another cache layer (dynamic, sliding window,
-offloaded, staged LCKV layers), a gradient wanted, float64 (the kernel computes in float32), a device the kernel does
-not run on. ``fused_projections.fuse_projections`` gives the attention modules it fuses the kernel
-(``rotary_cache``), so ``--fused_projections`` turns it on for an LCKV model and a Llama alike.
+then grows by one). ``rotate_and_cache`` does it with one kernel (the level's growth included, but for layer 0's)
+where the cache layer is transformers' plain ``StaticLayer`` (the static cache of a compiled decode step), and
+returns None everywhere else, where the caller rotates and calls ``cache.update`` as before: several tokens, another
+cache layer (dynamic, sliding window, offloaded, staged LCKV layers), a gradient wanted, float64 (the kernel computes
+in float32), a device the kernel does not run on. ``fused_projections.fuse_projections`` gives the attention modules
+it fuses the kernel (``rotary_cache``), so ``--fused_projections`` turns it on for an LCKV model and a Llama alike.
 
 The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
 ``load_rotary_cache_kernel()`` (tests run the real kernel that way).
@@ -25,10 +25,12 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class RotaryCacheKernel(NamedTuple):
-    """The op (``triton_rotary_cache.rotary_cache_write``) and the device types it runs on. A module holds it: copied
-    as itself, pickled as "load it again" (a compiled op does not pickle)."""
+    """The ops (``triton_rotary_cache.rotary_cache_write``, and ``rotary_cache_write_advance``, which also advances
+    the fill level) and the device types they run on. A module holds it: copied as itself, pickled as "load it again"
+    (a compiled op does not pickle)."""
 
     run: Callable
+    run_advancing: Callable
     devices: frozenset[str]
 
     def __deepcopy__(self, memo: dict) -> "RotaryCacheKernel":
@@ -44,9 +46,9 @@ def load_rotary_cache_kernel(environ: Mapping[str, str] | None = None) -> Rotary
     devices = triton_devices(environ)
     if not devices:
         return None
-    from .triton_rotary_cache import rotary_cache_write
+    from .triton_rotary_cache import rotary_cache_write, rotary_cache_write_advance
 
-    return RotaryCacheKernel(rotary_cache_write, devices)
+    return RotaryCacheKernel(rotary_cache_write, rotary_cache_write_advance, devices)
 
 
 def writable_layer(
@@ -97,7 +99,13 @@ def rotate_and_cache(
     layer = writable_layer(kernel, cache, layer_idx, queries, keys, values)
     if layer is None:
         return None
-    rotated_queries, rotated_keys = kernel.run(
-        queries, keys, values, cos, sin, layer.keys, layer.values, layer.cumulative_length
-    )  # the fill level advanced too
+    inputs = (queries, keys, values, cos, sin, layer.keys, layer.values, layer.cumulative_length)
+    if layer_idx == 0:
+        # Layer 0's fill level is the cache's length (``Cache.get_seq_length``), read for the step's positions and
+        # masks: advanced inside the kernel, it made inductor recompute every layer's mask after that write (44 more
+        # kernels in a compiled TinyLlama step); advanced after the kernel, the masks are made once, up front.
+        rotated_queries, rotated_keys = kernel.run(*inputs)
+        layer.cumulative_length.add_(keys.shape[-2])
+    else:
+        rotated_queries, rotated_keys = kernel.run_advancing(*inputs)
     return rotated_queries, rotated_keys, layer.keys, layer.values

@@ -111,8 +111,7 @@ def _rotary_cache_kernel(
         tl.store(arrivals_ptr + 0 * d, 0, mask=last)
 
 
-@custom_op("lckv::rotary_cache_write", mutates_args=("key_cache", "value_cache", "level"))
-def rotary_cache_write(
+def _rotate_and_write(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -121,12 +120,9 @@ def rotary_cache_write(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     level: torch.Tensor,
+    advance: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on ``query (B, Hq, 1, D)`` and ``key (B, Hkv, 1, D)`` with ``cos``/``sin`` ``(B or 1, 1, D)``; the rotated
-    key and ``value (B, Hkv, 1, D)`` written into ``key_cache``/``value_cache`` ``(B, Hkv, S, D)`` at slot ``level``
-    (a 0-d int64 tensor, the cache layer's fill level; at ``S`` or beyond nothing is written), which then grows by
-    one. Every last dim has unit stride. Returns the rotated queries and keys, ``(B, Hq, 1, D)`` and
-    ``(B, Hkv, 1, D)``."""
+    """The kernel's launch for both ops below; ``advance``: the level grows by one too."""
     torch._check(
         all(t.stride(-1) == 1 for t in (query, key, value, cos, sin, key_cache, value_cache)),
         lambda: "rotary_cache_write: D must be the unit stride",
@@ -135,7 +131,7 @@ def rotary_cache_write(
     kv_heads = key.shape[1]
     query_out, key_out = query.new_empty(query.shape), key.new_empty(key.shape)
     pdl = dependent_launch(query.device)
-    arrivals = arrival_counters(query.device, 1)
+    arrivals = arrival_counters(query.device, 1) if advance else None
     with on_device_of(query):
         _rotary_cache_kernel[(batch, query_heads + kv_heads)](
             query,
@@ -172,12 +168,46 @@ def rotary_cache_write(
             num_warps=1,
             launch_pdl=pdl,
         )
-    if arrivals is None:
+    if advance and arrivals is None:  # no counter to be had (a first launch inside a graph capture)
         level.add_(1)
     return query_out, key_out
 
 
+@custom_op("lckv::rotary_cache_write", mutates_args=("key_cache", "value_cache"))
+def rotary_cache_write(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    level: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on ``query (B, Hq, 1, D)`` and ``key (B, Hkv, 1, D)`` with ``cos``/``sin`` ``(B or 1, 1, D)``; the rotated
+    key and ``value (B, Hkv, 1, D)`` written into ``key_cache``/``value_cache`` ``(B, Hkv, S, D)`` at slot ``level``
+    (a 0-d int64 tensor, the cache layer's fill level, read only; at ``S`` or beyond nothing is written). Every last
+    dim has unit stride. Returns the rotated queries and keys, ``(B, Hq, 1, D)`` and ``(B, Hkv, 1, D)``."""
+    return _rotate_and_write(query, key, value, cos, sin, key_cache, value_cache, level, advance=False)
+
+
+@custom_op("lckv::rotary_cache_write_advance", mutates_args=("key_cache", "value_cache", "level"))
+def rotary_cache_write_advance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    level: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary_cache_write``, and the level then grows by one (by the kernel's last KV program)."""
+    return _rotate_and_write(query, key, value, cos, sin, key_cache, value_cache, level, advance=True)
+
+
 @rotary_cache_write.register_fake
+@rotary_cache_write_advance.register_fake
 def _(query, key, value, cos, sin, key_cache, value_cache, level):
-    """Shapes for tracing (torch.compile): an opaque op that writes the cache tensors and the level in place."""
+    """Shapes for tracing (torch.compile): opaque ops that write their mutated tensors in place."""
     return query.new_empty(query.shape), key.new_empty(key.shape)
