@@ -93,21 +93,6 @@ def test_kernel_equals_sdpa_with_full_mask(interpreted_kernel, heads, kv_heads, 
     torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("splits", [3, 8])
-def test_last_program_merges_as_the_merge_kernel(interpreted_kernel, monkeypatch, splits):
-    """The last of a KV row's programs merges the row's parts (counters from ``arrival_counters``, left at zero) with
-    the merge kernel's arithmetic: the same bits as the merge kernel, which runs where no counters can be had."""
-    from models.kernels import triton_decode
-    from models.kernels.arrival_counters import arrival_counters
-
-    query, key, value = decode_inputs(len(SPANS), 8, 2)
-    mask = cache_mask(SPANS, strict=True)
-    merged_last = run_kernel(interpreted_kernel, query, key, value, mask, splits)
-    assert not arrival_counters(query.device, len(SPANS) * 2).any()
-    monkeypatch.setattr(triton_decode, "arrival_counters", lambda device, count: None)
-    assert torch.equal(run_kernel(interpreted_kernel, query, key, value, mask, splits), merged_last)
-
-
 @pytest.mark.parametrize("dim", [8, 24], ids=["below-16", "not-power-of-2"])
 def test_kernel_pads_head_dim(interpreted_kernel, dim):
     query, key, value = decode_inputs(len(SPANS), 4, 2, dim=dim)

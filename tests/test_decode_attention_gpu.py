@@ -47,21 +47,6 @@ def test_kernel_equals_sdpa(dtype, heads, kv_heads, strict):
     torch.testing.assert_close(out[seen].float(), expected[seen], **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(32, 4), (8, 8)], ids=["gqa", "mha"])
-def test_last_program_merges_as_the_merge_kernel(monkeypatch, heads, kv_heads):
-    """Compiled: the last of a KV row's 64 programs merges its parts as the merge kernel does (in float32 to a few
-    ulps: the sums over the parts may run in another order with the partial kernel's warps), and leaves the counters
-    at zero (a second call gives the same bits)."""
-    from models.kernels import triton_decode
-
-    query, key, value, mask = gpu_inputs(torch.float32, heads, kv_heads, strict=True)
-    merged_last = run_kernel(KERNEL.run, query, key, value, mask, MAX_SPLITS)
-    assert torch.equal(run_kernel(KERNEL.run, query, key, value, mask, MAX_SPLITS), merged_last)
-    monkeypatch.setattr(triton_decode, "arrival_counters", lambda device, count: None)
-    merge_kernel = run_kernel(KERNEL.run, query, key, value, mask, MAX_SPLITS)
-    torch.testing.assert_close(merged_last, merge_kernel, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
 def test_mask_view_op_equals_its_pytorch_twin(strict):
     """The mask view op (rows copied, lengths reduced: one kernel) equals the PyTorch view, per row and broadcast."""

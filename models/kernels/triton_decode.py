@@ -7,12 +7,10 @@ Shapes: ``B`` batch, ``Hq``/``Hkv`` query/KV heads, ``G = Hq / Hkv``, ``S`` cach
 ``NS`` splits. Program ``(b, h, s)`` of the first kernel reads KV head ``h`` of row ``b`` once for all ``G``
 query heads that share it, over the ``s``-th of ``NS`` equal parts of ``[0, lengths[b])``: slots at or after
 the row's length (the unfilled cache) are never loaded. Its partial result is the unnormalised output,
-running max and sum (base-2 logits, fp32). The ``NS`` parts of a query head are merged into its output; a row with
-no visible key (a strict-mask query on the first real token) merges to exactly zero. The last of a KV row's ``NS``
-programs to finish merges the row's parts for its ``G`` query heads (``arrival_counters.py``); where no counters can be
-had (a first launch inside a CUDA graph capture) a second kernel merges them, one program per query head, with the
-same arithmetic. With one split (large batches) the first kernel normalises and writes the output itself, the merge's
-arithmetic for one part.
+running max and sum (base-2 logits, fp32). The second kernel merges the ``NS`` parts per query head; a row
+with no visible key (a strict-mask query on the first real token) merges to exactly zero. With one split (large
+batches) the first kernel normalises and writes the output itself, the merge's arithmetic for one part, and the
+second kernel does not run.
 
 ``split_kv_mask_view`` makes what the first kernel reads of a bool mask, its rows and their lengths, in one more
 kernel: a model hands the result to all the layers sharing that mask (a compiled step otherwise copied the rows of a
@@ -30,7 +28,6 @@ if is_triton_available():
     import triton
     import triton.language as tl
 
-from .arrival_counters import arrival_counters
 from .decode_launch import MIN_DOT  # query heads and head dim are padded to it
 from .dependent_launch import dependent_launch
 
@@ -48,7 +45,6 @@ def _partial_kernel(
     max_ptr,
     sum_ptr,
     out_ptr,
-    counters_ptr,
     stride_qb,
     stride_qh,
     stride_qd,
@@ -74,8 +70,6 @@ def _partial_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    MERGE_LAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # int64: batch x cache strides exceed 2**31 at large batch
@@ -133,65 +127,10 @@ def _partial_kernel(
         out_offsets = b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     else:
-        query_heads = G * tl.num_programs(1)
-        part = (b * query_heads + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NS[, D])
+        part = (b * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NS[, D])
         tl.store(max_ptr + part, running_max, mask=g_ok)
         tl.store(sum_ptr + part, running_sum, mask=g_ok)
         tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
-        if MERGE_LAST:  # the last of the KV row's programs to arrive merges the row's parts
-            tl.debug_barrier()  # the program's partials are all stored before it counts itself (acq_rel: seen after)
-            counter = counters_ptr + b * tl.num_programs(1) + h
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                for head in range(h * G, h * G + G):
-                    _merge_head(
-                        acc_ptr,
-                        max_ptr,
-                        sum_ptr,
-                        out_ptr,
-                        b,
-                        head,
-                        query_heads,
-                        stride_ob,
-                        stride_oh,
-                        stride_od,
-                        D,
-                        NUM_SPLITS,
-                        BLOCK_SPLITS,
-                        BLOCK_D,
-                    )
-                tl.store(counter, 0)
-
-
-@triton.jit
-def _merge_head(
-    acc_ptr,
-    max_ptr,
-    sum_ptr,
-    out_ptr,
-    b,
-    h,
-    Hq,
-    stride_ob,
-    stride_oh,
-    stride_od,
-    D,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Query head ``h`` of row ``b``: its ``NUM_SPLITS`` parts merged into its output."""
-    s = tl.arange(0, BLOCK_SPLITS)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < NUM_SPLITS
-    part = (b * Hq + h) * NUM_SPLITS + s
-    maxes = tl.load(max_ptr + part, mask=s_ok, other=float("-inf"))
-    sums = tl.load(sum_ptr + part, mask=s_ok, other=0.0)
-    accs = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
-    top = tl.max(maxes, 0)
-    weights = tl.exp2(maxes - tl.where(top == float("-inf"), 0.0, top))  # empty splits weigh 0
-    total = tl.sum(weights * sums, 0)
-    out = tl.sum(weights[:, None] * accs, 0) / tl.where(total > 0, total, 1.0)  # no visible key: 0 / 1 = 0
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
@@ -215,22 +154,18 @@ def _merge_kernel(
     if PDL:  # the partials are the previous kernel's
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    _merge_head(
-        acc_ptr,
-        max_ptr,
-        sum_ptr,
-        out_ptr,
-        b,
-        h,
-        Hq,
-        stride_ob,
-        stride_oh,
-        stride_od,
-        D,
-        NUM_SPLITS,
-        BLOCK_SPLITS,
-        BLOCK_D,
-    )
+    s = tl.arange(0, BLOCK_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < NUM_SPLITS
+    part = (b * Hq + h) * NUM_SPLITS + s
+    maxes = tl.load(max_ptr + part, mask=s_ok, other=float("-inf"))
+    sums = tl.load(sum_ptr + part, mask=s_ok, other=0.0)
+    accs = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+    top = tl.max(maxes, 0)
+    weights = tl.exp2(maxes - tl.where(top == float("-inf"), 0.0, top))  # empty splits weigh 0
+    total = tl.sum(weights * sums, 0)
+    out = tl.sum(weights[:, None] * accs, 0) / tl.where(total > 0, total, 1.0)  # no visible key: 0 / 1 = 0
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
@@ -310,8 +245,6 @@ def split_kv_decode(
         acc = query.new_empty((*parts, head_dim), dtype=torch.float32)
         maxes = query.new_empty(parts, dtype=torch.float32)
         sums = query.new_empty(parts, dtype=torch.float32)
-    # The last program of a KV row merges its parts, where counters can be had; else the merge kernel does.
-    counters = arrival_counters(query.device, batch * kv_heads) if num_splits > 1 else None
     mask_arg = mask if mask is not None else lengths  # never read when HAS_MASK is off
     mask_strides = mask.stride() if mask is not None else (0, 0)
     block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
@@ -326,7 +259,6 @@ def split_kv_decode(
         maxes,
         sums,
         out,
-        lengths if counters is None else counters,  # never read without MERGE_LAST
         query.stride(0),
         query.stride(1),
         query.stride(3),
@@ -345,14 +277,12 @@ def split_kv_decode(
         BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-        MERGE_LAST=counters is not None,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=pdl,
     )
-    if num_splits == 1 or counters is not None:
+    if num_splits == 1:
         return out
     _merge_kernel[(batch, num_heads)](
         acc,
