@@ -48,7 +48,7 @@ from .kernels.grouped_linear import (
     grouped_products,
 )
 from .kernels.plain import GatedMLPForward
-from .kernels.rotary_cache import RotaryCacheKernel, load_rotary_cache_kernel, rotate_and_cache
+from .kernels.rotary_cache import RotaryCacheKernel, give_rotary_cache, load_rotary_cache_kernel, rotate_and_cache
 from .tensor_parallel import world_size
 
 
@@ -58,7 +58,7 @@ class FusedProjectionLlamaAttention(FusedGroupsMixin, LlamaAttention):
     configured attention, output projection."""
 
     fused_groups = QKV_GROUP
-    rotary_cache: RotaryCacheKernel | None = None  # set by fuse_projections
+    rotary_cache: RotaryCacheKernel | None = None  # set by fuse_projections, with its rotary_cache_arrivals buffer
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as LlamaAttention.forward
     def forward(
@@ -78,7 +78,8 @@ class FusedProjectionLlamaAttention(FusedGroupsMixin, LlamaAttention):
             for product in grouped_products(hidden_states, self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj))
         )
         cos, sin = position_embeddings
-        written = rotate_and_cache(self.rotary_cache, cache, self.layer_idx, queries, keys, values, cos, sin)
+        arrivals = getattr(self, "rotary_cache_arrivals", None)
+        written = rotate_and_cache(self.rotary_cache, arrivals, cache, self.layer_idx, queries, keys, values, cos, sin)
         if written is not None:
             queries, _, keys, values = written
         else:
@@ -132,6 +133,6 @@ def fuse_projections(model: nn.Module) -> int:
             module.__class__ = module_class
             setattr(module, fused_name, concatenated_linear(parts))
             if hasattr(module_class, "rotary_cache"):
-                module.rotary_cache = rotary_cache
+                give_rotary_cache(module, rotary_cache)
             fused += 1
     return fused

@@ -71,7 +71,8 @@ class OptLlamaAttention(FusedGroupsMixin, nn.Module):
     """
 
     fused_groups = QKV_GROUP
-    rotary_cache: RotaryCacheKernel | None = None  # set by fuse_projections: RoPE + cache write in one decode kernel
+    # set by fuse_projections, with its rotary_cache_arrivals buffer: RoPE + cache write in one decode kernel
+    rotary_cache: RotaryCacheKernel | None = None
 
     def __init__(self, config: OptLlamaConfig, layer_idx: int, kernel_selection: KernelSelection):
         super().__init__()
@@ -136,8 +137,9 @@ class OptLlamaAttention(FusedGroupsMixin, nn.Module):
         if self.has_own_kv:
             written = None
             if given_keys is None and commit and query_states is not None:
+                arrivals = getattr(self, "rotary_cache_arrivals", None)
                 written = rotate_and_cache(
-                    self.rotary_cache, cache, self.layer_idx, query_states, key_states, value_states, cos, sin
+                    self.rotary_cache, arrivals, cache, self.layer_idx, query_states, key_states, value_states, cos, sin
                 )
             if written is not None:  # rotated and committed to the cache by one kernel (kernels/rotary_cache.py)
                 query_states, key_states, given_keys, given_values = written

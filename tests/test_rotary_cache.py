@@ -12,9 +12,14 @@ from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
 from models.config_loading import llama_twin
 from models.fused_projections import fuse_projections
 from models.kernels import rotary_cache
-from models.kernels.arrival_counters import arrival_counters
 from models.kernels.plain import PlainRotaryEmbedding, plain_rotate
-from models.kernels.rotary_cache import RotaryCacheKernel, load_rotary_cache_kernel, rotate_and_cache, writable_layer
+from models.kernels.rotary_cache import (
+    RotaryCacheKernel,
+    give_rotary_cache,
+    load_rotary_cache_kernel,
+    rotate_and_cache,
+    writable_layer,
+)
 from tests.conftest import load_interpreted, tiny_config, tiny_model
 
 # float32 RoPE of values about 1: a product and a sum per element, rounded once (float32 against float32 reference
@@ -50,6 +55,11 @@ def decode_inputs(dtype: torch.dtype = torch.float32, batch_cos: bool = True, la
     return cache, queries, keys, values, cos, sin
 
 
+def zero_counter() -> torch.Tensor:
+    """The kernel's counter of arrivals, as ``give_rotary_cache`` makes it."""
+    return torch.zeros(1, dtype=torch.int32)
+
+
 def two_steps(cache, queries, keys, values, cos, sin, layer_idx: int = LAYER):
     """What the kernel replaces: the plain rotary, then ``cache.update``."""
     rotated_queries, rotated_keys = plain_rotate(queries, cos, sin), plain_rotate(keys, cos, sin)
@@ -66,7 +76,8 @@ def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos, layer_idx):
     cache, *inputs = decode_inputs(batch_cos=batch_cos, layer_idx=layer_idx)
     expected_cache = copy.deepcopy(cache)
     expected = two_steps(expected_cache, *inputs, layer_idx=layer_idx)
-    written = rotate_and_cache(kernel, cache, layer_idx, *inputs)
+    arrivals = zero_counter()
+    written = rotate_and_cache(kernel, arrivals, cache, layer_idx, *inputs)
     assert written is not None
     for out, reference in zip(written, expected, strict=True):
         assert out.shape == reference.shape
@@ -77,25 +88,43 @@ def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos, layer_idx):
     assert layer.keys[:, :, others].equal(expected_layer.keys[:, :, others])  # nothing else written
     assert layer.values[:, :, FILLED].equal(inputs[2][:, :, 0])  # values copied as they are
     assert written[2] is layer.keys and written[3] is layer.values  # the cache's own tensors, as update returns
-    assert arrival_counters(layer.keys.device, 1).item() == 0
+    assert arrivals.item() == 0
 
 
 def test_consecutive_steps_write_consecutive_slots(kernel):
     """The counter is back at zero after each launch: three steps fill three slots and advance the level by three."""
     cache, *inputs = decode_inputs()
     expected_cache = copy.deepcopy(cache)
+    arrivals = zero_counter()
     for _ in range(3):
         expected = two_steps(expected_cache, *inputs)
-        written = rotate_and_cache(kernel, cache, LAYER, *inputs)
+        written = rotate_and_cache(kernel, arrivals, cache, LAYER, *inputs)
         torch.testing.assert_close(written[2], expected[2], **FP32)
-    assert int(cache.layers[LAYER].cumulative_length) == FILLED + 3
+    assert int(cache.layers[LAYER].cumulative_length) == FILLED + 3 and arrivals.item() == 0
 
 
-def test_arrival_counters_are_kept_per_device_and_count():
-    counters = arrival_counters(torch.device("cpu"), 3)
-    assert counters.dtype == torch.int32 and counters.tolist() == [0, 0, 0]
-    assert arrival_counters(torch.device("cpu"), 3) is counters  # one address for the process: a graph keeps it
-    assert arrival_counters(torch.device("cpu"), 2) is not counters
+def test_without_a_counter_the_level_is_advanced_after_the_kernel(kernel):
+    """A module the kernel was given without its counter, or a counter on another device: the kernel writes, and the
+    level grows by one all the same."""
+    for arrivals in (None, torch.zeros(1, dtype=torch.int32, device="meta")):
+        cache, *inputs = decode_inputs()
+        expected_cache = copy.deepcopy(cache)
+        expected = two_steps(expected_cache, *inputs)
+        written = rotate_and_cache(kernel, arrivals, cache, LAYER, *inputs)
+        torch.testing.assert_close(written[2], expected[2], **FP32)
+        assert int(cache.layers[LAYER].cumulative_length) == FILLED + 1
+
+
+def test_give_rotary_cache_makes_the_counter_a_buffer(kernel):
+    """The counter moves with the module and stays out of its state dict."""
+    module = torch.nn.Linear(2, 2, dtype=torch.float64)
+    give_rotary_cache(module, kernel)
+    assert module.rotary_cache is kernel and module.rotary_cache_arrivals.tolist() == [0]
+    assert module.rotary_cache_arrivals.dtype == torch.int32 and "rotary_cache_arrivals" not in module.state_dict()
+    assert module.half().rotary_cache_arrivals.dtype == torch.int32  # a float cast leaves integer buffers alone
+    plain = torch.nn.Linear(2, 2)
+    give_rotary_cache(plain, None)
+    assert not hasattr(plain, "rotary_cache_arrivals")
 
 
 def test_where_the_kernel_applies(kernel):
@@ -131,7 +160,8 @@ def test_where_the_kernel_applies(kernel):
     full.layers[LAYER].cumulative_length.fill_(SLOTS)
     assert writable(cache=full) is None  # StaticLayer.update raises there
     before = layer.keys.clone()
-    assert rotate_and_cache(kernel, cache, LAYER, queries, torch.cat([keys, keys], dim=2), values, cos, sin) is None
+    two_tokens = torch.cat([keys, keys], dim=2)
+    assert rotate_and_cache(kernel, zero_counter(), cache, LAYER, queries, two_tokens, values, cos, sin) is None
     assert layer.keys.equal(before) and int(layer.cumulative_length) == FILLED  # nothing done
 
 
@@ -144,7 +174,7 @@ def test_kernel_writes_nothing_past_the_last_slot(kernel):
     level = torch.tensor(SLOTS)
     kernel.run(queries, keys, values, cos, sin, layer.keys, layer.values, level)
     assert layer.keys.equal(before[0]) and layer.values.equal(before[1]) and level.item() == SLOTS
-    kernel.run_advancing(queries, keys, values, cos, sin, layer.keys, layer.values, level)
+    kernel.run_advancing(queries, keys, values, cos, sin, layer.keys, layer.values, level, zero_counter())
     assert layer.keys.equal(before[0]) and layer.values.equal(before[1]) and level.item() == SLOTS + 1
 
 
@@ -153,10 +183,11 @@ def test_compiled_trace_writes_the_cache(kernel):
     outputs and cache writes as eager."""
     cache, *inputs = decode_inputs()
     eager_cache = copy.deepcopy(cache)
-    expected = rotate_and_cache(kernel, eager_cache, LAYER, *inputs)
+    expected = rotate_and_cache(kernel, zero_counter(), eager_cache, LAYER, *inputs)
+    arrivals = zero_counter()
 
     def step(queries, keys, values, cos, sin):
-        return rotate_and_cache(kernel, cache, LAYER, queries, keys, values, cos, sin)
+        return rotate_and_cache(kernel, arrivals, cache, LAYER, queries, keys, values, cos, sin)
 
     with torch.no_grad():
         out = torch.compile(step, backend="aot_eager", fullgraph=True)(*inputs)
@@ -164,7 +195,7 @@ def test_compiled_trace_writes_the_cache(kernel):
         torch.testing.assert_close(got, reference, rtol=0, atol=0)
     layer, eager_layer = cache.layers[LAYER], eager_cache.layers[LAYER]
     assert layer.keys.equal(eager_layer.keys) and layer.values.equal(eager_layer.values)
-    assert int(layer.cumulative_length) == FILLED + 1
+    assert int(layer.cumulative_length) == FILLED + 1 and arrivals.item() == 0
 
 
 class Counting:

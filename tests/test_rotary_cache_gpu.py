@@ -47,13 +47,14 @@ def test_kernel_equals_rotary_then_cache_update(dtype, heads, kv_heads, head_dim
     rotated_queries, rotated_keys = plain_rotate(queries, cos, sin), plain_rotate(keys, cos, sin)
     expected_keys, expected_values = reference.update(rotated_keys, values, layer_idx)
 
-    written = rotate_and_cache(KERNEL, cache, layer_idx, queries, keys, values, cos, sin)
+    arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
+    written = rotate_and_cache(KERNEL, arrivals, cache, layer_idx, queries, keys, values, cos, sin)
     assert written is not None
     torch.testing.assert_close(written[0], rotated_queries, **TOLERANCE[dtype])
     torch.testing.assert_close(written[1], rotated_keys, **TOLERANCE[dtype])
     torch.testing.assert_close(written[2], expected_keys, **TOLERANCE[dtype])
     assert written[3].equal(expected_values)
-    assert int(layer.cumulative_length) == filled + 1
+    assert int(layer.cumulative_length) == filled + 1 and arrivals.item() == 0
 
 
 def test_many_programs_advance_the_level_once_per_step():
@@ -65,16 +66,16 @@ def test_many_programs_advance_the_level_once_per_step():
     batch, slots, steps = 256, 32, 16
     cache = StaticCache(config=config, max_cache_len=slots)
     rotary = PlainRotaryEmbedding(config=config).cuda()
-    written_values = []
+    written_values, arrivals = [], torch.zeros(1, dtype=torch.int32, device="cuda")
     for step in range(steps):
         queries = torch.randn(batch, 32, 1, 64, device="cuda", dtype=torch.bfloat16)
         keys, values = (torch.randn(batch, 4, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         if step == 0:
             cache.layers[1].lazy_initialization(keys, values)
         cos, sin = rotary(queries, torch.full((batch, 1), step, device="cuda"))
-        assert rotate_and_cache(KERNEL, cache, 1, queries, keys, values, cos, sin) is not None  # level in the kernel
+        assert rotate_and_cache(KERNEL, arrivals, cache, 1, queries, keys, values, cos, sin) is not None
         written_values.append(values[:, :, 0])
     layer = cache.layers[1]
-    assert int(layer.cumulative_length) == steps
+    assert int(layer.cumulative_length) == steps and arrivals.item() == 0
     assert layer.values[:, :, :steps].equal(torch.stack(written_values, dim=2))
     assert not layer.values[:, :, steps:].any()

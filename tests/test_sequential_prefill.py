@@ -164,7 +164,7 @@ def test_prefill_and_decode_steps_compile_once_per_batch_size_at_any_prompt_leng
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 * batches
 
 
-def test_prefill_token_steps_read_only_the_filled_span(interpreted_kernel, monkeypatch):
+def test_prefill_token_steps_read_only_the_filled_span(interpreted_split_kv, monkeypatch):
     """Under sdpa_split_kv every attention of the sequential prefill's token steps runs the split-KV kernel, whose
     span per row is the last visible slot + 1 of the step's mask: the filled tokens a layer may see (up to the query
     for a causal layer, before it for a strict one; none for a left-padded row's padding), never the S preallocated
@@ -172,10 +172,12 @@ def test_prefill_token_steps_read_only_the_filled_span(interpreted_kernel, monke
     from .test_decode_attention import watched_split_kv
 
     spans = []
+    run = interpreted_split_kv.run
     selection = watched_split_kv(
         monkeypatch,
+        interpreted_split_kv,
         lambda q, k, v, mask, lengths, *rest: (
-            spans.append((k.shape[2], lengths.tolist())) or interpreted_kernel(q, k, v, mask, lengths, *rest)
+            spans.append((k.shape[2], lengths.tolist())) or run(q, k, v, mask, lengths, *rest)
         ),
     )
     fields = dict(prefill="sequential", num_encoders=NUM_ENCODERS, num_trained_encoders=1)

@@ -7,7 +7,9 @@ where the cache layer is transformers' plain ``StaticLayer`` (the static cache o
 returns None everywhere else, where the caller rotates and calls ``cache.update`` as before: several tokens, another
 cache layer (dynamic, sliding window, offloaded, staged LCKV layers), a gradient wanted, float64 (the kernel computes
 in float32), a device the kernel does not run on. ``fused_projections.fuse_projections`` gives the attention modules
-it fuses the kernel (``rotary_cache``), so ``--fused_projections`` turns it on for an LCKV model and a Llama alike.
+it fuses the kernel (``give_rotary_cache``: the module's ``rotary_cache``, and the kernel's counter as the module's
+buffer ``rotary_cache_arrivals``, so that it moves with the module and a compiled step reads it as an input like the
+cache), so ``--fused_projections`` turns it on for an LCKV model and a Llama alike.
 
 The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
 ``load_rotary_cache_kernel()`` (tests run the real kernel that way).
@@ -17,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
+from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
 
 from .flags import triton_devices
@@ -49,6 +52,17 @@ def load_rotary_cache_kernel(environ: Mapping[str, str] | None = None) -> Rotary
     from .triton_rotary_cache import rotary_cache_write, rotary_cache_write_advance
 
     return RotaryCacheKernel(rotary_cache_write, rotary_cache_write_advance, devices)
+
+
+def give_rotary_cache(module: nn.Module, kernel: RotaryCacheKernel | None) -> None:
+    """Let ``module``, an attention writing its KVs into a cache, run ``kernel``: ``module.rotary_cache``, and the
+    kernel's counter (int32 zero) as the non-persistent buffer ``module.rotary_cache_arrivals`` on the device of the
+    module's parameters. Nothing where ``kernel`` is None."""
+    if kernel is None:
+        return
+    module.rotary_cache = kernel
+    device = next(module.parameters()).device
+    module.register_buffer("rotary_cache_arrivals", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
 
 def writable_layer(
@@ -84,6 +98,7 @@ def writable_layer(
 
 def rotate_and_cache(
     kernel: RotaryCacheKernel | None,
+    arrivals: torch.Tensor | None,
     cache: Cache | None,
     layer_idx: int,
     queries: torch.Tensor,
@@ -93,19 +108,20 @@ def rotate_and_cache(
     sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """RoPE on ``queries`` ``(B, Hq, 1, D)`` and ``keys`` ``(B, Hkv, 1, D)`` (``cos``/``sin`` ``(B, 1, D)``) and
-    ``cache.update(keys, values, layer_idx)`` in one kernel; returns the rotated queries and keys and the layer's
-    cached keys and values ``(B, Hkv, S, D)``, as the two steps would. None where ``writable_layer`` says no: nothing
-    is done, the caller runs the two steps."""
+    ``cache.update(keys, values, layer_idx)`` in one kernel (``arrivals``: the module's ``rotary_cache_arrivals``;
+    without it on the keys' device the level is advanced after the kernel); returns the rotated queries and keys and
+    the layer's cached keys and values ``(B, Hkv, S, D)``, as the two steps would. None where ``writable_layer`` says
+    no: nothing is done, the caller runs the two steps."""
     layer = writable_layer(kernel, cache, layer_idx, queries, keys, values)
     if layer is None:
         return None
     inputs = (queries, keys, values, cos, sin, layer.keys, layer.values, layer.cumulative_length)
-    if layer_idx == 0:
-        # Layer 0's fill level is the cache's length (``Cache.get_seq_length``), read for the step's positions and
-        # masks: advanced inside the kernel, it made inductor recompute every layer's mask after that write (44 more
-        # kernels in a compiled TinyLlama step); advanced after the kernel, the masks are made once, up front.
+    # Layer 0's fill level is the cache's length (``Cache.get_seq_length``), read for the step's positions and masks:
+    # advanced inside the kernel, it made inductor make every layer's mask again after that write (44 more kernels in
+    # a compiled TinyLlama step); advanced after the kernel, the masks are made once, up front.
+    if layer_idx != 0 and arrivals is not None and arrivals.device == keys.device:
+        rotated_queries, rotated_keys = kernel.run_advancing(*inputs, arrivals)
+    else:
         rotated_queries, rotated_keys = kernel.run(*inputs)
         layer.cumulative_length.add_(keys.shape[-2])
-    else:
-        rotated_queries, rotated_keys = kernel.run_advancing(*inputs)
     return rotated_queries, rotated_keys, layer.keys, layer.values

@@ -8,8 +8,9 @@ compiled, that is three kernels of a few kilobytes each (rotary of Q; rotary of 
 costing its launch. Here program ``(b, h)`` handles head ``h`` of row ``b``: a query head (``h < Hq``) is rotated
 into the returned queries; a KV head is rotated into the returned keys and into the cache's slot ``level`` (the cache
 layer's fill level, read on the device), and its value is copied there. The last KV program to finish advances the
-level by one, as ``StaticLayer.update`` does after its write (``arrival_counters.py``: each KV program counts itself
-after it has read the level): that saves the compiled step a kernel per layer, the level's ``add_``. Shapes: ``B``
+level by one, as ``StaticLayer.update`` does after its write: each KV program counts itself in ``arrivals`` (an int32
+counter, zero between launches) after it has read the level, and the one that brings the count to ``B * Hkv`` writes
+the new level and the zero back. That saves the compiled step a kernel per layer, the level's ``add_``. Shapes: ``B``
 batch, ``Hq``/``Hkv`` query/KV heads, ``D`` head dim (even), ``S`` cache slots. RoPE as Llama's
 ``x * cos + rotate_half(x) * sin``, in float32.
 """
@@ -24,7 +25,6 @@ if is_triton_available():
     import triton
     import triton.language as tl
 
-from .arrival_counters import arrival_counters
 from .dependent_launch import dependent_launch
 from .triton_gemv import on_device_of
 
@@ -120,9 +120,9 @@ def _rotate_and_write(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     level: torch.Tensor,
-    advance: bool,
+    arrivals: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's launch for both ops below; ``advance``: the level grows by one too."""
+    """The kernel's launch for both ops below; with ``arrivals`` the level grows by one too."""
     torch._check(
         all(t.stride(-1) == 1 for t in (query, key, value, cos, sin, key_cache, value_cache)),
         lambda: "rotary_cache_write: D must be the unit stride",
@@ -131,7 +131,6 @@ def _rotate_and_write(
     kv_heads = key.shape[1]
     query_out, key_out = query.new_empty(query.shape), key.new_empty(key.shape)
     pdl = dependent_launch(query.device)
-    arrivals = arrival_counters(query.device, 1) if advance else None
     with on_device_of(query):
         _rotary_cache_kernel[(batch, query_heads + kv_heads)](
             query,
@@ -168,8 +167,6 @@ def _rotate_and_write(
             num_warps=1,
             launch_pdl=pdl,
         )
-    if advance and arrivals is None:  # no counter to be had (a first launch inside a graph capture)
-        level.add_(1)
     return query_out, key_out
 
 
@@ -188,10 +185,10 @@ def rotary_cache_write(
     key and ``value (B, Hkv, 1, D)`` written into ``key_cache``/``value_cache`` ``(B, Hkv, S, D)`` at slot ``level``
     (a 0-d int64 tensor, the cache layer's fill level, read only; at ``S`` or beyond nothing is written). Every last
     dim has unit stride. Returns the rotated queries and keys, ``(B, Hq, 1, D)`` and ``(B, Hkv, 1, D)``."""
-    return _rotate_and_write(query, key, value, cos, sin, key_cache, value_cache, level, advance=False)
+    return _rotate_and_write(query, key, value, cos, sin, key_cache, value_cache, level, None)
 
 
-@custom_op("lckv::rotary_cache_write_advance", mutates_args=("key_cache", "value_cache", "level"))
+@custom_op("lckv::rotary_cache_write_advance", mutates_args=("key_cache", "value_cache", "level", "arrivals"))
 def rotary_cache_write_advance(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -201,13 +198,20 @@ def rotary_cache_write_advance(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     level: torch.Tensor,
+    arrivals: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rotary_cache_write``, and the level then grows by one (by the kernel's last KV program)."""
-    return _rotate_and_write(query, key, value, cos, sin, key_cache, value_cache, level, advance=True)
+    """``rotary_cache_write``, and the level then grows by one, advanced by the kernel's last KV program: ``arrivals``
+    is a 1-element int32 counter on the device, zero before and after."""
+    return _rotate_and_write(query, key, value, cos, sin, key_cache, value_cache, level, arrivals)
 
 
 @rotary_cache_write.register_fake
-@rotary_cache_write_advance.register_fake
 def _(query, key, value, cos, sin, key_cache, value_cache, level):
-    """Shapes for tracing (torch.compile): opaque ops that write their mutated tensors in place."""
+    """Shapes for tracing (torch.compile): an opaque op that writes the cache tensors in place."""
+    return query.new_empty(query.shape), key.new_empty(key.shape)
+
+
+@rotary_cache_write_advance.register_fake
+def _(query, key, value, cos, sin, key_cache, value_cache, level, arrivals):
+    """Shapes for tracing (torch.compile): an opaque op that writes the cache tensors, the level and its counter."""
     return query.new_empty(query.shape), key.new_empty(key.shape)
