@@ -120,6 +120,7 @@ def test_give_rotary_cache_makes_the_counter_a_buffer(kernel):
     module = torch.nn.Linear(2, 2, dtype=torch.float64)
     give_rotary_cache(module, kernel)
     assert module.rotary_cache is kernel and module.rotary_cache_arrivals.tolist() == [0]
+    assert "rotary_cache_arrivals" in dict(module.named_buffers())
     assert module.rotary_cache_arrivals.dtype == torch.int32 and "rotary_cache_arrivals" not in module.state_dict()
     assert module.half().rotary_cache_arrivals.dtype == torch.int32  # a float cast leaves integer buffers alone
     plain = torch.nn.Linear(2, 2)
@@ -216,8 +217,8 @@ class Counting:
 def test_fused_model_decodes_as_before(kernel, monkeypatch, name):
     """Greedy generation through a static cache gives the unfused model's tokens; every decode step of every layer
     with its own KVs ran the kernel (the prefill, several tokens, did not)."""
-    counting = Counting()
-    counted = kernel._replace(run=counting.wrap(kernel.run), run_advancing=counting.wrap(kernel.run_advancing))
+    counting, advancing = Counting(), Counting()
+    counted = kernel._replace(run=counting.wrap(kernel.run), run_advancing=advancing.wrap(kernel.run_advancing))
     monkeypatch.setattr(rotary_cache, "load_rotary_cache_kernel", lambda: counted)
     monkeypatch.setattr("models.fused_projections.load_rotary_cache_kernel", lambda: counted)
     config = tiny_config()
@@ -232,4 +233,5 @@ def test_fused_model_decodes_as_before(kernel, monkeypatch, name):
     kv_layers = sum(
         getattr(layer.self_attn, "has_own_kv", True) for layer in model.model.layers
     )  # a Llama layer has its own KVs
-    assert counting.calls == 3 * kv_layers  # 4 new tokens: the first from the prefill, 3 decode steps
+    # 4 new tokens: the first from the prefill, 3 decode steps; every layer but layer 0 advances its level in the kernel
+    assert counting.calls + advancing.calls == 3 * kv_layers and advancing.calls == 3 * (kv_layers - 1)

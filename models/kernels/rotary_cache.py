@@ -117,8 +117,8 @@ def rotate_and_cache(
         return None
     inputs = (queries, keys, values, cos, sin, layer.keys, layer.values, layer.cumulative_length)
     # Layer 0's fill level is the cache's length (``Cache.get_seq_length``), read for the step's positions and masks:
-    # advanced inside the kernel, it made inductor make every layer's mask again after that write (44 more kernels in
-    # a compiled TinyLlama step); advanced after the kernel, the masks are made once, up front.
+    # advanced inside the kernel, it made inductor make every layer's mask again after that write (45 more kernels in
+    # a compiled TinyLlama Llama step); advanced after the kernel, the masks are made once, up front.
     if layer_idx != 0 and arrivals is not None and arrivals.device == keys.device:
         rotated_queries, rotated_keys = kernel.run_advancing(*inputs, arrivals)
     else:

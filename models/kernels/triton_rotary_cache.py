@@ -205,13 +205,11 @@ def rotary_cache_write_advance(
     return _rotate_and_write(query, key, value, cos, sin, key_cache, value_cache, level, arrivals)
 
 
-@rotary_cache_write.register_fake
-def _(query, key, value, cos, sin, key_cache, value_cache, level):
-    """Shapes for tracing (torch.compile): an opaque op that writes the cache tensors in place."""
+def _rotated_like(query, key, *written):
+    """Shapes for tracing (torch.compile): both ops are opaque; they write ``written`` (the cache tensors, and for the
+    advancing op the level and its counter) in place and return tensors like ``query`` and ``key``."""
     return query.new_empty(query.shape), key.new_empty(key.shape)
 
 
-@rotary_cache_write_advance.register_fake
-def _(query, key, value, cos, sin, key_cache, value_cache, level, arrivals):
-    """Shapes for tracing (torch.compile): an opaque op that writes the cache tensors, the level and its counter."""
-    return query.new_empty(query.shape), key.new_empty(key.shape)
+rotary_cache_write.register_fake(_rotated_like)
+rotary_cache_write_advance.register_fake(_rotated_like)
