@@ -48,17 +48,16 @@ from .kernels.grouped_linear import (
     grouped_products,
 )
 from .kernels.plain import GatedMLPForward
-from .kernels.rotary_cache import RotaryCacheKernel, give_rotary_cache, load_rotary_cache_kernel, rotate_and_cache
+from .kernels.rotary_cache import RotaryCacheMixin, give_rotary_cache, load_rotary_cache_kernel
 from .tensor_parallel import world_size
 
 
-class FusedProjectionLlamaAttention(FusedGroupsMixin, LlamaAttention):
+class FusedProjectionLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, LlamaAttention):
     """transformers' ``LlamaAttention`` with Q, K and V from one product (``qkv_proj``, set by ``fuse_projections``);
-    the rest as in ``LlamaAttention``: rotary and cache update (one kernel at a decode step, ``rotate_and_cache``), the
+    the rest as in ``LlamaAttention``: rotary and cache update (one kernel at a decode step, ``rotate_into_cache``), the
     configured attention, output projection."""
 
     fused_groups = QKV_GROUP
-    rotary_cache: RotaryCacheKernel | None = None  # set by fuse_projections, with its rotary_cache_arrivals buffer
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as LlamaAttention.forward
     def forward(
@@ -78,8 +77,7 @@ class FusedProjectionLlamaAttention(FusedGroupsMixin, LlamaAttention):
             for product in grouped_products(hidden_states, self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj))
         )
         cos, sin = position_embeddings
-        arrivals = getattr(self, "rotary_cache_arrivals", None)
-        written = rotate_and_cache(self.rotary_cache, arrivals, cache, self.layer_idx, queries, keys, values, cos, sin)
+        written = self.rotate_into_cache(cache, queries, keys, values, cos, sin)
         if written is not None:
             queries, _, keys, values = written
         else:
@@ -132,7 +130,7 @@ def fuse_projections(model: nn.Module) -> int:
                 continue
             module.__class__ = module_class
             setattr(module, fused_name, concatenated_linear(parts))
-            if hasattr(module_class, "rotary_cache"):
+            if issubclass(module_class, RotaryCacheMixin):
                 give_rotary_cache(module, rotary_cache)
             fused += 1
     return fused

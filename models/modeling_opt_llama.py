@@ -32,11 +32,10 @@ from .kernels import (
     FusedGroupsMixin,
     KernelSelection,
     PlainRotaryEmbedding,
-    RotaryCacheKernel,
+    RotaryCacheMixin,
     SplitKvKernel,
     grouped_products,
     is_decode_mask,
-    rotate_and_cache,
     split_kv_mask,
 )
 from .layer_plan import iteration_schedule, layer_plan
@@ -61,7 +60,7 @@ class OptLlamaCausalLMOutput(CausalLMOutputWithPast):
     kv_loss: torch.Tensor | None = None
 
 
-class OptLlamaAttention(FusedGroupsMixin, nn.Module):
+class OptLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, nn.Module):
     """Multi-head attention whose keys/values come from layer ``kv_source``.
 
     A layer with its own KVs (``kv_source == layer_idx``) has ``k_proj``/``v_proj``; a condensed layer has
@@ -71,8 +70,6 @@ class OptLlamaAttention(FusedGroupsMixin, nn.Module):
     """
 
     fused_groups = QKV_GROUP
-    # set by fuse_projections, with its rotary_cache_arrivals buffer: RoPE + cache write in one decode kernel
-    rotary_cache: RotaryCacheKernel | None = None
 
     def __init__(self, config: OptLlamaConfig, layer_idx: int, kernel_selection: KernelSelection):
         super().__init__()
@@ -137,10 +134,7 @@ class OptLlamaAttention(FusedGroupsMixin, nn.Module):
         if self.has_own_kv:
             written = None
             if given_keys is None and commit and query_states is not None:
-                arrivals = getattr(self, "rotary_cache_arrivals", None)
-                written = rotate_and_cache(
-                    self.rotary_cache, arrivals, cache, self.layer_idx, query_states, key_states, value_states, cos, sin
-                )
+                written = self.rotate_into_cache(cache, query_states, key_states, value_states, cos, sin)
             if written is not None:  # rotated and committed to the cache by one kernel (kernels/rotary_cache.py)
                 query_states, key_states, given_keys, given_values = written
                 own_kv = (given_keys, given_values)

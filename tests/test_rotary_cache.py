@@ -235,3 +235,41 @@ def test_fused_model_decodes_as_before(kernel, monkeypatch, name):
     )  # a Llama layer has its own KVs
     # 4 new tokens: the first from the prefill, 3 decode steps; every layer but layer 0 advances its level in the kernel
     assert counting.calls + advancing.calls == 3 * kv_layers and advancing.calls == 3 * (kv_layers - 1)
+
+
+def counters(model) -> list[int]:
+    """Every attention's kernel counter."""
+    return [int(buffer) for name, buffer in model.named_buffers() if name.endswith("rotary_cache_arrivals")]
+
+
+@pytest.mark.parametrize("name", ["opt-llama", "llama"])
+def test_a_conversion_leaves_the_counter_zero(kernel, monkeypatch, name):
+    """A conversion's new memory may hold anything (``to_empty``); the kernel counts from zero, so the attention
+    zeroes its counter after every conversion. Stood in for by a conversion that fills integer tensors with 7."""
+    monkeypatch.setattr("models.fused_projections.load_rotary_cache_kernel", lambda: kernel)
+    config = tiny_config()
+    model = tiny_model(config if name == "opt-llama" else llama_twin(config))
+    fuse_projections(model)
+    assert counters(model) and set(counters(model)) == {0}
+    model._apply(lambda t: t.new_full(t.shape, 7) if t.dtype == torch.int32 else t)
+    assert set(counters(model)) == {0}
+
+
+@pytest.mark.parametrize("name", ["opt-llama", "llama"])
+def test_fused_on_meta_then_materialised_decodes_as_before(kernel, monkeypatch, name):
+    """A model built and fused on the meta device, materialised with ``to_empty`` and loaded, decodes as the model it
+    was loaded from (the counter made zero, the parts views of the new fused matrices)."""
+    monkeypatch.setattr("models.fused_projections.load_rotary_cache_kernel", lambda: kernel)
+    config = tiny_config() if name == "opt-llama" else llama_twin(tiny_config())
+    reference = tiny_model(config)
+    with torch.device("meta"):
+        model = tiny_model(config, seed=1)
+    assert fuse_projections(model) > 0
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    model.model.rotary_emb.inv_freq.copy_(reference.model.rotary_emb.inv_freq)  # a non-persistent buffer
+    assert set(counters(model)) == {0}
+    ids = torch.randint(3, 256, (2, 5))
+    generate = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        assert model.generate(ids, **generate).equal(reference.generate(ids, **generate))

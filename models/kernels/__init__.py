@@ -48,7 +48,7 @@ from .flags import (
 )
 from .grouped_linear import QKV_GROUP, FusedGroupsMixin, grouped_products
 from .plain import PlainRMSNorm, PlainRotaryEmbedding, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
-from .rotary_cache import RotaryCacheKernel, rotate_and_cache
+from .rotary_cache import RotaryCacheKernel, RotaryCacheMixin, rotate_and_cache
 
 INSTALL_HINT = "see requirements-gpu.txt"
 
@@ -189,6 +189,7 @@ __all__ = [
     "KernelSelection",
     "PlainRotaryEmbedding",
     "RotaryCacheKernel",
+    "RotaryCacheMixin",
     "flag_enabled",
     "grouped_products",
     "is_decode_mask",

@@ -9,7 +9,12 @@ cache layer (dynamic, sliding window, offloaded, staged LCKV layers), a gradient
 in float32), a device the kernel does not run on. ``fused_projections.fuse_projections`` gives the attention modules
 it fuses the kernel (``give_rotary_cache``: the module's ``rotary_cache``, and the kernel's counter as the module's
 buffer ``rotary_cache_arrivals``, so that it moves with the module and a compiled step reads it as an input like the
-cache), so ``--fused_projections`` turns it on for an LCKV model and a Llama alike.
+cache), so ``--fused_projections`` turns it on for an LCKV model and a Llama alike. The attention classes take it
+through ``RotaryCacheMixin``.
+
+The counter is zero between launches: the last program of a launch to arrive sets it back to zero. So a module decodes
+on one CUDA stream at a time (two launches sharing the counter at once would miscount), and ``RotaryCacheMixin`` zeroes
+it after every conversion of the module (``.to()``, ``.to_empty()``, ``.cuda()``), whose new memory need not be zero.
 
 The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
 ``load_rotary_cache_kernel()`` (tests run the real kernel that way).
@@ -63,6 +68,35 @@ def give_rotary_cache(module: nn.Module, kernel: RotaryCacheKernel | None) -> No
     module.rotary_cache = kernel
     device = next(module.parameters()).device
     module.register_buffer("rotary_cache_arrivals", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+
+
+class RotaryCacheMixin:
+    """For an attention module with its own KVs that ``fuse_projections`` may give the kernel (``give_rotary_cache``):
+    ``rotate_into_cache`` runs it with the module's kernel, counter and layer index, and a conversion of the module
+    leaves the counter zero (``to_empty()`` makes it of uninitialised memory, which the kernel would miscount)."""
+
+    rotary_cache: RotaryCacheKernel | None = None  # set by give_rotary_cache, with its rotary_cache_arrivals buffer
+    layer_idx: int
+
+    def _apply(self, fn, recurse: bool = True):
+        module = super()._apply(fn, recurse)
+        arrivals = getattr(self, "rotary_cache_arrivals", None)
+        if arrivals is not None:
+            arrivals.zero_()
+        return module
+
+    def rotate_into_cache(
+        self,
+        cache: Cache | None,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``rotate_and_cache`` with this module's kernel, counter and layer."""
+        arrivals = getattr(self, "rotary_cache_arrivals", None)
+        return rotate_and_cache(self.rotary_cache, arrivals, cache, self.layer_idx, queries, keys, values, cos, sin)
 
 
 def writable_layer(
