@@ -1,4 +1,5 @@
-"""Where a compiled decode step's time goes: torch.profiler over generate's decode steps, plus the attention alone.
+"""Where a compiled decode step's time goes: torch.profiler over generate's decode steps, plus the attention alone
+(and, with ``--prefill_steps``, an LCKV model's sequential-prefill token steps).
 
     python -m bench.profile_decode --output_dir bench/results/profile_decode            # GPU: tinyllama(_opt), bf16
     python -m bench.profile_decode --device cpu --configs configs/test_tiny_opt.json \\
@@ -16,7 +17,11 @@ host-sync calls (``cudaStreamSynchronize``, ``.item()``...), CUDA graph launches
 and what TorchDynamo and inductor made of the decode step: the graphs compiled (2 for one clean step: the forward
 and the token selection), graph breaks, and CUDA graphs skipped (run with ``TORCH_LOGS=cudagraphs`` for the reason).
 The attention bench times one layer's decode attention (``sdpa_split_kv`` vs ``sdpa_packed_gqa``) on a half-filled
-cache against its filled-KV bytes. Writes ``profile.json`` and a ``trace_<model>.json`` (chrome trace) per model.
+cache against its filled-KV bytes. ``--prefill_steps N``: for an LCKV model also ``N`` token steps of the sequential
+prefill (``prefill_cache`` from an empty cache, after an untimed run that compiles and captures its step), summarised
+per step as the decode steps are (``prefill`` in the model's entry): the steps at the start of a long prompt, whose
+attention reads little, show what else a step costs. Writes ``profile.json`` and a ``trace_<model>.json`` (chrome
+trace) per model.
 """
 
 import argparse
@@ -35,9 +40,16 @@ from models import PACKED_SDPA, SPLIT_KV
 from models.chunked_prefill import prefill_in_chunks, set_cached_length
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import load_split_kv_kernel, split_kv_sdpa_attention
+from models.sequential_prefill import prefill_cache
 from models.tensor_parallel import is_main_process, world_size
 from tools.cli import add_decode_kernel_options, run_cli, set_decode_kernel_options
-from tools.measure import CompiledStepTimer, build_random_model, load_config_for_length, profiler_activities
+from tools.measure import (
+    CompiledStepTimer,
+    build_random_model,
+    load_config_for_length,
+    profiler_activities,
+    synchronize,
+)
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
 SYNC_NAMES = (
@@ -50,6 +62,7 @@ SYNC_NAMES = (
 )
 GRAPH_LAUNCH = "cudaGraphLaunch"
 STEP_MARK = "decode_step"
+PREFILL_MARK = "prefill_steps"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,12 +77,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="decode steps profiled")
     p.add_argument("--attention_batches", default="1,128,512", help="comma-separated batches of the attention bench")
     p.add_argument("--top", type=int, default=15, help="rows of the kernel and CPU-op tables")
+    p.add_argument(
+        "--prefill_steps",
+        type=int,
+        default=0,
+        help="LCKV models: also profile this many token steps of the sequential prefill from an empty cache "
+        "(0: none; at most prompt_len + gen_len)",
+    )
     add_decode_kernel_options(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output_dir", default="bench/results/profile_decode")
     args = p.parse_args(argv)
     if args.prompt_len < 2 or args.steps < 2:
         p.error(f"--prompt_len {args.prompt_len} / --steps {args.steps}: allowed values are >= 2")
+    if args.prefill_steps and not 3 <= args.prefill_steps <= args.prompt_len + args.gen_len:
+        p.error(
+            f"--prefill_steps {args.prefill_steps}: allowed are 0 and 3 to prompt_len + gen_len "
+            f"({args.prompt_len + args.gen_len}; three steps capture the step's CUDA graph)"
+        )
     return args
 
 
@@ -87,10 +112,10 @@ def merged_busy(intervals: list[tuple[float, float]]) -> tuple[float, float]:
     return busy + end - start, max(e for _, e in ordered) - ordered[0][0]
 
 
-def step_summary(events, steps: int, top: int) -> dict:
+def step_summary(events, steps: int, top: int, mark: str = STEP_MARK) -> dict:
     """Per-step GPU busy / idle time, host syncs and graph launches, and the top kernels / CPU ops, from the
-    profiler's events of ``steps`` decode steps (``STEP_MARK`` ranges; GPU numbers are None without CUDA events)."""
-    marks = [e for e in events if e.name == STEP_MARK and e.device_type == torch.autograd.DeviceType.CPU]
+    profiler's events of ``steps`` steps inside the ``mark`` ranges (GPU numbers are None without CUDA events)."""
+    marks = [e for e in events if e.name == mark and e.device_type == torch.autograd.DeviceType.CPU]
     window = (min(e.time_range.start for e in marks), max(e.time_range.end for e in marks)) if marks else (0, 0)
     # Kernels from the first step on: the captured loop queues steps ahead of the GPU, so they run long after the
     # host's marks (the profile stops after a synchronize, and after the last step generate only gathers tokens).
@@ -123,7 +148,7 @@ def step_summary(events, steps: int, top: int) -> dict:
         "host_syncs_per_step": {name: per_step((name,)) for name in SYNC_NAMES},
         "graph_launches_per_step": per_step((GRAPH_LAUNCH,)),
         "top_kernels": table(kernels),
-        "top_cpu_ops": table([e for e in cpu if e.name != STEP_MARK]),
+        "top_cpu_ops": table([e for e in cpu if e.name != mark]),
     }
 
 
@@ -195,14 +220,46 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
     }
     prof = profile(activities=profiler_activities(model.device))
     generate_ms, compiled_ms = decode(model, ids, args, args.steps, cache, profiler=prof)
-    del cache
     name = Path(path).stem
     if is_main_process():
         prof.export_chrome_trace(str(out_dir / f"trace_{name}.json"))
     # generate's first forward (the last prompt token) is eager, not compiled: summarise the compiled calls only.
     summary = step_summary(prof.events(), args.steps - 1, args.top)
-    del model
-    return {"config": path, "generate_ms_per_step": generate_ms, "compiled_step_ms": compiled_ms, **compiled, **summary}
+    prefill = profile_prefill(model, args, cache) if args.prefill_steps and config.model_type == "opt-llama" else None
+    del cache, model
+    return {
+        "config": path,
+        "generate_ms_per_step": generate_ms,
+        "compiled_step_ms": compiled_ms,
+        **compiled,
+        **summary,
+        **({"prefill": prefill} if prefill is not None else {}),
+    }
+
+
+def profile_prefill(model, args, cache: StaticCache) -> dict:
+    """``--prefill_steps`` token steps of the sequential prefill from the rewound ``cache``, once untimed (compile and
+    capture the step), once under the profiler: wall ms per step and ``step_summary``'s figures."""
+    steps = args.prefill_steps
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, steps), device=model.device)
+    prof = profile(activities=profiler_activities(model.device))
+    for profiler in (None, prof):
+        set_cached_length(cache, 0)
+        synchronize(model.device)
+        if profiler is not None:
+            profiler.start()
+        start = time.perf_counter()
+        with torch.no_grad(), record_function(PREFILL_MARK):
+            prefill_cache(model, ids, cache)
+        synchronize(model.device)
+        wall = time.perf_counter() - start
+        if profiler is not None:
+            profiler.stop()
+    return {
+        "steps": steps,
+        "ms_per_step": 1e3 * wall / steps,
+        **step_summary(prof.events(), steps, args.top, PREFILL_MARK),
+    }
 
 
 def time_ms(fn, repeats: int = 20) -> float:
@@ -270,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             "fused_projections",
             "small_batch_gemv",
             "dependent_launch",
+            "prefill_steps",
         )
     }
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
@@ -291,6 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for row in r["top_kernels"][:8] + r["top_cpu_ops"][:8]:
             print(f"   {row['us_per_step']:9.1f} us x{row['calls_per_step']:5.1f}  {row['name']}")
+        if "prefill" in r:
+            p = r["prefill"]
+            print(
+                f"   prefill: {p['ms_per_step']:.3f} ms/step over {p['steps']} steps, GPU busy "
+                f"{p['gpu_busy_ms_per_step']} ms, idle {p['gpu_idle_ms_per_step']} ms"
+            )
+            for row in p["top_kernels"][:8] + p["top_cpu_ops"][:8]:
+                print(f"   {row['us_per_step']:9.1f} us x{row['calls_per_step']:5.1f}  {row['name']}")
     for row in out["attention"]:
         print(
             f"attention b={row['batch']}: "

@@ -78,3 +78,28 @@ def test_warm_up_and_profiled_call_share_one_cache(tmp_path, monkeypatch):
     profile_decode.main(smoke_argv(tmp_path))
     assert len(caches) == 2 and caches[0][0] is caches[1][0]
     assert [length for _, length in caches] == [0, 0]  # each prefill starts from an empty (rewound) cache
+
+
+def test_prefill_steps_profile_the_sequential_prefill(tmp_path, monkeypatch):
+    """--prefill_steps N: N token steps of the sequential prefill, run once to compile and once profiled, each from
+    the rewound cache, summarised per step (the token step's ops among the CPU ops)."""
+    lengths = []
+    original = profile_decode.prefill_cache
+    monkeypatch.setattr(
+        profile_decode,
+        "prefill_cache",
+        lambda model, ids, cache: lengths.append((ids.shape[1], int(cache.get_seq_length())))
+        or original(model, ids, cache),
+    )
+    out = profile_decode.main(smoke_argv(tmp_path, "--prefill_steps", "4"))
+    prefill = out["models"]["test_tiny_opt"]["prefill"]
+    assert lengths == [(4, 0), (4, 0)] and out["setting"]["prefill_steps"] == 4
+    assert prefill["steps"] == 4 and prefill["ms_per_step"] > 0 and prefill["wall_ms_per_step"] > 0
+    names = {row["name"] for row in prefill["top_cpu_ops"]}
+    assert "aten::linear" in names and profile_decode.PREFILL_MARK not in names
+
+
+@pytest.mark.parametrize("steps", ["2", "11"])
+def test_prefill_steps_out_of_range(tmp_path, steps):
+    with pytest.raises(SystemExit):
+        profile_decode.parse_args(smoke_argv(tmp_path, "--prefill_steps", steps))
