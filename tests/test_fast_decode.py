@@ -292,6 +292,51 @@ def test_captured_steps_compile_once(loops, name):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("name", ["opt-llama", "llama"])
+def test_guard_checks_skipped_after_the_first_interval(loops, monkeypatch, name):
+    """The compiled calls skip dynamo's guard checks from the second stop-check interval on, and still run the graph
+    of their shapes: batches 2, 3 and 2 again (two graphs of each call, told apart by the checks dynamo keeps) give
+    plain generate's tokens."""
+    model = enable_fast_decode(tiny_model(CONFIGS[name]()))
+    model.generation_config.stop_check_interval = INTERVAL
+    compile_config = CompileConfig(backend="eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told
+    skipped = []
+    compiled_call = model.get_compiled_call
+
+    def recording_compiled_call(config):
+        call = compiled_call(config)
+        return lambda **inputs: (
+            skipped.append(torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe) or call(**inputs)
+        )
+
+    monkeypatch.setattr(model, "get_compiled_call", recording_compiled_call)
+    torch._dynamo.reset()
+    ids, mask = left_padded_batch()
+    for rows in (slice(0, 2), slice(0, 3), slice(1, 3)):
+        outputs = []
+        for fast in (True, False):
+            model.generation_config.fast_decode = fast
+            model.generation_config.compile_config = compile_config if fast else None
+            skipped.clear()
+            torch.manual_seed(0)
+            outputs.append(
+                model.generate(
+                    ids[rows],
+                    attention_mask=mask[rows],
+                    max_new_tokens=NEW,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                    cache=StaticCache(config=model.config, max_cache_len=PROMPT + NEW),
+                    **SAMPLING,
+                )
+            )
+            if fast:  # the first interval's steps checked, the later ones skipped
+                assert skipped == [False] * INTERVAL + [True] * (NEW - 1 - INTERVAL)
+        assert torch.equal(*outputs)
+    torch._dynamo.reset()
+
+
 def test_latency_tool_decodes_both_models_with_the_captured_loop(loops, tmp_path):
     import sys
 
