@@ -71,8 +71,8 @@ def two_steps(cache, queries, keys, values, cos, sin, layer_idx: int = LAYER):
 @pytest.mark.parametrize("batch_cos", [True, False], ids=["cos-per-row", "cos-broadcast"])
 def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos, layer_idx):
     """The outputs, the one slot written, and the level advanced once: after the kernel for layer 0, else by the last
-    of the kernel's 4 KV programs (programs that each advanced it would each write at a later slot), which leaves its
-    counter at zero."""
+    of the kernel's 2 programs, one per row (programs that each advanced it would each write at a later slot), which
+    leaves its counter at zero."""
     cache, *inputs = decode_inputs(batch_cos=batch_cos, layer_idx=layer_idx)
     expected_cache = copy.deepcopy(cache)
     expected = two_steps(expected_cache, *inputs, layer_idx=layer_idx)
@@ -89,6 +89,31 @@ def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos, layer_idx):
     assert layer.values[:, :, FILLED].equal(inputs[2][:, :, 0])  # values copied as they are
     assert written[2] is layer.keys and written[3] is layer.values  # the cache's own tensors, as update returns
     assert arrivals.item() == 0
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(6, 3, 24), (5, 1, 10)])
+def test_ragged_heads_and_head_dim(kernel, heads, kv_heads, head_dim):
+    """Head counts and a head dim that are not powers of two (a program's tile is padded to them): every head of
+    every row rotated, and its KVs written at the level, which the last of the 3 programs advances."""
+    batch, slots, level = 3, 5, 2
+    queries = torch.randn(batch, heads, 1, head_dim)
+    keys, values = torch.randn(2, batch, kv_heads, 1, head_dim)
+    positions = torch.arange(batch)[:, None] + level
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+    angles = torch.cat([positions[..., None] * inv_freq] * 2, dim=-1)  # (B, 1, D)
+    cos, sin = angles.cos(), angles.sin()
+    key_cache, value_cache = torch.randn(2, batch, kv_heads, slots, head_dim)
+    expected_keys, expected_values = key_cache.clone(), value_cache.clone()
+    expected_keys[:, :, level] = plain_rotate(keys, cos, sin)[:, :, 0]
+    expected_values[:, :, level] = values[:, :, 0]
+    fill, arrivals = torch.tensor(level), zero_counter()
+    rotated_queries, rotated_keys = kernel.run_advancing(
+        queries, keys, values, cos, sin, key_cache, value_cache, fill, arrivals
+    )
+    torch.testing.assert_close(rotated_queries, plain_rotate(queries, cos, sin), **FP32)
+    torch.testing.assert_close(rotated_keys, plain_rotate(keys, cos, sin), **FP32)
+    torch.testing.assert_close(key_cache, expected_keys, **FP32)
+    assert value_cache.equal(expected_values) and int(fill) == level + 1 and arrivals.item() == 0
 
 
 def test_consecutive_steps_write_consecutive_slots(kernel):

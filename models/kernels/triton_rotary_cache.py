@@ -5,13 +5,14 @@ this module is first imported); ``rotary_cache.py`` decides, and rotates and upd
 
 A decode step's attention layer with its own KVs rotates its query and key and writes key and value into the cache:
 compiled, that is three kernels of a few kilobytes each (rotary of Q; rotary of K and its write; the write of V), each
-costing its launch. Here program ``(b, h)`` handles head ``h`` of row ``b``: a query head (``h < Hq``) is rotated
-into the returned queries; a KV head is rotated into the returned keys and into the cache's slot ``level`` (the cache
-layer's fill level, read on the device), and its value is copied there. The last KV program to finish advances the
-level by one, as ``StaticLayer.update`` does after its write: each KV program counts itself in ``arrivals`` (an int32
-counter, zero between launches) after it has read the level, and the one that brings the count to ``B * Hkv`` writes
-the new level and the zero back. That saves the compiled step a kernel per layer, the level's ``add_``. Shapes: ``B``
-batch, ``Hq``/``Hkv`` query/KV heads, ``D`` head dim (even), ``S`` cache slots. RoPE as Llama's
+costing its launch. Here program ``b`` handles row ``b``: its query heads, a ``(Hq, D)`` tile, are rotated into the
+returned queries; its KV heads are rotated into the returned keys and into the cache's slot ``level`` (the cache
+layer's fill level, read on the device), and its values are copied there. One program per row, not per head: at batch
+4,096 a program per head (147,456 programs of one warp for TinyLlama) took about 180 us per call on an H200. The last
+program to finish advances the level by one, as ``StaticLayer.update`` does after its write: each program counts itself
+in ``arrivals`` (an int32 counter, zero between launches) after it has read the level, and the one that brings the
+count to ``B`` writes the new level and the zero back. That saves the compiled step a kernel per layer, the level's
+``add_``. Shapes: ``B`` batch, ``Hq``/``Hkv`` query/KV heads, ``D`` head dim (even), ``S`` cache slots. RoPE as Llama's
 ``x * cos + rotate_half(x) * sin``, in float32.
 """
 
@@ -28,13 +29,17 @@ if is_triton_available():
 from .dependent_launch import dependent_launch
 from .triton_gemv import on_device_of
 
+SMALL_TILE = 4096  # query values per row up to which a program has 4 warps (8 above: fewer registers per thread)
+
 
 @triton.jit
-def _rotate(x_ptr, cos, sin, d, partner, sign, ok):
-    """``x * cos + rotate_half(x) * sin`` of the head at ``x_ptr`` (unit stride along D), in float32."""
-    x = tl.load(x_ptr + d, mask=ok, other=0.0).to(tl.float32)
-    rotated_half = sign * tl.load(x_ptr + partner, mask=ok, other=0.0).to(tl.float32)
-    return x * cos + rotated_half * sin
+def _rotate_heads(x_ptr, stride_h, heads, cos, sin, d, partner, sign, ok):
+    """``x * cos + rotate_half(x) * sin`` of the ``heads`` at ``x_ptr`` (stride ``stride_h`` between heads, unit stride
+    along D): a ``(BLOCK_H, BLOCK_D)`` float32 tile; ``ok`` masks it."""
+    rows = x_ptr + heads[:, None] * stride_h
+    x = tl.load(rows + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    rotated_half = sign[None, :] * tl.load(rows + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+    return x * cos[None, :] + rotated_half * sin[None, :]
 
 
 @triton.jit
@@ -69,44 +74,50 @@ def _rotary_cache_kernel(
     stride_kob,
     stride_koh,
     Hq,
+    Hkv,
     D,
     S,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ADVANCE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
     if PDL:  # the query, key and value are the previous kernel's product
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     d = tl.arange(0, BLOCK_D)
-    ok = d < D
+    d_ok = d < D
     half = D // 2
     partner = tl.where(d < half, d + half, d - half)
     sign = tl.where(d < half, -1.0, 1.0)
-    cos = tl.load(cos_ptr + b * stride_cos_b + d, mask=ok, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + b * stride_sin_b + d, mask=ok, other=0.0).to(tl.float32)
-    # A query head or a KV head, by masks rather than a branch: the other side's loads and stores are all masked off.
-    head = tl.full((BLOCK_D,), 0, tl.int32) + h  # as a block: a mask of one dtype, compiled or interpreted
-    query_ok = ok & (head < Hq)
-    query = _rotate(q_ptr + b * stride_qb + h * stride_qh, cos, sin, d, partner, sign, query_ok)
-    tl.store(q_out_ptr + b * stride_qob + h * stride_qoh + d, query.to(q_out_ptr.dtype.element_ty), mask=query_ok)
-    j = h - Hq
-    kv_ok = ok & (head >= Hq)
+    cos = tl.load(cos_ptr + b * stride_cos_b + d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * stride_sin_b + d, mask=d_ok, other=0.0).to(tl.float32)
+
+    query_heads = tl.arange(0, BLOCK_HQ)
+    query_ok = (query_heads < Hq)[:, None] & d_ok[None, :]
+    query = _rotate_heads(q_ptr + b * stride_qb, stride_qh, query_heads, cos, sin, d, partner, sign, query_ok)
+    query_out = q_out_ptr + b * stride_qob + query_heads[:, None] * stride_qoh + d[None, :]
+    tl.store(query_out, query.to(q_out_ptr.dtype.element_ty), mask=query_ok)
+
+    kv_heads = tl.arange(0, BLOCK_HKV)
+    kv_ok = (kv_heads < Hkv)[:, None] & d_ok[None, :]
     level = tl.load(level_ptr + 0 * d)  # the fill level in every lane: a block, as the masks are
-    write_ok = kv_ok & (level < S)  # never past the cache's last slot
-    key = _rotate(k_ptr + b * stride_kb + j * stride_kh, cos, sin, d, partner, sign, kv_ok)
+    write_ok = kv_ok & (level < S)[None, :]  # never past the cache's last slot
+    key = _rotate_heads(k_ptr + b * stride_kb, stride_kh, kv_heads, cos, sin, d, partner, sign, kv_ok)
     key = key.to(k_out_ptr.dtype.element_ty)
-    tl.store(k_out_ptr + b * stride_kob + j * stride_koh + d, key, mask=kv_ok)
-    tl.store(key_cache_ptr + b * stride_kcb + j * stride_kch + level * stride_kcs + d, key, mask=write_ok)
-    value = tl.load(v_ptr + b * stride_vb + j * stride_vh + d, mask=kv_ok)
-    tl.store(value_cache_ptr + b * stride_vcb + j * stride_vch + level * stride_vcs + d, value, mask=write_ok)
-    if ADVANCE:  # the level grows once every KV program has read it: the last to arrive advances it
+    tl.store(k_out_ptr + b * stride_kob + kv_heads[:, None] * stride_koh + d[None, :], key, mask=kv_ok)
+    slot = kv_heads[:, None] * stride_kch + level[None, :] * stride_kcs + d[None, :]
+    tl.store(key_cache_ptr + b * stride_kcb + slot, key, mask=write_ok)
+    value = tl.load(v_ptr + b * stride_vb + kv_heads[:, None] * stride_vh + d[None, :], mask=kv_ok)
+    slot = kv_heads[:, None] * stride_vch + level[None, :] * stride_vcs + d[None, :]
+    tl.store(value_cache_ptr + b * stride_vcb + slot, value, mask=write_ok)
+    if ADVANCE:  # the level grows once every row has read it: the last program to arrive advances it
         tl.debug_barrier()  # every lane's read of the level comes before the program's count (acq_rel orders the rest)
-        counted = kv_ok & (d == 0)
+        counted = d == 0
         arrived = tl.atomic_add(arrivals_ptr + 0 * d, 1, mask=counted, sem="acq_rel")
-        last = counted & (arrived == tl.num_programs(0) * (tl.num_programs(1) - Hq) - 1)
+        last = counted & (arrived == tl.num_programs(0) - 1)
         tl.store(level_ptr + 0 * d, level + 1, mask=last)
         tl.store(arrivals_ptr + 0 * d, 0, mask=last)
 
@@ -130,9 +141,10 @@ def _rotate_and_write(
     batch, query_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     query_out, key_out = query.new_empty(query.shape), key.new_empty(key.shape)
+    block_heads, block_d = triton.next_power_of_2(query_heads), triton.next_power_of_2(head_dim)
     pdl = dependent_launch(query.device)
     with on_device_of(query):
-        _rotary_cache_kernel[(batch, query_heads + kv_heads)](
+        _rotary_cache_kernel[(batch,)](
             query,
             key,
             value,
@@ -159,12 +171,15 @@ def _rotate_and_write(
             key_out.stride(0),
             key_out.stride(1),
             query_heads,
+            kv_heads,
             head_dim,
             key_cache.shape[2],
-            BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_HQ=block_heads,
+            BLOCK_HKV=triton.next_power_of_2(kv_heads),
+            BLOCK_D=block_d,
             ADVANCE=arrivals is not None,
             PDL=pdl,
-            num_warps=1,
+            num_warps=4 if block_heads * block_d <= SMALL_TILE else 8,
             launch_pdl=pdl,
         )
     return query_out, key_out
@@ -200,7 +215,7 @@ def rotary_cache_write_advance(
     level: torch.Tensor,
     arrivals: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rotary_cache_write``, and the level then grows by one, advanced by the kernel's last KV program: ``arrivals``
+    """``rotary_cache_write``, and the level then grows by one, advanced by the kernel's last program: ``arrivals``
     is a 1-element int32 counter on the device, zero before and after."""
     return _rotate_and_write(query, key, value, cos, sin, key_cache, value_cache, level, arrivals)
 
