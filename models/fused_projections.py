@@ -77,7 +77,7 @@ class FusedProjectionLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, LlamaAtt
             for product in grouped_products(hidden_states, self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj))
         )
         cos, sin = position_embeddings
-        written = self.rotate_into_cache(cache, queries, keys, values, cos, sin)
+        written = self.rotate_into_cache(cache, (queries, keys, values), (cos, sin))
         if written is not None:
             queries, _, keys, values = written
         else:

@@ -88,8 +88,9 @@ def test_prefill_steps_profile_the_sequential_prefill(tmp_path, monkeypatch):
     monkeypatch.setattr(
         profile_decode,
         "prefill_cache",
-        lambda model, ids, cache: lengths.append((ids.shape[1], int(cache.get_seq_length())))
-        or original(model, ids, cache),
+        lambda model, ids, cache: (
+            lengths.append((ids.shape[1], int(cache.get_seq_length()))) or original(model, ids, cache)
+        ),
     )
     out = profile_decode.main(smoke_argv(tmp_path, "--prefill_steps", "4"))
     prefill = out["models"]["test_tiny_opt"]["prefill"]

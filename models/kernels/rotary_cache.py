@@ -86,17 +86,12 @@ class RotaryCacheMixin:
         return module
 
     def rotate_into_cache(
-        self,
-        cache: Cache | None,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        self, cache: Cache | None, qkv: tuple[torch.Tensor, ...], position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``rotate_and_cache`` with this module's kernel, counter and layer."""
+        """``rotate_and_cache`` of ``qkv`` (queries, keys, values) with ``position_embeddings`` (cos, sin) and this
+        module's kernel, counter and layer."""
         arrivals = getattr(self, "rotary_cache_arrivals", None)
-        return rotate_and_cache(self.rotary_cache, arrivals, cache, self.layer_idx, queries, keys, values, cos, sin)
+        return rotate_and_cache(self.rotary_cache, arrivals, cache, self.layer_idx, *qkv, *position_embeddings)
 
 
 def writable_layer(
