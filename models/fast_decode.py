@@ -18,7 +18,7 @@ Here a token is two captured steps and no host read:
 
 From the second interval on (see below) the two calls skip dynamo's guard checks
 (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): their inputs are the same objects at every step, and the
-first interval's calls checked them.
+first interval's calls checked them. ``generation_config.skip_guard_checks = False`` checks every call.
 
 The host reads a small status every ``stop_check_interval`` tokens (``generation_config.stop_check_interval``,
 default ``DEFAULT_STOP_CHECK_INTERVAL``), through an asynchronous copy it waits on one interval later, so the device
@@ -472,6 +472,7 @@ def decode(
         else select_tokens
     )
     interval = stop_check_interval(generation_config)
+    skip_guards = compiled and getattr(generation_config, "skip_guard_checks", True)
     batch_size, prompt_length = input_ids.shape
     total = stopping_criteria.max_length - prompt_length  # tokens to generate unless every sequence ends early
     device = model.device
@@ -510,7 +511,7 @@ def decode(
             # After the first interval the compiled calls skip dynamo's guard checks (about a third of the host's
             # time per step at batch 1): every step passes them the same objects (the state's tensors, updated in
             # place, the cache, the plan), which the first interval's checked calls have already matched.
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=compiled and steps > 1):
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards and steps > 1):
                 for _ in range(min(interval, total - steps)):
                     rng.record(steps)
                     if compiled:

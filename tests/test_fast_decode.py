@@ -334,6 +334,12 @@ def test_guard_checks_skipped_after_the_first_interval(loops, monkeypatch, name)
             if fast:  # the first interval's steps checked, the later ones skipped
                 assert skipped == [False] * INTERVAL + [True] * (NEW - 1 - INTERVAL)
         assert torch.equal(*outputs)
+    model.generation_config.skip_guard_checks = False  # every call checked
+    model.generation_config.fast_decode, model.generation_config.compile_config = True, compile_config
+    skipped.clear()
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
+    model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=NEW, pad_token_id=0, cache=cache, **SAMPLING)
+    assert skipped == [False] * (NEW - 1)
     torch._dynamo.reset()
 
 

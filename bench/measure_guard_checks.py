@@ -1,0 +1,110 @@
+"""What dynamo's guard checks cost the captured decoding loop: host ms per token with every compiled call checked
+against the loop's default, where calls after the first stop-check interval skip them (``models/fast_decode.py``).
+
+    python -m bench.measure_guard_checks --output_dir bench/results/guard_checks_cpu          # CPU: the host alone
+    python -m bench.measure_guard_checks --device cuda --configs configs/tinyllama_opt.json ... # a GPU
+
+Per config: a random model (``build_random_model``), batch ``--batch``, greedy ``generate`` through the captured loop
+with a static cache of a fixed size. A token's cost is the difference of a long and a short generation over their
+difference in tokens, so the prefill and the set-up cancel; the two settings alternate, ``--repeats`` times each, and
+the medians are reported. On a CPU the compiled calls use dynamo's eager backend (as ``bench.profile_decode`` does),
+so every millisecond is the host's: guards, Python, the eager kernels. On a GPU the step is the captured graph, and a
+host that finishes its work before the GPU shows no difference. Writes ``guard_checks.json``.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import StaticCache
+
+import models  # noqa: F401  (registers opt-llama and the attention backends)
+from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
+from tools.cli import run_cli
+from tools.measure import build_random_model, load_config_for_length, synchronize
+
+SETTINGS = {"checked": False, "skipped": True}  # name -> generation_config.skip_guard_checks
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=["configs/test_tiny_opt.json"], help="model configs to measure")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--prompt_len", type=int, default=8, help="prompt tokens")
+    p.add_argument("--short", type=int, default=40, help="new tokens of the short generation")
+    p.add_argument("--long", type=int, default=290, help="new tokens of the long generation")
+    p.add_argument("--repeats", type=int, default=3, help="measurements of each setting, alternating")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--output_dir", default="bench/results/guard_checks")
+    args = p.parse_args(argv)
+    for name in ("batch", "prompt_len", "short", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: allowed are integers >= 1")
+    if args.long <= args.short:
+        p.error(f"--long {args.long}: allowed are more tokens than --short ({args.short})")
+    return args
+
+
+def generation_seconds(model, ids: torch.Tensor, new_tokens: int, slots: int) -> float:
+    """Wall seconds of one greedy ``generate`` of ``new_tokens`` tokens through a new static cache of ``slots``."""
+    cache = StaticCache(config=model.config, max_cache_len=slots)
+    synchronize(ids.device)
+    start = time.perf_counter()
+    model.generate(
+        ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, cache=cache
+    )
+    synchronize(ids.device)
+    return time.perf_counter() - start
+
+
+def measure(path: str, args) -> dict:
+    """Median ms per token of each setting for the model of ``path``."""
+    slots = args.prompt_len + args.long + 1
+    config = load_config_for_length(path, slots)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    model = build_random_model(config, dtype, args.device, "sdpa")
+    model.generation_config.compile_config = compile_config(args.device)
+    ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt_len), device=model.device)
+    for _ in range(2):  # compile (and capture) the steps of both lengths
+        generation_seconds(model, ids, args.short, slots)
+    per_token: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    for _ in range(args.repeats):
+        for name, skip in SETTINGS.items():
+            model.generation_config.skip_guard_checks = skip
+            short = generation_seconds(model, ids, args.short, slots)
+            long = generation_seconds(model, ids, args.long, slots)
+            per_token[name].append(1e3 * (long - short) / (args.long - args.short))
+    medians = {name: statistics.median(times) for name, times in per_token.items()}
+    return {
+        "config": path,
+        "ms_per_token": medians,
+        "ms_per_token_all": per_token,
+        "saved_ms_per_token": medians["checked"] - medians["skipped"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setting = {k: getattr(args, k) for k in ("batch", "prompt_len", "short", "long", "repeats", "device")}
+    setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    setting["torch"], setting["threads"] = torch.__version__, torch.get_num_threads()
+    out = {"setting": setting, "models": [measure(path, args) for path in args.configs]}
+    (out_dir / "guard_checks.json").write_text(json.dumps(out, indent=2))
+    for row in out["models"]:
+        ms = row["ms_per_token"]
+        print(
+            f"{row['config']}: {ms['checked']:.3f} ms per token with every guard checked, {ms['skipped']:.3f} with "
+            f"the checks skipped after the first interval ({row['saved_ms_per_token']:.3f} ms saved)"
+        )
+    print(f"written: {out_dir / 'guard_checks.json'}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="measure_guard_checks")  # a usage error: one line, exit status 2
