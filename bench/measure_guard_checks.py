@@ -23,6 +23,7 @@ from transformers import StaticCache
 
 import models  # noqa: F401  (registers opt-llama and the attention backends)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
+from models.fast_decode import CHECKED_STEPS, DEFAULT_STOP_CHECK_INTERVAL
 from tools.cli import run_cli
 from tools.measure import build_random_model, load_config_for_length, synchronize
 
@@ -37,12 +38,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short", type=int, default=40, help="new tokens of the short generation")
     p.add_argument("--long", type=int, default=290, help="new tokens of the long generation")
     p.add_argument("--repeats", type=int, default=3, help="measurements of each setting, alternating")
+    p.add_argument(
+        "--stop_check_interval",
+        type=int,
+        default=DEFAULT_STOP_CHECK_INTERVAL,
+        help="generation_config.stop_check_interval: the loop's first interval (and CHECKED_STEPS calls) runs every "
+        "check, so --short must exceed both",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--output_dir", default="bench/results/guard_checks")
     args = p.parse_args(argv)
-    for name in ("batch", "prompt_len", "short", "repeats"):
+    for name in ("batch", "prompt_len", "short", "repeats", "stop_check_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: allowed are integers >= 1")
+    checked = max(args.stop_check_interval, CHECKED_STEPS) + 1  # the prefill's token, then the checked calls
+    if args.short <= checked:
+        p.error(f"--short {args.short}: allowed are more tokens than the {checked} generated before checks are skipped")
     if args.long <= args.short:
         p.error(f"--long {args.long}: allowed are more tokens than --short ({args.short})")
     return args
@@ -68,6 +79,7 @@ def measure(path: str, args) -> dict:
     torch.manual_seed(0)
     model = build_random_model(config, dtype, args.device, "sdpa")
     model.generation_config.compile_config = compile_config(args.device)
+    model.generation_config.stop_check_interval = args.stop_check_interval
     ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt_len), device=model.device)
     for _ in range(2):  # compile (and capture) the steps of both lengths
         generation_seconds(model, ids, args.short, slots)
@@ -91,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    setting = {k: getattr(args, k) for k in ("batch", "prompt_len", "short", "long", "repeats", "device")}
+    names = ("batch", "prompt_len", "short", "long", "repeats", "stop_check_interval", "device")
+    setting = {k: getattr(args, k) for k in names}
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     setting["torch"], setting["threads"] = torch.__version__, torch.get_num_threads()
     out = {"setting": setting, "models": [measure(path, args) for path in args.configs]}

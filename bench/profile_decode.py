@@ -225,7 +225,11 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
         prof.export_chrome_trace(str(out_dir / f"trace_{name}.json"))
     # generate's first forward (the last prompt token) is eager, not compiled: summarise the compiled calls only.
     summary = step_summary(prof.events(), args.steps - 1, args.top)
-    prefill = profile_prefill(model, args, cache) if args.prefill_steps and config.model_type == "opt-llama" else None
+    prefill = None
+    if args.prefill_steps and config.model_type == "opt-llama":
+        prefill = profile_prefill(model, args, cache)
+    elif args.prefill_steps:
+        print(f"--prefill_steps: {path} is a {config.model_type}, which has no sequential prefill; not profiled")
     del cache, model
     return {
         "config": path,
@@ -239,7 +243,8 @@ def profile_model(path: str, args, out_dir: Path) -> dict:
 
 def profile_prefill(model, args, cache: StaticCache) -> dict:
     """``--prefill_steps`` token steps of the sequential prefill from the rewound ``cache``, once untimed (compile and
-    capture the step), once under the profiler: wall ms per step and ``step_summary``'s figures."""
+    capture the step), once under the profiler: ``ms_per_step``, the steps' wall time up to the end of their GPU work,
+    and ``step_summary``'s figures (its ``wall_ms_per_step`` is the host's, up to the return of the last launch)."""
     steps = args.prefill_steps
     ids = torch.randint(3, model.config.vocab_size, (args.batch, steps), device=model.device)
     prof = profile(activities=profiler_activities(model.device))

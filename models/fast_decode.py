@@ -16,9 +16,10 @@ Here a token is two captured steps and no host read:
 2. ``select_tokens``, compiled with the same configuration: the logits processors, sampling, EOS padding, the
    stopping state, and the next position, all written in place into ``DecodeState``.
 
-From the second interval on (see below) the two calls skip dynamo's guard checks
-(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): their inputs are the same objects at every step, and the
-first interval's calls checked them. ``generation_config.skip_guard_checks = False`` checks every call.
+From the second interval on (and after at least ``CHECKED_STEPS`` calls) the two calls skip dynamo's guard checks
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): at every step they get the same state tensors, updated in
+place, the same cache, and logits of the same shape, which the first interval's checked calls matched.
+``generation_config.skip_guard_checks = False`` checks every call; a stance the caller set is left as it is.
 
 The host reads a small status every ``stop_check_interval`` tokens (``generation_config.stop_check_interval``,
 default ``DEFAULT_STOP_CHECK_INTERVAL``), through an asynchronous copy it waits on one interval later, so the device
@@ -41,6 +42,7 @@ use it), ``enable_fast_decode(model)`` (any causal LM, e.g. a Llama), and ``fast
 Shapes: ``B`` batch, ``S`` slots of the static cache, ``V`` vocabulary.
 """
 
+import contextlib
 import logging
 import math
 from collections import deque
@@ -69,6 +71,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 logger = logging.getLogger(__name__)
 
 DEFAULT_STOP_CHECK_INTERVAL = 16
+CHECKED_STEPS = 2  # compiled calls of the loop that always run dynamo's guard checks, however short the interval
 # Processors that never read the tokens generated so far: the captured step calls them as they are.
 LENGTH_FREE_PROCESSORS = (
     TemperatureLogitsWarper,
@@ -401,6 +404,16 @@ class RngRewind:
             self.generator.set_state(dict(self.states)[steps])
 
 
+def guard_skipping(enabled: bool) -> contextlib.AbstractContextManager:
+    """``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` where ``enabled`` and the caller left dynamo's stance
+    as it is by default; otherwise nothing, so a stance the caller set (``force_eager``, ``fail_on_recompile``, a
+    forced backend) holds inside the loop too."""
+    stance = torch._dynamo.eval_frame._stance  # no public getter (torch 2.13)
+    if not enabled or stance != torch._dynamo.eval_frame.DynamoStance():
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+
+
 def stop_check_interval(generation_config) -> int:
     """``generation_config.stop_check_interval``: tokens between two reads of the stop status (default 16)."""
     interval = getattr(generation_config, "stop_check_interval", None)
@@ -508,10 +521,11 @@ def decode(
         reader.snapshot(steps)
         finished = reader.read(keep=0) if streamer is not None else False  # the first token as soon as it exists
         while not finished and steps < total:
-            # After the first interval the compiled calls skip dynamo's guard checks (about a third of the host's
-            # time per step at batch 1): every step passes them the same objects (the state's tensors, updated in
-            # place, the cache, the plan), which the first interval's checked calls have already matched.
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards and steps > 1):
+            # After the first interval (and at least CHECKED_STEPS calls) the compiled calls skip dynamo's guard
+            # checks (about a third of the host's time per step at batch 1): every step passes them the same state
+            # tensors, updated in place, the same cache and plan, and logits of the same shape, which the checked
+            # calls have already matched.
+            with guard_skipping(skip_guards and steps > CHECKED_STEPS):
                 for _ in range(min(interval, total - steps)):
                     rng.record(steps)
                     if compiled:

@@ -19,7 +19,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from models import LckvLlamaConfig
 from models import fast_decode as fd
-from models.fast_decode import enable_fast_decode, fast_sample, select_compile_options, stop_check_interval
+from models.fast_decode import (
+    CHECKED_STEPS,
+    enable_fast_decode,
+    fast_sample,
+    select_compile_options,
+    stop_check_interval,
+)
 
 from .conftest import tiny_config, tiny_model
 
@@ -294,21 +300,23 @@ def test_captured_steps_compile_once(loops, name):
 
 @pytest.mark.parametrize("name", ["opt-llama", "llama"])
 def test_guard_checks_skipped_after_the_first_interval(loops, monkeypatch, name):
-    """The compiled calls skip dynamo's guard checks from the second stop-check interval on, and still run the graph
-    of their shapes: batches 2, 3 and 2 again (two graphs of each call, told apart by the checks dynamo keeps) give
-    plain generate's tokens."""
+    """The compiled calls skip dynamo's guard checks from the second stop-check interval on (and after CHECKED_STEPS
+    calls), and still run the graph of their shapes: batches 2, 3 and 2 again (two graphs of each call, told apart by
+    the checks dynamo keeps) give plain generate's tokens. A stance the caller set holds; skip_guard_checks=False
+    checks every call."""
     model = enable_fast_decode(tiny_model(CONFIGS[name]()))
     model.generation_config.stop_check_interval = INTERVAL
     compile_config = CompileConfig(backend="eager", fullgraph=True)
     compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told
-    skipped = []
+    stances = []  # dynamo's stance at each compiled forward call
     compiled_call = model.get_compiled_call
 
     def recording_compiled_call(config):
         call = compiled_call(config)
-        return lambda **inputs: (
-            skipped.append(torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe) or call(**inputs)
-        )
+        return lambda **inputs: stances.append(torch._dynamo.eval_frame._stance) or call(**inputs)
+
+    def skipped() -> list[bool]:
+        return [stance.skip_guard_eval_unsafe for stance in stances]
 
     monkeypatch.setattr(model, "get_compiled_call", recording_compiled_call)
     torch._dynamo.reset()
@@ -318,7 +326,7 @@ def test_guard_checks_skipped_after_the_first_interval(loops, monkeypatch, name)
         for fast in (True, False):
             model.generation_config.fast_decode = fast
             model.generation_config.compile_config = compile_config if fast else None
-            skipped.clear()
+            stances.clear()
             torch.manual_seed(0)
             outputs.append(
                 model.generate(
@@ -332,14 +340,24 @@ def test_guard_checks_skipped_after_the_first_interval(loops, monkeypatch, name)
                 )
             )
             if fast:  # the first interval's steps checked, the later ones skipped
-                assert skipped == [False] * INTERVAL + [True] * (NEW - 1 - INTERVAL)
+                assert skipped() == [False] * INTERVAL + [True] * (NEW - 1 - INTERVAL)
         assert torch.equal(*outputs)
-    model.generation_config.skip_guard_checks = False  # every call checked
     model.generation_config.fast_decode, model.generation_config.compile_config = True, compile_config
-    skipped.clear()
-    cache = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
-    model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=NEW, pad_token_id=0, cache=cache, **SAMPLING)
-    assert skipped == [False] * (NEW - 1)
+
+    def generate_two_rows() -> None:
+        stances.clear()
+        cache = StaticCache(config=model.config, max_cache_len=PROMPT + NEW)
+        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=NEW, pad_token_id=0, cache=cache, **SAMPLING)
+
+    model.generation_config.stop_check_interval = 1  # the interval alone would check only the first call
+    generate_two_rows()
+    assert skipped() == [False] * CHECKED_STEPS + [True] * (NEW - 1 - CHECKED_STEPS)
+    with torch.compiler.set_stance("force_eager"):  # a stance the caller set holds inside the loop
+        generate_two_rows()
+    assert {stance.stance for stance in stances} == {"force_eager"} and not any(skipped())
+    model.generation_config.skip_guard_checks = False  # every call checked
+    generate_two_rows()
+    assert skipped() == [False] * (NEW - 1)
     torch._dynamo.reset()
 
 

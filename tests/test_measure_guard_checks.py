@@ -12,26 +12,27 @@ from .conftest import CONFIGS
 
 
 def test_cpu_smoke_run(tmp_path, monkeypatch):
-    """Each setting reaches the captured loop's generation config, and the JSON holds both medians."""
-    seen = []
-    decode = fast_decode.decode
-
-    def recording_decode(model, *args, **kwargs):
-        seen.append(getattr(model.generation_config, "skip_guard_checks", None))
-        return decode(model, *args, **kwargs)
-
-    monkeypatch.setattr(fast_decode, "decode", recording_decode)
-    argv = ["--configs", str(CONFIGS / "test_tiny_opt.json"), "--short", "2", "--long", "5", "--repeats", "1"]
-    out = measure_guard_checks.main([*argv, "--output_dir", str(tmp_path)])
+    """Each setting reaches the captured loop: the checked runs never skip a guard check, the skipped ones do after the
+    checked calls; the JSON holds both medians."""
+    entered = []
+    guard_skipping = fast_decode.guard_skipping
+    monkeypatch.setattr(
+        fast_decode, "guard_skipping", lambda enabled: entered.append(enabled) or guard_skipping(enabled)
+    )
+    argv = ["--configs", str(CONFIGS / "test_tiny_opt.json"), "--short", "4", "--long", "6", "--repeats", "1"]
+    out = measure_guard_checks.main([*argv, "--stop_check_interval", "1", "--output_dir", str(tmp_path)])
     row = out["models"][0]
     assert set(row["ms_per_token"]) == {"checked", "skipped"} and all(v > 0 for v in row["ms_per_token"].values())
-    assert seen[-4:] == [False, False, True, True]  # the timed runs: short and long, checked then skipped
+    # the timed runs, one interval per step after the prefill's token: checked short (3) and long (5), then skipped
+    assert entered[-16:] == [False] * 8 + [False] * 2 + [True] + [False] * 2 + [True] * 3
     assert json.loads((tmp_path / "guard_checks.json").read_text())["models"][0]["config"].endswith(
         "test_tiny_opt.json"
     )
 
 
-@pytest.mark.parametrize("argv", [["--long", "10", "--short", "10"], ["--repeats", "0"]])
+@pytest.mark.parametrize(
+    "argv", [["--long", "30", "--short", "30"], ["--repeats", "0"], ["--short", "17"], ["--stop_check_interval", "0"]]
+)
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         measure_guard_checks.parse_args(argv)

@@ -58,7 +58,7 @@ def test_kernel_equals_rotary_then_cache_update(dtype, heads, kv_heads, head_dim
 
 
 def test_many_programs_advance_the_level_once_per_step():
-    """Batch 256 x 4 KV heads: 1,024 programs count themselves in each launch; over 16 steps every row's values land
+    """Batch 256: 256 programs, one per row, count themselves in each launch; over 16 steps every row's values land
     in the slot of their step, and the level grows by exactly 16."""
     config = LlamaConfig(
         hidden_size=2048, intermediate_size=64, num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=2

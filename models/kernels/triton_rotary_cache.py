@@ -96,13 +96,14 @@ def _rotary_cache_kernel(
     cos = tl.load(cos_ptr + b * stride_cos_b + d, mask=d_ok, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + b * stride_sin_b + d, mask=d_ok, other=0.0).to(tl.float32)
 
-    query_heads = tl.arange(0, BLOCK_HQ)
+    # int64 heads: a head's offset in the cache (head x S x D) passes 2**31 in a long cache with many KV heads
+    query_heads = tl.arange(0, BLOCK_HQ).to(tl.int64)
     query_ok = (query_heads < Hq)[:, None] & d_ok[None, :]
     query = _rotate_heads(q_ptr + b * stride_qb, stride_qh, query_heads, cos, sin, d, partner, sign, query_ok)
     query_out = q_out_ptr + b * stride_qob + query_heads[:, None] * stride_qoh + d[None, :]
     tl.store(query_out, query.to(q_out_ptr.dtype.element_ty), mask=query_ok)
 
-    kv_heads = tl.arange(0, BLOCK_HKV)
+    kv_heads = tl.arange(0, BLOCK_HKV).to(tl.int64)
     kv_ok = (kv_heads < Hkv)[:, None] & d_ok[None, :]
     level = tl.load(level_ptr + 0 * d)  # the fill level in every lane: a block, as the masks are
     write_ok = kv_ok & (level < S)[None, :]  # never past the cache's last slot
