@@ -76,12 +76,11 @@ class FusedProjectionLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, LlamaAtt
             product.view(heads_shape).transpose(1, 2)  # (B, heads, T, D)
             for product in grouped_products(hidden_states, self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj))
         )
-        cos, sin = position_embeddings
-        written = self.rotate_into_cache(cache, (queries, keys, values), (cos, sin))
+        written = self.rotate_into_cache(cache, (queries, keys, values), position_embeddings)
         if written is not None:
             queries, _, keys, values = written
         else:
-            queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
+            queries, keys = apply_rotary_pos_emb(queries, keys, *position_embeddings)
             if cache is not None:
                 keys, values = cache.update(keys, values, self.layer_idx, kwargs=kwargs)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

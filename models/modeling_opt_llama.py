@@ -134,7 +134,7 @@ class OptLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, nn.Module):
         if self.has_own_kv:
             written = None
             if given_keys is None and commit and query_states is not None:
-                written = self.rotate_into_cache(cache, (query_states, key_states, value_states), (cos, sin))
+                written = self.rotate_into_cache(cache, (query_states, key_states, value_states), position_embeddings)
             if written is not None:  # rotated and committed to the cache by one kernel (kernels/rotary_cache.py)
                 query_states, key_states, given_keys, given_values = written
                 own_kv = (given_keys, given_values)

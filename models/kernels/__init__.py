@@ -48,7 +48,7 @@ from .flags import (
 )
 from .grouped_linear import QKV_GROUP, FusedGroupsMixin, grouped_products
 from .plain import PlainRMSNorm, PlainRotaryEmbedding, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
-from .rotary_cache import RotaryCacheKernel, RotaryCacheMixin, rotate_and_cache
+from .rotary_cache import RotaryCacheMixin
 
 INSTALL_HINT = "see requirements-gpu.txt"
 
@@ -188,11 +188,9 @@ __all__ = [
     "cuda_index",
     "KernelSelection",
     "PlainRotaryEmbedding",
-    "RotaryCacheKernel",
     "RotaryCacheMixin",
     "flag_enabled",
     "grouped_products",
     "is_decode_mask",
     "split_kv_mask",
-    "rotate_and_cache",
 ]
