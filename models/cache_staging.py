@@ -68,3 +68,17 @@ def staged_kv(
         f"cache layer {type(layer).__name__} cannot stage KVs; "
         "supported: DynamicLayer, StaticLayer, layers with .stage()"
     )
+
+
+def committed_kv(cache: Cache | None, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What layer ``layer_idx`` committed to a static cache: its ``(batch, kv_heads, slots, head_dim)`` buffers, laid
+    out as ``layer.update`` returns them (the mask hides the slots not filled yet). For a reader that runs without its
+    source: the sequential prefill runs the layers above the cyclic block apart from the block."""
+    layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
+    if not isinstance(layer, StaticLayer) or not layer.is_initialized:
+        raise ValueError(
+            f"layer {layer_idx}: its readers run apart from it, so they read its committed KVs, which only an "
+            f"initialised static cache layer holds; got {type(layer).__name__}"
+        )
+    ensure_resident(cache, layer_idx)
+    return layer.keys, layer.values

@@ -23,7 +23,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .cache_staging import staged_kv
+from .cache_staging import committed_kv, staged_kv
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .fast_decode import FastDecodeMixin
 from .kernels import (
@@ -354,6 +354,8 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             self.kv_sources, config.layer_strict, config.sliding_window_layers, config.cache_layer_types
         )
         self.gradient_checkpointing = False
+        # The static cache of the last sequential forward without cached tokens (models.sequential_prefill.ScratchCache)
+        self.scratch_cache = None
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -464,6 +466,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         position_ids: torch.Tensor,
         cache: Cache | None,
         reporting: bool = False,
+        layers: range | None = None,
         **kwargs,
     ) -> "LayerStackOutput":
         """One pass of ``inputs_embeds`` ``(B, T, H)`` through the layer stack (the iterative block included),
@@ -473,8 +476,19 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
         This is the whole model below the embeddings and above the caller's bookkeeping: ``forward`` runs it once over
         all tokens, the sequential prefill once per token. ``reporting``: collect each layer's final
         ``(input, output, attention weights)`` for output capturing.
+
+        ``layers``: run only these consecutive layers (default all), the cyclic block whole or not at all; the input
+        is then the hidden states entering the first of them, and the output leaves the last of them, normed only
+        where that is the top layer. A layer reading a source outside them reads what the source committed to
+        ``cache`` (a static cache). The sequential prefill runs the block token by token and the layers below and
+        above it over many tokens at once (``models.sequential_prefill``).
         """
         plan = self.plan
+        layers = range(len(self.layers)) if layers is None else layers
+        if plan.is_iterative and (plan.block[0] in layers) != (plan.block[-1] in layers):
+            raise ValueError(
+                f"layers: {layers} cuts the cyclic block {plan.block}; allowed are runs that hold it whole"
+            )
         visible = masks.get("visible")
         stack = StackPass(
             layers=self.layers,
@@ -491,16 +505,21 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             else None,
             reported=[] if reporting else None,
         )
+        for source in {self.kv_sources[i] for i in layers} - set(layers):
+            stack.kv_store[source] = committed_kv(cache, source)
         hidden = inputs_embeds
         for layer_idx in plan.below:
-            hidden, _ = stack.run(layer_idx, hidden, commit=True)
+            if layer_idx in layers:
+                hidden, _ = stack.run(layer_idx, hidden, commit=True)
         kv_loss = None
-        if plan.is_iterative:
+        if plan.is_iterative and plan.block[0] in layers:
             hidden, kv_loss = self._run_block(hidden, stack)
         for layer_idx in plan.above:
-            hidden, _ = stack.run(layer_idx, hidden, commit=True)
+            if layer_idx in layers:
+                hidden, _ = stack.run(layer_idx, hidden, commit=True)
         # capture_outputs reports the normed last state in place of the last layer's output, as for Llama.
-        return LayerStackOutput(self.norm(hidden), kv_loss, stack.reported)
+        output = self.norm(hidden) if layers.stop == len(self.layers) else hidden
+        return LayerStackOutput(output, kv_loss, stack.reported)
 
     def _run_block(self, block_input: torch.Tensor, stack: StackPass):
         """Iterate the cyclic block; the carried sources start from zero KVs (docs/design.md section 5).

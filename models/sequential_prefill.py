@@ -16,18 +16,23 @@ Shapes: ``B`` batch, ``T`` prompt tokens, ``P`` tokens already cached, ``S`` key
 ``H`` hidden size.
 """
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from functools import cache as memoize
+from typing import NamedTuple
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, StaticLayer
+from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
+from .chunked_prefill import set_cached_length
+from .layer_plan import LayerPlan
 from .masks import lckv_masks, reads_window_cache
 from .prefill_modes import PREFILL_MODES, choose_prefill
 from .roofline import device_hardware
 from .tensor_parallel import config_tp_size
 
-MASK_CHUNK = 64  # prompt tokens whose one-step masks are cut from one mask build (static caches)
+MASK_CHUNK = 64  # prompt tokens per segment: one mask build (static caches), one run of the layers outside the block
+SEGMENT_ATTENTION_BYTES = 2**31  # the most one layer's attention over a segment may allocate (``runs_segments``)
 
 
 def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | None) -> bool:
@@ -80,12 +85,13 @@ def token_step(
     position_ids: torch.Tensor,
     cache: Cache,
     reporting: bool = False,
+    layers: range | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, list | None]:
-    """One token through every layer: ``(B, 1, H)`` -> final hidden state ``(B, 1, H)``; commits its KVs to ``cache``.
-    With ``reporting`` also the layer outputs the model reports (``output_hidden_states``): per layer
-    ``(input (B, 1, H), output (B, 1, H), None)``; else None."""
-    output = model.forward_layers(inputs_embeds, masks, position_ids, cache, reporting, **kwargs)
+    """One token through ``layers`` (default all): ``(B, 1, H)`` -> their output ``(B, 1, H)`` (normed where they end
+    at the top); commits its KVs to ``cache``. With ``reporting`` also the layer outputs the model reports
+    (``output_hidden_states``): per layer ``(input (B, 1, H), output (B, 1, H), None)``; else None."""
+    output = model.forward_layers(inputs_embeds, masks, position_ids, cache, reporting, layers=layers, **kwargs)
     return output.last_hidden_state, output.reported
 
 
@@ -111,19 +117,34 @@ def step_input(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def mask_row(mask, t: int):
-    """Step ``t``'s one-query slice of a prompt mask: 4D ``(B, 1, T, S)`` -> ``(B, 1, 1, S)``, ``visible``
-    ``(B, T, 1)`` -> ``(B, 1, 1)``; a ``step_input``, so every step hands the compiled step the same layout."""
+def mask_rows(mask, start: int, stop: int):
+    """The queries ``start:stop`` of a prompt mask: 4D ``(B, 1, T, S)`` -> ``(B, 1, stop - start, S)``, ``visible``
+    ``(B, T, 1)`` -> ``(B, stop - start, 1)`` (views)."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(
             f"prefill: a sequential prefill cannot split a precomputed {type(mask).__name__} mask per token; "
             "allowed are tensor masks (eager, sdpa, sdpa_packed_gqa attention)"
         )
-    return step_input(mask[:, :, t : t + 1] if mask.dim() == 4 else mask[:, t : t + 1])
+    return mask[:, :, start:stop] if mask.dim() == 4 else mask[:, start:stop]
 
 
-def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_length: int) -> Iterator[dict]:
-    """The masks of each one-token step, as the decoding step gets them.
+def mask_row(mask, t: int):
+    """Step ``t``'s one-query slice of a prompt mask (``mask_rows``), a ``step_input``, so every step hands the
+    compiled step the same layout."""
+    return step_input(mask_rows(mask, t, t + 1))
+
+
+class MaskSegment(NamedTuple):
+    """The masks of a run of consecutive prompt tokens: their indices (within the prompt), the masks of all of them
+    at once (``lckv_masks``' kinds over ``tokens`` queries) and, lazily, each token's one-step masks."""
+
+    tokens: range
+    masks: dict
+    rows: Iterator[dict]
+
+
+def mask_segments(model, inputs_embeds, attention_mask, position_ids, cache, past_length: int) -> Iterator[MaskSegment]:
+    """The prompt's masks, a segment at a time: ``MASK_CHUNK`` tokens, or one where the masks are built per step.
 
     A dict is ``generate``'s precomputed prompt masks for a static cache (row ``t`` is step ``t``'s mask; rebuilt per
     step where a layer reads a window-only cache); a 2D
@@ -132,13 +153,12 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
     shortcut, taken only without padding) has no one-token row, so it is rebuilt as unpadded.
     """
     batch_size, query_length = inputs_embeds.shape[:2]
-    # A window-only cache layer's mask has as many keys as the queries it was built for need: built per step.
-    per_step = not getattr(cache, "is_compileable", False) or any(
-        reads_window_cache(kind) for kind in model.mask_sizing
-    )
+    per_step = builds_masks_per_step(model, cache)
     if isinstance(attention_mask, dict) and not per_step and all(mask is not None for mask in attention_mask.values()):
-        for t in range(query_length):
-            yield {name: mask_row(mask, t) for name, mask in attention_mask.items()}
+        for start in range(0, query_length, MASK_CHUNK):
+            stop = min(start + MASK_CHUNK, query_length)
+            masks = {name: mask_rows(mask, start, stop) for name, mask in attention_mask.items()}
+            yield MaskSegment(range(start, stop), masks, split_rows(masks, stop - start))
         return
     if isinstance(attention_mask, dict):
         attention_mask = None
@@ -162,16 +182,107 @@ def step_masks(model, inputs_embeds, attention_mask, position_ids, cache, past_l
             allow_is_causal_skip=chunk == 1,
             strict_as_causal=model.kernel_selection.strict_as_causal,
         )
-        if stop - start == 1:
-            yield masks
-        else:
-            for row in range(stop - start):
-                yield {name: mask_row(mask, row) for name, mask in masks.items()}
+        rows = iter([masks]) if stop - start == 1 else split_rows(masks, stop - start)
+        yield MaskSegment(range(start, stop), masks, rows)
+
+
+def split_rows(masks: dict, count: int) -> Iterator[dict]:
+    """The one-step masks of each of the ``count`` queries of ``masks``."""
+    return ({name: mask_row(mask, row) for name, mask in masks.items()} for row in range(count))
+
+
+def builds_masks_per_step(model, cache: Cache) -> bool:
+    """A dynamic cache grows each step, and a window-only cache layer's mask has as many keys as the queries it was
+    built for need: then each step's masks are built for it. A static cache's span all its slots."""
+    return not getattr(cache, "is_compileable", False) or any(reads_window_cache(kind) for kind in model.mask_sizing)
+
+
+class StackSplit(NamedTuple):
+    """Which layers the sequential prefill runs token by token (``step``) and which over a whole segment of tokens
+    before (``below``) and after (``above``) the token steps. Consecutive ranges covering the stack."""
+
+    below: range
+    step: range
+    above: range
+
+
+def stack_split(plan: LayerPlan, num_layers: int, segments: bool) -> StackSplit:
+    """Only the cyclic block depends on earlier tokens through a layer above (the targets' KVs): with ``segments``
+    the layers below it and above it run over segments and the block token by token; else every layer per token.
+
+    >>> from models.layer_plan import layer_plan
+    >>> stack_split(layer_plan([0, 3, 3, 3, 4]), 5, segments=True)
+    StackSplit(below=range(0, 1), step=range(1, 4), above=range(4, 5))
+    >>> stack_split(layer_plan([0, 3, 3, 3, 4]), 5, segments=False)
+    StackSplit(below=range(0, 0), step=range(0, 5), above=range(5, 5))
+    """
+    if segments:
+        return StackSplit(plan.below, plan.block, plan.above)
+    return StackSplit(range(0), range(num_layers), range(num_layers, num_layers))
+
+
+def segment_attention_bytes(config, batch: int, slots: int, value_bytes: int) -> int:
+    """What one layer's attention over a segment (``MASK_CHUNK`` queries, ``slots`` keys) may allocate on SDPA's
+    general path: the keys and values expanded to every query head (``repeat_kv``) and float32 scores."""
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    return batch * heads * slots * (2 * head_dim * value_bytes + 4 * MASK_CHUNK)
+
+
+def runs_segments(model, cache: Cache, batch: int, value_bytes: int) -> bool:
+    """Whether the layers outside the cyclic block run over segments: where the masks span a static cache's slots
+    (one build per segment) and one layer's attention over a segment stays within ``SEGMENT_ATTENTION_BYTES``
+    (a small batch; at a large batch each token step's layers are long kernels already)."""
+    if builds_masks_per_step(model, cache):
+        return False
+    slots = cache.get_max_length()
+    return segment_attention_bytes(model.config, batch, slots, value_bytes) <= SEGMENT_ATTENTION_BYTES
+
+
+def collect_reported(reports: dict[int, list] | None, layers: range, reported: list | None) -> None:
+    """File the ``(input, output, weights)`` each of ``layers`` reported under its index (``reports`` None: nothing
+    was asked)."""
+    if reports is not None:
+        for layer_idx, entry in zip(layers, reported, strict=True):
+            reports[layer_idx].append(entry)
+
+
+def joined_reports(reports: dict[int, list]) -> list:
+    """Per layer, in order, its reported inputs and outputs of all tokens side by side: ``(B, T, H)`` each."""
+    return [
+        (torch.cat([e[0] for e in entries], dim=1), torch.cat([e[1] for e in entries], dim=1), None)
+        for _, entries in sorted(reports.items())
+    ]
+
+
+def run_segment(
+    model,
+    layers: range,
+    inputs: torch.Tensor,
+    segment: MaskSegment,
+    position_ids: torch.Tensor,
+    cache: Cache,
+    reports: dict[int, list] | None,
+    **kwargs,
+) -> torch.Tensor:
+    """``layers`` over all the segment's tokens at once, eagerly: ``inputs`` ``(B, C, H)`` -> ``(B, C, H)``; their
+    reported outputs filed in ``reports`` (None: not asked)."""
+    tokens = segment.tokens
+    output = model.forward_layers(
+        inputs,
+        segment.masks,
+        position_ids[:, tokens.start : tokens.stop],
+        cache,
+        reports is not None,
+        layers=layers,
+        **kwargs,
+    )
+    collect_reported(reports, layers, output.reported)
+    return output.last_hidden_state
 
 
 def run_tokens(
     model,
-    token_embeds: Callable[[int], torch.Tensor],
+    token_embeds: Callable[[int, int], torch.Tensor],
     query_length: int,
     attention_mask,
     position_ids: torch.Tensor,
@@ -180,11 +291,16 @@ def run_tokens(
     reporting: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, list | None]:
-    """Run ``query_length`` tokens one at a time through ``model`` (``OptLlamaModel``), committing to ``cache``.
+    """Run ``query_length`` tokens through ``model`` (``OptLlamaModel``) with the exact semantics of one token at a
+    time, committing to ``cache``.
+
+    The cyclic block runs token by token (a compiled, captured step where the cache allows); where
+    ``runs_segments`` allows, the layers below and above it run over a segment of ``MASK_CHUNK`` tokens at a time
+    (they read no KVs of a later layer, so a segment at once is the same computation), else inside the token step.
 
     Args:
-        token_embeds: ``t`` -> the ``(B, 1, H)`` input embedding of token ``t``.
-        attention_mask: see ``step_masks``. position_ids: ``(B, T)``.
+        token_embeds: ``(start, stop)`` -> the ``(B, stop - start, H)`` input embeddings of those tokens.
+        attention_mask: see ``mask_segments``. position_ids: ``(B, T)``.
         keep_hidden: return every token's final hidden state ``(B, T, H)``; otherwise only the last ``(B, 1, H)``
             (a large batch then never holds ``B x T x H`` activations).
         reporting: also return, per reported layer output (``output_hidden_states``), every token's ``(B, T, H)``
@@ -194,35 +310,91 @@ def run_tokens(
         the hidden states, and the reported outputs (None unless ``reporting``).
     """
     past_length = int(cache.get_seq_length())
-    first = token_embeds(0)
-    hidden = first.new_empty(first.shape[0], query_length if keep_hidden else 1, first.shape[-1])
+    first = token_embeds(0, 1)
+    batch_size, hidden_size = first.shape[0], first.shape[-1]
+    hidden = first.new_empty(batch_size, query_length if keep_hidden else 1, hidden_size)
     # The compiled, graph-captured step is built for inference (traced without autograd, CUDA graphs replaying in-place
     # cache writes): a forward that records gradients (evaluation without no_grad) runs its steps eagerly.
     options = None if reporting or torch.is_grad_enabled() else compile_options(first.device, cache)
     compiled = compiled_token_step(tuple(sorted(options.items()))) if options is not None else None
-    masks_iter = step_masks(model, first.expand(-1, query_length, -1), attention_mask, position_ids, cache, past_length)
-    steps_reported = []
-    for t, masks in enumerate(masks_iter):
-        embeds = step_input(first if t == 0 else token_embeds(t))
-        positions = step_input(position_ids[:, t : t + 1])
-        # After the first step every static layer holds its buffers (allocated outside the compiled region).
-        if compiled is not None and (t > 0 or statically_allocated(cache)):
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output was already copied out
-            out, reported = compiled(model, embeds, masks, positions, cache, **kwargs)
-        else:  # CPU, a dynamic cache, reported outputs, or the step that allocates the static buffers
-            out, reported = token_step(model, embeds, masks, positions, cache, reporting, **kwargs)
-        steps_reported.append(reported)
-        hidden[:, t if keep_hidden else 0] = out[:, 0]
-    if not reporting:
-        return hidden, None
-    return hidden, [
-        (
-            torch.cat([step[i][0] for step in steps_reported], dim=1),
-            torch.cat([step[i][1] for step in steps_reported], dim=1),
-            None,
-        )
-        for i in range(len(steps_reported[0]))
-    ]
+    split = stack_split(model.plan, len(model.layers), runs_segments(model, cache, batch_size, first.element_size()))
+    reports = defaultdict(list) if reporting else None
+    masks_input = first.expand(-1, query_length, -1)
+    for segment in mask_segments(model, masks_input, attention_mask, position_ids, cache, past_length):
+        tokens = segment.tokens
+        entering = None
+        if split.below:
+            inputs = token_embeds(tokens.start, tokens.stop)
+            entering = run_segment(model, split.below, inputs, segment, position_ids, cache, reports, **kwargs)
+        # The token steps write where their output goes next: the segment's buffer for the layers above, else the
+        # result (all of it, or the last token's).
+        stepped = first.new_empty(batch_size, len(tokens), hidden_size) if split.above else hidden
+        steps = zip(tokens, segment.rows, strict=True) if split.step else ()
+        for index, (t, masks) in enumerate(steps):
+            step_embeds = entering[:, index : index + 1] if entering is not None else token_embeds(t, t + 1)
+            embeds, positions = step_input(step_embeds), step_input(position_ids[:, t : t + 1])
+            # After the first step every static layer holds its buffers (allocated outside the compiled region).
+            if compiled is not None and (t > 0 or statically_allocated(cache)):
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's output was already copied out
+                out, reported = compiled(model, embeds, masks, positions, cache, layers=split.step, **kwargs)
+            else:  # CPU, a dynamic cache, reported outputs, or the step that allocates the static buffers
+                out, reported = token_step(model, embeds, masks, positions, cache, reporting, split.step, **kwargs)
+            collect_reported(reports, split.step, reported)
+            stepped[:, index if split.above else (t if keep_hidden else 0)] = out[:, 0]
+        if split.above:
+            leaving = run_segment(
+                model, split.above, stepped if split.step else entering, segment, position_ids, cache, reports, **kwargs
+            )
+        elif not split.step:  # no cyclic block: the layers below were the whole stack
+            leaving = entering
+        else:
+            continue  # the token steps wrote the result
+        if keep_hidden:
+            hidden[:, tokens.start : tokens.stop] = leaving
+        else:
+            hidden[:, 0] = leaving[:, -1]
+    return hidden, None if reports is None else joined_reports(reports)
+
+
+class ScratchCache(NamedTuple):
+    """The static cache a sequential forward without cached tokens runs into, kept on the model for the next one of
+    the same shape (``OptLlamaModel.scratch_cache``): a new cache's buffers would make the captured step record its
+    CUDA graph again, as transformers avoids by keeping ``generate``'s static cache."""
+
+    shape: tuple  # (batch, slots, dtype, device)
+    cache: StaticCache
+
+
+def scratch_cache(model, inputs_embeds: torch.Tensor, cache: Cache | None) -> StaticCache | None:
+    """A static cache for a sequential forward that starts from no cached tokens: none given, or the empty dynamic
+    cache the forward made (``use_cache``), which then gets the committed KVs (``copy_committed``). Its masks are
+    built once per segment, its token step is captured (CUDA), and the layers outside the cyclic block run over
+    segments. Its slots: the prompt rounded up to a power of two (at least ``MASK_CHUNK``), so that prompts of
+    similar lengths share it and its compiled step; the model keeps the last one (``ScratchCache``), rewound to empty
+    for each use. None (keep ``cache``) where gradients are recorded (in-place writes into one buffer), a layer keeps
+    only a window, flex attention (its masks are not cut per token) or the cache is anything else."""
+    plain_layers = (DynamicLayer, DummyLayer)  # DummyLayer: a condensed layer's (it stores nothing)
+    plain_dynamic = type(cache) is DynamicCache and all(type(layer) in plain_layers for layer in cache.layers)
+    if torch.is_grad_enabled() or not (cache is None or (plain_dynamic and cache.get_seq_length() == 0)):
+        return None
+    config = model.config
+    # flex attention's masks are BlockMasks, which cannot be cut into one row per token step
+    if config._attn_implementation == "flex_attention" or "sliding_attention" in config.cache_layer_types:
+        return None
+    batch_size, query_length = inputs_embeds.shape[:2]
+    slots = max(MASK_CHUNK, 1 << (query_length - 1).bit_length())
+    shape = (batch_size, slots, inputs_embeds.dtype, inputs_embeds.device)
+    if model.scratch_cache is None or model.scratch_cache.shape != shape:
+        model.scratch_cache = ScratchCache(shape, StaticCache(config=config, max_cache_len=slots))
+    return set_cached_length(model.scratch_cache.cache, 0)
+
+
+def copy_committed(source: StaticCache, destination: Cache) -> None:
+    """Commit to ``destination`` every token the static cache ``source`` holds, layer by layer."""
+    for layer_idx, layer in enumerate(source.layers):
+        if isinstance(layer, StaticLayer) and layer.is_initialized:
+            filled = int(layer.cumulative_length)
+            destination.update(layer.keys[:, :, :filled], layer.values[:, :, :filled], layer_idx)
 
 
 def sequential_prefill(
@@ -236,11 +408,12 @@ def sequential_prefill(
 ) -> tuple[torch.Tensor, list | None]:
     """``model.forward_layers`` token by token: ``inputs_embeds`` ``(B, T, H)`` -> the last hidden states ``(B, T, H)``,
     equal to decoding the tokens one by one (the exact semantics), and the reported layer outputs (see ``run_tokens``).
-    The tokens' KVs go to ``cache`` (to a scratch cache when it is None)."""
-    step_cache = cache if cache is not None else DynamicCache(config=model.config)
-    return run_tokens(
+    The tokens' KVs go to ``cache`` (to a scratch cache when it is None: ``scratch_cache``)."""
+    scratch = scratch_cache(model, inputs_embeds, cache)
+    step_cache = scratch or cache or DynamicCache(config=model.config)
+    hidden, reported = run_tokens(
         model,
-        lambda t: inputs_embeds[:, t : t + 1],
+        lambda start, stop: inputs_embeds[:, start:stop],
         inputs_embeds.shape[1],
         attention_mask,
         position_ids,
@@ -249,6 +422,9 @@ def sequential_prefill(
         reporting=reporting,
         **kwargs,
     )
+    if scratch is not None and cache is not None:
+        copy_committed(scratch, cache)
+    return hidden, reported
 
 
 @torch.no_grad()
@@ -271,7 +447,7 @@ def prefill_cache(
     model.check_positions(past_length + query_length)
     hidden, _ = run_tokens(
         model,
-        lambda t: model.embed_tokens(input_ids[:, t : t + 1]),
+        lambda start, stop: model.embed_tokens(input_ids[:, start:stop]),
         query_length,
         attention_mask,
         position_ids,

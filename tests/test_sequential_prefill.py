@@ -11,7 +11,8 @@ from models.configuration_opt_llama import OptLlamaConfig
 from models.roofline import Hardware
 
 from .conftest import tiny_config, tiny_model
-from .test_model_oracles import sequential_logits
+from .numerics import FLOAT64_ATOL
+from .test_model_oracles import model64, sequential_logits
 
 ATOL = 2e-5
 NUM_ENCODERS = 2
@@ -165,10 +166,11 @@ def test_prefill_and_decode_steps_compile_once_per_batch_size_at_any_prompt_leng
 
 
 def test_prefill_token_steps_read_only_the_filled_span(interpreted_split_kv, monkeypatch):
-    """Under sdpa_split_kv every attention of the sequential prefill's token steps runs the split-KV kernel, whose
-    span per row is the last visible slot + 1 of the step's mask: the filled tokens a layer may see (up to the query
-    for a causal layer, before it for a strict one; none for a left-padded row's padding), never the S preallocated
-    slots; and the prefill equals the one over SDPA."""
+    """Under sdpa_split_kv every attention of the sequential prefill's token steps (the cyclic block's layers; the
+    layers outside it run over the whole segment) runs the split-KV kernel, whose span per row is the last visible
+    slot + 1 of the step's mask: the filled tokens a layer may see (up to the query for a causal layer, before it for
+    a strict one; none for a left-padded row's padding), never the S preallocated slots; and the prefill equals the
+    one over SDPA."""
     from .test_decode_attention import watched_split_kv
 
     spans = []
@@ -202,9 +204,9 @@ def test_prefill_token_steps_read_only_the_filled_span(interpreted_split_kv, mon
     expected = [
         (slots, [span(row, t, strict[layer]) for row in range(2)])
         for t in range(length)
-        for layer in range(len(strict))
+        for layer in model.model.plan.block
     ]
-    assert spans == expected and spans[-1] == (slots, [6, 6])
+    assert spans == expected and spans[-1] == (slots, [6, 6])  # the target, a causal layer, sees its token
 
 
 def test_prefill_cache_then_generate_equals_generate():
@@ -277,3 +279,107 @@ def test_bad_prefill_value_is_a_one_line_error(tmp_path):
     config = tiny_config(prefill="auto")
     config.save_pretrained(tmp_path)
     assert OptLlamaConfig.from_pretrained(tmp_path).prefill == "auto"
+
+
+# Layouts whose layers outside the cyclic block differ: the paper's (one below, one above), a layer above the block
+# reading the block's target (its committed KVs), no layer above (the block ends at the top), no block at all.
+SEGMENT_LAYOUTS = {
+    "lckv": dict(layer_types="0_1_1_1_2_0"),
+    "above_reads_target": dict(layer_types="0_1_1_2_1_0", target_layer=3),
+    "block_at_top": dict(kv_sources=[0, 5, 5, 5, 5, 5]),
+    "no_block": dict(kv_sources=[0, 0, 2, 2, 4, 5]),
+}
+
+
+@pytest.fixture
+def segment_runs(monkeypatch) -> list:
+    """Segments of 4 tokens; the list records ``(layers, tokens)`` of each run of layers over a segment."""
+    monkeypatch.setattr(sequential_prefill, "MASK_CHUNK", 4)
+    runs, original = [], sequential_prefill.run_segment
+    monkeypatch.setattr(
+        sequential_prefill,
+        "run_segment",
+        lambda model, layers, inputs, *a, **k: (
+            runs.append((layers, inputs.shape[1])) or original(model, layers, inputs, *a, **k)
+        ),
+    )
+    return runs
+
+
+@pytest.mark.parametrize("layout", SEGMENT_LAYOUTS)
+def test_layers_outside_the_block_run_over_segments_exactly(layout, segment_runs, num_threads):
+    """Oracle (float64): an exact forward of 11 tokens, one row left-padded, runs the layers below and above the
+    cyclic block over segments of 4, 4 and 3 tokens and the block token by token, and gives the logits of decoding one
+    token at a time. The dynamic cache the forward returns holds every layer's KVs, and decoding goes on from it."""
+    model = model64(tiny_config(num_encoders=1, sequential_forward=True, **SEGMENT_LAYOUTS[layout]))
+    plan = model.model.plan
+    ids = torch.randint(3, 256, (2, 14))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        out = model(ids[:, :11], attention_mask=mask[:, :11], use_cache=True)
+        rest = [
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache, use_cache=True).logits
+            for t in range(11, 14)
+        ]
+    expected = sequential_logits(model, ids, mask)
+    torch.testing.assert_close(torch.cat([out.logits, *rest], dim=1), expected, atol=FLOAT64_ATOL, rtol=0)
+    assert type(out.cache) is DynamicCache
+    parts = [part for part in (plan.below, plan.above) if part] if plan.block else [range(6)]
+    assert segment_runs == [(part, tokens) for tokens in (4, 4, 3) for part in parts]
+
+
+def test_a_large_batch_runs_every_layer_in_the_token_step(segment_runs, monkeypatch):
+    """Where one layer's attention over a segment would pass SEGMENT_ATTENTION_BYTES, every layer runs in the token
+    step (no segment runs), with the same logits."""
+    model = model64(tiny_config(num_encoders=1, sequential_forward=True))
+    ids = torch.randint(3, 256, (3, 9))
+    logits = []
+    for budget in (sequential_prefill.SEGMENT_ATTENTION_BYTES, 0):
+        monkeypatch.setattr(sequential_prefill, "SEGMENT_ATTENTION_BYTES", budget)
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+        assert bool(segment_runs) == (budget > 0)
+        segment_runs.clear()
+    torch.testing.assert_close(logits[0], logits[1], atol=FLOAT64_ATOL, rtol=0)
+
+
+def test_segment_attention_bytes_by_hand():
+    """Keys and values expanded to every query head, and float32 scores of MASK_CHUNK queries: batch 2, 4 heads of
+    dimension 16, 32 slots, 2-byte values: 2 * 4 * 32 * (2 * 16 * 2 + 4 * 64) bytes."""
+    config = tiny_config()
+    assert (config.num_attention_heads, config.head_dim) == (4, 16)
+    assert sequential_prefill.segment_attention_bytes(config, 2, 32, 2) == 2 * 4 * 32 * (2 * 16 * 2 + 4 * 64)
+
+
+def test_reported_hidden_states_are_those_of_the_token_step(segment_runs, monkeypatch):
+    """output_hidden_states of an exact forward: the layers run over segments report what the whole-stack token step
+    reports, layer by layer."""
+    model = model64(tiny_config(num_encoders=1, sequential_forward=True))
+    ids = torch.randint(3, 256, (2, 9))
+    reported = []
+    for budget in (sequential_prefill.SEGMENT_ATTENTION_BYTES, 0):
+        monkeypatch.setattr(sequential_prefill, "SEGMENT_ATTENTION_BYTES", budget)
+        with torch.no_grad():
+            reported.append(model(ids, output_hidden_states=True).hidden_states)
+    assert segment_runs and len(reported[0]) == len(reported[1]) == 7
+    for with_segments, per_token in zip(*reported, strict=True):
+        torch.testing.assert_close(with_segments, per_token, atol=FLOAT64_ATOL, rtol=0)
+
+
+def test_layers_that_cut_the_cyclic_block_are_refused():
+    model = model_with()
+    embeds = torch.zeros(1, 1, model.config.hidden_size)
+    with pytest.raises(ValueError, match=r"^layers: range\(0, 3\) cuts the cyclic block range\(1, 5\); allowed are"):
+        model.model.forward_layers(embeds, {}, torch.zeros(1, 1, dtype=torch.long), None, layers=range(3))
+
+
+def test_a_reader_apart_from_its_source_needs_a_static_cache():
+    """committed_kv reads what a source committed to a static cache; a dynamic cache is refused in one line."""
+    from models.cache_staging import committed_kv
+
+    model = model_with()
+    with pytest.raises(ValueError, match=r"^layer 4: its readers run apart from it, .* got DynamicLayer$"):
+        cache = DynamicCache(config=model.config)
+        cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 4)
+        committed_kv(cache, 4)
