@@ -23,7 +23,6 @@ Each variant runs ``--warmup`` untimed forwards (compilation, graph capture), th
 """
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ import torch
 import models  # noqa: F401  (registers opt-llama and the attention backends)
 from models import sequential_prefill
 from tools.cli import run_cli
-from tools.measure import build_random_model, load_config_for_length, synchronize
+from tools.measure import build_random_model, load_config_for_length, synchronize, write_json
 
 # variant -> (config.sequential_forward, what the forward runs under)
 VARIANTS: dict[str, tuple[bool, Callable[[], AbstractContextManager]]] = {
@@ -104,25 +103,21 @@ def build(path: str, length: int, args):
     return build_random_model(load_config_for_length(path, length), dtype, args.device, args.attn)
 
 
-def measure(path: str, args) -> list[dict]:
-    """Every shape's variants of the LCKV model of ``path`` and the Llama's forward."""
-    rows = []
-    for batch, length in args.shapes:
-        model, llama = build(path, length, args), build(args.llama, length, args)
-        ids = torch.randint(3, model.config.vocab_size, (batch, length), device=model.device)
-        row = {"config": path, "batch": batch, "tokens": length, "variants": {}}
-        for name, (sequential, context) in VARIANTS.items():
-            model.config.sequential_forward = sequential
-            with context():
-                row["variants"][name] = time_forwards(model, ids, args)
-            print(f"{path} {batch}x{length} {name}: {row['variants'][name]['ms']:.1f} ms", flush=True)
-        row["variants"]["llama"] = time_forwards(llama, ids, args)
-        exact = row["variants"]["exact"]["ms"]
-        row["vs_exact"] = {name: v["ms"] / exact for name, v in row["variants"].items()}
-        row["exact_vs_llama"] = exact / row["variants"]["llama"]["ms"]
-        rows.append(row)
-        del model, llama
-    return rows
+def measure(path: str, batch: int, length: int, args) -> dict:
+    """One shape's variants of the LCKV model of ``path`` and the Llama's forward."""
+    model, llama = build(path, length, args), build(args.llama, length, args)
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), device=model.device)
+    row = {"config": path, "batch": batch, "tokens": length, "variants": {}}
+    for name, (sequential, context) in VARIANTS.items():
+        model.config.sequential_forward = sequential
+        with context():
+            row["variants"][name] = time_forwards(model, ids, args)
+        print(f"{path} {batch}x{length} {name}: {row['variants'][name]['ms']:.1f} ms", flush=True)
+    row["variants"]["llama"] = time_forwards(llama, ids, args)
+    exact = row["variants"]["exact"]["ms"]
+    row["vs_exact"] = {name: v["ms"] / exact for name, v in row["variants"].items()}
+    row["exact_vs_llama"] = exact / row["variants"]["llama"]["ms"]
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,8 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     setting = {k: getattr(args, k) for k in ("llama", "warmup", "repeats", "attn", "device")}
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     setting["torch"], setting["mask_chunk"] = torch.__version__, sequential_prefill.MASK_CHUNK
-    out = {"setting": setting, "runs": [row for path in args.configs for row in measure(path, args)]}
-    (out_dir / "exact_forward.json").write_text(json.dumps(out, indent=2))
+    out = {"setting": setting, "runs": []}
+    for path in args.configs:
+        for batch, length in args.shapes:
+            out["runs"].append(measure(path, batch, length, args))
+            # rewritten after every shape, whole: a run stopped by a time limit keeps the shapes it finished
+            write_json(out_dir / "exact_forward.json", out)
     for row in out["runs"]:
         v = row["variants"]
         print(

@@ -28,7 +28,6 @@ measure (``--from_scratch``: this run's shapes alone). ``--apply`` writes it int
 import argparse
 import itertools
 import json
-import os
 import platform
 import time
 from collections.abc import Iterable
@@ -54,6 +53,7 @@ from models.kernels.decode_launch import (
 )
 from models.roofline import device_hardware
 from tools.cli import ArgumentParser, UsageError, check_output_dir, check_range, parse_int_list, parse_size, run_cli
+from tools.measure import write_json
 
 
 class Attention(NamedTuple):
@@ -391,9 +391,7 @@ def table_literal(table: dict[tuple[int, int, int], TableRows], comment: str) ->
 
 def write_outputs(out_dir: Path, report: dict, table: str) -> None:
     """The JSON (rewritten after every shape) and the table source."""
-    partial = out_dir / "tune_decode_attention.json.partial"
-    partial.write_text(json.dumps(report, indent=1))
-    os.replace(partial, out_dir / "tune_decode_attention.json")
+    write_json(out_dir / "tune_decode_attention.json", report)
     (out_dir / "launch_table.txt").write_text(table)
 
 

@@ -2,9 +2,12 @@
 benchmarks decode with, KV bytes a cache holds, streaming perplexity, the baseline of ratios, configs sized for a
 length."""
 
+import json
 import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -215,3 +218,11 @@ def load_config_for_length(path: str, total_len: int) -> PretrainedConfig:
     config = cli.load_config("--configs", path)
     config.max_position_embeddings = max(config.max_position_embeddings, total_len)
     return config
+
+
+def write_json(path: Path, data: object) -> None:
+    """``data`` as indented JSON at ``path``, through a temporary file: a reader (or a run stopped mid-write) sees the
+    previous file or the new one, never half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2))
+    os.replace(partial, path)
