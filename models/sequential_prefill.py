@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 from .chunked_prefill import set_cached_length
+from .fast_decode import CHECKED_STEPS, guard_skipping
 from .layer_plan import LayerPlan
 from .masks import lckv_masks, reads_window_cache
 from .prefill_modes import PREFILL_MODES, choose_prefill
@@ -319,6 +320,7 @@ def run_tokens(
     compiled = compiled_token_step(tuple(sorted(options.items()))) if options is not None else None
     split = stack_split(model.plan, len(model.layers), runs_segments(model, cache, batch_size, first.element_size()))
     reports = defaultdict(list) if reporting else None
+    compiled_calls = 0
     masks_input = first.expand(-1, query_length, -1)
     for segment in mask_segments(model, masks_input, attention_mask, position_ids, cache, past_length):
         tokens = segment.tokens
@@ -336,7 +338,11 @@ def run_tokens(
             # After the first step every static layer holds its buffers (allocated outside the compiled region).
             if compiled is not None and (t > 0 or statically_allocated(cache)):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output was already copied out
-                out, reported = compiled(model, embeds, masks, positions, cache, layers=split.step, **kwargs)
+                # Every call hands the step the same model, cache and masks of one layout: once CHECKED_STEPS calls
+                # passed dynamo's guard checks, the rest skip them (host time that a batch-1 step is short of).
+                compiled_calls += 1
+                with guard_skipping(compiled_calls > CHECKED_STEPS):
+                    out, reported = compiled(model, embeds, masks, positions, cache, layers=split.step, **kwargs)
             else:  # CPU, a dynamic cache, reported outputs, or the step that allocates the static buffers
                 out, reported = token_step(model, embeds, masks, positions, cache, reporting, split.step, **kwargs)
             collect_reported(reports, split.step, reported)

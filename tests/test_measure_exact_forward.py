@@ -33,7 +33,9 @@ def test_cpu_smoke_run(tmp_path, monkeypatch):
     assert all(v["graphs_compiled_while_timed"] == 0 for v in row["variants"].values())
 
 
-@pytest.mark.parametrize("argv", [["--shapes", "8"], ["--shapes", "0x512"], ["--repeats", "0"], ["--warmup", "0"]])
+@pytest.mark.parametrize(
+    "argv", [["--shapes", "8"], ["--shapes", "0x512"], ["--repeats", "0"], ["--warmup", "0"], ["--variants", "fast"]]
+)
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         measure_exact_forward.parse_args(argv)

@@ -383,3 +383,23 @@ def test_a_reader_apart_from_its_source_needs_a_static_cache():
         cache = DynamicCache(config=model.config)
         cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 4)
         committed_kv(cache, 4)
+
+
+def test_token_steps_skip_guard_checks_after_the_checked_calls(cpu_compiled_step, monkeypatch):
+    """Token 0 runs eagerly (it allocates the cache); of the compiled calls after it, CHECKED_STEPS run dynamo's guard
+    checks and the rest skip them (models.fast_decode.guard_skipping), with the logits of an eager prefill."""
+    entered, original = [], sequential_prefill.guard_skipping
+    monkeypatch.setattr(
+        sequential_prefill, "guard_skipping", lambda enabled: entered.append(enabled) or original(enabled)
+    )
+    model = model_with("sequential")
+    ids = torch.randint(3, 256, (2, 7))
+    logits = []
+    for backend in (cpu_compiled_step, None):
+        monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", backend)
+        with torch.no_grad():
+            logits.append(
+                sequential_prefill.prefill_cache(model, ids, StaticCache(config=model.config, max_cache_len=16))
+            )
+    assert entered == [False] * sequential_prefill.CHECKED_STEPS + [True] * (6 - sequential_prefill.CHECKED_STEPS)
+    torch.testing.assert_close(logits[0], logits[1], atol=ATOL, rtol=0)
