@@ -331,17 +331,22 @@ def test_layers_outside_the_block_run_over_segments_exactly(layout, segment_runs
 
 def test_a_large_batch_runs_every_layer_in_the_token_step(segment_runs, monkeypatch):
     """Where one layer's attention over a segment would pass SEGMENT_ATTENTION_BYTES, every layer runs in the token
-    step (no segment runs), with the same logits."""
+    step (no segment runs), with the same logits and, layer by layer, the same reported hidden states
+    (output_hidden_states: the layers run over segments report what the whole-stack step reports)."""
     model = model64(tiny_config(num_encoders=1, sequential_forward=True))
     ids = torch.randint(3, 256, (3, 9))
-    logits = []
+    outputs = []
     for budget in (sequential_prefill.SEGMENT_ATTENTION_BYTES, 0):
         monkeypatch.setattr(sequential_prefill, "SEGMENT_ATTENTION_BYTES", budget)
         with torch.no_grad():
-            logits.append(model(ids).logits)
+            outputs.append(model(ids, output_hidden_states=True))
         assert bool(segment_runs) == (budget > 0)
         segment_runs.clear()
-    torch.testing.assert_close(logits[0], logits[1], atol=FLOAT64_ATOL, rtol=0)
+    with_segments, per_token = outputs
+    torch.testing.assert_close(with_segments.logits, per_token.logits, atol=FLOAT64_ATOL, rtol=0)
+    assert len(with_segments.hidden_states) == len(per_token.hidden_states) == 7
+    for a, b in zip(with_segments.hidden_states, per_token.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=FLOAT64_ATOL, rtol=0)
 
 
 def test_segment_attention_bytes_by_hand():
@@ -350,21 +355,6 @@ def test_segment_attention_bytes_by_hand():
     config = tiny_config()
     assert (config.num_attention_heads, config.head_dim) == (4, 16)
     assert sequential_prefill.segment_attention_bytes(config, 2, 32, 2) == 2 * 4 * 32 * (2 * 16 * 2 + 4 * 64)
-
-
-def test_reported_hidden_states_are_those_of_the_token_step(segment_runs, monkeypatch):
-    """output_hidden_states of an exact forward: the layers run over segments report what the whole-stack token step
-    reports, layer by layer."""
-    model = model64(tiny_config(num_encoders=1, sequential_forward=True))
-    ids = torch.randint(3, 256, (2, 9))
-    reported = []
-    for budget in (sequential_prefill.SEGMENT_ATTENTION_BYTES, 0):
-        monkeypatch.setattr(sequential_prefill, "SEGMENT_ATTENTION_BYTES", budget)
-        with torch.no_grad():
-            reported.append(model(ids, output_hidden_states=True).hidden_states)
-    assert segment_runs and len(reported[0]) == len(reported[1]) == 7
-    for with_segments, per_token in zip(*reported, strict=True):
-        torch.testing.assert_close(with_segments, per_token, atol=FLOAT64_ATOL, rtol=0)
 
 
 def test_layers_that_cut_the_cyclic_block_are_refused():
