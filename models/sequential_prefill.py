@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
-from .chunked_prefill import set_cached_length
 from .fast_decode import CHECKED_STEPS, guard_skipping
 from .layer_plan import LayerPlan
 from .masks import lckv_masks, reads_window_cache
@@ -233,7 +232,9 @@ def runs_segments(model, cache: Cache, batch: int, value_bytes: int) -> bool:
     """Whether the layers outside the cyclic block run over segments: where the masks span a static cache's slots
     (one build per segment) and one layer's attention over a segment stays within ``SEGMENT_ATTENTION_BYTES``
     (a small batch; at a large batch each token step's layers are long kernels already)."""
-    if builds_masks_per_step(model, cache):
+    # An offloaded cache prefetches the next KV-holding layer in each layer's update, in the order of a whole-stack
+    # step; the segments would write in another order.
+    if builds_masks_per_step(model, cache) or getattr(cache, "offloading", False):
         return False
     slots = cache.get_max_length()
     return segment_attention_bytes(model.config, batch, slots, value_bytes) <= SEGMENT_ATTENTION_BYTES
@@ -367,7 +368,7 @@ class ScratchCache(NamedTuple):
     the same shape (``OptLlamaModel.scratch_cache``): a new cache's buffers would make the captured step record its
     CUDA graph again, as transformers avoids by keeping ``generate``'s static cache."""
 
-    shape: tuple  # (batch, slots, dtype, device)
+    shape: tuple  # (batch, slots, dtype, device, inference mode)
     cache: StaticCache
 
 
@@ -376,12 +377,16 @@ def scratch_cache(model, inputs_embeds: torch.Tensor, cache: Cache | None) -> St
     cache the forward made (``use_cache``), which then gets the committed KVs (``copy_committed``). Its masks are
     built once per segment, its token step is captured (CUDA), and the layers outside the cyclic block run over
     segments. Its slots: the prompt rounded up to a power of two (at least ``MASK_CHUNK``), so that prompts of
-    similar lengths share it and its compiled step; the model keeps the last one (``ScratchCache``), rewound to empty
-    for each use. None (keep ``cache``) where gradients are recorded (in-place writes into one buffer), a layer keeps
-    only a window, flex attention (its masks are not cut per token) or the cache is anything else."""
+    similar lengths share it and its compiled step; the model keeps the last one (``ScratchCache``; setting
+    ``model.model.scratch_cache = None`` frees it), zeroed for each use. None (keep ``cache``) where gradients are
+    recorded (in-place writes into one buffer), under autocast, where a layer keeps only a window, under flex attention
+    (its masks are not cut per token) or when the cache is anything else."""
     plain_layers = (DynamicLayer, DummyLayer)  # DummyLayer: a condensed layer's (it stores nothing)
     plain_dynamic = type(cache) is DynamicCache and all(type(layer) in plain_layers for layer in cache.layers)
     if torch.is_grad_enabled() or not (cache is None or (plain_dynamic and cache.get_seq_length() == 0)):
+        return None
+    # Under autocast keys and values may come in different dtypes, which one static layer's buffers cannot hold.
+    if torch.is_autocast_enabled(inputs_embeds.device.type):
         return None
     config = model.config
     # flex attention's masks are BlockMasks, which cannot be cut into one row per token step
@@ -389,10 +394,14 @@ def scratch_cache(model, inputs_embeds: torch.Tensor, cache: Cache | None) -> St
         return None
     batch_size, query_length = inputs_embeds.shape[:2]
     slots = max(MASK_CHUNK, 1 << (query_length - 1).bit_length())
-    shape = (batch_size, slots, inputs_embeds.dtype, inputs_embeds.device)
+    # Buffers made under inference mode cannot be written outside it: one cache per mode.
+    shape = (batch_size, slots, inputs_embeds.dtype, inputs_embeds.device, torch.is_inference_mode_enabled())
     if model.scratch_cache is None or model.scratch_cache.shape != shape:
         model.scratch_cache = ScratchCache(shape, StaticCache(config=config, max_cache_len=slots))
-    return set_cached_length(model.scratch_cache.cache, 0)
+    # Zeroed, not only rewound: a padding query sees no key, and eager attention averages every slot it spans, so its
+    # (meaningless) output would otherwise depend on earlier forwards.
+    model.scratch_cache.cache.reset()
+    return model.scratch_cache.cache
 
 
 def copy_committed(source: StaticCache, destination: Cache) -> None:
@@ -416,7 +425,7 @@ def sequential_prefill(
     equal to decoding the tokens one by one (the exact semantics), and the reported layer outputs (see ``run_tokens``).
     The tokens' KVs go to ``cache`` (to a scratch cache when it is None: ``scratch_cache``)."""
     scratch = scratch_cache(model, inputs_embeds, cache)
-    step_cache = scratch or cache or DynamicCache(config=model.config)
+    step_cache = scratch if scratch is not None else cache if cache is not None else DynamicCache(config=model.config)
     hidden, reported = run_tokens(
         model,
         lambda start, stop: inputs_embeds[:, start:stop],

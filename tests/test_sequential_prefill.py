@@ -288,6 +288,10 @@ SEGMENT_LAYOUTS = {
     "above_reads_target": dict(layer_types="0_1_1_2_1_0", target_layer=3),
     "block_at_top": dict(kv_sources=[0, 5, 5, 5, 5, 5]),
     "no_block": dict(kv_sources=[0, 0, 2, 2, 4, 5]),
+    "force_nodiag": dict(layer_types="0_1_1_1_2_0", force_nodiag=True),
+    "own_kv_and_below_reader_in_block": dict(kv_sources=[0, 4, 2, 0, 4, 5]),
+    # windows over full cache layers (the target has readers without one): one condensed, one above the block
+    "window_layers": dict(layer_types="0_1_1_2_1_0", target_layer=3, sliding_window=3, sliding_window_layers=[1, 4]),
 }
 
 
@@ -382,6 +386,7 @@ def test_token_steps_skip_guard_checks_after_the_checked_calls(cpu_compiled_step
     monkeypatch.setattr(
         sequential_prefill, "guard_skipping", lambda enabled: entered.append(enabled) or original(enabled)
     )
+    monkeypatch.setattr(sequential_prefill, "MASK_CHUNK", 4)  # two segments
     model = model_with("sequential")
     ids = torch.randint(3, 256, (2, 7))
     logits = []
@@ -393,3 +398,44 @@ def test_token_steps_skip_guard_checks_after_the_checked_calls(cpu_compiled_step
             )
     assert entered == [False] * sequential_prefill.CHECKED_STEPS + [True] * (6 - sequential_prefill.CHECKED_STEPS)
     torch.testing.assert_close(logits[0], logits[1], atol=ATOL, rtol=0)
+
+
+def test_an_empty_dynamic_cache_made_without_config_is_the_one_filled():
+    """Where no scratch cache runs (window layers keep the dynamic cache), a ``DynamicCache()`` made without a config
+    (empty, hence falsy) still receives the prompt's KVs, and decoding goes on from it exactly (float64)."""
+    config = tiny_config(kv_sources=[0, 4, 4, 4, 4, 0], sliding_window=3, sliding_window_layers=[0, 5], num_encoders=1)
+    model = model64(config)
+    model.config.sequential_forward = True
+    ids = torch.randint(3, 256, (2, 10))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids[:, :8], cache=cache, use_cache=True)
+        following = model(ids[:, 8:9], cache=cache, use_cache=True).logits
+    assert cache.get_seq_length() == 9
+    torch.testing.assert_close(following, sequential_logits(model, ids[:, :9])[:, 8:], atol=FLOAT64_ATOL, rtol=0)
+
+
+def test_the_scratch_cache_across_modes_and_calls():
+    """The kept scratch cache: a forward under inference mode, then one under no_grad, then one under autocast (which
+    keeps the dynamic cache) all run; a left-padded eager forward gives the same logits at every position, padding
+    included, before and after an unrelated forward (the cache is zeroed for each use)."""
+    model = tiny_model(tiny_config(num_encoders=1, sequential_forward=True), attn_implementation="eager")
+    ids, mask = padded_prompts(9)
+    with torch.inference_mode():
+        in_inference_mode = model(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask).logits
+        model(torch.randint(3, 256, ids.shape))
+        again = model(ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(ids, attention_mask=mask).logits).all()
+    assert torch.equal(first, again) and torch.equal(first, in_inference_mode)
+
+
+def test_an_offloaded_static_cache_runs_every_layer_in_the_token_step():
+    """Offloading prefetches in the order of a whole-stack step, so an offloaded cache gets no segments."""
+    model = model_with()
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    assert sequential_prefill.runs_segments(model.model, cache, 1, 4)
+    cache.offloading = True
+    assert not sequential_prefill.runs_segments(model.model, cache, 1, 4)
