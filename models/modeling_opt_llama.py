@@ -354,7 +354,7 @@ class OptLlamaModel(OptLlamaPreTrainedModel):
             self.kv_sources, config.layer_strict, config.sliding_window_layers, config.cache_layer_types
         )
         self.gradient_checkpointing = False
-        # The static cache of the last sequential forward without cached tokens (models.sequential_prefill.ScratchCache)
+        # The static cache of the last sequential forward without cached tokens (models.scratch_cache.ScratchCache)
         self.scratch_cache = None
         self.post_init()
 
