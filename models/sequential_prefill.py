@@ -335,7 +335,10 @@ def run_tokens(
         stepped = first.new_empty(batch_size, len(tokens), hidden_size) if split.above else hidden
         steps = zip(tokens, segment.rows, strict=True) if split.step else ()
         for index, (t, masks) in enumerate(steps):
-            step_embeds = entering[:, index : index + 1] if entering is not None else token_embeds(t, t + 1)
+            if entering is not None:
+                step_embeds = entering[:, index : index + 1]
+            else:  # token 0's embedding is ``first`` already
+                step_embeds = token_embeds(t, t + 1) if t else first
             embeds, positions = step_input(step_embeds), step_input(position_ids[:, t : t + 1])
             # After the first step every static layer holds its buffers (allocated outside the compiled region).
             if compiled is not None and (t > 0 or statically_allocated(cache)):
