@@ -550,7 +550,18 @@ def decode(
 
 
 class FastDecodeMixin:
-    """Put before ``GenerationMixin``: ``generate``'s greedy search and sampling run ``fast_sample``."""
+    """Put before ``GenerationMixin``: ``generate``'s greedy search and sampling run ``fast_sample``; an offloaded cache
+    decodes eagerly (``_valid_auto_compile_criteria``)."""
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        # transformers compiles the forward over an offloaded static cache. On an H200 with torch 2.11 dynamo then
+        # killed the process (segmentation fault) for its own Llama as for LCKV; eager decoding over the offloaded cache
+        # gave the resident cache's tokens and logits exactly (docs/performance.md, "KV cache offloading").
+        if getattr(model_kwargs.get("cache"), "offloading", False):
+            if generation_config.compile_config is not None:
+                logger.warning("an offloaded cache decodes without compiling the forward (compile_config is ignored)")
+            return False
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _sample(
         self,

@@ -9,6 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import (
     CompileConfig,
+    GenerationConfig,
     GenerationMixin,
     LlamaForCausalLM,
     StaticCache,
@@ -242,6 +243,19 @@ def test_enable_fast_decode_keeps_the_class_identity():
     assert fast is llama and isinstance(fast, (LlamaForCausalLM, fd.FastDecodeMixin))
     assert type(fast).__name__ == "LlamaForCausalLM" and enable_fast_decode(fast).__class__ is type(fast)
     assert type(enable_fast_decode(tiny_model(CONFIGS["llama"]()))) is type(fast)  # one class per architecture
+
+
+def test_an_offloaded_cache_decodes_without_compiling(model, caplog):
+    # transformers would compile the forward over an offloaded static cache (the resident one shows the check would
+    # pass), which crashed dynamo on the GPU; it decodes eagerly instead, saying so when compiling was asked for.
+    config = GenerationConfig(compile_config=CompileConfig())
+    config.compile_config._compile_all_devices = True  # the CPU counts as compile-worthy hardware
+    resident = StaticCache(config=model.config, max_cache_len=8)
+    offloaded = StaticCache(config=model.config, max_cache_len=8, offloading=True)
+    assert model._valid_auto_compile_criteria({"cache": resident}, config)
+    with caplog.at_level(logging.WARNING, logger=fd.__name__):
+        assert not model._valid_auto_compile_criteria({"cache": offloaded}, config)
+    assert "offloaded cache decodes without compiling" in caplog.text
 
 
 def test_stop_check_interval_is_checked():
