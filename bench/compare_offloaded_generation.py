@@ -117,14 +117,16 @@ def main(argv=None) -> dict:
         for dtype in args.dtypes:
             for resident in args.resident:
                 case = [config_path, dtype, resident]
-                command = [sys.executable, "-m", "bench.compare_offloaded_generation", *argv_of(args), "--case"]
+                command = [sys.executable, "-m", "bench.compare_offloaded_generation", *argv_of(args, config_path)]
+                command.append("--case")
                 try:
                     done = subprocess.run(
                         [*command, json.dumps(case)], capture_output=True, text=True, timeout=args.timeout_s
                     )
+                    lines = done.stdout.strip().splitlines()
                     outcome = (
-                        json.loads(done.stdout.strip().splitlines()[-1])
-                        if done.returncode == 0
+                        json.loads(lines[-1])
+                        if done.returncode == 0 and lines
                         else {"exit_status": done.returncode, "stderr_tail": done.stderr[-2000:]}
                     )
                 except subprocess.TimeoutExpired:
@@ -138,11 +140,11 @@ def main(argv=None) -> dict:
     return {"cases": results}
 
 
-def argv_of(args: argparse.Namespace) -> list[str]:
-    """The options a case's process needs to rebuild ``args``."""
+def argv_of(args: argparse.Namespace, config_path: str) -> list[str]:
+    """The options a case's process (of ``config_path``) needs to rebuild ``args``."""
     return [
-        "--prompt_len", str(args.prompt_len), "--gen_len", str(args.gen_len), "--device", args.device,
-        "--output_dir", args.output_dir, *(["--eager"] if args.eager else []),
+        "--configs", config_path, "--prompt_len", str(args.prompt_len), "--gen_len", str(args.gen_len),
+        "--device", args.device, "--output_dir", args.output_dir, *(["--eager"] if args.eager else []),
     ]  # fmt: skip
 
 

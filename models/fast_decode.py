@@ -43,6 +43,7 @@ Shapes: ``B`` batch, ``S`` slots of the static cache, ``V`` vocabulary.
 """
 
 import contextlib
+import copy
 import logging
 import math
 from collections import deque
@@ -163,7 +164,7 @@ def cache_reason(cache, max_length: int | None) -> str | None:
     ``DummyLayer``s for layers that share another's KVs) with room for ``max_length - 1`` tokens; None if it can."""
     if cache is None:
         return "no cache (use_cache=False)"
-    if getattr(cache, "offloading", False):
+    if offloaded(cache):
         return "an offloaded cache"
     layers = [layer for layer in getattr(cache, "layers", ()) if not isinstance(layer, DummyLayer)]
     kinds = sorted({type(layer).__name__ for layer in layers if type(layer) is not StaticLayer})
@@ -454,6 +455,10 @@ def fast_sample(
             generation_config, "fast_decode", True
         ):
             logger.warning("fast decoding falls back to generate's own loop: %s", reason)
+        if offloaded(model_kwargs.get("cache")) and not isinstance(model, FastDecodeMixin):
+            # A model without the mixin (custom_generate=fast_sample) would be compiled by transformers' own check.
+            generation_config = copy.copy(generation_config)
+            generation_config.disable_compile = True
         return GenerationMixin._sample(
             model,
             input_ids,
@@ -549,17 +554,31 @@ def decode(
     return sequences
 
 
+def offloaded(cache) -> bool:
+    """Whether ``cache`` (or an encoder-decoder cache's self-attention cache) moves its layers to the CPU between uses.
+
+    Such a cache decodes without compiling the forward (``FastDecodeMixin._valid_auto_compile_criteria``, and
+    ``fast_sample`` for a model without the mixin): transformers compiles the forward over an offloaded static cache,
+    and on an H200 with torch 2.11 dynamo then killed the process (segmentation fault) for transformers' own Llama as
+    for LCKV, while eager decoding over it gave the resident cache's tokens and logits exactly (docs/performance.md,
+    "KV cache offloading")."""
+    return bool(getattr(getattr(cache, "self_attention_cache", cache), "offloading", False))
+
+
+@memoize
+def warn_compile_config_ignored() -> None:
+    """Said once per process: an offloaded cache was asked to compile."""
+    logger.warning("an offloaded cache decodes without compiling the forward (compile_config is ignored)")
+
+
 class FastDecodeMixin:
     """Put before ``GenerationMixin``: ``generate``'s greedy search and sampling run ``fast_sample``; an offloaded cache
     decodes eagerly (``_valid_auto_compile_criteria``)."""
 
     def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
-        # transformers compiles the forward over an offloaded static cache. On an H200 with torch 2.11 dynamo then
-        # killed the process (segmentation fault) for its own Llama as for LCKV; eager decoding over the offloaded cache
-        # gave the resident cache's tokens and logits exactly (docs/performance.md, "KV cache offloading").
-        if getattr(model_kwargs.get("cache"), "offloading", False):
+        if offloaded(model_kwargs.get("cache")) and not generation_config.disable_compile:
             if generation_config.compile_config is not None:
-                logger.warning("an offloaded cache decodes without compiling the forward (compile_config is ignored)")
+                warn_compile_config_ignored()
             return False
         return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 

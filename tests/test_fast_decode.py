@@ -9,6 +9,8 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import (
     CompileConfig,
+    DynamicCache,
+    EncoderDecoderCache,
     GenerationConfig,
     GenerationMixin,
     LlamaForCausalLM,
@@ -247,15 +249,37 @@ def test_enable_fast_decode_keeps_the_class_identity():
 
 def test_an_offloaded_cache_decodes_without_compiling(model, caplog):
     # transformers would compile the forward over an offloaded static cache (the resident one shows the check would
-    # pass), which crashed dynamo on the GPU; it decodes eagerly instead, saying so when compiling was asked for.
+    # pass), which crashed dynamo on the GPU; it decodes eagerly instead, saying so once when compiling was asked for.
     config = GenerationConfig(compile_config=CompileConfig())
     config.compile_config._compile_all_devices = True  # the CPU counts as compile-worthy hardware
     resident = StaticCache(config=model.config, max_cache_len=8)
     offloaded = StaticCache(config=model.config, max_cache_len=8, offloading=True)
     assert model._valid_auto_compile_criteria({"cache": resident}, config)
+    fd.warn_compile_config_ignored.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=fd.__name__):
+        for cache in (offloaded, EncoderDecoderCache(offloaded, DynamicCache())):
+            assert not model._valid_auto_compile_criteria({"cache": cache}, config)
+    assert caplog.text.count("offloaded cache decodes without compiling") == 1
+    caplog.clear()
+    config.disable_compile = True  # nothing to say: no compiling was asked for
     with caplog.at_level(logging.WARNING, logger=fd.__name__):
         assert not model._valid_auto_compile_criteria({"cache": offloaded}, config)
-    assert "offloaded cache decodes without compiling" in caplog.text
+    assert caplog.text == ""
+
+
+def test_custom_generate_over_an_offloaded_cache_runs_plain_generate_uncompiled(monkeypatch):
+    # A model without FastDecodeMixin has transformers' own compile check: fast_sample turns compiling off itself.
+    llama = tiny_model(CONFIGS["llama"]())
+    seen = []
+
+    def plain(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+        seen.append((generation_config.disable_compile, fd.offloaded(kwargs["cache"])))
+        return input_ids
+
+    monkeypatch.setattr(GenerationMixin, "_sample", plain)
+    cache = StaticCache(config=llama.config, max_cache_len=16, offloading=True)
+    llama.generate(torch.ones(1, 3, dtype=torch.long), custom_generate=fast_sample, cache=cache, max_new_tokens=2)
+    assert seen == [(True, True)] and not llama.generation_config.disable_compile
 
 
 def test_stop_check_interval_is_checked():

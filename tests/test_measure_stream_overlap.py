@@ -11,8 +11,9 @@ from tools.cli import UsageError
 def test_cpu_smoke_run(tmp_path):
     out = measure_stream_overlap.main(["--smoke", "--output_dir", str(tmp_path)])
     assert json.loads((tmp_path / "stream_overlap.json").read_text()) == out
-    assert set(out["ms_per_layer"]) == {"products", "attention", "one_stream", "two_streams"}
-    assert all(ms > 0 for ms in out["ms_per_layer"].values()) and set(out["overlap_gain"]) == {"default"}
+    variants = {"products", "attention", "one_stream", "two_streams", "two_streams_products_first"}
+    assert set(out["ms_per_layer"]) == variants and all(ms > 0 for ms in out["ms_per_layer"].values())
+    assert set(out["overlap_gain"]) == {"default", "products_first"} and out["overlap_gain_vs_carved_products"] == {}
     assert out["best_possible_gain"] >= 1 and (out["rows"], out["context"]) == (4, 24)
 
 
