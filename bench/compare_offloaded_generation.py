@@ -44,12 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resident", nargs="+", default=list(PAIRS), help=f"resident caches, each against its offloaded one: {PAIRS}"
     )
     parser.add_argument("--eager", action="store_true", help="generate without compiling the forward")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="greedy runs of each cache without logits, each compared to the first"
+    )
     parser.add_argument("--device", default="cuda", help="torch device (offloading needs cuda; cpu only smoke-tests)")
     parser.add_argument("--timeout_s", type=int, default=300, help="limit of each case's process, in seconds")
     parser.add_argument("--output_dir", default="bench/results/offload_agreement", help="where agreement.json goes")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
     args = parser.parse_args(argv)
-    for flag in ("prompt_len", "gen_len", "timeout_s"):
+    for flag in ("prompt_len", "gen_len", "timeout_s", "repeats"):
         check_range(f"--{flag}", getattr(args, flag), minimum=1)
     shared.check_choices("--dtypes", args.dtypes, DTYPES)
     shared.check_choices("--resident", args.resident, PAIRS)
@@ -98,11 +101,20 @@ def run_case(args: argparse.Namespace, config_path: str, dtype: str, resident: s
         first = model.generate(ids, cache_implementation=resident, output_logits=True, **kwargs)
         second = model.generate(ids, cache_implementation=PAIRS[resident], output_logits=True, **kwargs)
         # Without logits asked for, as users run it: a resident static cache then decodes in the captured loop.
-        plain = [model.generate(ids, cache_implementation=c, **kwargs) for c in (resident, PAIRS[resident])]
-    plain_parting = (plain[0].sequences != plain[1].sequences).nonzero()
+        # Each cache --repeats times: a resident run parting from the first resident one is the GPU's own
+        # nondeterminism, not offloading.
+        plain = {c: [model.generate(ids, cache_implementation=c, **kwargs).sequences for _ in range(args.repeats)]
+                 for c in (resident, PAIRS[resident])}  # fmt: skip
+    reference = plain[resident][0]
+
+    def parting(sequence: torch.Tensor) -> int | None:
+        differing = (sequence[0, args.prompt_len :] != reference[0, args.prompt_len :]).nonzero()
+        return int(differing[0]) if len(differing) else None
+
     return {
         **agreement(first.sequences, second.sequences, first.logits, second.logits),
-        "parting_step_without_logits": int(plain_parting[0, 1]) - args.prompt_len if len(plain_parting) else None,
+        "parting_step_without_logits": parting(plain[PAIRS[resident]][0]),
+        "parting_steps_of_repeats": {c: [parting(s) for s in runs] for c, runs in plain.items()},
     }
 
 
@@ -144,7 +156,8 @@ def argv_of(args: argparse.Namespace, config_path: str) -> list[str]:
     """The options a case's process (of ``config_path``) needs to rebuild ``args``."""
     return [
         "--configs", config_path, "--prompt_len", str(args.prompt_len), "--gen_len", str(args.gen_len),
-        "--device", args.device, "--output_dir", args.output_dir, *(["--eager"] if args.eager else []),
+        "--device", args.device, "--output_dir", args.output_dir, "--repeats", str(args.repeats),
+        *(["--eager"] if args.eager else []),
     ]  # fmt: skip
 
 

@@ -43,9 +43,10 @@ def test_agreement_of_runs_parting_at_a_tie():
 def test_a_case_compares_two_caches_on_the_cpu(monkeypatch):
     # Offloading needs CUDA; pairing dynamic with static runs the same comparison through two real caches.
     monkeypatch.setitem(compare.PAIRS, "dynamic", "static")
-    args = compare.parse_args(["--prompt_len", "8", "--gen_len", "3", "--device", "cpu"])
+    args = compare.parse_args(["--prompt_len", "8", "--gen_len", "3", "--device", "cpu", "--repeats", "2"])
     result = compare.run_case(args, str(CONFIGS / "llama_tiny_opt.json"), "fp32", "dynamic")
     assert result["parting_step"] is None and result["parting_step_without_logits"] is None
+    assert result["parting_steps_of_repeats"] == {"dynamic": [None, None], "static": [None, None]}
     assert result["max_logit_difference"] <= 1e-5 * result["max_abs_logit"]
 
 
