@@ -245,24 +245,38 @@ class LckvLlamaConfig(OptLlamaConfig):
     use_sequential: bool | None = None
     sliding_window: int | None = 4096
 
+    def __setattr__(self, name: str, value) -> None:
+        # This format's names of fields the model reads under other names: given to the constructor or set afterwards
+        # (transformers' from_pretrained sets its keyword arguments on the config it built, as lm-eval's
+        # ``use_sequential=True`` model argument does), each goes into the field the model reads and stays None:
+        # num_encoders & co. are the truth.
+        if name in ("forward_passes", "backward_passes", "use_sequential") and value is not None:
+            self.adopt_format_field(name, value)
+            value = None
+        super().__setattr__(name, value)
+
+    def adopt_format_field(self, name: str, value: int | bool) -> None:
+        """``use_sequential`` -> ``sequential_forward``; ``forward_passes`` (m) or ``backward_passes`` (b) ->
+        ``num_encoders = m + b - 1`` and ``num_trained_encoders = b - 1``, the other of the two as the config has it
+        now (the defaults 7 and 2 before either is given)."""
+        if name == "use_sequential":
+            self.sequential_forward = value
+            return
+        forward = value if name == "forward_passes" else self.num_encoders - self.num_trained_encoders
+        backward = value if name == "backward_passes" else self.num_trained_encoders + 1
+        if backward < 1 or forward < 0:
+            raise ValueError(
+                f"forward_passes/backward_passes: {forward}/{backward}; "
+                "allowed are forward_passes >= 0 and backward_passes >= 1"
+            )
+        self.num_encoders, self.num_trained_encoders = forward + backward - 1, backward - 1
+
     def adopt_layout(self, layout: str | None) -> None:
         layout = self.lckv_layer_types if layout is None else layout  # saved by save_pretrained under that name
         if layout is not None:
             self.kv_sources, self.sliding_window_layers = parse_lckv_layout(layout)
         elif self.kv_sources is None:
             self.kv_sources = list(range(self.num_hidden_layers))
-        if self.backward_passes is not None or self.forward_passes is not None:
-            forward = 7 if self.forward_passes is None else self.forward_passes
-            backward = 2 if self.backward_passes is None else self.backward_passes
-            if backward < 1 or forward < 0:
-                raise ValueError(
-                    f"forward_passes/backward_passes: {forward}/{backward}; "
-                    "allowed are forward_passes >= 0 and backward_passes >= 1"
-                )
-            self.num_encoders, self.num_trained_encoders = forward + backward - 1, backward - 1
-        if self.use_sequential is not None:
-            self.sequential_forward = self.use_sequential
-        self.forward_passes = self.backward_passes = self.use_sequential = None  # num_encoders & co. are the truth
         self.lckv_layer_types = None
         if self.force_nodiag is None:
             self.force_nodiag = False

@@ -387,6 +387,30 @@ def test_the_lckv_llama_config_keeps_the_switch_out_of_its_dict(checkpoints):
     assert "sequential_forward" not in config.to_dict() and config.to_dict()["use_sequential"] is True
 
 
+def test_lckv_llama_format_fields_given_at_load_reach_the_model(checkpoints):
+    """The later format's names given to ``from_pretrained`` (lm-eval's ``--model_args ...,use_sequential=True`` on
+    an exported checkpoint), which transformers sets on the config it built, or set afterwards: the model reads them.
+    They once stayed format fields the model never read, so lm-eval scored the iterative forward."""
+    path = checkpoints["lckv-llama"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, use_sequential=True).eval()
+    assert model.config.sequential_forward and model.config.use_sequential is None
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = model(ids).logits
+    torch.testing.assert_close(exact, token_by_token_logits(model, ids), rtol=0, atol=1e-9)
+    model.config.sequential_forward = False
+    assert (iterative_logits(model, ids) - exact).abs().max() > 1e-3  # the check above can tell the two apart
+
+    config = AutoConfig.from_pretrained(path, forward_passes=3, backward_passes=2)
+    assert (config.num_encoders, config.num_trained_encoders) == (4, 1)
+    config.backward_passes = 3  # the forward passes stay 3
+    assert (config.num_encoders, config.num_trained_encoders, config.backward_passes) == (5, 2, None)
+    assert (config.to_dict()["forward_passes"], config.to_dict()["backward_passes"]) == (3, 3)
+    with pytest.raises(ValueError, match="^forward_passes/backward_passes: 3/0; allowed"):
+        config.backward_passes = 0
+    assert (config.num_encoders, config.num_trained_encoders) == (5, 2)  # unchanged by the refused value
+
+
 LLAMA_SWITCHES = {
     "run_clm --eval_sequential": (
         run_clm.main,
