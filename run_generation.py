@@ -99,9 +99,11 @@ def run(args: argparse.Namespace) -> dict:
     check_cache_flags(args)
     prompt = read_prompt(args)
     config = load_config_or_checkpoint(args)
-    if args.prefill is not None and args.no_cache:
+    if args.prefill is not None and (args.no_cache or args.compare_cache):
+        # Under --compare_cache the no-cache half would run the iterative forward, though an exact prefill was asked.
+        flag = "--no_cache" if args.no_cache else "--compare_cache"
         raise UsageError(
-            "--prefill: the prompt prefill fills the KV cache, and --no_cache generates without one; "
+            f"--prefill: the prompt prefill fills the KV cache, and {flag} generates without one; "
             "allowed is a cache, or --sequential_forward for exact no-cache forwards"
         )
     apply_exact_switches(args, config)
