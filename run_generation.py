@@ -35,9 +35,16 @@ from tools.generation import (
 
 
 def check_cache_flags(args: argparse.Namespace) -> None:
-    """``--static_cache`` needs a cache; ``--offload`` moves one between GPU and CPU: it needs a cache and CUDA."""
+    """``--static_cache`` needs a cache, and its flex-attention masks (made whole by generate) cannot be cut per token
+    for an exact prefill; ``--offload`` moves a cache between GPU and CPU: it needs a cache and CUDA."""
     if args.static_cache and args.no_cache:
         raise UsageError("--static_cache: preallocates the KV cache, so it cannot go with --no_cache")
+    exact = args.sequential_forward or args.prefill == "sequential"
+    if args.static_cache and exact and args.attn_implementation == "flex_attention":
+        raise UsageError(
+            "--attn_implementation: flex_attention's masks over a --static_cache cannot be cut per token for the "
+            "exact (sequential) prefill; allowed there are sdpa, eager, sdpa_packed_gqa, sdpa_split_kv"
+        )
     if not args.offload:
         return
     if args.no_cache or args.compare_cache:

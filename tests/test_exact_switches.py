@@ -487,6 +487,10 @@ def test_a_switch_on_a_llama_is_a_one_line_error(switch, checkpoints, corpus, tm
 
 def test_switches_that_cannot_apply_are_one_line_errors(checkpoints, corpus, tmp_path, capsys, monkeypatch):
     lckv = checkpoints["lckv-llama"]
+    flex = ("--static_cache", "--attn_implementation", "flex_attention")
+    for exact in (("--sequential_forward",), ("--prefill", "sequential")):  # the model would refuse it mid-generate
+        err = one_line_error(capsys, run_generation.main, generation_args(lckv, *exact, *flex))
+        assert "--attn_implementation: flex_attention's masks over a --static_cache cannot be cut per token" in err
     for no_cache in ("--no_cache", "--compare_cache"):  # --compare_cache's no-cache half would run iteratively
         err = one_line_error(capsys, run_generation.main, generation_args(lckv, "--prefill", "sequential", no_cache))
         assert f"--prefill: the prompt prefill fills the KV cache, and {no_cache} generates without one" in err
