@@ -373,7 +373,7 @@ def measure_model(path: str, args, dtype: torch.dtype, hardware: Hardware) -> di
     """One entry per LCKV prefill mode (``name:mode`` when several), one for a Llama (prefill "parallel")."""
     config = load_config_for_length(path, args.prompt_len + args.gen_len)
     model = build_model(config, args, dtype)
-    modes = args.prefill_modes if isinstance(config, OptLlamaConfig) else [None]
+    modes = prefill_modes_for(config, args.prefill_modes, args.prefill_given)
     out = {}
     for mode in modes:
         name = Path(path).stem if len(modes) == 1 else f"{Path(path).stem}:{mode}"
@@ -545,13 +545,24 @@ def plot_title(args, device: str) -> str:
     return f"prompt {args.prompt_len} + {args.gen_len} new tokens, {device}\n({decode})"
 
 
+def prefill_modes_for(config: PretrainedConfig, modes: list[str], given: bool) -> list[str | None]:
+    """The prefill modes measured for ``config``: ``modes`` (``--prefill``'s) where ``given``; else ``auto``, or
+    ``sequential`` for a config saved with ``sequential_forward`` (the one mode it allows); ``[None]`` for a Llama
+    (one parallel pass)."""
+    if not isinstance(config, OptLlamaConfig):
+        return [None]
+    if given:
+        return modes
+    return ["sequential" if config.sequential_forward else "auto"]
+
+
 def check_prefill_applies(configs: list[PretrainedConfig], modes: list[str], given: bool) -> None:
     """Each ``--prefill`` mode applies to every LCKV config, and a given ``--prefill`` to some config (UsageError)."""
     lckv = [config for config in configs if isinstance(config, OptLlamaConfig)]
     if given and not lckv:
         shared.require_lckv(configs[0], "--prefill")
     for config in lckv:
-        for mode in modes:
+        for mode in prefill_modes_for(config, modes, given):
             shared.check_prefill(config, "--prefill", mode)
 
 

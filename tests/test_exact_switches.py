@@ -529,6 +529,11 @@ def test_switches_that_cannot_apply_are_one_line_errors(checkpoints, corpus, tmp
     test_latency.check_prefill_applies(
         [config_of(COMMON | {"model_type": "llama"})], ["auto"], given=False
     )  # the default: the Llama baseline alone
+    exact_config = config_of(
+        KINDS["opt-llama-kv-sources"] | {"sequential_forward": True}
+    )  # saved exact: its default is exact
+    test_latency.check_prefill_applies([exact_config], ["auto"], given=False)
+    assert test_latency.prefill_modes_for(exact_config, ["auto"], given=False) == ["sequential"]
 
 
 def test_a_renamed_lckv_llama_field_is_an_error_naming_its_format_name(checkpoints):

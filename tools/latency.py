@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"LCKV prefill path(s), comma-separated to measure several: {', '.join(PREFILL_MODES)} (config.prefill; "
         "default auto, which resolves per batch by the cost model of models.prefill_modes and is recorded as "
-        "prefill_path); sequential ignores --prefill_chunk; needs an LCKV config (a Llama prefills in one pass)",
+        "prefill_path, or sequential for a config saved with sequential_forward); sequential ignores --prefill_chunk; "
+        "needs an LCKV config (a Llama prefills in one pass)",
     )
     p.add_argument(
         "--prefill_sample",
