@@ -34,17 +34,23 @@ from tools.generation import (
 )
 
 
-def check_cache_flags(args: argparse.Namespace) -> None:
-    """``--static_cache`` needs a cache, and its flex-attention masks (made whole by generate) cannot be cut per token
-    for an exact prefill; ``--offload`` moves a cache between GPU and CPU: it needs a cache and CUDA."""
-    if args.static_cache and args.no_cache:
-        raise UsageError("--static_cache: preallocates the KV cache, so it cannot go with --no_cache")
-    exact = args.sequential_forward or args.prefill == "sequential"
-    if args.static_cache and exact and args.attn_implementation == "flex_attention":
+def check_exact_prefill_masks(args: argparse.Namespace, config) -> None:
+    """An exact prefill (``sequential_forward`` or ``prefill="sequential"``, from the flags or the checkpoint's config)
+    cuts the prompt's masks per token; over a ``--static_cache`` generate makes flex-attention masks whole, which
+    cannot be cut: a UsageError before the model loads."""
+    exact = isinstance(config, OptLlamaConfig) and (config.sequential_forward or config.prefill == "sequential")
+    if exact and args.static_cache and args.attn_implementation == "flex_attention":
         raise UsageError(
             "--attn_implementation: flex_attention's masks over a --static_cache cannot be cut per token for the "
-            "exact (sequential) prefill; allowed there are sdpa, eager, sdpa_packed_gqa, sdpa_split_kv"
+            "exact (sequential) prefill that the flags or the checkpoint's config ask for; allowed there are sdpa, "
+            "eager, sdpa_packed_gqa, sdpa_split_kv"
         )
+
+
+def check_cache_flags(args: argparse.Namespace) -> None:
+    """``--static_cache`` needs a cache; ``--offload`` moves a cache between GPU and CPU: it needs a cache and CUDA."""
+    if args.static_cache and args.no_cache:
+        raise UsageError("--static_cache: preallocates the KV cache, so it cannot go with --no_cache")
     if not args.offload:
         return
     if args.no_cache or args.compare_cache:
@@ -114,6 +120,7 @@ def run(args: argparse.Namespace) -> dict:
             "allowed is a cache, or --sequential_forward for exact no-cache forwards"
         )
     apply_exact_switches(args, config)
+    check_exact_prefill_masks(args, config)
     tokenizer = load_tokenizer(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     check_position_limit(args, input_ids.shape[1], config.max_position_embeddings)

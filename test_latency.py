@@ -648,7 +648,9 @@ def measure(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "tp_size": world_size(),
     }
-    setting["prefill"] = args.prefill or "auto"  # of the LCKV models; a Llama's entry records "parallel"
+    # As asked; without --prefill each LCKV entry's "prefill" says which default it took (auto, or sequential for a
+    # config saved with sequential_forward), and a Llama's entry records "parallel".
+    setting["prefill"] = args.prefill if args.prefill_given else "default"
     setting |= apply_memory_cap(args)
     setting["roofline"] = {
         "gpu": hardware.name,

@@ -457,6 +457,8 @@ def fast_sample(
             logger.warning("fast decoding falls back to generate's own loop: %s", reason)
         if offloaded(model_kwargs.get("cache")) and not isinstance(model, FastDecodeMixin):
             # A model without the mixin (custom_generate=fast_sample) would be compiled by transformers' own check.
+            if generation_config.compile_config is not None and not generation_config.disable_compile:
+                warn_compile_config_ignored()
             generation_config = copy.copy(generation_config)
             generation_config.disable_compile = True
         return GenerationMixin._sample(

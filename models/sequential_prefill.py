@@ -41,7 +41,8 @@ def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | 
     ``"auto"`` priced for its batch, length, dtype and device (``choose_prefill``)."""
     if config.sequential_forward:
         return True
-    if cache is None:
+    if cache is None or (config.prefill == "auto" and config._attn_implementation == "flex_attention"):
+        # A flex mask generate made for a static cache cannot be cut per token: "auto" keeps the iterative prefill.
         return False
     batch_size, query_length = inputs_embeds.shape[:2]
     device = inputs_embeds.device

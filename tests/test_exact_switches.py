@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -488,8 +489,13 @@ def test_a_switch_on_a_llama_is_a_one_line_error(switch, checkpoints, corpus, tm
 def test_switches_that_cannot_apply_are_one_line_errors(checkpoints, corpus, tmp_path, capsys, monkeypatch):
     lckv = checkpoints["lckv-llama"]
     flex = ("--static_cache", "--attn_implementation", "flex_attention")
-    for exact in (("--sequential_forward",), ("--prefill", "sequential")):  # the model would refuse it mid-generate
-        err = one_line_error(capsys, run_generation.main, generation_args(lckv, *exact, *flex))
+    saved_exact = tmp_path / "saved_exact"  # the checkpoint's own config asks for the exact forward
+    shutil.copytree(lckv, saved_exact)
+    fields = json.loads((saved_exact / "config.json").read_text())
+    (saved_exact / "config.json").write_text(json.dumps(fields | {"use_sequential": True}))
+    for path, exact in ((lckv, ("--sequential_forward",)), (lckv, ("--prefill", "sequential")), (saved_exact, ())):
+        # The model would refuse it mid-generate.
+        err = one_line_error(capsys, run_generation.main, generation_args(path, *exact, *flex))
         assert "--attn_implementation: flex_attention's masks over a --static_cache cannot be cut per token" in err
     for no_cache in ("--no_cache", "--compare_cache"):  # --compare_cache's no-cache half would run iteratively
         err = one_line_error(capsys, run_generation.main, generation_args(lckv, "--prefill", "sequential", no_cache))

@@ -261,6 +261,7 @@ def test_an_offloaded_cache_decodes_without_compiling(model, caplog):
             assert not model._valid_auto_compile_criteria({"cache": cache}, config)
     assert caplog.text.count("offloaded cache decodes without compiling") == 1
     caplog.clear()
+    fd.warn_compile_config_ignored.cache_clear()
     config.disable_compile = True  # nothing to say: no compiling was asked for
     with caplog.at_level(logging.WARNING, logger=fd.__name__):
         assert not model._valid_auto_compile_criteria({"cache": offloaded}, config)
@@ -279,7 +280,12 @@ def test_custom_generate_over_an_offloaded_cache_runs_plain_generate_uncompiled(
     monkeypatch.setattr(GenerationMixin, "_sample", plain)
     cache = StaticCache(config=llama.config, max_cache_len=16, offloading=True)
     llama.generate(torch.ones(1, 3, dtype=torch.long), custom_generate=fast_sample, cache=cache, max_new_tokens=2)
-    assert seen == [(True, True)] and not llama.generation_config.disable_compile
+    assert seen == [(True, True)]
+    # The caller's generation config is left as it was (fast_sample falls back with a copy).
+    monkeypatch.setattr(fd, "unsupported_reason", lambda *args: "an offloaded cache")  # no generate around it here
+    config = GenerationConfig(max_new_tokens=2, pad_token_id=0)
+    fast_sample(llama, torch.ones(1, 3, dtype=torch.long), None, StoppingCriteriaList(), config, cache=cache)
+    assert seen[-1] == (True, True) and not config.disable_compile
 
 
 def test_stop_check_interval_is_checked():

@@ -273,6 +273,21 @@ def test_auto_in_the_model_follows_the_cost_model(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_auto_stays_iterative_under_flex_attention(monkeypatch):
+    # generate makes a static cache's flex masks whole, and a sequential prefill cannot cut them per token: where the
+    # cost model would answer sequential (a compute-bound GPU, a captured step), "auto" keeps the iterative prefill.
+    compute_bound = Hardware("compute-bound", hbm_bandwidth=1e15, peak_flops=1e6, step_overhead_per_layer=0)
+    monkeypatch.setattr(sequential_prefill, "device_hardware", lambda device: compute_bound)
+    monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", "eager")
+    config = tiny_config(prefill="auto")
+    embeds, cache = torch.zeros(4, LONG, config.hidden_size), StaticCache(config=config, max_cache_len=LONG)
+    chosen = {}
+    for implementation in ("sdpa", "flex_attention"):
+        config._attn_implementation = implementation
+        chosen[implementation] = sequential_prefill.uses_sequential_prefill(config, embeds, cache)
+    assert chosen == {"sdpa": True, "flex_attention": False}
+
+
 def test_bad_prefill_value_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match=r"^prefill: 'fast'; allowed values are iterative, sequential, auto$"):
         OptLlamaConfig(prefill="fast")
