@@ -30,14 +30,21 @@ from transformers import (
     AutoModelForCausalLM,
     PretrainedConfig,
     Trainer,
+    TrainerState,
     TrainingArguments,
     default_data_collator,
 )
+from transformers.trainer import TRAINER_STATE_NAME
 
 from models.export import AUTO_CLASSES, bundle_code
 from tools import cli as shared  # its import of models registers model_type "opt-llama"
 from tools.cli import HfParser, UsageError, check_range, check_text_file, one_line, run_cli
-from tools.training_checkpoints import AtomicCheckpoints, choose_resume_checkpoint
+from tools.training_checkpoints import (
+    AtomicCheckpoints,
+    choose_resume_checkpoint,
+    read_json_or_empty,
+    trained_to_the_end,
+)
 
 logger = logging.getLogger("run_clm")
 
@@ -534,11 +541,21 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"trainer": trainer, "train": None, "eval": None}
 
     if targs.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume)
+        if resume is not None and trained_to_the_end(resume, targs.max_steps):
+            # A run killed after its last checkpoint (saving the model, writing metrics, evaluating): transformers'
+            # train() from that checkpoint would run one step past max_steps. Take the trained state as it is, and
+            # the completed run's train metrics where it wrote them.
+            logging.getLogger(__name__).info("training already ended at %s: nothing left to train", resume)
+            trainer._load_from_checkpoint(resume)
+            trainer.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
+            metrics = read_json_or_empty(Path(targs.output_dir) / "train_results.json") or {
+                "epoch": trainer.state.epoch
+            }
+        else:
+            metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
         trainer.save_model()
         if margs.bundle_code and trainer.is_world_process_zero():
             bundle_code(targs.output_dir)
-        metrics = dict(train_result.metrics)
         if not dargs.streaming:
             metrics["train_samples"] = len(train_ds)
         trainer.log_metrics("train", metrics)

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,24 @@ def test_sigkill_at_random_steps_every_rerun_resumes_and_finishes(data, uninterr
     assert_same_weights(out, uninterrupted)
     assert not (out / STAGING_DIR).exists()
     assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
+
+
+def test_a_rerun_after_the_last_checkpoint_trains_nothing(data, uninterrupted, tmp_path):
+    """Killed after its last checkpoint (while saving the final model or writing its metrics): the re-run takes the
+    trained state as it is. transformers' train() from a checkpoint saved at max_steps ran one step more (a
+    checkpoint-13, other weights), and a truncated all_results.json made every re-run fail to read it."""
+    uninterrupted.weights()  # waits for the reference run
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted.out, out)
+    (out / "model.safetensors").unlink()  # the final save had not happened
+    (out / "train_results.json").unlink()
+    (out / "all_results.json").write_text('{"epoch": 1.0, "train_lo')  # killed in the middle of writing it
+    text = run(command(data, out), tmp_path / "rerun.txt")
+    assert "nothing left to train" in text and not LOSS_LINE.search(text)
+    assert_same_weights(out, uninterrupted)
+    assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
+    assert "epoch" in json.loads((out / "all_results.json").read_text())
 
 
 def test_best_model_and_rotation_point_at_published_checkpoints(data, tmp_path):

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers.trainer import TRAINER_STATE_NAME
@@ -54,6 +55,23 @@ class AtomicCheckpoints:
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         if not self._staging:  # pushed once published, from its final path (the staged one is renamed away)
             super()._push_from_checkpoint(checkpoint_folder)
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """The Trainer's ``{split}_results.json`` and ``all_results.json``, each written whole or not at all (a kill in
+        the middle of transformers' plain write left a truncated ``all_results.json`` that every later run failed to
+        read); an unreadable ``all_results.json`` counts as none."""
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        write_json_whole(output_dir / f"{split}_results.json", metrics)
+        if combined:
+            combined_path = output_dir / "all_results.json"
+            write_json_whole(combined_path, read_json_or_empty(combined_path) | metrics)
+
+    def save_state(self) -> None:
+        """``trainer_state.json`` of the output directory, written whole or not at all."""
+        if self.is_world_process_zero():
+            write_whole(Path(self.args.output_dir) / TRAINER_STATE_NAME, lambda p: self.state.save_to_json(str(p)))
 
     def train(self, *args, **kwargs):
         if self.args.should_save:
@@ -88,6 +106,36 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(str(final))
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(temporary path)``, then one rename to ``path``: a reader (or a run killed meanwhile) sees the old file
+    or the new one, never part of it."""
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def write_json_whole(path: Path, data: dict) -> None:
+    """``data`` as indented JSON at ``path``, written whole (``write_whole``)."""
+    write_whole(path, lambda partial: partial.write_text(json.dumps(data, indent=4, sort_keys=True)))
+
+
+def read_json_or_empty(path: Path) -> dict:
+    """The JSON object at ``path``; ``{}`` where there is none or it cannot be read (a run killed while writing it)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def trained_to_the_end(checkpoint: str | os.PathLike, max_steps: int) -> bool:
+    """Whether ``checkpoint`` was saved at the end of training: its ``global_step`` has reached ``max_steps`` (when
+    positive; else the run's own planned steps, as its ``trainer_state.json`` records them)."""
+    state = read_json_or_empty(Path(checkpoint) / TRAINER_STATE_NAME)
+    limit = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    return limit > 0 and state.get("global_step", 0) >= limit
 
 
 def remove_staging(run_dir: str | os.PathLike) -> None:
