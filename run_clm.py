@@ -545,7 +545,7 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
             # A run killed after its last checkpoint (saving the model, writing metrics, evaluating): transformers'
             # train() from that checkpoint would run one step past max_steps. Take the trained state as it is, and
             # the completed run's train metrics where it wrote them.
-            logging.getLogger(__name__).info("training already ended at %s: nothing left to train", resume)
+            logger.info("training already ended at %s: nothing left to train", resume)
             trainer._load_from_checkpoint(resume)
             trainer.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
             metrics = read_json_or_empty(Path(targs.output_dir) / "train_results.json") or {

@@ -16,13 +16,19 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 
+def offloaded(cache: Cache | None) -> bool:
+    """Whether ``cache`` (or an encoder-decoder cache's self-attention cache) moves its layers to the CPU between
+    uses."""
+    return bool(getattr(getattr(cache, "self_attention_cache", cache), "offloading", False))
+
+
 def ensure_resident(cache: Cache, layer_idx: int) -> None:
     """Make an offloaded layer's KVs usable on its device: prefetch on the side stream, then wait for it.
 
     As in transformers' ``Cache.update``, the copy first waits for the default stream, where the layer's last
     device-to-host offload was queued; its host buffer is only complete after that.
     """
-    if not getattr(cache, "offloading", False) or not cache.layers[layer_idx].is_initialized:
+    if not offloaded(cache) or not cache.layers[layer_idx].is_initialized:
         return
     layer = cache.layers[layer_idx]
     default_stream = torch.cuda.default_stream(layer.device)

@@ -69,6 +69,8 @@ from transformers.generation import (
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .cache_staging import offloaded
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STOP_CHECK_INTERVAL = 16
@@ -455,10 +457,10 @@ def fast_sample(
             generation_config, "fast_decode", True
         ):
             logger.warning("fast decoding falls back to generate's own loop: %s", reason)
-        if offloaded(model_kwargs.get("cache")) and not isinstance(model, FastDecodeMixin):
+        if not isinstance(model, FastDecodeMixin) and keeps_offloaded_cache_uncompiled(
+            model_kwargs.get("cache"), generation_config
+        ):
             # A model without the mixin (custom_generate=fast_sample) would be compiled by transformers' own check.
-            if generation_config.compile_config is not None and not generation_config.disable_compile:
-                warn_compile_config_ignored()
             generation_config = copy.copy(generation_config)
             generation_config.disable_compile = True
         return GenerationMixin._sample(
@@ -556,21 +558,23 @@ def decode(
     return sequences
 
 
-def offloaded(cache) -> bool:
-    """Whether ``cache`` (or an encoder-decoder cache's self-attention cache) moves its layers to the CPU between uses.
-
-    Such a cache decodes without compiling the forward (``FastDecodeMixin._valid_auto_compile_criteria``, and
-    ``fast_sample`` for a model without the mixin): transformers compiles the forward over an offloaded static cache,
-    and on an H200 with torch 2.11 dynamo then killed the process (segmentation fault) for transformers' own Llama as
-    for LCKV, while eager decoding over it gave the resident cache's tokens and logits exactly (docs/performance.md,
-    "KV cache offloading")."""
-    return bool(getattr(getattr(cache, "self_attention_cache", cache), "offloading", False))
-
-
 @memoize
 def warn_compile_config_ignored() -> None:
     """Said once per process: an offloaded cache was asked to compile."""
     logger.warning("an offloaded cache decodes without compiling the forward (compile_config is ignored)")
+
+
+def keeps_offloaded_cache_uncompiled(cache, generation_config) -> bool:
+    """Whether ``generate`` must not compile the forward over ``cache`` though compiling is not turned off: an
+    offloaded cache (``cache_staging.offloaded``: transformers' compilation over an offloaded static cache crashed
+    dynamo on an H200 with torch 2.11, for its own Llama as for LCKV, while eager decoding over it gave the resident
+    cache's tokens and logits exactly; docs/performance.md, "KV cache offloading"). Says once where a
+    ``compile_config`` asked for compiling."""
+    if not offloaded(cache) or generation_config.disable_compile:
+        return False
+    if generation_config.compile_config is not None:
+        warn_compile_config_ignored()
+    return True
 
 
 class FastDecodeMixin:
@@ -578,9 +582,7 @@ class FastDecodeMixin:
     decodes eagerly (``_valid_auto_compile_criteria``)."""
 
     def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
-        if offloaded(model_kwargs.get("cache")) and not generation_config.disable_compile:
-            if generation_config.compile_config is not None:
-                warn_compile_config_ignored()
+        if keeps_offloaded_cache_uncompiled(model_kwargs.get("cache"), generation_config):
             return False
         return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 

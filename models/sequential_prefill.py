@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 
+from .cache_staging import offloaded
 from .fast_decode import CHECKED_STEPS, guard_skipping
 from .layer_plan import LayerPlan
 from .masks import lckv_masks, reads_window_cache
@@ -71,7 +72,7 @@ def compile_options(device: torch.device, cache: Cache) -> dict | None:
     offloaded one moves between devices)."""
     # A static window-only layer branches on its fill level in Python: compiled, it would recompile every step.
     windowed = any(getattr(layer, "is_sliding", False) for layer in cache.layers)
-    if not getattr(cache, "is_compileable", False) or getattr(cache, "offloading", False) or windowed:
+    if not getattr(cache, "is_compileable", False) or offloaded(cache) or windowed:
         return None
     if device.type == "cuda":
         return {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
@@ -236,7 +237,7 @@ def runs_segments(model, cache: Cache, batch: int, value_bytes: int) -> bool:
     (a small batch; at a large batch each token step's layers are long kernels already)."""
     # An offloaded cache prefetches the next KV-holding layer in each layer's update, in the order of a whole-stack
     # step; the segments would write in another order.
-    if builds_masks_per_step(model, cache) or getattr(cache, "offloading", False):
+    if builds_masks_per_step(model, cache) or offloaded(cache):
         return False
     slots = cache.get_max_length()
     return segment_attention_bytes(model.config, batch, slots, value_bytes) <= SEGMENT_ATTENTION_BYTES

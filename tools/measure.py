@@ -4,7 +4,6 @@ length."""
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from models.fast_decode import enable_fast_decode
 from models.tensor_parallel import build_sharded, world_size
 
 from . import cli
+from .training_checkpoints import write_whole
 
 
 class StepTimer(BaseStreamer):
@@ -221,8 +221,6 @@ def load_config_for_length(path: str, total_len: int) -> PretrainedConfig:
 
 
 def write_json(path: Path, data: object) -> None:
-    """``data`` as indented JSON at ``path``, through a temporary file: a reader (or a run stopped mid-write) sees the
-    previous file or the new one, never half of it."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2))
-    os.replace(partial, path)
+    """``data`` as indented JSON at ``path``, written whole (``training_checkpoints.write_whole``): a reader (or a run
+    stopped mid-write) sees the previous file or the new one, never half of it."""
+    write_whole(path, lambda partial: partial.write_text(json.dumps(data, indent=2)))
