@@ -11,6 +11,12 @@ computation. Each case runs in a process of its own, so one that crashes (record
 the others with it. ``--eager`` turns off generate's compilation of the forward (``disable_compile``). The models are
 what ``AutoModelForCausalLM`` builds: an LCKV model decodes over an offloaded cache without compiling whatever the flag
 (``FastDecodeMixin``), a Llama runs transformers' own ``generate``.
+
+SDPA's cuDNN backend is off unless ``--cudnn_attention``: torch 2.11+cu130 picks it for bf16 attention on an H200, and
+its one-token kernel (a split reduction, ``lean_reduction_kernel``) is not run-to-run deterministic: there the same
+resident generation parted from itself at step 26 in 2 of 3 runs, while with the backend off every resident, offloaded
+and serialized run was bitwise equal (docs/performance.md, "KV cache offloading"). Off, the pairs compare where the KVs
+live; on, ``--repeats`` shows the backend's own spread.
 """
 
 import argparse
@@ -44,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resident", nargs="+", default=list(PAIRS), help=f"resident caches, each against its offloaded one: {PAIRS}"
     )
     parser.add_argument("--eager", action="store_true", help="generate without compiling the forward")
+    parser.add_argument(
+        "--cudnn_attention",
+        action="store_true",
+        help="let SDPA use its cuDNN backend (not run-to-run deterministic in bf16 on an H200; off by default)",
+    )
     parser.add_argument(
         "--repeats", type=int, default=1, help="greedy runs of each cache without logits, each compared to the first"
     )
@@ -83,6 +94,7 @@ def run_case(args: argparse.Namespace, config_path: str, dtype: str, resident: s
     """Both runs of one case in this process: resident cache, then its offloaded twin."""
     from transformers import AutoModelForCausalLM
 
+    torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)
     config = shared.load_config("--configs", config_path)
     config.max_position_embeddings = max(config.max_position_embeddings, args.prompt_len + args.gen_len)
     torch.manual_seed(0)
@@ -147,7 +159,13 @@ def main(argv=None) -> dict:
                 print(json.dumps(results[-1])[:400], flush=True)
                 write_json(
                     path,
-                    {"prompt_len": args.prompt_len, "gen_len": args.gen_len, "eager": args.eager, "cases": results},
+                    {
+                        "prompt_len": args.prompt_len,
+                        "gen_len": args.gen_len,
+                        "eager": args.eager,
+                        "cudnn_attention": args.cudnn_attention,
+                        "cases": results,
+                    },
                 )
     return {"cases": results}
 
@@ -158,6 +176,7 @@ def argv_of(args: argparse.Namespace, config_path: str) -> list[str]:
         "--configs", config_path, "--prompt_len", str(args.prompt_len), "--gen_len", str(args.gen_len),
         "--device", args.device, "--output_dir", args.output_dir, "--repeats", str(args.repeats),
         *(["--eager"] if args.eager else []),
+        *(["--cudnn_attention"] if args.cudnn_attention else []),
     ]  # fmt: skip
 
 

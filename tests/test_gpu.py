@@ -1,6 +1,12 @@
 """GPU checks (skipped without CUDA): offloaded against resident KV caches at TinyLlama shape, prompt 4096 + 256 greedy
 tokens, each model as the tools build it (``enable_fast_decode``: a resident static cache decodes in its fast loop,
-an offloaded one in generate's own loop), both without compiling the forward."""
+an offloaded one in generate's own loop), both without compiling the forward, both models and dtypes bitwise.
+
+SDPA's cuDNN backend is off here: torch 2.11+cu130 picks it for bf16 attention on an H200, and its one-token kernel is
+not run-to-run deterministic (the same resident generation of transformers' Llama parted from itself at step 26 in 2 of
+3 runs; with the backend off, 12 of 12 resident, offloaded and serialized runs were bitwise equal; docs/performance.md,
+"KV cache offloading"). With it on, a difference would say nothing about where the KVs live.
+"""
 
 import pytest
 import torch
@@ -16,8 +22,17 @@ OFFLOADED = {"dynamic": "offloaded", "static": "offloaded_static"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def generate_both(name: str, resident: str, dtype: str, **kwargs) -> tuple:
-    """Greedy generation of one random prompt with the ``resident`` cache and with its offloaded twin."""
+@pytest.fixture(autouse=True)
+def deterministic_attention():
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def generate_both(name: str, resident: str, dtype: str) -> tuple:
+    """Greedy generation of one random prompt with the ``resident`` cache and with its offloaded twin: for each, the
+    ``(1, PROMPT + NEW)`` tokens and the ``(NEW, vocab)`` logits."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(name, max_position_embeddings=PROMPT + NEW)
@@ -29,40 +44,21 @@ def generate_both(name: str, resident: str, dtype: str, **kwargs) -> tuple:
     # Both runs eager: an offloaded cache decodes so anyway (FastDecodeMixin), and a compiled resident run would round
     # bf16 otherwise (on an H200 the captured loop's greedy tokens parted from the eager offloaded ones at step 3).
     # The comparison is of where the KVs live, not of two compilers.
-    kwargs = (
-        dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, disable_compile=True) | kwargs
-    )
+    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, disable_compile=True)
     with torch.no_grad():
-        return tuple(model.generate(ids, cache_implementation=c, **kwargs) for c in (resident, OFFLOADED[resident]))
+        runs = [
+            model.generate(ids, cache_implementation=cache, output_logits=True, return_dict_in_generate=True, **kwargs)
+            for cache in (resident, OFFLOADED[resident])
+        ]
+    return tuple((run.sequences, torch.cat(run.logits)) for run in runs)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("resident", list(OFFLOADED))
-def test_lckv_offloaded_generation_equals_resident(resident, dtype):
-    # Measured bitwise equal on an H200 in both dtypes: the condensed layers' reads of an offloaded target wait for
-    # its prefetch (models/cache_staging.ensure_resident).
-    first, second = generate_both("tinyllama_opt.json", resident, dtype)
-    assert torch.equal(first, second), f"first differing position {(first != second).nonzero()[0].tolist()}"
-
-
-@pytest.mark.parametrize("resident", list(OFFLOADED))
-def test_llama_offloaded_generation_equals_resident(resident):
-    first, second = generate_both("tinyllama.json", resident, "fp32")
-    assert torch.equal(first, second), f"first differing position {(first != second).nonzero()[0].tolist()}"
-
-
-@pytest.mark.parametrize("resident", list(OFFLOADED))
-def test_llama_offloaded_bf16_logits_agree_until_a_tie(resident):
-    # transformers' own Llama over its offloaded dynamic cache in bf16 gave logits up to 0.078 (2.5 bf16 ulps at 4.6)
-    # off the resident run's, so greedy decoding parted at an exact tie (step 26 of 256): the logits must agree within
-    # 4 ulps of their largest value until the runs part, and they may part only where the best two are that close.
-    first, second = generate_both("tinyllama.json", resident, "bf16", output_logits=True, return_dict_in_generate=True)
-    new_first, new_second = first.sequences[0, PROMPT:], second.sequences[0, PROMPT:]
-    parted = (new_first != new_second).nonzero()
-    steps = NEW if len(parted) == 0 else int(parted[0]) + 1
-    tolerance = 4 * torch.finfo(torch.bfloat16).eps * max(first.logits[t].abs().max().item() for t in range(steps))
-    for t in range(steps):
-        assert (first.logits[t] - second.logits[t]).abs().max().item() <= tolerance, f"step {t}"
-    if len(parted):
-        best_two = first.logits[steps - 1][0].float().topk(2).values
-        assert best_two[0] - best_two[1] <= tolerance, f"parted at step {steps - 1} on a gap over {tolerance}"
+@pytest.mark.parametrize("config", ["tinyllama_opt.json", "tinyllama.json"])
+def test_offloaded_generation_equals_resident(config, resident, dtype):
+    # LCKV: the condensed layers' reads of an offloaded target wait for its prefetch (cache_staging.ensure_resident).
+    (tokens, logits), (offloaded_tokens, offloaded_logits) = generate_both(config, resident, dtype)
+    differing = (logits != offloaded_logits).any(-1).nonzero()
+    assert len(differing) == 0, f"logits differ first at step {differing[0].item()}"
+    assert torch.equal(tokens, offloaded_tokens)
