@@ -42,6 +42,7 @@ from tools.cli import HfParser, UsageError, check_range, check_text_file, one_li
 from tools.training_checkpoints import (
     AtomicCheckpoints,
     choose_resume_checkpoint,
+    loss_sum_before,
     read_json_or_empty,
     trained_to_the_end,
 )
@@ -548,9 +549,12 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
             logger.info("training already ended at %s: nothing left to train", resume)
             trainer._load_from_checkpoint(resume)
             trainer.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
-            metrics = read_json_or_empty(Path(targs.output_dir) / "train_results.json") or {
-                "epoch": trainer.state.epoch
-            }
+            metrics = read_json_or_empty(Path(targs.output_dir) / "train_results.json")
+            if not metrics:
+                loss_sum = loss_sum_before(resume)
+                metrics = {"epoch": trainer.state.epoch}
+                if loss_sum is not None:
+                    metrics["train_loss"] = loss_sum / max(trainer.state.global_step, 1)
         else:
             metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
         trainer.save_model()

@@ -50,7 +50,7 @@ from tools.generation import (
     load_tokenizer,
     read_prompt,
 )
-from tools.measure import cache_tokens, measure_stream
+from tools.measure import cache_tokens, measure_stream, write_json
 
 
 def make_cache(config, args: argparse.Namespace) -> SinkWindowCache:
@@ -90,7 +90,7 @@ def run_perplexity(model, tokenizer, cache: SinkWindowCache, text: str, args: ar
     print(json.dumps({k: v for k, v in result.items() if k != "ppl_by_position"}))
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.output_json), result)
     return result
 
 

@@ -9,7 +9,6 @@ next-line choice on the embedded corpus).
 """
 
 import argparse
-import json
 import sys
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tools import cli as shared  # its import of models registers opt-llama with the Auto classes
 from tools.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_choices, check_range, run_cli, set_sequential
 from tools.generation import instantiate
+from tools.measure import write_json
 from tools.task_names import check_task_names, local_task_names
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -185,7 +185,7 @@ def evaluate_and_report(argv: list[str] | None = None) -> dict:
     if args.output_path:
         out = Path(args.output_path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        write_json(out, results, default=handle_non_serializable, ensure_ascii=False)
         print(f"results written to {out}")
     return results
 

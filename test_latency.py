@@ -80,6 +80,7 @@ from tools.measure import (
     baseline_name,
     load_config_for_length,
     synchronize,
+    write_json,
 )
 
 
@@ -672,7 +673,7 @@ def measure(argv: list[str] | None = None) -> dict:
         return out
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "latency.json").write_text(json.dumps(out, indent=2))
+    write_json(out_dir / "latency.json", out)
     plot(results, out_dir / "throughput.png", plot_title(args, setting["device"]))
     for name, r in results.items():
         vs_roofline = (

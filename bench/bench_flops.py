@@ -10,7 +10,6 @@ TFLOPs and its ratio to the baseline (the first Llama config).
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from tools import cli as shared  # its import of models registers opt-llama
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import baseline_name
+from tools.measure import baseline_name, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +75,7 @@ def count(argv: list[str] | None = None) -> dict:
     out = {"seq_len": args.seq_len, "batch": 1, "baseline": baseline, "models": results}
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "flops.json").write_text(json.dumps(out, indent=2))
+    write_json(out_dir / "flops.json", out)
     for name, r in results.items():
         print(
             f"{name}: prefill {r['prefill_tflop']:.3f} TFLOP ({r['prefill_vs_baseline']:.2f}x), "

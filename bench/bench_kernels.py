@@ -24,7 +24,7 @@ from models import OptLlamaConfig
 from models.kernels import FLAGS, KernelSelection
 from tools import cli as shared
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import synchronize
+from tools.measure import synchronize, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -183,7 +183,7 @@ def measure_flags(argv=None) -> list[dict]:
         "flash_attn": package_version("flash-attn"),
         **{k: getattr(args, k) for k in ("batch_size", "block_size", "warmup", "steps", "dtype")},
     }
-    (output_dir / "kernels.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2))
+    write_json(output_dir / "kernels.json", {"setup": setup, "results": results})
     plot(results, output_dir / "kernels.png")
     return results
 

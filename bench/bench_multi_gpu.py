@@ -25,7 +25,7 @@ import torch
 
 from tools import cli as shared  # its import of models registers opt-llama
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import synchronize
+from tools.measure import synchronize, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -141,7 +141,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.mode == "fsdp":
         result["checkpoint"] = check_checkpoint(accelerator, model, tokens)
     if accelerator.is_main_process:
-        Path(args.worker).write_text(json.dumps(result, indent=2))
+        write_json(Path(args.worker), result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -218,7 +218,7 @@ def run_settings(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "scaling_efficiency": scaling,
     }
-    (output_dir / "multi_gpu.json").write_text(json.dumps(report, indent=2))
+    write_json(output_dir / "multi_gpu.json", report)
     for mode, run in runs.items():
         summary = (
             f"{run['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in run else run.get("error", run.get("skipped"))

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from tools import cli as shared  # its import of models registers opt-llama
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import StepTimer
+from tools.measure import StepTimer, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,7 +144,7 @@ def compare(argv=None) -> dict:
         tqdm.write(json.dumps({"config": Path(config_path).stem, **run}))
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "offload.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "offload.json", results)
     return results
 
 

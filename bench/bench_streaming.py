@@ -25,7 +25,7 @@ from models import OptLlamaConfig
 from models.cache_streaming import SinkWindowCache
 from tools import cli as shared
 from tools.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, run_cli
-from tools.measure import measure_stream
+from tools.measure import measure_stream, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -217,7 +217,7 @@ def compare(argv: list[str] | None = None) -> None:
         training=training,
         runs=runs,
     )
-    (out / "streaming.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "streaming.json", result)
     plot(runs, runs[0]["max_position_embeddings"], out / "streaming.png")
     print(f"wrote {out / 'streaming.json'} and {out / 'streaming.png'}")
 

@@ -10,7 +10,6 @@ replays, median, divided by the calls. Wall time on a CPU (Triton's interpreter)
 
 import argparse
 import itertools
-import json
 import math
 import os
 import time
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from models.kernels.decode_attention import processors
 from tools.cli import load_config, parse_size
+from tools.measure import write_json
 
 CPU_TIMED_CALLS = 2  # the interpreter is slow: a warm-up call and two timed ones
 GRAPH_CALLS = 64  # at most this many kernel calls per captured graph on CUDA (the graph's launch amortised)...
@@ -200,7 +200,7 @@ def write_tuning(
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(out, indent=2))
+    write_json(path, out)
     print(f"written: {path}")
     print(source)
     if args.apply:

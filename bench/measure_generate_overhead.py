@@ -39,7 +39,7 @@ from models import SPLIT_KV
 from models.chunked_prefill import set_cached_length
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
 from tools.cli import add_decode_kernel_options, parse_int_list, parse_size, run_cli
-from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
+from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize, write_json
 
 LOOPS = ("fast", "transformers")
 SMOKE_CONFIGS = ["configs/llama_tiny.json", "configs/llama_tiny_opt.json"]
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "_".join(Path(c).stem for c in args.configs) + "_b" + "_".join(map(str, args.batch_list))
     path = out_dir / f"generate_overhead_{name}.json"
-    path.write_text(json.dumps(out, indent=2))
+    write_json(path, out)
     print(f"written: {path}")
     return out
 

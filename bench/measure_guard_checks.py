@@ -14,7 +14,6 @@ GPU shows no difference. Writes ``guard_checks.json``.
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import models  # noqa: F401  (registers opt-llama and the attention backends)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
 from models.fast_decode import CHECKED_STEPS, DEFAULT_STOP_CHECK_INTERVAL
 from tools.cli import run_cli
-from tools.measure import build_random_model, load_config_for_length, synchronize
+from tools.measure import build_random_model, load_config_for_length, synchronize, write_json
 
 SETTINGS = {"checked": False, "skipped": True}  # name -> generation_config.skip_guard_checks
 
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     setting["torch"], setting["threads"] = torch.__version__, torch.get_num_threads()
     out = {"setting": setting, "models": [measure(path, args) for path in args.configs]}
-    (out_dir / "guard_checks.json").write_text(json.dumps(out, indent=2))
+    write_json(out_dir / "guard_checks.json", out)
     for row in out["models"]:
         ms = row["ms_per_token"]
         print(

@@ -59,7 +59,7 @@ from models.masks import lckv_masks
 from models.roofline import full_layer_runs, iterative_prefill_cost, model_shape, parallel_prefill_cost, token_step_cost
 from tools import latency
 from tools.cli import ArgumentParser, check_output_dir, run_cli
-from tools.measure import load_config_for_length, profiler_activities, synchronize
+from tools.measure import load_config_for_length, profiler_activities, synchronize, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TINYLLAMA, LLAMA33B, TINY = "configs/tinyllama_opt.json", "configs/llama33b_opt.json", "configs/test_tiny_opt.json"
@@ -514,7 +514,7 @@ def measure_part(part: str, runs: list, out_dir: Path, smoke: bool) -> dict:
                 else {"paths": paths_report(result["latency"])}
             )
         report["runs"][run.name] = entry
-    (out_dir / f"{part}.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / f"{part}.json", report)
     print(json.dumps(report, indent=2))
     return report
 

@@ -25,7 +25,6 @@ trace) per model.
 """
 
 import argparse
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -49,6 +48,7 @@ from tools.measure import (
     load_config_for_length,
     profiler_activities,
     synchronize,
+    write_json,
 )
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"setting": setting, "models": results, "attention": attention_bench(args.configs[0], args)}
     if not is_main_process():
         return out
-    (out_dir / "profile.json").write_text(json.dumps(out, indent=2))
+    write_json(out_dir / "profile.json", out)
     for name, r in results.items():
         compiled = r["compiled_step_ms"]
         print(

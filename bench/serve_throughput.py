@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from bench.transformers_server import transformers_server  # noqa: E402
 from models.export import export_checkpoint  # noqa: E402
 from tools.cli import ArgumentParser, check_choices, parse_int_list, run_cli  # noqa: E402
-from tools.measure import load_config_for_length  # noqa: E402
+from tools.measure import load_config_for_length, write_json  # noqa: E402
 
 PARTS = ("serve", "static")
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -191,7 +191,7 @@ def merge_into_summary(path: Path, setting: dict, parts: dict) -> dict:
                 for c in summary["served"]
                 if c in summary["static_batch"]
             }
-        path.write_text(json.dumps(summary, indent=2))
+        write_json(path, summary)
     return summary
 
 

@@ -22,6 +22,7 @@ imports inside ``try`` blocks.
 """
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -121,7 +122,9 @@ def bundle_code(checkpoint: str | Path) -> list[str]:
     # `getattr(transformers, config.architectures[0])`, where no remote-code class is; the Auto class named first is
     # there, and loads the bundled class through auto_map. The concrete class stays listed after it.
     fields["architectures"] = ["AutoModelForCausalLM", mapping["AutoModelForCausalLM"].split(".")[1]]
-    config_path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    partial = config_path.with_name("config.json.partial")  # then one rename: a kill never leaves half a config
+    partial.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, config_path)
     return sorted(f"{name}.py" for name in bundle)
 
 

@@ -24,7 +24,9 @@ from safetensors.torch import load_file
 
 import run_clm
 from tools.cli import UsageError
+from tools.export import export_main
 from tools.training_checkpoints import (
+    FINAL_MODEL_DIR,
     JIT_SENTINEL,
     STAGING_DIR,
     check_readable,
@@ -32,6 +34,7 @@ from tools.training_checkpoints import (
     choose_resume_checkpoint,
     incomplete_reason,
     publish,
+    rotate_published,
 )
 
 from .conftest import REPO
@@ -126,6 +129,14 @@ class Uninterrupted:
             self._weights = load_file(self.out / "model.safetensors")
         return self._weights
 
+    def train_loss(self) -> float:
+        self.weights()
+        return train_loss(self.out)
+
+
+def train_loss(out: Path) -> float:
+    return json.loads((out / "train_results.json").read_text())["train_loss"]
+
 
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
@@ -181,6 +192,7 @@ def test_sigterm_during_a_save_resumes_from_the_last_complete_checkpoint(data, u
     again = run(args, tmp_path / "again.txt")  # the same command
     assert resumed_from(again) == f"checkpoint-{SAVE_STEPS}"
     assert_same_weights(out, uninterrupted)
+    assert train_loss(out) == pytest.approx(uninterrupted.train_loss(), rel=1e-6)  # over steps 1-12, not 5-12
     assert not (out / STAGING_DIR).exists()
     assert assert_checkpoints_complete(out) == [f"checkpoint-{MAX_STEPS}", f"checkpoint-{MAX_STEPS - SAVE_STEPS}"]
 
@@ -214,6 +226,7 @@ def test_sigkill_at_random_steps_every_rerun_resumes_and_finishes(data, uninterr
     final = run(args, tmp_path / "final.txt")
     assert resumed_from(final) == (newest[0] if newest else None)
     assert_same_weights(out, uninterrupted)
+    assert train_loss(out) == pytest.approx(uninterrupted.train_loss(), rel=1e-6)
     assert not (out / STAGING_DIR).exists()
     assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
 
@@ -223,14 +236,22 @@ def test_a_rerun_after_the_last_checkpoint_trains_nothing(data, uninterrupted, t
     trained state as it is. transformers' train() from a checkpoint saved at max_steps ran one step more (a
     checkpoint-13, other weights), and a truncated all_results.json made every re-run fail to read it."""
     uninterrupted.weights()  # waits for the reference run
-    out = tmp_path / "out"
+    out, exported = tmp_path / "out", tmp_path / "exported"
     shutil.copytree(uninterrupted.out, out)
-    (out / "model.safetensors").unlink()  # the final save had not happened
+    unfinished = out / STAGING_DIR / FINAL_MODEL_DIR  # killed while the final model was saved: part of it staged
+    unfinished.mkdir(parents=True)
+    os.replace(out / "model.safetensors", unfinished / "model.safetensors")
     (out / "train_results.json").unlink()
     (out / "all_results.json").write_text('{"epoch": 1.0, "train_lo')  # killed in the middle of writing it
+    with pytest.raises(UsageError, match="SRC: .*the final model's save did not finish"):
+        export_main([str(out), str(exported)])
     text = run(command(data, out), tmp_path / "rerun.txt")
     assert "nothing left to train" in text and not LOSS_LINE.search(text)
     assert_same_weights(out, uninterrupted)
+    assert train_loss(out) == pytest.approx(uninterrupted.train_loss(), rel=1e-6)  # from checkpoint-12's loss sum
+    assert not (out / STAGING_DIR).exists()
+    export_main([str(out), str(exported)])
+    assert (exported / "model.safetensors").is_file()
     assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
     assert "epoch" in json.loads((out / "all_results.json").read_text())
@@ -307,3 +328,52 @@ def test_publish_replaces_an_existing_checkpoint_in_one_rename(tmp_path):
     publish(staged, old)
     assert sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
     assert not (tmp_path / STAGING_DIR).exists()
+
+
+def test_train_loss_of_a_resumed_run_covers_every_step(data, tmp_path):
+    """Logged every 3 steps, saved every 4: checkpoint-4 holds step 4's loss, not logged yet. A run resumed from it
+    reports the train_loss of the uninterrupted run (transformers' own averages steps 5-8 only)."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = base_args("opt-llama", whole) + local_args(*data) + ["--do_train", "--max_steps", "8", "--save_steps", "4"]
+    args += ["--logging_steps", "3", "--lr_scheduler_type", "constant"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = run_clm.main(args)["train"]["train_loss"]
+        (resumed / "checkpoint-4").parent.mkdir()
+        shutil.copytree(whole / "checkpoint-4", resumed / "checkpoint-4")
+        record = json.loads((resumed / "checkpoint-4" / "loss_sum.json").read_text())
+        logged = [h["loss"] for h in json.loads((whole / "trainer_state.json").read_text())["log_history"][:1]]
+        assert record["global_step"] == 4 and record["loss_sum"] > 3 * logged[0] > 0  # steps 1-3 logged, 4 not
+        args[args.index("--output_dir") + 1] = str(resumed)
+        got = run_clm.main(args)["train"]["train_loss"]
+    finally:
+        torch.set_num_threads(threads)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert json.loads((resumed / "train_results.json").read_text())["train_loss"] == got
+
+
+def test_rotation_renames_before_it_deletes(tmp_path, monkeypatch):
+    """Oldest by modification time go first; the newest and the best stay; a kill during the deletion leaves the
+    rotated checkpoints whole in the staging directory (which the next save removes), none half deleted."""
+    for age, step in enumerate([20, 8, 4, 12, 16]):  # modification times: checkpoint-20 oldest, checkpoint-16 newest
+        checkpoint = fake_checkpoint(tmp_path / f"checkpoint-{step}")
+        os.utime(checkpoint, (1000 + age, 1000 + age))
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the process dies as the deletion starts
+
+    with monkeypatch.context() as patched:
+        patched.setattr(shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            rotate_published(tmp_path, 2, best_model_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_checkpoint-in-progress", "checkpoint-16", "checkpoint-8"]
+    rotated = sorted((tmp_path / STAGING_DIR).iterdir())
+    assert [p.name for p in rotated] == ["checkpoint-12", "checkpoint-20", "checkpoint-4"]
+    assert all(incomplete_reason(c) is None for c in rotated)
+    shutil.rmtree(tmp_path / STAGING_DIR)
+    rotate_published(tmp_path, 2, best_model_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-16", "checkpoint-8"]
+    rotate_published(tmp_path, None, None)  # no limit: nothing deleted
+    rotate_published(tmp_path, 1, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-16"]

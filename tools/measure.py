@@ -220,7 +220,8 @@ def load_config_for_length(path: str, total_len: int) -> PretrainedConfig:
     return config
 
 
-def write_json(path: Path, data: object) -> None:
-    """``data`` as indented JSON at ``path``, written whole (``training_checkpoints.write_whole``): a reader (or a run
-    stopped mid-write) sees the previous file or the new one, never half of it."""
-    write_whole(path, lambda partial: partial.write_text(json.dumps(data, indent=2)))
+def write_json(path: Path, data: object, **dump_options) -> None:
+    """``data`` as indented JSON at ``path`` (``dump_options`` go to ``json.dumps``), written whole
+    (``training_checkpoints.write_whole``): a reader (or a run stopped mid-write) sees the previous file or the new one,
+    never half of it."""
+    write_whole(path, lambda partial: partial.write_text(json.dumps(data, indent=2, **dump_options) + "\n"))

@@ -8,6 +8,12 @@ directory with only the first files, and ``get_last_checkpoint`` picks it by its
   ``OUTPUT_DIR/_checkpoint-in-progress/checkpoint-N`` and publishes it with one ``rename`` (atomic on POSIX within
   a filesystem), so a kill at any moment leaves the complete ``checkpoint-N`` or none; a staging directory left by
   a killed save is removed by the next save (and when training starts).
+* The final model (``save_model()`` outside a checkpoint) is written there too, as ``final-model``, and its files
+  are then moved into ``OUTPUT_DIR`` one rename each: while any is left, the staging directory says the save did not
+  finish (``python -m tools.export`` refuses such a directory; the next run of the same command saves it again).
+* Each checkpoint records the sum of the per-step training losses up to its step (``loss_sum.json``), so the
+  ``train_loss`` of a resumed run averages every step since the first, as an uninterrupted run's does (transformers
+  averages over the steps of the current ``train()`` call only).
 * ``choose_resume_checkpoint`` picks the newest *complete* checkpoint (``trainer_state.json`` written, no
   transformers JIT-checkpoint sentinel), skipping and naming incomplete ones (left by a plain Trainer or an older
   version of this code), and checks an explicit ``--resume_from_checkpoint`` before any heavy work.
@@ -26,13 +32,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
 from .cli import UsageError, one_line
 
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = "_checkpoint-in-progress"  # a leading "_": the Trainer's hub upload of output_dir skips it
+FINAL_MODEL_DIR = "final-model"  # the final model's files, staged until they are all written
+LOSS_SUM_NAME = "loss_sum.json"  # in a checkpoint: {"global_step": N, "loss_sum": sum of the losses of steps 1..N}
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # what get_last_checkpoint accepts
 JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' JIT checkpoint keeps it in checkpoint-N until it is saved
 
@@ -43,10 +51,15 @@ class AtomicCheckpoints:
     The Trainer's own ``_save_checkpoint`` does the writing (model, optimizer, scheduler, RNG, state, callbacks) into
     the staging directory: while ``_staging`` is set, ``_get_output_dir`` answers the staging root. Afterwards the
     main process points the best-model record at the published path, renames the checkpoint into place and rotates
-    (``save_total_limit``) over the published checkpoints, as the Trainer would have.
+    (``save_total_limit``) over the published checkpoints, as the Trainer would have; a checkpoint rotated away is
+    first renamed into the staging directory, so a kill while it is deleted leaves no half-deleted ``checkpoint-N``.
+
+    ``train_loss`` (in the metrics ``train()`` logs and returns) averages the losses of every step since the first,
+    also after a resume: the sum up to the resumed step comes from the checkpoint's ``loss_sum.json``.
     """
 
     _staging = False
+    _loss_sum_before = 0.0  # the per-step losses of the steps before this train() call, summed
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -73,10 +86,36 @@ class AtomicCheckpoints:
         if self.is_world_process_zero():
             write_whole(Path(self.args.output_dir) / TRAINER_STATE_NAME, lambda p: self.state.save_to_json(str(p)))
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if self.args.should_save:
             remove_staging(self.args.output_dir)
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is True:  # the Trainer's own spelling of "the last checkpoint of output_dir"
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._loss_sum_before = loss_sum_before(resume_from_checkpoint or None)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and self._loss_sum_before is not None:  # the end of train(): over the whole run
+            logs["train_loss"] = (self._loss_sum_before + self._total_loss_scalar) / max(self.state.global_step, 1)
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Outside a checkpoint: write the model into the staging directory, then move its files into ``output_dir``
+        one rename each and delete the staging directory (its presence marks a save that did not finish)."""
+        if _internal_call or self._staging:
+            return super().save_model(output_dir, _internal_call)
+        final = Path(output_dir or self.args.output_dir)
+        staged = final / STAGING_DIR / FINAL_MODEL_DIR
+        if self.args.should_save:
+            remove_staging(final)
+        self.accelerator.wait_for_everyone()
+        super().save_model(str(staged), _internal_call)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            for file in sorted(staged.iterdir()):
+                os.replace(file, final / file.name)
+            shutil.rmtree(staged.parent)
+        self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self._get_output_dir(trial))
@@ -96,16 +135,48 @@ class AtomicCheckpoints:
             if self.args.should_save:
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
         if self.args.should_save:
+            loss_sum = self._loss_sum_before + self._total_loss_scalar + self._tr_loss.item()  # logged + not yet
+            write_json_whole(staged / LOSS_SUM_NAME, {"global_step": self.state.global_step, "loss_sum": loss_sum})
             publish(staged, final)
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            rotate_published(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(str(final))
+
+
+def loss_sum_before(checkpoint: str | os.PathLike | None) -> float | None:
+    """The sum of the per-step losses up to ``checkpoint``'s step (0 when training starts from scratch); None when the
+    checkpoint does not record it (written by a plain Trainer): then ``train_loss`` covers the steps after it only,
+    which is logged."""
+    if checkpoint is None:
+        return 0.0
+    record = read_json_or_empty(Path(checkpoint) / LOSS_SUM_NAME)
+    if "loss_sum" not in record:
+        logger.warning("%s has no %s: train_loss will average the steps after it only", checkpoint, LOSS_SUM_NAME)
+        return None
+    return float(record["loss_sum"])
+
+
+def rotate_published(run_dir: Path, save_total_limit: int | None, best_model_checkpoint: str | None) -> None:
+    """Keep at most ``save_total_limit`` checkpoints in ``run_dir``, as transformers' ``rotate_checkpoints`` does: the
+    oldest by modification time go first (a resume from an earlier checkpoint makes its new saves the most recent),
+    never the most recent one nor the best one. Each is first renamed into the staging directory, then deleted: a
+    kill meanwhile leaves it whole or gone, never half deleted (a half-deleted one, its modification time new, would
+    look the most recent to the next rotation; the next save removes the staging directory)."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    checkpoints = sort_checkpoints(str(run_dir), PREFIX_CHECKPOINT_DIR, use_mtime=True)  # oldest first
+    protected = {checkpoints[-1]} | ({str(Path(best_model_checkpoint))} if best_model_checkpoint else set())
+    surplus = len(checkpoints) - max(save_total_limit, len(protected))
+    doomed = [checkpoint for checkpoint in checkpoints if checkpoint not in protected][: max(surplus, 0)]
+    if not doomed:
+        return
+    trash = run_dir / STAGING_DIR
+    trash.mkdir(exist_ok=True)
+    for checkpoint in doomed:
+        logger.info("deleting %s (save_total_limit %d)", checkpoint, save_total_limit)
+        os.replace(checkpoint, trash / Path(checkpoint).name)
+    shutil.rmtree(trash)
 
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
