@@ -26,11 +26,13 @@ from tools.generation import (
     add_prompt_args,
     apply_exact_switches,
     check_generation_args,
+    check_token_ids,
     generate_once,
     load_config_or_checkpoint,
     load_model,
     load_tokenizer,
     read_prompt,
+    streams_tokens,
 )
 
 
@@ -104,6 +106,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_prefill_has_a_cache(args: argparse.Namespace, config) -> None:
+    """A prefill mode (``--prefill``, or an exact ``prefill: "sequential"`` in the checkpoint's config) fills the KV
+    cache: with ``--no_cache`` (or the no-cache half of ``--compare_cache``) the forwards would run iteratively, an
+    approximation where the exact prefill was asked. A one-line error, unless every forward is exact anyway
+    (``sequential_forward``)."""
+    if not (args.no_cache or args.compare_cache):
+        return
+    flag = "--no_cache" if args.no_cache else "--compare_cache"
+    if args.prefill is not None:
+        where = "--prefill"
+    elif isinstance(config, OptLlamaConfig) and config.prefill == "sequential" and not config.sequential_forward:
+        where = f'{args.model_name_or_path or args.config}: its config\'s prefill "sequential"'
+    else:
+        return
+    raise UsageError(
+        f"{where}: the prompt prefill fills the KV cache, and {flag} generates without one; "
+        "allowed is a cache, or --sequential_forward for exact no-cache forwards"
+    )
+
+
 def run(args: argparse.Namespace) -> dict:
     """Generate as the flags say; return
     ``{mode: {"text": [...], "new_tokens": n, "seconds": s, "tokens_per_s": r}}``."""
@@ -112,17 +134,12 @@ def run(args: argparse.Namespace) -> dict:
     check_cache_flags(args)
     prompt = read_prompt(args)
     config = load_config_or_checkpoint(args)
-    if args.prefill is not None and (args.no_cache or args.compare_cache):
-        # Under --compare_cache the no-cache half would run the iterative forward, though an exact prefill was asked.
-        flag = "--no_cache" if args.no_cache else "--compare_cache"
-        raise UsageError(
-            f"--prefill: the prompt prefill fills the KV cache, and {flag} generates without one; "
-            "allowed is a cache, or --sequential_forward for exact no-cache forwards"
-        )
     apply_exact_switches(args, config)
+    check_prefill_has_a_cache(args, config)
     check_exact_prefill_masks(args, config)
     tokenizer = load_tokenizer(args)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
+    check_token_ids(args, input_ids, config.vocab_size)
     check_position_limit(args, input_ids.shape[1], config.max_position_embeddings)
     model = load_model(args, config, tokenizer)
     if args.static_cache:  # a Llama too (LCKV models always): decoding without a host sync per token
@@ -140,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         extra = {"cache_implementation": implementation} if implementation else {}
         new_tokens, seconds = generate_once(model, tokenizer, input_ids, args, use_cache=use_cache, **extra)
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if args.quiet or len(texts) > 1:
+        if not streams_tokens(args):
             print("\n".join(texts) if len(texts) == 1 else "".join(f"\n[{i}] {t}" for i, t in enumerate(texts)))
         count = new_tokens.numel()
         results[mode] = dict(text=texts, new_tokens=count, seconds=seconds, tokens_per_s=count / seconds)

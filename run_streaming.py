@@ -44,18 +44,43 @@ from tools.generation import (
     add_prompt_args,
     apply_exact_switches,
     check_generation_args,
+    check_token_ids,
     generate_once,
     load_config_or_checkpoint,
     load_model,
     load_tokenizer,
     read_prompt,
+    streams_tokens,
 )
 from tools.measure import cache_tokens, measure_stream, write_json
+
+# Flags of one mode: given with the other they would be parsed and ignored, so they are an error there.
+MODE_ONLY = {
+    "generate": (
+        "prompt",
+        "prompt_file",
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "num_beams",
+        "num_return_sequences",
+        "ignore_eos",
+    ),
+    "perplexity": ("text_file", "use_embedded_corpus", "num_tokens", "output_json"),
+}
 
 
 def make_cache(config, args: argparse.Namespace) -> SinkWindowCache:
     """The sink + window cache from the flags (window default: the position limit less the sinks)."""
-    window = config.max_position_embeddings - args.num_sink_tokens if args.window_size is None else args.window_size
+    limit = config.max_position_embeddings
+    if args.window_size is None and args.num_sink_tokens >= limit:
+        raise UsageError(
+            f"--num_sink_tokens: {args.num_sink_tokens}; allowed are fewer than max_position_embeddings ({limit}), "
+            "leaving room for the default window (or give --window_size)"
+        )
+    window = limit - args.num_sink_tokens if args.window_size is None else args.window_size
     try:
         return SinkWindowCache(config, window_size=window, num_sink_tokens=args.num_sink_tokens)
     except ValueError as error:
@@ -78,6 +103,7 @@ def run_perplexity(model, tokenizer, cache: SinkWindowCache, text: str, args: ar
     limit = model.config.max_position_embeddings
     num_tokens = args.num_tokens or 20 * limit  # checked >= 2 in run()
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
+    check_token_ids(args, input_ids, model.config.vocab_size)
     if input_ids.shape[1] < 2:
         raise UsageError("text: fewer than 2 tokens; give a longer text")
     result = dict(
@@ -98,13 +124,14 @@ def run_generate(model, tokenizer, cache: SinkWindowCache, prompt: str, args: ar
     """Generate ``max_new_tokens`` tokens (any number) with the streaming cache; long prompts are prefilled in
     chunks."""
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+    check_token_ids(args, input_ids, model.config.vocab_size)
     transformers.logging.set_verbosity_error()  # generate warns past max_position_embeddings; streaming goes there
     print(prompt, end="", flush=True)
     new_tokens, seconds = generate_once(
         model, tokenizer, input_ids, args, cache=cache, prefill_chunk_size=cache.window_size
     )
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    if args.quiet or len(texts) > 1:
+    if not streams_tokens(args):
         print("\n".join(texts))
     count = new_tokens.numel()
     print(
@@ -155,7 +182,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output_json", help="perplexity: write the result (with perplexity by position) to this JSON file"
     )
     add_exact_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for mode, names in MODE_ONLY.items():
+        given = [name for name in names if args.mode != mode and getattr(args, name) != parser.get_default(name)]
+        if given:
+            raise UsageError(f"--{given[0]}: applies to --mode {mode} only; this run is --mode {args.mode}")
+    return args
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -5,7 +5,9 @@
 #   bash run_streaming.sh                                    # defaults below
 #   MODEL=outputs/llama_tiny-wikitext103 WINDOW=508 bash run_streaming.sh
 #
-# Extra args go to both run_streaming.py calls (python run_streaming.py --help lists them all).
+# Extra args go to the generation call (sampling, --prefill sequential, --sequential_forward ...); PPL_ARGS holds extra
+# args of the perplexity call (python run_streaming.py --help lists them all; each mode refuses the other's flags).
+#   PPL_ARGS="--dtype float32" bash run_streaming.sh --prefill sequential
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,7 +20,8 @@ PROMPT=${PROMPT-"ROMEO:"}
 OUTPUT_JSON=${OUTPUT_JSON-outputs/streaming_ppl_$(basename "$MODEL")_w${WINDOW}.json}
 
 common=(--model_name_or_path "$MODEL" --window_size "$WINDOW" --num_sink_tokens "$SINKS")
+# shellcheck disable=SC2086  # PPL_ARGS: several flags in one variable on purpose
 python run_streaming.py "${common[@]}" --mode perplexity --use_embedded_corpus --num_tokens "$NUM_TOKENS" \
-  --output_json "$OUTPUT_JSON" "$@"
+  --output_json "$OUTPUT_JSON" ${PPL_ARGS:-}
 python run_streaming.py "${common[@]}" --mode generate --prompt "$PROMPT" --max_new_tokens "$NEW_TOKENS" \
   --do_sample --top_p 0.9 "$@"

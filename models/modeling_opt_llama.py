@@ -40,7 +40,7 @@ from .kernels import (
 )
 from .layer_plan import iteration_schedule, layer_plan
 from .masks import layer_mask_kinds, lckv_masks
-from .sequential_prefill import sequential_prefill, uses_sequential_prefill
+from .sequential_prefill import builds_masks_per_step, sequential_prefill, uses_sequential_prefill
 from .tensor_parallel import kv_heads_per_process
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -622,10 +622,20 @@ class OptLlamaForCausalLM(FastDecodeMixin, OptLlamaPreTrainedModel, GenerationMi
     # k/v to shard, they read their source's share of the KV heads).
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids, **kwargs) -> dict:
+    def create_masks_for_generate(
+        self, config, inputs_embeds, attention_mask, cache, position_ids, **kwargs
+    ) -> dict | torch.Tensor | None:
         """``generate`` with a static cache builds the masks outside the compiled step, sized to the cache (no
-        recompilation per step); ``attention_mask`` is the 2D padding mask ``(B, P + T)`` or None."""
+        recompilation per step); ``attention_mask`` is the 2D padding mask ``(B, P + T)`` or None. A prompt that the
+        sequential prefill runs with masks built per step (a layer reads a window-only cache) keeps the padding mask:
+        its steps are built from it, as for a dynamic cache."""
         query_length = inputs_embeds.shape[1]
+        if (
+            query_length > 1
+            and builds_masks_per_step(self.model, cache)
+            and uses_sequential_prefill(config, inputs_embeds, cache)
+        ):
+            return attention_mask
         past_length = attention_mask.shape[-1] - query_length if attention_mask is not None else cache.get_seq_length()
         return lckv_masks(
             config,

@@ -149,14 +149,20 @@ class MaskSegment(NamedTuple):
 def mask_segments(model, inputs_embeds, attention_mask, position_ids, cache, past_length: int) -> Iterator[MaskSegment]:
     """The prompt's masks, a segment at a time: ``MASK_CHUNK`` tokens, or one where the masks are built per step.
 
-    A dict is ``generate``'s precomputed prompt masks for a static cache (row ``t`` is step ``t``'s mask; rebuilt per
-    step where a layer reads a window-only cache); a 2D
+    A dict is ``generate``'s precomputed prompt masks for a static cache (row ``t`` is step ``t``'s mask); a 2D
     padding mask ``(B, P + T)`` (or None: no padding) is cut to the keys up to each token and built per step,
     exactly as ``generate`` builds a decoding step's masks. A dict with a mask left out (SDPA's ``is_causal``
-    shortcut, taken only without padding) has no one-token row, so it is rebuilt as unpadded.
+    shortcut, taken only without padding) has no one-token row, so it is rebuilt as unpadded. Where a layer reads a
+    window-only cache the masks are built per step, which needs the padding mask (``create_masks_for_generate``
+    passes it then): a dict is a ValueError.
     """
     batch_size, query_length = inputs_embeds.shape[:2]
     per_step = builds_masks_per_step(model, cache)
+    if isinstance(attention_mask, dict) and per_step:
+        raise ValueError(
+            "attention_mask: a dict of prepared masks; the sequential prefill over a window-only cache layer builds "
+            "each step's masks, so it takes the 2D padding mask (B, past + T) or None"
+        )
     if isinstance(attention_mask, dict) and not per_step and all(mask is not None for mask in attention_mask.values()):
         for start in range(0, query_length, MASK_CHUNK):
             stop = min(start + MASK_CHUNK, query_length)

@@ -95,6 +95,28 @@ ROWS = {
     "generation temperature zero": Row(
         "run_generation", [*GEN, "--prompt", "x", "--do_sample", "--temperature", "0"], ["--temperature"]
     ),
+    "generation temperature nan": Row(
+        "run_generation", [*GEN, "--prompt", "x", "--do_sample", "--temperature", "nan"], ["--temperature", "nan"]
+    ),
+    "generation paged attention": Row(
+        "run_generation",
+        [*GEN, "--prompt", "x", "--attn_implementation", "paged|eager"],
+        ["--attn_implementation", "paged|eager"],
+    ),
+    "generation meta device": Row("run_generation", [*GEN, "--prompt", "x", "--device", "meta"], ["--device", "meta"]),
+    "generation config file as a checkpoint": Row(
+        "run_generation",
+        ["--model_name_or_path", "{in}/opt.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
+        ["--model_name_or_path", "opt.json", "is a file"],
+    ),
+    "streaming sinks past the position limit": Row(
+        "run_streaming", [*STREAM, "--prompt", "x", "--num_sink_tokens", "100000"], ["--num_sink_tokens", "100000"]
+    ),
+    "streaming flag of the other mode": Row(
+        "run_streaming",
+        [*STREAM, "--prompt", "x", "--output_json", "{out}/ppl.json"],
+        ["--output_json", "--mode perplexity"],
+    ),
     "bench_flops seq_len zero": Row(
         "bench.bench_flops",
         ["--configs", "{in}/opt.json", "--seq_len", "0", "--output_dir", "{out}"],

@@ -190,23 +190,42 @@ def test_missing_checkpoint_is_a_one_line_error(capsys):
     )
 
 
-@pytest.mark.parametrize("cache_flag", [[], ["--static_cache"]])
-def test_sequential_prefill_flag_gives_the_sequential_forward_text(tiny_files, cache_flag):
-    """--prefill sequential (exact prefill only) generates what --sequential_forward (everything exact) does."""
-    args = (
-        "--prompt",
-        "ROMEO: But soft, what light through yonder window breaks?",
-        "--max_new_tokens",
-        "12",
-        "--ignore_eos",
-        "--quiet",
-    )
-    sequential = run(tiny_files, *args, "--prefill", "sequential", *cache_flag)["cache"]
-    assert sequential["text"] == run(tiny_files, *args, "--sequential_forward", *cache_flag)["cache"]["text"]
-
-
 def test_bad_prefill_flag_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         run_generation.main(["--prefill", "fast"])
     err = capsys.readouterr().err.strip()
     assert err.startswith("run_generation.py: error: argument --prefill: invalid choice: 'fast'") and "\n" not in err
+
+
+@pytest.mark.parametrize("extra", [["--num_beams", "2"], ["--quiet"], []], ids=["beams", "quiet", "streamed"])
+def test_the_generated_text_is_printed_once(tiny_files, capsys, extra):
+    """Streamed token by token, or printed whole where nothing streams (beam search, --quiet): once either way."""
+    text = run(tiny_files, "--prompt", "ROMEO:", "--max_new_tokens", "8", "--ignore_eos", *extra)["cache"]["text"][0]
+    assert text.strip() and capsys.readouterr().out.count(text.strip()) == 1
+
+
+def test_the_wrapper_script_compares_only_where_both_sides_can_run(tiny_files, tmp_path):
+    """run_generation.sh compares the cache with no cache by default, and leaves the comparison out when an extra flag
+    needs the cache (an exact prefill: --compare_cache would have been refused)."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .conftest import REPO, tiny_config
+
+    checkpoint = tmp_path / "checkpoint"
+    AutoModelForCausalLM.from_config(tiny_config(vocab_size=320)).save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(tiny_files / "tok").save_pretrained(checkpoint)
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # `python` in the script: this interpreter
+    env = {**os.environ, "MODEL": str(checkpoint), "MAX_NEW_TOKENS": "4", "HF_HUB_OFFLINE": "1", "PATH": path}
+
+    def wrapper(*extra: str) -> str:
+        done = subprocess.run(["bash", "run_generation.sh", "--quiet", *extra], cwd=REPO, env=env, capture_output=True)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        return done.stderr.decode()
+
+    assert "[compare]" in wrapper()
+    exact = wrapper("--prefill", "sequential", "--static_cache")
+    assert "[cache]" in exact and "[no_cache]" not in exact

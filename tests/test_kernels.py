@@ -368,6 +368,9 @@ def test_gpu_fused_kernel_matches_plain(config_name, flag, caplog):
             assert relative_error(fused[index], reference[index]) <= budget, what
     budget = 2 * relative_error(flat_grads(plain[2]), flat_grads(reference[2])) + 5e-3
     assert relative_error(flat_grads(fused[2]), flat_grads(reference[2])) <= budget, "grads"
+    for name, grad in reference[2].items():  # each parameter too: a dropped gradient is 1 away, a small share of all
+        budget = 2 * relative_error(plain[2][name], grad) + 5e-3
+        assert relative_error(fused[2][name], grad) <= budget, name
 
 
 @gpu
@@ -393,7 +396,10 @@ def test_gpu_strict_mask_on_fast_path():
 @pytest.mark.gpu
 @pytest.mark.parametrize("config_name", ["test_tiny_opt.json", "llama_tiny_opt.json"])
 def test_gpu_training_steps_all_on_vs_off(config_name):
-    """Three AdamW steps from the same weights on the same batch: the losses agree within bf16 tolerance."""
+    """Three AdamW steps from the same weights on the same batch: with every kernel on, the loss falls as without
+    (within bf16 tolerance). The gradients themselves are checked parameter by parameter, against fp32, in
+    ``test_gpu_fused_kernel_matches_plain`` (bf16 weights near 1, the norms', cannot take a 1e-3 step, so the
+    parameters' changes cannot be compared here)."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(config_name, max_position_embeddings=512)

@@ -75,19 +75,27 @@ GENERATION = {
 }
 
 
-@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
-@pytest.mark.parametrize("mode", list(GENERATION))
-def test_generate_equals_sequential_forward(mode, cache_kind):
-    """generate with prefill="sequential" gives the tokens of sequential_forward=True (long, left-padded prompts)."""
-    ids, mask = padded_prompts(LONG)
+LARGE = dict(initializer_range=0.5)  # large random weights: an approximate prefill gives other tokens
+
+
+def generate_with(prefill: str, ids: torch.Tensor, mask: torch.Tensor, mode: str, cache_kind: str, **overrides):
+    """``generate`` (seeded) of a model with large random weights and ``prefill``: ``(B, T + NEW)`` tokens."""
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0, **GENERATION[mode])
     if cache_kind == "static":
         kwargs["cache_implementation"] = "static"
-    outputs = []
-    for model in (model_with("sequential"), model_with("iterative", sequential_forward=True)):
-        torch.manual_seed(1)
-        outputs.append(model.generate(ids, **kwargs))
-    assert torch.equal(outputs[0], outputs[1])
+    torch.manual_seed(1)
+    return model_with(prefill, **LARGE, **overrides).generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("mode", list(GENERATION))
+def test_generate_with_the_sequential_prefill_equals_enough_iterations(mode, cache_kind):
+    """generate with prefill="sequential" (3 iterations) gives the tokens of the iterative prefill with an iteration
+    per prompt token, exact by another code path (long, left-padded prompts); 3 iterations there give other tokens."""
+    ids, mask = padded_prompts(LONG)
+    exact = generate_with("iterative", ids, mask, mode, cache_kind, num_encoders=LONG - 1)
+    assert torch.equal(generate_with("sequential", ids, mask, mode, cache_kind), exact)
+    assert not torch.equal(generate_with("iterative", ids, mask, mode, cache_kind), exact)
 
 
 @pytest.mark.parametrize("mode", list(GENERATION))
@@ -223,14 +231,15 @@ def test_prefill_cache_then_generate_equals_generate():
 
 
 def test_chunked_prefill_composes_with_sequential_prefill():
-    """models.chunked_prefill over the sequential path gives the tokens of a whole-batch sequential generate."""
-    model = model_with("sequential")
+    """models.chunked_prefill over the sequential path gives the exact tokens (enough iterations, another path)."""
+    model = model_with("sequential", **LARGE)
     ids = torch.randint(3, 256, (5, LONG))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    expected = model_with("iterative", sequential_forward=True).generate(ids, **kwargs)
+    expected = model_with("iterative", num_encoders=LONG - 1, **LARGE).generate(ids, **kwargs)
     cache = StaticCache(config=model.config, max_cache_len=LONG + NEW)
     prefill_in_chunks(model, ids[:, :-1], cache, chunk=2)
     assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
+    assert not torch.equal(model_with("iterative", **LARGE).generate(ids, **kwargs), expected)  # the check can fail
 
 
 def test_auto_in_the_model_follows_the_cost_model(monkeypatch):

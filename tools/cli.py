@@ -262,7 +262,11 @@ def resolve_device(value: str | None, flag: str = "--device") -> str:
             raise UsageError(f"{flag}: {value}: CUDA is not available on this machine; allowed is cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"{flag}: {value}; allowed are cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif device.type not in ("cpu", "mps", "xpu", "meta"):
+    elif device.type in ("mps", "xpu"):
+        backend = torch.backends.mps if device.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise UsageError(f"{flag}: {value}: {device.type} is not available on this machine; allowed is cpu")
+    elif device.type != "cpu":  # meta holds no data; other accelerators are not supported by these tools
         raise UsageError(f"{flag}: {value!r}; allowed are cpu, cuda or cuda:N")
     return value
 
@@ -360,10 +364,21 @@ def load_opt_llama_config(flag: str, source: str) -> OptLlamaConfig:
 
 
 def check_attn_implementation(flag: str, name: str) -> None:
-    """``name`` is ``eager`` or an attention function registered with transformers (sdpa_packed_gqa included)."""
-    from transformers import AttentionInterface
+    """``name`` is ``eager`` or an attention function registered with transformers (sdpa_packed_gqa included) that
+    these tools can run: not a paged one (``paged|...`` reads continuous batching's paged cache and ignored the masks
+    these tools build: wrong tokens, silently), and a flash-attention one only where its package is installed."""
+    from transformers import AttentionInterface, utils
 
-    allowed = {"eager", *AttentionInterface().valid_keys()}
+    installed = {
+        "flash_attention_2": utils.is_flash_attn_2_available,
+        "flash_attention_3": utils.is_flash_attn_3_available,
+        "flash_attention_4": utils.is_flash_attn_4_available,
+    }
+    allowed = {
+        key
+        for key in ("eager", *AttentionInterface().valid_keys())
+        if not key.startswith("paged|") and installed.get(key, lambda: True)()
+    }
     if name not in allowed:
         raise UsageError(f"{flag}: {name!r}; allowed are {', '.join(sorted(allowed))}")
 

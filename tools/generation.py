@@ -3,8 +3,10 @@ LCKV exact switches, their checks, loading the config, tokenizer and model, and 
 """
 
 import argparse
+import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, TextStreamer
@@ -106,6 +108,11 @@ def load_config_or_checkpoint(args: argparse.Namespace) -> PretrainedConfig:
         raise UsageError("--model_name_or_path / --config: give exactly one of them")
     if args.config is not None:
         return cli.load_config("--config", args.config)
+    if Path(args.model_name_or_path).expanduser().is_file():
+        raise UsageError(
+            f"--model_name_or_path: {args.model_name_or_path} is a file; allowed is a checkpoint directory or a hub "
+            "id (a config .json gives random weights through --config)"
+        )
     config = cli.load_config("--model_name_or_path", args.model_name_or_path)
     cli.check_weights("--model_name_or_path", args.model_name_or_path)
     return config
@@ -120,6 +127,18 @@ def load_tokenizer(args: argparse.Namespace):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_token_ids(args: argparse.Namespace, input_ids: torch.Tensor, vocab_size: int) -> None:
+    """The text's token ids exist in the model's vocabulary: a tokenizer of another model would fail inside the
+    forward. (Random weights, ``--config``, are sized to the tokenizer.)"""
+    largest = int(input_ids.max()) if input_ids.numel() else -1
+    if args.config is None and largest >= vocab_size:
+        flag = "--tokenizer" if args.tokenizer else "--model_name_or_path"
+        raise UsageError(
+            f"{flag}: the text holds token id {largest}, outside the model's vocabulary of {vocab_size}; allowed is "
+            "the model's own tokenizer"
+        )
 
 
 def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
@@ -149,6 +168,12 @@ def instantiate(config, checkpoint: str | None, device: str, seed: int, **kwargs
     return model.to(device).eval()
 
 
+def streams_tokens(args: argparse.Namespace) -> bool:
+    """Whether ``generate_once`` prints tokens as they come (one sequence, no beams, not ``--quiet``); otherwise the
+    caller prints the finished texts."""
+    return args.num_beams == 1 and args.num_return_sequences == 1 and not args.quiet
+
+
 def generate_once(
     model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace, **extra
 ) -> tuple[torch.Tensor, float]:
@@ -157,9 +182,7 @@ def generate_once(
 
     ``extra`` goes to ``generate`` as is (``use_cache``, ``cache``, ``prefill_chunk_size``, ...).
     """
-    streamer = None
-    if args.num_beams == 1 and args.num_return_sequences == 1 and not args.quiet:
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if streams_tokens(args) else None
     torch.manual_seed(args.seed)
     generation = dict(
         max_new_tokens=args.max_new_tokens,
@@ -188,8 +211,12 @@ def check_generation_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name}: {getattr(args, name)}; allowed values are integers >= 1")
     cli.check_attn_implementation("--attn_implementation", args.attn_implementation)
-    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UsageError("--temperature / --top_p / --top_k: allowed are temperature > 0, 0 < top_p <= 1, top_k >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(f"--temperature: {args.temperature}; allowed is a finite number > 0")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p: {args.top_p}; allowed is 0 < top_p <= 1")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k: {args.top_k}; allowed are integers >= 0 (0: all tokens)")
     if args.num_return_sequences > args.num_beams and not args.do_sample:
         raise UsageError(
             "--num_return_sequences: greedy search returns 1 sequence; allowed is <= --num_beams, or --do_sample"
