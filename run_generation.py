@@ -111,12 +111,13 @@ def check_prefill_has_a_cache(args: argparse.Namespace, config) -> None:
     cache: with ``--no_cache`` (or the no-cache half of ``--compare_cache``) the forwards would run iteratively, an
     approximation where the exact prefill was asked. A one-line error, unless every forward is exact anyway
     (``sequential_forward``)."""
-    if not (args.no_cache or args.compare_cache):
+    exact_everywhere = isinstance(config, OptLlamaConfig) and config.sequential_forward
+    if not (args.no_cache or args.compare_cache) or exact_everywhere:
         return
     flag = "--no_cache" if args.no_cache else "--compare_cache"
     if args.prefill is not None:
         where = "--prefill"
-    elif isinstance(config, OptLlamaConfig) and config.prefill == "sequential" and not config.sequential_forward:
+    elif isinstance(config, OptLlamaConfig) and config.prefill == "sequential":
         where = f'{args.model_name_or_path or args.config}: its config\'s prefill "sequential"'
     else:
         return

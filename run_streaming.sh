@@ -5,9 +5,10 @@
 #   bash run_streaming.sh                                    # defaults below
 #   MODEL=outputs/llama_tiny-wikitext103 WINDOW=508 bash run_streaming.sh
 #
-# Extra args go to the generation call (sampling, --prefill sequential, --sequential_forward ...); PPL_ARGS holds extra
-# args of the perplexity call (python run_streaming.py --help lists them all; each mode refuses the other's flags).
-#   PPL_ARGS="--dtype float32" bash run_streaming.sh --prefill sequential
+# Extra args go to both calls (--device, --dtype, --attn_implementation ...); GEN_ARGS holds args of the generation
+# alone (sampling, --prefill sequential, --sequential_forward), PPL_ARGS of the perplexity alone: each mode refuses
+# the other's flags (python run_streaming.py --help lists them all). Words split on spaces.
+#   GEN_ARGS="--prefill sequential" bash run_streaming.sh --dtype float32
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,9 +20,10 @@ NEW_TOKENS=${NEW_TOKENS-4096}         # generation: tokens to generate
 PROMPT=${PROMPT-"ROMEO:"}
 OUTPUT_JSON=${OUTPUT_JSON-outputs/streaming_ppl_$(basename "$MODEL")_w${WINDOW}.json}
 
-common=(--model_name_or_path "$MODEL" --window_size "$WINDOW" --num_sink_tokens "$SINKS")
-# shellcheck disable=SC2086  # PPL_ARGS: several flags in one variable on purpose
+read -ra ppl_args <<<"${PPL_ARGS:-}"  # read splits on spaces without expanding globs
+read -ra gen_args <<<"${GEN_ARGS:-}"
+common=(--model_name_or_path "$MODEL" --window_size "$WINDOW" --num_sink_tokens "$SINKS" "$@")
 python run_streaming.py "${common[@]}" --mode perplexity --use_embedded_corpus --num_tokens "$NUM_TOKENS" \
-  --output_json "$OUTPUT_JSON" ${PPL_ARGS:-}
+  --output_json "$OUTPUT_JSON" ${ppl_args[@]+"${ppl_args[@]}"}
 python run_streaming.py "${common[@]}" --mode generate --prompt "$PROMPT" --max_new_tokens "$NEW_TOKENS" \
-  --do_sample --top_p 0.9 "$@"
+  --do_sample --top_p 0.9 ${gen_args[@]+"${gen_args[@]}"}

@@ -51,6 +51,8 @@ TRAINING_STATE = (
     "trainer_state.json",
     "training_args.bin",
     "global_step*",
+    "checkpoint-*",  # run_clm's output directory: the Trainer's checkpoints and the staging directory beside the model
+    "_checkpoint-in-progress",
 )
 
 

@@ -33,6 +33,7 @@ from tools.training_checkpoints import (
     checkpoints_newest_first,
     choose_resume_checkpoint,
     incomplete_reason,
+    move_into,
     publish,
     rotate_published,
 )
@@ -251,7 +252,7 @@ def test_a_rerun_after_the_last_checkpoint_trains_nothing(data, uninterrupted, t
     assert train_loss(out) == pytest.approx(uninterrupted.train_loss(), rel=1e-6)  # from checkpoint-12's loss sum
     assert not (out / STAGING_DIR).exists()
     export_main([str(out), str(exported)])
-    assert (exported / "model.safetensors").is_file()
+    assert (exported / "model.safetensors").is_file() and not list(exported.glob("checkpoint-*"))
     assert assert_checkpoints_complete(out)[0] == f"checkpoint-{MAX_STEPS}"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
     assert "epoch" in json.loads((out / "all_results.json").read_text())
@@ -346,11 +347,38 @@ def test_train_loss_of_a_resumed_run_covers_every_step(data, tmp_path):
         logged = [h["loss"] for h in json.loads((whole / "trainer_state.json").read_text())["log_history"][:1]]
         assert record["global_step"] == 4 and record["loss_sum"] > 3 * logged[0] > 0  # steps 1-3 logged, 4 not
         args[args.index("--output_dir") + 1] = str(resumed)
-        got = run_clm.main(args)["train"]["train_loss"]
+        result = run_clm.main(args)
+        got = result["train"]["train_loss"]
+        # An evaluation whose metrics are named train_* keeps its own loss (only train()'s end is rewritten).
+        trainer = result["trainer"]
+        evaluated = trainer.evaluate(trainer.train_dataset, metric_key_prefix="train")["train_loss"]
+        assert trainer.state.log_history[-1]["train_loss"] == evaluated != got
+        # Resumed from a checkpoint without the record (a plain Trainer's): transformers' average of the steps
+        # after it, said in a warning; the next checkpoints have no record either, and nothing fails.
+        plain = tmp_path / "plain"
+        shutil.copytree(whole / "checkpoint-4", plain / "checkpoint-4")
+        (plain / "checkpoint-4" / "loss_sum.json").unlink()
+        args[args.index("--output_dir") + 1] = str(plain)
+        per_call = run_clm.main(args)["train"]["train_loss"]
     finally:
         torch.set_num_threads(threads)
     assert got == pytest.approx(expected, rel=1e-6)
     assert json.loads((resumed / "train_results.json").read_text())["train_loss"] == got
+    assert per_call != pytest.approx(expected, rel=1e-3) and not (plain / "checkpoint-8" / "loss_sum.json").exists()
+
+
+def test_the_final_model_replaces_an_earlier_one_whole(tmp_path):
+    """move_into: the new files in, an earlier save's weight shards that the new one does not write out."""
+    staged, final = tmp_path / "staged", tmp_path / "final"
+    staged.mkdir()
+    final.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (staged / name).write_text("new")
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json", "notes.txt"):
+        (final / name).write_text("old")
+    move_into(staged, final)
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert (final / "config.json").read_text() == "new" and not any(staged.iterdir())
 
 
 def test_rotation_renames_before_it_deletes(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
 from .cli import UsageError, one_line
@@ -42,6 +43,8 @@ STAGING_DIR = "_checkpoint-in-progress"  # a leading "_": the Trainer's hub uplo
 FINAL_MODEL_DIR = "final-model"  # the final model's files, staged until they are all written
 LOSS_SUM_NAME = "loss_sum.json"  # in a checkpoint: {"global_step": N, "loss_sum": sum of the losses of steps 1..N}
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # what get_last_checkpoint accepts
+# Weight files save_pretrained writes (whole, sharded, their index; safetensors or torch).
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' JIT checkpoint keeps it in checkpoint-N until it is saved
 
 
@@ -59,7 +62,8 @@ class AtomicCheckpoints:
     """
 
     _staging = False
-    _loss_sum_before = 0.0  # the per-step losses of the steps before this train() call, summed
+    _finalizing = False
+    _loss_sum_before: float | None = 0.0  # the per-step losses before this train() call, summed; None: not known
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -94,14 +98,23 @@ class AtomicCheckpoints:
         self._loss_sum_before = loss_sum_before(resume_from_checkpoint or None)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        self._finalizing = True  # the train_loss that `log` sees now is the end of train()'s
+        try:
+            output = super()._finalize_training(trial, num_train_samples, start_time)
+        finally:
+            self._finalizing = False
+        return output._replace(training_loss=output.metrics["train_loss"])
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "train_loss" in logs and self._loss_sum_before is not None:  # the end of train(): over the whole run
+        if self._finalizing and "train_loss" in logs and self._loss_sum_before is not None:  # over the whole run
             logs["train_loss"] = (self._loss_sum_before + self._total_loss_scalar) / max(self.state.global_step, 1)
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Outside a checkpoint: write the model into the staging directory, then move its files into ``output_dir``
-        one rename each and delete the staging directory (its presence marks a save that did not finish)."""
+        one rename each (weight files of an earlier save that this one does not write are deleted first) and delete
+        the staging directory, whose presence marks a save that did not finish; then push, as the Trainer would."""
         if _internal_call or self._staging:
             return super().save_model(output_dir, _internal_call)
         final = Path(output_dir or self.args.output_dir)
@@ -109,13 +122,14 @@ class AtomicCheckpoints:
         if self.args.should_save:
             remove_staging(final)
         self.accelerator.wait_for_everyone()
-        super().save_model(str(staged), _internal_call)
+        super().save_model(str(staged), _internal_call=True)  # no push from the staging directory
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            for file in sorted(staged.iterdir()):
-                os.replace(file, final / file.name)
-            shutil.rmtree(staged.parent)
+        if self.is_world_process_zero() and staged.is_dir():  # FSDP's sharded state dict saves no model here
+            move_into(staged, final)
+            shutil.rmtree(staged.parent, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self._get_output_dir(trial))
@@ -134,9 +148,13 @@ class AtomicCheckpoints:
             self.state.best_model_checkpoint = str(final)  # the Trainer recorded the staged path
             if self.args.should_save:
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        # The losses since the last log, averaged over the processes as a log averages them (a collective: every
+        # process takes part).
+        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
         if self.args.should_save:
-            loss_sum = self._loss_sum_before + self._total_loss_scalar + self._tr_loss.item()  # logged + not yet
-            write_json_whole(staged / LOSS_SUM_NAME, {"global_step": self.state.global_step, "loss_sum": loss_sum})
+            if self._loss_sum_before is not None:  # resumed from a checkpoint without the record: the sum is unknown
+                loss_sum = self._loss_sum_before + self._total_loss_scalar + pending
+                write_json_whole(staged / LOSS_SUM_NAME, {"global_step": self.state.global_step, "loss_sum": loss_sum})
             publish(staged, final)
             rotate_published(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
@@ -157,6 +175,21 @@ def loss_sum_before(checkpoint: str | os.PathLike | None) -> float | None:
     return float(record["loss_sum"])
 
 
+def move_into(staged: Path, final: Path) -> None:
+    """Move the files of the saved model ``staged`` into ``final``, one rename each. Weight files in ``final`` that
+    the new save does not have (shards of an earlier, differently sharded save) are deleted first, as
+    ``save_pretrained`` into ``final`` would have; a directory (DeepSpeed's ``global_stepN``) replaces the old one."""
+    written = {path.name for path in staged.iterdir()}
+    for old in final.iterdir():
+        if old.is_file() and old.name not in written and WEIGHT_FILE.match(old.name):
+            old.unlink()
+    for path in sorted(staged.iterdir()):
+        target = final / path.name
+        if path.is_dir() and target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+
+
 def rotate_published(run_dir: Path, save_total_limit: int | None, best_model_checkpoint: str | None) -> None:
     """Keep at most ``save_total_limit`` checkpoints in ``run_dir``, as transformers' ``rotate_checkpoints`` does: the
     oldest by modification time go first (a resume from an earlier checkpoint makes its new saves the most recent),
@@ -175,8 +208,11 @@ def rotate_published(run_dir: Path, save_total_limit: int | None, best_model_che
     trash.mkdir(exist_ok=True)
     for checkpoint in doomed:
         logger.info("deleting %s (save_total_limit %d)", checkpoint, save_total_limit)
-        os.replace(checkpoint, trash / Path(checkpoint).name)
-    shutil.rmtree(trash)
+        try:
+            os.replace(checkpoint, trash / Path(checkpoint).name)
+        except FileNotFoundError:  # another node saving into the same shared directory rotated it first
+            pass
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
