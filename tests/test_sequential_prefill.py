@@ -14,15 +14,16 @@ from .conftest import tiny_config, tiny_model
 from .numerics import FLOAT64_ATOL
 from .test_model_oracles import model64, sequential_logits
 
-ATOL = 2e-5
+ATOL = 2e-5  # float32 against float32: the same computation compiled and eager, or two attention kernels
 NUM_ENCODERS = 2
 LONG = 13  # prompt tokens: more than num_encoders + 1 = 3 iterations, so the iterative prefill is approximate
 NEW = 6
 
 
-def model_with(prefill: str = "sequential", **overrides):
+def model_with(prefill: str = "sequential", dtype: torch.dtype = torch.float32, **overrides):
     return tiny_model(
-        tiny_config(prefill=prefill, **{"num_encoders": NUM_ENCODERS, "num_trained_encoders": 1, **overrides})
+        tiny_config(prefill=prefill, **{"num_encoders": NUM_ENCODERS, "num_trained_encoders": 1, **overrides}),
+        dtype=dtype,
     )
 
 
@@ -45,8 +46,9 @@ def make_cache(kind: str, model, length: int):
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_sequential_prefill_logits_equal_token_by_token_decoding(cache_kind):
-    """Oracle: logits of a left-padded batch of different prompt lengths equal decoding one token at a time."""
-    model = model_with("sequential")
+    """Oracle (float64): the logits of a left-padded batch of prompts of different lengths equal decoding one token
+    at a time."""
+    model = model_with("sequential", torch.float64)
     ids, mask = padded_prompts(LONG)
     expected = sequential_logits(model, ids, mask)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -59,8 +61,8 @@ def test_sequential_prefill_logits_equal_token_by_token_decoding(cache_kind):
             use_cache=True,
         )
     for row, start in enumerate([0, 3, 6]):  # padded positions output nothing meaningful
-        torch.testing.assert_close(out.logits[row, start:], expected[row, start:], atol=ATOL, rtol=0)
-    iterative = model_with("iterative")
+        torch.testing.assert_close(out.logits[row, start:], expected[row, start:], atol=FLOAT64_ATOL, rtol=0)
+    iterative = model_with("iterative", torch.float64)
     with torch.no_grad():
         approx = iterative(
             ids, attention_mask=mask, position_ids=position_ids, cache=DynamicCache(config=iterative.config)
@@ -218,15 +220,16 @@ def test_prefill_token_steps_read_only_the_filled_span(interpreted_split_kv, mon
 
 
 def test_prefill_cache_then_generate_equals_generate():
-    """prefill_cache (one token embedded per step, only the last logits kept) leaves the cache generate would have."""
-    model = model_with("sequential")
+    """prefill_cache (one token embedded per step, only the last logits kept) leaves the cache generate would have;
+    its logits are the token-by-token model's (float64)."""
+    model = model_with("sequential", torch.float64)
     ids = torch.randint(3, 256, (3, LONG))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     expected = model.generate(ids, cache_implementation="static", **kwargs)
     cache = StaticCache(config=model.config, max_cache_len=LONG + NEW)
     logits = sequential_prefill.prefill_cache(model, ids[:, :-1], cache)
     assert logits.shape == (3, 1, 256) and int(cache.get_seq_length()) == LONG - 1
-    torch.testing.assert_close(logits[:, 0], sequential_logits(model, ids[:, :-1])[:, -1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[:, 0], sequential_logits(model, ids[:, :-1])[:, -1], atol=FLOAT64_ATOL, rtol=0)
     assert torch.equal(model.generate(ids, cache=cache, **kwargs), expected)
 
 
