@@ -26,6 +26,9 @@ import run_clm
 from tools.cli import UsageError
 from tools.export import export_main
 from tools.training_checkpoints import (
+    CHECKPOINT_NAME as CHECKPOINT,
+)
+from tools.training_checkpoints import (
     FINAL_MODEL_DIR,
     JIT_SENTINEL,
     STAGING_DIR,
@@ -291,6 +294,27 @@ def test_best_model_and_rotation_point_at_published_checkpoints(data, tmp_path):
     assert Path(recorded) == best
     assert set(assert_checkpoints_complete(out)) == {best.name, f"checkpoint-{MAX_STEPS}"}
     assert not (out / STAGING_DIR).exists()
+
+
+def test_the_end_of_training_retires_the_checkpoints_it_drops(data, tmp_path, monkeypatch):
+    """save_total_limit 1, the best checkpoint an early one (greater loss is better): at the end transformers deletes
+    every other checkpoint with rmtree, which a kill could leave half done; they are renamed away first instead."""
+    out = tmp_path / "out"
+    args = command(data, out)
+    args[args.index("--save_total_limit") + 1] = "1"
+    args += ["--do_eval", "--eval_strategy", "steps", "--eval_steps", str(SAVE_STEPS), "--max_eval_samples", "8"]
+    args += ["--load_best_model_at_end", "true", "--metric_for_best_model", "loss", "--greater_is_better", "true"]
+    deleted, rmtree = [], shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: deleted.append(Path(path)) or rmtree(path, *a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = run_clm.main(args)["trainer"].state
+    finally:
+        torch.set_num_threads(threads)
+    best = Path(state.best_model_checkpoint)
+    assert best.name != f"checkpoint-{MAX_STEPS}" and assert_checkpoints_complete(out) == [best.name]
+    assert not [path for path in deleted if CHECKPOINT.match(path.name)], deleted  # only staging directories
 
 
 def fake_checkpoint(path: Path, complete: bool = True) -> Path:

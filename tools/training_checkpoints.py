@@ -99,6 +99,12 @@ class AtomicCheckpoints:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _finalize_training(self, trial, num_train_samples, start_time):
+        best = self.state.best_model_checkpoint
+        if self.args.should_save and self.args.save_total_limit == 1 and best is not None:
+            # transformers' _finalize_training deletes every checkpoint but the best with rmtree; retired here first,
+            # so that a kill cannot leave one half deleted.
+            run_dir = Path(self._get_output_dir(trial))
+            retire(run_dir, [c for c in checkpoints_newest_first(run_dir) if c.resolve() != Path(best).resolve()])
         self._finalizing = True  # the train_loss that `log` sees now is the end of train()'s
         try:
             output = super()._finalize_training(trial, num_train_samples, start_time)
@@ -202,15 +208,20 @@ def rotate_published(run_dir: Path, save_total_limit: int | None, best_model_che
     protected = {checkpoints[-1]} | ({str(Path(best_model_checkpoint))} if best_model_checkpoint else set())
     surplus = len(checkpoints) - max(save_total_limit, len(protected))
     doomed = [checkpoint for checkpoint in checkpoints if checkpoint not in protected][: max(surplus, 0)]
-    if not doomed:
+    retire(run_dir, [Path(checkpoint) for checkpoint in doomed])
+
+
+def retire(run_dir: Path, checkpoints: list[Path]) -> None:
+    """Delete ``checkpoints`` of ``run_dir``: each first renamed into the staging directory, which is then deleted."""
+    if not checkpoints:
         return
     trash = run_dir / STAGING_DIR
     trash.mkdir(exist_ok=True)
-    for checkpoint in doomed:
-        logger.info("deleting %s (save_total_limit %d)", checkpoint, save_total_limit)
+    for checkpoint in checkpoints:
+        logger.info("deleting %s", checkpoint)
         try:
-            os.replace(checkpoint, trash / Path(checkpoint).name)
-        except FileNotFoundError:  # another node saving into the same shared directory rotated it first
+            os.replace(checkpoint, trash / checkpoint.name)
+        except FileNotFoundError:  # another node saving into the same shared directory retired it first
             pass
     shutil.rmtree(trash, ignore_errors=True)
 
