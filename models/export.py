@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_imports
@@ -95,6 +96,14 @@ def bundled_modules(entries: list[str], modules: dict[str, Path]) -> dict[str, P
     return bundle
 
 
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(temporary path)``, then one rename to ``path``: a reader (or a run killed meanwhile) sees the old file
+    or the new one, never part of it."""
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
 def auto_map(model_type: str) -> dict[str, str]:
     """``config.json``'s ``auto_map`` for ``model_type``: Auto class -> ``module.Class`` in the bundle."""
     return {
@@ -124,9 +133,7 @@ def bundle_code(checkpoint: str | Path) -> list[str]:
     # `getattr(transformers, config.architectures[0])`, where no remote-code class is; the Auto class named first is
     # there, and loads the bundled class through auto_map. The concrete class stays listed after it.
     fields["architectures"] = ["AutoModelForCausalLM", mapping["AutoModelForCausalLM"].split(".")[1]]
-    partial = config_path.with_name("config.json.partial")  # then one rename: a kill never leaves half a config
-    partial.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, config_path)
+    write_whole(config_path, lambda partial: partial.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n"))
     return sorted(f"{name}.py" for name in bundle)
 
 

@@ -163,7 +163,7 @@ def mask_segments(model, inputs_embeds, attention_mask, position_ids, cache, pas
             "attention_mask: a dict of prepared masks; the sequential prefill over a window-only cache layer builds "
             "each step's masks, so it takes the 2D padding mask (B, past + T) or None"
         )
-    if isinstance(attention_mask, dict) and not per_step and all(mask is not None for mask in attention_mask.values()):
+    if isinstance(attention_mask, dict) and all(mask is not None for mask in attention_mask.values()):
         for start in range(0, query_length, MASK_CHUNK):
             stop = min(start + MASK_CHUNK, query_length)
             masks = {name: mask_rows(mask, start, stop) for name, mask in attention_mask.items()}

@@ -53,6 +53,13 @@ def test_iterations_equal_the_token_by_token_model(backend, num_threads):
         assert (model(ids).logits - parallel).abs().max() > 1e-6
 
 
+def greedy_from_token_by_token_logits(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``(B, T)`` -> ``(B, T + new_tokens)``: greedy continuation from the token-by-token model's logits."""
+    for _ in range(new_tokens):
+        ids = torch.cat([ids, sequential_logits(model, ids)[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
 def test_generation_with_dynamic_and_static_cache_and_bounded_window_cache():
     model = sliding_model()
     ids = random_ids(2, 6)
@@ -70,10 +77,7 @@ def test_generation_with_dynamic_and_static_cache_and_bounded_window_cache():
     assert static.layers[0].keys.shape[-2] == WINDOW
     assert dynamic.layers[4].keys.shape[-2] == 15  # the shared target keeps everything its readers need
     # Greedy generation equals greedy decoding of the exact token-by-token logits.
-    tokens = ids
-    for _ in range(10):
-        tokens = torch.cat([tokens, sequential_logits(model, tokens)[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(by_dynamic, tokens)
+    assert torch.equal(by_dynamic, greedy_from_token_by_token_logits(model, ids, 10))
 
 
 def test_training_step_reaches_sliding_layers():
@@ -116,13 +120,6 @@ def test_sequential_prefill_with_window_only_caches():
     assert torch.equal(sequential, iterative)
 
 
-def greedy_token_by_token(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """``(1, T)`` -> ``(1, T + new_tokens)``: greedy continuation from the token-by-token model's logits."""
-    for _ in range(new_tokens):
-        ids = torch.cat([ids, sequential_logits(model, ids)[:, -1:].argmax(-1)], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("cache_implementation", ["static", "dynamic"])
 def test_sequential_prefill_of_left_padded_prompts_with_window_only_caches(cache_implementation):
     """Left-padded prompts of different lengths through the exact prefill, layers 0 and 5 reading window-only caches:
@@ -144,4 +141,4 @@ def test_sequential_prefill_of_left_padded_prompts_with_window_only_caches(cache
             cache_implementation=cache_implementation,
         )
     for row, prompt in enumerate(prompts):
-        assert torch.equal(out[row, 9:], greedy_token_by_token(model, prompt, 6)[0, prompt.shape[1] :]), row
+        assert torch.equal(out[row, 9:], greedy_from_token_by_token_logits(model, prompt, 6)[0, prompt.shape[1] :]), row

@@ -15,11 +15,11 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.generation.streamers import BaseStreamer
 
 from models.cache_streaming import SinkWindowCache
+from models.export import write_whole
 from models.fast_decode import enable_fast_decode
 from models.tensor_parallel import build_sharded, world_size
 
 from . import cli
-from .training_checkpoints import write_whole
 
 
 class StepTimer(BaseStreamer):
@@ -222,6 +222,6 @@ def load_config_for_length(path: str, total_len: int) -> PretrainedConfig:
 
 def write_json(path: Path, data: object, **dump_options) -> None:
     """``data`` as indented JSON at ``path`` (``dump_options`` go to ``json.dumps``), written whole
-    (``training_checkpoints.write_whole``): a reader (or a run stopped mid-write) sees the previous file or the new one,
+    (``models.export.write_whole``): a reader (or a run stopped mid-write) sees the previous file or the new one,
     never half of it."""
     write_whole(path, lambda partial: partial.write_text(json.dumps(data, indent=2, **dump_options) + "\n"))

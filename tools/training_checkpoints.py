@@ -28,12 +28,13 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
+
+from models.export import write_whole
 
 from .cli import UsageError, one_line
 
@@ -224,14 +225,6 @@ def retire(run_dir: Path, checkpoints: list[Path]) -> None:
         except FileNotFoundError:  # another node saving into the same shared directory retired it first
             pass
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(temporary path)``, then one rename to ``path``: a reader (or a run killed meanwhile) sees the old file
-    or the new one, never part of it."""
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
 
 
 def write_json_whole(path: Path, data: dict) -> None:
