@@ -6,12 +6,10 @@ import pytest
 import torch
 from torch._inductor import config as inductor_config
 
-from models.kernels import gemv_launch as gemv_launch_module
 from models.kernels.dependent_launch import dependent_launch, supports_dependent_launch
-from models.kernels.gemv_launch import gemv_launch
 from models.kernels.small_batch_linear import use_small_batch_linear
 
-from .test_small_batch_linear_gpu import GENERATE, KERNEL, SHAPES, TOLERANCE, captured_generation, product
+from .test_small_batch_linear_gpu import GENERATE, captured_generation
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,23 +30,3 @@ def test_captured_generation_with_dependent_launch_equals_without(name):
         assert dependent_launch(ids.device)
         assert torch.equal(model.generate(ids, **GENERATE), plain)
     torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("budget", [0, gemv_launch_module.L2_PREFETCH_BYTES, 2**40], ids=["none", "rule", "every-tile"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("features, columns", SHAPES, ids=str)
-def test_gemv_with_l2_prefetch_equals_float32_product(monkeypatch, budget, dtype, features, columns):
-    """Under dependent launch the GEMV asks the L2 for tiles ahead (clamped into the weight at ragged shapes); with
-    none, the rule's, or every tile of every program, the plain and the SiLU-gated product are still the float32
-    one's."""
-    monkeypatch.setattr(gemv_launch_module, "L2_PREFETCH_BYTES", budget)
-    x, weight, expected = product(features, columns, dtype)
-    launch = gemv_launch(1, features, columns, dtype.itemsize)
-    with inductor_config.patch({"triton.enable_pdl": True}):
-        assert dependent_launch(x.device)
-        out = KERNEL.run(x, weight, *launch)
-        gated = KERNEL.silu_gated(x, weight, *launch) if launch.block_n % 2 == 0 and features % 2 == 0 else None
-    torch.testing.assert_close(out.float(), expected, **TOLERANCE[dtype])
-    if gated is not None:
-        gate, up = expected.chunk(2, dim=-1)
-        torch.testing.assert_close(gated.float(), torch.nn.functional.silu(gate) * up, **TOLERANCE[dtype])

@@ -83,31 +83,6 @@ def test_launch_table_wins_at_one_row_only(monkeypatch):
     assert gemv_launch(2, 2048, 2048, 2) == GemvLaunch(2, 1024, 4)
 
 
-@pytest.mark.parametrize(
-    "programs, block_n, block_k, columns, expected",
-    [
-        (1024, 2, 1024, 5632, 5),  # TinyLlama's down projection: every tile after the first (4 MB each) fits
-        (1280, 2, 1024, 2048, 1),  # its fused Q/K/V: the one tile after the first
-        (8000, 4, 1024, 2048, 0),  # its LM head: one tile of every program is 64 MB, over the budget
-        (3072, 4, 1024, 4096, 1),  # Llama-2-7B's fused Q/K/V: one of three tiles (25 MB each)
-        (1024, 4, 1024, 1024, 0),  # one tile per row: nothing after it
-    ],
-)
-def test_l2_prefetch_steps(programs, block_n, block_k, columns, expected):
-    assert gemv_launch_module.L2_PREFETCH_BYTES == 32 * 2**20
-    assert gemv_launch_module.l2_prefetch_steps(programs, block_n, block_k, columns, 2) == expected
-
-
-def test_l2_prefetch_stays_within_its_budget():
-    budget = gemv_launch_module.L2_PREFETCH_BYTES
-    for programs in (1, 100, 1024, 5000, 20000):
-        for columns in (1000, 4096, 11008):
-            steps = gemv_launch_module.l2_prefetch_steps(programs, 4, 1024, columns, 2)
-            assert 0 <= steps < -(-columns // 1024) and programs * steps * 4 * 1024 * 2 <= budget
-            if steps < -(-columns // 1024) - 1:  # one tile more would exceed it
-                assert programs * (steps + 1) * 4 * 1024 * 2 > budget
-
-
 @pytest.mark.parametrize("rows, features, columns", [(1, 64, 48), (3, 100, 200), (8, 37, 513), (5, 256, 1024)])
 def test_kernel_equals_float64_product(gemv, rows, features, columns):
     x, weight = torch.randn(rows, columns), torch.randn(features, columns)

@@ -15,13 +15,6 @@ BLOCK_K = 1024
 WIDE_FEATURES = 4096  # from this many out features, blocks of 4 (else 2)
 
 
-# Under dependent launch each program asks the L2 for weight tiles beyond its first before it waits (triton_gemv.py):
-# one hint per 32-byte sector (the unit the L2 fills from memory), and all programs together for at most
-# L2_PREFETCH_BYTES, about half an H100's / H200's 50-60 MB of L2, so a prefetched line is read before it is evicted.
-L2_SECTOR_BYTES = 32
-L2_PREFETCH_BYTES = 32 * 2**20
-
-
 class GemvLaunch(NamedTuple):
     """The ints ``small_batch_gemv`` takes after the tensors, in its argument order."""
 
@@ -45,11 +38,3 @@ def gemv_launch(rows: int, out_features: int, in_features: int, value_bytes: int
     block_k = min(BLOCK_K, max(16, 1 << (in_features - 1).bit_length()))
     wide = out_features >= WIDE_FEATURES
     return GemvLaunch(block_n=4 if wide else 2, block_k=block_k, num_warps=2 if wide else 4)
-
-
-def l2_prefetch_steps(programs: int, block_n: int, block_k: int, in_features: int, value_bytes: int) -> int:
-    """How many weight tiles after its first each of ``programs`` GEMV programs (``block_n`` rows by ``block_k``
-    columns of ``value_bytes`` values, over ``in_features`` columns) asks the L2 for before it waits: as many as the
-    row has, while all programs' tiles together stay within ``L2_PREFETCH_BYTES``."""
-    steps = -(-in_features // block_k)
-    return max(0, min(steps - 1, L2_PREFETCH_BYTES // (programs * block_n * block_k * value_bytes)))

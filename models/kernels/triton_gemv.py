@@ -11,11 +11,7 @@ programs, several per multiprocessor at the launches ``small_batch_linear.gemv_l
 float32 over each program's ``BLOCK_K`` columns and are summed once at the end.
 
 Under programmatic dependent launch (``dependent_launch.py``) a program reads its first weight tile before it waits for
-the previous kernel's output (its input row), and asks the L2 for its next ``PREFETCH_STEPS`` tiles
-(``prefetch.global.L2`` per 32-byte sector: a hint that writes no register and is not waited for), so their bytes
-stream in while the previous kernel finishes; the weights never depend on it. ``gemv_launch.l2_prefetch_steps``
-bounds what all programs ask for, so prefetched lines are read before they are evicted. Without dependent launch,
-the plain loop.
+the previous kernel's output (its input row): the weights never depend on it. Without it, the plain loop.
 
 The gated variant (``small_batch_silu_gated_gemv``) multiplies a fused gate/up weight ``(2I, K)`` (gate rows, then up
 rows) and writes ``silu(gate) * up`` ``(M, I)``: each program reads gate row ``j`` next to up row ``j`` (its
@@ -35,15 +31,6 @@ if is_triton_available():
     import triton.language as tl
 
 from .dependent_launch import dependent_launch
-from .gemv_launch import L2_SECTOR_BYTES, l2_prefetch_steps
-
-
-@triton.jit
-def _prefetch_l2(pointers):
-    """Ask the L2 for the sector at each of ``pointers`` (valid addresses): a hint, nothing to wait for."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pointers], dtype=tl.int32, is_pure=False, pack=1
-    )
 
 
 @triton.jit
@@ -61,8 +48,6 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     SILU_GATED: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH_STEPS: tl.constexpr,
-    SECTOR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = pid % M
@@ -79,11 +64,6 @@ def _gemv_kernel(
     x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + columns
     if PDL:  # the first step peeled: its weight tile is read before the wait for the input (the previous kernel's)
         w = tl.load(w_ptrs, mask=row_ok[:, None] & (columns < K)[None, :], other=0.0)
-        # ... and the next tiles are asked of the L2, one hint per SECTOR values, clamped into the weight
-        sectors = tl.arange(0, BLOCK_K // SECTOR) * SECTOR
-        valid_rows = tl.where(row_ok, rows, 0).to(tl.int64) * stride_wn
-        for step in tl.static_range(1, PREFETCH_STEPS + 1):
-            _prefetch_l2(w_ptr + valid_rows[:, None] + tl.minimum(step * BLOCK_K + sectors, K - 1)[None, :])
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptrs, mask=columns < K, other=0.0)
@@ -120,10 +100,8 @@ def launch_gemv(
     rows, columns = x.shape
     out = x.new_empty((rows, outputs))
     pdl = dependent_launch(x.device)
-    programs = rows * triton.cdiv(weight.shape[0], block_n)
-    prefetch = l2_prefetch_steps(programs, block_n, block_k, columns, weight.element_size()) if pdl else 0
     with on_device_of(x):
-        _gemv_kernel[(programs,)](
+        _gemv_kernel[(rows * triton.cdiv(weight.shape[0], block_n),)](
             x,
             weight,
             out,
@@ -137,8 +115,6 @@ def launch_gemv(
             BLOCK_K=block_k,
             SILU_GATED=silu_gated,
             PDL=pdl,
-            PREFETCH_STEPS=prefetch,
-            SECTOR=max(1, L2_SECTOR_BYTES // weight.element_size()),
             num_warps=num_warps,
             launch_pdl=pdl,
         )
