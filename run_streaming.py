@@ -27,6 +27,7 @@ from pathlib import Path
 import transformers
 
 from models.cache_streaming import SinkWindowCache
+from models.export import write_json
 from tools.cli import (
     ArgumentParser,
     UsageError,
@@ -52,7 +53,7 @@ from tools.generation import (
     read_prompt,
     streams_tokens,
 )
-from tools.measure import cache_tokens, measure_stream, write_json
+from tools.measure import cache_tokens, measure_stream
 
 # Flags of one mode: given with the other they would be parsed and ignored, so they are an error there.
 MODE_ONLY = {

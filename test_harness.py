@@ -17,10 +17,10 @@ import torch
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.export import write_json
 from tools import cli as shared  # its import of models registers opt-llama with the Auto classes
 from tools.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_choices, check_range, run_cli, set_sequential
 from tools.generation import instantiate
-from tools.measure import write_json
 from tools.task_names import check_task_names, local_task_names
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"

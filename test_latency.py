@@ -34,6 +34,7 @@ from models import (  # import models registers opt-llama and both decoding atte
     OptLlamaConfig,
 )
 from models.chunked_prefill import prefill_in_chunks
+from models.export import write_json
 from models.prefill_modes import choose_prefill, prefill_seconds
 from models.roofline import (
     Hardware,
@@ -74,14 +75,7 @@ from tools.latency import (
     step_roofline_ms,
     weight_bytes,
 )
-from tools.measure import (
-    CompiledStepTimer,
-    StepTimer,
-    baseline_name,
-    load_config_for_length,
-    synchronize,
-    write_json,
-)
+from tools.measure import CompiledStepTimer, StepTimer, baseline_name, load_config_for_length, synchronize
 
 
 def plan(

@@ -17,9 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from models.export import write_json
 from tools import cli as shared  # its import of models registers opt-llama
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import baseline_name, write_json
+from tools.measure import baseline_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

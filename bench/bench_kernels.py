@@ -21,10 +21,11 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from models import OptLlamaConfig
+from models.export import write_json
 from models.kernels import FLAGS, KernelSelection
 from tools import cli as shared
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import synchronize, write_json
+from tools.measure import synchronize
 
 
 def parse_args(argv=None) -> argparse.Namespace:

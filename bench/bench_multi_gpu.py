@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from models.export import write_json
 from tools import cli as shared  # its import of models registers opt-llama
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import synchronize, write_json
+from tools.measure import synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"

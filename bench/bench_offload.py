@@ -15,9 +15,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from models.export import write_json
 from tools import cli as shared  # its import of models registers opt-llama
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import StepTimer, write_json
+from tools.measure import StepTimer
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -23,9 +23,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from corpus import prepare_corpus
 from models import OptLlamaConfig
 from models.cache_streaming import SinkWindowCache
+from models.export import write_json
 from tools import cli as shared
 from tools.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_range, run_cli
-from tools.measure import measure_stream, write_json
+from tools.measure import measure_stream
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from models.export import write_json
 from tools import cli as shared  # its import of models registers opt-llama
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import write_json
 
 PAIRS = {"dynamic": "offloaded", "static": "offloaded_static"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

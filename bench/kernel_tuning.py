@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from models.export import write_json
 from models.kernels.decode_attention import processors
 from tools.cli import load_config, parse_size
-from tools.measure import write_json
 
 CPU_TIMED_CALLS = 2  # the interpreter is slow: a warm-up call and two timed ones
 GRAPH_CALLS = 64  # at most this many kernel calls per captured graph on CUDA (the graph's launch amortised)...

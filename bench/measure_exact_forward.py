@@ -34,8 +34,9 @@ import torch
 
 import models  # noqa: F401  (registers opt-llama and the attention backends)
 from models import sequential_prefill
+from models.export import write_json
 from tools.cli import run_cli
-from tools.measure import build_random_model, load_config_for_length, synchronize, write_json
+from tools.measure import build_random_model, load_config_for_length, synchronize
 
 # variant -> (config.sequential_forward, what the forward runs under)
 VARIANTS: dict[str, tuple[bool, Callable[[], AbstractContextManager]]] = {

@@ -37,9 +37,10 @@ import models  # noqa: F401  (registers opt-llama and the attention backends)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
 from models import SPLIT_KV
 from models.chunked_prefill import set_cached_length
+from models.export import write_json
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
 from tools.cli import add_decode_kernel_options, parse_int_list, parse_size, run_cli
-from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize, write_json
+from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
 
 LOOPS = ("fast", "transformers")
 SMOKE_CONFIGS = ["configs/llama_tiny.json", "configs/llama_tiny_opt.json"]

@@ -23,9 +23,10 @@ from transformers import StaticCache
 
 import models  # noqa: F401  (registers opt-llama and the attention backends)
 from bench.profile_decode import compile_config  # generate's own on CUDA; dynamo's eager backend on a CPU
+from models.export import write_json
 from models.fast_decode import CHECKED_STEPS, DEFAULT_STOP_CHECK_INTERVAL
 from tools.cli import run_cli
-from tools.measure import build_random_model, load_config_for_length, synchronize, write_json
+from tools.measure import build_random_model, load_config_for_length, synchronize
 
 SETTINGS = {"checked": False, "skipped": True}  # name -> generation_config.skip_guard_checks
 

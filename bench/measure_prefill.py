@@ -53,13 +53,14 @@ from transformers.cache_utils import DynamicCache
 
 from models import sequential_prefill
 from models.config_loading import llama_twin
+from models.export import write_json
 from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
 from models.kernels.flags import FLASH_ATTN
 from models.masks import lckv_masks
 from models.roofline import full_layer_runs, iterative_prefill_cost, model_shape, parallel_prefill_cost, token_step_cost
 from tools import latency
 from tools.cli import ArgumentParser, check_output_dir, run_cli
-from tools.measure import load_config_for_length, profiler_activities, synchronize, write_json
+from tools.measure import load_config_for_length, profiler_activities, synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 TINYLLAMA, LLAMA33B, TINY = "configs/tinyllama_opt.json", "configs/llama33b_opt.json", "configs/test_tiny_opt.json"

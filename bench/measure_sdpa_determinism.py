@@ -26,9 +26,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from bench.kernel_tuning import time_ms, tuning_device
+from models.export import write_json
 from tools import cli as shared
 from tools.cli import ArgumentParser, check_output_dir, check_range, one_line, run_cli
-from tools.measure import write_json
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from bench.kernel_tuning import input_copies, time_ms, tuning_device
+from models.export import write_json
 from models.kernels.decode_attention import load_split_kv_kernel, split_kv_decode_attention
 from tools import cli as shared
 from tools.cli import ArgumentParser, check_output_dir, check_range, run_cli
-from tools.measure import write_json
 
 HIGHEST_PRIORITY = -(2**10)  # CUDA maps a priority past its range to the range's end: here the highest
 SMOKE = dict(rows=4, context=24, layers=2)  # --smoke: a tiny pair through the same code (Triton's interpreter)

@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.transformers_server import transformers_server  # noqa: E402
-from models.export import export_checkpoint  # noqa: E402
+from models.export import export_checkpoint, write_json  # noqa: E402
 from tools.cli import ArgumentParser, check_choices, parse_int_list, run_cli  # noqa: E402
-from tools.measure import load_config_for_length, write_json  # noqa: E402
+from tools.measure import load_config_for_length  # noqa: E402
 
 PARTS = ("serve", "static")
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]

@@ -40,6 +40,7 @@ import torch
 
 import models  # noqa: F401  (loads the decode kernel where it can run)
 from bench.kernel_tuning import apply_table, input_copies, time_ms
+from models.export import write_json
 from models.kernels import decode_attention, decode_launch
 from models.kernels.decode_launch import (
     DEFAULT,
@@ -53,7 +54,6 @@ from models.kernels.decode_launch import (
 )
 from models.roofline import device_hardware
 from tools.cli import ArgumentParser, UsageError, check_output_dir, check_range, parse_int_list, parse_size, run_cli
-from tools.measure import write_json
 
 
 class Attention(NamedTuple):

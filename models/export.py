@@ -104,6 +104,13 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(partial, path)
 
 
+def write_json(path: Path, data: object, **dump_options) -> None:
+    """``data`` as JSON at ``path``, indented by 2 unless ``dump_options`` (for ``json.dumps``) say otherwise, with a
+    final newline, written whole (``write_whole``)."""
+    text = json.dumps(data, **{"indent": 2} | dump_options) + "\n"
+    write_whole(path, lambda partial: partial.write_text(text))
+
+
 def auto_map(model_type: str) -> dict[str, str]:
     """``config.json``'s ``auto_map`` for ``model_type``: Auto class -> ``module.Class`` in the bundle."""
     return {
@@ -133,7 +140,7 @@ def bundle_code(checkpoint: str | Path) -> list[str]:
     # `getattr(transformers, config.architectures[0])`, where no remote-code class is; the Auto class named first is
     # there, and loads the bundled class through auto_map. The concrete class stays listed after it.
     fields["architectures"] = ["AutoModelForCausalLM", mapping["AutoModelForCausalLM"].split(".")[1]]
-    write_whole(config_path, lambda partial: partial.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n"))
+    write_json(config_path, fields, sort_keys=True)
     return sorted(f"{name}.py" for name in bundle)
 
 

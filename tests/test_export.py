@@ -17,7 +17,7 @@ from transformers.dynamic_module_utils import get_imports
 
 import run_clm
 from corpus import prepare_corpus
-from models.export import bundled_modules, export_checkpoint, flat_modules
+from models.export import bundled_modules, export_checkpoint, flat_modules, write_json
 from tests.conftest import REPO, tiny_config, tiny_lckv_llama_config, tiny_model
 from tools.export import main
 
@@ -225,3 +225,16 @@ def test_run_clm_bundle_code_writes_the_self_contained_form(tmp_path, monkeypatc
         )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and "--bundle_code: model_type 'llama'" in err
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    """Indented by 2 with a final newline unless told otherwise; data that does not serialize leaves the previous file
+    as it was and no temporary file behind."""
+    path = tmp_path / "out.json"
+    write_json(path, {"b": 1, "a": [2]})
+    assert path.read_text() == '{\n  "b": 1,\n  "a": [\n    2\n  ]\n}\n'
+    write_json(path, {"b": 1, "a": 2}, indent=4, sort_keys=True)
+    assert path.read_text() == '{\n    "a": 2,\n    "b": 1\n}\n'
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 2, "b": 1} and [p.name for p in tmp_path.iterdir()] == ["out.json"]

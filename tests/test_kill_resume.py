@@ -391,6 +391,40 @@ def test_train_loss_of_a_resumed_run_covers_every_step(data, tmp_path):
     assert per_call != pytest.approx(expected, rel=1e-3) and not (plain / "checkpoint-8" / "loss_sum.json").exists()
 
 
+def test_a_checkpoint_saved_inside_a_step_records_the_finished_steps_only(data, tmp_path, monkeypatch):
+    """transformers' JIT checkpoint (``--enable_jit_checkpoint``, on SIGTERM) may save before the optimizer step, when
+    the step's micro-batch losses are already summed: checkpoint-4 saved inside step 5 records steps 1-4 only, and
+    the run resumed from it (which trains step 5 again) reports the uninterrupted run's train_loss."""
+    from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = base_args("opt-llama", whole) + local_args(*data) + ["--do_train", "--max_steps", "8", "--save_steps", "100"]
+    args += ["--gradient_accumulation_steps", "2", "--logging_steps", "3", "--lr_scheduler_type", "constant"]
+    args += ["--enable_jit_checkpoint", "true"]
+    before_optimizer_step, requests = JITCheckpointCallback.on_pre_optimizer_step, []
+
+    def request_inside_step_5(self, args, state, control, **kwargs):  # SIGTERM's request, at a chosen moment
+        if state.global_step == 4 and not requests:
+            requests.append(state.global_step)
+            self.jit_manager.is_checkpoint_requested = True
+        return before_optimizer_step(self, args, state, control, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = run_clm.main(args)["train"]["train_loss"]
+        args[args.index("--output_dir") + 1] = str(cut)
+        with monkeypatch.context() as patch:
+            patch.setattr(JITCheckpointCallback, "on_pre_optimizer_step", request_inside_step_5)
+            run_clm.main(args)
+        assert requests == [4] and assert_checkpoints_complete(cut) == ["checkpoint-4"]  # only the JIT save
+        assert json.loads((cut / "checkpoint-4" / "loss_sum.json").read_text())["global_step"] == 4
+        got = run_clm.main(args)["train"]["train_loss"]
+    finally:
+        torch.set_num_threads(threads)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
 def test_the_final_model_replaces_an_earlier_one_whole(tmp_path):
     """move_into: the new files in, an earlier save's weight shards that the new one does not write out."""
     staged, final = tmp_path / "staged", tmp_path / "final"

@@ -2,11 +2,9 @@
 benchmarks decode with, KV bytes a cache holds, streaming perplexity, the baseline of ratios, configs sized for a
 length."""
 
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -15,7 +13,6 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.generation.streamers import BaseStreamer
 
 from models.cache_streaming import SinkWindowCache
-from models.export import write_whole
 from models.fast_decode import enable_fast_decode
 from models.tensor_parallel import build_sharded, world_size
 
@@ -218,10 +215,3 @@ def load_config_for_length(path: str, total_len: int) -> PretrainedConfig:
     config = cli.load_config("--configs", path)
     config.max_position_embeddings = max(config.max_position_embeddings, total_len)
     return config
-
-
-def write_json(path: Path, data: object, **dump_options) -> None:
-    """``data`` as indented JSON at ``path`` (``dump_options`` go to ``json.dumps``), written whole
-    (``models.export.write_whole``): a reader (or a run stopped mid-write) sees the previous file or the new one,
-    never half of it."""
-    write_whole(path, lambda partial: partial.write_text(json.dumps(data, indent=2, **dump_options) + "\n"))

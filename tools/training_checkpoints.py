@@ -13,7 +13,9 @@ directory with only the first files, and ``get_last_checkpoint`` picks it by its
   finish (``python -m tools.export`` refuses such a directory; the next run of the same command saves it again).
 * Each checkpoint records the sum of the per-step training losses up to its step (``loss_sum.json``), so the
   ``train_loss`` of a resumed run averages every step since the first, as an uninterrupted run's does (transformers
-  averages over the steps of the current ``train()`` call only).
+  averages over the steps of the current ``train()`` call only). A checkpoint saved inside a step (transformers' JIT
+  checkpoint saves before the optimizer step, the step's micro-batch losses already summed) records the finished
+  steps only: the resumed run trains that step again.
 * ``choose_resume_checkpoint`` picks the newest *complete* checkpoint (``trainer_state.json`` written, no
   transformers JIT-checkpoint sentinel), skipping and naming incomplete ones (left by a plain Trainer or an older
   version of this code), and checks an explicit ``--resume_from_checkpoint`` before any heavy work.
@@ -30,11 +32,12 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
-from models.export import write_whole
+from models.export import write_json, write_whole
 
 from .cli import UsageError, one_line
 
@@ -46,6 +49,7 @@ LOSS_SUM_NAME = "loss_sum.json"  # in a checkpoint: {"global_step": N, "loss_sum
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # what get_last_checkpoint accepts
 # Weight files save_pretrained writes (whole, sharded, their index; safetensors or torch).
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+RESULTS_JSON = {"indent": 4, "sort_keys": True}  # the format of transformers' own {split}_results.json
 JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' JIT checkpoint keeps it in checkpoint-N until it is saved
 
 
@@ -65,6 +69,12 @@ class AtomicCheckpoints:
     _staging = False
     _finalizing = False
     _loss_sum_before: float | None = 0.0  # the per-step losses before this train() call, summed; None: not known
+    # The Trainer's running loss (``_tr_loss``) when the step in progress began; None between steps (StepLossMark).
+    _loss_at_step_begin = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(StepLossMark(self))
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -81,10 +91,10 @@ class AtomicCheckpoints:
         if not self.is_world_process_zero():
             return
         output_dir = Path(self.args.output_dir)
-        write_json_whole(output_dir / f"{split}_results.json", metrics)
+        write_json(output_dir / f"{split}_results.json", metrics, **RESULTS_JSON)
         if combined:
             combined_path = output_dir / "all_results.json"
-            write_json_whole(combined_path, read_json_or_empty(combined_path) | metrics)
+            write_json(combined_path, read_json_or_empty(combined_path) | metrics, **RESULTS_JSON)
 
     def save_state(self) -> None:
         """``trainer_state.json`` of the output directory, written whole or not at all."""
@@ -97,6 +107,7 @@ class AtomicCheckpoints:
         if resume_from_checkpoint is True:  # the Trainer's own spelling of "the last checkpoint of output_dir"
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self._loss_sum_before = loss_sum_before(resume_from_checkpoint or None)
+        self._loss_at_step_begin = None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _finalize_training(self, trial, num_train_samples, start_time):
@@ -155,18 +166,34 @@ class AtomicCheckpoints:
             self.state.best_model_checkpoint = str(final)  # the Trainer recorded the staged path
             if self.args.should_save:
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-        # The losses since the last log, averaged over the processes as a log averages them (a collective: every
-        # process takes part).
-        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        # The losses of the finished steps since the last log, averaged over the processes as a log averages them (a
+        # collective: every process takes part).
+        finished = self._tr_loss if self._loss_at_step_begin is None else self._loss_at_step_begin
+        pending = nested_gather(finished, self.args.parallel_mode).mean().item()
         if self.args.should_save:
             if self._loss_sum_before is not None:  # resumed from a checkpoint without the record: the sum is unknown
                 loss_sum = self._loss_sum_before + self._total_loss_scalar + pending
-                write_json_whole(staged / LOSS_SUM_NAME, {"global_step": self.state.global_step, "loss_sum": loss_sum})
+                write_json(staged / LOSS_SUM_NAME, {"global_step": self.state.global_step, "loss_sum": loss_sum})
             publish(staged, final)
             rotate_published(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(str(final))
+
+
+class StepLossMark(TrainerCallback):
+    """Keeps ``trainer._loss_at_step_begin``: the running loss as the step in progress began (a device copy, no host
+    sync), None once it ended. The Trainer adds each micro-batch's loss as it goes, so a checkpoint saved inside a step
+    takes the losses up to this mark."""
+
+    def __init__(self, trainer: AtomicCheckpoints):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._loss_at_step_begin = self.trainer._tr_loss.detach().clone()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._loss_at_step_begin = None
 
 
 def loss_sum_before(checkpoint: str | os.PathLike | None) -> float | None:
@@ -225,11 +252,6 @@ def retire(run_dir: Path, checkpoints: list[Path]) -> None:
         except FileNotFoundError:  # another node saving into the same shared directory retired it first
             pass
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def write_json_whole(path: Path, data: dict) -> None:
-    """``data`` as indented JSON at ``path``, written whole (``write_whole``)."""
-    write_whole(path, lambda partial: partial.write_text(json.dumps(data, indent=4, sort_keys=True)))
 
 
 def read_json_or_empty(path: Path) -> dict:
