@@ -673,12 +673,15 @@ def measure(argv: list[str] | None = None) -> dict:
         vs_roofline = (
             f" ({r['max_batch_e2e_vs_roofline']:.2f} of the roofline)" if r["max_batch_e2e_vs_roofline"] else ""
         )
+        batch1 = (  # only where batch 1 was run
+            f", batch-1 step {r['batch1_step_ms']:.3f} ms vs roofline {r['batch1_roofline_ms']:.3f} ms"
+            if r["batch1_step_ms"]
+            else ""
+        )
         print(
             f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s{vs_roofline}, "
             f"first steps {r['max_batch_throughput']:.1f} tok/s "
-            f"(decode {r['max_batch_decode_throughput']:.1f}), "
-            f"batch-1 step {r['batch1_step_ms'] or float('nan'):.3f} ms "
-            f"vs roofline {r['batch1_roofline_ms']:.3f} ms"
+            f"(decode {r['max_batch_decode_throughput']:.1f}){batch1}"
         )
     print(json.dumps(out["ratios"], indent=2))
     print(f"written: {out_dir / 'latency.json'}, {out_dir / 'throughput.png'}")
