@@ -37,6 +37,7 @@ from transformers import CompileConfig, StaticCache
 import models  # noqa: F401  (registers opt-llama and the attention backends)
 from models import PACKED_SDPA, SPLIT_KV
 from models.chunked_prefill import prefill_in_chunks, set_cached_length
+from models.export import write_json
 from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import load_split_kv_kernel, split_kv_sdpa_attention
 from models.sequential_prefill import prefill_cache
@@ -48,7 +49,6 @@ from tools.measure import (
     load_config_for_length,
     profiler_activities,
     synchronize,
-    write_json,
 )
 
 # Host calls that wait for the GPU (or copy a scalar back): each one empties the queue between steps.
