@@ -1,5 +1,6 @@
 """The output conventions clients of transformers models rely on, checked on opt-llama: hidden states, attentions,
-tuples, and one-line errors for inputs the model cannot embed."""
+tuples, and one-line errors for inputs the model cannot embed. Tensors are compared in float64 at ``FLOAT64_ATOL``
+(the computation, not one machine's float32 rounding)."""
 
 import pytest
 import torch
@@ -9,17 +10,19 @@ from transformers import LlamaForCausalLM
 from models.config_loading import llama_twin
 
 from .conftest import tiny_config, tiny_model
-from .test_model_oracles import random_ids
+from .numerics import FLOAT64_ATOL
+from .test_model_oracles import llama_in_float64, model64, random_ids
 
 LCKV = dict(layer_types="0_1_1_1_2_0")
 
 
-def test_hidden_states_and_attentions_equal_llama_when_every_layer_is_standard():
+def test_hidden_states_and_attentions_equal_llama_when_every_layer_is_standard(monkeypatch):
     config = tiny_config(layer_types="0_0_0_0_0_0")
-    ours = tiny_model(config, "eager")
+    ours = model64(config, "eager")
     llama = LlamaForCausalLM(llama_twin(config)).eval()
     llama.config._attn_implementation = "eager"
     llama.load_state_dict(ours.state_dict())
+    llama = llama_in_float64(llama, monkeypatch)
     ids = random_ids(2, 9)
     with torch.no_grad():
         expected = llama(ids, output_hidden_states=True, output_attentions=True)
@@ -27,16 +30,16 @@ def test_hidden_states_and_attentions_equal_llama_when_every_layer_is_standard()
     assert len(actual.hidden_states) == config.num_hidden_layers + 1
     assert len(actual.attentions) == config.num_hidden_layers
     for mine, theirs in zip(actual.hidden_states, expected.hidden_states, strict=True):
-        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=0)
+        torch.testing.assert_close(mine, theirs, atol=FLOAT64_ATOL, rtol=0)
     for mine, theirs in zip(actual.attentions, expected.attentions, strict=True):
-        torch.testing.assert_close(mine, theirs, atol=2e-6, rtol=0)
+        torch.testing.assert_close(mine, theirs, atol=FLOAT64_ATOL, rtol=0)
 
 
 def test_lckv_hidden_states_are_each_layers_final_output():
     """Iterations call the block's layers several times: each layer is reported once, with its final output, and the
     last hidden state is the normed output (as for Llama). With enough iterations that output is exact, so the
     token-by-token forward reports the same tensors."""
-    model = tiny_model(tiny_config(**LCKV, num_encoders=12), "eager")
+    model = model64(tiny_config(**LCKV, num_encoders=12), "eager")
     ids = random_ids(2, 7)
     with torch.no_grad():
         iterative = model(ids, output_hidden_states=True)
@@ -47,9 +50,9 @@ def test_lckv_hidden_states_are_each_layers_final_output():
     for out in (iterative, sequential):
         assert len(out.hidden_states) == model.config.num_hidden_layers + 1
         torch.testing.assert_close(out.hidden_states[0], model.model.embed_tokens(ids))
-        torch.testing.assert_close(out.hidden_states[-1], last, atol=2e-5, rtol=0)
+        torch.testing.assert_close(out.hidden_states[-1], last, atol=FLOAT64_ATOL, rtol=0)
     for mine, theirs in zip(sequential.hidden_states, iterative.hidden_states, strict=True):
-        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=0)
+        torch.testing.assert_close(mine, theirs, atol=FLOAT64_ATOL, rtol=0)
 
 
 def test_strict_layers_report_zero_attention_for_queries_that_see_nothing():
