@@ -40,6 +40,8 @@ def read_config(
         config_dict, _ = PretrainedConfig.get_config_dict(str(local) if local.exists() else source, cache_dir=cache_dir)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{flag}: cannot read a config from {source} ({one_line(error)})") from None
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{flag}: {source}: a JSON {type(config_dict).__name__}; allowed is a JSON object of fields")
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(
@@ -59,7 +61,7 @@ def read_config(
     try:
         check_shape_fields(config_dict)
         return config_class.from_dict(config_dict)
-    except (ValueError, TypeError, StrictDataclassError) as error:  # the config's own validation of its fields
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as error:  # the config's validation (rope: KeyError)
         raise ValueError(f"{flag}: {source}: invalid config: {one_line(error)}") from None
 
 

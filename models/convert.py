@@ -11,13 +11,11 @@ express is a one-line error and nothing is written:
 * the published ``opt-llama`` layout string has one target read from below and no sliding windows.
 """
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from .config_loading import as_opt_llama, read_config
 from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
+from .export import STAGING_DIR, check_paths, write_json, write_staged
 from .layer_layouts import published_layout
 
 FORMATS = {"opt-llama": OptLlamaConfig, "lckv-llama": LckvLlamaConfig}
@@ -86,20 +84,14 @@ def converted_config(config: OptLlamaConfig, to: str) -> OptLlamaConfig:
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> None:
-    """Write ``source`` in format ``to`` to ``destination`` (which must not exist); nothing is left behind on error."""
+    """Write ``source`` in format ``to`` to ``destination`` (which must not exist); nothing is left behind on error.
+    The paths are checked as ``export.check_paths`` does; a training run's staging directory is not copied."""
     source, destination = Path(source), Path(destination)
-    if not source.is_dir():
-        raise ValueError(
-            f"SRC: {source} {'is a file' if source.exists() else 'does not exist'}; allowed is a checkpoint directory"
-        )
-    if not (source / "config.json").is_file():
-        raise ValueError(f"SRC: {source} has no config.json; allowed is a checkpoint directory")
-    if destination.exists():
-        raise ValueError(f"DST: {destination} exists; allowed is a new path")
+    check_paths(source, destination)
     config = converted_config(as_opt_llama(read_config("SRC", str(source))), to)  # a Llama is every layer standard
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
-        staged = Path(staging) / "checkpoint"
-        shutil.copytree(source, staged, ignore=shutil.ignore_patterns("config.json"))
-        (staged / "config.json").write_text(json.dumps(config.original_format(), indent=2, sort_keys=True) + "\n")
-        staged.rename(destination)
+    write_staged(
+        source,
+        destination,
+        ("config.json", STAGING_DIR),
+        lambda staged: write_json(staged / "config.json", config.original_format(), sort_keys=True),
+    )

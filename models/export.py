@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from transformers.dynamic_module_utils import get_relative_imports
 
@@ -35,6 +36,7 @@ from .configuration_opt_llama import LckvLlamaConfig, OptLlamaConfig
 from .modeling_opt_llama import LckvLlamaForCausalLM, LckvLlamaModel, OptLlamaForCausalLM, OptLlamaModel
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+T = TypeVar("T")
 # Per model_type, the classes each Auto class loads from the bundled code.
 AUTO_CLASSES = {
     config.model_type: {"AutoConfig": config, "AutoModel": model, "AutoModelForCausalLM": causal_lm}
@@ -43,9 +45,11 @@ AUTO_CLASSES = {
         (LckvLlamaConfig, LckvLlamaModel, LckvLlamaForCausalLM),
     )
 }
+# Where run_clm.py stages a checkpoint or the final model until it is whole (tools/training_checkpoints.py); a leading
+# "_": the Trainer's hub upload of the output directory skips it.
+STAGING_DIR = "_checkpoint-in-progress"
 # Trainer state a checkpoint-NNN directory holds beside the model: not part of a model to share.
 TRAINING_STATE = (
-    "*.py",
     "optimizer.pt",
     "scheduler.pt",
     "rng_state*.pth",
@@ -53,7 +57,7 @@ TRAINING_STATE = (
     "training_args.bin",
     "global_step*",
     "checkpoint-*",  # run_clm's output directory: the Trainer's checkpoints and the staging directory beside the model
-    "_checkpoint-in-progress",
+    STAGING_DIR,
 )
 
 
@@ -100,8 +104,11 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     """``write(temporary path)``, then one rename to ``path``: a reader (or a run killed meanwhile) sees the old file
     or the new one, never part of it."""
     partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # a write that failed leaves no temporary file
 
 
 def write_json(path: Path, data: object, **dump_options) -> None:
@@ -144,27 +151,51 @@ def bundle_code(checkpoint: str | Path) -> list[str]:
     return sorted(f"{name}.py" for name in bundle)
 
 
-def export_checkpoint(source: str | Path, destination: str | Path) -> list[str]:
-    """Write ``source`` with its code bundled to ``destination`` (which must not exist); nothing is left on error.
-
-    A one-line ValueError naming ``SRC`` or ``DST`` for a missing source, an existing destination or a model type
-    without LCKV code.
-    """
-    source, destination = Path(source), Path(destination)
+def check_paths(source: Path, destination: Path) -> None:
+    """One-line ValueErrors naming ``SRC`` or ``DST``: the source is not a checkpoint directory, or the destination
+    exists, lies inside the source (a copy of the source would copy itself) or under a file."""
+    if not source.is_dir():
+        raise ValueError(
+            f"SRC: {source} {'is a file' if source.exists() else 'does not exist'}; allowed is a checkpoint directory"
+        )
     if not (source / "config.json").is_file():
         raise ValueError(f"SRC: {source} has no config.json; allowed is a checkpoint directory")
     if destination.exists():
         raise ValueError(f"DST: {destination} exists; allowed is a new path")
+    if destination.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"DST: {destination} is inside SRC {source}; allowed is a path outside it")
+    existing = next(parent for parent in destination.resolve().parents if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"DST: {existing} is a file; allowed is a path under a directory")
+
+
+def write_staged(source: Path, destination: Path, ignore: tuple[str, ...], finish: Callable[[Path], T]) -> T:
+    """Copy ``source`` (without the names matching ``ignore``) into a staging directory beside ``destination``, run
+    ``finish`` on the copy, then rename it to ``destination``: nothing is left there on error. Returns ``finish``'s
+    result."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
+        staged = Path(staging) / "checkpoint"
+        shutil.copytree(source, staged, ignore=shutil.ignore_patterns(*ignore))
+        result = finish(staged)
+        staged.rename(destination)
+    return result
+
+
+def export_checkpoint(source: str | Path, destination: str | Path) -> list[str]:
+    """Write ``source`` with its code bundled to ``destination`` (which must not exist); nothing is left on error.
+
+    A one-line ValueError naming ``SRC`` or ``DST`` for a bad path (``check_paths``) or a model type without LCKV
+    code. Training state is left out; other files (weights, tokenizer and its code, generation config) are copied,
+    the bundle's own modules written anew.
+    """
+    source, destination = Path(source), Path(destination)
+    check_paths(source, destination)
     config = read_config("SRC", str(source))
     if config.model_type not in AUTO_CLASSES:
         raise ValueError(
             f"SRC: {source}: model_type {config.model_type!r}; allowed are {', '.join(AUTO_CLASSES)} "
             "(other model types load without this repository already)"
         )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
-        staged = Path(staging) / "checkpoint"
-        shutil.copytree(source, staged, ignore=shutil.ignore_patterns(*TRAINING_STATE))
-        files = bundle_code(staged)
-        staged.rename(destination)
-    return files
+    stale_bundle = tuple(f"{name}.py" for name in flat_modules())  # an earlier export's copies
+    return write_staged(source, destination, TRAINING_STATE + stale_bundle, bundle_code)

@@ -41,6 +41,7 @@ def build_sharded(config: PretrainedConfig, dtype: torch.dtype, **kwargs) -> Pre
     Each process initialises only its own shards, on its own device (``cuda:LOCAL_RANK``, or the CPU), which is what
     lets a model larger than one GPU be built: transformers' loading path with an empty state dict.
     """
+    check_heads_split(config, world_size())
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     return model_class.from_pretrained(
         None, config=config, state_dict={}, distributed_config=DistributedConfig(tp_plan="auto"), dtype=dtype, **kwargs
@@ -61,4 +62,19 @@ def kv_heads_per_process(model: PreTrainedModel) -> int:
     tp_size = config_tp_size(model.config)
     if tp_size == 1:
         return heads
-    return get_kv_heads_per_rank(model.tp_plan, heads, tp_size)
+    per_process = get_kv_heads_per_rank(model.tp_plan, heads, tp_size)
+    if per_process is None:  # transformers' answer for heads that do not split evenly
+        check_heads_split(model.config, tp_size)
+    return per_process
+
+
+def check_heads_split(config: PretrainedConfig, processes: int) -> None:
+    """ValueError naming the field unless every attention's query and KV heads split evenly over ``processes``
+    tensor-parallel processes (each takes whole heads)."""
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, field)
+        if heads % processes:
+            raise ValueError(
+                f"{field}: {heads} heads do not split over {processes} tensor-parallel processes; allowed are "
+                f"multiples of {processes} (or fewer processes)"
+            )

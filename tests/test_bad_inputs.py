@@ -234,6 +234,42 @@ ROWS = {
         ["SRC", "no_such_checkpoint", "does not exist"],
         prog="python -m tools.convert",
     ),
+    "export destination inside its source": Row(
+        "tools.export",
+        ["{in}/config_only", "{in}/config_only/exported"],
+        ["DST", "exported", "is inside SRC"],
+        prog="python -m tools.export",
+    ),
+    "convert destination inside its source": Row(
+        "tools.convert",
+        ["{in}/config_only", "{in}/config_only/converted", "--to", "lckv-llama"],
+        ["DST", "converted", "is inside SRC"],
+        prog="python -m tools.convert",
+    ),
+    "export destination under a file": Row(
+        "tools.export",
+        ["{in}/config_only", "{in}/blocker/exported"],
+        ["DST", "blocker", "is a file"],
+        prog="python -m tools.export",
+    ),
+    "convert an unfinished final save": Row(
+        "tools.convert",
+        ["{in}/unfinished", "{out}", "--to", "lckv-llama"],
+        ["SRC", "unfinished", "did not finish"],
+        prog="python -m tools.convert",
+    ),
+    "export a config missing a rope field": Row(
+        "tools.export",
+        ["{in}/rope_without_factor", "{out}"],
+        ["SRC", "rope_without_factor", "factor"],
+        prog="python -m tools.export",
+    ),
+    "export a config that is a JSON list": Row(
+        "tools.export",
+        ["{in}/list_config", "{out}"],
+        ["SRC", "list_config", "JSON list"],
+        prog="python -m tools.export",
+    ),
     "lckv layout entry out of range": Row(
         "run_generation",
         ["--config", "{in}/lckv_0_9_9.json", "--tokenizer", "{in}/tok", "--prompt", "x"],
@@ -291,6 +327,14 @@ def inputs(tmp_path_factory) -> Path:
     (root / "empty_dir").mkdir()
     (root / "config_only").mkdir()
     (root / "config_only" / "config.json").write_text((root / "opt.json").read_text())
+    for name, config in {
+        "unfinished": fields,  # run_clm's output directory killed while it moved the final model into place
+        "rope_without_factor": {**fields, "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0}},
+        "list_config": [fields],
+    }.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+    (root / "unfinished" / "_checkpoint-in-progress" / "final-model").mkdir(parents=True)
     lckv = {k: v for k, v in fields.items() if k not in ("layer_types", "target_layer", "architectures")}
     (root / "lckv_0_9_9.json").write_text(
         json.dumps({**lckv, "model_type": "lckv-llama", "num_hidden_layers": 3, "layer_types": "0_9_9"})

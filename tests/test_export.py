@@ -17,7 +17,8 @@ from transformers.dynamic_module_utils import get_imports
 
 import run_clm
 from corpus import prepare_corpus
-from models.export import bundled_modules, export_checkpoint, flat_modules, write_json
+from models import export
+from models.export import bundled_modules, export_checkpoint, flat_modules, write_json, write_whole
 from tests.conftest import REPO, tiny_config, tiny_lckv_llama_config, tiny_model
 from tools.export import main
 
@@ -238,3 +239,47 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     with pytest.raises(TypeError):
         write_json(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 2, "b": 1} and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_write_whole_keeps_the_old_file_when_the_write_fails_midway(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+
+    def half_then_fail(partial: Path) -> None:
+        partial.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_whole(path, half_then_fail)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def checkpoint_files(root: Path) -> Path:
+    """A checkpoint directory of files export copies: the tiny config, a tokenizer's own code, and a stale copy of a
+    bundled module (an earlier export's)."""
+    root.mkdir()
+    (root / "config.json").write_text(tiny_config().to_json_string())
+    (root / "tokenization_word.py").write_text("# a tokenizer's code, named by tokenizer_config.json's auto_map\n")
+    (root / "modeling_opt_llama.py").write_text("# stale\n")
+    return root
+
+
+def test_export_keeps_other_code_and_writes_the_bundle_anew(tmp_path):
+    source = checkpoint_files(tmp_path / "src")
+    export_checkpoint(source, tmp_path / "dst")
+    assert (tmp_path / "dst" / "tokenization_word.py").read_text() == (source / "tokenization_word.py").read_text()
+    bundled = (tmp_path / "dst" / "modeling_opt_llama.py").read_text()
+    assert bundled == flat_modules()["modeling_opt_llama"].read_text()
+
+
+def test_export_leaves_nothing_when_it_fails_after_copying(tmp_path, monkeypatch):
+    source = checkpoint_files(tmp_path / "src")
+
+    def fail(staged: Path) -> None:
+        assert (staged / "config.json").is_file()  # the copy was made
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "bundle_code", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(source, tmp_path / "out" / "dst")
+    assert list((tmp_path / "out").iterdir()) == []

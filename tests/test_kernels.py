@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import kernels
-from models.kernels import FLAGS, STRICT_CAUSAL, KernelSelection
+from models.kernels import FLAGS, STRICT_CAUSAL, KernelSelection, missing_reason
 from models.kernels.attention import sdpa_causal_attention, strict_causal_attention
 from models.kernels.flags import FLASH_ATTN, FUSED_CROSSENTROPY
 from models.kernels.plain import PlainRMSNorm, PlainSwiGLUMLP, plain_apply_rotary_pos_emb
@@ -102,6 +102,13 @@ def test_without_packages_flags_warn_and_attention_uses_sdpa(monkeypatch, caplog
     assert any(line.startswith(f"{FLASH_ATTN}=1") and "flash_attn is not installed" in line for line in lines)
     assert selection.rms_norm is PlainRMSNorm and selection.fused_linear_cross_entropy is None
     assert selection.causal_attention is sdpa_causal_attention and selection.strict_as_causal
+
+
+def test_a_fallback_names_what_is_missing():
+    """A kernel package not installed, or (a name under this package's root: the model runs from a checkpoint's
+    bundled code, as ``transformers_modules.<checkpoint>.kernels`` there) the kernel modules not bundled."""
+    assert missing_reason("liger_kernel.ops.rms_norm") == "liger_kernel is not installed (see requirements-gpu.txt)"
+    assert "not in a checkpoint's bundled code" in missing_reason("models.kernels.rms_norm")
 
 
 def test_fallback_is_bit_identical_to_flags_off(monkeypatch):

@@ -10,11 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from models.tensor_parallel import check_heads_split
 from tests.conftest import CONFIGS, REPO, tiny_config, tiny_lckv_llama_config, tiny_model
 from tests.tp_worker import cached_key_shapes
+from tools.cli import UsageError
+from tools.measure import load_config_for_length
 
 PROCESSES = 2
 PROMPTS = [[1, 17, 33, 5, 250, 9, 41, 77, 8, 19, 23, 3], [1, 60, 2, 99, 14, 14, 200, 7, 31, 45, 6, 11]]
@@ -83,7 +87,7 @@ def test_sharded_model_computes_the_single_process_model(tmp_path):
 
 def test_latency_tool_under_torchrun_writes_from_rank_zero(tmp_path):
     out = tmp_path / "latency"
-    torchrun(
+    proc = torchrun(
         [
             str(REPO / "test_latency.py"),
             "--configs",
@@ -103,6 +107,7 @@ def test_latency_tool_under_torchrun_writes_from_rank_zero(tmp_path):
         ],
         tmp_path,
     )
+    assert proc.stdout.count("written: ") == 1, proc.stdout  # rank 0 alone writes (and says so)
     result = json.loads((out / "latency.json").read_text())
     assert result["setting"]["tp_size"] == PROCESSES
     model = result["models"]["test_tiny_opt"]
@@ -147,3 +152,17 @@ def test_compiled_decode_step_is_one_captured_graph_per_model(tmp_path):
                 got,
             )
             assert got["compiled_step_ms"] > 0, (name, rank)
+
+
+def test_heads_that_do_not_split_over_the_processes_are_refused(monkeypatch):
+    """Each tensor-parallel process takes whole heads: 2 KV heads split over 2 processes, not over 4 (a reshape deep in
+    the forward failed before); the tools say so before building the model."""
+    config = tiny_config()  # 4 query heads, 2 KV heads
+    check_heads_split(config, 2)
+    with pytest.raises(ValueError, match=r"^num_key_value_heads: 2 heads do not split over 4 .* multiples of 4"):
+        check_heads_split(config, 4)
+    with pytest.raises(ValueError, match=r"^num_attention_heads: 4 heads do not split over 3 "):
+        check_heads_split(config, 3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UsageError, match=r"^--configs: .*test_tiny_opt.json: num_key_value_heads: 2 heads"):
+        load_config_for_length(str(CONFIGS / "test_tiny_opt.json"), 64)

@@ -10,6 +10,7 @@ import sys
 from models.convert import FORMATS, convert_checkpoint
 
 from .cli import ArgumentParser, UsageError, run_cli
+from .training_checkpoints import check_save_finished
 
 PROG = "python -m tools.convert"
 
@@ -20,6 +21,7 @@ def convert_main(argv: list[str] | None = None) -> None:
     parser.add_argument("destination", metavar="DST", help="new directory for the converted checkpoint")
     parser.add_argument("--to", required=True, choices=sorted(FORMATS), help="target format")
     args = parser.parse_args(argv)
+    check_save_finished("SRC", args.source)
     try:
         convert_checkpoint(args.source, args.destination, args.to)
     except ValueError as error:  # a format that cannot express the model, a missing or existing path

@@ -6,12 +6,11 @@ The command line of ``models.export.export_checkpoint``; its docstring says what
 """
 
 import sys
-from pathlib import Path
 
 from models.export import export_checkpoint
 
 from .cli import ArgumentParser, UsageError, run_cli
-from .training_checkpoints import FINAL_MODEL_DIR, STAGING_DIR
+from .training_checkpoints import check_save_finished
 
 PROG = "python -m tools.export"
 
@@ -21,12 +20,7 @@ def export_main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", metavar="SRC", help="checkpoint directory (opt-llama or lckv-llama)")
     parser.add_argument("destination", metavar="DST", help="new directory for the self-contained checkpoint")
     args = parser.parse_args(argv)
-    unfinished = Path(args.source) / STAGING_DIR / FINAL_MODEL_DIR
-    if unfinished.exists():
-        raise UsageError(
-            f"SRC: {args.source}: the final model's save did not finish ({unfinished} is left); allowed is a finished "
-            "checkpoint (re-run the same run_clm.py command: it trains nothing more and saves the model again)"
-        )
+    check_save_finished("SRC", args.source)
     try:
         files = export_checkpoint(args.source, args.destination)
     except ValueError as error:  # a missing or existing path, a model type without LCKV code

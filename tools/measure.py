@@ -14,7 +14,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from models.cache_streaming import SinkWindowCache
 from models.fast_decode import enable_fast_decode
-from models.tensor_parallel import build_sharded, world_size
+from models.tensor_parallel import build_sharded, check_heads_split, world_size
 
 from . import cli
 
@@ -214,4 +214,8 @@ def load_config_for_length(path: str, total_len: int) -> PretrainedConfig:
     """The config of ``--configs`` entry ``path``, with room for ``total_len`` positions."""
     config = cli.load_config("--configs", path)
     config.max_position_embeddings = max(config.max_position_embeddings, total_len)
+    try:
+        check_heads_split(config, world_size())  # each tensor-parallel process takes whole heads
+    except ValueError as error:
+        raise cli.UsageError(f"--configs: {path}: {error}") from None
     return config

@@ -37,13 +37,12 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
-from models.export import write_json, write_whole
+from models.export import STAGING_DIR, write_json, write_whole
 
 from .cli import UsageError, one_line
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR = "_checkpoint-in-progress"  # a leading "_": the Trainer's hub upload of output_dir skips it
 FINAL_MODEL_DIR = "final-model"  # the final model's files, staged until they are all written
 LOSS_SUM_NAME = "loss_sum.json"  # in a checkpoint: {"global_step": N, "loss_sum": sum of the losses of steps 1..N}
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # what get_last_checkpoint accepts
@@ -302,6 +301,17 @@ def incomplete_reason(checkpoint: Path) -> str | None:
     if not (checkpoint / TRAINER_STATE_NAME).is_file():
         return f"no {TRAINER_STATE_NAME}"
     return None
+
+
+def check_save_finished(flag: str, source: str | os.PathLike) -> None:
+    """UsageError naming ``flag`` where ``source`` (run_clm.py's output directory) holds a final model whose save did
+    not finish: its staged files are still in the staging directory, and the files in place may be an earlier save's."""
+    unfinished = Path(source) / STAGING_DIR / FINAL_MODEL_DIR
+    if unfinished.exists():
+        raise UsageError(
+            f"{flag}: {source}: the final model's save did not finish ({unfinished} is left); allowed is a finished "
+            "checkpoint (re-run the same run_clm.py command: it trains nothing more and saves the model again)"
+        )
 
 
 def checkpoints_newest_first(output_dir: str | os.PathLike) -> list[Path]:

@@ -53,6 +53,16 @@ from .rotary_cache import RotaryCacheMixin
 INSTALL_HINT = "see requirements-gpu.txt"
 
 
+def missing_reason(module: str) -> str:
+    """Why the kernel module's import failed on ``module`` (the name ``ImportError`` gives): its package is not
+    installed, or, where the name is under this package's own root, the code runs from a checkpoint's bundle, whose
+    flat copy of this package holds no kernel modules."""
+    root = module.split(".")[0]
+    if root == __name__.split(".")[0]:
+        return "the fused kernels are not in a checkpoint's bundled code (load it with this repository's models)"
+    return f"{root} is not installed ({INSTALL_HINT})"
+
+
 # (implementation, what the warning calls it): what runs when a flag cannot take effect.
 Fallback = tuple[object, str]
 PLAIN = "the pure PyTorch path"
@@ -80,8 +90,7 @@ def _fused(
         return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     except ImportError as error:
         fallback, description = no_package or no_cuda
-        package = (error.name or str(error)).split(".")[0]
-        warn_fallback(flag, f"{package} is not installed ({INSTALL_HINT})", description)
+        warn_fallback(flag, missing_reason(error.name or str(error)), description)
         return fallback
 
 
