@@ -90,7 +90,8 @@ class ModelArguments:
             "help": "Run the final evaluation (--do_eval) token by token (sets config.sequential_forward=True): "
             "the exact LCKV semantics the paper reports, slower than the default parallel iterations "
             "(evaluations during training stay "
-            "iterative). Env LCKV_EVAL_SEQUENTIAL=1 too. An error for model types without iterations (llama)."
+            "iterative). Env LCKV_EVAL_SEQUENTIAL=1 too, and on where the model's prefill is 'sequential'. An error "
+            "for model types without iterations (llama)."
         },
     )
     overwrite_output_dir: bool = field(
@@ -180,6 +181,7 @@ def check_args(margs: ModelArguments, dargs: DataTrainingArguments, targs: Train
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         check_range(f"--{flag}", getattr(targs, flag), minimum=1)
     check_range("--learning_rate", targs.learning_rate, minimum=0)
+    check_range("--seed", targs.seed, minimum=0, maximum=2**32 - 1)  # numpy's range, which set_seed seeds
     for flag in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
         check_range(f"--{flag}", getattr(dargs, flag), minimum=1)
     check_range("--validation_split_percentage", dargs.validation_split_percentage, minimum=1, maximum=99)
@@ -571,6 +573,7 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         if margs.eval_sequential:
             shared.set_sequential(unwrapped.config, sequential_flag)
+        shared.evaluate_as_the_checkpoint_prefills(unwrapped.config)
         metrics = trainer.evaluate()
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
         metrics["eval_sequential"] = shared.is_sequential(unwrapped.config)  # the checkpoint's own switch counts too

@@ -1,7 +1,9 @@
 """Evaluate an LCKV (or any causal LM) checkpoint with LM-Evaluation-Harness.
 
 The model is loaded here (``import models`` registers opt-llama) and handed to lm-eval as an object, so
-``--sequential`` can switch it to the exact token-by-token semantics first. Offline, the default task list
+``--sequential`` (or ``LCKV_EVAL_SEQUENTIAL=1``) can switch it to the exact token-by-token semantics first; a checkpoint
+saved with ``prefill: "sequential"`` is evaluated that way too, and the results' ``config.sequential_forward`` says
+which computation the metrics are of. Offline, the default task list
 falls back from the paper's commonsense suite to the local tasks in ``tasks/`` (held-out perplexity and
 next-line choice on the embedded corpus).
 
@@ -9,6 +11,7 @@ next-line choice on the embedded corpus).
 """
 
 import argparse
+import math
 import sys
 import urllib.request
 from pathlib import Path
@@ -19,7 +22,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.export import write_json
 from tools import cli as shared  # its import of models registers opt-llama with the Auto classes
-from tools.cli import DTYPE_CHOICES, ArgumentParser, UsageError, check_choices, check_range, run_cli, set_sequential
+from tools.cli import (
+    DTYPE_CHOICES,
+    ArgumentParser,
+    UsageError,
+    check_choices,
+    check_range,
+    env_flag,
+    evaluate_as_the_checkpoint_prefills,
+    is_sequential,
+    run_cli,
+    set_sequential,
+)
 from tools.generation import instantiate
 from tools.task_names import check_task_names, local_task_names
 
@@ -48,7 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_fewshot", type=int, default=None, help="few-shot examples per task (default: each task's own)"
     )
     p.add_argument("--batch_size", default="1", help="lm-eval batch size: an integer or 'auto'")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1); for quick checks")
+    p.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="documents per task: a whole number, or a fraction if < 1; quick checks",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
         "--dtype",
@@ -59,9 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sequential",
         action="store_true",
-        help="exact token-by-token forward (config.sequential_forward=True), as the paper evaluates",
+        help="exact token-by-token forward (config.sequential_forward=True), as the paper evaluates; also "
+        "LCKV_EVAL_SEQUENTIAL=1, and on where the checkpoint's prefill is 'sequential'",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights (config .json) and lm-eval")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (config .json) and lm-eval: 0..2**32-1")
     p.add_argument("--output_path", default=None, help="write lm-eval's results JSON to this file")
     args = p.parse_args(argv)
     check_args(args)
@@ -79,6 +99,13 @@ def check_args(args: argparse.Namespace) -> None:
         check_range("--batch_size", args.batch_size, minimum=1)
     check_range("--num_fewshot", args.num_fewshot, minimum=0)
     check_range("--limit", args.limit, minimum=0, exclusive_min=True)
+    if args.limit is not None and (not math.isfinite(args.limit) or (args.limit >= 1 and args.limit % 1)):
+        raise UsageError(f"--limit: {args.limit}; allowed is a fraction below 1 or a whole number of documents")
+    check_range("--seed", args.seed, minimum=0, maximum=2**32 - 1)  # numpy's range, which lm-eval seeds
+    # The flag that asked for the exact forward (named in its errors), or None; LCKV_EVAL_SEQUENTIAL=1 as run_clm.py.
+    args.sequential = (
+        "--sequential" if args.sequential else "LCKV_EVAL_SEQUENTIAL=1" if env_flag("LCKV_EVAL_SEQUENTIAL") else None
+    )
     args.device = shared.resolve_device(args.device)
     if args.output_path:
         shared.check_output_file("--output_path", args.output_path)
@@ -91,11 +118,13 @@ def task_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",")]
 
 
-def load_model(path: str, dtype: torch.dtype, device: str, sequential: bool, seed: int) -> PreTrainedModel:
-    """A checkpoint directory, or a config ``.json`` instantiated with seeded random weights, in eval mode."""
+def load_model(path: str, dtype: torch.dtype, device: str, sequential: str | None, seed: int) -> PreTrainedModel:
+    """A checkpoint directory, or a config ``.json`` instantiated with seeded random weights, in eval mode; exact
+    (``sequential_forward``) where the flag ``sequential`` names asked for it or the checkpoint's prefill is."""
     config = shared.load_config("--model", path)
     if sequential:
-        set_sequential(config, "--sequential")
+        set_sequential(config, sequential)
+    evaluate_as_the_checkpoint_prefills(config)
     return instantiate(config, None if path.endswith(".json") else path, device, seed, dtype=dtype)
 
 
@@ -141,7 +170,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     config = shared.load_config("--model", args.model)
     shared.check_weights("--model", args.model)
     if args.sequential:
-        set_sequential(config, "--sequential")
+        set_sequential(config, args.sequential)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(
@@ -156,17 +185,27 @@ def evaluate(args: argparse.Namespace) -> dict:
         args.model, shared.resolve_dtype(args.dtype, args.device), args.device, args.sequential, args.seed
     )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=args.batch_size)
-    return simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=args.num_fewshot,
-        limit=args.limit,
-        task_manager=task_manager,
-        random_seed=args.seed,
-        numpy_random_seed=args.seed,
-        torch_random_seed=args.seed,
-        fewshot_random_seed=args.seed,
-    )
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            task_manager=task_manager,
+            random_seed=args.seed,
+            numpy_random_seed=args.seed,
+            torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed,
+        )
+    except ValueError as error:  # random.sample's, drawing the few-shot examples
+        if args.num_fewshot and "Sample larger than population" in str(error):
+            raise UsageError(
+                f"--num_fewshot: {args.num_fewshot} is more than a task's documents to draw examples from; allowed "
+                "is fewer"
+            ) from None
+        raise
+    results["config"]["sequential_forward"] = is_sequential(model.config)  # which computation the metrics are of
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:

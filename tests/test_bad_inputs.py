@@ -280,6 +280,18 @@ ROWS = {
         ["--model", "{in}/config_only", "--tokenizer", "{in}/tok", "--device", "cpu", "--tasks", "lckv_heldout_ppl"],
         ["--model", "config_only", "no model weights"],
     ),
+    "harness limit not finite": Row("test_harness", [*HARNESS, "--limit", "inf"], ["--limit", "inf", "whole number"]),
+    "harness limit neither a fraction nor whole": Row(
+        "test_harness", [*HARNESS, "--limit", "1.5"], ["--limit", "1.5", "fraction below 1"]
+    ),
+    "harness seed out of range": Row("test_harness", [*HARNESS, "--seed", "-1"], ["--seed", "-1"]),
+    "clm seed out of range": Row("run_clm", [*CLM, "--seed", "4294967296"], ["--seed", "4294967296"]),
+    "harness eval env flag value": Row(
+        "test_harness",
+        [*HARNESS, "--tasks", "lckv_next_line"],
+        ["LCKV_EVAL_SEQUENTIAL", "yes"],
+        env={"LCKV_EVAL_SEQUENTIAL": "yes"},
+    ),
     "harness task typo": Row(
         "test_harness",
         [*HARNESS, "--tasks", "hellaswg"],
@@ -430,3 +442,14 @@ def test_missing_local_path_in_from_pretrained_is_one_clear_error(loader, source
     with pytest.raises(FileNotFoundError, match=f"^{source}: does not exist; allowed is a config .json") as error:
         loader.from_pretrained(source)
     assert "\n" not in str(error.value)
+
+
+def test_more_few_shot_examples_than_documents_ends_with_one_error_line(inputs, capsys):
+    """Found while lm-eval draws the examples (after its progress bars have started): exit status 2, no traceback,
+    the last line names the flag."""
+    argv = fill([*HARNESS, "--tasks", "lckv_next_line", "--num_fewshot", "100000", "--limit", "1"], inputs, inputs)
+    with pytest.raises(SystemExit) as exit_info:
+        import_module("test_harness").main(argv)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("test_harness.py: error: --num_fewshot: 100000 is more than")

@@ -230,6 +230,10 @@ def test_run_clm_eval_sequential_is_the_token_by_token_loss(kind, checkpoints, c
     assert abs(reported - oracle["exact"]) <= oracle["bound"]
     without = run_clm.main(args)["eval"]["eval_loss"]  # without the switch: iterative
     assert abs(without - oracle["iterative"]) <= oracle["iterative_bound"]
+    # A checkpoint saved with the exact prefill (use_cache False, as the Trainer saves it) is evaluated exactly.
+    args[args.index("--model_name_or_path") + 1] = str(saved_with_exact_prefill(checkpoints[kind], tmp_path))
+    saved = run_clm.main(args)["eval"]
+    assert saved["eval_sequential"] is True and abs(saved["eval_loss"] - oracle["exact"]) <= oracle["bound"]
 
 
 # ----------------------------------------------------------------------------- test_harness.py --sequential
@@ -254,8 +258,30 @@ def short_task(tmp_path_factory, corpus) -> tuple[Path, str]:
     return folder, text
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_harness_sequential_is_the_token_by_token_perplexity(kind, checkpoints, short_task, monkeypatch):
+def saved_with_exact_prefill(checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of ``checkpoint`` whose config asks for the exact prefill and has ``use_cache`` False, as the Trainer
+    saves it (so the model's forwards build no cache)."""
+    copy = tmp_path / "exact_prefill"
+    shutil.copytree(checkpoint, copy)
+    fields = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(fields | {"prefill": "sequential", "use_cache": False}))
+    return copy
+
+
+HARNESS_EXACT = [(kind, "--sequential") for kind in KINDS] + [
+    ("opt-llama-kv-sources", "LCKV_EVAL_SEQUENTIAL=1"),
+    ("opt-llama-published", "checkpoint prefill"),
+    ("lckv-llama", "checkpoint prefill"),
+]
+
+
+@pytest.mark.parametrize(("kind", "asked"), HARNESS_EXACT)
+def test_harness_sequential_is_the_token_by_token_perplexity(
+    kind, asked, checkpoints, short_task, tmp_path, monkeypatch
+):
+    """Asked by the flag, the env flag, or a checkpoint saved with the exact prefill (whose forwards build no cache:
+    without the rule its metric was the iterative one), the harness reports the token-by-token perplexity, and says
+    so in its results."""
     import lm_eval.tasks
 
     folder, text = short_task
@@ -264,9 +290,15 @@ def test_harness_sequential_is_the_token_by_token_perplexity(kind, checkpoints, 
     monkeypatch.setattr(
         lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)
     )
-    results = test_harness.main(
-        ["--model", str(checkpoints[kind]), "--tasks", "lckv_short_ppl", "--device", "cpu", "--sequential"]
-    )
+    model, flags = str(checkpoints[kind]), []
+    if asked == "--sequential":
+        flags = ["--sequential"]
+    elif asked == "LCKV_EVAL_SEQUENTIAL=1":
+        monkeypatch.setenv("LCKV_EVAL_SEQUENTIAL", "1")
+    else:
+        model = str(saved_with_exact_prefill(checkpoints[kind], tmp_path))
+    results = test_harness.main(["--model", model, "--tasks", "lckv_short_ppl", "--device", "cpu", *flags])
+    assert results["config"]["sequential_forward"] is True
     reported = results["results"]["lckv_short_ppl"]["word_perplexity,none"]
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoints[kind])

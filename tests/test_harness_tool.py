@@ -49,12 +49,15 @@ def test_local_perplexity_equals_direct(tiny_config, tmp_path, hub_offline, caps
 
     printed = capsys.readouterr().out
     assert "hub unreachable" in printed and "lckv_next_line" in printed
-    results = json.loads(out.read_text())["results"]
-    assert 0.0 <= results["lckv_next_line"]["acc,none"] <= 1.0
+    written = json.loads(out.read_text())
+    assert written["config"]["sequential_forward"] is False  # the iterative forward, and the results say so
+    results = written["results"]
+    correct = results["lckv_next_line"]["acc,none"] * LIMIT  # the accuracy of LIMIT documents: a whole count
+    assert correct == pytest.approx(round(correct)) and 0 <= round(correct) <= LIMIT
     reported = results["lckv_heldout_ppl"]["word_perplexity,none"]
 
     args = test_harness.parse_args(argv)
-    model = test_harness.load_model(str(tiny_config), torch.float32, "cpu", sequential=False, seed=args.seed)
+    model = test_harness.load_model(str(tiny_config), torch.float32, "cpu", sequential=None, seed=args.seed)
     tokenizer = test_harness.load_tokenizer(None, str(tiny_config))
     lines = build_task_data()["lckv_heldout_ppl"].read_text().splitlines()[:LIMIT]
     expected = direct_word_perplexity(model, tokenizer, [json.loads(line)["text"] for line in lines])
@@ -62,7 +65,7 @@ def test_local_perplexity_equals_direct(tiny_config, tmp_path, hub_offline, caps
 
 
 def test_sequential_flag_and_bad_tokenizer(tiny_config, capsys):
-    model = test_harness.load_model(str(tiny_config), torch.float32, "cpu", sequential=True, seed=0)
+    model = test_harness.load_model(str(tiny_config), torch.float32, "cpu", sequential="--sequential", seed=0)
     assert model.config.sequential_forward
     small = json.loads(tiny_config.read_text()) | {"vocab_size": 256}
     small_path = tiny_config.parent / "small_vocab.json"

@@ -9,6 +9,7 @@ checks here are cheap (no model, no tokenizer, no corpus), so the tools run them
 
 import argparse
 import difflib
+import logging
 import os
 import re
 import sys
@@ -44,6 +45,8 @@ TEXT_PROBE_BYTES = (
 )  # how much of a data file the text check reads: enough to catch binary files, cheap on GB corpora
 NEGATIVE_VALUE = re.compile(r"^-\.?\d")  # a word no option of these tools starts with
 MAX_CHOICES_SHOWN = 20  # a longer list of allowed values is summarised by the closest ones
+
+logger = logging.getLogger(__name__)
 
 
 class UsageError(ValueError):
@@ -401,6 +404,16 @@ def set_sequential(config: PretrainedConfig, flag: str) -> None:
     """The sequential switch: every evaluation-mode multi-token forward of an LCKV model runs token by token (exact)."""
     require_lckv(config, flag)
     config.sequential_forward = True
+
+
+def evaluate_as_the_checkpoint_prefills(config: PretrainedConfig) -> None:
+    """An evaluation of a checkpoint saved with the exact prefill (``prefill: "sequential"``) is exact: sets
+    ``sequential_forward``. Without it, the model's multi-token forwards ran the exact path only where they built a
+    cache (``use_cache``, which run_clm.py saves as False), so one checkpoint gave an exact or an approximate metric by
+    an unrelated field, and lm-eval's generation and likelihood requests by different paths."""
+    if isinstance(config, OptLlamaConfig) and config.prefill == "sequential" and not config.sequential_forward:
+        logger.warning("the checkpoint's prefill is 'sequential': evaluating token by token (sequential_forward)")
+        config.sequential_forward = True
 
 
 def check_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
