@@ -18,7 +18,7 @@ import sys
 
 from models import OptLlamaConfig  # import models registers model_types "opt-llama" and "lckv-llama"
 from models.fast_decode import enable_fast_decode
-from tools.cli import ArgumentParser, UsageError, resolve_device, run_cli
+from tools.cli import ArgumentParser, UsageError, asks_exact_prefill, is_sequential, resolve_device, run_cli
 from tools.generation import (
     add_exact_args,
     add_generation_args,
@@ -40,7 +40,7 @@ def check_exact_prefill_masks(args: argparse.Namespace, config) -> None:
     """An exact prefill (``sequential_forward`` or ``prefill="sequential"``, from the flags or the checkpoint's config)
     cuts the prompt's masks per token; over a ``--static_cache`` generate makes flex-attention masks whole, which
     cannot be cut: a UsageError before the model loads."""
-    exact = isinstance(config, OptLlamaConfig) and (config.sequential_forward or config.prefill == "sequential")
+    exact = is_sequential(config) or asks_exact_prefill(config)
     if exact and args.static_cache and args.attn_implementation == "flex_attention":
         raise UsageError(
             "--attn_implementation: flex_attention's masks over a --static_cache cannot be cut per token for the "
@@ -111,13 +111,12 @@ def check_prefill_has_a_cache(args: argparse.Namespace, config) -> None:
     cache: with ``--no_cache`` (or the no-cache half of ``--compare_cache``) the forwards would run iteratively, an
     approximation where the exact prefill was asked. A one-line error, unless every forward is exact anyway
     (``sequential_forward``)."""
-    exact_everywhere = isinstance(config, OptLlamaConfig) and config.sequential_forward
-    if not (args.no_cache or args.compare_cache) or exact_everywhere:
+    if not (args.no_cache or args.compare_cache) or is_sequential(config):
         return
     flag = "--no_cache" if args.no_cache else "--compare_cache"
     if args.prefill is not None:
         where = "--prefill"
-    elif isinstance(config, OptLlamaConfig) and config.prefill == "sequential":
+    elif asks_exact_prefill(config):
         where = f'{args.model_name_or_path or args.config}: its config\'s prefill "sequential"'
     else:
         return

@@ -34,7 +34,6 @@ class Row:
     names: list[str]  # what the error line must contain: the flag or field, and the bad value where it has one
     env: dict[str, str] = field(default_factory=dict)
     subprocess: bool = False
-    prog: str | None = None  # the error line's prefix, when not the tool's file name
 
 
 GEN = ["--config", "{in}/opt.json", "--tokenizer", "{in}/tok"]
@@ -232,43 +231,36 @@ ROWS = {
         "tools.convert",
         ["{in}/no_such_checkpoint", "{out}", "--to", "lckv-llama"],
         ["SRC", "no_such_checkpoint", "does not exist"],
-        prog="python -m tools.convert",
     ),
     "export destination inside its source": Row(
         "tools.export",
         ["{in}/config_only", "{in}/config_only/exported"],
         ["DST", "exported", "is inside SRC"],
-        prog="python -m tools.export",
     ),
     "convert destination inside its source": Row(
         "tools.convert",
         ["{in}/config_only", "{in}/config_only/converted", "--to", "lckv-llama"],
         ["DST", "converted", "is inside SRC"],
-        prog="python -m tools.convert",
     ),
     "export destination under a file": Row(
         "tools.export",
         ["{in}/config_only", "{in}/blocker/exported"],
         ["DST", "blocker", "is a file"],
-        prog="python -m tools.export",
     ),
     "convert an unfinished final save": Row(
         "tools.convert",
         ["{in}/unfinished", "{out}", "--to", "lckv-llama"],
         ["SRC", "unfinished", "did not finish"],
-        prog="python -m tools.convert",
     ),
     "export a config missing a rope field": Row(
         "tools.export",
         ["{in}/rope_without_factor", "{out}"],
         ["SRC", "rope_without_factor", "factor"],
-        prog="python -m tools.export",
     ),
     "export a config that is a JSON list": Row(
         "tools.export",
         ["{in}/list_config", "{out}"],
         ["SRC", "list_config", "JSON list"],
-        prog="python -m tools.export",
     ),
     "lckv layout entry out of range": Row(
         "run_generation",
@@ -392,6 +384,14 @@ def subprocess_runs(inputs, tmp_path_factory) -> dict[str, tuple[int, str, bool]
     return {name: (status, stderr, wrote or inputs_changed) for name, (status, stderr, wrote) in results.items()}
 
 
+def prog(tool: str) -> str:
+    """The name a tool's errors start with: ``python -m tools.x`` for the modules of ``tools/``, ``x.py`` for a
+    top-level script, ``x`` for a bench module."""
+    if tool.startswith("tools."):
+        return f"python -m {tool}"
+    return f"{tool.split('.')[-1]}{'' if '.' in tool else '.py'}"
+
+
 def run_in_process(row: Row, argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
     """Run ``row``'s tool's ``main(argv)`` here; return its exit status and stderr."""
     for name, value in row.env.items():
@@ -415,8 +415,7 @@ def test_bad_input_exits_2_with_one_line(name, inputs, subprocess_runs, tmp_path
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert len(lines) == 1, stderr
-    prog = row.prog or f"{row.tool.split('.')[-1]}{'' if '.' in row.tool else '.py'}"
-    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert lines[0].startswith(f"{prog(row.tool)}: error: "), lines[0]
     for word in row.names:
         assert word in lines[0], (word, lines[0])
     assert not wrote, "the tool wrote files"

@@ -411,7 +411,7 @@ def evaluate_as_the_checkpoint_prefills(config: PretrainedConfig) -> None:
     ``sequential_forward``. Without it, the model's multi-token forwards ran the exact path only where they built a
     cache (``use_cache``, which run_clm.py saves as False), so one checkpoint gave an exact or an approximate metric by
     an unrelated field, and lm-eval's generation and likelihood requests by different paths."""
-    if isinstance(config, OptLlamaConfig) and config.prefill == "sequential" and not config.sequential_forward:
+    if asks_exact_prefill(config) and not is_sequential(config):
         logger.warning("the checkpoint's prefill is 'sequential': evaluating token by token (sequential_forward)")
         config.sequential_forward = True
 
@@ -498,6 +498,12 @@ def is_sequential(config: PretrainedConfig) -> bool:
     """Whether every evaluation-mode multi-token forward of ``config``'s model runs token by token (an LCKV switch
     is on)."""
     return isinstance(config, OptLlamaConfig) and config.sequential_forward
+
+
+def asks_exact_prefill(config: PretrainedConfig) -> bool:
+    """Whether ``config`` (an LCKV model's) asks for the exact prefill of a prompt into the cache
+    (``prefill: "sequential"``)."""
+    return isinstance(config, OptLlamaConfig) and config.prefill == "sequential"
 
 
 def check_choices(flag: str, values: Iterable[str], allowed: Iterable[str]) -> None:
