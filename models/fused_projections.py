@@ -22,7 +22,8 @@ tensors (``load_state_dict(assign=True)``) is no longer a view: an eager forward
 compiled one does not check (fuse last). One process only: tensor-parallel shards are left alone.
 
 An attention so fused also gets the kernel that rotates a decode step's query and key and writes its keys and values
-into a static cache at once (``kernels/rotary_cache.py``): one launch where the compiled step ran three.
+into a static cache at once (``kernels/rotary_cache.py``): one launch where the compiled step ran three; and the
+model's rotary embedding gets the kernel computing the step's cos/sin tables once, as a buffer every layer reads.
 """
 
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaMLP,
+    LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
@@ -47,8 +49,13 @@ from .kernels.grouped_linear import (
     concatenated_linear,
     grouped_products,
 )
-from .kernels.plain import GatedMLPForward
-from .kernels.rotary_cache import RotaryCacheMixin, give_rotary_cache, load_rotary_cache_kernel
+from .kernels.plain import GatedMLPForward, PlainRotaryEmbedding
+from .kernels.rotary_cache import (
+    RotaryCacheMixin,
+    RotaryTablesMixin,
+    give_rotary_cache,
+    load_rotary_cache_kernel,
+)
 from .tensor_parallel import world_size
 
 
@@ -106,22 +113,40 @@ class FusedProjectionLlamaMLP(GatedMLPForward, FusedGroupsMixin, LlamaMLP):
     fused_groups = GATE_UP_GROUP
 
 
+class TabledLlamaRotaryEmbedding(RotaryTablesMixin, LlamaRotaryEmbedding):
+    """transformers' ``LlamaRotaryEmbedding`` whose tables come from one kernel where it applies
+    (``RotaryTablesMixin``)."""
+
+
+class TabledPlainRotaryEmbedding(RotaryTablesMixin, PlainRotaryEmbedding):
+    """The LCKV model's ``PlainRotaryEmbedding`` whose tables come from one kernel where it applies
+    (``RotaryTablesMixin``; float64 tables stay with the class's forward)."""
+
+
 # transformers' classes whose forward calls each projection separately -> the subclass running the fused product.
 FUSED_SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {
     LlamaAttention: FusedProjectionLlamaAttention,
     LlamaMLP: FusedProjectionLlamaMLP,
 }
+# The rotary embeddings -> the subclass computing a step's tables with one kernel.
+TABLED_SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    LlamaRotaryEmbedding: TabledLlamaRotaryEmbedding,
+    PlainRotaryEmbedding: TabledPlainRotaryEmbedding,
+}
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Give every attention and MLP of ``model`` one product per group of projections (see the module docstring), and
-    an attention so fused the decode step's RoPE + cache-write kernel (``rotary_cache``, where Triton runs), in place;
-    returns the number of groups fused: 0 under tensor parallelism."""
+    """Give every attention and MLP of ``model`` one product per group of projections (see the module docstring), an
+    attention so fused the decode step's RoPE + cache-write kernel, and the rotary embedding the kernel of its tables
+    (``rotary_cache``, where Triton runs), in place; returns the number of groups fused: 0 under tensor parallelism."""
     if world_size() > 1:
         return 0
     fused = 0
     rotary_cache = load_rotary_cache_kernel()
     for module in list(model.modules()):
+        if rotary_cache is not None and type(module) in TABLED_SUBCLASSES:
+            module.__class__ = TABLED_SUBCLASSES[type(module)]
+            module.rotary_cache = rotary_cache
         module_class = FUSED_SUBCLASSES.get(type(module), type(module))
         for fused_name, part_names in getattr(module_class, "fused_groups", {}).items():
             parts = [getattr(module, name, None) for name in part_names]

@@ -334,7 +334,8 @@ def test_compiled_decode_step_has_no_kernel_per_layer_for_shared_inputs(interpre
     """What every layer reads the same of in a step is made once: an LCKV step runs no kernel over its masks' slots
     beyond one per mask kind (the copy of the mask its view op reads; each layer's copy of the rows had been a kernel
     of its own), and with the RoPE + cache-write kernel only layer 0 runs a kernel to advance its cache's fill level
-    (the step's positions read it; the kernel advances the others')."""
+    (the step's positions read it; the kernel advances the others'). (That no kernel but the RoPE tables op computes
+    the tables is tests/test_rotary_tables.py's.)"""
     slots = 512
     lckv = tiny_model(tiny_config(), attn_implementation=SPLIT_KV)
     fuse_projections(lckv)
@@ -342,7 +343,9 @@ def test_compiled_decode_step_has_no_kernel_per_layer_for_shared_inputs(interpre
     kinds = len(set(lckv.model.mask_kinds))
     assert sum(size >= slots for size in sizes) <= kinds < lckv.config.num_hidden_layers, sorted(sizes)
     own_kv_layers = sum(layer.self_attn.has_own_kv for layer in lckv.model.layers)
-    assert sizes.count(1) <= 1 < own_kv_layers, sorted(sizes)
+    # one-element kernels: layer 0's level, and the step's position (the input of the RoPE tables op, which inductor
+    # must make a buffer)
+    assert sizes.count(1) <= 2 < own_kv_layers, sorted(sizes)
 
 
 def test_a_model_holding_the_kernel_pickles(interpreted_kernel, tmp_path):

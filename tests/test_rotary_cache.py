@@ -241,9 +241,14 @@ class Counting:
 @pytest.mark.parametrize("name", ["opt-llama", "llama"])
 def test_fused_model_decodes_as_before(kernel, monkeypatch, name):
     """Greedy generation through a static cache gives the unfused model's tokens; every decode step of every layer
-    with its own KVs ran the kernel (the prefill, several tokens, did not)."""
-    counting, advancing = Counting(), Counting()
-    counted = kernel._replace(run=counting.wrap(kernel.run), run_advancing=advancing.wrap(kernel.run_advancing))
+    with its own KVs ran the kernel (the prefill, several tokens, did not), and every forward's RoPE tables came from
+    the tables kernel."""
+    counting, advancing, tables = Counting(), Counting(), Counting()
+    counted = kernel._replace(
+        run=counting.wrap(kernel.run),
+        run_advancing=advancing.wrap(kernel.run_advancing),
+        tables=tables.wrap(kernel.tables),
+    )
     monkeypatch.setattr(rotary_cache, "load_rotary_cache_kernel", lambda: counted)
     monkeypatch.setattr("models.fused_projections.load_rotary_cache_kernel", lambda: counted)
     config = tiny_config()
@@ -260,6 +265,7 @@ def test_fused_model_decodes_as_before(kernel, monkeypatch, name):
     )  # a Llama layer has its own KVs
     # 4 new tokens: the first from the prefill, 3 decode steps; every layer but layer 0 advances its level in the kernel
     assert counting.calls + advancing.calls == 3 * kv_layers and advancing.calls == 3 * (kv_layers - 1)
+    assert tables.calls == 4  # the RoPE tables of every forward: the prefill's and the 3 steps
 
 
 def counters(model) -> list[int]:

@@ -1,6 +1,6 @@
-"""GPU checks of the RoPE + cache-write kernel (skipped without CUDA): the compiled Triton kernel against the plain
-rotary and ``StaticLayer.update`` at TinyLlama's and 7B's head shapes in bf16 and fp32 (captured generation with it is
-``test_fused_projections_gpu.py``)."""
+"""GPU checks of the RoPE + cache-write kernel and the RoPE tables kernel (skipped without CUDA): the compiled Triton
+kernels against the plain rotary and ``StaticLayer.update``, and against the rotary modules' eager tables, at
+TinyLlama's and 7B's head shapes in bf16 and fp32 (captured generation with them: ``test_fused_projections_gpu.py``)."""
 
 import copy
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.cache_utils import StaticCache
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from models.fused_projections import TABLED_SUBCLASSES
 from models.kernels.plain import PlainRotaryEmbedding, plain_rotate
 from models.kernels.rotary_cache import load_rotary_cache_kernel, rotate_and_cache
 
@@ -79,3 +81,22 @@ def test_many_programs_advance_the_level_once_per_step():
     assert int(layer.cumulative_length) == steps and arrivals.item() == 0
     assert layer.values[:, :, :steps].equal(torch.stack(written_values, dim=2))
     assert not layer.values[:, :, steps:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rotary_class", [LlamaRotaryEmbedding, PlainRotaryEmbedding], ids=["llama", "lckv"])
+def test_tables_equal_eager_cuda(dtype, rotary_class):
+    """The tables kernel against the module's own eager CUDA forward, positions up to 2**17 (TinyLlama's head dim
+    and 7B's): the same float32 products, cosines and sines, up to an ulp of float32 crossing a rounding boundary of
+    ``dtype``; counted how often the two are bitwise equal (printed)."""
+    for head_dim in (64, 128):
+        config = LlamaConfig(hidden_size=32 * head_dim, num_attention_heads=32, max_position_embeddings=1 << 17)
+        plain = rotary_class(config=config).cuda()
+        module = TABLED_SUBCLASSES[rotary_class](config=config).cuda()
+        module.rotary_cache = KERNEL
+        positions = torch.randint(0, 1 << 17, (64, 256), device="cuda")
+        x = torch.zeros(1, device="cuda", dtype=dtype)
+        eps = torch.finfo(dtype).eps
+        for got, expected in zip(module(x, positions), plain(x, positions), strict=True):
+            torch.testing.assert_close(got, expected, rtol=2 * eps, atol=2 * torch.finfo(torch.float32).eps)
+            print(f"head_dim {head_dim} {dtype}: bitwise equal {got.eq(expected).float().mean().item():.6f}")

@@ -1,4 +1,5 @@
-"""A decode step's RoPE and cache write in one kernel (``triton_rotary_cache.py``): ``rotate_and_cache``.
+"""A decode step's RoPE and cache write in one kernel (``triton_rotary_cache.py``): ``rotate_and_cache``; its RoPE
+tables in one kernel (``triton_rotary_tables.py``): ``RotaryTablesMixin``.
 
 An attention layer with its own KVs, at one token per row, rotates its queries and keys and then updates its cache
 layer (``StaticLayer.update``: the new keys and values written at the layer's fill level ``cumulative_length``, which
@@ -16,7 +17,11 @@ The counter is zero between launches: the last program of a launch to arrive set
 on one CUDA stream at a time (two launches sharing the counter at once would miscount), and ``RotaryCacheMixin`` zeroes
 it after every conversion of the module (``.to()``, ``.to_empty()``, ``.cuda()``), whose new memory need not be zero.
 
-The kernel runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
+``fuse_projections`` also gives the model's rotary embedding a kernel computing the step's cos/sin tables
+(``RotaryTablesMixin``, ``triton_rotary_tables.py``): compiled, the tables were otherwise recomputed in every layer
+that reads them.
+
+The kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before the first
 ``load_rotary_cache_kernel()`` (tests run the real kernel that way).
 """
 
@@ -26,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
+from transformers.modeling_rope_utils import dynamic_rope_update
 
 from .flags import triton_devices
 
@@ -33,13 +39,14 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class RotaryCacheKernel(NamedTuple):
-    """The ops (``triton_rotary_cache.rotary_cache_write``, and ``rotary_cache_write_advance``, which also advances
-    the fill level) and the device types they run on. A module holds it: copied as itself, pickled as "load it again"
-    (a compiled op does not pickle)."""
+    """The ops (``triton_rotary_cache.rotary_cache_write``, ``rotary_cache_write_advance``, which also advances the
+    fill level, and ``triton_rotary_tables.rotary_tables``) and the device types they run on. A module holds it: copied
+    as itself, pickled as "load it again" (a compiled op does not pickle)."""
 
     run: Callable
     run_advancing: Callable
     devices: frozenset[str]
+    tables: Callable
 
     def __deepcopy__(self, memo: dict) -> "RotaryCacheKernel":
         return self
@@ -55,8 +62,9 @@ def load_rotary_cache_kernel(environ: Mapping[str, str] | None = None) -> Rotary
     if not devices:
         return None
     from .triton_rotary_cache import rotary_cache_write, rotary_cache_write_advance
+    from .triton_rotary_tables import rotary_tables
 
-    return RotaryCacheKernel(rotary_cache_write, rotary_cache_write_advance, devices)
+    return RotaryCacheKernel(rotary_cache_write, rotary_cache_write_advance, devices, rotary_tables)
 
 
 def give_rotary_cache(module: nn.Module, kernel: RotaryCacheKernel | None) -> None:
@@ -92,6 +100,37 @@ class RotaryCacheMixin:
         module's kernel, counter and layer."""
         arrivals = getattr(self, "rotary_cache_arrivals", None)
         return rotate_and_cache(self.rotary_cache, arrivals, cache, self.layer_idx, *qkv, *position_embeddings)
+
+
+class RotaryTablesMixin:
+    """For a rotary embedding (transformers' ``LlamaRotaryEmbedding``, ``PlainRotaryEmbedding``) that
+    ``fuse_projections`` gives the kernels (``rotary_cache``): ``forward(x, position_ids (B, T))`` -> ``cos``, ``sin``
+    ``(B, T, D)`` in ``x``'s dtype from one kernel (``triton_rotary_tables.py``: an opaque op, so a compiled step
+    computes the tables once and every layer reads them) where it applies: tables computed in float32 (``x`` in
+    ``DTYPES``) from integer positions on a device the kernel runs on. The class's own forward everywhere else."""
+
+    rotary_cache: RotaryCacheKernel | None = None  # set by fuse_projections
+    inv_freq: torch.Tensor
+    attention_scaling: float
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = self.rotary_cache
+        if (
+            kernel is None
+            or x.device.type not in kernel.devices
+            or x.dtype not in DTYPES
+            or position_ids.device != x.device
+            or position_ids.dtype.is_floating_point
+            or position_ids.dim() != 2
+        ):
+            return super().forward(x, position_ids)
+        return self.kernel_tables(x, position_ids)
+
+    @dynamic_rope_update  # as the class's forward: a dynamic RoPE updates inv_freq for the length first
+    def kernel_tables(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's ``cos``, ``sin`` ``(B, T, D)`` in ``x``'s dtype."""
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
+        return self.rotary_cache.tables(position_ids, inv_freq, float(self.attention_scaling), x.dtype)
 
 
 def writable_layer(
