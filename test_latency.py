@@ -57,6 +57,7 @@ from tools.cli import (
     UsageError,
     run_cli,
 )
+from tools.gpu_clocks import ClockSampler, describe, nvidia_smi_id
 from tools.latency import (
     apply_memory_cap,
     build_model,
@@ -129,6 +130,7 @@ class RunResult:
     prefill_sample_step_ms: list[float] | None = (
         None  # --prefill_sample: ms per token step of the start and end segments
     )
+    gpu_clocks: dict | None = None  # the GPU's SM clock, power and power-cap share over the timed runs (gpu_clocks.py)
 
 
 def generate_once(
@@ -271,31 +273,35 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     del warm_cache  # a dynamic cache: freed before the measured run allocates its own
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
-    with tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar, CompiledStepTimer(model) as step_timer:
-        record = {}
-        timer, cache, start = generate_once(
-            model, args, batch, args.steps, bar, args.prompt_len, record=record, reuse=reuse
-        )
-    times = timer.times
-    kv, slots = kv_bytes_and_slots(cache)
-    del cache
-    decode_s = times[-1] - times[1]
-    end_ms = None
-    if args.steps < args.gen_len:  # the same steps with the context near its end
-        with tqdm(total=args.steps, desc=f"{desc} b={batch} end", leave=False) as bar:
-            end_timer, end_cache, _ = generate_once(
-                model,
-                args,
-                batch,
-                args.steps,
-                bar,
-                1,
-                context=args.prompt_len + args.gen_len - args.steps - 1,
-                reuse=reuse,
+    with ClockSampler(nvidia_smi_id(model.device)) as clocks:  # the clock every timed step below ran at
+        with (
+            tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar,
+            CompiledStepTimer(model) as step_timer,
+        ):
+            record = {}
+            timer, cache, start = generate_once(
+                model, args, batch, args.steps, bar, args.prompt_len, record=record, reuse=reuse
             )
-        end_ms = step_ms(end_timer)
-        del end_cache
+        times = timer.times
+        kv, slots = kv_bytes_and_slots(cache)
+        del cache
+        end_ms = None
+        if args.steps < args.gen_len:  # the same steps with the context near its end
+            with tqdm(total=args.steps, desc=f"{desc} b={batch} end", leave=False) as bar:
+                end_timer, end_cache, _ = generate_once(
+                    model,
+                    args,
+                    batch,
+                    args.steps,
+                    bar,
+                    1,
+                    context=args.prompt_len + args.gen_len - args.steps - 1,
+                    reuse=reuse,
+                )
+            end_ms = step_ms(end_timer)
+            del end_cache
     del reuse
+    decode_s = times[-1] - times[1]
     mean_ms, e2e_s = extrapolate(times[1] - start, step_ms(timer), end_ms, args.gen_len)
     return RunResult(
         batch=batch,
@@ -315,6 +321,7 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
         e2e_throughput=batch * args.gen_len / e2e_s,
         mean_decode_throughput=batch * 1e3 / mean_ms,
         prefill_sample_step_ms=[1e3 * s / args.prefill_sample for s in record["prefill_sample_s"]] if record else None,
+        gpu_clocks=clocks.summary,
     )
 
 
@@ -414,6 +421,7 @@ def summarize(
         "max_batch_decode_throughput": best["decode_throughput"] if best else 0.0,
         "max_batch_e2e_throughput": best["e2e_throughput"] if best else 0.0,
         "max_batch_e2e_vs_roofline": best["e2e_vs_roofline"] if best else None,
+        "max_batch_gpu_clocks": best["gpu_clocks"] if best else None,
         "batch1_step_ms": batch1["step_ms"] if batch1 else None,
         "batch1_roofline_ms": roofline_ms,
         "batch1_step_vs_roofline": batch1["step_ms"] / roofline_ms if batch1 else None,
@@ -678,10 +686,11 @@ def measure(argv: list[str] | None = None) -> dict:
             if r["batch1_step_ms"]
             else ""
         )
+        clocks = describe(r["max_batch_gpu_clocks"])
         print(
             f"{name}: max batch {r['max_batch']}, end to end {r['max_batch_e2e_throughput']:.1f} tok/s{vs_roofline}, "
             f"first steps {r['max_batch_throughput']:.1f} tok/s "
-            f"(decode {r['max_batch_decode_throughput']:.1f}){batch1}"
+            f"(decode {r['max_batch_decode_throughput']:.1f}){batch1}{f'; {clocks}' if clocks else ''}"
         )
     print(json.dumps(out["ratios"], indent=2))
     print(f"written: {out_dir / 'latency.json'}, {out_dir / 'throughput.png'}")

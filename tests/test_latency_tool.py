@@ -49,6 +49,7 @@ def test_cpu_run_writes_both_models_and_ratios(configs, tmp_path):
     for r in out["models"].values():
         assert r["max_batch"] == 2 and r["max_batch_throughput"] > 0 and [x["batch"] for x in r["runs"]] == [1, 2]
         assert all(x["kv_bytes_per_token"] == r["kv_bytes_per_token_formula"] for x in r["runs"])
+        assert all(x["gpu_clocks"] == {"unavailable": "not a CUDA device"} for x in r["runs"])
         assert r["runs"][1]["roofline_ms"] > r["runs"][0]["roofline_ms"] == r["batch1_roofline_ms"]
         assert r["runs"][1]["matmul_floor_ms"] == pytest.approx(2 * r["runs"][0]["matmul_floor_ms"])  # batch 2 vs 1
     ratio = out["ratios"]["test_tiny_opt/tiny_llama"]
