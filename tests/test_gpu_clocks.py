@@ -67,13 +67,14 @@ def wait_for(path: Path) -> None:
 
 
 def test_sampler_runs_nvidia_smi_for_its_gpu_while_the_code_runs(tmp_path):
-    """The sampler starts the command for the GPU's id with the query, reads what it printed until stopped, and
-    summarises it; the command is stopped at the end of the block."""
-    body = f"print(open({str(FIXTURE)!r}).read(), flush=True)"
+    """The sampler starts the command for the GPU's id with the query, keeps all it printed until stopped (more than
+    a pipe holds: 5 x 364 readings, about 89 KB, some 16 minutes of readings at 0.5 s), and summarises it; the command is
+    stopped at the end of the block."""
+    body = f"print(open({str(FIXTURE)!r}).read() * 5, flush=True)"
     with ClockSampler("GPU-1234", interval_ms=250, command=stand_in(tmp_path, body)) as clocks:
         wait_for(tmp_path / "args")
     assert clocks.process.returncode is not None  # stopped
-    assert clocks.summary == summarize([parse_sample(line) for line in LINES])
+    assert clocks.summary == summarize([parse_sample(line) for line in LINES] * 5)
     args = (tmp_path / "args").read_text()
     assert args.startswith("-i GPU-1234 --query-gpu=clocks.sm,clocks.max.sm,power.draw,clocks_throttle_reasons.active")
     assert args.endswith("--format=csv,noheader -lms 250")

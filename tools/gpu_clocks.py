@@ -11,7 +11,9 @@ its summary says which is missing.
 import shutil
 import statistics
 import subprocess
+import tempfile
 from dataclasses import dataclass
+from typing import IO
 
 import torch
 
@@ -99,6 +101,9 @@ class ClockSampler:
     def __init__(self, gpu_id: str | None, interval_ms: int = 500, command: str = "nvidia-smi"):
         self.gpu_id, self.interval_ms, self.command = gpu_id, interval_ms, command
         self.process: subprocess.Popen | None = None
+        # nvidia-smi writes here, not into a pipe: a pipe read only at the end would fill (64 KiB, about 12 minutes
+        # of readings) and stop the readings of a longer run
+        self.readings: IO[str] | None = None
         self.summary: dict = {}
 
     def __enter__(self) -> "ClockSampler":
@@ -106,11 +111,12 @@ class ClockSampler:
         if self.gpu_id is None or executable is None:
             self.summary = {"unavailable": "not a CUDA device" if self.gpu_id is None else f"no {self.command}"}
             return self
+        self.readings = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [executable, "-i", self.gpu_id, f"--query-gpu={','.join(QUERY)}", "--format=csv,noheader"]
             + ["-lms", str(self.interval_ms)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=self.readings,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         return self
@@ -120,11 +126,14 @@ class ClockSampler:
             return
         self.process.terminate()
         try:
-            output, errors = self.process.communicate(timeout=10)
+            self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            output, errors = self.process.communicate()
+            self.process.wait()
+        self.readings.seek(0)
+        output = self.readings.read()
+        self.readings.close()
         samples = [sample for sample in map(parse_sample, output.splitlines()) if sample is not None]
         self.summary = summarize(samples)
         if not samples:  # what nvidia-smi said instead (an unknown id, an unsupported field)
-            self.summary["error"] = next((line for line in (output + errors).splitlines() if line.strip()), "")
+            self.summary["error"] = next((line for line in output.splitlines() if line.strip()), "")
