@@ -143,10 +143,8 @@ def fuse_projections(model: nn.Module) -> int:
         return 0
     fused = 0
     rotary_cache = load_rotary_cache_kernel()
+    rotary_embeddings = [module for module in model.modules() if type(module) in TABLED_SUBCLASSES]
     for module in list(model.modules()):
-        if rotary_cache is not None and type(module) in TABLED_SUBCLASSES:
-            module.__class__ = TABLED_SUBCLASSES[type(module)]
-            module.rotary_cache = rotary_cache
         module_class = FUSED_SUBCLASSES.get(type(module), type(module))
         for fused_name, part_names in getattr(module_class, "fused_groups", {}).items():
             parts = [getattr(module, name, None) for name in part_names]
@@ -157,4 +155,8 @@ def fuse_projections(model: nn.Module) -> int:
             if issubclass(module_class, RotaryCacheMixin):
                 give_rotary_cache(module, rotary_cache)
             fused += 1
+    if fused and rotary_cache is not None:  # a model with nothing to fuse is left as it was
+        for module in rotary_embeddings:
+            module.__class__ = TABLED_SUBCLASSES[type(module)]
+            module.rotary_cache = rotary_cache
     return fused

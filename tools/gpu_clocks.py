@@ -11,9 +11,8 @@ its summary says which is missing.
 import shutil
 import statistics
 import subprocess
-import tempfile
+import threading
 from dataclasses import dataclass
-from typing import IO
 
 import torch
 
@@ -31,42 +30,50 @@ class ClockSample:
     sm_clock_mhz: float
     max_sm_clock_mhz: float
     power_w: float | None
-    reasons: int
+    reasons: int | None
+
+
+def leading_number(field: str) -> float | None:
+    """``693.58`` of ``693.58 W``; None for ``[N/A]``, ``[Not Supported]`` and the like."""
+    try:
+        return float(field.split()[0])
+    except (ValueError, IndexError):
+        return None
 
 
 def parse_sample(line: str) -> ClockSample | None:
     """One line of ``nvidia-smi --query-gpu=<QUERY> --format=csv,noheader``, e.g. ``1650 MHz, 1980 MHz, 693.58 W,
-    0x0000000000000004``; None for anything else (an error line, ``[N/A]`` clocks)."""
+    0x0000000000000004``; None for anything else (an error line, clocks not reported). A power or reason field the
+    board does not report is None."""
     fields = [field.strip() for field in line.split(",")]
     if len(fields) != len(QUERY):
         return None
-    try:
-        clock, max_clock = (float(field.split()[0]) for field in fields[:2])
-        reasons = int(fields[3], 16)
-    except (ValueError, IndexError):
+    clock, max_clock, power = (leading_number(field) for field in fields[:3])
+    if clock is None or max_clock is None:
         return None
     try:
-        power = float(fields[2].split()[0])
-    except (ValueError, IndexError):  # "[N/A]"
-        power = None
+        reasons = int(fields[3], 16)
+    except ValueError:  # "[Not Supported]"
+        reasons = None
     return ClockSample(clock, max_clock, power, reasons)
 
 
 def summarize(samples: list[ClockSample]) -> dict:
     """What the samples say about the clock a timing ran at: the SM clock (min / median / max, and the maximum the
     GPU allows), the power draw (median / max), and the fractions of samples held by the power cap and by a thermal or
-    hardware slowdown."""
+    hardware slowdown (None where no sample reported its reasons)."""
     if not samples:
         return {"samples": 0}
     clocks = [sample.sm_clock_mhz for sample in samples]
     powers = [sample.power_w for sample in samples if sample.power_w is not None]
+    reasons = [sample.reasons for sample in samples if sample.reasons is not None]
     return {
         "samples": len(samples),
         "sm_clock_mhz": {"min": min(clocks), "median": statistics.median(clocks), "max": max(clocks)},
         "max_sm_clock_mhz": max(sample.max_sm_clock_mhz for sample in samples),
         "power_w": {"median": statistics.median(powers), "max": max(powers)} if powers else None,
-        "power_capped_fraction": sum(bool(sample.reasons & POWER_CAP) for sample in samples) / len(samples),
-        "slowdown_fraction": sum(bool(sample.reasons & SLOWDOWN) for sample in samples) / len(samples),
+        "power_capped_fraction": sum(bool(r & POWER_CAP) for r in reasons) / len(reasons) if reasons else None,
+        "slowdown_fraction": sum(bool(r & SLOWDOWN) for r in reasons) / len(reasons) if reasons else None,
     }
 
 
@@ -94,16 +101,23 @@ def nvidia_smi_id(device: torch.device) -> str | None:
 
 class ClockSampler:
     """``with ClockSampler(gpu_id) as clocks: <timed code>``, then ``clocks.summary``: ``summarize`` of an
-    ``nvidia-smi`` reading every ``interval_ms`` (the first at once) for the GPU ``gpu_id`` (``nvidia_smi_id``), or
-    ``{"unavailable": why}`` where there is no GPU id or no ``command``; with no reading, what ``nvidia-smi`` printed
-    instead is the summary's ``error``."""
+    ``nvidia-smi`` reading every ``interval_ms`` for the GPU ``gpu_id`` (``nvidia_smi_id``), from its first reading
+    (waited for, at most ``FIRST_READING_S``, before the block runs) to the block's end; ``{"unavailable": why}`` where
+    there is no GPU id, no ``command`` or it does not start; with no reading, what ``nvidia-smi`` printed instead is
+    the summary's ``error``.
+
+    A thread reads the readings as they come: a pipe read only at the end would fill (64 KiB, about 12 minutes of
+    readings) and stop them, and a file would let ``nvidia-smi`` outlive a process killed inside the block (a pipe
+    whose reader is gone ends it at its next write)."""
+
+    FIRST_READING_S = 5.0
 
     def __init__(self, gpu_id: str | None, interval_ms: int = 500, command: str = "nvidia-smi"):
         self.gpu_id, self.interval_ms, self.command = gpu_id, interval_ms, command
         self.process: subprocess.Popen | None = None
-        # nvidia-smi writes here, not into a pipe: a pipe read only at the end would fill (64 KiB, about 12 minutes
-        # of readings) and stop the readings of a longer run
-        self.readings: IO[str] | None = None
+        self.lines: list[str] = []
+        self.first_line = threading.Event()
+        self.reader: threading.Thread | None = None
         self.summary: dict = {}
 
     def __enter__(self) -> "ClockSampler":
@@ -111,15 +125,27 @@ class ClockSampler:
         if self.gpu_id is None or executable is None:
             self.summary = {"unavailable": "not a CUDA device" if self.gpu_id is None else f"no {self.command}"}
             return self
-        self.readings = tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen(
-            [executable, "-i", self.gpu_id, f"--query-gpu={','.join(QUERY)}", "--format=csv,noheader"]
-            + ["-lms", str(self.interval_ms)],
-            stdout=self.readings,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        try:
+            self.process = subprocess.Popen(
+                [executable, "-i", self.gpu_id, f"--query-gpu={','.join(QUERY)}", "--format=csv,noheader"]
+                + ["-lms", str(self.interval_ms)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        except OSError as error:
+            self.summary = {"unavailable": f"{self.command} did not start: {error}"}
+            return self
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+        self.first_line.wait(self.FIRST_READING_S)
         return self
+
+    def read(self) -> None:
+        """The reader thread: every line ``nvidia-smi`` prints, until it ends."""
+        for line in self.process.stdout:
+            self.lines.append(line)
+            self.first_line.set()
 
     def __exit__(self, *exc_info) -> None:
         if self.process is None:
@@ -129,11 +155,8 @@ class ClockSampler:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait()
-        self.readings.seek(0)
-        output = self.readings.read()
-        self.readings.close()
-        samples = [sample for sample in map(parse_sample, output.splitlines()) if sample is not None]
+        self.reader.join(timeout=10)
+        samples = [sample for sample in map(parse_sample, self.lines) if sample is not None]
         self.summary = summarize(samples)
         if not samples:  # what nvidia-smi said instead (an unknown id, an unsupported field)
-            self.summary["error"] = next((line for line in output.splitlines() if line.strip()), "")
+            self.summary["error"] = next((line.strip() for line in self.lines if line.strip()), "")

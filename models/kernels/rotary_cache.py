@@ -129,7 +129,7 @@ class RotaryTablesMixin:
     @dynamic_rope_update  # as the class's forward: a dynamic RoPE updates inv_freq for the length first
     def kernel_tables(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's ``cos``, ``sin`` ``(B, T, D)`` in ``x``'s dtype."""
-        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32).contiguous()
         return self.rotary_cache.tables(position_ids, inv_freq, float(self.attention_scaling), x.dtype)
 
 
