@@ -2,6 +2,7 @@
 input."""
 
 import json
+import math
 
 import pytest
 
@@ -22,7 +23,10 @@ def test_cpu_smoke_run(tmp_path, monkeypatch):
     argv = ["--configs", str(CONFIGS / "test_tiny_opt.json"), "--short", "4", "--long", "6", "--repeats", "1"]
     out = measure_guard_checks.main([*argv, "--stop_check_interval", "1", "--output_dir", str(tmp_path)])
     row = out["models"][0]
-    assert set(row["ms_per_token"]) == {"checked", "skipped"} and all(v > 0 for v in row["ms_per_token"].values())
+    # a number each (one repeat of a 2-token difference on a loaded machine may come out at or below zero: what the
+    # skipped checks save is the benchmark's to measure, over many repeats, not this smoke run's)
+    assert set(row["ms_per_token"]) == {"checked", "skipped"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in row["ms_per_token"].values())
     # the timed runs, one interval per step after the prefill's token: checked short (3) and long (5), then skipped
     assert entered[-16:] == [False] * 8 + [False] * 2 + [True] + [False] * 2 + [True] * 3
     assert json.loads((tmp_path / "guard_checks.json").read_text())["models"][0]["config"].endswith(
