@@ -273,7 +273,7 @@ def measure_batch(model, args, batch: int, desc: str, prefill_path: str | None) 
     del warm_cache  # a dynamic cache: freed before the measured run allocates its own
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
-    with ClockSampler(nvidia_smi_id(model.device)) as clocks:  # the clock every timed step below ran at
+    with ClockSampler(nvidia_smi_id(model.device), args.clock_interval_ms) as clocks:  # what the timed steps ran at
         with (
             tqdm(total=args.steps, desc=f"{desc} b={batch}", leave=False) as bar,
             CompiledStepTimer(model) as step_timer,

@@ -80,6 +80,9 @@ ROWS = {
     "latency memory below the weights": Row("test_latency", [*PLAN, "--gpu_memory", "1KB"], ["--gpu_memory", "1KB"]),
     "latency batches zero": Row("test_latency", [*LATENCY, "--batches", "0"], ["--batches", "0"]),
     "latency steps zero": Row("test_latency", [*LATENCY, "--steps", "0"], ["--steps", "0"]),
+    "latency clock interval negative": Row(
+        "test_latency", [*LATENCY, "--clock_interval_ms=-5"], ["--clock_interval_ms", "-5"]
+    ),
     "latency prompt_len zero": Row("test_latency", [*LATENCY, "--prompt_len", "0"], ["--prompt_len", "0"]),
     "latency device nonsense": Row("test_latency", [*LATENCY, "--device", "gpu0"], ["--device", "gpu0"]),
     "latency attention typo": Row(

@@ -75,7 +75,7 @@ def wait_for(path: Path) -> None:
 
 def test_sampler_runs_nvidia_smi_for_its_gpu_while_the_code_runs(tmp_path):
     """The sampler starts the command for the GPU's id with the query, keeps all it printed until stopped (more than
-    a pipe holds: 5 x 364 readings, about 89 KB, some 16 minutes of readings at 0.5 s), and summarises it; the
+    a pipe holds: 5 x 364 readings, about 89 KB, some 30 minutes of readings at 1 s), and summarises it; the
     command is stopped at the end of the block."""
     body = f"print(open({str(FIXTURE)!r}).read() * 5, flush=True)"
     with ClockSampler("GPU-1234", interval_ms=250, command=stand_in(tmp_path, body)) as clocks:
@@ -88,10 +88,14 @@ def test_sampler_runs_nvidia_smi_for_its_gpu_while_the_code_runs(tmp_path):
 
 
 def test_what_the_sampler_records_without_readings(tmp_path):
-    """No CUDA device, no command, or a command that gives no reading: the summary says which, and what it said."""
+    """Switched off, no CUDA device, no command, or a command that gives no reading: the summary says which, and what
+    it said."""
     with ClockSampler(None) as clocks:
         pass
     assert clocks.summary == {"unavailable": "not a CUDA device"}
+    with ClockSampler("GPU-1234", interval_ms=0, command=stand_in(tmp_path, "")) as clocks:
+        pass
+    assert clocks.summary == {"unavailable": "not read (interval 0)"} and clocks.process is None
     with ClockSampler("GPU-1234", command=str(tmp_path / "missing")) as clocks:
         pass
     assert clocks.summary == {"unavailable": f"no {tmp_path / 'missing'}"}

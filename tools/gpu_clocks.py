@@ -103,16 +103,16 @@ class ClockSampler:
     """``with ClockSampler(gpu_id) as clocks: <timed code>``, then ``clocks.summary``: ``summarize`` of an
     ``nvidia-smi`` reading every ``interval_ms`` for the GPU ``gpu_id`` (``nvidia_smi_id``), from its first reading
     (waited for, at most ``FIRST_READING_S``, before the block runs) to the block's end; ``{"unavailable": why}`` where
-    there is no GPU id, no ``command`` or it does not start; with no reading, what ``nvidia-smi`` printed instead is
-    the summary's ``error``.
+    ``interval_ms`` is 0, there is no GPU id, no ``command`` or it does not start; with no reading, what
+    ``nvidia-smi`` printed instead is the summary's ``error``.
 
     A thread reads the readings as they come: a pipe read only at the end would fill (64 KiB, about 12 minutes of
-    readings) and stop them, and a file would let ``nvidia-smi`` outlive a process killed inside the block (a pipe
-    whose reader is gone ends it at its next write)."""
+    readings at 0.5 s) and stop them, and a file would let ``nvidia-smi`` outlive a process killed inside the block
+    (a pipe whose reader is gone ends it at its next write)."""
 
     FIRST_READING_S = 5.0
 
-    def __init__(self, gpu_id: str | None, interval_ms: int = 500, command: str = "nvidia-smi"):
+    def __init__(self, gpu_id: str | None, interval_ms: int = 1000, command: str = "nvidia-smi"):
         self.gpu_id, self.interval_ms, self.command = gpu_id, interval_ms, command
         self.process: subprocess.Popen | None = None
         self.lines: list[str] = []
@@ -122,6 +122,9 @@ class ClockSampler:
 
     def __enter__(self) -> "ClockSampler":
         executable = shutil.which(self.command)
+        if self.interval_ms == 0:
+            self.summary = {"unavailable": "not read (interval 0)"}
+            return self
         if self.gpu_id is None or executable is None:
             self.summary = {"unavailable": "not a CUDA device" if self.gpu_id is None else f"no {self.command}"}
             return self

@@ -141,6 +141,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cap this process's CUDA allocations at this size (e.g. 79GiB on a "
         "141GB card: what an 80 GB H100 gives CUDA), through torch.cuda.set_per_process_memory_fraction",
     )
+    p.add_argument(
+        "--clock_interval_ms",
+        type=int,
+        default=1000,
+        help="read the GPU's SM clock, power and power-cap state with nvidia-smi every this many ms over each timed "
+        "run (gpu_clocks in the JSON: a GPU at its power limit runs long runs below the clock of short ones); "
+        "0: do not read them",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
     p.add_argument("--output_dir", default="bench/latency", help="where latency.json and throughput.png go")
     p.add_argument(
@@ -189,6 +197,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_range("--prefill_chunk", args.prefill_chunk, minimum=0)
     check_range("--resolution", args.resolution, minimum=0, maximum=1)
     check_range("--tp_size", args.tp_size, minimum=1)
+    check_range("--clock_interval_ms", args.clock_interval_ms, minimum=0)
     if args.batches is not None:
         parse_int_list("--batches", args.batches)
     elif args.first_fit:
