@@ -121,10 +121,10 @@ class ClockSampler:
         self.summary: dict = {}
 
     def __enter__(self) -> "ClockSampler":
-        executable = shutil.which(self.command)
         if self.interval_ms == 0:
             self.summary = {"unavailable": "not read (interval 0)"}
             return self
+        executable = shutil.which(self.command)
         if self.gpu_id is None or executable is None:
             self.summary = {"unavailable": "not a CUDA device" if self.gpu_id is None else f"no {self.command}"}
             return self
