@@ -627,9 +627,7 @@ def measure(argv: list[str] | None = None) -> dict:
         "max_batch",
         "batches",
         "attn_implementation",
-        "fused_projections",
-        "small_batch_gemv",
-        "dependent_launch",
+        *shared.DECODE_KERNEL_OPTIONS,
     )
     setting = {k: getattr(args, k) for k in keys}
     setting["extrapolation"] = (

@@ -39,7 +39,7 @@ from models import SPLIT_KV
 from models.chunked_prefill import set_cached_length
 from models.export import write_json
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
-from tools.cli import add_decode_kernel_options, parse_int_list, parse_size, run_cli
+from tools.cli import DECODE_KERNEL_OPTIONS, add_decode_kernel_options, parse_int_list, parse_size, run_cli
 from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
 
 LOOPS = ("fast", "transformers")
@@ -251,9 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
             "attn_implementation",
             "compile_mode",
             "hbm_bandwidth",
-            "fused_projections",
-            "small_batch_gemv",
-            "dependent_launch",
+            *DECODE_KERNEL_OPTIONS,
         )
     }
     setting["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -266,9 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             device=args.device,
             attn_implementation=args.attn_implementation,
             compile_mode=args.compile_mode,
-            fused_projections=args.fused_projections,
-            small_batch_gemv=args.small_batch_gemv,
-            dependent_launch=args.dependent_launch,
+            **{option: getattr(args, option) for option in DECODE_KERNEL_OPTIONS},
         )
         model = latency.build_model(config, latency_args, dtype)  # the fast loop on a Llama too
         model.generation_config.compile_config = compile_config(args.device)

@@ -42,7 +42,7 @@ from models.kernels.attention import packed_sdpa_attention
 from models.kernels.decode_attention import load_split_kv_kernel, split_kv_sdpa_attention
 from models.sequential_prefill import prefill_cache
 from models.tensor_parallel import is_main_process, world_size
-from tools.cli import add_decode_kernel_options, run_cli, set_decode_kernel_options
+from tools.cli import DECODE_KERNEL_OPTIONS, add_decode_kernel_options, run_cli, set_decode_kernel_options
 from tools.measure import (
     CompiledStepTimer,
     build_random_model,
@@ -329,10 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
             "gen_len",
             "steps",
             "device",
-            "fused_projections",
-            "small_batch_gemv",
-            "dependent_launch",
             "prefill_steps",
+            *DECODE_KERNEL_OPTIONS,
         )
     }
     setting["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device

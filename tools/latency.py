@@ -365,8 +365,7 @@ def filled_cache(model, args, batch: int, length: int, reuse: StaticCache | None
 def build_model(config: PretrainedConfig, args, dtype: torch.dtype):
     """Random weights of ``--seed`` on ``--device`` (each process its shard under torchrun), ``--attn_implementation``,
     generate's captured decoding loop (``tools.measure.build_random_model``) compiled in ``--compile_mode``, with
-    ``--fused_projections``, ``--small_batch_gemv`` and ``--dependent_launch``
-    (``tools.cli.set_decode_kernel_options``)."""
+    the decode-kernel options (``tools.cli.set_decode_kernel_options``)."""
     torch.manual_seed(args.seed)
     model = build_random_model(config, dtype, args.device, args.attn_implementation)
     model.generation_config.compile_config = CompileConfig(mode=args.compile_mode)
