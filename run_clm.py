@@ -30,11 +30,9 @@ from transformers import (
     AutoModelForCausalLM,
     PretrainedConfig,
     Trainer,
-    TrainerState,
     TrainingArguments,
     default_data_collator,
 )
-from transformers.trainer import TRAINER_STATE_NAME
 
 from models.export import AUTO_CLASSES, bundle_code
 from tools import cli as shared  # its import of models registers model_type "opt-llama"
@@ -42,12 +40,14 @@ from tools.cli import HfParser, UsageError, check_range, check_text_file, one_li
 from tools.training_checkpoints import (
     AtomicCheckpoints,
     choose_resume_checkpoint,
-    loss_sum_before,
-    read_json_or_empty,
     trained_to_the_end,
 )
 
 logger = logging.getLogger("run_clm")
+
+# What an evaluation during training reports without compute_metrics (the Trainer's evaluation loop and speed metrics).
+TRAINING_EVAL_METRICS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+DEFAULT_TEXT_COLUMN = "text"  # the column of the text loader (.txt files)
 
 SMALL_FILE_BYTES = 1 << 20  # data files up to this size are checked token by token before the real tokenization
 OFFLINE_HINT = (
@@ -129,7 +129,13 @@ class DataTrainingArguments:
     validation_file: str | None = field(
         default=None, metadata={"help": "Local validation data: .txt, .json or .jsonl (same kind as --train_file)."}
     )
-    text_column: str = field(default="text", metadata={"help": "Column holding the text in json/jsonl/hub data."})
+    text_column: str = field(
+        default=DEFAULT_TEXT_COLUMN,
+        metadata={
+            "help": "Column holding the text in json/jsonl/hub data (a missing one is an error; left at 'text', "
+            "data with a single column uses that one)."
+        },
+    )
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Percent of train held out for evaluation when the data has no validation split."}
     )
@@ -181,6 +187,20 @@ def check_args(margs: ModelArguments, dargs: DataTrainingArguments, targs: Train
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         check_range(f"--{flag}", getattr(targs, flag), minimum=1)
     check_range("--learning_rate", targs.learning_rate, minimum=0)
+    # transformers takes a step interval below 1 as a fraction of the training steps; 0 or less under the "steps"
+    # strategy silently meant never (no checkpoint before the end: a kill lost the whole run; no log, no evaluation).
+    for flag, strategy in (
+        ("save_steps", "save_strategy"),
+        ("eval_steps", "eval_strategy"),
+        ("logging_steps", "logging_strategy"),
+    ):
+        if getattr(targs, strategy) == "steps":
+            check_interval(f"--{flag}", getattr(targs, flag), f"--{strategy}")
+    check_range("--dataloader_num_workers", targs.dataloader_num_workers, minimum=0)  # 0: load in the main process
+    check_range("--save_total_limit", targs.save_total_limit, minimum=1)  # leave it out to keep every checkpoint
+    check_range("--eval_accumulation_steps", targs.eval_accumulation_steps, minimum=1)
+    check_range("--weight_decay", targs.weight_decay, minimum=0)  # torch's AdamW refuses a negative one
+    check_range("--max_grad_norm", targs.max_grad_norm, minimum=0)  # 0: no clipping (transformers' documented off)
     check_range("--seed", targs.seed, minimum=0, maximum=2**32 - 1)  # numpy's range, which set_seed seeds
     for flag in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
         check_range(f"--{flag}", getattr(dargs, flag), minimum=1)
@@ -195,6 +215,36 @@ def check_args(margs: ModelArguments, dargs: DataTrainingArguments, targs: Train
         shared.check_weights("--model_name_or_path", margs.model_name_or_path)
     if margs.tokenizer_name:
         shared.check_tokenizer_source("--tokenizer_name", margs.tokenizer_name)
+    check_metric_for_best_model(targs)
+
+
+def check_interval(flag: str, value: float, strategy_flag: str) -> None:
+    """A step interval under the "steps" strategy: > 0 (a number of steps, or below 1 a fraction of the training
+    steps, as transformers reads it)."""
+    if not value > 0:  # also NaN
+        raise UsageError(
+            f"{flag}: {value:g}; allowed values are > 0 with {strategy_flag} steps (a number of steps, or a fraction "
+            "below 1 of the training steps)"
+        )
+
+
+def check_metric_for_best_model(targs: TrainingArguments) -> None:
+    """``--metric_for_best_model`` names a metric of the evaluations during training, before any step runs (the
+    Trainer looks it up after the first evaluation, so a typo failed with a KeyError after training steps had run).
+
+    run_clm.py passes no ``compute_metrics``: an evaluation during training reports the loss and the speed metrics
+    only (``perplexity`` comes with the final evaluation alone); memory metrics (``--skip_memory_metrics false``) add
+    names that depend on the device, which are left to the Trainer.
+    """
+    name = targs.metric_for_best_model
+    if name is None or not targs.do_train or not targs.skip_memory_metrics:
+        return
+    key = name if name.startswith("eval_") else f"eval_{name}"
+    if key not in TRAINING_EVAL_METRICS:
+        raise UsageError(
+            f"--metric_for_best_model: {name!r} is not a metric of the evaluations during training; allowed are "
+            f"{', '.join(TRAINING_EVAL_METRICS)} (or without eval_)"
+        )
 
 
 # ----------------------------------------------------------------------------- hub access
@@ -269,6 +319,7 @@ def load_tokenizer(margs: ModelArguments, corpus_tokenizer: Path | None):
 
 def build_model(margs: ModelArguments, config: PretrainedConfig, tokenizer) -> transformers.PreTrainedModel:
     """Model from scratch (vocab and special ids from the tokenizer) or from --model_name_or_path."""
+    shared.warn_kernel_flags_without_effect(config)
     if margs.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, config=config, cache_dir=margs.cache_dir)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -382,11 +433,22 @@ def load_raw_datasets(margs: ModelArguments, dargs: DataTrainingArguments, corpu
     return raw
 
 
+def pick_text_column(name: str, columns: list[str]) -> str:
+    """The column to tokenize: ``--text_column``; where the data has one column only and the flag is left at its
+    default ``text``, that column (a json file or hub set whose one column has another name). Otherwise a missing
+    column is an error: picking the first one trained silently on a title or an id."""
+    if name in columns:
+        return name
+    if name == DEFAULT_TEXT_COLUMN and len(columns) == 1:
+        return columns[0]
+    raise UsageError(f"--text_column: {name!r} is not a column of the data; allowed are {', '.join(columns)}")
+
+
 def tokenize_and_group(raw, tokenizer, dargs: DataTrainingArguments, block_size: int, training_args: TrainingArguments):
     """Tokenize every text, concatenate, and cut into ``block_size`` blocks with labels (the tail is dropped)."""
     first_split = next(iter(raw.values()))
     columns = first_split.column_names or list(next(iter(first_split)))  # a stream may not know its columns
-    text_column = dargs.text_column if dargs.text_column in columns else columns[0]
+    text_column = pick_text_column(dargs.text_column, columns)
 
     def tokenize(batch):
         return tokenizer(batch[text_column])
@@ -545,18 +607,11 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
 
     if targs.do_train:
         if resume is not None and trained_to_the_end(resume, targs.max_steps):
-            # A run killed after its last checkpoint (saving the model, writing metrics, evaluating): transformers'
-            # train() from that checkpoint would run one step past max_steps. Take the trained state as it is, and
-            # the completed run's train metrics where it wrote them.
+            # A run killed after its last checkpoint (saving the model, writing metrics, evaluating), or the same
+            # command run again: transformers' train() from that checkpoint would run one step past max_steps. Take
+            # the trained state as it is and do what the end of train() does (best model, summary, rotation).
             logger.info("training already ended at %s: nothing left to train", resume)
-            trainer._load_from_checkpoint(resume)
-            trainer.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
-            metrics = read_json_or_empty(Path(targs.output_dir) / "train_results.json")
-            if not metrics:
-                loss_sum = loss_sum_before(resume)
-                metrics = {"epoch": trainer.state.epoch}
-                if loss_sum is not None:
-                    metrics["train_loss"] = loss_sum / max(trainer.state.global_step, 1)
+            metrics = trainer.end_ended_training(resume)
         else:
             metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
         trainer.save_model()
@@ -573,7 +628,6 @@ def train_and_evaluate(argv: list[str] | None = None) -> dict[str, Any]:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         if margs.eval_sequential:
             shared.set_sequential(unwrapped.config, sequential_flag)
-        shared.evaluate_as_the_checkpoint_prefills(unwrapped.config)
         metrics = trainer.evaluate()
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
         metrics["eval_sequential"] = shared.is_sequential(unwrapped.config)  # the checkpoint's own switch counts too

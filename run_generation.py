@@ -18,7 +18,7 @@ import sys
 
 from models import OptLlamaConfig  # import models registers model_types "opt-llama" and "lckv-llama"
 from models.fast_decode import enable_fast_decode
-from tools.cli import ArgumentParser, UsageError, asks_exact_prefill, is_sequential, resolve_device, run_cli
+from tools.cli import ArgumentParser, UsageError, is_sequential, resolve_device, run_cli
 from tools.generation import (
     add_exact_args,
     add_generation_args,
@@ -40,8 +40,7 @@ def check_exact_prefill_masks(args: argparse.Namespace, config) -> None:
     """An exact prefill (``sequential_forward`` or ``prefill="sequential"``, from the flags or the checkpoint's config)
     cuts the prompt's masks per token; over a ``--static_cache`` generate makes flex-attention masks whole, which
     cannot be cut: a UsageError before the model loads."""
-    exact = is_sequential(config) or asks_exact_prefill(config)
-    if exact and args.static_cache and args.attn_implementation == "flex_attention":
+    if is_sequential(config) and args.static_cache and args.attn_implementation == "flex_attention":
         raise UsageError(
             "--attn_implementation: flex_attention's masks over a --static_cache cannot be cut per token for the "
             "exact (sequential) prefill that the flags or the checkpoint's config ask for; allowed there are sdpa, "
@@ -107,22 +106,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_prefill_has_a_cache(args: argparse.Namespace, config) -> None:
-    """A prefill mode (``--prefill``, or an exact ``prefill: "sequential"`` in the checkpoint's config) fills the KV
-    cache: with ``--no_cache`` (or the no-cache half of ``--compare_cache``) the forwards would run iteratively, an
-    approximation where the exact prefill was asked. A one-line error, unless every forward is exact anyway
-    (``sequential_forward``)."""
-    if not (args.no_cache or args.compare_cache) or is_sequential(config):
+    """``--prefill iterative`` or ``auto`` picks how the prompt fills the KV cache: with ``--no_cache`` (or the
+    no-cache half of ``--compare_cache``) there is none to fill, and "auto" would not be priced (the forwards run
+    iteratively). A one-line error; ``--prefill sequential`` (or ``sequential_forward``) makes every forward exact,
+    cache or not, so it applies there."""
+    if args.prefill is None or not (args.no_cache or args.compare_cache) or is_sequential(config):
         return
     flag = "--no_cache" if args.no_cache else "--compare_cache"
-    if args.prefill is not None:
-        where = "--prefill"
-    elif asks_exact_prefill(config):
-        where = f'{args.model_name_or_path or args.config}: its config\'s prefill "sequential"'
-    else:
-        return
     raise UsageError(
-        f"{where}: the prompt prefill fills the KV cache, and {flag} generates without one; "
-        "allowed is a cache, or --sequential_forward for exact no-cache forwards"
+        f"--prefill: the prompt prefill fills the KV cache, and {flag} generates without one; "
+        "allowed is a cache, or --prefill sequential / --sequential_forward for exact no-cache forwards"
     )
 
 

@@ -16,15 +16,12 @@ PROMPT=${PROMPT-"ROMEO:"}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS-128}
 
 args=(--model_name_or_path "$MODEL" --max_new_tokens "$MAX_NEW_TOKENS")
-# The cache / no-cache comparison, unless an extra flag asks for one side or needs the cache (a prefill mode, offload),
-# or the checkpoint's config asks for the exact prefill (which needs the cache).
+# The cache / no-cache comparison, unless an extra flag asks for one side or needs the cache (a prefill mode, offload).
+# A checkpoint whose config asks for the exact prefill compares too: its no-cache forwards are exact as well.
 compare=true
 for arg in "$@"; do
   case $arg in --compare_cache | --no_cache | --prefill | --prefill=* | --offload) compare=false ;; esac
 done
-if grep -qE '"prefill": *"sequential"' "$MODEL/config.json" 2>/dev/null; then
-  compare=false
-fi
 if [ "$compare" = true ]; then
   args+=(--compare_cache)
 fi

@@ -2,10 +2,10 @@
 
 The model is loaded here (``import models`` registers opt-llama) and handed to lm-eval as an object, so
 ``--sequential`` (or ``LCKV_EVAL_SEQUENTIAL=1``) can switch it to the exact token-by-token semantics first; a checkpoint
-saved with ``prefill: "sequential"`` is evaluated that way too, and the results' ``config.sequential_forward`` says
-which computation the metrics are of. Offline, the default task list
-falls back from the paper's commonsense suite to the local tasks in ``tasks/`` (held-out perplexity and
-next-line choice on the embedded corpus).
+saved with ``prefill: "sequential"`` runs that way by itself (the model's rule, so the ``lm_eval`` command line gets
+the same numbers), and the results' ``config.sequential_forward`` says which computation the metrics are of.
+Offline, the default task list falls back from the paper's commonsense suite to the local tasks in ``tasks/``
+(held-out perplexity and next-line choice on the embedded corpus).
 
     python test_harness.py --model outputs/tiny --tasks lckv_heldout_ppl --limit 20 --output_path out/eval.json
 """
@@ -29,7 +29,6 @@ from tools.cli import (
     check_choices,
     check_range,
     env_flag,
-    evaluate_as_the_checkpoint_prefills,
     is_sequential,
     run_cli,
     set_sequential,
@@ -120,11 +119,11 @@ def task_list(text: str) -> list[str]:
 
 def load_model(path: str, dtype: torch.dtype, device: str, sequential: str | None, seed: int) -> PreTrainedModel:
     """A checkpoint directory, or a config ``.json`` instantiated with seeded random weights, in eval mode; exact
-    (``sequential_forward``) where the flag ``sequential`` names asked for it or the checkpoint's prefill is."""
+    (``sequential_forward``) where the flag ``sequential`` names asked for it (the model runs a checkpoint whose
+    prefill is "sequential" token by token by itself)."""
     config = shared.load_config("--model", path)
     if sequential:
         set_sequential(config, sequential)
-    evaluate_as_the_checkpoint_prefills(config)
     return instantiate(config, None if path.endswith(".json") else path, device, seed, dtype=dtype)
 
 

@@ -549,14 +549,14 @@ def plot_title(args, device: str) -> str:
 
 
 def prefill_modes_for(config: PretrainedConfig, modes: list[str], given: bool) -> list[str | None]:
-    """The prefill modes measured for ``config``: ``modes`` (``--prefill``'s) where ``given``; else ``auto``, or
-    ``sequential`` for a config saved with ``sequential_forward`` (the one mode it allows); ``[None]`` for a Llama
-    (one parallel pass)."""
+    """The prefill modes measured for ``config``: ``modes`` (``--prefill``'s) where ``given``; else the config's own
+    ``prefill`` (a checkpoint measured as it serves, as run_generation.py runs it), ``sequential`` for a config saved
+    with ``sequential_forward`` (the one mode it allows); ``[None]`` for a Llama (one parallel pass)."""
     if not isinstance(config, OptLlamaConfig):
         return [None]
     if given:
         return modes
-    return ["sequential" if config.sequential_forward else "auto"]
+    return ["sequential" if config.sequential_forward else config.prefill]
 
 
 def check_prefill_applies(configs: list[PretrainedConfig], modes: list[str], given: bool) -> None:

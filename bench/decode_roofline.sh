@@ -51,6 +51,8 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to OUT/NAME
     grep -v -E "it/s\]|s/it\]" "$out/$name/log" | tail -n 6
 }
 
+# LCKV runs pass --prefill auto, the prefill their recorded results ran (test_latency.py's default is each config's own,
+# iterative for these configs).
 latency() {  # latency NAME SECONDS ATTN ARGS...: compiled decode, test_latency JSON into OUT/NAME
     local name=$1 limit=$2 attn=$3
     shift 3
@@ -68,25 +70,28 @@ part1)
     ;;
 part2 | part3)
     attn=$([ "$part" = part2 ] && echo sdpa_split_kv || echo sdpa_packed_gqa)
-    latency "latency_$attn" 520 "$attn" --configs "$llama" "$opt" "${len[@]}" --prefill_chunk 64 --batches "$batches"
+    latency "latency_$attn" 520 "$attn" --configs "$llama" "$opt" "${len[@]}" --prefill auto --prefill_chunk 64 \
+        --batches "$batches"
     ;;
 part4)
     for attn in sdpa_split_kv sdpa_packed_gqa; do
-        latency "latency_w4_$attn" 250 "$attn" --configs "$w4" "${heavy[@]}" --prefill_chunk 256 --batches "$w4_batches"
+        latency "latency_w4_$attn" 250 "$attn" --configs "$w4" "${heavy[@]}" --prefill auto --prefill_chunk 256 \
+            --batches "$w4_batches"
     done
     ;;
 part5 | part6)
     attn=$([ "$part" = part5 ] && echo sdpa_split_kv || echo sdpa_packed_gqa)
     latency "latency_big_llama_$attn" 150 "$attn" --configs "$llama" "${len[@]}" --prefill_chunk 64 --batches "$big"
-    latency "latency_big_opt_$attn" 300 "$attn" --configs "$opt" "${len[@]}" --prefill_chunk 64 \
+    latency "latency_big_opt_$attn" 300 "$attn" --configs "$opt" "${len[@]}" --prefill auto --prefill_chunk 64 \
         --batches $((big * 2 < 1024 ? big * 2 : 1024))
     ;;
 smoke)  # CPU: the commands above on tiny configs (triton's interpreter runs the kernel in the tests)
     step cpu_tests 300 python -m pytest -q -p no:cacheprovider "${tests[@]}"
     step profile 200 python -m bench.profile_decode --configs "$llama" "$opt" "${profile_len[@]}" "${device[@]}" \
         --output_dir "$out/profile"
-    latency latency 200 sdpa_split_kv --configs "$llama" "$opt" "${len[@]}" --prefill_chunk 2 --batches "$batches"
-    latency latency_w4 200 sdpa_packed_gqa --configs "$w4" "${heavy[@]}" --batches "$w4_batches,$big"
+    latency latency 200 sdpa_split_kv --configs "$llama" "$opt" "${len[@]}" --prefill auto --prefill_chunk 2 \
+        --batches "$batches"
+    latency latency_w4 200 sdpa_packed_gqa --configs "$w4" "${heavy[@]}" --prefill auto --batches "$w4_batches,$big"
     ;;
 *)
     echo "part: $part; allowed values are part1 to part6, smoke" >&2

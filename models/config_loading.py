@@ -57,12 +57,31 @@ def read_config(
             raise ValueError(
                 f"{overrides_flag}: unknown config field(s) {unknown} for model_type {model_type!r}{hints}"
             )
-        config_dict = {**config_dict, **overrides}
     try:
-        check_shape_fields(config_dict)
-        return config_class.from_dict(config_dict)
-    except (ValueError, TypeError, KeyError, StrictDataclassError) as error:  # the config's validation (rope: KeyError)
+        return validated_config(config_class, {**config_dict, **(overrides or {})})
+    except INVALID_CONFIG as error:
+        # The source alone is valid: the overrides brought the failing value (or made the fields disagree).
+        if overrides and valid_config(config_class, config_dict):
+            raise ValueError(f"{overrides_flag}: invalid config over {source}: {one_line(error)}") from None
         raise ValueError(f"{flag}: {source}: invalid config: {one_line(error)}") from None
+
+
+INVALID_CONFIG = (ValueError, TypeError, KeyError, StrictDataclassError)  # a config's validation (rope: KeyError)
+
+
+def validated_config(config_class: type[PretrainedConfig], fields: dict[str, Any]) -> PretrainedConfig:
+    """``config_class`` built from ``fields`` after the shape checks; one of ``INVALID_CONFIG`` where they fail."""
+    check_shape_fields(fields)
+    return config_class.from_dict(fields)
+
+
+def valid_config(config_class: type[PretrainedConfig], fields: dict[str, Any]) -> bool:
+    """Whether ``fields`` make a valid ``config_class`` config."""
+    try:
+        validated_config(config_class, fields)
+    except INVALID_CONFIG:
+        return False
+    return True
 
 
 def as_opt_llama(config: PretrainedConfig) -> OptLlamaConfig:

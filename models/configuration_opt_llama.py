@@ -61,9 +61,11 @@ class OptLlamaConfig(LlamaConfig):
         Compute every evaluation-mode (``model.eval()``) forward token by token (the exact semantics) instead of by
         iterations.
     prefill (`str`, defaults to "iterative"):
-        How an evaluation-mode forward of several tokens that fills a cache (the prompt prefill) runs: "iterative" (the
-        parallel iterations, approximate past ``num_encoders + 1`` tokens), "sequential" (token by token, exact,
-        ``models.sequential_prefill``) or "auto" (the cheaper one for the batch size and prompt length).
+        How an evaluation-mode forward of several tokens (the prompt prefill) runs: "iterative" (the parallel
+        iterations, approximate past ``num_encoders + 1`` tokens), "sequential" (token by token, exact,
+        ``models.sequential_prefill``; every such forward, with a cache or without, as ``sequential_forward``) or
+        "auto" (where the forward fills a cache, the cheaper one for the batch size and prompt length; without a cache,
+        iterative).
     force_nodiag (`bool`, *optional*):
         Every layer attends only to earlier tokens (drops the diagonal). Otherwise only layers reading a
         layer above them do. Default: True for a published-format config, else False.

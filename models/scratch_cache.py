@@ -1,5 +1,6 @@
-"""The static cache an exact forward without cached tokens runs into (``sequential_forward``: lm-eval's
-loglikelihoods, ``run_clm.py --eval_sequential``, a prefill into an empty dynamic cache).
+"""The static cache an exact forward without cached tokens runs into (``sequential_forward`` or
+``prefill="sequential"``: lm-eval's loglikelihoods, ``run_clm.py --eval_sequential``, a prefill into an empty dynamic
+cache).
 
 Such a forward used to step every layer eagerly over a dynamic cache. Over a static cache its masks are built once
 per segment, its token step is compiled and captured (CUDA) and the layers outside the cyclic block run over segments

@@ -7,10 +7,10 @@ large batch are full GPU steps. With a static cache on CUDA every step is the sa
 function (masks and positions are built outside and passed in as tensors, the cache's fill position is a tensor),
 so the loop replays one graph instead of launching eager layers.
 
-``config.prefill`` picks the path of evaluation-mode (``model.eval()``) multi-token forwards that fill a cache:
-``"iterative"`` (default), ``"sequential"`` or ``"auto"`` (``choose_prefill``). ``config.sequential_forward`` forces
-this path for every evaluation-mode multi-token forward, cache or not. Training mode (``model.train()``) always runs
-the iterations.
+``config.prefill`` picks the path of evaluation-mode (``model.eval()``) multi-token forwards: ``"iterative"``
+(default), ``"sequential"`` (every such forward, cache or not) or ``"auto"`` (``choose_prefill``, for forwards that
+fill a cache; without one it stays iterative). ``config.sequential_forward`` forces this path for every
+evaluation-mode multi-token forward, cache or not. Training mode (``model.train()``) always runs the iterations.
 
 Shapes: ``B`` batch, ``T`` prompt tokens, ``P`` tokens already cached, ``S`` key slots (static cache length),
 ``H`` hidden size.
@@ -38,9 +38,13 @@ SEGMENT_ATTENTION_BYTES = 2**31  # the most one layer's attention over a segment
 
 
 def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | None) -> bool:
-    """Whether an evaluation-mode forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: under
-    ``"auto"`` priced for its batch, length, dtype and device (``choose_prefill``)."""
-    if config.sequential_forward:
+    """Whether an evaluation-mode forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: always
+    under ``sequential_forward`` or ``prefill="sequential"``, cache or not; under ``"auto"`` where it fills a cache,
+    priced for its batch, length, dtype and device (``choose_prefill``)."""
+    # "sequential" holds without a cache too: whether a forward builds one follows ``use_cache``, which the Trainer
+    # saves as False, and lm-eval calls ``model(ids)``: the checkpoint that asked for the exact prefill would score
+    # by the iterations there (the cacheless forward runs into a scratch cache, models/scratch_cache.py).
+    if config.sequential_forward or config.prefill == "sequential":
         return True
     if cache is None or (config.prefill == "auto" and config._attn_implementation == "flex_attention"):
         # A flex mask generate made for a static cache cannot be cut per token: "auto" keeps the iterative prefill.

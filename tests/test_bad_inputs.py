@@ -281,6 +281,57 @@ ROWS = {
     ),
     "harness seed out of range": Row("test_harness", [*HARNESS, "--seed", "-1"], ["--seed", "-1"]),
     "clm seed out of range": Row("run_clm", [*CLM, "--seed", "4294967296"], ["--seed", "4294967296"]),
+    # --- training flags transformers takes silently (or fails on late): out of range, one line before any work
+    "clm save_steps zero": Row("run_clm", [*CLM, "--save_steps", "0"], ["--save_steps", "0", "--save_strategy steps"]),
+    "clm save_steps negative": Row("run_clm", [*CLM, "--save_steps=-1"], ["--save_steps", "-1"]),
+    "clm eval_steps negative": Row(
+        "run_clm", [*CLM, "--eval_strategy", "steps", "--eval_steps=-1"], ["--eval_steps", "-1"]
+    ),
+    "clm logging_steps negative": Row("run_clm", [*CLM, "--logging_steps=-1"], ["--logging_steps", "-1"]),
+    "clm dataloader workers negative": Row(
+        "run_clm", [*CLM, "--dataloader_num_workers=-1"], ["--dataloader_num_workers", "-1", ">= 0"]
+    ),
+    "clm save_total_limit negative": Row(
+        "run_clm", [*CLM, "--save_total_limit=-1"], ["--save_total_limit", "-1", ">= 1"]
+    ),
+    "clm eval_accumulation_steps zero": Row(
+        "run_clm", [*CLM, "--eval_accumulation_steps", "0"], ["--eval_accumulation_steps", "0", ">= 1"]
+    ),
+    "clm weight_decay negative": Row("run_clm", [*CLM, "--weight_decay=-1"], ["--weight_decay", "-1", ">= 0"]),
+    "clm max_grad_norm negative": Row("run_clm", [*CLM, "--max_grad_norm=-1"], ["--max_grad_norm", "-1", ">= 0"]),
+    "clm unknown metric for the best model": Row(
+        "run_clm",
+        [
+            *CLM,
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "4",
+            "--save_steps",
+            "4",
+            "--load_best_model_at_end",
+            "true",
+            "--metric_for_best_model",
+            "nosuch",
+        ],
+        ["--metric_for_best_model", "'nosuch'", "eval_loss"],
+    ),  # fmt: skip
+    # --- run_clm.py's output directory killed while it moved the final model into place: every loader refuses it
+    "generation an unfinished final save": Row(
+        "run_generation",
+        ["--model_name_or_path", "{in}/unfinished", "--prompt", "x"],
+        ["--model_name_or_path", "unfinished", "did not finish"],
+    ),
+    "harness an unfinished final save": Row(
+        "test_harness",
+        ["--model", "{in}/unfinished", "--tokenizer", "{in}/tok", "--device", "cpu", "--tasks", "lckv_heldout_ppl"],
+        ["--model", "unfinished", "did not finish"],
+    ),
+    "clm training from an unfinished final save": Row(
+        "run_clm",
+        ["--model_name_or_path", "{in}/unfinished", *CLM[2:]],
+        ["--model_name_or_path", "unfinished", "did not finish"],
+    ),
     "harness eval env flag value": Row(
         "test_harness",
         [*HARNESS, "--tasks", "lckv_next_line"],

@@ -1,6 +1,8 @@
 """tools/cli.py: the shared checks of the command-line tools, each on its own (one-line UsageErrors)."""
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +138,22 @@ def test_load_config_sources(tmp_path, monkeypatch):
         cli.load_config("--config", str(CONFIGS / "test_tiny_opt.json"), {"bogus": 1})
 
 
+def test_an_invalid_value_is_blamed_on_the_flag_it_came_from(tmp_path):
+    """A value the config's validation refuses names --config_overrides where the overrides brought it (the source
+    alone is valid), else the source's flag, overrides or not."""
+    from .conftest import CONFIGS
+
+    source = str(CONFIGS / "test_tiny_opt.json")
+    for overrides, field in (({"prefill": "exact"}, "prefill: 'exact'"), ({"num_key_value_heads": 3}, "num_key_")):
+        with pytest.raises(UsageError, match=f"^--config_overrides: invalid config over {source}: {field}"):
+            cli.load_config("--config_name", source, overrides)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(json.loads(Path(source).read_text()) | {"prefill": "exact"}))
+    for overrides in (None, {"num_encoders": 3}):
+        with pytest.raises(UsageError, match=f"^--config_name: {bad}: invalid config: prefill: "):
+            cli.load_config("--config_name", str(bad), overrides)
+
+
 def test_sequential_switch():
     from .conftest import tiny_config
 
@@ -145,6 +163,45 @@ def test_sequential_switch():
     llama = tiny_config("llama_tiny.json")
     with pytest.raises(UsageError, match="^--sequential: model_type 'llama' .*allowed only for opt-llama"):
         cli.set_sequential(llama, "--sequential")
+
+
+def test_kernel_flags_on_a_llama_warn_once_each_where_a_tool_builds_it(monkeypatch, caplog):
+    """A Llama is transformers' LlamaForCausalLM, whose kernels the LCKV_* flags never reach: each flag that is on
+    says so in one line, wherever a tool builds the model (run_clm.py, run_generation.py / test_harness.py through
+    ``instantiate``, test_latency.py through ``build_random_model``); an LCKV model gets no such line."""
+    from types import SimpleNamespace
+
+    import run_clm
+    from models.kernels import FLAGS
+    from tools.generation import instantiate
+    from tools.measure import build_random_model
+
+    from .conftest import tiny_config
+
+    llama = tiny_config("llama_tiny.json", hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=256)
+    on = ["LCKV_FLASH_ATTN", "LCKV_FUSED_CROSSENTROPY"]
+    for flag in FLAGS:
+        monkeypatch.setenv(flag, "1" if flag in on else "0")
+    expected = [
+        f"{flag}=1: no effect on model_type 'llama' (the LCKV_* kernel flags select the kernels of opt-llama and "
+        "lckv-llama models; this one runs transformers' own)"
+        for flag in on
+    ]
+    builders = {
+        # a 256-entry vocabulary as the "tokenizer" (build_model reads its length and special ids)
+        "run_clm": lambda: run_clm.build_model(SimpleNamespace(model_name_or_path=None), llama, list(range(256))),
+        "instantiate": lambda: instantiate(llama, None, "cpu", 0),
+        "build_random_model": lambda: build_random_model(llama, torch.float32, "cpu", "sdpa"),
+    }
+    for name, build in builders.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tools.cli"):
+            build()
+        assert [r.getMessage() for r in caplog.records if r.name == "tools.cli"] == expected, name
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tools.cli"):
+        cli.warn_kernel_flags_without_effect(tiny_config())
+    assert not [r for r in caplog.records if r.name == "tools.cli"]
 
 
 def test_env_flags_are_checked_and_import_never_fails_on_them(monkeypatch):

@@ -540,13 +540,13 @@ def test_switches_that_cannot_apply_are_one_line_errors(checkpoints, corpus, tmp
     shutil.copytree(checkpoints["opt-llama-kv-sources"], saved_prefill)
     fields = json.loads((saved_prefill / "config.json").read_text())
     (saved_prefill / "config.json").write_text(json.dumps(fields | {"prefill": "sequential"}))
-    for no_cache in ("--no_cache", "--compare_cache"):  # --compare_cache's no-cache half would run iteratively
-        err = one_line_error(capsys, run_generation.main, generation_args(lckv, "--prefill", "sequential", no_cache))
-        assert f"--prefill: the prompt prefill fills the KV cache, and {no_cache} generates without one" in err
-        err = one_line_error(capsys, run_generation.main, generation_args(saved_prefill, no_cache))
-        assert f'its config\'s prefill "sequential": the prompt prefill fills the KV cache, and {no_cache}' in err
-    for exact_everywhere in (
-        generation_args(saved_prefill, "--sequential_forward", "--compare_cache"),
+    for no_cache in ("--no_cache", "--compare_cache"):  # --compare_cache's no-cache half has no cache to fill
+        for mode in ("iterative", "auto"):
+            err = one_line_error(capsys, run_generation.main, generation_args(lckv, "--prefill", mode, no_cache))
+            assert f"--prefill: the prompt prefill fills the KV cache, and {no_cache} generates without one" in err
+    for exact_everywhere in (  # the exact prefill makes the no-cache forwards exact too
+        generation_args(saved_prefill, "--compare_cache"),
+        generation_args(lckv, "--prefill", "sequential", "--compare_cache"),
         generation_args(lckv, "--prefill", "sequential", "--sequential_forward", "--compare_cache"),
     ):
         results = run_generation.main(exact_everywhere)  # every forward exact: no-cache is allowed

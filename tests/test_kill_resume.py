@@ -463,3 +463,98 @@ def test_rotation_renames_before_it_deletes(tmp_path, monkeypatch):
     rotate_published(tmp_path, None, None)  # no limit: nothing deleted
     rotate_published(tmp_path, 1, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-16"]
+
+
+def single_threaded_main(args: list[str]) -> dict:
+    """``run_clm.main(args)`` on one thread, as in the subprocesses: tiny matrices, and 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_clm.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k} for entry in history]
+
+
+def test_a_rerun_after_the_end_of_training_ends_as_the_run_did(data, tmp_path):
+    """--load_best_model_at_end with an early best checkpoint (greater loss is better). A re-run after the last
+    checkpoint (the same command again, or a run killed in its final save, metrics or evaluation) saved the newest
+    checkpoint's weights instead of the best one's, left the train summary out of trainer_state.json's log_history,
+    reported an earlier, shorter run's train_results.json as its own, and kept the checkpoints a kill between a
+    checkpoint's publication and its rotation left."""
+    out = tmp_path / "out"
+    args = command(data, out) + ["--do_eval", "--eval_strategy", "steps", "--eval_steps", str(SAVE_STEPS)]
+    args += ["--max_eval_samples", "8", "--load_best_model_at_end", "true", "--metric_for_best_model", "loss"]
+    args += ["--greater_is_better", "true"]
+    single_threaded_main(args)
+    best = out / f"checkpoint-{SAVE_STEPS}"
+    weights = load_file(out / "model.safetensors")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    results = json.loads((out / "train_results.json").read_text())
+    assert weights.keys() == load_file(best / "model.safetensors").keys()
+    assert all(torch.equal(weights[k], v) for k, v in load_file(best / "model.safetensors").items())
+    assert "train_runtime" in history[-1] and assert_checkpoints_complete(out) == [f"checkpoint-{MAX_STEPS}", best.name]
+
+    def assert_ended_as_the_run(exact: bool) -> None:
+        got = load_file(out / "model.safetensors")
+        assert all(torch.equal(got[k], v) for k, v in weights.items())  # the best checkpoint's weights
+        logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        if exact:
+            assert logged == history
+        else:  # train_loss from the checkpoint's loss sum; the run's time is not known
+            assert without_timings(logged[:-1]) == without_timings(history[:-1])
+            assert without_timings(logged)[-1] == without_timings(history)[-1] | {"train_loss": pytest.approx(
+                results["train_loss"], rel=1e-6)}  # fmt: skip
+        assert assert_checkpoints_complete(out) == [f"checkpoint-{MAX_STEPS}", best.name]
+
+    single_threaded_main(args)  # the same command again: the finished run's train metrics are its own
+    assert_ended_as_the_run(exact=True)
+    assert json.loads((out / "train_results.json").read_text()) == results
+
+    # Killed between checkpoint-8's publication and its rotation, and in the final save; train_results.json an
+    # earlier run's, of 4 steps into the same directory.
+    shutil.copytree(best, out / "checkpoint-8")
+    for age, step in enumerate((SAVE_STEPS, 2 * SAVE_STEPS, MAX_STEPS)):  # rotation goes by modification time
+        os.utime(out / f"checkpoint-{step}", (1000 + 100 * age, 1000 + 100 * age))
+    (out / "model.safetensors").unlink()
+    earlier = {"epoch": 0.5, "train_loss": 8.5, "train_runtime": 1.5, "train_samples": 600}
+    (out / "train_results.json").write_text(json.dumps(earlier))
+    metrics = single_threaded_main(args)["train"]
+    assert_ended_as_the_run(exact=False)
+    assert metrics["train_loss"] == pytest.approx(results["train_loss"], rel=1e-6) and "train_runtime" not in metrics
+    assert json.loads((out / "train_results.json").read_text()) == metrics
+    combined = json.loads((out / "all_results.json").read_text())  # no timings left from the finished run's
+    assert {k: v for k, v in combined.items() if k.startswith("train_")} == {
+        k: v for k, v in metrics.items() if k != "epoch"
+    }
+
+
+def test_a_streaming_run_resumed_in_its_second_pass_reads_on_where_it_stopped(data, tmp_path):
+    """--streaming over a stream of 3 batches: checkpoint-4 is 1 batch into the second pass. transformers skipped
+    4 batches into the first pass (all of it, and nothing was trained) and started the second pass at its beginning,
+    training the first batch again; resumed from the checkpoint's epoch the run trains on what the uninterrupted run
+    trained on, to the same weights."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = base_args("opt-llama", whole) + local_args(*data) + ["--streaming", "--do_train", "--max_steps", "8"]
+    args += [
+        "--max_train_samples",
+        "24",
+        "--save_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--lr_scheduler_type",
+        "constant",
+    ]
+    expected = single_threaded_main(args)["trainer"].state.log_history
+    shutil.copytree(whole / "checkpoint-4", resumed / "checkpoint-4")
+    args[args.index("--output_dir") + 1] = str(resumed)
+    logged = single_threaded_main(args)["trainer"].state.log_history
+    steps = [(h["step"], h["epoch"], h["loss"]) for h in expected if "loss" in h]
+    assert [epoch for _, epoch, _ in steps] == [0.125, 0.25, 0.375, 1.125, 1.25, 1.375, 2.125, 2.25]  # 3 per pass
+    assert [(h["step"], h["epoch"], h["loss"]) for h in logged if "loss" in h] == steps  # 1-4 from the checkpoint
+    got, want = load_file(resumed / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in want.items())

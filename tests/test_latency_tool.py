@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +272,8 @@ def test_auto_prefill_is_priced_in_the_json(configs, tmp_path, monkeypatch):
         "1000TB",
         "--peak_flops",
         "1G",
+        "--prefill",
+        "auto",
     ]
     (eager,) = test_latency.main([*argv, "--output_dir", str(tmp_path / "eager")])["models"]["test_tiny_opt"]["runs"]
     monkeypatch.setattr(sequential_prefill, "CPU_COMPILE_BACKEND", "eager")  # the token step compiled: captured
@@ -373,6 +376,21 @@ def test_prefill_modes_extrapolated_end_to_end(configs, tmp_path):
         assert run["e2e_vs_roofline"] == pytest.approx(run["e2e_throughput"] / run["e2e_roofline_throughput"])
         assert run["prefill_vs_roofline"] == pytest.approx(run["prefill_s"] / run["prefill_roofline_s"])
     assert out["ratios"]["test_tiny_opt:sequential/tiny_llama"]["max_batch_e2e_throughput"] > 0
+
+
+def test_each_config_prefills_by_its_own_mode_without_the_flag(configs, tmp_path):
+    """Without --prefill an LCKV config is measured with its own ``prefill`` (as run_generation.py runs it), not
+    replaced by "auto": a config saved with the exact prefill records it, and the setting says "default"."""
+    fields = json.loads(Path(configs[1]).read_text())
+    for mode in ("iterative", "sequential", "auto"):
+        assert test_latency.prefill_modes_for(tiny_config(prefill=mode), [], given=False) == [mode]
+    exact = tmp_path / "tiny_seq.json"
+    exact.write_text(json.dumps(fields | {"prefill": "sequential"}))
+    argv = ["--configs", str(exact), "--prompt_len", "4", "--gen_len", "2", "--batches", "1", "--device", "cpu"]
+    out = test_latency.main([*argv, "--output_dir", str(tmp_path / "out")])
+    assert out["setting"]["prefill"] == "default"
+    (run,) = out["models"]["tiny_seq"]["runs"]
+    assert (out["models"]["tiny_seq"]["prefill"], run["prefill_path"]) == ("sequential", "sequential")
 
 
 def test_filled_cache_reports_its_length(configs):

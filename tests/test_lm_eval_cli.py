@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import test_harness
 from corpus import prepare_corpus
@@ -95,3 +96,39 @@ def test_lm_eval_cli_equals_test_harness(exported, tmp_path):
     for task, metrics in METRICS.items():
         for metric in metrics:
             assert cli[task][metric] == pytest.approx(harness[task][metric], rel=1e-6), (task, metric)
+
+
+def token_by_token_loglikelihood(model, context: list[int], continuation: list[int]) -> float:
+    """log p(continuation | context), one token per forward through a KV cache: the exact semantics."""
+    ids = torch.tensor([context + continuation])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = torch.cat(
+            [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])], 1
+        )
+    logprobs = logits[0, len(context) - 1 : -1].double().log_softmax(-1)
+    return logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
+
+
+def test_lm_eval_scores_a_prefill_sequential_checkpoint_token_by_token(tmp_path):
+    """lm-eval's HFLM calls ``model(ids)`` without a cache, and the Trainer saves ``use_cache: false``: a checkpoint
+    saved with ``prefill: "sequential"`` still gets the token-by-token loglikelihood, not the iterations' (large
+    weights and 2 iterations: the iterative one differs), as test_harness.py gets it."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_corpus().tokenizer)
+    fields = dict(vocab_size=4096, num_encoders=1, num_trained_encoders=0, initializer_range=0.5, use_cache=False)
+    scores = {}
+    for prefill in ("sequential", "iterative"):
+        tiny_model(tiny_config(prefill=prefill, **fields)).save_pretrained(tmp_path / prefill)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / prefill, dtype=torch.float32).eval()
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        context, continuation = lm._encode_pair("ROMEO: But soft, what light", " through yonder window breaks?")
+        request = Instance("loglikelihood", {}, ("ROMEO: But soft, what light", " through yonder window breaks?"), 0)
+        ((reported, _),) = lm.loglikelihood([request])
+        scores[prefill] = reported, token_by_token_loglikelihood(model, context, continuation)
+    reported, exact = scores["sequential"]
+    assert reported == pytest.approx(exact, rel=1e-5, abs=1e-4)
+    iterative, _ = scores["iterative"]
+    assert abs(iterative - exact) > 1e-2, (iterative, exact)  # the check can tell the paths apart

@@ -159,6 +159,24 @@ def test_bad_input_is_a_one_line_error(extra, match, tmp_path, corpus, capsys):
     assert exit_info.value.code == 2 and re.search(match, err) and "\n" not in err
 
 
+def test_a_missing_text_column_is_an_error_naming_the_columns(tmp_path, corpus, capsys):
+    """It fell back to the first column (here the titles) and trained on it; found once the data is loaded, so
+    datasets' progress lines may come before the error line."""
+    data = tmp_path / "scenes.jsonl"
+    rows = [{"title": f"Scene {i}", "content": "ROMEO: But soft, what light through yonder window?"} for i in range(3)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["--config_name", TINY_OPT, "--output_dir", str(tmp_path / "out"), "--do_train", "--report_to", "none"]
+    args += ["--tokenizer_name", str(corpus.tokenizer), "--train_file", str(data), "--validation_file", str(data)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_clm.main(args + ["--text_column", "body"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "run_clm.py: error: --text_column: 'body' is not a column of the data; allowed are title, content"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_prints_one_line_error(tmp_path):
     cmd = [sys.executable, str(REPO / "run_clm.py"), "--config_name", TINY_LLAMA, "--output_dir", str(tmp_path)]
     cmd += ["--do_train", "--use_embedded_corpus", "--config_overrides", "bogus=1"]

@@ -98,6 +98,23 @@ def check_env_flags(environ: Mapping[str, str] | None = None) -> None:
         env_flag(flag, environ)
 
 
+def warn_kernel_flags_without_effect(config: PretrainedConfig, environ: Mapping[str, str] | None = None) -> None:
+    """One warning line per ``LCKV_*`` kernel flag that is on while ``config``'s model is built as another model
+    type's class (a Llama: transformers' ``LlamaForCausalLM``): the flags pick the kernels of opt-llama and
+    lckv-llama models only, so such a model runs its stock kernels whatever they say. Called where a tool builds a
+    model (run_clm.py, ``tools.generation.instantiate``, ``tools.measure.build_random_model``)."""
+    if isinstance(config, OptLlamaConfig):
+        return
+    for flag in FLAGS:
+        if flag_enabled(flag, environ):
+            logger.warning(
+                "%s=1: no effect on model_type %r (the LCKV_* kernel flags select the kernels of opt-llama and "
+                "lckv-llama models; this one runs transformers' own)",
+                flag,
+                config.model_type,
+            )
+
+
 def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     """A tool's own on/off env flag (e.g. ``LCKV_EVAL_SEQUENTIAL``): 1 on, 0 or unset off, else a UsageError."""
     try:
@@ -291,6 +308,15 @@ def check_source(flag: str, source: str, required_file: str | None = None) -> No
     if path.is_file():
         return
     if path.is_dir():
+        # run_clm.py moves its final model into place one file at a time: until the move is done the directory holds
+        # part of the new save, maybe next to an earlier one's files, and every tool that reads it must refuse it.
+        # The check's module brings in the Trainer, so it is imported only where a staging directory exists.
+        from models.export import STAGING_DIR
+
+        if (path / STAGING_DIR).is_dir():
+            from tools.training_checkpoints import check_save_finished
+
+            check_save_finished(flag, source)
         if required_file and not (path / required_file).is_file():
             raise UsageError(
                 f"{flag}: {source} has no {required_file}; allowed is a checkpoint directory or a config .json"
@@ -410,16 +436,6 @@ def set_sequential(config: PretrainedConfig, flag: str) -> None:
     config.sequential_forward = True
 
 
-def evaluate_as_the_checkpoint_prefills(config: PretrainedConfig) -> None:
-    """An evaluation of a checkpoint saved with the exact prefill (``prefill: "sequential"``) is exact: sets
-    ``sequential_forward``. Without it, the model's multi-token forwards ran the exact path only where they built a
-    cache (``use_cache``, which run_clm.py saves as False), so one checkpoint gave an exact or an approximate metric by
-    an unrelated field, and lm-eval's generation and likelihood requests by different paths."""
-    if asks_exact_prefill(config) and not is_sequential(config):
-        logger.warning("the checkpoint's prefill is 'sequential': evaluating token by token (sequential_forward)")
-        config.sequential_forward = True
-
-
 def check_prefill(config: PretrainedConfig, flag: str, mode: str) -> None:
     """The prefill switch can set ``mode`` (iterative, sequential or auto) on ``config``: an LCKV model, and under
     ``sequential_forward`` (every multi-token forward token by token) only ``"sequential"``; else a UsageError."""
@@ -519,15 +535,9 @@ def set_linear_options(model: torch.nn.Module, fused_projections: bool, small_ba
 
 
 def is_sequential(config: PretrainedConfig) -> bool:
-    """Whether every evaluation-mode multi-token forward of ``config``'s model runs token by token (an LCKV switch
-    is on)."""
-    return isinstance(config, OptLlamaConfig) and config.sequential_forward
-
-
-def asks_exact_prefill(config: PretrainedConfig) -> bool:
-    """Whether ``config`` (an LCKV model's) asks for the exact prefill of a prompt into the cache
-    (``prefill: "sequential"``)."""
-    return isinstance(config, OptLlamaConfig) and config.prefill == "sequential"
+    """Whether every evaluation-mode multi-token forward of ``config``'s model runs token by token, with a cache or
+    without: an LCKV model with ``sequential_forward`` or ``prefill: "sequential"`` (``uses_sequential_prefill``)."""
+    return isinstance(config, OptLlamaConfig) and (config.sequential_forward or config.prefill == "sequential")
 
 
 def check_choices(flag: str, values: Iterable[str], allowed: Iterable[str]) -> None:

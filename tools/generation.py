@@ -160,6 +160,7 @@ def load_model(args: argparse.Namespace, config, tokenizer) -> PreTrainedModel:
 def instantiate(config, checkpoint: str | None, device: str, seed: int, **kwargs) -> PreTrainedModel:
     """The model of ``config`` in eval mode on ``device``: ``checkpoint``'s weights, or (None) random weights of
     ``seed``; ``kwargs`` go to ``from_pretrained`` / ``from_config`` (dtype, attention implementation)."""
+    cli.warn_kernel_flags_without_effect(config)
     if checkpoint is None:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, **kwargs)

@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prefill",
         default=None,
         help=f"LCKV prefill path(s), comma-separated to measure several: {', '.join(PREFILL_MODES)} (config.prefill; "
-        "default auto, which resolves per batch by the cost model of models.prefill_modes and is recorded as "
-        "prefill_path, or sequential for a config saved with sequential_forward); sequential ignores --prefill_chunk; "
+        "default: each config's own, sequential for one saved with sequential_forward); auto resolves per batch by "
+        "the cost model of models.prefill_modes, recorded as prefill_path; sequential ignores --prefill_chunk; "
         "needs an LCKV config (a Llama prefills in one pass)",
     )
     p.add_argument(
@@ -191,8 +191,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_range("--steps", args.steps, minimum=1, maximum=args.gen_len)
     check_range("--prefill_sample", args.prefill_sample, minimum=0, maximum=args.prompt_len // 2 - 1)
     args.prefill_given = args.prefill is not None  # the Llama baseline needs no prefill mode, but some config must
-    args.prefill = args.prefill or "auto"
-    args.prefill_modes = args.prefill.split(",")
+    # Without --prefill each LCKV config runs its own (test_latency.prefill_modes_for), as run_generation.py does.
+    args.prefill_modes = args.prefill.split(",") if args.prefill_given else []
     shared.check_choices("--prefill", args.prefill_modes, PREFILL_MODES)
     check_range("--prefill_chunk", args.prefill_chunk, minimum=0)
     check_range("--resolution", args.resolution, minimum=0, maximum=1)

@@ -60,6 +60,7 @@ def build_random_model(
     30B model initialised on the CPU takes minutes). In eval mode, with generate's captured decoding loop
     (``enable_fast_decode``), a Llama too, sharded or not: without it a Llama runs generate's own loop, which waits for
     every token, so a timed compiled call also holds the host's launch of it."""
+    cli.warn_kernel_flags_without_effect(config)
     if world_size() > 1:
         model = build_sharded(config, dtype, attn_implementation=attn_implementation)
     else:

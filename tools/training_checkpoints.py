@@ -26,16 +26,17 @@ a power loss or kernel crash right after a save may still lose what the page cac
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import zipfile
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length, sort_checkpoints
 
 from models.export import STAGING_DIR, write_json, write_whole
 
@@ -49,6 +50,8 @@ CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # what get_la
 # Weight files save_pretrained writes (whole, sharded, their index; safetensors or torch).
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 RESULTS_JSON = {"indent": 4, "sort_keys": True}  # the format of transformers' own {split}_results.json
+# How close a finished run's train_loss is to the one its last checkpoint's loss sum gives (float rounding only).
+LOSS_SUM_REL_TOL = 1e-5
 JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' JIT checkpoint keeps it in checkpoint-N until it is saved
 
 
@@ -86,14 +89,17 @@ class AtomicCheckpoints:
     def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
         """The Trainer's ``{split}_results.json`` and ``all_results.json``, each written whole or not at all (a kill in
         the middle of transformers' plain write left a truncated ``all_results.json`` that every later run failed to
-        read); an unreadable ``all_results.json`` counts as none."""
+        read); an unreadable ``all_results.json`` counts as none. In ``all_results.json`` the split's metrics replace
+        its earlier ones whole: a ``{split}_*`` key the new metrics lack (the timings of a re-run that trained
+        nothing) would otherwise report an earlier run's value as this one's."""
         if not self.is_world_process_zero():
             return
         output_dir = Path(self.args.output_dir)
         write_json(output_dir / f"{split}_results.json", metrics, **RESULTS_JSON)
         if combined:
             combined_path = output_dir / "all_results.json"
-            write_json(combined_path, read_json_or_empty(combined_path) | metrics, **RESULTS_JSON)
+            kept = {k: v for k, v in read_json_or_empty(combined_path).items() if not k.startswith(f"{split}_")}
+            write_json(combined_path, kept | metrics, **RESULTS_JSON)
 
     def save_state(self) -> None:
         """``trainer_state.json`` of the output directory, written whole or not at all."""
@@ -122,6 +128,49 @@ class AtomicCheckpoints:
         finally:
             self._finalizing = False
         return output._replace(training_loss=output.metrics["train_loss"])
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple[int, int]:
+        """Where a resumed run starts in its data: for a stream (a train set without a length), the pass and the
+        batch within it recorded by the checkpoint's epoch, not transformers' ``global_step`` batches into the first
+        pass (which, past the end of one pass, skipped all of it and started the next pass from its beginning,
+        training on those batches again)."""
+        position = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is None or self.args.ignore_data_skip or has_length(self.train_dataset):
+            return position
+        return stream_position(resume_from_checkpoint, self.args.gradient_accumulation_steps) or position
+
+    def end_ended_training(self, checkpoint: str) -> dict[str, float]:
+        """For a run whose training ended at ``checkpoint`` (its ``global_step`` at ``max_steps``), killed before it
+        finished (final save, metrics, evaluation) or run again: what the end of ``train()`` would have done, without
+        training (transformers' ``train()`` from that checkpoint would run one step past ``max_steps``). Loads the
+        checkpoint's weights and state, logs the train summary into ``log_history``, loads the best checkpoint's
+        weights (``--load_best_model_at_end``) and deletes the checkpoints the end of training deletes
+        (``--save_total_limit``); returns the train metrics (``ended_train_metrics``)."""
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        best = self.state.best_model_checkpoint
+        if best is not None and not os.path.isdir(best):  # as transformers' resume does with a deleted one
+            logger.warning(
+                "the best checkpoint %s recorded in %s does not exist anymore: ignoring it", best, checkpoint
+            )
+            self.state.best_model_checkpoint = None
+        metrics = ended_train_metrics(Path(self.args.output_dir), checkpoint, self.state)
+        # The summary train() appends to log_history (with epoch and step); the printing callback drops total_flos
+        # from the dict, as it does from train()'s metrics.
+        self.log(metrics)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+        if self.args.should_save:  # a kill between a checkpoint's publication and its rotation left a surplus
+            run_dir, best = Path(self._get_output_dir(None)), self.state.best_model_checkpoint
+            if self.args.save_total_limit == 1 and best is not None:  # the end of train() keeps the best alone
+                retire(run_dir, [c for c in checkpoints_newest_first(run_dir) if c.resolve() != Path(best).resolve()])
+            else:
+                rotate_published(run_dir, self.args.save_total_limit, best)
+        return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._finalizing and "train_loss" in logs and self._loss_sum_before is not None:  # over the whole run
@@ -206,6 +255,51 @@ def loss_sum_before(checkpoint: str | os.PathLike | None) -> float | None:
         logger.warning("%s has no %s: train_loss will average the steps after it only", checkpoint, LOSS_SUM_NAME)
         return None
     return float(record["loss_sum"])
+
+
+def ended_train_metrics(output_dir: Path, checkpoint: str | os.PathLike, state: TrainerState) -> dict[str, float]:
+    """The train metrics of a run whose training ended at ``checkpoint`` (``state``, its trainer state), as the end
+    of ``train()`` reports them: ``total_flos`` from the state; ``train_loss`` and the speed metrics from
+    ``output_dir/train_results.json`` where that file is this run's (its epoch and ``train_loss`` match the
+    checkpoint's: an earlier, shorter run into the same directory wrote one of its own); else ``train_loss`` from
+    the checkpoint's loss sum and no speed metrics (the time the run took is not recorded anywhere else)."""
+    metrics: dict[str, float] = {"total_flos": state.total_flos}
+    loss_sum = loss_sum_before(checkpoint)
+    if loss_sum is not None:
+        metrics["train_loss"] = loss_sum / max(state.global_step, 1)
+    written = read_json_or_empty(output_dir / "train_results.json")
+    same_loss = loss_sum is None or (
+        isinstance(written.get("train_loss"), float)
+        and math.isclose(written["train_loss"], metrics["train_loss"], rel_tol=LOSS_SUM_REL_TOL)
+    )
+    if written.get("epoch") == state.epoch and same_loss:
+        # train_samples is run_clm.py's, added again by it; the rest is train()'s own.
+        metrics |= {k: v for k, v in written.items() if k.startswith("train_") and k != "train_samples"}
+    elif written:
+        logger.info(
+            "%s is an earlier run's (not of %s): train metrics recomputed",
+            output_dir / "train_results.json",
+            checkpoint,
+        )
+    return metrics
+
+
+def stream_position(checkpoint: str | os.PathLike, gradient_accumulation_steps: int) -> tuple[int, int] | None:
+    """Where a run over a stream stood at ``checkpoint``: (passes over the stream completed, batches read into the
+    current one); None where its ``trainer_state.json`` does not say.
+
+    transformers cannot know a stream's length: it counts one epoch as ``max_steps`` optimizer steps
+    (``max_steps * gradient_accumulation_steps`` batches) and starts the next epoch, a new pass, when the stream
+    ends, so ``epoch`` = passes completed + batches into the current pass / (``max_steps * accumulation``). The
+    checkpoint's own ``max_steps`` decodes it (a resumed run may train for longer); the accumulation is this run's,
+    as transformers' own skipping assumes.
+    """
+    state = read_json_or_empty(Path(checkpoint) / TRAINER_STATE_NAME)
+    epoch, planned = state.get("epoch"), state.get("max_steps")
+    if not isinstance(epoch, (int, float)) or not isinstance(planned, int) or planned <= 0:
+        return None
+    passes = int(epoch)
+    return passes, round((epoch - passes) * planned * gradient_accumulation_steps)
 
 
 def move_into(staged: Path, final: Path) -> None:
