@@ -11,12 +11,14 @@ Examples:
 Run ``python run_clm.py --help`` for every flag. Bad input exits with a one-line error naming the flag.
 """
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -499,6 +501,29 @@ class LCKVTrainer(AtomicCheckpoints, Trainer):
             logs["kv_loss"] = round(self._kv_loss_sum / self._kv_loss_count, 6)
             self._kv_loss_sum, self._kv_loss_count = 0.0, 0
         super().log(logs, start_time)
+
+    def _evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """An evaluation during training (the final one calls ``evaluate``): by the iterations, also where the model's
+        config asks for the exact prefill (``during_training_evaluation``)."""
+        with during_training_evaluation(self.accelerator.unwrap_model(self.model).config):
+            return super()._evaluate(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def during_training_evaluation(config: PretrainedConfig) -> Iterator[None]:
+    """Evaluations during training stay iterative, as ``--eval_sequential`` says: a config with ``prefill:
+    "sequential"`` (which makes every evaluation-mode forward exact) runs them by the iterations, and gets it back
+    before anything is saved; the final evaluation is exact. Token by token, each evaluation would cost several times
+    the iterations (and, under ``--bf16``'s autocast, steps every layer eagerly: no scratch cache). A config saved with
+    ``sequential_forward`` asked for every forward token by token and keeps it."""
+    exact_prefill = getattr(config, "prefill", None) == "sequential" and not getattr(config, "sequential_forward", True)
+    if exact_prefill:
+        config.prefill = "iterative"
+    try:
+        yield
+    finally:
+        if exact_prefill:
+            config.prefill = "sequential"
 
 
 def perplexity(loss: float) -> float:

@@ -132,7 +132,8 @@ partC2() {  # ~8 min: 7B pair at P2048+G2048 (--plan: 30 and 340)
 }
 
 # Whole runs: the largest batches of partA1b, partA3, partB1b and partB4 (measured to fit under the cap), no --steps and
-# no --prefill_sample; each fits one 9-minute call (times from the H200 runs of 2026-12-01).
+# no --prefill_sample; each fits one 9-minute call (times from the H200 runs of 2026-12-01, which ran with
+# EXTRA_FLAGS="--fused_projections --dependent_launch", and --small_batch_gemv too for partW3).
 # shellcheck disable=SC2086
 partW1() {  # ~2 min: compile 30 s, prefill 8 s, 2048 steps 28 s
     lat whole_tinyllama_llama 300 --configs $TL --compile $CHUNK $P2K --batches "$(b 640)"

@@ -81,9 +81,10 @@ def test_enable_reaches_inductor_and_its_cache_key(restored):
     assert inductor_config.inductor_choices_class is WidePersistentReductions
     assert isinstance(V.choices, WidePersistentReductions)  # this thread's, kept by inductor from its first use
     key = inductor_config.save_config_portable()
-    assert key != default_key and key["inductor_choices_class"] == f"{WidePersistentReductions.__module__}." + (
-        f"WidePersistentReductions:{WIDE_ROW_LIMIT}"
-    )
+    assert key != default_key
+    if hasattr(inductor_config, "_cache_config_factory_keys"):  # torch 2.13: the uuid (2.11 pickles the class)
+        uuid = f"{WidePersistentReductions.__module__}.WidePersistentReductions:{WIDE_ROW_LIMIT}"
+        assert key["inductor_choices_class"] == uuid
     assert supports_wide_persistent_reductions()  # enabling twice is fine
 
 

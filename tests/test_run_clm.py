@@ -122,6 +122,31 @@ def test_eval_sequential_differs_with_few_iterations(tmp_path, small_data, corpu
     assert abs(sequential - parallel) > 1e-4
 
 
+def test_a_config_with_the_exact_prefill_evaluates_by_the_iterations_during_training(tmp_path, small_data, corpus):
+    """``prefill: "sequential"`` makes every evaluation-mode forward exact, but evaluations during training stay
+    iterative (as ``--eval_sequential`` says): with 2 iterations the in-training loss of the step-2 model differs from
+    its exact final one; the config saved with the checkpoint keeps its own field."""
+    overrides = "num_encoders=1,num_trained_encoders=0,initializer_range=0.5,prefill=sequential"
+    args = base_args("opt-llama", tmp_path / "out", overrides) + local_args(small_data, corpus)
+    args += ["--do_train", "--do_eval", "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2"]
+    args += ["--save_steps", "2", "--max_eval_samples", "4", "--learning_rate", "1e-9"]
+    result = run_clm.main(args)
+    during, final = [h["eval_loss"] for h in result["trainer"].state.log_history if "eval_loss" in h]
+    assert final == result["eval"]["eval_loss"] and result["eval"]["eval_sequential"] is True
+    assert abs(during - final) > 1e-4, (during, final)
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "config.json").read_text())["prefill"] == "sequential"
+
+
+def test_during_training_evaluation_restores_the_config():
+    config = run_clm.shared.load_config("--config_name", TINY_OPT)
+    for prefill, sequential_forward, inside in [("sequential", False, "iterative"), ("sequential", True, "sequential")]:
+        config.prefill, config.sequential_forward = prefill, sequential_forward
+        with pytest.raises(KeyError), run_clm.during_training_evaluation(config):
+            assert config.prefill == inside
+            raise KeyError
+        assert (config.prefill, config.sequential_forward) == (prefill, sequential_forward)
+
+
 @pytest.mark.parametrize("train_kv", [True, False])
 def test_train_kv_logs_kv_loss(train_kv, tmp_path, small_data, corpus):
     args = base_args("opt-llama", tmp_path / "out", f"train_kv={str(train_kv).lower()}") + local_args(

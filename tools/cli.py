@@ -481,7 +481,7 @@ PERSISTENT_REDUCTIONS_HELP = (
     "inductor reduces rows of up to 8192 values (a compiled step's RMSNorm over the hidden size) in one pass held in "
     "registers, where by default it loops above 1024 values and reads the row twice "
     "(models/kernels/persistent_reductions.py; CUDA; results equal to rounding): the captured batch-1 TinyLlama step "
-    "2.7%% faster on an H200, batch 128 unchanged (docs/fast_decode.md)"
+    "2.6-2.8%% faster on an H200 (medians), batch 128 unchanged (docs/fast_decode.md)"
 )
 # The switches of add_decode_kernel_options, as the tools record them in their JSON's setting.
 DECODE_KERNEL_OPTIONS = ("fused_projections", "small_batch_gemv", "dependent_launch", "persistent_reductions")

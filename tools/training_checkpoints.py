@@ -164,6 +164,8 @@ class AtomicCheckpoints:
         self.log(metrics)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
+        # Every process has loaded the checkpoint before one of them may retire it (--save_total_limit 1).
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:  # a kill between a checkpoint's publication and its rotation left a surplus
             run_dir, best = Path(self._get_output_dir(None)), self.state.best_model_checkpoint
             if self.args.save_total_limit == 1 and best is not None:  # the end of train() keeps the best alone

@@ -32,6 +32,8 @@ def dependent_launch(device: torch.device) -> bool:
 
 
 def enable_dependent_launch() -> None:
-    """Programmatic dependent launch for this process's compiled steps (inductor's switch, read when a step is
-    compiled) and this repository's Triton kernels (which read it at each launch, so also in eager forwards)."""
+    """Programmatic dependent launch for the compiled steps (inductor's switch, read when a step is compiled) and this
+    repository's Triton kernels (which read it at each launch, so also in eager forwards), of the calling thread: torch
+    2.13 keeps inductor's config per thread (2.11 for the process); the tools compile and generate in their main
+    thread."""
     inductor_config.triton.enable_pdl = True

@@ -10,11 +10,12 @@ default where it says "persistent" and says so too for inner reductions (along t
 
 What it changes is the order of the float32 sum of squares (one tree over the row instead of per-chunk partial sums
 added at the end): results equal to rounding. Measured on an H200 (docs/fast_decode.md, "One-pass norms"): the
-TinyLlama batch-1 step 2.7-2.8% shorter, batch 128 unchanged.
+TinyLlama batch-1 step 2.6-2.8% shorter (medians), batch 128 unchanged.
 
-``enable_wide_persistent_reductions()`` installs it for the process: through ``inductor_config.inductor_choices_class``
-(part of the compiled-graph cache key, so a graph compiled without it is not reused, and the other way round) and as
-the current thread's choices handler (inductor keeps the first handler a thread used).
+``enable_wide_persistent_reductions()`` installs it for what the calling thread compiles from then on (the tools
+compile in their main thread): through ``inductor_config.inductor_choices_class`` (part of the compiled-graph cache
+key, so a graph compiled without it is not reused, and the other way round; torch 2.13 keeps inductor's config per
+thread, 2.11 for the process) and as the thread's choices handler (inductor keeps the first handler a thread used).
 """
 
 from typing import Any
@@ -57,6 +58,7 @@ def supports_wide_persistent_reductions() -> bool:
 
 
 def enable_wide_persistent_reductions() -> None:
-    """``WidePersistentReductions`` for every step this process compiles from now on."""
+    """``WidePersistentReductions`` for every step the calling thread compiles from now on (the whole process on a
+    torch whose inductor config is not per thread)."""
     inductor_config.inductor_choices_class = WidePersistentReductions
     V.set_choices_handler(WidePersistentReductions())
