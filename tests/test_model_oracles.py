@@ -1,6 +1,6 @@
 """The equivalence oracles of docs/design.md section 7: random weights, computed in float64 and compared at
 ``FLOAT64_ATOL`` (tests/numerics.py), so that they compare the computations, not one machine's float32 rounding; the key
-ones run with one thread and with all cores."""
+ones run with one thread and with 3."""
 
 from functools import partial
 

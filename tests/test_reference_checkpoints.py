@@ -5,7 +5,7 @@ weights) and ``reference_outputs.pt``: that code's outputs computed in float64 w
 fixture's README.md and ``make/``). Published cases (branch ``dev-lckv-publish``, model_type ``opt-llama``) run on eager
 attention, ``lckv-llama`` ones (branch ``main``) on SDPA, as that code did.
 
-Compared per case, in float64 at ``FLOAT64_ATOL`` (one tolerance for every case, with one thread and with all cores),
+Compared per case, in float64 at ``FLOAT64_ATOL`` (one tolerance for every case, with one thread and with 3),
 and in float32 (what users run) at the float32 error bound derived from the case itself (``tests/numerics.py``):
 
 * ``iterative``: the parallel forward as saved vs its iterative forward;
