@@ -37,14 +37,20 @@ MASK_CHUNK = 64  # prompt tokens per segment: one mask build (static caches), on
 SEGMENT_ATTENTION_BYTES = 2**31  # the most one layer's attention over a segment may allocate (``runs_segments``)
 
 
+def every_forward_sequential(config) -> bool:
+    """Whether every evaluation-mode multi-token forward of an LCKV ``config``'s model runs token by token, with a
+    cache or without: under ``sequential_forward`` or ``prefill="sequential"``."""
+    # "sequential" holds without a cache too: whether a forward builds one follows ``use_cache``, which the Trainer
+    # saves as False, and lm-eval calls ``model(ids)``: the checkpoint that asked for the exact prefill would score
+    # by the iterations there (the cacheless forward runs into a scratch cache, models/scratch_cache.py).
+    return config.sequential_forward or config.prefill == "sequential"
+
+
 def uses_sequential_prefill(config, inputs_embeds: torch.Tensor, cache: Cache | None) -> bool:
     """Whether an evaluation-mode forward of ``inputs_embeds`` ``(B, T, H)``, ``T > 1``, runs token by token: always
     under ``sequential_forward`` or ``prefill="sequential"``, cache or not; under ``"auto"`` where it fills a cache,
     priced for its batch, length, dtype and device (``choose_prefill``)."""
-    # "sequential" holds without a cache too: whether a forward builds one follows ``use_cache``, which the Trainer
-    # saves as False, and lm-eval calls ``model(ids)``: the checkpoint that asked for the exact prefill would score
-    # by the iterations there (the cacheless forward runs into a scratch cache, models/scratch_cache.py).
-    if config.sequential_forward or config.prefill == "sequential":
+    if every_forward_sequential(config):
         return True
     if cache is None or (config.prefill == "auto" and config._attn_implementation == "flex_attention"):
         # A flex mask generate made for a static cache cannot be cut per token: "auto" keeps the iterative prefill.
@@ -440,4 +446,11 @@ def prefill_cache(
     return causal_lm.lm_head(hidden)
 
 
-__all__ = ["PREFILL_MODES", "choose_prefill", "prefill_cache", "sequential_prefill", "uses_sequential_prefill"]
+__all__ = [
+    "PREFILL_MODES",
+    "choose_prefill",
+    "every_forward_sequential",
+    "prefill_cache",
+    "sequential_prefill",
+    "uses_sequential_prefill",
+]

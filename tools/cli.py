@@ -34,6 +34,7 @@ from models.kernels.persistent_reductions import (
 )
 from models.kernels.small_batch_linear import use_small_batch_linear
 from models.prefill_modes import PREFILL_MODES
+from models.sequential_prefill import every_forward_sequential
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
@@ -536,8 +537,8 @@ def set_linear_options(model: torch.nn.Module, fused_projections: bool, small_ba
 
 def is_sequential(config: PretrainedConfig) -> bool:
     """Whether every evaluation-mode multi-token forward of ``config``'s model runs token by token, with a cache or
-    without: an LCKV model with ``sequential_forward`` or ``prefill: "sequential"`` (``uses_sequential_prefill``)."""
-    return isinstance(config, OptLlamaConfig) and (config.sequential_forward or config.prefill == "sequential")
+    without: an LCKV model under the model's own rule (``every_forward_sequential``)."""
+    return isinstance(config, OptLlamaConfig) and every_forward_sequential(config)
 
 
 def check_choices(flag: str, values: Iterable[str], allowed: Iterable[str]) -> None:
