@@ -26,11 +26,13 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
+from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
 import models  # noqa: F401  (registers opt-llama and the attention backends)
@@ -38,6 +40,7 @@ from bench.profile_decode import compile_config  # generate's own on CUDA; dynam
 from models import SPLIT_KV
 from models.chunked_prefill import set_cached_length
 from models.export import write_json
+from models.kernels.gemv_fusion import COUNTER as GEMV_FUSION_COUNTER
 from tools import latency  # test_latency.py's model, cache and roofline: the runs these numbers explain
 from tools.cli import DECODE_KERNEL_OPTIONS, add_decode_kernel_options, parse_int_list, parse_size, run_cli
 from tools.measure import CompiledStepTimer, StepTimer, load_config_for_length, synchronize
@@ -203,6 +206,7 @@ def measure(model, config, batch: int, args) -> dict:
     row = {"batch": batch, "context": args.context, "new_tokens": args.new_tokens}
     tokens = {}
     for loop in LOOPS:
+        rewrites = Counter(counters[GEMV_FUSION_COUNTER])
         run_generate(model, cache, batch, args.context, loop, 3)  # compile, warm up and capture
         _, ms, captured, _, spread = run_generate(model, cache, batch, args.context, loop, args.new_tokens, timed=True)
         row[loop] = {
@@ -211,6 +215,8 @@ def measure(model, config, batch: int, args) -> dict:
             "captured_step_ms_spread": spread,
             "vs_captured": ms / captured if captured else None,
         }
+        if args.gemv_fusion:  # what the pass rewrote in the graphs this loop compiled (none where they were cached)
+            row[loop]["gemv_fusion_rewrites"] = dict(Counter(counters[GEMV_FUSION_COUNTER]) - rewrites)
         tokens[loop] = [
             run_generate(model, cache, batch, args.context, loop, args.check_tokens, sample=s).tokens
             for s in (False, True)

@@ -28,6 +28,7 @@ from models.configuration_opt_llama import OptLlamaConfig
 from models.fused_projections import fuse_projections
 from models.kernels.dependent_launch import enable_dependent_launch, supports_dependent_launch
 from models.kernels.flags import FLAGS, flag_enabled
+from models.kernels.gemv_fusion import enable_gemv_fusion, supports_gemv_fusion
 from models.kernels.persistent_reductions import (
     enable_wide_persistent_reductions,
     supports_wide_persistent_reductions,
@@ -484,25 +485,45 @@ PERSISTENT_REDUCTIONS_HELP = (
     "(models/kernels/persistent_reductions.py; CUDA; results equal to rounding): the captured batch-1 TinyLlama step "
     "2.6-2.8%% faster on an H200 (medians), batch 128 unchanged (docs/fast_decode.md)"
 )
+GEMV_FUSION_HELP = (
+    "with --small_batch_gemv: each compiled batch-1 GEMV takes in the RMSNorm before it and the residual add after "
+    "it, so a decoder layer's two add + norm kernels are gone (models/kernels/gemv_fusion.py, a pass over the "
+    "compiled graph; results equal to rounding): the captured batch-1 step 2.8-3.2%% shorter on an H200 at the "
+    "TinyLlama shape, 0.6-2.1%% at Llama-2-7B's (docs/fast_decode.md)"
+)
 # The switches of add_decode_kernel_options, as the tools record them in their JSON's setting.
-DECODE_KERNEL_OPTIONS = ("fused_projections", "small_batch_gemv", "dependent_launch", "persistent_reductions")
+DECODE_KERNEL_OPTIONS = (
+    "fused_projections",
+    "small_batch_gemv",
+    "gemv_fusion",
+    "dependent_launch",
+    "persistent_reductions",
+)
 
 
 def add_decode_kernel_options(parser: argparse.ArgumentParser) -> None:
-    """``--fused_projections``, ``--small_batch_gemv``, ``--dependent_launch`` and ``--persistent_reductions``
-    (``set_decode_kernel_options``)."""
+    """``--fused_projections``, ``--small_batch_gemv``, ``--gemv_fusion``, ``--dependent_launch`` and
+    ``--persistent_reductions`` (``set_decode_kernel_options``)."""
     parser.add_argument("--fused_projections", action="store_true", help=FUSED_PROJECTIONS_HELP)
     parser.add_argument("--small_batch_gemv", action="store_true", help=SMALL_BATCH_GEMV_HELP)
+    parser.add_argument("--gemv_fusion", action="store_true", help=GEMV_FUSION_HELP)
     parser.add_argument("--dependent_launch", action="store_true", help=DEPENDENT_LAUNCH_HELP)
     parser.add_argument("--persistent_reductions", action="store_true", help=PERSISTENT_REDUCTIONS_HELP)
 
 
 def set_decode_kernel_options(model: torch.nn.Module, args: argparse.Namespace) -> None:
     """The options of ``add_decode_kernel_options`` for ``model``: its linear layers (``set_linear_options``), then
-    programmatic dependent launch and the one-pass reductions for this process's compiled steps; a usage error where
-    an option given cannot apply."""
+    the GEMV fusion, programmatic dependent launch and the one-pass reductions for this thread's compiled steps; a
+    usage error where an option given cannot apply."""
     set_linear_options(model, args.fused_projections, args.small_batch_gemv)
     device = next(model.parameters()).device
+    if args.gemv_fusion:
+        if not args.small_batch_gemv or not supports_gemv_fusion():
+            raise UsageError(
+                "--gemv_fusion: fuses into the batch-1 GEMV, so allowed with --small_batch_gemv, where inductor's "
+                "post-grad custom pass is not already another library's"
+            )
+        enable_gemv_fusion()
     if args.dependent_launch:
         if not supports_dependent_launch(device):
             raise UsageError(

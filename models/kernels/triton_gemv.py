@@ -16,6 +16,10 @@ the previous kernel's output (its input row): the weights never depend on it. Wi
 The gated variant (``small_batch_silu_gated_gemv``) multiplies a fused gate/up weight ``(2I, K)`` (gate rows, then up
 rows) and writes ``silu(gate) * up`` ``(M, I)``: each program reads gate row ``j`` next to up row ``j`` (its
 ``BLOCK_N`` rows interleave them), so SwiGLU is applied to its own sums, with no extra bytes read and no kernel after.
+
+The fused variant (``small_batch_gemv_fused``, put into compiled steps by ``gemv_fusion.py``) also takes in the
+RMSNorm before the product (each program reads its row once for the mean square, then normalises the input as it
+reads it: ``NORM``) and the residual add after it (``RESIDUAL``), with Llama's roundings.
 """
 
 import contextlib
@@ -34,19 +38,50 @@ from .dependent_launch import dependent_launch
 
 
 @triton.jit
+def _inverse_rms(row_ptr, K, eps, ROW_BLOCK: tl.constexpr):
+    """``1 / sqrt(mean(x^2) + eps)`` of the row of ``K`` values at ``row_ptr`` (``ROW_BLOCK``: a power of two of at
+    least ``K``, so the row arrives in one load), summed in float32: RMSNorm's statistics."""
+    columns = tl.arange(0, ROW_BLOCK)
+    x = tl.load(row_ptr + columns, mask=columns < K, other=0.0).to(tl.float32)
+    return tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+
+
+@triton.jit
+def _input_step(x_ptrs, norm_ptr, step, K, inverse_rms, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """Columns ``[step * BLOCK_K, (step + 1) * BLOCK_K)`` of the product's input row, as float32. With ``NORM`` the
+    row is RMSNorm's input and this is its output, rounded as Llama's: the normalised values in the row's dtype, times
+    the norm's weight, in that dtype again."""
+    columns = tl.arange(0, BLOCK_K)
+    column_ok = columns < K - step * BLOCK_K
+    x = tl.load(x_ptrs + step * BLOCK_K, mask=column_ok, other=0.0)
+    if NORM:
+        normalised = (x.to(tl.float32) * inverse_rms).to(x.dtype)
+        scale = tl.load(norm_ptr + step * BLOCK_K + columns, mask=column_ok, other=0.0)
+        x = (scale.to(tl.float32) * normalised.to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    norm_ptr,
+    residual_ptr,
     M,
     N,
     K,
     stride_xm,
     stride_wn,
     stride_ym,
+    stride_rm,
+    eps,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SILU_GATED: tl.constexpr,
+    NORM: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -62,27 +97,35 @@ def _gemv_kernel(
     columns = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + columns[None, :]
     x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + columns
+    inverse_rms = 1.0
     if PDL:  # the first step peeled: its weight tile is read before the wait for the input (the previous kernel's)
         w = tl.load(w_ptrs, mask=row_ok[:, None] & (columns < K)[None, :], other=0.0)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-        x = tl.load(x_ptrs, mask=columns < K, other=0.0)
-        acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if NORM:
+            inverse_rms = _inverse_rms(x_ptr + m.to(tl.int64) * stride_xm, K, eps, ROW_BLOCK)
+        x = _input_step(x_ptrs, norm_ptr, 0, K, inverse_rms, BLOCK_K, NORM)
+        acc = w.to(tl.float32) * x[None, :]
         first_step = 1
     else:  # the plain loop pipelines its loads better than the peeled one (docs/fast_decode.md)
+        if NORM:
+            inverse_rms = _inverse_rms(x_ptr + m.to(tl.int64) * stride_xm, K, eps, ROW_BLOCK)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         first_step = 0
     for step in range(first_step, tl.cdiv(K, BLOCK_K)):
         column_ok = columns < K - step * BLOCK_K
-        x = tl.load(x_ptrs + step * BLOCK_K, mask=column_ok, other=0.0)
+        x = _input_step(x_ptrs, norm_ptr, step, K, inverse_rms, BLOCK_K, NORM)
         w = tl.load(w_ptrs + step * BLOCK_K, mask=row_ok[:, None] & column_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if SILU_GATED:
         gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
         y = gate * tl.sigmoid(gate) * up
         outputs = (pid // M) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         row_ok = outputs < N
+    if RESIDUAL:  # as `residual + product` of two tensors of the output's dtype: the product rounded first
+        residual = tl.load(residual_ptr + m.to(tl.int64) * stride_rm + outputs, mask=row_ok, other=0.0)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + residual.to(tl.float32)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + outputs, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -92,11 +135,21 @@ def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def launch_gemv(
-    x: torch.Tensor, weight: torch.Tensor, outputs: int, block_n: int, block_k: int, num_warps: int, silu_gated: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    outputs: int,
+    launch: tuple[int, int, int],
+    silu_gated: bool = False,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``_gemv_kernel`` on ``x (M, K)`` and ``weight (N, K)`` -> ``(M, outputs)`` in x's dtype; ``block_n`` weight rows
-    per program."""
+    """``_gemv_kernel`` on ``x (M, K)`` and ``weight (N, K)`` -> ``(M, outputs)`` in x's dtype; ``launch`` is
+    ``(block_n, block_k, num_warps)``, ``block_n`` weight rows per program. With ``norm_weight`` ``(K,)`` the product's
+    input is ``RMSNorm(x)`` (that weight, ``eps``); with ``residual`` ``(M, outputs)`` the output is
+    ``residual + product``."""
     torch._check(x.stride(1) == 1 and weight.stride(1) == 1, lambda: "small_batch_gemv: K must be the unit stride")
+    block_n, block_k, num_warps = launch
     rows, columns = x.shape
     out = x.new_empty((rows, outputs))
     pdl = dependent_launch(x.device)
@@ -105,15 +158,22 @@ def launch_gemv(
             x,
             weight,
             out,
+            x if norm_weight is None else norm_weight,  # a pointer the kernel does not read without NORM
+            out if residual is None else residual,
             rows,
             outputs,
             columns,
             x.stride(0),
             weight.stride(0),
             out.stride(0),
+            0 if residual is None else residual.stride(0),
+            eps,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             SILU_GATED=silu_gated,
+            NORM=norm_weight is not None,
+            ROW_BLOCK=triton.next_power_of_2(columns) if norm_weight is not None else 1,
+            RESIDUAL=residual is not None,
             PDL=pdl,
             num_warps=num_warps,
             launch_pdl=pdl,
@@ -128,7 +188,7 @@ def small_batch_gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_
     The launch (``small_batch_linear.GemvLaunch``, fixed by the shapes): ``block_n`` output features and ``block_k``
     columns per program step (powers of two), ``num_warps``.
     """
-    return launch_gemv(x, weight, weight.shape[0], block_n, block_k, num_warps, silu_gated=False)
+    return launch_gemv(x, weight, weight.shape[0], (block_n, block_k, num_warps))
 
 
 @small_batch_gemv.register_fake
@@ -144,9 +204,36 @@ def small_batch_silu_gated_gemv(
     """``silu(x @ gate^T) * (x @ up^T)`` for ``x (M, K)`` and a fused ``weight (2I, K)`` (gate rows, then up rows;
     contiguous) -> ``(M, I)`` in x's dtype, the sums in float32 up to the product. The launch as
     ``small_batch_gemv``'s for ``weight``, ``block_n`` (even) counting gate and up rows together."""
-    return launch_gemv(x, weight, weight.shape[0] // 2, block_n, block_k, num_warps, silu_gated=True)
+    return launch_gemv(x, weight, weight.shape[0] // 2, (block_n, block_k, num_warps), silu_gated=True)
 
 
 @small_batch_silu_gated_gemv.register_fake
 def _(x, weight, block_n, block_k, num_warps):
     return x.new_empty((x.shape[0], weight.shape[0] // 2))
+
+
+@custom_op("lckv::small_batch_gemv_fused", mutates_args=())
+def small_batch_gemv_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    silu_gated: bool,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+) -> torch.Tensor:
+    """``small_batch_gemv`` (or, ``silu_gated``, ``small_batch_silu_gated_gemv``) with the RMSNorm of its input before
+    it and a residual add after it, in one kernel (``gemv_fusion.py`` puts it in a compiled step's graph):
+    ``residual + (RMSNorm(x) @ weight^T)``, each part optional. ``x (M, K)``; ``norm_weight (K,)`` or None (no norm),
+    with ``eps``; ``residual (M, N)`` or None; out ``(M, N)`` in x's dtype (``N``: weight rows, or half of them
+    ``silu_gated``), rounded where Llama's separate steps round."""
+    outputs = weight.shape[0] // 2 if silu_gated else weight.shape[0]
+    launch = (block_n, block_k, num_warps)
+    return launch_gemv(x, weight, outputs, launch, silu_gated, norm_weight, eps, residual)
+
+
+@small_batch_gemv_fused.register_fake
+def _(x, weight, norm_weight, eps, residual, silu_gated, block_n, block_k, num_warps):
+    return x.new_empty((x.shape[0], weight.shape[0] // 2 if silu_gated else weight.shape[0]))
