@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers.trainer_jit_checkpoint import CheckpointManager
 
 import run_clm
 from tools.cli import UsageError
@@ -39,6 +40,8 @@ from tools.training_checkpoints import (
     move_into,
     publish,
     rotate_published,
+    stream_epoch,
+    stream_position,
 )
 
 from .conftest import REPO
@@ -558,3 +561,18 @@ def test_a_streaming_run_resumed_in_its_second_pass_reads_on_where_it_stopped(da
     assert [(h["step"], h["epoch"], h["loss"]) for h in logged if "loss" in h] == steps  # 1-4 from the checkpoint
     got, want = load_file(resumed / "model.safetensors"), load_file(whole / "model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in want.items())
+
+    # Resumed for longer (--max_steps 12) and stopped by a JIT checkpoint before its first step (SIGTERM while it
+    # started): the checkpoint it saves records the same position, 1 batch into the second pass, with max_steps 12.
+    again = tmp_path / "again"
+    shutil.copytree(whole / "checkpoint-4", again / "checkpoint-4")
+    args[args.index("--output_dir") + 1] = str(again)
+    args[args.index("--max_steps") + 1] = "12"
+    with pytest.MonkeyPatch.context() as patch:  # the signal arrived: a checkpoint is requested at the first step
+        patch.setattr(CheckpointManager, "setup_signal_handler", lambda manager: setattr(
+            manager, "is_checkpoint_requested", True))  # fmt: skip
+        single_threaded_main([*args, "--enable_jit_checkpoint", "true"])
+    state = json.loads((again / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["max_steps"] == 12 and state["global_step"] == 4
+    assert stream_position(again / "checkpoint-4", 1) == stream_position(whole / "checkpoint-4", 1) == (1, 1)
+    assert stream_epoch(1, 1, 12, 1) == state["epoch"]

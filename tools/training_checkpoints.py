@@ -141,7 +141,14 @@ class AtomicCheckpoints:
         )
         if resume_from_checkpoint is None or self.args.ignore_data_skip or has_length(self.train_dataset):
             return position
-        return stream_position(resume_from_checkpoint, self.args.gradient_accumulation_steps) or position
+        accumulation = self.args.gradient_accumulation_steps
+        streamed = stream_position(resume_from_checkpoint, accumulation)
+        if streamed is None:
+            return position
+        # The loaded epoch encodes the position with the checkpoint's max_steps; a save before this run's first step
+        # (a JIT checkpoint) records it beside this run's max_steps, so it is encoded again with that.
+        self.state.epoch = stream_epoch(*streamed, max_steps, accumulation)
+        return streamed
 
     def end_ended_training(self, checkpoint: str) -> dict[str, float]:
         """For a run whose training ended at ``checkpoint`` (its ``global_step`` at ``max_steps``), killed before it
@@ -302,6 +309,12 @@ def stream_position(checkpoint: str | os.PathLike, gradient_accumulation_steps: 
         return None
     passes = int(epoch)
     return passes, round((epoch - passes) * planned * gradient_accumulation_steps)
+
+
+def stream_epoch(passes: int, batches: int, max_steps: int, gradient_accumulation_steps: int) -> float:
+    """The ``epoch`` transformers records for a stream ``batches`` batches into the pass after ``passes`` complete
+    ones, in a run of ``max_steps`` optimizer steps: what ``stream_position`` decodes."""
+    return passes + batches / (max_steps * gradient_accumulation_steps)
 
 
 def move_into(staged: Path, final: Path) -> None:

@@ -71,12 +71,20 @@ def value(node) -> torch.Tensor | None:
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
+def keyword_free(match: Match, target) -> bool:
+    """Whether every node of ``match`` calling ``target`` has no keyword arguments (the matcher ignores keywords a
+    pattern does not name: an add's ``alpha``, a mean's ``dtype``)."""
+    return all(not node.kwargs for node in match.nodes if node.target == target)
+
+
 def normed_input_is_llamas(match: Match) -> bool:
     """Whether the matched norm is what the fused kernel computes: a 1-D weight over the last dim, the row, the norm's
-    weight and the GEMV's weight in one dtype, which is the dtype cast back to (or float32 without casts), and a
-    Python number for ``eps``."""
+    weight and the GEMV's weight in one dtype, which is the dtype cast back to (or float32 without casts), a Python
+    number for ``eps``, and the mean square in the row's float32 (no ``dtype`` for the mean)."""
     hidden, norm_weight, weight = (value(match.kwargs[name]) for name in ("hidden", "norm_weight", "weight"))
     if hidden is None or norm_weight is None or weight is None or not isinstance(match.kwargs["eps"], float | int):
+        return False
+    if not (keyword_free(match, aten.mean.dim) and keyword_free(match, aten.add.Tensor)):
         return False
     dtype = match.kwargs.get("dtype", torch.float32)
     casts_ok = dtype in CAST_DTYPES if "dtype" in match.kwargs else True
@@ -89,11 +97,13 @@ def normed_input_is_llamas(match: Match) -> bool:
 
 
 def residual_add_is_plain(match: Match) -> bool:
-    """Whether the matched add is ``residual + product`` of one shape and dtype (no broadcasting, no promotion)."""
+    """Whether the matched add is ``residual + product`` of one shape and dtype (no broadcasting, no promotion, no
+    ``alpha``)."""
     residual, added = value(match.kwargs["residual"]), value(match.output_node())
     x, weight = value(match.kwargs["x"]), value(match.kwargs["weight"])
     return (
         residual is not None
+        and keyword_free(match, aten.add.Tensor)
         and residual.shape == added.shape
         and added.numel() == x.shape[0] * weight.shape[0]
         and residual.dtype == added.dtype == x.dtype
@@ -112,7 +122,8 @@ def fuse_norm(match: Match, silu_gated: bool, **kwargs) -> None:
 
     def replacement(hidden, norm_weight, weight):
         flat = unit_stride_rows(hidden, hidden.numel() // hidden.shape[-1])
-        return torch.ops.lckv.small_batch_gemv_fused(flat, weight, norm_weight, eps, None, silu_gated, *launch)
+        scale = norm_weight.contiguous()  # the kernel reads it with unit stride
+        return torch.ops.lckv.small_batch_gemv_fused(flat, weight, scale, eps, None, silu_gated, *launch)
 
     match.replace_by_example(replacement, [kwargs["hidden"], kwargs["norm_weight"], kwargs["weight"]])
     counters[COUNTER]["silu_gated_norm" if silu_gated else "norm"] += 1

@@ -151,6 +151,16 @@ def launch_gemv(
     torch._check(x.stride(1) == 1 and weight.stride(1) == 1, lambda: "small_batch_gemv: K must be the unit stride")
     block_n, block_k, num_warps = launch
     rows, columns = x.shape
+    if norm_weight is not None:
+        torch._check(
+            norm_weight.shape == (columns,) and norm_weight.stride(0) == 1,
+            lambda: f"small_batch_gemv: the norm's weight must be ({columns},) with unit stride",
+        )
+    if residual is not None:
+        torch._check(
+            residual.shape == (rows, outputs) and residual.stride(1) == 1,
+            lambda: f"small_batch_gemv: the residual must be ({rows}, {outputs}) with unit stride along a row",
+        )
     out = x.new_empty((rows, outputs))
     pdl = dependent_launch(x.device)
     with on_device_of(x):
