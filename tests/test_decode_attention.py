@@ -6,6 +6,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -26,10 +27,77 @@ from models.kernels.decode_attention import (
 from models.kernels.decode_launch import DEFAULT, KernelConfig
 
 from .conftest import tiny_config, tiny_model
+from .numerics import FLOAT32_UNIT_ROUNDOFF
 from .test_static_cache import assert_decode_step_compiles_once, left_padded_batch
 
 SLOTS, DIM = 150, 16  # 150 slots: three 64-slot tiles, the last one partial
 NEW = 4  # generated tokens: each decoding step runs the interpreted kernel in every layer
+# The float32 exp's relative error, in units of float32's unit roundoff u: within 2 ulps (4 u); measured at most 1.7 u
+# for numpy's exp2 (the kernel's, under Triton's interpreter) and 1.05 u for ATen's CPU exp
+EXP_ERROR = 4
+
+
+class Float64Attention(NamedTuple):
+    """Attention in float64 (KV heads repeated per group, scale ``D ** -0.5``) and the error bound of a float32
+    computation of it: ``(B, Hq, L, S)`` per weight, ``(B, Hq, L, D)`` per output (``L`` queries, ``S`` keys)."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    visible: torch.Tensor  # (B, 1, L, S) bool
+    scores: torch.Tensor  # scaled q . k, -inf where masked
+    weights: torch.Tensor  # the softmax, 0 where masked (and in a row without a visible key)
+    out: torch.Tensor
+    weight_error: torch.Tensor  # relative, of a weight exp(s_j - running max) before the normalisation
+    bound: torch.Tensor  # absolute, of the output
+
+
+def float64_attention(query, key, value, mask, rescales: int) -> Float64Attention:
+    """``query`` ``(B, Hq, L, D)`` on ``key`` / ``value`` ``(B, Hkv, S, D)`` under the bool ``mask`` (broadcast to
+    ``(B, 1, L, S)``; None: every slot visible), with the error bound of float32 attention. ``rescales``: how many times
+    the float32 computation rescales a weight by a new running max (a later tile of its split, the merge of splits).
+    First order in u (products of two errors are below 1e-9 relative here), any summation order; counts of roundings
+    below are in units of u."""
+    group = query.shape[1] // key.shape[1]
+    query, key, value = query.double(), *(t.double().repeat_interleave(group, 1) for t in (key, value))
+    dim = query.shape[-1]
+    scale = dim**-0.5
+    visible = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool) if mask is None else mask
+    visible = visible.expand(query.shape[0], 1, *visible.shape[-2:])
+    scores = (scale * query @ key.transpose(-1, -2)).masked_fill(~visible, float("-inf"))  # (B, Hq, L, S)
+    weights = scores.softmax(-1).nan_to_num(0.0)  # a row without a visible key: NaN -> 0
+    out = weights @ value
+    # A score: a float32 dot product of D terms, the scaling (of the query or of the product) and the product's
+    # rounding: at most D + 2 roundings, each of at most scale * sum_i |q_i k_i| (>= |score|).
+    score_error = (dim + 2) * scale * (query.abs() @ key.abs().transpose(-1, -2))
+    # A weight exp(s_j - running max), relative: the score's error; the subtraction, at most top - s_j; the exp. Each
+    # rescale by exp(old max - new max): its subtraction, at most the scores' spread, and its exp.
+    top = scores.amax(-1, keepdim=True)
+    spread = top - scores.masked_fill(~visible, float("inf")).amin(-1, keepdim=True)
+    weight_error = score_error + (top - scores) + EXP_ERROR + rescales * (spread + EXP_ERROR)
+    weight_error = FLOAT32_UNIT_ROUNDOFF * torch.where(visible, weight_error, 0.0)
+    # A weight's relative error is shared by the weighted sum and the normaliser (the sum of the weights): to first
+    # order it moves the output by w_j * error_j * (v_j - output).
+    shared = torch.einsum("bhls,bhlsd->bhld", weights * weight_error, (value[:, :, None] - out[:, :, :, None]).abs())
+    # The weighted sum's and the normaliser's own roundings: T visible terms, at most T - 1 inexact additions on any
+    # term's path (a masked slot adds an exact 0), the product p_j * v_j, one product per rescale, the normalisation
+    # (a division, or a reciprocal and a product): relative to sum_j w_j |v_j| and to |output|.
+    roundings = visible.sum(-1, keepdim=True) + rescales + 2
+    sums = FLOAT32_UNIT_ROUNDOFF * roundings * (weights @ value.abs() + out.abs())
+    return Float64Attention(query, key, value, visible, scores, weights, out, weight_error, shared + sums)
+
+
+def attention_bound(query, key, value, mask, rescales: int) -> torch.Tensor:
+    """``float64_attention``'s bound on |float32 attention - exact| per output element, laid out as SDPA's output
+    transposed, ``(B, L, Hq, D)``."""
+    return float64_attention(query, key, value, mask, rescales).bound.transpose(1, 2)
+
+
+def assert_within_bound(got: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str = "") -> None:
+    """``got`` (float32) within ``bound`` of ``expected`` (float64) element by element."""
+    assert got.dtype == torch.float32 and expected.dtype == torch.float64
+    error = (got.double() - expected).abs()
+    assert (error <= bound).all(), f"{what} |float32 - float64| / bound up to {(error / bound).max():.3g}"
 
 
 def decode_inputs(batch: int, heads: int, kv_heads: int, seed: int = 0, dim: int = DIM):
@@ -49,10 +117,18 @@ def cache_mask(spans: list[tuple[int, int]], strict: bool = False) -> torch.Tens
 
 
 def sdpa_reference(query, key, value, mask) -> torch.Tensor:
-    """SDPA on the full cache with the full mask, KV heads expanded: ``(B, 1, Hq, D)``."""
+    """SDPA on the full cache with the full mask, KV heads expanded: ``(B, 1, Hq, D)``, in the inputs' dtype."""
     group = query.shape[1] // key.shape[1]
     expanded = [t.repeat_interleave(group, dim=1) for t in (key, value)]
     return F.scaled_dot_product_attention(query, *expanded, attn_mask=mask).transpose(1, 2)
+
+
+def assert_equals_float64_sdpa(out, query, key, value, mask, block_n: int = DEFAULT.block_n):
+    """``out``, the float32 kernel's, within ``attention_bound`` of SDPA in float64 (inputs upcast: exact to ~1e-16).
+    The kernel rescales a weight once per later ``block_n``-slot tile of its split and once in the merge: at most
+    ``ceil(S / block_n)`` times."""
+    expected = sdpa_reference(query.double(), key.double(), value.double(), mask)
+    assert_within_bound(out, expected, attention_bound(query, key, value, mask, rescales=-(-key.shape[2] // block_n)))
 
 
 def run_kernel(kernel, query, key, value, mask, splits: int, config: KernelConfig = DEFAULT) -> torch.Tensor:
@@ -90,7 +166,7 @@ def test_kernel_equals_sdpa_with_full_mask(interpreted_kernel, heads, kv_heads, 
     query, key, value = decode_inputs(len(SPANS), heads, kv_heads)
     mask = cache_mask(SPANS)
     out = run_kernel(interpreted_kernel, query, key, value, mask, splits)
-    torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
+    assert_equals_float64_sdpa(out, query, key, value, mask)
 
 
 @pytest.mark.parametrize("dim", [8, 24], ids=["below-16", "not-power-of-2"])
@@ -100,7 +176,7 @@ def test_kernel_pads_head_dim(interpreted_kernel, dim):
     out = split_kv_decode_attention(
         interpreted_kernel, query, key, value, mask, None
     )  # None: the default 1 / sqrt(dim)
-    torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
+    assert_equals_float64_sdpa(out, query, key, value, mask)
 
 
 def test_kernel_strict_mask_first_token_outputs_exact_zero(interpreted_kernel):
@@ -110,8 +186,8 @@ def test_kernel_strict_mask_first_token_outputs_exact_zero(interpreted_kernel):
     mask = cache_mask(spans, strict=True)
     out = split_kv_decode_attention(interpreted_kernel, query, key, value, mask, DIM**-0.5)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
-    reference = sdpa_reference(query, key, value, mask)
-    torch.testing.assert_close(out[[0, 2]], reference[[0, 2]], rtol=1e-5, atol=1e-6)
+    seen = [0, 2]
+    assert_equals_float64_sdpa(out[seen], query[seen], key[seen], value[seen], mask[seen])
 
 
 def test_kernel_never_reads_slots_past_the_last_visible_one(interpreted_kernel):
@@ -126,13 +202,13 @@ def test_kernel_never_reads_slots_past_the_last_visible_one(interpreted_kernel):
     poisoned_key[1, :, :5] = float("nan")
     for splits in (1, 5):
         out = run_kernel(interpreted_kernel, query, poisoned_key, poisoned_value, mask, splits)
-        torch.testing.assert_close(out, sdpa_reference(query, key, value, mask), rtol=1e-5, atol=1e-6)
+        assert_equals_float64_sdpa(out, query, key, value, mask)
 
 
 def test_no_mask_reads_every_slot(interpreted_split_kv):
     query, key, value = decode_inputs(2, 8, 2)
     out, _ = split_kv_sdpa_attention(None, query, key, value, None, scaling=DIM**-0.5, kernel=interpreted_split_kv)
-    torch.testing.assert_close(out, sdpa_reference(query, key, value, None), rtol=1e-5, atol=1e-6)
+    assert_equals_float64_sdpa(out, query, key, value, None)
 
 
 def test_visible_lengths_is_last_visible_slot_plus_one():
