@@ -18,7 +18,14 @@ import sys
 
 from models import OptLlamaConfig  # import models registers model_types "opt-llama" and "lckv-llama"
 from models.fast_decode import enable_fast_decode
-from tools.cli import ArgumentParser, UsageError, is_sequential, resolve_device, run_cli
+from tools.cli import (
+    ArgumentParser,
+    UsageError,
+    check_compiled_only_options,
+    is_sequential,
+    resolve_device,
+    run_cli,
+)
 from tools.generation import (
     add_exact_args,
     add_generation_args,
@@ -52,6 +59,7 @@ def check_cache_flags(args: argparse.Namespace) -> None:
     """``--static_cache`` needs a cache; ``--offload`` moves a cache between GPU and CPU: it needs a cache and CUDA."""
     if args.static_cache and args.no_cache:
         raise UsageError("--static_cache: preallocates the KV cache, so it cannot go with --no_cache")
+    check_compiled_only_options(args, args.static_cache, "--static_cache on CUDA (generate compiles its decode step)")
     if not args.offload:
         return
     if args.no_cache or args.compare_cache:

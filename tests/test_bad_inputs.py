@@ -62,6 +62,14 @@ ROWS = {
     ),
     "latency gpu_memory negative": Row("test_latency", [*PLAN, "--gpu_memory=-80GB"], ["--gpu_memory", "-80GB"]),
     "latency bandwidth negative": Row("test_latency", [*PLAN, "--hbm_bandwidth=-1TB"], ["--hbm_bandwidth", "-1TB"]),
+    "latency compiled-only option without --compile": Row(
+        "test_latency", [*LATENCY, "--persistent_reductions"], ["--persistent_reductions", "--compile"]
+    ),
+    "generation compiled-only option without a static cache": Row(
+        "run_generation",
+        [*GEN, "--prompt", "x", "--small_batch_gemv", "--gemv_fusion"],
+        ["--gemv_fusion", "--static_cache"],
+    ),
     "latency bandwidth negative, separate word": Row(
         "test_latency", [*PLAN, "--hbm_bandwidth", "-1TB"], ["--hbm_bandwidth", "-1TB"]
     ),

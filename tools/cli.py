@@ -501,6 +501,22 @@ DECODE_KERNEL_OPTIONS = (
 )
 
 
+# Options of add_decode_kernel_options that change only what inductor compiles (dependent launch also reaches this
+# repository's Triton kernels in eager forwards)
+COMPILED_ONLY_OPTIONS = ("gemv_fusion", "persistent_reductions")
+
+
+def check_compiled_only_options(args: argparse.Namespace, compiles: bool, allowed_with: str) -> None:
+    """A usage error for each option of ``COMPILED_ONLY_OPTIONS`` given where the run compiles no decode step: it would
+    change nothing, and a benchmark must not measure another path than the one asked for."""
+    for option in COMPILED_ONLY_OPTIONS:
+        if getattr(args, option) and not compiles:
+            raise UsageError(
+                f"--{option}: changes only compiled decode steps, and this run compiles none; "
+                f"allowed with {allowed_with}"
+            )
+
+
 def add_decode_kernel_options(parser: argparse.ArgumentParser) -> None:
     """``--fused_projections``, ``--small_batch_gemv``, ``--gemv_fusion``, ``--dependent_launch`` and
     ``--persistent_reductions`` (``set_decode_kernel_options``)."""

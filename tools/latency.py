@@ -179,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--offload: not with --compile (a captured decode step cannot move the cache between devices)")
     if not 1 <= args.start_batch <= args.max_batch:
         p.error(f"--start_batch: {args.start_batch}; allowed values are 1 to --max_batch ({args.max_batch})")
+    shared.check_compiled_only_options(args, args.compile, "--compile")
     check_args(args)
     args.steps = args.steps or args.gen_len
     return args
