@@ -39,6 +39,8 @@ from torch._inductor.pattern_matcher import (
     register_graph_pattern,
 )
 
+from .small_batch_linear import unit_stride_rows
+
 aten, prims = torch.ops.aten, torch.ops.prims
 RESHAPES = (aten.reshape.default, aten.view.default)
 # The dtypes whose RMSNorm computes its statistics in float32 between two casts (float32: no casts)
@@ -86,10 +88,9 @@ def normed_input_is_llamas(match: Match) -> bool:
         return False
     if not (keyword_free(match, aten.mean.dim) and keyword_free(match, aten.add.Tensor)):
         return False
-    dtype = match.kwargs.get("dtype", torch.float32)
-    casts_ok = dtype in CAST_DTYPES if "dtype" in match.kwargs else True
+    dtype = match.kwargs.get("dtype", torch.float32)  # no casts: a float32 model's norm
     return (
-        casts_ok
+        ("dtype" not in match.kwargs or dtype in CAST_DTYPES)
         and hidden.dtype == norm_weight.dtype == weight.dtype == dtype
         and norm_weight.shape == (hidden.shape[-1],)
         and weight.shape[-1] == hidden.shape[-1]
@@ -108,12 +109,6 @@ def residual_add_is_plain(match: Match) -> bool:
         and added.numel() == x.shape[0] * weight.shape[0]
         and residual.dtype == added.dtype == x.dtype
     )
-
-
-def unit_stride_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """``tensor`` as ``(rows, its last dim)`` with unit stride along that dim (the kernel's layout)."""
-    flat = tensor.reshape(rows, tensor.shape[-1])
-    return flat if flat.stride(1) == 1 else flat.contiguous()
 
 
 def fuse_norm(match: Match, silu_gated: bool, **kwargs) -> None:

@@ -38,6 +38,12 @@ MAX_ROWS = 1
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def unit_stride_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` as ``(rows, its last dim)`` with unit stride along that dim: the layout the Triton kernels read."""
+    flat = tensor.reshape(rows, tensor.shape[-1])
+    return flat if flat.stride(1) == 1 else flat.contiguous()
+
+
 class GemvKernel(NamedTuple):
     """The GEMV op (``triton_gemv.small_batch_gemv``), the device types it runs on, the skinny GEMM op for more rows
     (``triton_skinny_gemm.skinny_gemm``; None: cuBLAS) and the SiLU-gated GEMV of a fused gate/up weight
@@ -108,10 +114,7 @@ class SmallBatchLinear(nn.Linear):
     def _run(self, op: Callable, launch: tuple[int, ...], x: torch.Tensor, rows: int) -> torch.Tensor:
         """``op`` on ``x`` as ``(rows, x's last dim)`` with unit stride along it, ``(..., op's out width)`` back, plus
         the bias."""
-        flat = x.reshape(rows, x.shape[-1])
-        if flat.stride(1) != 1:
-            flat = flat.contiguous()
-        out = op(flat, self.weight, *launch)
+        out = op(unit_stride_rows(x, rows), self.weight, *launch)
         out = out.view(*x.shape[:-1], out.shape[-1])
         return out if self.bias is None else out + self.bias
 
