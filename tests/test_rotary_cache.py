@@ -20,6 +20,7 @@ from models.kernels.rotary_cache import (
     rotate_and_cache,
     writable_layer,
 )
+from models.kernels.rotary_cache_launch import WHOLE_ROWS, rotary_cache_launch
 from tests.conftest import load_interpreted, tiny_config, tiny_model
 
 # float32 RoPE of values about 1: a product and a sum per element, rounded once (float32 against float32 reference
@@ -71,8 +72,8 @@ def two_steps(cache, queries, keys, values, cos, sin, layer_idx: int = LAYER):
 @pytest.mark.parametrize("batch_cos", [True, False], ids=["cos-per-row", "cos-broadcast"])
 def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos, layer_idx):
     """The outputs, the one slot written, and the level advanced once: after the kernel for layer 0, else by the last
-    of the kernel's 2 programs, one per row (programs that each advanced it would each write at a later slot), which
-    leaves its counter at zero."""
+    of the kernel's 8 programs, 4 per row at this batch (programs that each advanced it would each write at a later
+    slot), which leaves its counter at zero."""
     cache, *inputs = decode_inputs(batch_cos=batch_cos, layer_idx=layer_idx)
     expected_cache = copy.deepcopy(cache)
     expected = two_steps(expected_cache, *inputs, layer_idx=layer_idx)
@@ -93,8 +94,9 @@ def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos, layer_idx):
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(6, 3, 24), (5, 1, 10)])
 def test_ragged_heads_and_head_dim(kernel, heads, kv_heads, head_dim):
-    """Head counts and a head dim that are not powers of two (a program's tile is padded to them): every head of
-    every row rotated, and its KVs written at the level, which the last of the 3 programs advances."""
+    """Head counts and a head dim that are not powers of two (a program's tile is padded to them, some programs' heads
+    are all past the row's): every head of every row rotated, and its KVs written at the level, which the last of the
+    programs advances."""
     batch, slots, level = 3, 5, 2
     queries = torch.randn(batch, heads, 1, head_dim)
     keys, values = torch.randn(2, batch, kv_heads, 1, head_dim)
@@ -114,6 +116,30 @@ def test_ragged_heads_and_head_dim(kernel, heads, kv_heads, head_dim):
     torch.testing.assert_close(rotated_keys, plain_rotate(keys, cos, sin), **FP32)
     torch.testing.assert_close(key_cache, expected_keys, **FP32)
     assert value_cache.equal(expected_values) and int(fill) == level + 1 and arrivals.item() == 0
+
+
+@pytest.mark.parametrize("batch", [1, 3, 127, 128, 4096])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 4, 64), (32, 32, 128), (52, 52, 128), (5, 1, 10)])
+def test_launch_covers_every_head_and_splits_rows_only_at_small_batch(batch, heads, kv_heads, head_dim):
+    """The launch's blocks cover a row's heads; from ``WHOLE_ROWS`` rows a program takes a row whole, below the
+    grid has about ``WHOLE_ROWS`` programs (at most one per query head); warps by the tile (1 up to 1,024 values, 4 up
+    to 4,096, 8 above), so the whole rows of TinyLlama, 7B and 33B keep the 4 / 4 / 8 warps of before the split."""
+    launch = rotary_cache_launch(batch, heads, kv_heads, head_dim)
+    assert launch.programs_per_row * launch.block_hq >= heads and launch.programs_per_row * launch.block_hkv >= kv_heads
+    assert launch.block_d >= head_dim
+    padded_heads = 1 << (heads - 1).bit_length()
+    if batch >= WHOLE_ROWS:
+        assert launch.programs_per_row == 1 and launch.block_hq == padded_heads
+    else:
+        assert launch.programs_per_row <= padded_heads
+        assert batch * launch.programs_per_row >= min(WHOLE_ROWS, batch * padded_heads)
+    tile = max(launch.block_hq, launch.block_hkv) * launch.block_d
+    assert launch.num_warps == (1 if tile <= 1024 else 4 if tile <= 4096 else 8)
+    whole_row_warps = {(32, 4, 64): 4, (32, 32, 128): 4, (52, 52, 128): 8}
+    if batch >= WHOLE_ROWS and (heads, kv_heads, head_dim) in whole_row_warps:
+        assert launch.num_warps == whole_row_warps[heads, kv_heads, head_dim]
+    if (batch, heads, kv_heads, head_dim) == (1, 32, 32, 128):  # Llama-2-7B at batch 1: one program per head
+        assert launch == (32, 1, 1, 128, 1)
 
 
 def test_consecutive_steps_write_consecutive_slots(kernel):

@@ -12,6 +12,10 @@ with no visible key (a strict-mask query on the first real token) merges to exac
 batches) the first kernel normalises and writes the output itself, the merge's arithmetic for one part, and the
 second kernel does not run.
 
+The keys and values are read with the L2 asked to keep them (``evict_last``): an LCKV model's condensed layers all
+read the same target layer's cache in one step, and at a small batch it fits in the L2 between them (the GEMVs read
+their weights ``evict_first``).
+
 ``split_kv_mask_view`` makes what the first kernel reads of a bool mask, its rows and their lengths, in one more
 kernel: a model hands the result to all the layers sharing that mask (a compiled step otherwise copied the rows of a
 mask made inside the step into each layer's input: inductor recomputes an unrealized input for every op it feeds).
@@ -104,7 +108,10 @@ def _partial_kernel(
         n = first + tl.arange(0, BLOCK_N)
         ok = n < end
         keys = tl.load(
-            k_base + n[None, :] * stride_ks + d[:, None] * stride_kd, mask=ok[None, :] & d_ok[:, None], other=0.0
+            k_base + n[None, :] * stride_ks + d[:, None] * stride_kd,
+            mask=ok[None, :] & d_ok[:, None],
+            other=0.0,
+            eviction_policy="evict_last",
         )
         logits = tl.dot(q, keys, input_precision=PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N), base-2
         if HAS_MASK:  # left padding and the strict mask: masked slots inside the span
@@ -117,7 +124,10 @@ def _partial_kernel(
         p = tl.exp2(logits - shift[:, None])
         running_sum = running_sum * rescale + tl.sum(p, 1)
         values = tl.load(
-            v_base + n[:, None] * stride_vs + d[None, :] * stride_vd, mask=ok[:, None] & d_ok[None, :], other=0.0
+            v_base + n[:, None] * stride_vs + d[None, :] * stride_vd,
+            mask=ok[:, None] & d_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_last",
         )
         acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
         running_max = new_max

@@ -10,6 +10,10 @@ H200's 132 multiprocessors idle on a 2048-feature layer. Here program ``p`` comp
 programs, several per multiprocessor at the launches ``small_batch_linear.gemv_launch`` picks. Products accumulate in
 float32 over each program's ``BLOCK_K`` columns and are summed once at the end.
 
+The weights are read once per step and pass through the L2 cache first in line for eviction (``evict_first``): what
+the step reads again (an LCKV model's condensed layers all read the one target layer's KVs, which the attention asks
+the L2 to keep, ``evict_last``) is then not pushed out by the hundreds of megabytes of weights between two layers.
+
 Under programmatic dependent launch (``dependent_launch.py``) a program reads its first weight tile before it waits for
 the previous kernel's output (its input row): the weights never depend on it. Without it, the plain loop.
 
@@ -99,7 +103,7 @@ def _gemv_kernel(
     x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + columns
     inverse_rms = 1.0
     if PDL:  # the first step peeled: its weight tile is read before the wait for the input (the previous kernel's)
-        w = tl.load(w_ptrs, mask=row_ok[:, None] & (columns < K)[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=row_ok[:, None] & (columns < K)[None, :], other=0.0, eviction_policy="evict_first")
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
         if NORM:
@@ -115,7 +119,9 @@ def _gemv_kernel(
     for step in range(first_step, tl.cdiv(K, BLOCK_K)):
         column_ok = columns < K - step * BLOCK_K
         x = _input_step(x_ptrs, norm_ptr, step, K, inverse_rms, BLOCK_K, NORM)
-        w = tl.load(w_ptrs + step * BLOCK_K, mask=row_ok[:, None] & column_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptrs + step * BLOCK_K, mask=row_ok[:, None] & column_ok[None, :], other=0.0, eviction_policy="evict_first"
+        )
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if SILU_GATED:

@@ -5,16 +5,15 @@ this module is first imported); ``rotary_cache.py`` decides, and rotates and upd
 
 A decode step's attention layer with its own KVs rotates its query and key and writes key and value into the cache:
 compiled, that is three kernels of a few kilobytes each (rotary of Q; rotary of K and its write; the write of V), each
-costing its launch. Here program ``b`` handles row ``b``: its query heads, a ``(Hq, D)`` tile, are rotated into the
-returned queries; its KV heads are rotated into the returned keys and into the cache's slot ``level`` (the cache layer's
-fill level, read on the device), and its values are copied there. One program per row, not per head: at batch 4,096 a
-program per head (147,456 programs of one warp for TinyLlama) made the step's three calls take 0.54 ms on an H200, one
-per row 0.06 ms (docs/fast_decode.md, "A large batch's step"). The last program to finish advances the level by one, as
-``StaticLayer.update`` does after its write: each program counts itself in ``arrivals`` (an int32 counter, zero between
-launches) after it has read the level, and the one that brings the count to ``B`` writes the new level and the zero
-back. That saves the compiled step a kernel per layer, the level's ``add_``. Shapes: ``B`` batch, ``Hq``/``Hkv``
-query/KV heads, ``D`` head dim (even), ``S`` cache slots. RoPE as Llama's ``x * cos + rotate_half(x) * sin``, in
-float32.
+costing its launch. Here program ``(b, p)`` handles row ``b``'s ``p``-th block of heads (``rotary_cache_launch.py``
+sets the blocks: a row's heads whole from 128 rows on, split over several programs below): its query heads, a
+``(heads, D)`` tile, are rotated into the returned queries; its KV heads are rotated into the returned keys and into the
+cache's slot ``level`` (the cache layer's fill level, read on the device), and its values are copied there. The last
+program to finish advances the level by one, as ``StaticLayer.update`` does after its write: each program counts itself
+in ``arrivals`` (an int32 counter, zero between launches) after it has read the level, and the one that brings the
+count to the grid's size writes the new level and the zero back. That saves the compiled step a kernel per layer, the
+level's ``add_``. Shapes: ``B`` batch, ``Hq``/``Hkv`` query/KV heads, ``D`` head dim (even), ``S`` cache slots. RoPE
+as Llama's ``x * cos + rotate_half(x) * sin``, in float32.
 """
 
 import torch
@@ -28,9 +27,8 @@ if is_triton_available():
     import triton.language as tl
 
 from .dependent_launch import dependent_launch
+from .rotary_cache_launch import rotary_cache_launch
 from .triton_gemv import on_device_of
-
-SMALL_TILE = 4096  # query values per row up to which a program has 4 warps (8 above: fewer registers per thread)
 
 
 @triton.jit
@@ -85,6 +83,7 @@ def _rotary_cache_kernel(
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)  # of the row's heads
     if PDL:  # the query, key and value are the previous kernel's product
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -97,13 +96,13 @@ def _rotary_cache_kernel(
     sin = tl.load(sin_ptr + b * stride_sin_b + d, mask=d_ok, other=0.0).to(tl.float32)
 
     # int64 heads: a head's offset in the cache (head x S x D) passes 2**31 in a long cache with many KV heads
-    query_heads = tl.arange(0, BLOCK_HQ).to(tl.int64)
+    query_heads = block * BLOCK_HQ + tl.arange(0, BLOCK_HQ).to(tl.int64)
     query_ok = (query_heads < Hq)[:, None] & d_ok[None, :]
     query = _rotate_heads(q_ptr + b * stride_qb, stride_qh, query_heads, cos, sin, d, partner, sign, query_ok)
     query_out = q_out_ptr + b * stride_qob + query_heads[:, None] * stride_qoh + d[None, :]
     tl.store(query_out, query.to(q_out_ptr.dtype.element_ty), mask=query_ok)
 
-    kv_heads = tl.arange(0, BLOCK_HKV).to(tl.int64)
+    kv_heads = block * BLOCK_HKV + tl.arange(0, BLOCK_HKV).to(tl.int64)
     kv_ok = (kv_heads < Hkv)[:, None] & d_ok[None, :]
     level = tl.load(level_ptr + 0 * d)  # the fill level in every lane: a block, as the masks are
     write_ok = kv_ok & (level < S)[None, :]  # never past the cache's last slot
@@ -119,7 +118,7 @@ def _rotary_cache_kernel(
         tl.debug_barrier()  # every lane's read of the level comes before the program's count (acq_rel orders the rest)
         counted = d == 0
         arrived = tl.atomic_add(arrivals_ptr + 0 * d, 1, mask=counted, sem="acq_rel")
-        last = counted & (arrived == tl.num_programs(0) - 1)
+        last = counted & (arrived == tl.num_programs(0) * tl.num_programs(1) - 1)
         tl.store(level_ptr + 0 * d, level + 1, mask=last)
         tl.store(arrivals_ptr + 0 * d, 0, mask=last)
 
@@ -143,10 +142,10 @@ def _rotate_and_write(
     batch, query_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     query_out, key_out = query.new_empty(query.shape), key.new_empty(key.shape)
-    block_heads, block_d = triton.next_power_of_2(query_heads), triton.next_power_of_2(head_dim)
+    launch = rotary_cache_launch(batch, query_heads, kv_heads, head_dim)
     pdl = dependent_launch(query.device)
     with on_device_of(query):
-        _rotary_cache_kernel[(batch,)](
+        _rotary_cache_kernel[(batch, launch.programs_per_row)](
             query,
             key,
             value,
@@ -176,12 +175,12 @@ def _rotate_and_write(
             kv_heads,
             head_dim,
             key_cache.shape[2],
-            BLOCK_HQ=block_heads,
-            BLOCK_HKV=triton.next_power_of_2(kv_heads),
-            BLOCK_D=block_d,
+            BLOCK_HQ=launch.block_hq,
+            BLOCK_HKV=launch.block_hkv,
+            BLOCK_D=launch.block_d,
             ADVANCE=arrivals is not None,
             PDL=pdl,
-            num_warps=4 if block_heads * block_d <= SMALL_TILE else 8,
+            num_warps=launch.num_warps,
             launch_pdl=pdl,
         )
     return query_out, key_out
