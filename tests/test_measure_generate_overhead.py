@@ -83,3 +83,15 @@ def test_greedy_divergence_reads_the_stock_loops_logits_at_the_first_difference(
         )
         is None
     )
+
+
+def test_every_graph_is_compiled_where_rewrites_are_counted():
+    """Under ``--gemv_fusion`` no graph comes from inductor's or AOTAutograd's cache, whose graphs the pass does not
+    see again (so their rewrites went uncounted)."""
+    with (
+        torch._inductor.config.patch(fx_graph_cache=True),
+        torch._functorch.config.patch(enable_autograd_cache=True),
+    ):
+        measure_generate_overhead.compile_every_graph()
+        assert not torch._inductor.config.fx_graph_cache
+        assert not torch._functorch.config.enable_autograd_cache

@@ -92,12 +92,13 @@ def test_kernel_equals_rotary_then_cache_update(kernel, batch_cos, layer_idx):
     assert arrivals.item() == 0
 
 
+@pytest.mark.parametrize("batch", [3, 40], ids=["a-head-per-program", "blocks-of-heads"])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(6, 3, 24), (5, 1, 10)])
-def test_ragged_heads_and_head_dim(kernel, heads, kv_heads, head_dim):
+def test_ragged_heads_and_head_dim(kernel, heads, kv_heads, head_dim, batch):
     """Head counts and a head dim that are not powers of two (a program's tile is padded to them, some programs' heads
     are all past the row's): every head of every row rotated, and its KVs written at the level, which the last of the
     programs advances."""
-    batch, slots, level = 3, 5, 2
+    slots, level = 5, 2
     queries = torch.randn(batch, heads, 1, head_dim)
     keys, values = torch.randn(2, batch, kv_heads, 1, head_dim)
     positions = torch.arange(batch)[:, None] + level
@@ -118,28 +119,39 @@ def test_ragged_heads_and_head_dim(kernel, heads, kv_heads, head_dim):
     assert value_cache.equal(expected_values) and int(fill) == level + 1 and arrivals.item() == 0
 
 
-@pytest.mark.parametrize("batch", [1, 3, 127, 128, 4096])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 4, 64), (32, 32, 128), (52, 52, 128), (5, 1, 10)])
-def test_launch_covers_every_head_and_splits_rows_only_at_small_batch(batch, heads, kv_heads, head_dim):
-    """The launch's blocks cover a row's heads; from ``WHOLE_ROWS`` rows a program takes a row whole, below the
-    grid has about ``WHOLE_ROWS`` programs (at most one per query head); warps by the tile (1 up to 1,024 values, 4 up
-    to 4,096, 8 above), so the whole rows of TinyLlama, 7B and 33B keep the 4 / 4 / 8 warps of before the split."""
+@pytest.mark.parametrize("batch", [1, 3, 40, 64, 65, 127, 128, 4096])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 4, 64), (32, 32, 128), (52, 52, 128), (6, 3, 16)])
+def test_launch_splits_a_rows_heads_evenly_below_whole_rows(batch, heads, kv_heads, head_dim):
+    """Each program's blocks are an equal share of the padded heads (query and KV heads split the same way, a KV block
+    at least one head); the grid is the most programs per row within ``WHOLE_ROWS`` in all (a power of two, at most
+    one per padded query head), one per row from 65 rows (128 // 65 = 1); warps by the tile."""
     launch = rotary_cache_launch(batch, heads, kv_heads, head_dim)
-    assert launch.programs_per_row * launch.block_hq >= heads and launch.programs_per_row * launch.block_hkv >= kv_heads
-    assert launch.block_d >= head_dim
-    padded_heads = 1 << (heads - 1).bit_length()
-    if batch >= WHOLE_ROWS:
-        assert launch.programs_per_row == 1 and launch.block_hq == padded_heads
-    else:
-        assert launch.programs_per_row <= padded_heads
-        assert batch * launch.programs_per_row >= min(WHOLE_ROWS, batch * padded_heads)
+    padded_q, padded_kv = (1 << (n - 1).bit_length() for n in (heads, kv_heads))
+    programs = launch.programs_per_row
+    assert programs & (programs - 1) == 0 and programs <= padded_q
+    assert programs * launch.block_hq == padded_q
+    assert launch.block_hkv == max(1, padded_kv // programs) and programs * launch.block_hkv >= kv_heads
+    assert launch.block_d == 1 << (head_dim - 1).bit_length()
+    assert batch * programs <= max(batch, WHOLE_ROWS)  # within WHOLE_ROWS programs, or one per row
+    assert programs == padded_q or batch * programs * 2 > WHOLE_ROWS  # and no power of two more would fit
     tile = max(launch.block_hq, launch.block_hkv) * launch.block_d
-    assert launch.num_warps == (1 if tile <= 1024 else 4 if tile <= 4096 else 8)
-    whole_row_warps = {(32, 4, 64): 4, (32, 32, 128): 4, (52, 52, 128): 8}
-    if batch >= WHOLE_ROWS and (heads, kv_heads, head_dim) in whole_row_warps:
-        assert launch.num_warps == whole_row_warps[heads, kv_heads, head_dim]
-    if (batch, heads, kv_heads, head_dim) == (1, 32, 32, 128):  # Llama-2-7B at batch 1: one program per head
-        assert launch == (32, 1, 1, 128, 1)
+    assert launch.num_warps == (1 if tile <= 256 else 4 if tile <= 4096 else 8)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, head_dim, expected",
+    [
+        (1, 32, 32, 128, (32, 1, 1, 128, 1)),  # Llama-2-7B at batch 1 (measured): a program per head, one warp
+        (3, 32, 32, 128, (32, 1, 1, 128, 1)),
+        (32, 32, 32, 128, (4, 8, 8, 128, 4)),
+        (1, 32, 4, 64, (32, 1, 1, 64, 1)),  # TinyLlama at batch 1 (measured): KV heads in the first 4 programs
+        (40, 6, 3, 16, (2, 4, 2, 16, 1)),  # blocks of several heads, the second's partly past the row's
+        (128, 32, 4, 64, (1, 32, 4, 64, 4)),  # whole rows, the warps of before the split
+        (4096, 52, 52, 128, (1, 64, 64, 128, 8)),
+    ],
+)
+def test_launch_at_model_shapes(batch, heads, kv_heads, head_dim, expected):
+    assert rotary_cache_launch(batch, heads, kv_heads, head_dim) == expected
 
 
 def test_consecutive_steps_write_consecutive_slots(kernel):

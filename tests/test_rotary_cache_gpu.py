@@ -59,13 +59,14 @@ def test_kernel_equals_rotary_then_cache_update(dtype, heads, kv_heads, head_dim
     assert int(layer.cumulative_length) == filled + 1 and arrivals.item() == 0
 
 
-def test_many_programs_advance_the_level_once_per_step():
-    """Batch 256: 256 programs, one per row, count themselves in each launch; over 16 steps every row's values land
-    in the slot of their step, and the level grows by exactly 16."""
+@pytest.mark.parametrize("batch", [1, 3, 127, 256])
+def test_many_programs_advance_the_level_once_per_step(batch):
+    """Every program counts itself in each launch (32 per row at batch 1 and 3, one per row at 127 and 256); over 16
+    steps every row's values land in the slot of their step, and the level grows by exactly 16."""
     config = LlamaConfig(
         hidden_size=2048, intermediate_size=64, num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=2
     )
-    batch, slots, steps = 256, 32, 16
+    slots, steps = 32, 16
     cache = StaticCache(config=config, max_cache_len=slots)
     rotary = PlainRotaryEmbedding(config=config).cuda()
     written_values, arrivals = [], torch.zeros(1, dtype=torch.int32, device="cuda")

@@ -12,9 +12,11 @@ with no visible key (a strict-mask query on the first real token) merges to exac
 batches) the first kernel normalises and writes the output itself, the merge's arithmetic for one part, and the
 second kernel does not run.
 
-The keys and values are read with the L2 asked to keep them (``evict_last``): an LCKV model's condensed layers all
-read the same target layer's cache in one step, and at a small batch it fits in the L2 between them (the GEMVs read
-their weights ``evict_first``).
+Where rows are split (a small batch), the keys and values are read with the L2 asked to keep them (``evict_last``):
+an LCKV model's condensed layers all read the same target layer's cache in one step, and at a small batch it can stay
+in the L2 between them (the batch-1 GEMVs read their weights ``evict_first``). At one split (a large batch) a layer's
+KVs are gigabytes read once; lines the L2 keeps last in line for eviction could crowd out what the step's matrix
+products reuse from it (their weight tiles). That was not measured, so there they are read as before.
 
 ``split_kv_mask_view`` makes what the first kernel reads of a bool mask, its rows and their lengths, in one more
 kernel: a model hands the result to all the layers sharing that mask (a compiled step otherwise copied the rows of a
@@ -36,6 +38,17 @@ from .decode_launch import MIN_DOT  # query heads and head dim are padded to it
 from .dependent_launch import dependent_launch
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_tile(pointers, mask, NUM_SPLITS: tl.constexpr):
+    """A tile of keys or values (zeros where masked); where rows are split (a small batch) the L2 is asked to keep it
+    (``evict_last``)."""
+    if NUM_SPLITS > 1:
+        tile = tl.load(pointers, mask=mask, other=0.0, eviction_policy="evict_last")
+    else:
+        tile = tl.load(pointers, mask=mask, other=0.0)
+    return tile
 
 
 @triton.jit
@@ -107,12 +120,8 @@ def _partial_kernel(
     for first in range(start, end, BLOCK_N):
         n = first + tl.arange(0, BLOCK_N)
         ok = n < end
-        keys = tl.load(
-            k_base + n[None, :] * stride_ks + d[:, None] * stride_kd,
-            mask=ok[None, :] & d_ok[:, None],
-            other=0.0,
-            eviction_policy="evict_last",
-        )
+        key_pointers = k_base + n[None, :] * stride_ks + d[:, None] * stride_kd
+        keys = _kv_tile(key_pointers, ok[None, :] & d_ok[:, None], NUM_SPLITS)
         logits = tl.dot(q, keys, input_precision=PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N), base-2
         if HAS_MASK:  # left padding and the strict mask: masked slots inside the span
             ok = ok & (tl.load(mask_ptr + b * stride_mb + n * stride_ms, mask=ok, other=0) != 0)
@@ -123,12 +132,8 @@ def _partial_kernel(
         rescale = tl.exp2(running_max - shift)
         p = tl.exp2(logits - shift[:, None])
         running_sum = running_sum * rescale + tl.sum(p, 1)
-        values = tl.load(
-            v_base + n[:, None] * stride_vs + d[None, :] * stride_vd,
-            mask=ok[:, None] & d_ok[None, :],
-            other=0.0,
-            eviction_policy="evict_last",
-        )
+        value_pointers = v_base + n[:, None] * stride_vs + d[None, :] * stride_vd
+        values = _kv_tile(value_pointers, ok[:, None] & d_ok[None, :], NUM_SPLITS)
         acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
         running_max = new_max
 

@@ -10,7 +10,7 @@ H200's 132 multiprocessors idle on a 2048-feature layer. Here program ``p`` comp
 programs, several per multiprocessor at the launches ``small_batch_linear.gemv_launch`` picks. Products accumulate in
 float32 over each program's ``BLOCK_K`` columns and are summed once at the end.
 
-The weights are read once per step and pass through the L2 cache first in line for eviction (``evict_first``): what
+At one row the weights are read once per step and pass through the L2 first in line for eviction (``evict_first``): what
 the step reads again (an LCKV model's condensed layers all read the one target layer's KVs, which the attention asks
 the L2 to keep, ``evict_last``) is then not pushed out by the hundreds of megabytes of weights between two layers.
 
