@@ -57,7 +57,7 @@ def test_fused_projections_reach_the_profiled_model(tmp_path):
 
 def test_small_batch_gemv_reaches_the_profiled_model(tmp_path):
     """--small_batch_gemv (Triton's interpreter on the CPU) with --fused_projections: the decode steps run the GEMV."""
-    out = profile_decode.main(smoke_argv(tmp_path, "--fused_projections", "--small_batch_gemv"))
+    out = profile_decode.main(smoke_argv(tmp_path, "--fused_projections", "--small_batch_gemv", "--steps", "2"))
     assert out["setting"]["small_batch_gemv"]
     names = {row["name"] for row in out["models"]["test_tiny_opt"]["top_cpu_ops"]}
     assert "lckv::small_batch_gemv" in names
