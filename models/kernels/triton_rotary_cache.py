@@ -6,7 +6,7 @@ this module is first imported); ``rotary_cache.py`` decides, and rotates and upd
 A decode step's attention layer with its own KVs rotates its query and key and writes key and value into the cache:
 compiled, that is three kernels of a few kilobytes each (rotary of Q; rotary of K and its write; the write of V), each
 costing its launch. Here program ``(b, p)`` handles row ``b``'s ``p``-th block of heads (``rotary_cache_launch.py``
-sets the blocks: a row's heads whole from 128 rows on, split over several programs below): its query heads, a
+sets the blocks: a row's heads split over several programs up to 64 rows, whole from 65): its query heads, a
 ``(heads, D)`` tile, are rotated into the returned queries; its KV heads are rotated into the returned keys and into the
 cache's slot ``level`` (the cache layer's fill level, read on the device), and its values are copied there. The last
 program to finish advances the level by one, as ``StaticLayer.update`` does after its write: each program counts itself
