@@ -23,7 +23,6 @@ eager backend standing in for inductor) with configs/llama_tiny*.json.
 """
 
 import argparse
-import ctypes
 import json
 import math
 import time
@@ -86,13 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="device the models are built on (default: cuda when available, else cpu)",
     )
     add_decode_kernel_options(p)
-    p.add_argument(
-        "--persisting_l2_mb",
-        type=float,
-        default=0.0,
-        help="set aside this much of the L2 (MiB, at most the GPU's maximum) for reads the kernels mark to stay "
-        "(evict_last: the shared KVs of an LCKV model) before measuring; 0 (default) leaves the driver's setting",
-    )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens: the same code path")
     p.add_argument(
         "--output_dir",
@@ -108,8 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("context", "new_tokens", "check_tokens"):
         if getattr(args, name) < 2:
             p.error(f"--{name}: {getattr(args, name)}; allowed values are integers >= 2")
-    if args.persisting_l2_mb < 0:
-        p.error(f"--persisting_l2_mb: {args.persisting_l2_mb}; allowed values are >= 0")
     if args.check_tokens > args.new_tokens:
         p.error(f"--check_tokens: {args.check_tokens}; allowed values are <= --new_tokens ({args.new_tokens})")
     return args
@@ -264,32 +254,6 @@ def compile_every_graph() -> None:
     functorch_config.enable_autograd_cache = False
 
 
-CU_LIMIT_PERSISTING_L2_CACHE_SIZE = 0x06  # CUlimit
-CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE = 108  # CUdevice_attribute
-
-
-def set_aside_persisting_l2(device: torch.device, megabytes: float) -> int:
-    """Set aside ``megabytes`` MiB of ``device``'s L2 (at most its maximum) for accesses marked to persist, in this
-    process's CUDA context (the driver's ``cuCtxSetLimit``); returns the bytes the driver then reports."""
-    torch.zeros(1, device=device)  # the device's primary context, current on this thread
-    driver = ctypes.CDLL("libcuda.so.1")
-    ordinal, maximum, limit = ctypes.c_int(), ctypes.c_int(), ctypes.c_size_t()
-    calls = (
-        lambda: driver.cuCtxGetDevice(ctypes.byref(ordinal)),
-        lambda: driver.cuDeviceGetAttribute(
-            ctypes.byref(maximum), CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE, ordinal
-        ),
-        lambda: driver.cuCtxSetLimit(
-            CU_LIMIT_PERSISTING_L2_CACHE_SIZE, ctypes.c_size_t(min(int(megabytes * 2**20), maximum.value))
-        ),
-        lambda: driver.cuCtxGetLimit(ctypes.byref(limit), CU_LIMIT_PERSISTING_L2_CACHE_SIZE),
-    )
-    for call in calls:
-        if (status := call()) != 0:
-            raise RuntimeError(f"--persisting_l2_mb: the CUDA driver returned error {status}")
-    return limit.value
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.gemv_fusion:
@@ -309,8 +273,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
     }
     setting["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    if args.persisting_l2_mb > 0 and device.type == "cuda":
-        setting["persisting_l2_bytes"] = set_aside_persisting_l2(device, args.persisting_l2_mb)
     setting["dtype"] = str(dtype)
     results = []
     for path in args.configs:

@@ -78,7 +78,6 @@ class OptLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, nn.Module):
         self.layer_idx = layer_idx
         self.kv_source = config.layer_kv_sources[layer_idx]
         self.has_own_kv = self.kv_source == layer_idx
-        self.kv_cache_readers = config.layer_kv_sources.count(self.kv_source)  # layers reading those KVs in a step
         self.is_strict = config.layer_strict[layer_idx]
         self.sliding_window = config.sliding_window if layer_idx in config.sliding_window_layers else None
         self.head_dim = config.head_dim

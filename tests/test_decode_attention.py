@@ -131,11 +131,8 @@ def assert_equals_float64_sdpa(out, query, key, value, mask, block_n: int = DEFA
     assert_within_bound(out, expected, attention_bound(query, key, value, mask, rescales=-(-key.shape[2] // block_n)))
 
 
-def run_kernel(
-    kernel, query, key, value, mask, splits: int, config: KernelConfig = DEFAULT, cache_readers: int = 1
-) -> torch.Tensor:
-    """The op on a ``(B, 1, 1, S)`` mask with ``splits`` parts per row, ``config``'s tile, warps and stages, and the
-    L2 hint of a cache read by ``cache_readers`` layers."""
+def run_kernel(kernel, query, key, value, mask, splits: int, config: KernelConfig = DEFAULT) -> torch.Tensor:
+    """The op on a ``(B, 1, 1, S)`` mask with ``splits`` parts per row and ``config``'s tile, warps and stages."""
     rows = mask[:, 0, 0]
     return kernel(
         query,
@@ -148,7 +145,6 @@ def run_kernel(
         config.block_n,
         config.num_warps,
         config.num_stages,
-        cache_readers,
     )
 
 
@@ -311,12 +307,11 @@ def llama_mha_config():
 
 @pytest.mark.parametrize("config_fn", [tiny_config, llama_mha_config], ids=["opt-llama-gqa", "llama-mha"])
 def test_generation_equals_dynamic_cache(interpreted_split_kv, monkeypatch, config_fn):
-    """Greedy tokens through the kernel (static cache, left padding) = the dynamic cache with transformers' sdpa; each
-    layer tells the kernel how many layers read its KVs (the L2 hint): an LCKV target's readers, 1 for a Llama's."""
+    """Greedy tokens through the kernel (static cache, left padding) = the dynamic cache with transformers' sdpa."""
     config = config_fn()
-    readers = []  # the op's last argument, per call
+    calls = []
     run = interpreted_split_kv.run
-    selection = watched_split_kv(monkeypatch, interpreted_split_kv, lambda *a: readers.append(a[-1]) or run(*a))
+    selection = watched_split_kv(monkeypatch, interpreted_split_kv, lambda *a: calls.append(1) or run(*a))
     model_kwargs = {"kernel_selection": selection} if config.model_type == "opt-llama" else {}
     ids, mask = left_padded_batch(config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
@@ -324,10 +319,7 @@ def test_generation_equals_dynamic_cache(interpreted_split_kv, monkeypatch, conf
     static = tiny_model(config, attn_implementation=SPLIT_KV, **model_kwargs).generate(
         ids, cache_implementation="static", **kwargs
     )
-    sources = getattr(config, "layer_kv_sources", range(config.num_hidden_layers))  # a Llama: every layer its own
-    per_layer = [list(sources).count(source) for source in sources]
-    assert readers == per_layer * (NEW - 1)  # every layer of every decoding step
-    assert max(per_layer) > 1 or config.model_type == "llama"
+    assert len(calls) == (NEW - 1) * config.num_hidden_layers  # every layer of every decoding step
     assert torch.equal(static, dynamic)
 
 

@@ -18,7 +18,6 @@ from models.kernels.decode_launch import (
     LaunchConfig,
     check_kernel_config,
     check_table,
-    kv_eviction,
     launch_config,
     num_kv_splits,
 )
@@ -154,7 +153,7 @@ def test_decode_attention_launches_the_table_config(interpreted_kernel, monkeypa
         return interpreted_kernel(*args)
 
     split_kv_decode_attention(kernel, query, key, value, cache_mask([(0, 100), (2, 50)]), None)
-    assert launches == [(num_kv_splits(2, 2, 150, 4, SMALL.waves, SMALL.block_n), 32, 2, 3, 1)]  # 1: read once
+    assert launches == [(num_kv_splits(2, 2, 150, 4, SMALL.waves, SMALL.block_n), 32, 2, 3)]
 
 
 def test_compiled_decode_step_with_a_table_is_one_graph(interpreted_kernel, monkeypatch):
@@ -167,28 +166,3 @@ def test_compiled_decode_step_with_a_table_is_one_graph(interpreted_kernel, monk
     )
     monkeypatch.setattr(decode_launch, "TUNED", {key: ((1, SMALL),)})
     assert_decode_step_compiles_once(tiny_model(config, attn_implementation=SPLIT_KV))
-
-
-@pytest.mark.parametrize(
-    "splits, readers, expected",
-    [
-        (1, 1, ""),  # a large batch: no hint, shared or not
-        (1, 30, ""),
-        (9, 1, "evict_first"),  # a Llama layer's KVs (or an LCKV layer read by itself only): read once
-        (9, 30, "evict_last"),  # an LCKV target's: read again by the next condensed layer
-        (64, 2, "evict_last"),
-    ],
-)
-def test_kv_eviction(splits, readers, expected):
-    assert kv_eviction(splits, readers) == expected
-
-
-@pytest.mark.parametrize("splits", [1, 3])
-def test_l2_hints_leave_the_result_as_it_is(interpreted_kernel, splits):
-    """Each hint's kernel (none at one split; evict_first, evict_last at three) computes what SDPA computes."""
-    query, key, value = decode_inputs(len(STRICT_SPANS), 8, 2, seed=3)
-    mask = cache_mask(STRICT_SPANS, strict=True)
-    expected = sdpa_reference(query, key, value, mask)[:3]
-    for readers in (1, 30):
-        out = run_kernel(interpreted_kernel, query, key, value, mask, splits, cache_readers=readers)
-        torch.testing.assert_close(out[:3], expected, rtol=1e-5, atol=1e-6)

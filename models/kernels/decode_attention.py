@@ -126,13 +126,11 @@ def split_kv_decode_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None,
     shared_mask: SplitKvMask | None = None,
-    cache_readers: int = 1,
 ) -> torch.Tensor:
     """``kernel`` (``SplitKvKernel.run``) on ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask
     ``(B or 1, 1, 1, S)`` or None (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key
     outputs zeros. ``shared_mask``: ``split_kv_mask`` of the mask when the caller has it already (a model makes it once
-    per mask for all its layers), else made here. ``cache_readers``: the layers that read these KVs in one step (an
-    LCKV target layer's: all its condensed layers and itself), which sets the kernel's L2 hint."""
+    per mask for all its layers), else made here."""
     batch, _, _, head_dim = query.shape
     slots = key.shape[2]
     if shared_mask is None:
@@ -142,7 +140,7 @@ def split_kv_decode_attention(
         batch, kv_heads, query.shape[1] // kv_heads, head_dim, slots, query.dtype.itemsize, processors(query.device)
     )
     scale = head_dim**-0.5 if scaling is None else scaling
-    return kernel(query, key, value, *shared_mask, scale, *launch, cache_readers)
+    return kernel(query, key, value, *shared_mask, scale, *launch)
 
 
 def split_kv_sdpa_attention(
@@ -160,12 +158,9 @@ def split_kv_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature (with ``kernel`` bound): the split-KV kernel for decoding,
     ``sdpa_packed_gqa`` otherwise. ``shared_mask``: the mask's ``split_kv_mask``, where the caller made it once for
-    several layers. A ``module`` with ``kv_cache_readers`` (an LCKV attention layer) says how many layers read the KVs
-    it attends to; any other reads its own, once."""
+    several layers."""
     if runs_split_kv(kernel, query, key, attention_mask, dropout):
-        readers = getattr(module, "kv_cache_readers", 1)
-        output = split_kv_decode_attention(kernel.run, query, key, value, attention_mask, scaling, shared_mask, readers)
-        return output, None
+        return split_kv_decode_attention(kernel.run, query, key, value, attention_mask, scaling, shared_mask), None
     return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

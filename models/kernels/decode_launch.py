@@ -106,16 +106,6 @@ def launch_config(
     return resolve_launch(config, batch, kv_heads, slots, processors)
 
 
-def kv_eviction(num_splits: int, cache_readers: int) -> str:
-    """The L2 hint of the kernel's key and value reads (Triton's ``eviction_policy``) for a cache that
-    ``cache_readers`` layers read in one step: with rows split (a small batch), ``evict_last`` for a cache read again
-    (it can stay in the L2 until its next reader), ``evict_first`` for one read once (so that it does not push such a
-    cache out); none at one split (a large batch, gigabytes read once)."""
-    if num_splits == 1:
-        return ""
-    return "evict_last" if cache_readers > 1 else "evict_first"
-
-
 def check_kernel_config(config: KernelConfig) -> None:
     """ValueError naming the field of a config the kernel cannot launch with."""
     power_of_two = {"block_n": config.block_n, "num_warps": config.num_warps}

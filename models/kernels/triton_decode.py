@@ -12,13 +12,11 @@ with no visible key (a strict-mask query on the first real token) merges to exac
 batches) the first kernel normalises and writes the output itself, the merge's arithmetic for one part, and the
 second kernel does not run.
 
-Where rows are split (a small batch), the keys and values carry an L2 hint (``decode_launch.kv_eviction``): a cache
-that several layers read in one step (an LCKV target layer's, read by every condensed layer) is asked to stay
-(``evict_last``), and can stay in the L2 between its readers while the batch-1 GEMVs' weights pass through first in
-line for eviction (``evict_first``); a cache read once (a Llama layer's) goes first in line too, so that it does not
-push the shared one out. At one split (a large batch) a layer's KVs are gigabytes read once; lines the L2 keeps last
-in line for eviction could crowd out what the step's matrix products reuse from it (their weight tiles). That was not
-measured, so there they are read without a hint.
+Where rows are split (a small batch), the keys and values are read with the L2 asked to keep them (``evict_last``):
+an LCKV model's condensed layers all read the same target layer's cache in one step, and at a small batch it can stay
+in the L2 between them (the batch-1 GEMVs read their weights ``evict_first``). At one split (a large batch) a layer's
+KVs are gigabytes read once; lines the L2 keeps last in line for eviction could crowd out what the step's matrix
+products reuse from it (their weight tiles). That was not measured, so there they are read as before.
 
 ``split_kv_mask_view`` makes what the first kernel reads of a bool mask, its rows and their lengths, in one more
 kernel: a model hands the result to all the layers sharing that mask (a compiled step otherwise copied the rows of a
@@ -36,10 +34,21 @@ if is_triton_available():
     import triton
     import triton.language as tl
 
-from .decode_launch import MIN_DOT, kv_eviction  # MIN_DOT: query heads and head dim are padded to it
+from .decode_launch import MIN_DOT  # query heads and head dim are padded to it
 from .dependent_launch import dependent_launch
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_tile(pointers, mask, NUM_SPLITS: tl.constexpr):
+    """A tile of keys or values (zeros where masked); where rows are split (a small batch) the L2 is asked to keep it
+    (``evict_last``)."""
+    if NUM_SPLITS > 1:
+        tile = tl.load(pointers, mask=mask, other=0.0, eviction_policy="evict_last")
+    else:
+        tile = tl.load(pointers, mask=mask, other=0.0)
+    return tile
 
 
 @triton.jit
@@ -78,7 +87,6 @@ def _partial_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    EVICTION: tl.constexpr,
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # int64: batch x cache strides exceed 2**31 at large batch
@@ -113,7 +121,7 @@ def _partial_kernel(
         n = first + tl.arange(0, BLOCK_N)
         ok = n < end
         key_pointers = k_base + n[None, :] * stride_ks + d[:, None] * stride_kd
-        keys = tl.load(key_pointers, mask=ok[None, :] & d_ok[:, None], other=0.0, eviction_policy=EVICTION)
+        keys = _kv_tile(key_pointers, ok[None, :] & d_ok[:, None], NUM_SPLITS)
         logits = tl.dot(q, keys, input_precision=PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N), base-2
         if HAS_MASK:  # left padding and the strict mask: masked slots inside the span
             ok = ok & (tl.load(mask_ptr + b * stride_mb + n * stride_ms, mask=ok, other=0) != 0)
@@ -125,7 +133,7 @@ def _partial_kernel(
         p = tl.exp2(logits - shift[:, None])
         running_sum = running_sum * rescale + tl.sum(p, 1)
         value_pointers = v_base + n[:, None] * stride_vs + d[None, :] * stride_vd
-        values = tl.load(value_pointers, mask=ok[:, None] & d_ok[None, :], other=0.0, eviction_policy=EVICTION)
+        values = _kv_tile(value_pointers, ok[:, None] & d_ok[None, :], NUM_SPLITS)
         acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
         running_max = new_max
 
@@ -233,15 +241,13 @@ def split_kv_decode(
     block_n: int,
     num_warps: int,
     num_stages: int,
-    cache_readers: int = 1,
 ) -> torch.Tensor:
     """``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values -> ``(B, 1, Hq, D)``.
 
     ``mask``: ``(B, S)`` bool (True = visible) or None; ``lengths``: ``(B,)`` int32, slots past it are not read
     (every slot at or after it must be masked). The launch (``decode_launch.LaunchConfig``, fixed by the shapes):
     ``num_splits`` parts of each row's span, ``block_n`` KV slots per tile (a power of two >= 16), ``num_warps``
-    and ``num_stages`` of the first kernel. ``cache_readers``: how many layers read this cache in one step (the L2
-    hint, ``decode_launch.kv_eviction``).
+    and ``num_stages`` of the first kernel.
     """
     batch, num_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -286,7 +292,6 @@ def split_kv_decode(
         BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        EVICTION=kv_eviction(num_splits, cache_readers),
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -315,6 +320,6 @@ def split_kv_decode(
 
 
 @split_kv_decode.register_fake
-def _(query, key, value, mask, lengths, scaling, num_splits, block_n, num_warps, num_stages, cache_readers=1):
+def _(query, key, value, mask, lengths, scaling, num_splits, block_n, num_warps, num_stages):
     """Shapes for tracing (torch.compile): an opaque op, captured whole in the step's CUDA graph."""
     return query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))
