@@ -125,6 +125,8 @@ class OptLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
+        implementation = self.config._attn_implementation
+        dropout = 0.0 if not self.training else self.attention_dropout
         query_states, key_states, value_states = (
             None if product is None else product.view(hidden_shape).transpose(1, 2)
             for product in self._project(hidden_states, kv_only)
@@ -145,13 +147,15 @@ class OptLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, nn.Module):
                 if given_keys is None:
                     own_kv = given_keys, given_values = self._store(key_states, value_states, cache, commit)
             new_kv = (key_states, value_states)
+        elif not kv_only and self.kernel_selection.split_kv_decodes(
+            implementation, query_states, given_keys, attention_mask, dropout
+        ):  # the decode kernel rotates the queries as it reads them: no rotation kernel of its own
+            kwargs["query_rotation"] = position_embeddings
         else:
             query_states, _ = self.kernel_selection.apply_rotary_pos_emb(query_states, None, cos, sin)
 
         attn_output = attn_weights = None
         if not kv_only:
-            implementation = self.config._attn_implementation
-            dropout = 0.0 if not self.training else self.attention_dropout
             attn_output, attn_weights = self.kernel_selection.attention_interface(implementation)(
                 self,
                 query_states,
@@ -163,7 +167,7 @@ class OptLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, nn.Module):
                 **kwargs,
             )
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-            if self.is_strict and not self.kernel_selection.zeroes_keyless_queries(
+            if self.is_strict and not self.kernel_selection.split_kv_decodes(
                 implementation, query_states, given_keys, attention_mask, dropout
             ):
                 # Eager softmax over an all-masked row is uniform, not zero: zero it for every other backend.

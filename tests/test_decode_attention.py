@@ -25,6 +25,7 @@ from models.kernels.decode_attention import (
     visible_lengths,
 )
 from models.kernels.decode_launch import DEFAULT, KernelConfig
+from models.kernels.plain import plain_apply_rotary_pos_emb
 
 from .conftest import tiny_config, tiny_model
 from .numerics import FLOAT32_UNIT_ROUNDOFF
@@ -205,6 +206,38 @@ def test_kernel_never_reads_slots_past_the_last_visible_one(interpreted_kernel):
         assert_equals_float64_sdpa(out, query, key, value, mask)
 
 
+def rope_tables(batch: int, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each ``(B, 1, DIM)``, at random angles, laid out as Llama's (each half the same angles)."""
+    angles = torch.rand(batch, 1, DIM // 2, generator=torch.Generator().manual_seed(seed)) * 6.0
+    return torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+def test_kernel_rotates_the_queries(interpreted_kernel, splits, heads, kv_heads):
+    """Given RoPE tables, the kernel rotates the queries as it reads them: the attention of the rotated queries."""
+    query, key, value = decode_inputs(len(SPANS), heads, kv_heads)
+    mask = cache_mask(SPANS)
+    cos, sin = rope_tables(len(SPANS))
+    rotated, _ = plain_apply_rotary_pos_emb(query, None, cos, sin)
+    rows = mask[:, 0, 0]
+    out = interpreted_kernel(query, key, value, rows, visible_lengths(rows), DIM**-0.5, splits, *DEFAULT[:3], cos, sin)
+    assert_equals_float64_sdpa(out, rotated, key, value, mask)
+
+
+def test_query_rotation_off_the_kernel_is_applied_first(interpreted_split_kv):
+    """Where the kernel does not run (two query tokens: a prefill), ``query_rotation`` rotates the queries before the
+    SDPA fallback."""
+    query, key, value = decode_inputs(2, 4, 4)
+    query = torch.cat([query, query.flip(0)], dim=2)  # (B, Hq, 2, D)
+    cos, sin = (table.expand(2, 2, DIM) for table in rope_tables(2))
+    rotated, _ = plain_apply_rotary_pos_emb(query, None, cos, sin)
+    kwargs = dict(scaling=DIM**-0.5, kernel=interpreted_split_kv)
+    out, _ = split_kv_sdpa_attention(None, query, key, value, None, query_rotation=(cos, sin), **kwargs)
+    expected, _ = split_kv_sdpa_attention(None, rotated, key, value, None, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_no_mask_reads_every_slot(interpreted_split_kv):
     query, key, value = decode_inputs(2, 8, 2)
     out, _ = split_kv_sdpa_attention(None, query, key, value, None, scaling=DIM**-0.5, kernel=interpreted_split_kv)
@@ -256,17 +289,17 @@ def test_dispatch_only_for_one_token_bool_masks(interpreted_split_kv):
 
 
 def test_only_the_kernel_spares_a_strict_layer_its_zeroing(interpreted_split_kv):
-    """``KernelSelection.zeroes_keyless_queries``: the split-KV kernel outputs zero for a query without a visible key
+    """``KernelSelection.split_kv_decodes``: the split-KV kernel outputs zero for a query without a visible key
     (``test_kernel_strict_mask_first_token_outputs_exact_zero``), so a strict layer skips its own zeroing exactly where
     the kernel runs."""
     query, key, _ = decode_inputs(2, 8, 2)
     mask = cache_mask([(0, 10), (0, 20)], strict=True)
     selection = KernelSelection(split_kv=interpreted_split_kv)
-    assert selection.zeroes_keyless_queries(SPLIT_KV, query, key, mask, 0.0)
-    assert not selection.zeroes_keyless_queries("sdpa", query, key, mask, 0.0)
-    assert not selection.zeroes_keyless_queries(SPLIT_KV, torch.cat([query, query], dim=2), key, mask, 0.0)
-    assert not selection.zeroes_keyless_queries(SPLIT_KV, query, key, mask, 0.1)
-    assert not KernelSelection().zeroes_keyless_queries(SPLIT_KV, query, key, mask, 0.0)
+    assert selection.split_kv_decodes(SPLIT_KV, query, key, mask, 0.0)
+    assert not selection.split_kv_decodes("sdpa", query, key, mask, 0.0)
+    assert not selection.split_kv_decodes(SPLIT_KV, torch.cat([query, query], dim=2), key, mask, 0.0)
+    assert not selection.split_kv_decodes(SPLIT_KV, query, key, mask, 0.1)
+    assert not KernelSelection().split_kv_decodes(SPLIT_KV, query, key, mask, 0.0)
 
 
 def test_without_kernel_it_is_the_packed_sdpa_fallback():
@@ -307,11 +340,12 @@ def llama_mha_config():
 
 @pytest.mark.parametrize("config_fn", [tiny_config, llama_mha_config], ids=["opt-llama-gqa", "llama-mha"])
 def test_generation_equals_dynamic_cache(interpreted_split_kv, monkeypatch, config_fn):
-    """Greedy tokens through the kernel (static cache, left padding) = the dynamic cache with transformers' sdpa."""
+    """Greedy tokens through the kernel (static cache, left padding) = the dynamic cache with transformers' sdpa; an
+    LCKV model's condensed layers hand their queries unrotated, with the RoPE tables, to the kernel."""
     config = config_fn()
-    calls = []
+    rotating = []  # per call: whether the op got the RoPE tables (cos, sin after the ten other arguments)
     run = interpreted_split_kv.run
-    selection = watched_split_kv(monkeypatch, interpreted_split_kv, lambda *a: calls.append(1) or run(*a))
+    selection = watched_split_kv(monkeypatch, interpreted_split_kv, lambda *a: rotating.append(len(a) > 10) or run(*a))
     model_kwargs = {"kernel_selection": selection} if config.model_type == "opt-llama" else {}
     ids, mask = left_padded_batch(config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
@@ -319,7 +353,10 @@ def test_generation_equals_dynamic_cache(interpreted_split_kv, monkeypatch, conf
     static = tiny_model(config, attn_implementation=SPLIT_KV, **model_kwargs).generate(
         ids, cache_implementation="static", **kwargs
     )
-    assert len(calls) == (NEW - 1) * config.num_hidden_layers  # every layer of every decoding step
+    sources = getattr(config, "layer_kv_sources", range(config.num_hidden_layers))  # a Llama: every layer its own
+    condensed = [source != layer for layer, source in enumerate(sources)]
+    assert rotating == condensed * (NEW - 1)  # every layer of every decoding step
+    assert any(condensed) == (config.model_type == "opt-llama")
     assert torch.equal(static, dynamic)
 
 

@@ -6,8 +6,14 @@ import torch
 
 from bench import tune_decode_attention as tune
 from models import SPLIT_KV
-from models.kernels.decode_attention import load_split_kv_kernel, split_kv_decode_attention, split_kv_mask
+from models.kernels.decode_attention import (
+    load_split_kv_kernel,
+    split_kv_decode_attention,
+    split_kv_mask,
+    visible_lengths,
+)
 from models.kernels.decode_launch import MAX_SPLITS, WAVES
+from models.kernels.plain import plain_apply_rotary_pos_emb
 
 from .conftest import tiny_config, tiny_model
 from .test_decode_attention import run_kernel, sdpa_reference
@@ -93,3 +99,20 @@ def test_compiled_generation_equals_dynamic_cache(name):
         tiny_model(config, attn_implementation=SPLIT_KV).cuda().generate(ids, cache_implementation="static", **kwargs)
     )
     assert torch.equal(compiled, dynamic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("splits", [1, 7])
+def test_kernel_rotates_the_queries(dtype, splits):
+    """Given RoPE tables (an LCKV condensed layer's decode step), the compiled kernel's output is the attention of the
+    rotated queries (rotated in float32; the kernel rounds them to the dtype once)."""
+    query, key, value, mask = gpu_inputs(dtype, 32, 4, strict=True)
+    angles = torch.rand(len(SPANS), 1, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 6.0
+    cos, sin = (torch.cat([table] * 2, -1).to(dtype) for table in (angles.cos(), angles.sin()))
+    rows = mask[:, 0, 0]
+    out = KERNEL.run(query, key, value, rows, visible_lengths(rows), 64**-0.5, splits, 64, 4, 3, cos, sin)
+    rotated, _ = plain_apply_rotary_pos_emb(query.float(), None, cos.float(), sin.float())
+    expected = sdpa_reference(rotated.to(dtype).float(), key.float(), value.float(), mask)
+    seen = mask.any(-1).flatten()
+    assert torch.equal(out[~seen], torch.zeros_like(out[~seen]))
+    torch.testing.assert_close(out[seen].float(), expected[seen], **TOLERANCE[dtype])

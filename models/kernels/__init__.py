@@ -163,7 +163,7 @@ class KernelSelection:
         """Whether the mask builder may hand ``STRICT_CAUSAL`` to the attention instead of a dense strict mask."""
         return self.causal_attention is not None
 
-    def zeroes_keyless_queries(
+    def split_kv_decodes(
         self,
         implementation: str,
         query: torch.Tensor,
@@ -171,9 +171,10 @@ class KernelSelection:
         attention_mask: object,
         dropout: float,
     ) -> bool:
-        """Whether ``attention_interface(implementation)`` outputs exactly zero for a query that sees no key, for these
-        inputs: the split-KV decode kernel does (its merge divides by a zero sum as by one), so a strict layer need not
-        zero such queries itself; every other path is assumed not to."""
+        """Whether ``attention_interface(implementation)`` runs the split-KV decode kernel on these inputs. Then it
+        outputs exactly zero for a query that sees no key (its merge divides by a zero sum as by one), so a strict
+        layer need not zero such queries itself, and it can rotate the queries as it reads them (``query_rotation``);
+        every other path is assumed to do neither."""
         return implementation == SPLIT_KV and runs_split_kv(self.split_kv, query, key, attention_mask, dropout)
 
     def attention_interface(self, implementation: str) -> Callable:

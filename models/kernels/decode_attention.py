@@ -28,6 +28,7 @@ from .attention import packed_sdpa_attention
 from .decode_launch import launch_config
 from .device_properties import cuda_index, multiprocessor_count
 from .flags import triton_devices
+from .plain import plain_apply_rotary_pos_emb
 
 SPLIT_KV = "sdpa_split_kv"
 CPU_PROCESSORS = 4  # the interpreter's stand-in for the SM count (tests only)
@@ -126,11 +127,13 @@ def split_kv_decode_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None,
     shared_mask: SplitKvMask | None = None,
+    query_rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``kernel`` (``SplitKvKernel.run``) on ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask
     ``(B or 1, 1, 1, S)`` or None (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key
     outputs zeros. ``shared_mask``: ``split_kv_mask`` of the mask when the caller has it already (a model makes it once
-    per mask for all its layers), else made here."""
+    per mask for all its layers), else made here. ``query_rotation``: ``(cos, sin)``, each ``(B, 1, D)``, to apply
+    RoPE to the queries inside the kernel (they arrive unrotated), or None."""
     batch, _, _, head_dim = query.shape
     slots = key.shape[2]
     if shared_mask is None:
@@ -140,7 +143,7 @@ def split_kv_decode_attention(
         batch, kv_heads, query.shape[1] // kv_heads, head_dim, slots, query.dtype.itemsize, processors(query.device)
     )
     scale = head_dim**-0.5 if scaling is None else scaling
-    return kernel(query, key, value, *shared_mask, scale, *launch)
+    return kernel(query, key, value, *shared_mask, scale, *launch, *(query_rotation or ()))
 
 
 def split_kv_sdpa_attention(
@@ -154,13 +157,20 @@ def split_kv_sdpa_attention(
     *,
     kernel: SplitKvKernel | None,
     shared_mask: SplitKvMask | None = None,
+    query_rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature (with ``kernel`` bound): the split-KV kernel for decoding,
     ``sdpa_packed_gqa`` otherwise. ``shared_mask``: the mask's ``split_kv_mask``, where the caller made it once for
-    several layers."""
+    several layers. ``query_rotation``: ``(cos, sin)`` of RoPE still to apply to the queries (an LCKV condensed layer
+    hands them over where the kernel runs, ``KernelSelection.split_kv_decodes``): inside the kernel, else first."""
     if runs_split_kv(kernel, query, key, attention_mask, dropout):
-        return split_kv_decode_attention(kernel.run, query, key, value, attention_mask, scaling, shared_mask), None
+        output = split_kv_decode_attention(
+            kernel.run, query, key, value, attention_mask, scaling, shared_mask, query_rotation
+        )
+        return output, None
+    if query_rotation is not None:
+        query, _ = plain_apply_rotary_pos_emb(query, None, *query_rotation)
     return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

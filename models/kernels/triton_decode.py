@@ -12,6 +12,10 @@ with no visible key (a strict-mask query on the first real token) merges to exac
 batches) the first kernel normalises and writes the output itself, the merge's arithmetic for one part, and the
 second kernel does not run.
 
+With ``cos``/``sin`` given, the first kernel applies RoPE to the queries as it loads them (in float32, rounded once to
+the queries' dtype, as ``triton_rotary_cache.py`` rotates): an LCKV condensed layer has no keys of its own to rotate,
+and its query's rotation was otherwise a kernel of its own in every condensed layer of a decode step.
+
 Where rows are split (a small batch), the keys and values are read with the L2 asked to keep them (``evict_last``):
 an LCKV model's condensed layers all read the same target layer's cache in one step, and at a small batch it can stay
 in the L2 between them (the batch-1 GEMVs read their weights ``evict_first``). At one split (a large batch) a layer's
@@ -36,6 +40,7 @@ if is_triton_available():
 
 from .decode_launch import MIN_DOT  # query heads and head dim are padded to it
 from .dependent_launch import dependent_launch
+from .triton_rotary_cache import rotary_row, rotate_heads
 
 LOG2E = 1.4426950408889634
 
@@ -58,6 +63,8 @@ def _partial_kernel(
     v_ptr,
     mask_ptr,
     len_ptr,
+    cos_ptr,
+    sin_ptr,
     acc_ptr,
     max_ptr,
     sum_ptr,
@@ -78,11 +85,14 @@ def _partial_kernel(
     stride_ob,
     stride_oh,
     stride_od,
+    stride_cos_b,
+    stride_sin_b,
     G,
     D,
     scale_log2,
     NUM_SPLITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    ROTATE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -106,11 +116,12 @@ def _partial_kernel(
     g_ok = g < G
     d_ok = d < D
     heads = h * G + g
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-        mask=g_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q_ok = g_ok[:, None] & d_ok[None, :]
+    if ROTATE:  # RoPE on the queries (unit stride along D), in float32, rounded once to their dtype
+        cos, sin = rotary_row(cos_ptr + b * stride_cos_b, sin_ptr + b * stride_sin_b, d, D)
+        q = rotate_heads(q_ptr + b * stride_qb, stride_qh, heads, cos, sin, d, D, q_ok).to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
 
@@ -241,13 +252,16 @@ def split_kv_decode(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values -> ``(B, 1, Hq, D)``.
 
     ``mask``: ``(B, S)`` bool (True = visible) or None; ``lengths``: ``(B,)`` int32, slots past it are not read
     (every slot at or after it must be masked). The launch (``decode_launch.LaunchConfig``, fixed by the shapes):
     ``num_splits`` parts of each row's span, ``block_n`` KV slots per tile (a power of two >= 16), ``num_warps``
-    and ``num_stages`` of the first kernel.
+    and ``num_stages`` of the first kernel. ``cos``/``sin``: ``(B, 1, D)`` RoPE tables (unit stride along D, as the
+    queries), or None: the queries are rotated by the kernel as it reads them, or taken as they are.
     """
     batch, num_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -262,6 +276,13 @@ def split_kv_decode(
         sums = query.new_empty(parts, dtype=torch.float32)
     mask_arg = mask if mask is not None else lengths  # never read when HAS_MASK is off
     mask_strides = mask.stride() if mask is not None else (0, 0)
+    rotate = cos is not None
+    if rotate:
+        torch._check(
+            query.stride(3) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1,
+            lambda: "split_kv_decode: the queries and the RoPE tables need D as the unit stride",
+        )
+    tables = (cos, sin, cos.stride(0), sin.stride(0)) if rotate else (lengths, lengths, 0, 0)  # unread without ROTATE
     block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
     pdl = dependent_launch(query.device)
     _partial_kernel[(batch, kv_heads, num_splits)](
@@ -270,6 +291,7 @@ def split_kv_decode(
         value,
         mask_arg,
         lengths,
+        *tables[:2],
         acc,
         maxes,
         sums,
@@ -283,11 +305,13 @@ def split_kv_decode(
         out.stride(0),
         out.stride(2),
         out.stride(3),
+        *tables[2:],
         group,
         head_dim,
         scaling * LOG2E,
         NUM_SPLITS=num_splits,
         HAS_MASK=mask is not None,
+        ROTATE=rotate,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # exact fp32; bf16/fp16 ignore it
         BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
@@ -320,6 +344,6 @@ def split_kv_decode(
 
 
 @split_kv_decode.register_fake
-def _(query, key, value, mask, lengths, scaling, num_splits, block_n, num_warps, num_stages):
+def _(query, key, value, mask, lengths, scaling, num_splits, block_n, num_warps, num_stages, cos=None, sin=None):
     """Shapes for tracing (torch.compile): an opaque op, captured whole in the step's CUDA graph."""
     return query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))

@@ -32,9 +32,20 @@ from .triton_gemv import on_device_of
 
 
 @triton.jit
-def _rotate_heads(x_ptr, stride_h, heads, cos, sin, d, partner, sign, ok):
+def rotary_row(cos_ptr, sin_ptr, d, D):
+    """One row's RoPE tables at lanes ``d`` (``D`` values from each pointer, unit stride; 0 past them), in float32."""
+    cos = tl.load(cos_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def rotate_heads(x_ptr, stride_h, heads, cos, sin, d, D, ok):
     """``x * cos + rotate_half(x) * sin`` of the ``heads`` at ``x_ptr`` (stride ``stride_h`` between heads, unit stride
-    along D): a ``(BLOCK_H, BLOCK_D)`` float32 tile; ``ok`` masks it."""
+    along the head dim ``D``, even) at lanes ``d``: a ``(BLOCK_H, BLOCK_D)`` float32 tile; ``ok`` masks it."""
+    half = D // 2
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
     rows = x_ptr + heads[:, None] * stride_h
     x = tl.load(rows + d[None, :], mask=ok, other=0.0).to(tl.float32)
     rotated_half = sign[None, :] * tl.load(rows + partner[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -89,16 +100,12 @@ def _rotary_cache_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    half = D // 2
-    partner = tl.where(d < half, d + half, d - half)
-    sign = tl.where(d < half, -1.0, 1.0)
-    cos = tl.load(cos_ptr + b * stride_cos_b + d, mask=d_ok, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + b * stride_sin_b + d, mask=d_ok, other=0.0).to(tl.float32)
+    cos, sin = rotary_row(cos_ptr + b * stride_cos_b, sin_ptr + b * stride_sin_b, d, D)
 
     # int64 heads: a head's offset in the cache (head x S x D) passes 2**31 in a long cache with many KV heads
     query_heads = block * BLOCK_HQ + tl.arange(0, BLOCK_HQ).to(tl.int64)
     query_ok = (query_heads < Hq)[:, None] & d_ok[None, :]
-    query = _rotate_heads(q_ptr + b * stride_qb, stride_qh, query_heads, cos, sin, d, partner, sign, query_ok)
+    query = rotate_heads(q_ptr + b * stride_qb, stride_qh, query_heads, cos, sin, d, D, query_ok)
     query_out = q_out_ptr + b * stride_qob + query_heads[:, None] * stride_qoh + d[None, :]
     tl.store(query_out, query.to(q_out_ptr.dtype.element_ty), mask=query_ok)
 
@@ -106,7 +113,7 @@ def _rotary_cache_kernel(
     kv_ok = (kv_heads < Hkv)[:, None] & d_ok[None, :]
     level = tl.load(level_ptr + 0 * d)  # the fill level in every lane: a block, as the masks are
     write_ok = kv_ok & (level < S)[None, :]  # never past the cache's last slot
-    key = _rotate_heads(k_ptr + b * stride_kb, stride_kh, kv_heads, cos, sin, d, partner, sign, kv_ok)
+    key = rotate_heads(k_ptr + b * stride_kb, stride_kh, kv_heads, cos, sin, d, D, kv_ok)
     key = key.to(k_out_ptr.dtype.element_ty)
     tl.store(k_out_ptr + b * stride_kob + kv_heads[:, None] * stride_koh + d[None, :], key, mask=kv_ok)
     slot = kv_heads[:, None] * stride_kch + level[None, :] * stride_kcs + d[None, :]
