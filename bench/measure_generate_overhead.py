@@ -19,7 +19,8 @@ give the same ``--check_tokens`` tokens (greedy, and sampling from one seed); wh
 ``greedy_divergence`` says where and how far apart the two tokens' logits were (in ulps of the model's dtype: bf16
 forwards compiled into different graphs round differently, and break a near tie either way). Writes
 ``<output_dir>/generate_overhead_<config names>_b<batches>.json``. ``--smoke`` runs the same code on the CPU (dynamo's
-eager backend standing in for inductor) with configs/llama_tiny*.json.
+eager backend standing in for inductor) with configs/llama_tiny*.json. ``--fast_loop_only`` times the captured loop
+alone, without transformers' loop and the comparisons: an A/B of the step for about half the device time.
 """
 
 import argparse
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="device the models are built on (default: cuda when available, else cpu)",
     )
     add_decode_kernel_options(p)
+    p.add_argument(
+        "--fast_loop_only",
+        action="store_true",
+        help="time the captured loop alone: no transformers loop and no token comparison between the two (an A/B of "
+        "the step in about half the device time; the JSON's comparison fields are absent)",
+    )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens: the same code path")
     p.add_argument(
         "--output_dir",
@@ -198,7 +205,8 @@ def greedy_divergence(model, cache, batch: int, context: int, greedy: dict[str, 
 
 
 def measure(model, config, batch: int, args) -> dict:
-    """Both loops at ``batch``: warm-up, timed run, tokens compared."""
+    """Both loops at ``batch`` (the fast one alone with ``args.fast_loop_only``): warm-up, timed run, tokens
+    compared."""
     cache = latency.filled_cache(
         model,
         SimpleNamespace(cache="static", prompt_len=args.context, gen_len=args.new_tokens, offload=False),
@@ -207,7 +215,7 @@ def measure(model, config, batch: int, args) -> dict:
     )
     row = {"batch": batch, "context": args.context, "new_tokens": args.new_tokens}
     tokens = {}
-    for loop in LOOPS:
+    for loop in ("fast",) if args.fast_loop_only else LOOPS:
         rewrites = Counter(counters[GEMV_FUSION_COUNTER])
         run_generate(model, cache, batch, args.context, loop, 3)  # compile, warm up and capture
         _, ms, captured, _, spread = run_generate(model, cache, batch, args.context, loop, args.new_tokens, timed=True)
@@ -223,20 +231,21 @@ def measure(model, config, batch: int, args) -> dict:
             run_generate(model, cache, batch, args.context, loop, args.check_tokens, sample=s).tokens
             for s in (False, True)
         ]
-    fast, stock = row["fast"], row["transformers"]
-    row["fast_vs_transformers_captured_step"] = (
-        fast["ms_per_token"] / stock["captured_step_ms"] if stock["captured_step_ms"] else None
-    )
-    row["fast_vs_transformers_generate"] = fast["ms_per_token"] / stock["ms_per_token"]
     dtype = next(model.parameters()).dtype
-    weights = latency.weight_bytes(config, dtype)
     row["roofline_ms"] = latency.step_roofline_ms(
-        weights,
+        latency.weight_bytes(config, dtype),
         latency.kv_read_bytes_per_token(config, dtype),
         batch,
         args.context + args.new_tokens / 2,
         args.bandwidth,
     )
+    if args.fast_loop_only:
+        return row
+    fast, stock = row["fast"], row["transformers"]
+    row["fast_vs_transformers_captured_step"] = (
+        fast["ms_per_token"] / stock["captured_step_ms"] if stock["captured_step_ms"] else None
+    )
+    row["fast_vs_transformers_generate"] = fast["ms_per_token"] / stock["ms_per_token"]
     row["same_tokens"] = {
         kind: bool(torch.equal(a, b)) for kind, a, b in zip(("greedy", "sampled"), *tokens.values(), strict=True)
     }
@@ -269,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             "attn_implementation",
             "compile_mode",
             "hbm_bandwidth",
+            "fast_loop_only",
             *DECODE_KERNEL_OPTIONS,
         )
     }

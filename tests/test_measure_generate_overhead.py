@@ -95,3 +95,14 @@ def test_every_graph_is_compiled_where_rewrites_are_counted():
         measure_generate_overhead.compile_every_graph()
         assert not torch._inductor.config.fx_graph_cache
         assert not torch._functorch.config.enable_autograd_cache
+
+
+def test_fast_loop_only_times_the_captured_loop_alone(tmp_path):
+    """``--fast_loop_only``: the captured loop's costs and the roofline, no transformers loop and no comparison."""
+    out = measure_generate_overhead.main(
+        ["--smoke", "--configs", str(CONFIGS / "test_tiny_opt.json"), "--fast_loop_only", "--output_dir", str(tmp_path)]
+    )
+    (run,) = out["runs"]
+    assert run["fast"]["captured_step_ms"] > 0 and run["roofline_ms"] > 0
+    assert "transformers" not in run and "same_tokens" not in run
+    assert out["setting"]["fast_loop_only"] is True
