@@ -16,7 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from models import SPLIT_KV
 from models.fused_projections import fuse_projections
 from models.kernels import KernelSelection, decode_attention
-from models.kernels.attention import packed_sdpa_attention
+from models.kernels.attention import fast_attention, packed_decode_attention, packed_sdpa_attention
 from models.kernels.decode_attention import (
     SplitKvKernel,
     runs_split_kv,
@@ -206,23 +206,79 @@ def test_kernel_never_reads_slots_past_the_last_visible_one(interpreted_kernel):
         assert_equals_float64_sdpa(out, query, key, value, mask)
 
 
-def rope_tables(batch: int, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)``, each ``(B, 1, DIM)``, at random angles, laid out as Llama's (each half the same angles)."""
-    angles = torch.rand(batch, 1, DIM // 2, generator=torch.Generator().manual_seed(seed)) * 6.0
+def rope_tables(batch: int, dim: int = DIM, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each ``(B, 1, dim)``, at random angles, laid out as Llama's (each half the same angles)."""
+    angles = torch.rand(batch, 1, dim // 2, generator=torch.Generator().manual_seed(seed)) * 6.0
     return torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
-def test_kernel_rotates_the_queries(interpreted_kernel, splits, heads, kv_heads):
-    """Given RoPE tables, the kernel rotates the queries as it reads them: the attention of the rotated queries."""
-    query, key, value = decode_inputs(len(SPANS), heads, kv_heads)
-    mask = cache_mask(SPANS)
-    cos, sin = rope_tables(len(SPANS))
-    rotated, _ = plain_apply_rotary_pos_emb(query, None, cos, sin)
+def rotating_kernel(kernel, query, key, value, mask, splits: int, tables) -> torch.Tensor:
+    """The op with RoPE tables ``(cos, sin)``: it rotates the queries as it reads them."""
     rows = mask[:, 0, 0]
-    out = interpreted_kernel(query, key, value, rows, visible_lengths(rows), DIM**-0.5, splits, *DEFAULT[:3], cos, sin)
+    launch = (splits, *DEFAULT[:3])
+    return kernel(query, key, value, rows, visible_lengths(rows), query.shape[-1] ** -0.5, *launch, *tables)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 2), (4, 4)], ids=["gqa", "groups-of-3", "mha"])
+@pytest.mark.parametrize("dim", [8, 16, 24], ids=["below-16", "16", "not-power-of-2"])
+def test_kernel_rotates_the_queries(interpreted_kernel, splits, heads, kv_heads, dim):
+    """Given RoPE tables, the kernel rotates the queries as it reads them: the attention of the rotated queries (padded
+    head dims and query heads included)."""
+    query, key, value = decode_inputs(len(SPANS), heads, kv_heads, dim=dim)
+    mask = cache_mask(SPANS)
+    tables = rope_tables(len(SPANS), dim)
+    rotated, _ = plain_apply_rotary_pos_emb(query, None, *tables)
+    out = rotating_kernel(interpreted_kernel, query, key, value, mask, splits, tables)
     assert_equals_float64_sdpa(out, rotated, key, value, mask)
+
+
+def test_batch_one_tables_serve_every_row(interpreted_kernel):
+    """Tables of batch 1 (positions ``(1, T)``: a forward without ``position_ids``, the streaming cache) rotate every
+    row's queries alike; the kernel never reads past them (other values lie right after them in memory)."""
+    query, key, value = decode_inputs(len(SPANS), 8, 2)
+    mask = cache_mask(SPANS)
+    after = [torch.full((3, 1, DIM), fill) for fill in (7.0, -5.0)]
+    cos, sin = (torch.cat([table, rest])[:1] for table, rest in zip(rope_tables(1), after, strict=True))
+    rotated, _ = plain_apply_rotary_pos_emb(query, None, cos, sin)
+    out = split_kv_decode_attention(interpreted_kernel, query, key, value, mask, None, query_rotation=(cos, sin))
+    assert_equals_float64_sdpa(out, rotated, key, value, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_rotation_is_rounded_once(interpreted_kernel, dtype):
+    """The kernel rotates in float32 and rounds the rotated queries once to their dtype (as the RoPE + cache-write
+    kernel and inductor do): its output equals, bit for bit, the kernel's on queries rotated that way beforehand."""
+    query, key, value = (t.to(dtype) for t in decode_inputs(len(SPANS), 6, 2, dim=24))
+    mask = cache_mask(SPANS)
+    tables = tuple(t.to(dtype) for t in rope_tables(len(SPANS), 24))
+    rotated, _ = plain_apply_rotary_pos_emb(query.float(), None, *(t.float() for t in tables))
+    fused = rotating_kernel(interpreted_kernel, query, key, value, mask, 3, tables)
+    assert torch.equal(fused, rotating_kernel(interpreted_kernel, rotated.to(dtype), key, value, mask, 3, ()))
+
+
+def test_fast_attention_rotates_first_unless_base_runs():
+    """``fast_attention`` (``LCKV_FLASH_ATTN``) hands ``query_rotation`` to ``base`` and applies it itself on its own
+    paths (here the packed GQA decoding)."""
+    query, key, value = decode_inputs(2, 8, 2)
+    mask = cache_mask([(0, 100), (5, 70)])
+    tables = rope_tables(2)
+    rotated, _ = plain_apply_rotary_pos_emb(query, None, *tables)
+    seen = []
+
+    def base(module, query, key, value, mask, **kwargs):
+        seen.append(kwargs.get("query_rotation"))
+        return packed_sdpa_attention(module, query, key, value, mask, scaling=kwargs["scaling"])
+
+    packed = [
+        fast_attention(
+            base, None, None, query, key, value, mask, 0.0, DIM**-0.5, pack_decode=pack, query_rotation=tables
+        )
+        for pack in (True, False)
+    ]
+    expected = packed_decode_attention(rotated, key, value, mask, 0.0, DIM**-0.5)
+    torch.testing.assert_close(packed[0][0], expected)  # its own path: rotated first
+    assert len(seen) == 1 and seen[0] is tables  # the base path: handed over (this base leaves it unapplied)
 
 
 def test_query_rotation_off_the_kernel_is_applied_first(interpreted_split_kv):
@@ -338,10 +394,19 @@ def llama_mha_config():
     )
 
 
-@pytest.mark.parametrize("config_fn", [tiny_config, llama_mha_config], ids=["opt-llama-gqa", "llama-mha"])
+@pytest.mark.parametrize(
+    "config_fn",
+    [
+        tiny_config,
+        partial(tiny_config, iteration_style="previous", force_nodiag=True),
+        llama_mha_config,
+    ],
+    ids=["opt-llama-gqa", "opt-llama-previous", "llama-mha"],
+)
 def test_generation_equals_dynamic_cache(interpreted_split_kv, monkeypatch, config_fn):
-    """Greedy tokens through the kernel (static cache, left padding) = the dynamic cache with transformers' sdpa; an
-    LCKV model's condensed layers hand their queries unrotated, with the RoPE tables, to the kernel."""
+    """Greedy tokens and every step's logits through the kernel (static cache, left padding) = the dynamic cache with
+    transformers' sdpa; an LCKV model's condensed layers hand their queries unrotated, with the RoPE tables, to the
+    kernel (logits within float32 rounding: queries left unrotated would move them by ~1e-3)."""
     config = config_fn()
     rotating = []  # per call: whether the op got the RoPE tables (cos, sin after the ten other arguments)
     run = interpreted_split_kv.run
@@ -349,15 +414,17 @@ def test_generation_equals_dynamic_cache(interpreted_split_kv, monkeypatch, conf
     model_kwargs = {"kernel_selection": selection} if config.model_type == "opt-llama" else {}
     ids, mask = left_padded_batch(config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    kwargs |= dict(output_logits=True, return_dict_in_generate=True)
     dynamic = tiny_model(config, attn_implementation="sdpa").generate(ids, **kwargs)
     static = tiny_model(config, attn_implementation=SPLIT_KV, **model_kwargs).generate(
         ids, cache_implementation="static", **kwargs
     )
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=0, atol=2e-5)
     sources = getattr(config, "layer_kv_sources", range(config.num_hidden_layers))  # a Llama: every layer its own
     condensed = [source != layer for layer, source in enumerate(sources)]
     assert rotating == condensed * (NEW - 1)  # every layer of every decoding step
-    assert any(condensed) == (config.model_type == "opt-llama")
-    assert torch.equal(static, dynamic)
+    assert any(condensed) == (config.model_type != "llama")
+    assert torch.equal(static.sequences, dynamic.sequences)
 
 
 def test_an_lckv_step_makes_each_masks_kernel_view_once(interpreted_split_kv, monkeypatch):

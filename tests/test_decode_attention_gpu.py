@@ -103,11 +103,13 @@ def test_compiled_generation_equals_dynamic_cache(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("splits", [1, 7])
-def test_kernel_rotates_the_queries(dtype, splits):
-    """Given RoPE tables (an LCKV condensed layer's decode step), the compiled kernel's output is the attention of the
-    rotated queries (rotated in float32; the kernel rounds them to the dtype once)."""
+@pytest.mark.parametrize("tables_batch", [len(SPANS), 1], ids=["per-row-tables", "one-table"])
+def test_kernel_rotates_the_queries(dtype, splits, tables_batch):
+    """Given RoPE tables (an LCKV condensed layer's decode step; one table for all rows where positions are (1, T)),
+    the compiled kernel's output is the attention of the rotated queries (rotated in float32; the kernel rounds them to
+    the dtype once)."""
     query, key, value, mask = gpu_inputs(dtype, 32, 4, strict=True)
-    angles = torch.rand(len(SPANS), 1, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 6.0
+    angles = torch.rand(tables_batch, 1, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 6.0
     cos, sin = (torch.cat([table] * 2, -1).to(dtype) for table in (angles.cos(), angles.sin()))
     rows = mask[:, 0, 0]
     out = KERNEL.run(query, key, value, rows, visible_lengths(rows), 64**-0.5, splits, 64, 4, 3, cos, sin)

@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .plain import plain_eager_attention
+from .plain import plain_apply_rotary_pos_emb, plain_eager_attention
 
 # (module, query (B, Hq, T, D), key (B, Hkv, T, D), value (B, Hkv, T, D), dropout, scaling) -> (B, T, Hq, D)
 CausalAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, float, float | None], torch.Tensor]
@@ -146,15 +146,28 @@ def fast_attention(
     ``STRICT_CAUSAL`` runs the shifted causal attention; no mask with equal query and key lengths
     (transformers' "pure causal" case) runs ``causal``; one query token with grouped KV heads (decoding)
     runs the packed attention if ``pack_decode`` (off for a ``base`` with its own decoding kernel); any
-    other mask (padding, cached keys) runs ``base``, the configured attention implementation.
+    other mask (padding, cached keys) runs ``base``, the configured attention implementation. A
+    ``query_rotation`` in ``kwargs`` (RoPE still to apply to the queries) goes to ``base``, which may
+    take it into its kernel; every other path applies it first.
     """
+    rotation = kwargs.pop("query_rotation", None)  # RoPE still to apply to the queries (``base`` may take it over)
     if attention_mask is STRICT_CAUSAL:
-        return strict_causal_attention(causal, module, query, key, value, dropout, scaling), None
+        rotated = with_query_rotation(query, rotation)
+        return strict_causal_attention(causal, module, rotated, key, value, dropout, scaling), None
     if attention_mask is None and query.shape[2] == key.shape[2]:
-        return causal(module, query, key, value, dropout, scaling), None
+        return causal(module, with_query_rotation(query, rotation), key, value, dropout, scaling), None
     if pack_decode and is_packable_decode(query, key, attention_mask):
-        return packed_decode_attention(query, key, value, attention_mask, dropout, scaling), None
+        rotated = with_query_rotation(query, rotation)
+        return packed_decode_attention(rotated, key, value, attention_mask, dropout, scaling), None
+    if rotation is not None:
+        kwargs["query_rotation"] = rotation
     return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def with_query_rotation(query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``query`` ``(B, H, T, D)`` with RoPE ``rotation`` = ``(cos, sin)`` (each ``(B or 1, T, D)``) applied, as a
+    condensed layer hands it to a backend that can rotate inside its kernel (``query_rotation``); as it is for None."""
+    return query if rotation is None else plain_apply_rotary_pos_emb(query, None, *rotation)[0]
 
 
 def configured_attention(implementation: str) -> Callable:

@@ -24,11 +24,10 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import packed_sdpa_attention
+from .attention import packed_sdpa_attention, with_query_rotation
 from .decode_launch import launch_config
 from .device_properties import cuda_index, multiprocessor_count
 from .flags import triton_devices
-from .plain import plain_apply_rotary_pos_emb
 
 SPLIT_KV = "sdpa_split_kv"
 CPU_PROCESSORS = 4  # the interpreter's stand-in for the SM count (tests only)
@@ -132,7 +131,7 @@ def split_kv_decode_attention(
     """``kernel`` (``SplitKvKernel.run``) on ``(B, Hq, 1, D)`` queries on ``(B, Hkv, S, D)`` keys/values, bool mask
     ``(B or 1, 1, 1, S)`` or None (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key
     outputs zeros. ``shared_mask``: ``split_kv_mask`` of the mask when the caller has it already (a model makes it once
-    per mask for all its layers), else made here. ``query_rotation``: ``(cos, sin)``, each ``(B, 1, D)``, to apply
+    per mask for all its layers), else made here. ``query_rotation``: ``(cos, sin)``, each ``(B or 1, 1, D)``, to apply
     RoPE to the queries inside the kernel (they arrive unrotated), or None."""
     batch, _, _, head_dim = query.shape
     slots = key.shape[2]
@@ -169,8 +168,7 @@ def split_kv_sdpa_attention(
             kernel.run, query, key, value, attention_mask, scaling, shared_mask, query_rotation
         )
         return output, None
-    if query_rotation is not None:
-        query, _ = plain_apply_rotary_pos_emb(query, None, *query_rotation)
+    query = with_query_rotation(query, query_rotation)
     return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -260,8 +260,8 @@ def split_kv_decode(
     ``mask``: ``(B, S)`` bool (True = visible) or None; ``lengths``: ``(B,)`` int32, slots past it are not read
     (every slot at or after it must be masked). The launch (``decode_launch.LaunchConfig``, fixed by the shapes):
     ``num_splits`` parts of each row's span, ``block_n`` KV slots per tile (a power of two >= 16), ``num_warps``
-    and ``num_stages`` of the first kernel. ``cos``/``sin``: ``(B, 1, D)`` RoPE tables (unit stride along D, as the
-    queries), or None: the queries are rotated by the kernel as it reads them, or taken as they are.
+    and ``num_stages`` of the first kernel. ``cos``/``sin``: ``(B or 1, 1, D)`` RoPE tables (unit stride along D, as
+    the queries), or None: the queries are rotated by the kernel as it reads them, or taken as they are.
     """
     batch, num_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -282,7 +282,10 @@ def split_kv_decode(
             query.stride(3) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1,
             lambda: "split_kv_decode: the queries and the RoPE tables need D as the unit stride",
         )
-    tables = (cos, sin, cos.stride(0), sin.stride(0)) if rotate else (lengths, lengths, 0, 0)  # unread without ROTATE
+        torch._check(cos.shape[0] in (1, batch), lambda: f"split_kv_decode: RoPE tables of batch {cos.shape[0]}")
+        # a batch-1 table (positions (1, T): a forward without position_ids, the streaming cache) serves every row
+        row_strides = tuple(table.stride(0) if table.shape[0] > 1 else 0 for table in (cos, sin))
+    tables = (cos, sin, *row_strides) if rotate else (lengths, lengths, 0, 0)  # unread without ROTATE
     block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
     pdl = dependent_launch(query.device)
     _partial_kernel[(batch, kv_heads, num_splits)](
