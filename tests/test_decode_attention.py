@@ -11,6 +11,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from torch.nn import functional as F
+from transformers import StaticCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from models import SPLIT_KV
@@ -425,6 +426,27 @@ def test_generation_equals_dynamic_cache(interpreted_split_kv, monkeypatch, conf
     assert rotating == condensed * (NEW - 1)  # every layer of every decoding step
     assert any(condensed) == (config.model_type != "llama")
     assert torch.equal(static.sequences, dynamic.sequences)
+
+
+def test_decoding_without_position_ids_equals_sdpa(interpreted_split_kv, monkeypatch):
+    """A plain forward of one token per row without ``position_ids`` (the model makes them ``(1, T)``, so the RoPE
+    tables have batch 1) through the kernel, at batch 2 after a prefill: the logits of SDPA."""
+    rotating = []
+    run = interpreted_split_kv.run
+    selection = watched_split_kv(monkeypatch, interpreted_split_kv, lambda *a: rotating.append(len(a) > 10) or run(*a))
+    ids = torch.randint(3, tiny_config().vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    logits = []
+    models = (
+        tiny_model(tiny_config(), attn_implementation=SPLIT_KV, kernel_selection=selection),
+        tiny_model(tiny_config()),
+    )
+    for model in models:  # two configs: a model reads its attention implementation from its config at every call
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(ids[:, :6], cache=cache, use_cache=True)
+            logits.append(model(ids[:, 6:], cache=cache, use_cache=True).logits)
+    assert any(rotating)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=2e-5)
 
 
 def test_an_lckv_step_makes_each_masks_kernel_view_once(interpreted_split_kv, monkeypatch):
