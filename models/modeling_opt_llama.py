@@ -147,12 +147,15 @@ class OptLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, nn.Module):
                 if given_keys is None:
                     own_kv = given_keys, given_values = self._store(key_states, value_states, cache, commit)
             new_kv = (key_states, value_states)
-        elif not kv_only and self.kernel_selection.split_kv_decodes(
+        # The split-KV decode kernel zeroes a query that sees no key, and rotates a condensed layer's queries itself.
+        kernel_decodes = not kv_only and self.kernel_selection.split_kv_decodes(
             implementation, query_states, given_keys, attention_mask, dropout
-        ):  # the decode kernel rotates the queries as it reads them: no rotation kernel of its own
-            kwargs["query_rotation"] = position_embeddings
-        else:
-            query_states, _ = self.kernel_selection.apply_rotary_pos_emb(query_states, None, cos, sin)
+        )
+        if not self.has_own_kv:
+            if kernel_decodes:  # no rotation kernel of its own
+                kwargs["query_rotation"] = position_embeddings
+            else:
+                query_states, _ = self.kernel_selection.apply_rotary_pos_emb(query_states, None, cos, sin)
 
         attn_output = attn_weights = None
         if not kv_only:
@@ -167,9 +170,7 @@ class OptLlamaAttention(RotaryCacheMixin, FusedGroupsMixin, nn.Module):
                 **kwargs,
             )
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-            if self.is_strict and not self.kernel_selection.split_kv_decodes(
-                implementation, query_states, given_keys, attention_mask, dropout
-            ):
+            if self.is_strict and not kernel_decodes:
                 # Eager softmax over an all-masked row is uniform, not zero: zero it for every other backend.
                 attn_output = attn_output * visible.to(attn_output.dtype)
                 if attn_weights is not None:

@@ -40,7 +40,7 @@ if is_triton_available():
 
 from .decode_launch import MIN_DOT  # query heads and head dim are padded to it
 from .dependent_launch import dependent_launch
-from .triton_rotary_cache import rotary_row, rotate_heads
+from .triton_rotary_cache import batch_stride, rotary_row, rotate_heads
 
 LOG2E = 1.4426950408889634
 
@@ -223,7 +223,7 @@ def split_kv_mask_view(mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, to
         mask,
         rows,
         lengths,
-        mask.stride(0) if mask.shape[0] > 1 else 0,
+        batch_stride(mask),
         mask.stride(3),
         slots,
         BLOCK=min(1024, triton.next_power_of_2(slots)),
@@ -283,9 +283,8 @@ def split_kv_decode(
             lambda: "split_kv_decode: the queries and the RoPE tables need D as the unit stride",
         )
         torch._check(cos.shape[0] in (1, batch), lambda: f"split_kv_decode: RoPE tables of batch {cos.shape[0]}")
-        # a batch-1 table (positions (1, T): a forward without position_ids, the streaming cache) serves every row
-        row_strides = tuple(table.stride(0) if table.shape[0] > 1 else 0 for table in (cos, sin))
-    tables = (cos, sin, *row_strides) if rotate else (lengths, lengths, 0, 0)  # unread without ROTATE
+    # a batch-1 table (positions (1, T): a forward without position_ids, the streaming cache) serves every row
+    tables, table_strides = ((cos, sin), (batch_stride(cos), batch_stride(sin))) if rotate else ((lengths,) * 2, (0, 0))
     block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
     pdl = dependent_launch(query.device)
     _partial_kernel[(batch, kv_heads, num_splits)](
@@ -294,7 +293,7 @@ def split_kv_decode(
         value,
         mask_arg,
         lengths,
-        *tables[:2],
+        *tables,  # unread without ROTATE
         acc,
         maxes,
         sums,
@@ -308,7 +307,7 @@ def split_kv_decode(
         out.stride(0),
         out.stride(2),
         out.stride(3),
-        *tables[2:],
+        *table_strides,
         group,
         head_dim,
         scaling * LOG2E,

@@ -130,6 +130,12 @@ def _rotary_cache_kernel(
         tl.store(arrivals_ptr + 0 * d, 0, mask=last)
 
 
+def batch_stride(tensor: torch.Tensor) -> int:
+    """The stride between ``tensor``'s rows along dim 0; 0 for one row that serves every row of the batch (RoPE tables
+    of positions ``(1, T)``, a mask broadcast over the batch)."""
+    return tensor.stride(0) if tensor.shape[0] > 1 else 0
+
+
 def _rotate_and_write(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -170,8 +176,8 @@ def _rotate_and_write(
             key.stride(1),
             value.stride(0),
             value.stride(1),
-            cos.stride(0) if cos.shape[0] > 1 else 0,
-            sin.stride(0) if sin.shape[0] > 1 else 0,
+            batch_stride(cos),
+            batch_stride(sin),
             *key_cache.stride()[:3],
             *value_cache.stride()[:3],
             query_out.stride(0),
