@@ -40,16 +40,7 @@ else
 fi
 echo "device: $gpu_name (${mem_gb} GB), roofline bandwidth $hbm"
 
-step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to OUT/NAME/log
-    local name=$1 limit=$2
-    shift 2
-    mkdir -p "$out/$name"
-    local start=$SECONDS
-    timeout "$limit" "$@" >"$out/$name/log" 2>&1
-    local rc=$?
-    echo "=== $name: rc=$rc in $((SECONDS - start)) s: $*"
-    grep -v -E "it/s\]|s/it\]" "$out/$name/log" | tail -n 6
-}
+. "$(dirname "$0")/step.sh"
 
 # LCKV runs pass --prefill auto, the prefill their recorded results ran (test_latency.py's default is each config's own,
 # iterative for these configs).

@@ -219,3 +219,24 @@ def test_env_flags_are_checked_and_import_never_fails_on_them(monkeypatch):
         tiny_model(tiny_config())  # building a model selects its kernels, and refuses the flag
     monkeypatch.delenv("LCKV_FUSED_SWIGLU")
     assert tiny_model(tiny_config()).model.kernel_selection == KernelSelection.from_environ()
+
+
+def test_a_tool_prints_its_stacks_on_sigusr1_and_goes_on():
+    """``run_cli`` registers ``faulthandler`` on SIGUSR1 (what ``bench/step.sh`` sends at a step's limit): the stack of
+    the function the tool was in reaches stderr, and the tool finishes."""
+    import subprocess
+    import sys
+
+    program = (
+        "import os, signal, sys\n"
+        "from tools.cli import run_cli\n"
+        "def waiting_here(argv):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    print('went on')\n"
+        "run_cli(waiting_here, [])\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", program], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "went on\n"
+    assert "in waiting_here" in done.stderr, done.stderr

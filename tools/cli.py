@@ -9,9 +9,11 @@ checks here are cheap (no model, no tokenizer, no corpus), so the tools run them
 
 import argparse
 import difflib
+import faulthandler
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -83,9 +85,13 @@ class HfParser(OneLineErrors, HfArgumentParser):
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None, prog: str | None = None) -> Any:
     """Run a tool's ``main(argv)``: a ``UsageError`` becomes ``prog: error: <line>`` on stderr and exit status 2.
 
-    The ``LCKV_*`` env flags are checked first, so a bad value stops the tool before any work.
+    The ``LCKV_*`` env flags are checked first, so a bad value stops the tool before any work. ``SIGUSR1`` prints
+    every thread's Python stack to stderr and the tool goes on (``faulthandler``): where a run that does not finish
+    is waiting (``bench/step.sh`` sends it when a step's time is up, before it kills the step).
     """
     prog = prog or Path(sys.argv[0]).name
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         check_env_flags()
         return main(argv)
