@@ -130,11 +130,13 @@ def test_fused_op_refuses_what_its_kernel_cannot_read(fused):
             fused(x, weight, norm_weight, EPS, residual, False, *GemvLaunch(4, 32, 4))
 
 
-def batch_one_logits(model: nn.Module) -> torch.Tensor:
-    """The compiled (inductor) forward of one token, no cache: a batch-1 step's norms, GEMVs and residual adds."""
+def batch_one_logits(model: nn.Module, logits_to_keep: int = 0) -> torch.Tensor:
+    """The compiled (inductor) forward of one token, no cache: a batch-1 step's norms, GEMVs and residual adds.
+    ``logits_to_keep=1`` as ``generate`` asks: the LM head then reads a slice of the final norm's output."""
     torch._dynamo.reset()
     with torch.no_grad():
-        return torch.compile(lambda ids: model(ids, use_cache=False).logits)(torch.tensor([[3]]))
+        step = torch.compile(lambda ids: model(ids, use_cache=False, logits_to_keep=logits_to_keep).logits)
+        return step(torch.tensor([[3]]))
 
 
 def swapped(model: nn.Module, gemv: GemvKernel) -> nn.Module:
@@ -144,16 +146,17 @@ def swapped(model: nn.Module, gemv: GemvKernel) -> nn.Module:
 
 
 def test_pass_fuses_every_norm_and_residual_add_of_a_step(gemv, restored):
-    """An LCKV model's step: each layer's input norm (into Q/K/V or Q) and post-attention norm (into the gated gate/up
-    GEMV), the final norm (into the LM head), and both residual adds of each layer (after the output and down
-    projections) become fused GEMVs; the logits equal the unfused step's to float32 rounding (the statistics summed in
-    another order). A transformers Llama: the next test."""
+    """An LCKV model's step as ``generate`` runs it (the LM head reads the final norm's last position): each layer's
+    input norm (into Q/K/V or Q) and post-attention norm (into the gated gate/up GEMV), the final norm (into the LM
+    head, through the slice), and both residual adds of each layer (after the output and down projections) become
+    fused GEMVs; the logits equal the unfused step's to float32 rounding (the statistics summed in another order). A
+    transformers Llama, every position's logits: the next test."""
     config = tiny_config(num_hidden_layers=4, layer_types="0_1_2_0")  # each kind of layer once: a shorter compile
     model = swapped(tiny_model(config), gemv)
-    unfused = batch_one_logits(model)
+    unfused = batch_one_logits(model, logits_to_keep=1)
     assert not counters[COUNTER]
     enable_gemv_fusion()
-    fused_logits = batch_one_logits(model)
+    fused_logits = batch_one_logits(model, logits_to_keep=1)
     layers = config.num_hidden_layers
     assert dict(counters[COUNTER]) == {"norm": layers + 1, "silu_gated_norm": layers, "residual": 2 * layers}
     # The two steps differ in the order of each norm's float32 mean square only (the products are the same kernel's):

@@ -78,4 +78,5 @@ def test_captured_generation_with_the_fusion_equals_without(name, fusion):
     assert torch.equal(unfused, plain)
     layers = model.config.num_hidden_layers
     rewrites = counters[COUNTER]
-    assert rewrites["residual"] >= 2 * layers and rewrites["norm"] >= layers and rewrites["silu_gated_norm"] >= layers
+    assert rewrites["residual"] >= 2 * layers and rewrites["silu_gated_norm"] >= layers
+    assert rewrites["norm"] >= layers + 1  # the final norm's into the LM head too

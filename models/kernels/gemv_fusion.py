@@ -8,10 +8,13 @@ the graph inductor compiles (after its own passes: ``post_grad_custom_post_pass`
 - ``residual + gemv(x)`` (the attention's output projection, the MLP's down projection) into one GEMV whose programs
   add the residual to their outputs, and
 - ``gemv(RMSNorm(hidden))`` (Llama's RMSNorm as transformers and ``PlainRMSNorm`` write it; the SiLU-gated GEMV too)
-  into one GEMV whose programs compute the row's statistics and normalise the input as they read it,
+  into one GEMV whose programs compute the row's statistics and normalise the input as they read it; and
+  ``gemv(RMSNorm(hidden)[:, s])``, the LM head reading the final norm's last positions (``logits_to_keep``), into the
+  same GEMV of ``hidden[:, s]`` (the norm is per row, so it commutes with a slice of rows),
 
-so a layer's two add + norm kernels are gone (``triton_gemv.small_batch_gemv_fused``). It applies to whatever model
-runs the GEMV (``small_batch_linear.py``): an LCKV model and a transformers Llama alike, no module changed.
+so a layer's two add + norm kernels, and the final norm's, are gone (``triton_gemv.small_batch_gemv_fused``). It
+applies to whatever model runs the GEMV (``small_batch_linear.py``): an LCKV model and a transformers Llama alike, no
+module changed.
 
 Rounding is Llama's: the product rounded to the model's dtype before the residual is added, the normalised row
 rounded before the norm's weight multiplies it and again after. The statistics' float32 sum runs in another order than
@@ -112,10 +115,14 @@ def residual_add_is_plain(match: Match) -> bool:
 
 
 def fuse_norm(match: Match, silu_gated: bool, **kwargs) -> None:
-    """Replace the matched ``gemv(RMSNorm(hidden))`` by one fused GEMV of ``hidden``."""
+    """Replace the matched ``gemv(RMSNorm(hidden))`` by one fused GEMV of ``hidden`` (``gemv(RMSNorm(hidden)[s])`` by
+    one of ``hidden[s]``, where the pattern has the slice)."""
     eps, launch = float(kwargs["eps"]), (kwargs["block_n"], kwargs["block_k"], kwargs["num_warps"])
+    row_slice = [kwargs[name] for name in ("slice_dim", "slice_start", "slice_end")] if "slice_dim" in kwargs else None
 
     def replacement(hidden, norm_weight, weight):
+        if row_slice is not None:
+            hidden = aten.slice.Tensor(hidden, *row_slice)
         flat = unit_stride_rows(hidden, hidden.numel() // hidden.shape[-1])
         scale = norm_weight.contiguous()  # the kernel reads it with unit stride
         return torch.ops.lckv.small_batch_gemv_fused(flat, weight, scale, eps, None, silu_gated, *launch)
@@ -143,10 +150,16 @@ def patterns() -> PatternMatcherPass:
 
     lckv = torch.ops.lckv
     matcher = PatternMatcherPass(pass_name="lckv_gemv_fusion")
+    row_slice = (KeywordArg("slice_dim"), KeywordArg("slice_start"), KeywordArg("slice_end"))
     for op, silu_gated in ((lckv.small_batch_gemv.default, False), (lckv.small_batch_silu_gated_gemv.default, True)):
+        handler = functools.partial(fuse_norm, silu_gated=silu_gated)
         for casts in (True, False):
-            pattern = gemv_call(op, CallFunction(RESHAPES, rms_norm_pattern(casts), Ignored()))
-            handler = functools.partial(fuse_norm, silu_gated=silu_gated)
+            normed = rms_norm_pattern(casts)
+            pattern = gemv_call(op, CallFunction(RESHAPES, normed, Ignored()))
+            register_graph_pattern(pattern, extra_check=normed_input_is_llamas, pass_dict=matcher)(handler)
+            # Any slice the check lets through takes whole rows: the GEMV's columns are the norm's whole last dim
+            sliced = CallFunction(aten.slice.Tensor, normed, *row_slice)
+            pattern = gemv_call(op, CallFunction(RESHAPES, sliced, Ignored()))
             register_graph_pattern(pattern, extra_check=normed_input_is_llamas, pass_dict=matcher)(handler)
     product = CallFunction(RESHAPES, gemv_call(lckv.small_batch_gemv.default, KeywordArg("x")), Ignored())
     for operands in ((KeywordArg("residual"), product), (product, KeywordArg("residual"))):
