@@ -1,34 +1,43 @@
 #!/usr/bin/env bash
-# The captured decode step of this checkout against an earlier revision's model code (an A/B), in one device call:
+# The captured decode step of this checkout against earlier revisions' model code (an A/B), in one device call:
 # `bench.measure_generate_overhead --fast_loop_only` at batch 1 with every decode-kernel option, Llama + LCKV config
 # pairs (a pair's second model starts warm; single LCKV configs did not finish within 100-220 s on an H200, a pair's
-# LCKV half takes about 30 s), each pair run for both arms back to back, the order swapped between pairs.
+# LCKV half takes about 30 s), every arm of a pair back to back, their order rotated from one pair to the next.
 #
-#   bash bench/decode_step_ab.sh prepare BASE_REV   # here: BASE_REV's models/ beside this checkout's bench/, tools/ and
-#                                                   # configs/ in ab_base/ (git-ignored: carry it to the device)
-#   bash bench/decode_step_ab.sh run OUT            # GPU: Llama-2-7B and TinyLlama pairs, new and base (about 5 min)
+#   bash bench/decode_step_ab.sh prepare REV...     # here: per REV, ab/<REV>/ holds its models/ beside this checkout's
+#                                                   # bench/, tools/ and configs/ (git-ignored: carry ab to the device)
+#   bash bench/decode_step_ab.sh run OUT            # GPU: Llama-2-7B and TinyLlama pairs, this checkout and each REV
+#                                                   # (about 2.5 min per arm on an H200)
 #   bash bench/decode_step_ab.sh smoke OUT          # CPU: the same steps on the tiny configs
 #
-# Each arm writes OUT/<pair>_<arm>/{log,generate_overhead_*.json}; the run ends with one line per config: the medians
-# of the captured step (ms) of both arms and new / base. Compare arms within a call: machines differ by about 1%.
+# Each arm writes OUT/<pair>_<arm>/{log,generate_overhead_*.json} (arm: new, or the REV); the run ends with one line
+# per config: the median captured step (ms) of each arm and new / REV. Compare arms within a call: machines differ by
+# about 1%.
 set -uo pipefail
 part=${1:?prepare, run or smoke}
 root=$(cd "$(dirname "$0")/.." && pwd)
-base=$root/ab_base
+arms_dir=$root/ab
 
 if [ "$part" = prepare ]; then
-    rev=${2:?prepare BASE_REV}
-    grep -qx "/ab_base/" "$root/.git/info/exclude" 2>/dev/null || echo "/ab_base/" >>"$root/.git/info/exclude"
-    rm -rf "$base" && mkdir -p "$base" || exit 1
-    git -C "$root" archive "$rev" models | tar -x -C "$base" || exit 1
-    cp -r "$root/bench" "$root/tools" "$root/configs" "$base/" && rm -rf "$base/bench/results"
-    echo "ab_base/: models/ of $(git -C "$root" rev-parse --short "$rev"), bench/ tools/ configs/ of this checkout"
+    shift
+    [ $# -gt 0 ] || { echo "prepare REV...: name at least one revision" >&2; exit 2; }
+    grep -qx "/ab/" "$root/.git/info/exclude" 2>/dev/null || echo "/ab/" >>"$root/.git/info/exclude"
+    rm -rf "$arms_dir"
+    for rev in "$@"; do
+        tree=$arms_dir/$rev
+        mkdir -p "$tree" && git -C "$root" archive "$rev" models | tar -x -C "$tree" || exit 1
+        cp -r "$root/bench" "$root/tools" "$root/configs" "$tree/" && rm -rf "$tree/bench/results"
+        echo "ab/$rev/: models/ of $(git -C "$root" rev-parse --short "$rev"), bench/ tools/ configs/ of this checkout"
+    done
     exit 0
 fi
 
 out=${2:?$part OUT}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
-[ -d "$base/models" ] || { echo "no $base/models: run 'bash $0 prepare BASE_REV' first" >&2; exit 2; }
+bases=()
+for tree in "$arms_dir"/*/; do [ -d "$tree/models" ] && bases+=("$(basename "$tree")"); done
+[ ${#bases[@]} -gt 0 ] || { echo "nothing in $arms_dir: run 'bash $0 prepare REV...' first" >&2; exit 2; }
+arms=(new "${bases[@]}")
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
 if [ "$part" = smoke ]; then
@@ -44,24 +53,24 @@ options+=(--batches 1 --fast_loop_only)
 
 . "$root/bench/step.sh"
 
-arm() {  # arm PAIR_INDEX new|base: one pair's measurement with that arm's model code
+arm() {  # arm PAIR_INDEX ARM: one pair's measurement with that arm's model code (new: this checkout's)
     local name=${names[$1]}_$2 tree=$root
-    [ "$2" = base ] && tree=$base
+    [ "$2" = new ] || tree=$arms_dir/$2
     # shellcheck disable=SC2086  # a pair is two config paths
     (cd "$tree" && step "$name" "$limit" "$py" -m bench.measure_generate_overhead --configs ${pairs[$1]} \
         "${options[@]}" --output_dir "$out/$name")
 }
 
 for i in "${!pairs[@]}"; do
-    if ((i % 2 == 0)); then arm "$i" new && arm "$i" base; else arm "$i" base && arm "$i" new; fi
+    for j in "${!arms[@]}"; do arm "$i" "${arms[$(((i + j) % ${#arms[@]}))]}"; done
 done
 
-"$py" - "$out" "${names[@]}" <<'EOF'
+"$py" - "$out" "${names[*]}" "${arms[@]}" <<'EOF'
 import json
 import sys
 from pathlib import Path
 
-out = Path(sys.argv[1])
+out, names, arms = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3:]
 
 
 def medians(folder: Path) -> dict[str, float]:
@@ -70,12 +79,16 @@ def medians(folder: Path) -> dict[str, float]:
     return {run["config"]: run["fast"]["captured_step_ms_spread"]["median"] for run in runs}
 
 
-for name in sys.argv[2:]:
-    new, base = medians(out / f"{name}_new"), medians(out / f"{name}_base")
-    if not new and not base:
-        print(f"{name}: neither arm finished (logs under {out})")
-    for config in sorted(new.keys() | base.keys()):
-        a, b = new.get(config), base.get(config)
-        ratio = f"{a / b:.4f}" if a and b else "n/a"
-        print(f"{config}: new {a} ms, base {b} ms, new / base {ratio}")
+for name in names:
+    steps = {arm: medians(out / f"{name}_{arm}") for arm in arms}
+    configs = sorted(set().union(*steps.values()))
+    if not configs:
+        print(f"{name}: no arm finished (logs under {out})")
+    for config in configs:
+        new = steps["new"].get(config)
+        cells = [f"new {new} ms"]
+        for arm in arms[1:]:
+            base = steps[arm].get(config)
+            cells.append(f"{arm} {base} ms, new / {arm} {new / base:.4f}" if new and base else f"{arm} {base} ms")
+        print(f"{config}: " + "; ".join(cells))
 EOF
