@@ -258,18 +258,31 @@ def test_rotation_is_rounded_once(interpreted_kernel, dtype):
     assert torch.equal(fused, rotating_kernel(interpreted_kernel, rotated.to(dtype), key, value, mask, 3, ()))
 
 
+def test_float64_queries_are_rotated_in_float64(interpreted_kernel):
+    """The kernel rotates in float32; float64 queries handed over with their tables are rotated first, in float64, so
+    a float64 decode keeps float64's accuracy (rotated in the kernel it was off by ~6e-8)."""
+    query, key, value = (t.double() for t in decode_inputs(len(SPANS), 8, 2))
+    mask = cache_mask(SPANS)
+    tables = tuple(t.double() for t in rope_tables(len(SPANS)))
+    rotated, _ = plain_apply_rotary_pos_emb(query, None, *tables)
+    out = split_kv_decode_attention(interpreted_kernel, query, key, value, mask, None, query_rotation=tables)
+    expected = split_kv_decode_attention(interpreted_kernel, rotated, key, value, mask, None)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_fast_attention_rotates_first_unless_base_runs():
-    """``fast_attention`` (``LCKV_FLASH_ATTN``) hands ``query_rotation`` to ``base`` and applies it itself on its own
-    paths (here the packed GQA decoding)."""
+    """``fast_attention`` (``LCKV_FLASH_ATTN``) hands ``query_rotation`` to ``base`` with the query unrotated, and
+    applies it itself on its own paths (here the packed GQA decoding)."""
     query, key, value = decode_inputs(2, 8, 2)
     mask = cache_mask([(0, 100), (5, 70)])
     tables = rope_tables(2)
     rotated, _ = plain_apply_rotary_pos_emb(query, None, *tables)
     seen = []
 
-    def base(module, query, key, value, mask, **kwargs):
+    def base(module, given_query, key, value, mask, **kwargs):
+        assert torch.equal(given_query, query)  # not rotated on the way: base rotates it (the kernel, or first)
         seen.append(kwargs.get("query_rotation"))
-        return packed_sdpa_attention(module, query, key, value, mask, scaling=kwargs["scaling"])
+        return packed_sdpa_attention(module, given_query, key, value, mask, scaling=kwargs["scaling"])
 
     packed = [
         fast_attention(

@@ -28,6 +28,7 @@ from .attention import packed_sdpa_attention, with_query_rotation
 from .decode_launch import launch_config
 from .device_properties import cuda_index, multiprocessor_count
 from .flags import triton_devices
+from .rotary_cache import DTYPES as ROTATION_DTYPES  # the dtypes the kernels rotate in float32 and round once
 
 SPLIT_KV = "sdpa_split_kv"
 CPU_PROCESSORS = 4  # the interpreter's stand-in for the SM count (tests only)
@@ -132,7 +133,10 @@ def split_kv_decode_attention(
     ``(B or 1, 1, 1, S)`` or None (all visible) -> ``(B, 1, Hq, D)``, as SDPA with that mask; a row with no visible key
     outputs zeros. ``shared_mask``: ``split_kv_mask`` of the mask when the caller has it already (a model makes it once
     per mask for all its layers), else made here. ``query_rotation``: ``(cos, sin)``, each ``(B or 1, 1, D)``, to apply
-    RoPE to the queries inside the kernel (they arrive unrotated), or None."""
+    RoPE to the queries inside the kernel (they arrive unrotated; float64 queries are rotated first, in float64: the
+    kernel rotates in float32), or None."""
+    if query_rotation is not None and query.dtype not in ROTATION_DTYPES:
+        query, query_rotation = with_query_rotation(query, query_rotation), None
     batch, _, _, head_dim = query.shape
     slots = key.shape[2]
     if shared_mask is None:
