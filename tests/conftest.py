@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 from pathlib import Path
@@ -41,12 +42,14 @@ def tiny_model(
     config, attn_implementation: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32, **model_kwargs
 ):
     """A randomly initialised model in eval mode; the weights are drawn in float32 whatever ``dtype`` (a float64 model
-    holds the float32 model's values exactly). ``model_kwargs`` go to the model's constructor (``kernel_selection``)."""
+    holds the float32 model's values exactly). ``model_kwargs`` go to the model's constructor (``kernel_selection``).
+    The model gets its own copy of ``config``: ``from_config`` writes the attention implementation into the config it
+    is given, so two models built from one config object would otherwise both run the one built last."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn_implementation, dtype=torch.float32, **model_kwargs
+        copy.deepcopy(config), attn_implementation=attn_implementation, dtype=torch.float32, **model_kwargs
     )
     return model.to(dtype).eval()
 

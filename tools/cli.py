@@ -90,8 +90,9 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     is waiting (``bench/step.sh`` sends it when a step's time is up, before it kills the step).
     """
     prog = prog or Path(sys.argv[0]).name
-    if hasattr(signal, "SIGUSR1"):  # not on Windows
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:  # not on Windows, nor without a stderr
+        # The process's own stderr (file descriptor 2): sys.stderr may be a stream without one (pytest's capsys)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     try:
         check_env_flags()
         return main(argv)
