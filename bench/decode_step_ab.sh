@@ -6,8 +6,9 @@
 #
 #   bash bench/decode_step_ab.sh prepare REV...     # here: per REV, ab/<REV>/ holds its models/ beside this checkout's
 #                                                   # bench/, tools/ and configs/ (git-ignored: carry ab to the device)
-#   bash bench/decode_step_ab.sh run OUT            # GPU: Llama-2-7B and TinyLlama pairs, this checkout and each REV
-#                                                   # (about 2.5 min per arm on an H200)
+#   bash bench/decode_step_ab.sh run OUT [PAIR...]  # GPU: Llama-2-7B and TinyLlama pairs (PAIR: llama2_7b, tinyllama;
+#                                                   # default both), this checkout and each REV (about 2.5 min per arm
+#                                                   # for both pairs on an H200: with 3 or more arms, one pair per call)
 #   bash bench/decode_step_ab.sh smoke OUT          # CPU: the same steps on the tiny configs
 #
 # Each arm writes OUT/<pair>_<arm>/{log,generate_overhead_*.json} (arm: new, or the REV); the run ends with one line
@@ -50,6 +51,17 @@ else
     options=(--fused_projections --small_batch_gemv --dependent_launch --persistent_reductions --gemv_fusion)
 fi
 options+=(--batches 1 --fast_loop_only)
+if [ $# -gt 2 ]; then  # only the pairs named
+    chosen=() chosen_names=()
+    for name in "${@:3}"; do
+        found=0
+        for i in "${!names[@]}"; do
+            [ "${names[$i]}" = "$name" ] && chosen+=("${pairs[$i]}") chosen_names+=("$name") found=1
+        done
+        [ $found = 1 ] || { echo "PAIR: '$name'; allowed: ${names[*]}" >&2; exit 2; }
+    done
+    pairs=("${chosen[@]}") names=("${chosen_names[@]}")
+fi
 
 . "$root/bench/step.sh"
 
