@@ -27,7 +27,7 @@ if [ "$part" = prepare ]; then
     for rev in "$@"; do
         tree=$arms_dir/$rev
         mkdir -p "$tree" && git -C "$root" archive "$rev" models | tar -x -C "$tree" || exit 1
-        cp -r "$root/bench" "$root/tools" "$root/configs" "$tree/" && rm -rf "$tree/bench/results"
+        tar -C "$root" --exclude=bench/results -cf - bench tools configs | tar -x -C "$tree" || exit 1
         echo "ab/$rev/: models/ of $(git -C "$root" rev-parse --short "$rev"), bench/ tools/ configs/ of this checkout"
     done
     exit 0

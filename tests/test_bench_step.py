@@ -3,9 +3,8 @@ waits, ``tools.cli.run_cli``), and its status and log name the step."""
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import REPO
 
 
 def test_a_step_past_its_limit_leaves_its_stack_in_the_log(tmp_path):
@@ -17,6 +16,6 @@ def test_a_step_past_its_limit_leaves_its_stack_in_the_log(tmp_path):
         "sleeping_here()\n"
     )
     script = f'. bench/step.sh; out="{tmp_path}"; step slow 1 "{sys.executable}" -c "$0"'
-    done = subprocess.run(["bash", "-c", script, program], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["bash", "-c", script, program], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.stdout.startswith("=== slow: rc=124 in "), done.stdout  # timed out, though it went on afterwards
     assert "in sleeping_here" in (tmp_path / "slow" / "log").read_text()

@@ -2,6 +2,8 @@
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,8 +226,7 @@ def test_env_flags_are_checked_and_import_never_fails_on_them(monkeypatch):
 def test_a_tool_prints_its_stacks_on_sigusr1_and_goes_on():
     """``run_cli`` registers ``faulthandler`` on SIGUSR1 (what ``bench/step.sh`` sends at a step's limit): the stack of
     the function the tool was in reaches stderr, and the tool finishes."""
-    import subprocess
-    import sys
+    from .conftest import REPO
 
     program = (
         "import os, signal, sys\n"
@@ -235,8 +236,7 @@ def test_a_tool_prints_its_stacks_on_sigusr1_and_goes_on():
         "    print('went on')\n"
         "run_cli(waiting_here, [])\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", program], cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "went on\n"
     assert "in waiting_here" in done.stderr, done.stderr
